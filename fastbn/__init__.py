@@ -1,0 +1,17 @@
+"""fastbn: fast, framework-agnostic batch normalization on Numba kernels.
+
+The functional API follows ``torch.nn.functional.batch_norm``:
+
+* :func:`forward` / :func:`backward`: training and eval batch norm and its gradients;
+* :func:`moments` / :func:`normalize`: the two steps on their own.
+
+``import fastbn`` is cheap: it imports neither Numba nor any framework, and
+compiles nothing.  Kernels compile on first use and are cached on disk.
+"""
+
+from fastbn._api import Saved, backward, forward, moments, normalize
+from fastbn._threading import threading_layer
+
+__version__ = "0.1.0"
+
+__all__ = ["Saved", "backward", "forward", "moments", "normalize", "threading_layer", "__version__"]

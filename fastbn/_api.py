@@ -1,0 +1,313 @@
+"""fastbn's public functions.
+
+Each reads top to bottom: check every argument, view the input in a layout the
+kernels know, pick the backend, call it, return NumPy arrays.  All checks run
+before the first kernel, so an error leaves every buffer untouched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+
+import numpy as np
+
+from fastbn import _layout
+from fastbn._validate import (
+    check_axis,
+    check_channel_vector,
+    check_channels,
+    check_eps,
+    check_flag,
+    check_momentum,
+    check_running,
+    check_x,
+    stats_dtype,
+)
+
+__all__ = ["Saved", "forward", "backward", "moments", "normalize"]
+
+
+class Saved(NamedTuple):
+    """What :func:`forward` keeps for :func:`backward`.
+
+    Attributes
+    ----------
+    mean : numpy.ndarray
+        Per-channel mean used to normalise: the batch mean, or the running mean
+        in eval mode.  float32 for float16/float32 input, float64 for float64.
+    invstd : numpy.ndarray
+        Per-channel ``1 / sqrt(var + eps)`` used to normalise, same dtype.
+    batch_stats : bool
+        True if batch statistics were used (training, or no running stats),
+        so backward applies the training formula; False for eval mode, where
+        the statistics are constants.
+    count : int
+        Elements per channel that the statistics were computed over.
+    shape : tuple of int
+        Shape of the forward input, checked again by backward.
+    axis : int
+        Non-negative channel axis of the forward input.
+    """
+
+    mean: np.ndarray
+    invstd: np.ndarray
+    batch_stats: bool
+    count: int
+    shape: tuple
+    axis: int
+
+
+def _cpu_backend():
+    # Imported on first use, so `import fastbn` neither imports nor compiles Numba.
+    return importlib.import_module("fastbn._cpu")
+
+
+def _parameters(weight, bias, channels, dtype):
+    """Checked weight and bias as contiguous arrays; ones and zeros when absent."""
+    if weight is None:
+        weight_used = np.ones(channels, dtype)
+    else:
+        weight_used = np.ascontiguousarray(check_channel_vector(weight, "weight", channels, dtype))
+    if bias is None:
+        bias_used = np.zeros(channels, dtype)
+    else:
+        bias_used = np.ascontiguousarray(check_channel_vector(bias, "bias", channels, dtype))
+    return weight_used, bias_used
+
+
+def _scale(invstd, weight):
+    """invstd * weight, rounded once to the statistics dtype, as every kernel does."""
+    return (invstd.astype(np.float64) * weight.astype(np.float64)).astype(weight.dtype)
+
+
+def forward(
+    x,
+    weight=None,
+    bias=None,
+    *,
+    running_mean=None,
+    running_var=None,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    axis=1,
+):
+    """Batch-normalise ``x`` over every axis but the channel axis.
+
+    Follows ``torch.nn.functional.batch_norm``: in training, normalise with
+    the batch mean and biased variance and, if running statistics are given,
+    update them in place with the unbiased variance; with ``training=False``
+    and running statistics, normalise with those; with ``training=False`` and
+    none, use batch statistics.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Input of dtype float16, float32 or float64 and rank >= 2, any strides.
+    weight, bias : numpy.ndarray, optional
+        Per-channel scale and shift, shape ``(C,)``, in the statistics dtype
+        (float32 for float16/float32 input, float64 for float64).  Default 1 and 0.
+    running_mean, running_var : numpy.ndarray, optional
+        Writable per-channel running statistics in the statistics dtype; both
+        or neither.  Updated in place when ``training`` is True.
+    training : bool, default True
+        Use batch statistics (and update running ones) if True.
+    momentum : float, default 0.1
+        In [0, 1]: ``running = (1 - momentum) * running + momentum * batch``.
+        Note that Keras and Flax use the opposite convention.
+    eps : float, default 1e-5
+        Positive, added to the variance before the square root.
+    axis : int, default 1
+        The channel axis: 1 for (N, C), (N, C, L), NCHW, NCDHW; -1 for
+        channels-last.  Any valid axis, negative ones too.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        Same shape and dtype as ``x``; channels-last input gives channels-last
+        output.
+    saved : Saved
+        What :func:`backward` needs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On any invalid argument, before any computation; the message starts
+        with the argument's name.  In training, a channel with a single value
+        is a ValueError, as in PyTorch.
+
+    Notes
+    -----
+    The variance is computed in two passes (or per block and merged with
+    Chan's formula), accumulated in float64: never as E[x^2] - E[x]^2.
+    NaN or Inf in a channel of ``x`` make that channel's statistics and output
+    NaN (and its running statistics, in training), as in PyTorch; other
+    channels are unaffected.
+    """
+    x = check_x(x)
+    axis = check_axis(axis, x.ndim)
+    training = check_flag(training, "training")
+    momentum = check_momentum(momentum)
+    eps = check_eps(eps)
+    channels, count = check_channels(x, axis)
+    dtype = stats_dtype(x.dtype)
+    weight_used, bias_used = _parameters(weight, bias, channels, dtype)
+    has_running = check_running(running_mean, running_var, channels, dtype)
+    batch_stats = training or not has_running
+    if training and count == 1:
+        raise ValueError(
+            f"x: Expected more than 1 value per channel when training, got input size {x.shape}"
+        )
+
+    backend = _cpu_backend()
+    layout, x_view = _layout.channel_view(x, axis)
+    y, y_view = _layout.empty_like_layout(layout, x, axis)
+    if batch_stats:
+        mean64, var64, invstd64 = backend.forward_train(layout, x_view, weight_used, bias_used, eps, y_view)
+        mean, invstd = mean64.astype(dtype), invstd64.astype(dtype)
+        if training and has_running:
+            backend.update_running(running_mean, running_var, mean64, var64, momentum, count)
+    else:
+        # A copy, so that later updates of running_mean cannot change `saved`.
+        mean = np.array(running_mean, dtype=dtype, order="C")
+        invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(dtype)
+        backend.normalize(layout, x_view, mean, _scale(invstd, weight_used), bias_used, y_view)
+    return y, Saved(mean, invstd, batch_stats, count, x.shape, axis)
+
+
+def backward(dy, x, weight, saved, *, axis=1):
+    """Gradients of :func:`forward` with respect to x, weight and bias.
+
+    Parameters
+    ----------
+    dy : numpy.ndarray
+        Gradient of the loss with respect to forward's output; same shape and
+        dtype as ``x``.
+    x : numpy.ndarray
+        The input that was given to forward.
+    weight : numpy.ndarray or None
+        The weight that was given to forward (None means 1).
+    saved : Saved
+        The second value forward returned for this ``x``.
+    axis : int, default 1
+        The channel axis, as given to forward.
+
+    Returns
+    -------
+    dx : numpy.ndarray
+        Same shape, dtype and memory order as ``x``.
+    dweight, dbias : numpy.ndarray
+        Per-channel, in the statistics dtype; returned even when ``weight``
+        is None.
+
+    Notes
+    -----
+    With batch statistics (``saved.batch_stats``), with ``k = dotp *
+    invstd**2 / n``: ``dx = (dy - sum_dy / n - (x - mean) * k) * invstd *
+    weight``.  In eval mode the statistics are constants: ``dx = dy * invstd *
+    weight``.  In both, ``dweight = dotp * invstd`` and ``dbias = sum_dy``,
+    where ``sum_dy = sum(dy)`` and ``dotp = sum((x - mean) * dy)`` per channel.
+    """
+    x = check_x(x)
+    dy = check_x(dy, "dy")
+    axis = check_axis(axis, x.ndim)
+    if not isinstance(saved, Saved):
+        raise TypeError(
+            f"saved: expected the fastbn.Saved returned by fastbn.forward, got {type(saved).__name__}"
+        )
+    if dy.shape != x.shape:
+        raise ValueError(f"dy: expected the shape of x {x.shape}, got {dy.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy: expected the dtype of x ({x.dtype}), got {dy.dtype}")
+    channels, count = check_channels(x, axis)
+    if tuple(saved.shape) != x.shape or saved.axis != axis:
+        raise ValueError(
+            f"saved: came from forward on shape {tuple(saved.shape)} with channel axis {saved.axis}, "
+            f"but x has shape {x.shape} and axis is {axis}"
+        )
+    dtype = stats_dtype(x.dtype)
+    check_channel_vector(saved.mean, "saved.mean", channels, dtype)
+    check_channel_vector(saved.invstd, "saved.invstd", channels, dtype)
+    weight_used, _ = _parameters(weight, None, channels, dtype)
+    mean = np.ascontiguousarray(saved.mean)
+    invstd = np.ascontiguousarray(saved.invstd)
+
+    backend = _cpu_backend()
+    layout, x_view = _layout.channel_view(x, axis)
+    dy_view = _layout.same_view(layout, dy, axis)
+    dx, dx_view = _layout.empty_like_layout(layout, x, axis)
+    if saved.batch_stats:
+        sum_dy, dotp = backend.backward_train(layout, dy_view, x_view, mean, invstd, weight_used, dx_view)
+    else:
+        sum_dy, dotp = backend.backward_reduce(layout, dy_view, x_view, mean)
+        zeros = np.zeros(channels, dtype)
+        backend.backward_elementwise(
+            layout, dy_view, x_view, mean, zeros, zeros, _scale(invstd, weight_used), dx_view
+        )
+    dweight = (dotp * invstd.astype(np.float64)).astype(dtype)
+    return dx, dweight, sum_dy.astype(dtype)
+
+
+def moments(x, axis=1):
+    """Per-channel mean and biased variance (``tf.nn.moments`` over all other axes).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Input of dtype float16, float32 or float64 and rank >= 2.
+    axis : int, default 1
+        The channel axis.
+
+    Returns
+    -------
+    mean, var : numpy.ndarray
+        Shape ``(C,)``, float32 for float16/float32 input, float64 for float64.
+        Accumulated in float64 with a two-pass / Chan-merge scheme.
+    """
+    x = check_x(x)
+    axis = check_axis(axis, x.ndim)
+    check_channels(x, axis)
+    dtype = stats_dtype(x.dtype)
+    layout, x_view = _layout.channel_view(x, axis)
+    mean, var = _cpu_backend().stats(layout, x_view)
+    return mean.astype(dtype), var.astype(dtype)
+
+
+def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1):
+    """Normalise with given statistics (``tf.nn.batch_normalization``).
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``, per channel.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Input of dtype float16, float32 or float64 and rank >= 2.
+    mean, var : numpy.ndarray
+        Per-channel statistics, shape ``(C,)``, in the statistics dtype.
+    weight, bias : numpy.ndarray, optional
+        Per-channel scale and shift, default 1 and 0.
+    eps : float, default 1e-5
+        Positive, added to ``var``.
+    axis : int, default 1
+        The channel axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype as ``x``.
+    """
+    x = check_x(x)
+    axis = check_axis(axis, x.ndim)
+    eps = check_eps(eps)
+    channels, _ = check_channels(x, axis)
+    dtype = stats_dtype(x.dtype)
+    mean = np.ascontiguousarray(check_channel_vector(mean, "mean", channels, dtype))
+    check_channel_vector(var, "var", channels, dtype)
+    weight_used, bias_used = _parameters(weight, bias, channels, dtype)
+    invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(dtype)
+
+    layout, x_view = _layout.channel_view(x, axis)
+    y, y_view = _layout.empty_like_layout(layout, x, axis)
+    _cpu_backend().normalize(layout, x_view, mean, _scale(invstd, weight_used), bias_used, y_view)
+    return y

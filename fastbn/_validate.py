@@ -1,0 +1,129 @@
+"""Argument checks.  Every public function runs all of them before any kernel.
+
+Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong
+value or shape) with a message that starts with the argument's name, so that a
+failed call leaves every buffer, running statistics above all, untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def stats_dtype(dtype):
+    """The dtype of statistics and parameters for input of ``dtype``.
+
+    float16 input keeps float32 statistics and parameters (as PyTorch does on
+    CPU): half precision overflows at 65504 and resolves only 11 bits.
+    """
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def _describe(value):
+    if isinstance(value, np.ndarray):
+        return f"an array of dtype {value.dtype} and shape {value.shape}"
+    return f"{type(value).__name__}"
+
+
+def check_x(x, name="x"):
+    """Return ``x`` as a floating ndarray of rank >= 2, or raise."""
+    if not isinstance(x, np.ndarray):
+        if x is None or isinstance(x, (str, bytes, numbers.Number)):
+            raise TypeError(f"{name}: expected a float16, float32 or float64 array, got {_describe(x)}")
+        x = np.asarray(x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, float32 or float64, got {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name}: expected at least 2 dimensions (batch and channel), got shape {x.shape}"
+        )
+    return x
+
+
+def check_axis(axis, ndim, name="axis"):
+    """Return ``axis`` normalised to ``0 <= axis < ndim``, or raise."""
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an integer, got bool")
+    try:
+        axis = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(axis).__name__}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: {axis} is out of range for an array of {ndim} dimensions")
+    return axis % ndim
+
+
+def check_channels(x, axis, name="x"):
+    """Return (C, elements per channel); reject arrays with no elements."""
+    channels = x.shape[axis]
+    if channels == 0:
+        raise ValueError(f"{name}: the channel axis {axis} has length 0 in shape {x.shape}")
+    count = x.size // channels
+    if count == 0:
+        raise ValueError(f"{name}: empty batch, shape {x.shape} has no elements per channel")
+    return channels, count
+
+
+def check_channel_vector(value, name, channels, dtype, *, writable=False):
+    """Check a per-channel array: ndarray, shape (C,), exactly ``dtype``."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(
+            f"{name}: expected a numpy array of dtype {dtype} and shape ({channels},), "
+            f"got {_describe(value)}"
+        )
+    if value.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (to match the input), got {value.dtype}")
+    if value.shape != (channels,):
+        raise ValueError(f"{name}: expected shape ({channels},), got {value.shape}")
+    if writable and not value.flags.writeable:
+        raise ValueError(f"{name}: must be writable, it is updated in place")
+    return value
+
+
+def check_running(running_mean, running_var, channels, dtype):
+    """Check the running-statistics pair; return True if it was given."""
+    if (running_mean is None) != (running_var is None):
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(
+            f"{missing}: running_mean and running_var must be given together, got only one"
+        )
+    if running_mean is None:
+        return False
+    check_channel_vector(running_mean, "running_mean", channels, dtype, writable=True)
+    check_channel_vector(running_var, "running_var", channels, dtype, writable=True)
+    if np.shares_memory(running_mean, running_var):
+        raise ValueError("running_var: must not share memory with running_mean")
+    return True
+
+
+def check_eps(eps):
+    """Return ``eps`` as a positive finite float, or raise."""
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps: expected a positive finite float, got {eps}")
+    return eps
+
+
+def check_momentum(momentum):
+    """Return ``momentum`` as a float in [0, 1], or raise."""
+    if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum: expected a float in [0, 1], got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum: expected a float in [0, 1], got {momentum}")
+    return momentum
+
+
+def check_flag(value, name):
+    """Return ``value`` if it is a bool, or raise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
+    return bool(value)
