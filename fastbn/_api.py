@@ -7,12 +7,11 @@ before the first kernel, so an error leaves every buffer untouched.
 
 from __future__ import annotations
 
-import importlib
 from typing import NamedTuple
 
 import numpy as np
 
-from fastbn import _layout
+from fastbn import _dispatch
 from fastbn._validate import (
     check_axis,
     check_channel_vector,
@@ -58,29 +57,6 @@ class Saved(NamedTuple):
     axis: int
 
 
-def _cpu_backend():
-    # Imported on first use, so `import fastbn` neither imports nor compiles Numba.
-    return importlib.import_module("fastbn._cpu")
-
-
-def _parameters(weight, bias, channels, dtype):
-    """Checked weight and bias as contiguous arrays; ones and zeros when absent."""
-    if weight is None:
-        weight_used = np.ones(channels, dtype)
-    else:
-        weight_used = np.ascontiguousarray(check_channel_vector(weight, "weight", channels, dtype))
-    if bias is None:
-        bias_used = np.zeros(channels, dtype)
-    else:
-        bias_used = np.ascontiguousarray(check_channel_vector(bias, "bias", channels, dtype))
-    return weight_used, bias_used
-
-
-def _scale(invstd, weight):
-    """invstd * weight, rounded once to the statistics dtype, as every kernel does."""
-    return (invstd.astype(np.float64) * weight.astype(np.float64)).astype(weight.dtype)
-
-
 def forward(
     x,
     weight=None,
@@ -92,6 +68,7 @@ def forward(
     momentum=0.1,
     eps=1e-5,
     axis=1,
+    backend=None,
 ):
     """Batch-normalise ``x`` over every axis but the channel axis.
 
@@ -121,6 +98,9 @@ def forward(
     axis : int, default 1
         The channel axis: 1 for (N, C), (N, C, L), NCHW, NCDHW; -1 for
         channels-last.  Any valid axis, negative ones too.
+    backend : {None, "cpu", "cuda"}, default None
+        Where to run; None follows ``x``.  Arguments on the other side of the
+        host/device line are a ValueError.
 
     Returns
     -------
@@ -145,38 +125,37 @@ def forward(
     NaN (and its running statistics, in training), as in PyTorch; other
     channels are unaffected.
     """
+    ops, restore, (x, weight, bias, running_mean, running_var) = _dispatch.prepare(
+        backend,
+        [("x", x), ("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)],
+    )
     x = check_x(x)
-    axis = check_axis(axis, x.ndim)
+    axis = check_axis(axis, len(x.shape))
     training = check_flag(training, "training")
     momentum = check_momentum(momentum)
     eps = check_eps(eps)
     channels, count = check_channels(x, axis)
     dtype = stats_dtype(x.dtype)
-    weight_used, bias_used = _parameters(weight, bias, channels, dtype)
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None:
+            check_channel_vector(value, name, channels, dtype)
     has_running = check_running(running_mean, running_var, channels, dtype)
     batch_stats = training or not has_running
     if training and count == 1:
         raise ValueError(
-            f"x: Expected more than 1 value per channel when training, got input size {x.shape}"
+            f"x: Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
 
-    backend = _cpu_backend()
-    layout, x_view = _layout.channel_view(x, axis)
-    y, y_view = _layout.empty_like_layout(layout, x, axis)
     if batch_stats:
-        mean64, var64, invstd64 = backend.forward_train(layout, x_view, weight_used, bias_used, eps, y_view)
-        mean, invstd = mean64.astype(dtype), invstd64.astype(dtype)
-        if training and has_running:
-            backend.update_running(running_mean, running_var, mean64, var64, momentum, count)
+        y, mean, invstd = ops.forward_batch(
+            x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update=training and has_running
+        )
     else:
-        # A copy, so that later updates of running_mean cannot change `saved`.
-        mean = np.array(running_mean, dtype=dtype, order="C")
-        invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(dtype)
-        backend.normalize(layout, x_view, mean, _scale(invstd, weight_used), bias_used, y_view)
-    return y, Saved(mean, invstd, batch_stats, count, x.shape, axis)
+        y, mean, invstd = ops.forward_eval(x, axis, dtype, weight, bias, eps, running_mean, running_var)
+    return restore(y), Saved(mean, invstd, batch_stats, count, tuple(x.shape), axis)
 
 
-def backward(dy, x, weight, saved, *, axis=1):
+def backward(dy, x, weight, saved, *, axis=1, backend=None):
     """Gradients of :func:`forward` with respect to x, weight and bias.
 
     Parameters
@@ -192,6 +171,8 @@ def backward(dy, x, weight, saved, *, axis=1):
         The second value forward returned for this ``x``.
     axis : int, default 1
         The channel axis, as given to forward.
+    backend : {None, "cpu", "cuda"}, default None
+        Where to run; None follows ``dy``.
 
     Returns
     -------
@@ -209,47 +190,35 @@ def backward(dy, x, weight, saved, *, axis=1):
     weight``.  In both, ``dweight = dotp * invstd`` and ``dbias = sum_dy``,
     where ``sum_dy = sum(dy)`` and ``dotp = sum((x - mean) * dy)`` per channel.
     """
+    ops, restore, (dy, x, weight) = _dispatch.prepare(backend, [("dy", dy), ("x", x), ("weight", weight)])
     x = check_x(x)
     dy = check_x(dy, "dy")
-    axis = check_axis(axis, x.ndim)
+    axis = check_axis(axis, len(x.shape))
     if not isinstance(saved, Saved):
         raise TypeError(
             f"saved: expected the fastbn.Saved returned by fastbn.forward, got {type(saved).__name__}"
         )
-    if dy.shape != x.shape:
-        raise ValueError(f"dy: expected the shape of x {x.shape}, got {dy.shape}")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy: expected the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy: expected the dtype of x ({x.dtype}), got {dy.dtype}")
-    channels, count = check_channels(x, axis)
-    if tuple(saved.shape) != x.shape or saved.axis != axis:
+    channels, _ = check_channels(x, axis)
+    if tuple(saved.shape) != tuple(x.shape) or saved.axis != axis:
         raise ValueError(
             f"saved: came from forward on shape {tuple(saved.shape)} with channel axis {saved.axis}, "
-            f"but x has shape {x.shape} and axis is {axis}"
+            f"but x has shape {tuple(x.shape)} and axis is {axis}"
         )
     dtype = stats_dtype(x.dtype)
     check_channel_vector(saved.mean, "saved.mean", channels, dtype)
     check_channel_vector(saved.invstd, "saved.invstd", channels, dtype)
-    weight_used, _ = _parameters(weight, None, channels, dtype)
-    mean = np.ascontiguousarray(saved.mean)
-    invstd = np.ascontiguousarray(saved.invstd)
+    if weight is not None:
+        check_channel_vector(weight, "weight", channels, dtype)
 
-    backend = _cpu_backend()
-    layout, x_view = _layout.channel_view(x, axis)
-    dy_view = _layout.same_view(layout, dy, axis)
-    dx, dx_view = _layout.empty_like_layout(layout, x, axis)
-    if saved.batch_stats:
-        sum_dy, dotp = backend.backward_train(layout, dy_view, x_view, mean, invstd, weight_used, dx_view)
-    else:
-        sum_dy, dotp = backend.backward_reduce(layout, dy_view, x_view, mean)
-        zeros = np.zeros(channels, dtype)
-        backend.backward_elementwise(
-            layout, dy_view, x_view, mean, zeros, zeros, _scale(invstd, weight_used), dx_view
-        )
-    dweight = (dotp * invstd.astype(np.float64)).astype(dtype)
-    return dx, dweight, sum_dy.astype(dtype)
+    dx, dweight, dbias = ops.backward(dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.batch_stats)
+    return restore(dx), restore(dweight), restore(dbias)
 
 
-def moments(x, axis=1):
+def moments(x, axis=1, *, backend=None):
     """Per-channel mean and biased variance (``tf.nn.moments`` over all other axes).
 
     Parameters
@@ -258,6 +227,8 @@ def moments(x, axis=1):
         Input of dtype float16, float32 or float64 and rank >= 2.
     axis : int, default 1
         The channel axis.
+    backend : {None, "cpu", "cuda"}, default None
+        Where to run; None follows ``x``.
 
     Returns
     -------
@@ -265,16 +236,15 @@ def moments(x, axis=1):
         Shape ``(C,)``, float32 for float16/float32 input, float64 for float64.
         Accumulated in float64 with a two-pass / Chan-merge scheme.
     """
+    ops, restore, (x,) = _dispatch.prepare(backend, [("x", x)])
     x = check_x(x)
-    axis = check_axis(axis, x.ndim)
+    axis = check_axis(axis, len(x.shape))
     check_channels(x, axis)
-    dtype = stats_dtype(x.dtype)
-    layout, x_view = _layout.channel_view(x, axis)
-    mean, var = _cpu_backend().stats(layout, x_view)
-    return mean.astype(dtype), var.astype(dtype)
+    mean, var = ops.moments(x, axis, stats_dtype(x.dtype))
+    return restore(mean), restore(var)
 
 
-def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1):
+def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend=None):
     """Normalise with given statistics (``tf.nn.batch_normalization``).
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias``, per channel.
@@ -291,23 +261,23 @@ def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1):
         Positive, added to ``var``.
     axis : int, default 1
         The channel axis.
+    backend : {None, "cpu", "cuda"}, default None
+        Where to run; None follows ``x``.
 
     Returns
     -------
     numpy.ndarray
         Same shape and dtype as ``x``.
     """
+    ops, restore, (x, mean, var, weight, bias) = _dispatch.prepare(
+        backend, [("x", x), ("mean", mean), ("var", var), ("weight", weight), ("bias", bias)]
+    )
     x = check_x(x)
-    axis = check_axis(axis, x.ndim)
+    axis = check_axis(axis, len(x.shape))
     eps = check_eps(eps)
     channels, _ = check_channels(x, axis)
     dtype = stats_dtype(x.dtype)
-    mean = np.ascontiguousarray(check_channel_vector(mean, "mean", channels, dtype))
-    check_channel_vector(var, "var", channels, dtype)
-    weight_used, bias_used = _parameters(weight, bias, channels, dtype)
-    invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(dtype)
-
-    layout, x_view = _layout.channel_view(x, axis)
-    y, y_view = _layout.empty_like_layout(layout, x, axis)
-    _cpu_backend().normalize(layout, x_view, mean, _scale(invstd, weight_used), bias_used, y_view)
-    return y
+    for name, value in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
+        if value is not None or name in ("mean", "var"):
+            check_channel_vector(value, name, channels, dtype)
+    return restore(ops.normalize(x, axis, dtype, mean, var, weight, bias, eps))

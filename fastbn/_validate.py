@@ -31,17 +31,23 @@ def _describe(value):
     return f"{type(value).__name__}"
 
 
+def _is_array(value):
+    return hasattr(value, "dtype") and hasattr(value, "shape")
+
+
 def check_x(x, name="x"):
-    """Return ``x`` as a floating ndarray of rank >= 2, or raise."""
-    if not isinstance(x, np.ndarray):
-        if x is None or isinstance(x, (str, bytes, numbers.Number)):
-            raise TypeError(f"{name}: expected a float16, float32 or float64 array, got {_describe(x)}")
-        x = np.asarray(x)
-    if x.dtype not in FLOAT_DTYPES:
+    """Check that ``x`` is a float16/32/64 array of rank >= 2 and return it.
+
+    ``x`` is a NumPy array or a GPU array (anything with ``dtype`` and
+    ``shape``), already converted by the dispatcher.
+    """
+    if not _is_array(x):
+        raise TypeError(f"{name}: expected a float16, float32 or float64 array, got {_describe(x)}")
+    if np.dtype(x.dtype) not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float16, float32 or float64, got {x.dtype}")
-    if x.ndim < 2:
+    if len(x.shape) < 2:
         raise ValueError(
-            f"{name}: expected at least 2 dimensions (batch and channel), got shape {x.shape}"
+            f"{name}: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}"
         )
     return x
 
@@ -61,27 +67,28 @@ def check_axis(axis, ndim, name="axis"):
 
 def check_channels(x, axis, name="x"):
     """Return (C, elements per channel); reject arrays with no elements."""
-    channels = x.shape[axis]
+    shape = tuple(x.shape)
+    channels = shape[axis]
     if channels == 0:
-        raise ValueError(f"{name}: the channel axis {axis} has length 0 in shape {x.shape}")
-    count = x.size // channels
+        raise ValueError(f"{name}: the channel axis {axis} has length 0 in shape {shape}")
+    count = math.prod(shape) // channels
     if count == 0:
-        raise ValueError(f"{name}: empty batch, shape {x.shape} has no elements per channel")
+        raise ValueError(f"{name}: empty batch, shape {shape} has no elements per channel")
     return channels, count
 
 
 def check_channel_vector(value, name, channels, dtype, *, writable=False):
     """Check a per-channel array: ndarray, shape (C,), exactly ``dtype``."""
-    if not isinstance(value, np.ndarray):
+    if not _is_array(value):
         raise TypeError(
-            f"{name}: expected a numpy array of dtype {dtype} and shape ({channels},), "
+            f"{name}: expected an array of dtype {dtype} and shape ({channels},), "
             f"got {_describe(value)}"
         )
-    if value.dtype != dtype:
+    if np.dtype(value.dtype) != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} (to match the input), got {value.dtype}")
-    if value.shape != (channels,):
-        raise ValueError(f"{name}: expected shape ({channels},), got {value.shape}")
-    if writable and not value.flags.writeable:
+    if tuple(value.shape) != (channels,):
+        raise ValueError(f"{name}: expected shape ({channels},), got {tuple(value.shape)}")
+    if writable and not getattr(getattr(value, "flags", None), "writeable", True):
         raise ValueError(f"{name}: must be writable, it is updated in place")
     return value
 
@@ -97,7 +104,11 @@ def check_running(running_mean, running_var, channels, dtype):
         return False
     check_channel_vector(running_mean, "running_mean", channels, dtype, writable=True)
     check_channel_vector(running_var, "running_var", channels, dtype, writable=True)
-    if np.shares_memory(running_mean, running_var):
+    if (
+        isinstance(running_mean, np.ndarray)
+        and isinstance(running_var, np.ndarray)
+        and np.shares_memory(running_mean, running_var)
+    ):
         raise ValueError("running_var: must not share memory with running_mean")
     return True
 
