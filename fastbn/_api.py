@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastbn import _dispatch
+from fastbn import _dispatch, _sync
 from fastbn._validate import (
     check_axis,
     check_channel_vector,
@@ -47,6 +47,9 @@ class Saved(NamedTuple):
         Shape of the forward input, checked again by backward.
     axis : int
         Non-negative channel axis of the forward input.
+    process_group : object or None
+        The process group the statistics were synchronised over (then
+        ``count`` is the global count and backward synchronises too).
     """
 
     mean: np.ndarray
@@ -55,6 +58,7 @@ class Saved(NamedTuple):
     count: int
     shape: tuple
     axis: int
+    process_group: object = None
 
 
 def forward(
@@ -69,6 +73,7 @@ def forward(
     eps=1e-5,
     axis=1,
     backend=None,
+    process_group=None,
 ):
     """Batch-normalise ``x`` over every axis but the channel axis.
 
@@ -101,6 +106,13 @@ def forward(
     backend : {None, "cpu", "cuda"}, default None
         Where to run; None follows ``x``.  Arguments on the other side of the
         host/device line are a ValueError.
+    process_group : object, optional
+        Synchronise batch statistics across processes: an mpi4py
+        communicator, a torch.distributed process group, or any object with
+        ``allgather`` and ``allreduce_sum`` methods (see
+        ``fastbn.Collectives``).  Every process must call with the same C,
+        dtype and flags; a process may hold an empty batch.  The matching
+        backward synchronises too.  Unused when running statistics are used.
 
     Returns
     -------
@@ -134,18 +146,27 @@ def forward(
     training = check_flag(training, "training")
     momentum = check_momentum(momentum)
     eps = check_eps(eps)
-    channels, count = check_channels(x, axis)
+    collectives = None if process_group is None else _sync.adapt(process_group)
+    channels, count = check_channels(x, axis, allow_empty=collectives is not None)
     dtype = stats_dtype(x.dtype)
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None:
             check_channel_vector(value, name, channels, dtype)
     has_running = check_running(running_mean, running_var, channels, dtype)
     batch_stats = training or not has_running
-    if training and count == 1:
+    if training and count == 1 and collectives is None:
         raise ValueError(
             f"x: Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
+    if collectives is not None and not hasattr(ops, "local_moments"):
+        raise ValueError(f"process_group: not supported on the {ops.name} backend yet")
 
+    if batch_stats and collectives is not None:
+        y, mean, invstd, count = _sync.forward(
+            ops, collectives, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum,
+            training, update=training and has_running,
+        )
+        return restore(y), Saved(mean, invstd, True, count, tuple(x.shape), axis, process_group)
     if batch_stats:
         y, mean, invstd = ops.forward_batch(
             x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update=training and has_running
@@ -202,7 +223,8 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None):
         raise ValueError(f"dy: expected the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy: expected the dtype of x ({x.dtype}), got {dy.dtype}")
-    channels, _ = check_channels(x, axis)
+    synced = saved.process_group is not None and saved.batch_stats
+    channels, _ = check_channels(x, axis, allow_empty=synced)
     if tuple(saved.shape) != tuple(x.shape) or saved.axis != axis:
         raise ValueError(
             f"saved: came from forward on shape {tuple(saved.shape)} with channel axis {saved.axis}, "
@@ -214,7 +236,12 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None):
     if weight is not None:
         check_channel_vector(weight, "weight", channels, dtype)
 
-    dx, dweight, dbias = ops.backward(dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.batch_stats)
+    if synced:
+        dx, dweight, dbias = _sync.backward(
+            ops, _sync.adapt(saved.process_group), dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.count
+        )
+    else:
+        dx, dweight, dbias = ops.backward(dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.batch_stats)
     return restore(dx), restore(dweight), restore(dbias)
 
 

@@ -97,3 +97,56 @@ def backward(dy, x, axis, dtype, weight, mean, invstd, batch_stats):
         _cpu.backward_elementwise(layout, dy_view, x_view, mean, zeros, zeros, _scale(invstd, weight), dx_view)
     dweight = (dotp * invstd.astype(np.float64)).astype(dtype)
     return dx, dweight, sum_dy.astype(dtype)
+
+
+# -- pieces for synchronised batch norm (fastbn._sync): the same operations,
+# split where the per-channel sums must cross processes.  A process may hold
+# no elements at all, so each piece accepts an empty x.
+
+
+def local_moments(x, axis):
+    """This process's float64 per-channel (mean, biased var); zeros if x is empty."""
+    channels = x.shape[axis]
+    if x.size == 0:
+        return np.zeros(channels), np.zeros(channels)
+    layout, x_view = _layout.channel_view(x, axis)
+    return _cpu.stats(layout, x_view)
+
+
+def normalize_with_stats(x, axis, dtype, mean64, var64, weight, bias, eps):
+    """Normalise with given float64 statistics; returns ``(y, mean, invstd)`` in ``dtype``."""
+    mean = mean64.astype(dtype)
+    invstd = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
+    if x.size == 0:
+        return np.empty(x.shape, x.dtype), mean, invstd
+    return _normalize_with(x, axis, dtype, mean, invstd, weight, bias), mean, invstd
+
+
+def update_running(running_mean, running_var, mean64, var64, momentum, count):
+    """PyTorch's running-stat update, in place, over ``count`` elements per channel."""
+    _cpu.update_running(running_mean, running_var, mean64, var64, momentum, count)
+
+
+def backward_sums(dy, x, axis, mean):
+    """This process's float64 per-channel ``(sum_dy, dotp)``; zeros if x is empty."""
+    channels = x.shape[axis]
+    if x.size == 0:
+        return np.zeros(channels), np.zeros(channels)
+    layout, x_view = _layout.channel_view(x, axis)
+    return _cpu.backward_reduce(layout, _layout.same_view(layout, dy, axis), x_view, np.ascontiguousarray(mean))
+
+
+def backward_dx(dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, count):
+    """Training-formula dx from per-channel sums over ``count`` elements (global ones, when synced)."""
+    if x.size == 0:
+        return np.empty(x.shape, x.dtype)
+    weight, _ = _parameters(weight, None, x.shape[axis], dtype)
+    istd = invstd.astype(np.float64)
+    layout, x_view = _layout.channel_view(x, axis)
+    dx, dx_view = _layout.empty_like_layout(layout, x, axis)
+    _cpu.backward_elementwise(
+        layout, _layout.same_view(layout, dy, axis), x_view, np.ascontiguousarray(mean),
+        (sum_dy64 / count).astype(dtype), (dotp64 * istd * istd / count).astype(dtype),
+        _scale(invstd, weight), dx_view,
+    )
+    return dx

@@ -65,14 +65,18 @@ def check_axis(axis, ndim, name="axis"):
     return axis % ndim
 
 
-def check_channels(x, axis, name="x"):
-    """Return (C, elements per channel); reject arrays with no elements."""
+def check_channels(x, axis, name="x", allow_empty=False):
+    """Return (C, elements per channel); reject arrays with no elements.
+
+    ``allow_empty`` admits a batch of zero elements: in synchronised batch
+    norm one process may hold none of the global batch.
+    """
     shape = tuple(x.shape)
     channels = shape[axis]
     if channels == 0:
         raise ValueError(f"{name}: the channel axis {axis} has length 0 in shape {shape}")
     count = math.prod(shape) // channels
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise ValueError(f"{name}: empty batch, shape {shape} has no elements per channel")
     return channels, count
 

@@ -1,0 +1,190 @@
+"""Synchronised batch norm across processes, on existing collective engines.
+
+fastbn has no transport of its own.  A ``process_group`` is adapted to two
+collectives on float64 NumPy vectors:
+
+* ``allgather(vector) -> (P, len(vector)) array``, one row per process, in
+  rank order;
+* ``allreduce_sum(vector) -> vector``, the element-wise sum over processes.
+
+Built-in adapters cover mpi4py communicators and torch.distributed process
+groups (recognised by their type's module, never by importing mpi4py or
+torch).  Anything else may pass an object with those two methods (see
+:class:`Collectives`).
+
+Forward all-gathers each process's ``(count, mean, M2)`` per channel in one
+buffer and merges them with Chan's formula, so any batch sizes work, zero
+included, and no precision is lost (PyTorch's SyncBatchNorm gathers invstd
+and rebuilds the variance from it).  Backward all-reduces ``sum_dy`` and
+``dotp`` in one buffer and uses the global count.
+
+A process whose peer dies is not left hanging by fastbn's design, but the
+bound comes from the engine: MPI implementations abort the whole job when a
+rank exits (``mpiexec`` then returns non-zero); torch.distributed raises
+when a peer's connection drops and otherwise after the ``timeout`` given to
+``init_process_group``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Collectives", "adapt", "merge_moments"]
+
+
+@runtime_checkable
+class Collectives(Protocol):
+    """What fastbn needs from a process group; implement it for any engine."""
+
+    def allgather(self, vector: np.ndarray) -> np.ndarray:
+        """Return every process's ``vector`` stacked as rows, in rank order."""
+
+    def allreduce_sum(self, vector: np.ndarray) -> np.ndarray:
+        """Return the element-wise sum of ``vector`` over all processes."""
+
+
+class _MPICollectives:
+    """mpi4py communicator: buffer-based Allgather / Allreduce (no pickling)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def allgather(self, vector):
+        vector = np.ascontiguousarray(vector, dtype=np.float64)
+        out = np.empty((self.comm.Get_size(), vector.size), np.float64)
+        self.comm.Allgather(vector, out)
+        return out
+
+    def allreduce_sum(self, vector):
+        vector = np.ascontiguousarray(vector, dtype=np.float64)
+        out = np.empty_like(vector)
+        self.comm.Allreduce(vector, out, op=sys.modules["mpi4py.MPI"].SUM)
+        return out
+
+
+class _TorchCollectives:
+    """torch.distributed process group, with CPU tensors (gloo; MPI backend too)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.torch = sys.modules["torch"]
+        self.dist = self.torch.distributed
+
+    def allgather(self, vector):
+        tensor = self.torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float64))
+        rows = [self.torch.empty_like(tensor) for _ in range(self.dist.get_world_size(self.group))]
+        self.dist.all_gather(rows, tensor, group=self.group)
+        return np.stack([row.numpy() for row in rows])
+
+    def allreduce_sum(self, vector):
+        tensor = self.torch.from_numpy(np.array(vector, dtype=np.float64))
+        self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.group)
+        return tensor.numpy()
+
+
+def adapt(process_group):
+    """Return :class:`Collectives` for ``process_group``, or raise TypeError.
+
+    Parameters
+    ----------
+    process_group : object
+        An mpi4py communicator (``mpi4py.MPI.Comm``), a torch.distributed
+        ``ProcessGroup``, or any object with ``allgather`` and
+        ``allreduce_sum`` methods.
+    """
+    module = type(process_group).__module__ or ""
+    if module.startswith("mpi4py") and hasattr(process_group, "Allgather"):
+        return _MPICollectives(process_group)
+    if module.startswith("torch") and "torch.distributed" in sys.modules:
+        return _TorchCollectives(process_group)
+    if isinstance(process_group, Collectives):
+        return process_group
+    raise TypeError(
+        "process_group: expected an mpi4py communicator, a torch.distributed process group, "
+        f"or an object with allgather() and allreduce_sum() methods, got {type(process_group).__name__}"
+    )
+
+
+def merge_moments(gathered, channels):
+    """Merge all-gathered per-process ``[count, mean..., M2...]`` rows with Chan's formula.
+
+    Parameters
+    ----------
+    gathered : numpy.ndarray
+        Shape ``(P, 1 + 2 * channels)``: each process's element count per
+        channel, then its per-channel means, then its per-channel M2 (sum of
+        squared deviations from its own mean).
+    channels : int
+        C.
+
+    Returns
+    -------
+    count : int
+        Global elements per channel.
+    mean, var : numpy.ndarray
+        Global per-channel mean and biased variance, float64.
+    """
+    gathered = np.asarray(gathered, dtype=np.float64)
+    if gathered.ndim != 2 or gathered.shape[1] != 1 + 2 * channels:
+        raise ValueError(
+            f"process_group: allgather returned shape {gathered.shape}, "
+            f"expected (processes, {1 + 2 * channels})"
+        )
+    count = 0.0
+    mean = np.zeros(channels)
+    m2 = np.zeros(channels)
+    # Rank order, the same on every process, so every process gets identical bits.
+    for row in gathered:
+        n_b = row[0]
+        if n_b == 0:
+            continue
+        n = count + n_b
+        delta = row[1 : 1 + channels] - mean
+        mean = mean + delta * (n_b / n)
+        m2 = m2 + row[1 + channels :] + delta * delta * (count * n_b / n)
+        count = n
+    var = m2 / count if count > 0 else m2
+    return int(count), mean, var
+
+
+def forward(ops, collectives, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, training, update):
+    """Synchronised training forward; returns ``(y, mean, invstd, global_count)``.
+
+    One all-gather of ``[count, mean (C), M2 (C)]``; then every process
+    normalises its own slice and updates its running statistics identically.
+    """
+    channels = x.shape[axis]
+    count = x.size // channels if channels else 0
+    mean64, var64 = ops.local_moments(x, axis)
+    vector = np.concatenate(([float(count)], mean64, var64 * count))
+    total, mean64, var64 = merge_moments(collectives.allgather(vector), channels)
+    # Checked on the global count, which every process sees alike, so all
+    # processes raise together and none is left waiting in a collective.
+    if total == 0:
+        raise ValueError("x: empty batch on every process")
+    if training and total == 1:
+        raise ValueError(
+            "x: Expected more than 1 value per channel when training, got 1 over all processes"
+        )
+    y, mean, invstd = ops.normalize_with_stats(x, axis, dtype, mean64, var64, weight, bias, eps)
+    if update:
+        ops.update_running(running_mean, running_var, mean64, var64, momentum, total)
+    return y, mean, invstd, total
+
+
+def backward(ops, collectives, dy, x, axis, dtype, weight, mean, invstd, total):
+    """Synchronised training backward; returns ``(dx, dweight, dbias)``.
+
+    One all-reduce of ``[sum_dy (C), dotp (C)]``.  dweight and dbias are this
+    process's contributions, as in torch.nn.SyncBatchNorm, so the usual
+    data-parallel gradient all-reduce sums them.
+    """
+    channels = x.shape[axis]
+    sum_dy, dotp = ops.backward_sums(dy, x, axis, mean)
+    summed = np.asarray(collectives.allreduce_sum(np.concatenate((sum_dy, dotp))), dtype=np.float64)
+    dx = ops.backward_dx(dy, x, axis, dtype, weight, mean, invstd, summed[:channels], summed[channels:], total)
+    dweight = (dotp * invstd.astype(np.float64)).astype(dtype)
+    return dx, dweight, sum_dy.astype(dtype)

@@ -1,0 +1,191 @@
+"""Synchronised batch norm: in-process with threads, then real multi-process launches."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn._sync import merge_moments
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "sync_worker.py")
+
+
+class ThreadGroup:
+    """A process group of threads: the Collectives protocol on a barrier."""
+
+    def __init__(self, size):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots = [None] * size
+
+    def member(self, rank):
+        group = self
+
+        class Member:
+            def allgather(self, vector):
+                group.slots[rank] = np.array(vector, np.float64)
+                group.barrier.wait()
+                rows = np.stack(group.slots)
+                group.barrier.wait()
+                return rows
+
+            def allreduce_sum(self, vector):
+                return self.allgather(vector).sum(axis=0)
+
+        return Member()
+
+
+def test_merge_moments_matches_two_pass_over_the_concatenation():
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((n, 3)) * 5 + 1e4 for n in (7, 0, 1, 40)]
+    rows = [np.concatenate(([len(p)], p.mean(0) if len(p) else np.zeros(3),
+                            ((p - p.mean(0)) ** 2).sum(0) if len(p) else np.zeros(3))) for p in parts]
+    count, mean, var = merge_moments(np.stack(rows), 3)
+    whole = np.concatenate(parts)
+    assert count == len(whole)
+    np.testing.assert_allclose(mean, whole.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(var, whole.var(0), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_thread_group_matches_single_process(dtype):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((12, 3, 4)) * 2 + 5).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    w = rng.uniform(0.5, 2, 3).astype(dtype)
+    b = rng.standard_normal(3).astype(dtype)
+    rm, rv = np.zeros(3, dtype), np.ones(3, dtype)
+    y_ref, s_ref = fastbn.forward(x, w, b, running_mean=rm, running_var=rv)
+    dx_ref, dw_ref, db_ref = fastbn.backward(dy, x, w, s_ref)
+    edges = [0, 3, 3, 12]  # the middle process has an empty batch
+    group = ThreadGroup(3)
+    results = [None] * 3
+
+    def run(rank):
+        part = slice(edges[rank], edges[rank + 1])
+        rm_local, rv_local = np.zeros(3, dtype), np.ones(3, dtype)
+        y, saved = fastbn.forward(x[part], w, b, running_mean=rm_local, running_var=rv_local,
+                                  process_group=group.member(rank))
+        results[rank] = (y, *fastbn.backward(dy[part], x[part], w, saved), rm_local, rv_local, saved.count)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(np.concatenate([r[0] for r in results]), y_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), dx_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(sum(r[2] for r in results), dw_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(sum(r[3] for r in results), db_ref, rtol=tol, atol=tol)
+    for r in results:
+        np.testing.assert_array_equal(r[4], results[0][4])  # identical on every process
+        np.testing.assert_allclose(r[4], rm, rtol=tol, atol=tol)
+        np.testing.assert_allclose(r[5], rv, rtol=tol, atol=tol)
+        assert r[6] == 12 * 4
+
+
+def test_bad_process_group_is_rejected_before_anything_runs():
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(TypeError, match="process_group"):
+        fastbn.forward(np.ones((4, 3)), running_mean=rm, running_var=rv, process_group=object())
+    assert rm.tobytes() == np.zeros(3).tobytes() and rv.tobytes() == np.ones(3).tobytes()
+
+
+def test_one_value_in_the_global_batch_is_an_error_on_every_process():
+    group = ThreadGroup(2)
+    errors = [None, None]
+    rm, rv = np.zeros(2), np.ones(2)
+
+    def run(rank):
+        x = np.ones((1 if rank == 0 else 0, 2))
+        try:
+            fastbn.forward(x, running_mean=rm, running_var=rv, process_group=group.member(rank))
+        except ValueError as exc:
+            errors[rank] = str(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(e and "Expected more than 1 value per channel" in e for e in errors), errors
+    assert rm.tobytes() == np.zeros(2).tobytes() and rv.tobytes() == np.ones(2).tobytes()
+
+
+# ------------------------------------------------------ real processes ---
+def _mpiexec():
+    pytest.importorskip("mpi4py")
+    candidate = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    assert os.path.exists(candidate), "install the 'mpich' wheel (pip install mpich) for mpiexec"
+    return candidate
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_mpiexec(size):
+    proc = subprocess.run([_mpiexec(), "-n", str(size), sys.executable, WORKER, "mpi"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(re.findall(r"rank \d+ of \d+ ok", proc.stdout)) == [f"rank {r} of {size} ok" for r in range(size)]
+
+
+def test_mpi_peer_death_ends_the_job():
+    start = time.monotonic()
+    proc = subprocess.run([_mpiexec(), "-n", "2", sys.executable, WORKER, "mpi", "--die-rank", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 120
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch_torch(size, *extra, timeout=60):
+    pytest.importorskip("torch.distributed")
+    port = _free_port()
+    procs = []
+    for rank in range(size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), FASTBN_TEST_TIMEOUT=str(timeout))
+        procs.append(subprocess.Popen([sys.executable, WORKER, "torch", *extra], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            outputs.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return outputs
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_torch_distributed_gloo(size):
+    outputs = _launch_torch(size)
+    for rank, (code, out, err) in enumerate(outputs):
+        assert code == 0, f"rank {rank}: {out}{err}"
+        assert out.strip() == f"rank {rank} of {size} ok"
+
+
+def test_torch_distributed_peer_death_raises_within_the_timeout():
+    start = time.monotonic()
+    outputs = _launch_torch(2, "--die-rank", "1", timeout=20)
+    elapsed = time.monotonic() - start
+    assert outputs[1][0] == 3
+    assert outputs[0][0] != 0, "the survivor should have raised, not succeeded"
+    assert elapsed < 120, elapsed
