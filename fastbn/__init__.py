@@ -10,8 +10,10 @@ compiles nothing.  Kernels compile on first use and are cached on disk.
 """
 
 from fastbn._api import Saved, backward, forward, moments, normalize
+from fastbn._sync import Collectives
+from fastbn.layer import BatchNorm
 from fastbn._threading import threading_layer
 
 __version__ = "0.1.0"
 
-__all__ = ["Saved", "backward", "forward", "moments", "normalize", "threading_layer", "__version__"]
+__all__ = ["BatchNorm", "Collectives", "Saved", "backward", "forward", "moments", "normalize", "threading_layer", "__version__"]

@@ -1,0 +1,574 @@
+"""A stateful batch-normalization layer built on :func:`fastbn.forward` and :func:`fastbn.backward`.
+
+:class:`BatchNorm` owns what the functional API leaves to the caller: the
+affine parameters, the running statistics and their batch counter, the
+train/eval switch, and the tensors that backward needs.  Its semantics and its
+``state_dict`` keys are PyTorch's (``torch.nn.BatchNorm1d/2d/3d``), so a
+PyTorch checkpoint loads into it and numbers agree.
+
+The layer never computes on the input itself: every array operation goes
+through the functional API.  It reads only ``x.shape``, ``x.ndim`` and
+``x.dtype``, so it will accept whatever arrays :func:`fastbn.forward` accepts
+(device arrays included, once the functional API takes them).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+# ``fastbn/__init__.py`` imports this module, so ``fastbn`` may still be
+# half-initialised here; its ``forward``/``backward`` are looked up at call
+# time, when the package is complete.
+import fastbn
+from fastbn._validate import check_eps, check_flag, check_momentum
+
+__all__ = ["BatchNorm"]
+
+# PyTorch's names, in PyTorch's order (``module.state_dict()`` lists
+# parameters before buffers).
+_PARAM_KEYS = ("weight", "bias")
+_STAT_KEYS = ("running_mean", "running_var")
+_COUNT_KEY = "num_batches_tracked"
+
+
+def _check_num_features(value):
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError("num_features: expected a positive integer, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"num_features: expected a positive integer, got {type(value).__name__}"
+        ) from None
+    if value < 1:
+        raise ValueError(f"num_features: expected a positive integer, got {value}")
+    return value
+
+
+def _check_axis(value):
+    # The rank of the input is unknown until forward, so only the type is
+    # checked here; the range is checked against each input.
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError("axis: expected an integer, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"axis: expected an integer, got {type(value).__name__}") from None
+
+
+def _check_dtype(value):
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        raise TypeError(f"dtype: expected float32 or float64, got {value!r}") from None
+    if dtype == np.float16:
+        # The functional API keeps float32 parameters for half input, so a
+        # float16 layer could never run.
+        raise ValueError(
+            "dtype: float16 parameters are not supported; use dtype=np.float32, "
+            "which also takes float16 input"
+        )
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype: expected float32 or float64, got {dtype}")
+    return dtype
+
+
+def _check_momentum_or_none(value):
+    return None if value is None else check_momentum(value)
+
+
+def _to_numpy(value):
+    """Host NumPy copy of a checkpoint entry: array, torch tensor, device array or number."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        # A torch tensor, recognised by duck typing so torch stays optional.
+        tensor = value.detach().cpu()
+        try:
+            return tensor.numpy()
+        except TypeError:
+            # bfloat16 has no NumPy dtype; float32 holds every bfloat16 exactly.
+            return tensor.float().numpy()
+    if hasattr(value, "copy_to_host"):  # Numba CUDA device array
+        return value.copy_to_host()
+    if hasattr(value, "__cuda_array_interface__") and hasattr(value, "get"):  # CuPy
+        return value.get()
+    return np.asarray(value)
+
+
+def _to_host(array):
+    """NumPy copy of one of the layer's own arrays, wherever it lives."""
+    if isinstance(array, np.ndarray):
+        return array.copy()
+    return _to_numpy(array).copy()
+
+
+def _copy_into(dst, src):
+    """Overwrite ``dst`` in place, so references held elsewhere (an optimizer's) stay valid."""
+    if isinstance(dst, np.ndarray):
+        dst[...] = src
+    elif hasattr(dst, "copy_to_device"):  # Numba CUDA device array
+        dst.copy_to_device(np.ascontiguousarray(src, dtype=dst.dtype))
+    elif hasattr(dst, "set"):  # CuPy
+        dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
+    else:
+        raise TypeError(f"cannot copy into an array of type {type(dst).__name__}")
+
+
+class BatchNorm:
+    """Batch normalization over one channel axis, with PyTorch's semantics.
+
+    In training mode each channel is normalized with the mean and biased
+    variance of the batch, and the running statistics are updated; in eval
+    mode the running statistics are used instead.  One class covers
+    ``torch.nn.BatchNorm1d``, ``2d`` and ``3d``: the channel axis is ``axis``
+    and every other axis is reduced over.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels ``C``, the length of ``x.shape[axis]``.
+    axis : int, default 1
+        The channel axis of the inputs (``1`` for ``(N, C)``, ``(N, C, L)``
+        and NCHW; ``-1`` for channels-last).  May be negative.
+    eps : float, default 1e-5
+        Added to the variance before the square root; must be positive.
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running statistics, PyTorch's
+        convention: ``running = (1 - momentum) * running + momentum * batch``
+        (Keras and Flax use ``0.99`` for the opposite weighting).  ``None``
+        gives a cumulative average: ``momentum = 1 / num_batches_tracked``,
+        after incrementing it, so the running statistics are the plain mean
+        of every batch's statistics.
+    affine : bool, default True
+        Whether to learn a per-channel scale ``weight`` (initialised to 1) and
+        shift ``bias`` (initialised to 0).
+    track_running_stats : bool, default True
+        Whether to keep running statistics.  Without them, batch statistics
+        are used in eval mode too, as in PyTorch.
+    dtype : numpy dtype, default numpy.float32
+        dtype of the parameters and statistics: ``float32`` for float16 and
+        float32 input, ``float64`` for float64 input.
+
+    Attributes
+    ----------
+    weight, bias : numpy.ndarray or None
+        The affine parameters, shape ``(C,)``; None when ``affine=False``.
+    running_mean, running_var : numpy.ndarray or None
+        Running statistics, shape ``(C,)``, initialised to 0 and 1; None when
+        ``track_running_stats=False``.  ``running_var`` holds the *unbiased*
+        variance, as PyTorch's does.
+    num_batches_tracked : int or None
+        Training batches seen since the statistics were reset; None when
+        ``track_running_stats=False``.
+    grad_weight, grad_bias : numpy.ndarray or None
+        Gradients from the last :meth:`backward` (None before it and when
+        ``affine=False``).  Each backward overwrites them; they do not
+        accumulate as PyTorch's ``.grad`` does.
+    training : bool
+        True in training mode (the default), False after :meth:`eval`.
+
+    See Also
+    --------
+    fastbn.forward, fastbn.backward : the functional API this layer calls.
+
+    Notes
+    -----
+    ``layer(x)`` keeps a reference to ``x`` (not a copy) for :meth:`backward`;
+    do not modify ``x`` in place in between.  :meth:`backward` reads the
+    current ``weight``, so call it before an optimizer updates the parameters.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn.layer import BatchNorm
+    >>> bn = BatchNorm(3)
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, size=(8, 3)).astype(np.float32)
+    >>> y = bn(x)
+    >>> bool(np.allclose(y.mean(axis=0), 0, atol=1e-5))
+    True
+    >>> dx = bn.backward(np.ones_like(y))
+    >>> [g.shape for g in bn.gradients()]
+    [(3,), (3,)]
+    """
+
+    def __init__(
+        self,
+        num_features,
+        *,
+        axis=1,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        dtype=np.float32,
+    ):
+        self.num_features = _check_num_features(num_features)
+        self.axis = _check_axis(axis)
+        self.eps = check_eps(eps)
+        self.momentum = _check_momentum_or_none(momentum)
+        self.affine = check_flag(affine, "affine")
+        self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
+        self.dtype = _check_dtype(dtype)
+        self.training = True
+
+        c = self.num_features
+        if self.affine:
+            self.weight = np.ones(c, dtype=self.dtype)
+            self.bias = np.zeros(c, dtype=self.dtype)
+        else:
+            self.weight = None
+            self.bias = None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(c, dtype=self.dtype)
+            self.running_var = np.ones(c, dtype=self.dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = None
+            self.running_var = None
+            self.num_batches_tracked = None
+        self.grad_weight = None
+        self.grad_bias = None
+        # (x, saved) of the last forward: what backward needs.
+        self._cache = None
+
+    # ------------------------------------------------------------- modes ---
+    def train(self, mode=True):
+        """Switch to training mode (or to eval mode with ``mode=False``).
+
+        Parameters
+        ----------
+        mode : bool, default True
+            True for training mode, False for eval mode.
+
+        Returns
+        -------
+        BatchNorm
+            ``self``, so calls can be chained.
+        """
+        self.training = check_flag(mode, "mode")
+        return self
+
+    def eval(self):
+        """Switch to eval mode: normalize with the running statistics.
+
+        Returns
+        -------
+        BatchNorm
+            ``self``, so calls can be chained.
+        """
+        return self.train(False)
+
+    # ----------------------------------------------------------- compute ---
+    def _check_input(self, x):
+        # Only attributes every array type has: the functional API does the
+        # rest of the checking (and would be the one to accept device arrays).
+        if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")):
+            raise TypeError(f"x: expected an array, got {type(x).__name__}")
+        if x.ndim < 2:
+            raise ValueError(
+                f"x: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}"
+            )
+        if not -x.ndim <= self.axis < x.ndim:
+            raise ValueError(
+                f"axis: {self.axis} is out of range for an input of {x.ndim} dimensions"
+            )
+        # Checked here because without weight and running statistics the
+        # functional API has nothing to compare the channel count with.
+        if x.shape[self.axis] != self.num_features:
+            raise ValueError(
+                f"x: expected {self.num_features} channels on axis {self.axis}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        accepted = (
+            (np.dtype(np.float64),)
+            if self.dtype == np.float64
+            else (np.dtype(np.float16), np.dtype(np.float32))
+        )
+        if np.dtype(x.dtype) not in accepted:
+            names = " or ".join(str(d) for d in accepted)
+            raise TypeError(
+                f"x: a BatchNorm with dtype {self.dtype} takes {names} input, got {x.dtype}; "
+                + (
+                    "build the layer with dtype=np.float64 for float64 input"
+                    if x.dtype == np.float64
+                    else "convert the input"
+                )
+            )
+
+    def forward(self, x):
+        """Normalize ``x`` and keep what :meth:`backward` needs.
+
+        Parameters
+        ----------
+        x : array
+            Input with at least 2 dimensions and ``num_features`` channels
+            on ``axis``; float16 or float32 for a float32 layer, float64 for
+            a float64 layer.
+
+        Returns
+        -------
+        y : array
+            The normalized output, same shape and dtype as ``x``.
+
+        Raises
+        ------
+        TypeError
+            If ``x`` is not an array or has the wrong dtype for the layer.
+        ValueError
+            If its shape does not match the layer, or (in training mode) a
+            channel has only one value, as in PyTorch.
+
+        Notes
+        -----
+        In training mode with running statistics, ``num_batches_tracked`` is
+        incremented and the statistics are updated, both only if the call
+        succeeds.
+        """
+        self._check_input(x)
+        tracking = self.track_running_stats
+        count = self.num_batches_tracked
+        if self.training and tracking:
+            count += 1
+            momentum = 1.0 / count if self.momentum is None else self.momentum
+        else:
+            # No update happens; the functional API still wants a float.
+            momentum = 0.0 if self.momentum is None else self.momentum
+        y, saved = fastbn.forward(
+            x,
+            self.weight,
+            self.bias,
+            running_mean=self.running_mean if tracking else None,
+            running_var=self.running_var if tracking else None,
+            training=self.training,
+            momentum=momentum,
+            eps=self.eps,
+            axis=self.axis,
+        )
+        if tracking:
+            self.num_batches_tracked = count
+        self._cache = (x, saved)
+        return y
+
+    def __call__(self, x):
+        """Same as :meth:`forward`."""
+        return self.forward(x)
+
+    def backward(self, dy):
+        """Gradient of the loss with respect to the input of the last forward.
+
+        Parameters
+        ----------
+        dy : array
+            Gradient with respect to the last output, same shape as it.
+
+        Returns
+        -------
+        dx : array
+            Gradient with respect to the last input, same shape and dtype.
+
+        Raises
+        ------
+        RuntimeError
+            If no forward has been run.
+
+        Notes
+        -----
+        Stores ``grad_weight`` and ``grad_bias`` (when ``affine``), replacing
+        earlier ones.  The formulas follow the mode of the last forward: in
+        eval mode the statistics are constants.
+        """
+        if self._cache is None:
+            raise RuntimeError("backward: call forward (layer(x)) before backward")
+        x, saved = self._cache
+        dx, grad_weight, grad_bias = fastbn.backward(dy, x, self.weight, saved, axis=self.axis)
+        if self.affine:
+            self.grad_weight = grad_weight
+            self.grad_bias = grad_bias
+        return dx
+
+    # --------------------------------------------------------- optimizer ---
+    def parameters(self):
+        """The trainable arrays, to be updated in place by an optimizer.
+
+        Returns
+        -------
+        list of array
+            ``[weight, bias]``, or ``[]`` when ``affine=False``.  The same
+            order as :meth:`gradients`.
+        """
+        return [self.weight, self.bias] if self.affine else []
+
+    def gradients(self):
+        """Gradients of the last :meth:`backward`, paired with :meth:`parameters`.
+
+        Returns
+        -------
+        list of array
+            ``[grad_weight, grad_bias]``, or ``[]`` when ``affine=False``.
+
+        Raises
+        ------
+        RuntimeError
+            If ``affine`` and no backward has been run yet.
+
+        Examples
+        --------
+        A plain SGD step:
+
+        >>> for p, g in zip(layer.parameters(), layer.gradients()):  # doctest: +SKIP
+        ...     p -= lr * g
+        """
+        if not self.affine:
+            return []
+        if self.grad_weight is None or self.grad_bias is None:
+            raise RuntimeError("gradients: call backward before asking for gradients")
+        return [self.grad_weight, self.grad_bias]
+
+    # ------------------------------------------------------------- state ---
+    def reset_running_stats(self):
+        """Reset running statistics to mean 0, variance 1 and the counter to 0, in place."""
+        if self.track_running_stats:
+            _copy_into(self.running_mean, np.zeros(self.num_features, dtype=self.dtype))
+            _copy_into(self.running_var, np.ones(self.num_features, dtype=self.dtype))
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        """Reset the running statistics and set ``weight`` to 1 and ``bias`` to 0, in place."""
+        self.reset_running_stats()
+        if self.affine:
+            _copy_into(self.weight, np.ones(self.num_features, dtype=self.dtype))
+            _copy_into(self.bias, np.zeros(self.num_features, dtype=self.dtype))
+
+    def _expected_keys(self):
+        keys = []
+        if self.affine:
+            keys += _PARAM_KEYS
+        if self.track_running_stats:
+            keys += _STAT_KEYS + (_COUNT_KEY,)
+        return keys
+
+    def state_dict(self, *, prefix=""):
+        """The layer's state under PyTorch's keys, as NumPy copies.
+
+        Parameters
+        ----------
+        prefix : str, default ""
+            Prepended to every key, e.g. ``"bn1."`` to build a whole model's
+            dict.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``weight`` and ``bias`` (if ``affine``), ``running_mean``,
+            ``running_var`` and ``num_batches_tracked`` (a 0-d int64 array,
+            as PyTorch's is a 0-d int64 tensor), if ``track_running_stats``.
+            ``torch.as_tensor`` on each value gives a dict that
+            ``torch.nn.BatchNorm*d.load_state_dict`` accepts.
+        """
+        state = {}
+        for key in self._expected_keys():
+            if key == _COUNT_KEY:
+                state[prefix + key] = np.array(self.num_batches_tracked, dtype=np.int64)
+            else:
+                state[prefix + key] = _to_host(getattr(self, key))
+        return state
+
+    def load_state_dict(self, state_dict, *, strict=True, prefix=""):
+        """Copy parameters and statistics from a PyTorch-style state dict, in place.
+
+        Parameters
+        ----------
+        state_dict : mapping of str to array, tensor or number
+            For example ``torch.nn.BatchNorm2d(...).state_dict()`` (torch
+            tensors, on any device) or :meth:`state_dict`'s output.  Values
+            are cast to the layer's dtype.
+        strict : bool, default True
+            Whether missing and unexpected keys are an error.
+        prefix : str, default ""
+            Only keys starting with it are read, with it removed, e.g.
+            ``"features.1."`` to pick one layer out of a whole model's dict.
+
+        Returns
+        -------
+        missing_keys : list of str
+            Expected keys that were absent (empty when ``strict``).
+        unexpected_keys : list of str
+            Keys under ``prefix`` that the layer has no use for (empty when
+            ``strict``).
+
+        Raises
+        ------
+        KeyError
+            If ``strict`` and keys are missing or unexpected.
+        ValueError
+            If a value has the wrong shape or is not a real number.
+        TypeError
+            If ``state_dict`` is not a mapping.
+
+        Notes
+        -----
+        A missing ``num_batches_tracked`` is never an error and leaves the
+        counter unchanged, as in PyTorch (checkpoints from before PyTorch
+        0.4.1 lack it).  Nothing is changed unless every value is valid.
+        Arrays are overwritten in place, so references an optimizer holds
+        stay valid.
+        """
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise TypeError(
+                f"state_dict: expected a mapping, got {type(state_dict).__name__}"
+            )
+        strict = check_flag(strict, "strict")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
+
+        ours = {key[len(prefix):]: key for key in state_dict.keys()
+                if isinstance(key, str) and key.startswith(prefix)}
+        expected = self._expected_keys()
+        missing = [prefix + k for k in expected if k not in ours and k != _COUNT_KEY]
+        unexpected = [ours[k] for k in ours if k not in expected]
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"state_dict: missing keys {missing}, unexpected keys {unexpected} "
+                f"for {self!r}"
+            )
+
+        # Convert and check everything first, so a bad entry changes nothing.
+        new = {}
+        for key in expected:
+            if key not in ours:
+                continue
+            full = ours[key]
+            value = _to_numpy(state_dict[full])
+            if value.dtype.kind not in "fiu":
+                raise ValueError(f"{full}: expected real numbers, got dtype {value.dtype}")
+            if key == _COUNT_KEY:
+                if value.size != 1 or value.dtype.kind not in "iu":
+                    raise ValueError(
+                        f"{full}: expected one integer, got dtype {value.dtype} "
+                        f"and shape {value.shape}"
+                    )
+                count = int(value.reshape(()))
+                if count < 0:
+                    raise ValueError(f"{full}: expected a count >= 0, got {count}")
+                new[key] = count
+            else:
+                if value.shape != (self.num_features,):
+                    raise ValueError(
+                        f"{full}: expected shape ({self.num_features},), got {value.shape}"
+                    )
+                new[key] = value.astype(self.dtype)
+
+        for key, value in new.items():
+            if key == _COUNT_KEY:
+                self.num_batches_tracked = value
+            else:
+                _copy_into(getattr(self, key), value)
+        return missing, unexpected
+
+    def __repr__(self):
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})"
+        )
