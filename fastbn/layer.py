@@ -22,6 +22,7 @@ import numpy as np
 # half-initialised here; its ``forward``/``backward`` are looked up at call
 # time, when the package is complete.
 import fastbn
+from fastbn import _sync
 from fastbn._validate import check_eps, check_flag, check_momentum
 
 __all__ = ["BatchNorm"]
@@ -149,6 +150,10 @@ class BatchNorm:
     dtype : numpy dtype, default numpy.float32
         dtype of the parameters and statistics: ``float32`` for float16 and
         float32 input, ``float64`` for float64 input.
+    process_group : object, optional
+        Synchronise batch statistics over processes (data-parallel training):
+        an mpi4py communicator, a torch.distributed process group or a
+        :class:`fastbn.Collectives`.  See :func:`fastbn.forward`.
 
     Attributes
     ----------
@@ -202,8 +207,12 @@ class BatchNorm:
         affine=True,
         track_running_stats=True,
         dtype=np.float32,
+        process_group=None,
     ):
         self.num_features = _check_num_features(num_features)
+        if process_group is not None:
+            _sync.adapt(process_group)  # a TypeError now rather than at the first batch
+        self.process_group = process_group
         self.axis = _check_axis(axis)
         self.eps = check_eps(eps)
         self.momentum = _check_momentum_or_none(momentum)
@@ -344,6 +353,7 @@ class BatchNorm:
             momentum=momentum,
             eps=self.eps,
             axis=self.axis,
+            process_group=self.process_group,
         )
         if tracking:
             self.num_batches_tracked = count

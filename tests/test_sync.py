@@ -189,3 +189,15 @@ def test_torch_distributed_peer_death_raises_within_the_timeout():
     assert outputs[1][0] == 3
     assert outputs[0][0] != 0, "the survivor should have raised, not succeeded"
     assert elapsed < 120, elapsed
+
+
+def test_data_parallel_example_matches_single_process_training():
+    example = os.path.join(os.path.dirname(HERE), "examples", "train_data_parallel.py")
+    proc = subprocess.run([_mpiexec(), "-n", "3", sys.executable, example, "--epochs", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    losses = [float(v) for v in re.findall(r"mean training loss (\S+)", proc.stdout)]
+    differences = [float(v) for v in re.findall(r"single-process training (\S+)", proc.stdout)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert max(differences) < 1e-4
+    assert "max parameter difference between processes: 0" in proc.stdout
