@@ -1,0 +1,278 @@
+"""Every bad input: the exception type, a message that names the argument, and running
+statistics left bit-for-bit untouched whenever they were passed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastbn
+from strategies import stats_dtype
+
+DTYPES = [np.float16, np.float32, np.float64]
+DTYPE_IDS = ["float16", "float32", "float64"]
+C = 3
+ONE_VALUE = "Expected more than 1 value per channel when training"
+
+
+def names(argument):
+    """A regex matching the argument's name as a word, in any case (`saved` matches 'Saved')."""
+    return rf"(?i)(?<![A-Za-z0-9_]){argument}(?![A-Za-z0-9_])"
+
+
+def other_stats_dtype(sd):
+    """A float dtype that is not the stats dtype sd."""
+    return np.dtype(np.float64) if sd == np.float32 else np.dtype(np.float32)
+
+
+def good_forward_args(dtype):
+    rng = np.random.default_rng(0)
+    sd = stats_dtype(dtype)
+    return dict(
+        x=rng.standard_normal((4, C, 5)).astype(dtype),
+        weight=rng.uniform(0.5, 2.0, C).astype(sd),
+        bias=rng.normal(size=C).astype(sd),
+        running_mean=rng.normal(size=C).astype(sd),
+        running_var=rng.uniform(0.5, 2.0, C).astype(sd),
+        training=True,
+        momentum=0.1,
+        eps=1e-5,
+        axis=1,
+    )
+
+
+def _read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def _set(**changes):
+    return lambda a: {**a, **{k: (v(a) if callable(v) else v) for k, v in changes.items()}}
+
+
+def _retype(name, dtype=None):
+    """Give argument `name` a wrong dtype (by default a float dtype other than the stats dtype)."""
+    return lambda a: {**a, name: a[name].astype(dtype or other_stats_dtype(a[name].dtype))}
+
+
+def _reshape(name, shape_of):
+    return lambda a: {**a, name: np.resize(a[name], shape_of(a[name].shape[0]))}
+
+
+# (id, exception, argument named in the message, change to the good arguments)
+FORWARD_ERRORS = [
+    ("x-int32", TypeError, "x", _set(x=lambda a: np.arange(60, dtype=np.int32).reshape(4, C, 5))),
+    ("x-int64", TypeError, "x", _set(x=lambda a: np.arange(60).reshape(4, C, 5))),
+    ("x-uint8", TypeError, "x", _set(x=lambda a: np.ones((4, C, 5), np.uint8))),
+    ("x-bool", TypeError, "x", _set(x=lambda a: np.ones((4, C, 5), bool))),
+    ("x-complex64", TypeError, "x", _set(x=lambda a: a["x"].astype(np.complex64))),
+    ("x-complex128", TypeError, "x", _set(x=lambda a: a["x"].astype(np.complex128))),
+    ("x-object", TypeError, "x", _set(x=lambda a: a["x"].astype(object))),
+    ("x-1d", ValueError, "x", _set(x=lambda a: a["x"][0, 0], axis=0)),
+    ("x-0d", ValueError, "x", _set(x=lambda a: a["x"][0, 0, 0], axis=0)),
+    ("axis-too-big", ValueError, "axis", _set(axis=3)),
+    ("axis-too-negative", ValueError, "axis", _set(axis=-4)),
+    ("axis-float", TypeError, "axis", _set(axis=1.0)),
+    ("axis-str", TypeError, "axis", _set(axis="1")),
+    ("axis-none", TypeError, "axis", _set(axis=None)),
+    ("weight-long", ValueError, "weight", _reshape("weight", lambda c: (c + 1,))),
+    ("weight-short", ValueError, "weight", _reshape("weight", lambda c: (c - 1,))),
+    ("weight-2d", ValueError, "weight", _reshape("weight", lambda c: (1, c))),
+    ("weight-dtype", TypeError, "weight", _retype("weight")),
+    ("weight-float16", TypeError, "weight", _retype("weight", np.float16)),
+    ("weight-int", TypeError, "weight", _retype("weight", np.int64)),
+    ("bias-long", ValueError, "bias", _reshape("bias", lambda c: (c + 1,))),
+    ("bias-2d", ValueError, "bias", _reshape("bias", lambda c: (c, 1))),
+    ("bias-dtype", TypeError, "bias", _retype("bias")),
+    ("running_mean-short", ValueError, "running_mean", _reshape("running_mean", lambda c: (c - 1,))),
+    ("running_mean-dtype", TypeError, "running_mean", _retype("running_mean")),
+    ("running_var-long", ValueError, "running_var", _reshape("running_var", lambda c: (c + 1,))),
+    ("running_var-2d", ValueError, "running_var", _reshape("running_var", lambda c: (1, c))),
+    ("running_var-dtype", TypeError, "running_var", _retype("running_var")),
+    ("running_var-float16", TypeError, "running_var", _retype("running_var", np.float16)),
+    ("running_mean-read-only", ValueError, "running_mean", _set(running_mean=lambda a: _read_only(a["running_mean"]))),
+    ("running_var-read-only", ValueError, "running_var", _set(running_var=lambda a: _read_only(a["running_var"]))),
+    ("only-running_mean", ValueError, "running_(mean|var)", _set(running_var=None)),
+    ("only-running_var", ValueError, "running_(mean|var)", _set(running_mean=None)),
+    ("empty-batch", ValueError, "x", _set(x=lambda a: a["x"][:0])),
+    ("empty-batch-eval", ValueError, "x", _set(x=lambda a: a["x"][:, :, :0], training=False)),
+    ("no-channels", ValueError, "x", _set(x=lambda a: a["x"][:, :0], weight=None, bias=None,
+                                         running_mean=lambda a: a["running_mean"][:0],
+                                         running_var=lambda a: a["running_var"][:0])),
+    ("one-value-NC", ValueError, ONE_VALUE, _set(x=lambda a: a["x"][:1, :, 0])),
+    ("one-value-NCHW", ValueError, ONE_VALUE, _set(x=lambda a: a["x"][:1, :, :1, None])),
+    ("one-value-channels-last", ValueError, ONE_VALUE,
+     _set(x=lambda a: np.ascontiguousarray(a["x"][:1, :, :1].transpose(0, 2, 1)), axis=-1)),
+    ("one-value-axis0", ValueError, ONE_VALUE, _set(x=lambda a: a["x"][:1, :, 0].T, axis=0)),
+    ("eps-zero", ValueError, "eps", _set(eps=0.0)),
+    ("eps-negative", ValueError, "eps", _set(eps=-1e-5)),
+    ("eps-nan", ValueError, "eps", _set(eps=float("nan"))),
+    ("eps-inf", ValueError, "eps", _set(eps=float("inf"))),
+    ("momentum-negative", ValueError, "momentum", _set(momentum=-0.1)),
+    ("momentum-above-one", ValueError, "momentum", _set(momentum=1.5)),
+    ("momentum-nan", ValueError, "momentum", _set(momentum=float("nan"))),
+    ("momentum-inf", ValueError, "momentum", _set(momentum=float("inf"))),
+]
+
+
+def _snapshot(*arrays):
+    """(array, copy, bytes) for each ndarray given, to prove later that it is unchanged."""
+    return [(a, a.copy(), a.tobytes()) for a in arrays if isinstance(a, np.ndarray)]
+
+
+def _assert_unchanged(snapshot):
+    for array, copy, raw in snapshot:
+        assert np.array_equal(array, copy, equal_nan=True) and array.tobytes() == raw, "running stats were modified"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", FORWARD_ERRORS, ids=[c[0] for c in FORWARD_ERRORS])
+def test_forward_rejects(case, dtype):
+    _, exc, argument, change = case
+    args = change(good_forward_args(dtype))
+    pattern = argument if argument == ONE_VALUE else names(argument)
+    snapshot = _snapshot(args["running_mean"], args["running_var"])
+    x = args.pop("x")
+    with pytest.raises(exc, match=pattern):
+        fastbn.forward(x, args.pop("weight"), args.pop("bias"), **args)
+    _assert_unchanged(snapshot)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_the_good_arguments_are_accepted(dtype):
+    """The baseline the error cases modify is itself valid (so each error is caused by its change),
+    and the near-misses of the error cases are accepted: momentum 0 and 1, one value per channel
+    in eval mode, a negative axis."""
+    args = good_forward_args(dtype)
+    x = args.pop("x")
+    fastbn.forward(x, args.pop("weight"), args.pop("bias"), **args)
+    for change in (_set(momentum=0.0), _set(momentum=1.0), _set(axis=-2), _set(eps=1e-30),
+                   _set(x=lambda a: a["x"][:1, :, 0], training=False)):
+        args = change(good_forward_args(dtype))
+        x = args.pop("x")
+        y, _ = fastbn.forward(x, args.pop("weight"), args.pop("bias"), **args)
+        assert y.shape == x.shape
+
+
+# --------------------------------------------------------------------------- backward
+def _forward_for_backward(dtype, axis=1, shape=(4, C, 5)):
+    args = good_forward_args(dtype)
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    _, saved = fastbn.forward(x, args["weight"], args["bias"], axis=axis)
+    dy = np.random.default_rng(2).standard_normal(shape).astype(dtype)
+    return dict(dy=dy, x=x, weight=args["weight"], saved=saved, axis=axis)
+
+
+def _saved_from(shape, axis):
+    """A Saved from forward on another input (of `shape`, channel axis `axis`)."""
+    def change(a):
+        other = np.random.default_rng(3).standard_normal(shape).astype(a["x"].dtype)
+        return {**a, "saved": fastbn.forward(other, axis=axis)[1]}
+    return change
+
+
+def _square_saved_from_axis(axis):
+    """x of shape (4, C, C) and a Saved from forward on that very x but with channel axis
+    `axis`: same shape, same C, only the axis differs from backward's axis=1."""
+    def change(a):
+        x = np.random.default_rng(3).standard_normal((4, C, C)).astype(a["x"].dtype)
+        dy = np.ones_like(x)
+        return {**a, "x": x, "dy": dy, "saved": fastbn.forward(x, axis=axis)[1], "axis": 1}
+    return change
+
+
+BACKWARD_ERRORS = [
+    ("dy-shape", ValueError, "dy", _set(dy=lambda a: a["dy"][:, :, :4])),
+    ("dy-transposed-shape", ValueError, "dy", _set(dy=lambda a: a["dy"].transpose(0, 2, 1))),
+    # not in the list of the brief, but fastbn.backward documents dy as "same shape and dtype as x"
+    ("dy-dtype", TypeError, "dy", _set(dy=lambda a: a["dy"].astype(np.float64 if a["dy"].dtype != np.float64
+                                                                     else np.float32))),
+    ("dy-int", TypeError, "dy", _set(dy=lambda a: a["dy"].astype(np.int32))),
+    ("x-int", TypeError, "x", _set(x=lambda a: a["x"].astype(np.int64))),
+    ("x-1d", ValueError, "x", _set(x=lambda a: a["x"][0, 0], dy=lambda a: a["dy"][0, 0], axis=0)),
+    ("axis-out-of-range", ValueError, "axis", _set(axis=3)),
+    ("axis-float", TypeError, "axis", _set(axis=1.0)),
+    ("weight-shape", ValueError, "weight", _reshape("weight", lambda c: (c + 1,))),
+    ("weight-dtype", TypeError, "weight", _retype("weight")),
+    ("saved-tuple", TypeError, "saved", _set(saved=lambda a: tuple(a["saved"]))),
+    ("saved-none", TypeError, "saved", _set(saved=None)),
+    ("saved-dict", TypeError, "saved", _set(saved=lambda a: a["saved"]._asdict())),
+    ("saved-other-shape", ValueError, "saved", _saved_from((5, C, 5), 1)),
+    ("saved-other-C", ValueError, "saved", _saved_from((4, C + 1, 5), 1)),
+    ("saved-other-axis", ValueError, "saved", _square_saved_from_axis(2)),
+    ("saved-mean-short", ValueError, "saved", _set(saved=lambda a: a["saved"]._replace(mean=a["saved"].mean[:-1]))),
+    ("saved-invstd-long", ValueError, "saved",
+     _set(saved=lambda a: a["saved"]._replace(invstd=np.resize(a["saved"].invstd, C + 1)))),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", BACKWARD_ERRORS, ids=[c[0] for c in BACKWARD_ERRORS])
+def test_backward_rejects(case, dtype):
+    _, exc, argument, change = case
+    args = change(_forward_for_backward(dtype))
+    with pytest.raises(exc, match=names(argument)):
+        fastbn.backward(args["dy"], args["x"], args["weight"], args["saved"], axis=args["axis"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_accepts_saved_with_equivalent_axis(dtype):
+    """Near-miss of saved-other-axis: the channel axis spelled negatively in backward (-2) is
+    the axis forward saved (1), so the Saved is consistent."""
+    args = _forward_for_backward(dtype, axis=1, shape=(4, C, C))
+    dx, dweight, dbias = fastbn.backward(args["dy"], args["x"], args["weight"], args["saved"], axis=-2)
+    assert dx.shape == args["x"].shape and dweight.shape == (C,) and dbias.shape == (C,)
+
+
+# --------------------------------------------------------------------------- moments, normalize
+MOMENTS_ERRORS = [
+    ("x-int", TypeError, "x", dict(x=np.ones((4, C), np.int32))),
+    ("x-complex", TypeError, "x", dict(x=np.ones((4, C), np.complex128))),
+    ("x-bool", TypeError, "x", dict(x=np.ones((4, C), bool))),
+    ("x-1d", ValueError, "x", dict(x=np.ones(4), axis=0)),
+    ("axis-out-of-range", ValueError, "axis", dict(x=np.ones((4, C)), axis=2)),
+    ("axis-too-negative", ValueError, "axis", dict(x=np.ones((4, C)), axis=-3)),
+    ("axis-str", TypeError, "axis", dict(x=np.ones((4, C)), axis="0")),
+    ("empty", ValueError, "x", dict(x=np.ones((0, C)))),
+]
+
+
+@pytest.mark.parametrize("case", MOMENTS_ERRORS, ids=[c[0] for c in MOMENTS_ERRORS])
+def test_moments_rejects(case):
+    _, exc, argument, kwargs = case
+    with pytest.raises(exc, match=names(argument)):
+        fastbn.moments(**kwargs)
+
+
+def good_normalize_args(dtype):
+    args = good_forward_args(dtype)
+    return dict(x=args["x"], mean=args["running_mean"], var=args["running_var"], weight=args["weight"],
+                bias=args["bias"], eps=1e-5, axis=1)
+
+
+NORMALIZE_ERRORS = [
+    ("x-int", TypeError, "x", _set(x=lambda a: a["x"].astype(np.int16))),
+    ("x-1d", ValueError, "x", _set(x=lambda a: a["x"][0, 0], axis=0)),
+    ("axis-out-of-range", ValueError, "axis", _set(axis=-4)),
+    ("mean-shape", ValueError, "mean", _reshape("mean", lambda c: (c + 1,))),
+    ("mean-dtype", TypeError, "mean", _retype("mean")),
+    ("var-shape", ValueError, "var", _reshape("var", lambda c: (c, 1))),
+    ("var-dtype", TypeError, "var", _retype("var")),
+    ("weight-shape", ValueError, "weight", _reshape("weight", lambda c: (c - 1,))),
+    ("weight-dtype", TypeError, "weight", _retype("weight")),
+    ("bias-dtype", TypeError, "bias", _retype("bias", np.float16)),
+    ("eps-zero", ValueError, "eps", _set(eps=0.0)),
+    ("eps-nan", ValueError, "eps", _set(eps=float("nan"))),
+    ("empty", ValueError, "x", _set(x=lambda a: a["x"][:0])),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", NORMALIZE_ERRORS, ids=[c[0] for c in NORMALIZE_ERRORS])
+def test_normalize_rejects(case, dtype):
+    _, exc, argument, change = case
+    args = change(good_normalize_args(dtype))
+    with pytest.raises(exc, match=names(argument)):
+        fastbn.normalize(args.pop("x"), args.pop("mean"), args.pop("var"), args.pop("weight"), args.pop("bias"),
+                         **args)

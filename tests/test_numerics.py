@@ -1,0 +1,234 @@
+"""Numerics: no cancellation when |mean| >> std, no float16 overflow, and NaN/Inf that stay in
+their own channel (as in PyTorch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastbn
+from oracle import oracle_backward, oracle_forward, oracle_moments, reduce_axes
+from strategies import (
+    NUMERICS_VAR_RTOL,
+    Tol,
+    assert_close,
+    assert_within,
+    backward_scales,
+    invstd_scale,
+    mean_scale,
+    output_tol,
+    stats_dtype,
+    stats_tol,
+    unit_roundoff,
+    y_scale,
+)
+
+# The layouts of the brief: NCHW (axis 1), channels-last (N, H, W, C) with axis -1, and (N, C).
+LAYOUT_SHAPES = {
+    "NCHW": ((64, 8, 32, 32), 1),
+    "NHWC": ((64, 32, 32, 8), -1),
+    "NC": ((16384, 8), 1),
+}
+# Mean far above the spread: E[x^2] - E[x]^2 loses every digit of the variance here
+# (float32: 1e8 vs 1 with 7 digits; float64: 1e16 vs 1 with 16 digits).
+OFFSETS = {np.float32: 1e4, np.float64: 1e8}
+EPS = 1e-5
+
+
+def _offset_data(dtype, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (OFFSETS[dtype] + rng.standard_normal(shape)).astype(dtype)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUT_SHAPES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_variance_does_not_cancel(dtype, layout):
+    shape, axis = LAYOUT_SHAPES[layout]
+    x = _offset_data(dtype, shape)
+    e_mean, e_var = oracle_moments(x, axis)
+    var_tol = Tol(rtol=NUMERICS_VAR_RTOL, atol=0.0)
+    sd = stats_dtype(dtype)
+
+    mean, var = fastbn.moments(x, axis=axis)
+    assert mean.dtype == sd and var.dtype == sd
+    assert_close(var, e_var, var_tol, what=f"moments var, {layout} {np.dtype(dtype).name}")
+    assert_close(mean, e_mean, stats_tol(dtype), scale=mean_scale(x, e_mean, axis), what="moments mean")
+
+    rm, rv = np.zeros(shape[axis], sd), np.ones(shape[axis], sd)
+    y, saved = fastbn.forward(x, running_mean=rm, running_var=rv, momentum=1.0, eps=EPS, axis=axis)
+    invstd = saved.invstd.astype(np.float64)
+    assert_close(1.0 / invstd**2 - EPS, e_var, var_tol, what="variance from saved.invstd")
+    n = x.size // shape[axis]
+    assert_close(rv, e_var * n / (n - 1), var_tol, what="running_var (momentum 1)")
+
+    # the output is standardised: per-channel std 1 (to the variance's precision) and mean 0
+    # up to rounding the saved mean to the stats dtype (half an ulp of |mean| over the spread)
+    axes = reduce_axes(x.ndim, axis)
+    y64 = y.astype(np.float64)
+    std_expected = np.sqrt(e_var / (e_var + EPS))
+    assert_within(y64.std(axis=axes), std_expected, NUMERICS_VAR_RTOL * std_expected, "std of y")
+    allowed_mean = 2 * unit_roundoff(sd) * np.abs(e_mean) * invstd + 1e-5
+    assert_within(y64.mean(axis=axes), np.zeros(shape[axis]), allowed_mean, "mean of y")
+
+
+HALF_SHAPES = {
+    "NCHW": ((32, 4, 16, 16), 1),
+    "NHWC": ((32, 16, 16, 4), -1),
+    "NC": ((8192, 4), 1),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(HALF_SHAPES))
+def test_float16_near_max_does_not_overflow(layout):
+    """Values near 6e4 (half's max is 65504): sums of squares or of values overflow half,
+    so statistics must be accumulated wider and come back finite and right."""
+    shape, axis = HALF_SHAPES[layout]
+    rng = np.random.default_rng(1)
+    x = np.minimum(6e4 + rng.normal(0.0, 100.0, shape), 65504.0).astype(np.float16)
+    assert np.isfinite(x).all()
+    e_mean, e_var = oracle_moments(x, axis)
+    tol = stats_tol(np.float16)  # float32 statistics
+
+    mean, var = fastbn.moments(x, axis=axis)
+    assert np.isfinite(mean).all() and np.isfinite(var).all()
+    assert_close(mean, e_mean, tol, scale=mean_scale(x, e_mean, axis), what="float16 moments mean")
+    assert_close(var, e_var, Tol(rtol=NUMERICS_VAR_RTOL, atol=0.0), what="float16 moments var")
+
+    C = shape[axis]
+    weight = np.linspace(0.5, 2.0, C).astype(np.float32)
+    bias = np.linspace(-1.0, 1.0, C).astype(np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    y, saved = fastbn.forward(x, weight, bias, running_mean=rm, running_var=rv, axis=axis)
+    o = oracle_forward(x, weight, bias, running_mean=np.zeros(C), running_var=np.ones(C), axis=axis)
+    assert np.isfinite(y).all() and np.isfinite(saved.invstd).all()
+    assert np.isfinite(rm).all() and np.isfinite(rv).all()
+    assert_close(y, o.y, output_tol(np.float16), scale=y_scale(x, o.mean, o.invstd, weight, bias, axis, tol), what="y")
+    assert_close(saved.invstd, o.invstd, tol, scale=invstd_scale(x, o.mean, o.invstd, axis, tol), what="invstd")
+    assert_close(rv, o.running_var, Tol(rtol=NUMERICS_VAR_RTOL, atol=0.0), what="float16 running_var")
+
+    dy = rng.standard_normal(shape).astype(np.float16)
+    dx, dweight, dbias = fastbn.backward(dy, x, weight, saved, axis=axis)
+    e_dx, e_dweight, e_dbias = oracle_backward(dy, x, weight, o.mean, o.invstd, True, axis)
+    assert np.isfinite(dx).all() and np.isfinite(dweight).all() and np.isfinite(dbias).all()
+    dx_scale, dw_scale, db_scale = backward_scales(x, dy, o.mean, o.invstd, weight, axis, tol)
+    assert_close(dx, e_dx, output_tol(np.float16), scale=dx_scale, what="float16 dx")
+    assert_close(dweight, e_dweight, tol, scale=dw_scale, what="float16 dweight")
+    assert_close(dbias, e_dbias, tol, scale=db_scale, what="float16 dbias")
+
+
+# --------------------------------------------------------------------------- NaN / Inf
+# Shapes chosen so that both kernel patterns run, the channels-last one over several blocks
+# of rows (a NaN in one block must not leak through the merge into other channels).
+NONFINITE_SHAPES = {
+    "NCHW": ((4, 5, 6, 7), 1),
+    "NHWC": ((8, 16, 16, 5), -1),
+    "NC-long": ((20000, 5), 1),
+    "strided": ((6, 5, 9), -2),
+}
+NAN_CHANNEL, INF_CHANNEL, BOTH_INF_CHANNEL = 1, 3, 4
+
+
+def _nonfinite_input(dtype, layout):
+    shape, axis = NONFINITE_SHAPES[layout]
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 2.0, shape)
+    if layout == "strided":  # a non-contiguous view (every other element of a bigger array)
+        big = np.full((shape[0], shape[1], 2 * shape[2]), np.nan)
+        big[:, :, ::2] = x
+        x = big.astype(dtype)[:, :, ::2]
+    else:
+        x = x.astype(dtype)
+    moved = np.moveaxis(x, axis, 0)  # a view: writes go to x
+    count = moved[0].size
+    positions = rng.choice(count, size=2, replace=False)
+    moved[NAN_CHANNEL].flat[positions[0]] = np.nan
+    moved[INF_CHANNEL].flat[positions[1]] = np.inf
+    moved[BOTH_INF_CHANNEL].flat[positions[0]] = np.inf
+    moved[BOTH_INF_CHANNEL].flat[positions[1]] = -np.inf
+    return x, axis
+
+
+def _finite_channels(C):
+    return np.array([c not in (NAN_CHANNEL, INF_CHANNEL, BOTH_INF_CHANNEL) for c in range(C)])
+
+
+# the oracle and the tolerance helpers compute on NaN/Inf on purpose
+_ORACLE_ON_NONFINITE = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+@_ORACLE_ON_NONFINITE
+@pytest.mark.parametrize("layout", sorted(NONFINITE_SHAPES))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=["float16", "float32", "float64"])
+def test_nan_and_inf_stay_in_their_channel_in_training(dtype, layout):
+    x, axis = _nonfinite_input(dtype, layout)
+    C = x.shape[axis]
+    finite = _finite_channels(C)
+    bad = ~finite
+    sd = stats_dtype(dtype)
+    tol = stats_tol(dtype)
+
+    mean, var = fastbn.moments(x, axis=axis)
+    assert np.isnan(mean[NAN_CHANNEL]) and np.isnan(mean[BOTH_INF_CHANNEL]) and not np.isfinite(mean[INF_CHANNEL])
+    assert np.isnan(var[bad]).all(), var  # as PyTorch: inf - inf
+    e_mean, e_var = oracle_moments(x, axis)
+    assert np.isfinite(mean[finite]).all() and np.isfinite(var[finite]).all()
+
+    weight = np.linspace(0.5, 1.5, C).astype(sd)
+    bias = np.linspace(-1.0, 1.0, C).astype(sd)
+    rng = np.random.default_rng(3)
+    rm0, rv0 = rng.normal(size=C).astype(sd), rng.uniform(0.5, 2.0, C).astype(sd)
+    rm, rv = rm0.copy(), rv0.copy()
+    y, saved = fastbn.forward(x, weight, bias, running_mean=rm, running_var=rv, axis=axis)
+    o = oracle_forward(x, weight, bias, running_mean=rm0, running_var=rv0, axis=axis)
+
+    y_by_channel = np.moveaxis(y, axis, 0)
+    assert np.isnan(y_by_channel[bad]).all(), "a channel holding NaN or Inf must come out all NaN"
+    assert np.isnan(saved.invstd[bad]).all()
+    assert np.isnan(rv[bad]).all() and not np.isfinite(rm[bad]).any()
+    # every other channel exactly as without the bad values
+    assert np.isfinite(y_by_channel[finite]).all()
+    assert_close(np.moveaxis(y, axis, 0)[finite], np.moveaxis(o.y, axis, 0)[finite], output_tol(dtype),
+                 scale=np.moveaxis(y_scale(x, o.mean, o.invstd, weight, bias, axis, tol), axis, 0)[finite],
+                 what="y of the finite channels")
+    assert_close(saved.mean[finite], e_mean[finite], tol, scale=mean_scale(x, e_mean, axis)[finite], what="mean")
+    assert_close(rm[finite], o.running_mean[finite], tol, scale=np.abs(rm0[finite]) + 1, what="running_mean")
+    assert_close(rv[finite], o.running_var[finite], tol, scale=np.abs(rv0[finite]) + 1, what="running_var")
+    assert_close(var[finite], e_var[finite], tol, scale=e_var[finite] + 1, what="moments var")
+
+    # backward: dx and dweight NaN in the bad channels only; dbias = sum(dy) is finite everywhere
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dx, dweight, dbias = fastbn.backward(dy, x, weight, saved, axis=axis)
+    e_dx, e_dweight, e_dbias = oracle_backward(dy, x, weight, o.mean, o.invstd, True, axis)
+    dx_by_channel = np.moveaxis(dx, axis, 0)
+    assert np.isnan(dx_by_channel[bad]).all() and np.isnan(dweight[bad]).all()
+    assert np.isfinite(dx_by_channel[finite]).all() and np.isfinite(dweight[finite]).all()
+    dx_scale, dw_scale, db_scale = backward_scales(x, dy, o.mean, o.invstd, weight, axis, tol)
+    assert_close(dx_by_channel[finite], np.moveaxis(e_dx, axis, 0)[finite], output_tol(dtype),
+                 scale=np.moveaxis(dx_scale, axis, 0)[finite], what="dx of the finite channels")
+    assert_close(dweight[finite], e_dweight[finite], tol, scale=dw_scale[finite], what="dweight")
+    assert_close(dbias, e_dbias, tol, scale=db_scale, what="dbias (finite in every channel)")
+
+
+@_ORACLE_ON_NONFINITE
+@pytest.mark.parametrize("layout", sorted(NONFINITE_SHAPES))
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=["float16", "float32", "float64"])
+def test_nan_and_inf_stay_in_their_element_in_eval(dtype, layout):
+    """In eval mode the normalisation is elementwise: only the NaN/Inf elements themselves
+    are non-finite (NaN stays NaN, +-Inf stays infinite), the rest is exact."""
+    x, axis = _nonfinite_input(dtype, layout)
+    C = x.shape[axis]
+    sd = stats_dtype(dtype)
+    rng = np.random.default_rng(4)
+    weight = rng.uniform(0.5, 1.5, C).astype(sd)
+    bias = rng.normal(size=C).astype(sd)
+    rm0, rv0 = rng.normal(3.0, 1.0, C).astype(sd), rng.uniform(2.0, 6.0, C).astype(sd)
+    rm, rv = rm0.copy(), rv0.copy()
+    y, saved = fastbn.forward(x, weight, bias, running_mean=rm, running_var=rv, training=False, axis=axis)
+    o = oracle_forward(x, weight, bias, running_mean=rm0, running_var=rv0, training=False, axis=axis)
+    assert rm.tobytes() == rm0.tobytes() and rv.tobytes() == rv0.tobytes()
+    assert np.array_equal(np.isnan(y), np.isnan(x)) and np.array_equal(np.isinf(y), np.isinf(x))
+    finite = np.isfinite(x)
+    tol = stats_tol(dtype)
+    scale = y_scale(np.where(finite, x, 0), o.mean, o.invstd, weight, bias, axis, tol)
+    assert_close(y[finite], o.y[finite], output_tol(dtype), scale=scale[finite], what="y away from NaN/Inf")
+    assert_close(saved.invstd, o.invstd, tol, what="eval invstd from running_var")
