@@ -86,7 +86,7 @@ def backward(dy, x, axis, dtype, weight, mean, invstd, batch_stats):
     mean = np.ascontiguousarray(mean)
     invstd = np.ascontiguousarray(invstd)
     layout, x_view = _layout.channel_view(x, axis)
-    dy_view = _layout.same_view(layout, dy, axis)
+    dy_view = _layout.readonly(_layout.same_view(layout, dy, axis))
     dx, dx_view = _layout.empty_like_layout(layout, x, axis)
     if batch_stats:
         sum_dy, dotp = _cpu.backward_train(layout, dy_view, x_view, mean, invstd, weight, dx_view)
@@ -133,7 +133,7 @@ def backward_sums(dy, x, axis, mean):
     if x.size == 0:
         return np.zeros(channels), np.zeros(channels)
     layout, x_view = _layout.channel_view(x, axis)
-    return _cpu.backward_reduce(layout, _layout.same_view(layout, dy, axis), x_view, np.ascontiguousarray(mean))
+    return _cpu.backward_reduce(layout, _layout.readonly(_layout.same_view(layout, dy, axis)), x_view, np.ascontiguousarray(mean))
 
 
 def backward_dx(dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, count):
@@ -145,7 +145,7 @@ def backward_dx(dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, coun
     layout, x_view = _layout.channel_view(x, axis)
     dx, dx_view = _layout.empty_like_layout(layout, x, axis)
     _cpu.backward_elementwise(
-        layout, _layout.same_view(layout, dy, axis), x_view, np.ascontiguousarray(mean),
+        layout, _layout.readonly(_layout.same_view(layout, dy, axis)), x_view, np.ascontiguousarray(mean),
         (sum_dy64 / count).astype(dtype), (dotp64 * istd * istd / count).astype(dtype),
         _scale(invstd, weight), dx_view,
     )

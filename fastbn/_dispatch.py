@@ -20,7 +20,13 @@ BACKENDS = ("cpu", "cuda")
 
 def is_device_array(obj):
     """True for GPU arrays (numba, CuPy, PyTorch CUDA): they expose ``__cuda_array_interface__``."""
-    return obj is not None and not isinstance(obj, np.ndarray) and hasattr(obj, "__cuda_array_interface__")
+    if obj is None or isinstance(obj, np.ndarray):
+        return False
+    try:
+        return hasattr(obj, "__cuda_array_interface__")
+    except RuntimeError:
+        # A torch CUDA tensor that requires grad raises instead of answering.
+        return True
 
 
 def _cuda_ops():

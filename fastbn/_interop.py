@@ -1,33 +1,250 @@
 """Host arrays in, the caller's kind out.
 
-fastbn computes on NumPy arrays.  This module turns a host argument into one
-(without copying where possible) and gives back results of the kind the caller
-passed in.
+fastbn computes on NumPy arrays.  This module turns a host argument into one,
+without copying wherever the framework allows it, and turns NumPy results back
+into the kind of array the caller passed in:
+
+=====================  ===================================  ====================
+caller's array         becomes (to_host)                    results come back as
+=====================  ===================================  ====================
+numpy.ndarray          itself                               numpy.ndarray
+torch.Tensor (CPU)     ``tensor.detach().numpy()``: a view  torch.Tensor (a view)
+jax.Array (CPU)        ``np.asarray``: a read-only view     jax.Array
+``__dlpack__`` (CPU)   ``np.from_dlpack``: a view           numpy.ndarray
+anything else          ``np.asarray`` (may copy)            numpy.ndarray
+=====================  ===================================  ====================
+
+Because a torch tensor becomes a writable view of its own memory, torch
+running statistics are updated in place.  The functional API records no
+autograd history (results are plain tensors); :mod:`fastbn.torch` does.  A JAX array is immutable: its view
+is read-only, so fastbn's check on running statistics rejects it (use
+:func:`fastbn.jax.batch_norm`, which returns new ones).
+
+A framework is recognised by looking in ``sys.modules``: if the caller never
+imported torch or jax, nothing it passes can be one of their arrays, so this
+module never imports a framework itself (``import fastbn`` and every NumPy
+call stay free of them).  The answer is cached per type.
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+
+# type -> "torch", "jax" or "other".  Safe to cache: an instance of a torch or
+# jax type cannot exist before its framework is in sys.modules, so a type
+# classified "other" never turns into a framework type later.
+_KIND_BY_TYPE: dict = {}
+
+# Arguments that fastbn writes into (running statistics must be writable).
+_UPDATED_IN_PLACE = ("running_mean", "running_var")
+
+# DLPack's device code for host memory (``__dlpack_device__()[0]``).
+_DLPACK_CPU = 1
+
+
+def _framework_base(module_name, attribute):
+    """The framework's array base class, or None if it is not (fully) imported."""
+    module = sys.modules.get(module_name)
+    base = getattr(module, attribute, None) if module is not None else None
+    return base if isinstance(base, type) else None
+
+
+def framework_of(obj):
+    """Return ``"torch"``, ``"jax"`` or ``"other"`` for ``obj``, importing nothing.
+
+    Parameters
+    ----------
+    obj : object
+        Any argument of a fastbn call.
+
+    Returns
+    -------
+    str
+        The framework whose array ``obj`` is; NumPy arrays and everything
+        else are ``"other"``.
+    """
+    cls = type(obj)
+    kind = _KIND_BY_TYPE.get(cls)
+    if kind is not None:
+        return kind
+    tensor = _framework_base("torch", "Tensor")
+    jax_array = _framework_base("jax", "Array")
+    if tensor is not None and issubclass(cls, tensor):
+        kind = "torch"
+    elif jax_array is not None and (
+        issubclass(cls, jax_array)
+        # Tracers are jax.Array instances only by isinstance (their class is
+        # not registered), so that to_host can name a traced value as such.
+        or (cls.__module__.partition(".")[0] in ("jax", "jaxlib") and isinstance(obj, jax_array))
+    ):
+        kind = "jax"
+    else:
+        kind = "other"
+    settled = (tensor is not None or "torch" not in sys.modules) and (
+        jax_array is not None or "jax" not in sys.modules
+    )
+    # "other", said while a framework is half imported, may be wrong later.
+    if kind != "other" or settled:
+        _KIND_BY_TYPE[cls] = kind
+    return kind
+
+
+def _torch_to_numpy(tensor, name):
+    torch = sys.modules["torch"]
+    if tensor.dtype == torch.bfloat16:
+        # No NumPy dtype to view it as, and an 8-bit significand is too coarse
+        # for statistics: say so rather than copy to float32 behind the back.
+        raise TypeError(
+            f"{name}: bfloat16 is not supported by fastbn; convert it first, "
+            "e.g. tensor.float() (or .half())"
+        )
+    if tensor.device.type != "cpu":
+        raise ValueError(
+            f"{name}: is a torch tensor on device '{tensor.device}'; fastbn takes CPU tensors "
+            "(and CUDA tensors, on its CUDA backend)"
+        )
+    if name in _UPDATED_IN_PLACE and tensor.numel() > 1 and 0 in tensor.stride():
+        # An expanded tensor repeats one element: writing each channel into it
+        # would leave the last channel's value everywhere.
+        raise ValueError(f"{name}: must not be an expanded (stride 0) tensor, it is updated in place")
+    try:
+        # detach() shares memory and drops requires_grad, which numpy() refuses;
+        # numpy() keeps the tensor's strides (channels_last included).
+        return tensor.detach().numpy()
+    except (RuntimeError, TypeError) as exc:  # sparse, quantized, conj/neg views
+        raise TypeError(f"{name}: this torch tensor cannot be viewed as a NumPy array ({exc})") from None
+
+
+def _jax_to_numpy(array, name):
+    jax = sys.modules["jax"]
+    try:
+        # A read-only view of the host buffer of a CPU array (a copy for an
+        # array on an accelerator).
+        return np.asarray(array)
+    except jax.errors.TracerArrayConversionError:
+        raise TypeError(
+            f"{name}: is a traced JAX value (inside jax.jit, jax.grad, ...); fastbn.forward and "
+            "friends need concrete arrays, use fastbn.jax.batch_norm under JAX transformations"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+        raise TypeError(f"{name}: this JAX array cannot be read as a NumPy array ({exc})") from None
+
+
+def _from_dlpack(obj):
+    """np.from_dlpack(obj) for a host DLPack exporter, or None to fall back to np.asarray."""
+    try:
+        device_type = obj.__dlpack_device__()[0]
+    except Exception:  # noqa: BLE001 - a broken or partial protocol: fall back
+        return None
+    if device_type != _DLPACK_CPU:
+        return None
+    try:
+        return np.from_dlpack(obj)
+    except Exception:  # noqa: BLE001 - e.g. a dtype NumPy lacks: let np.asarray try
+        return None
 
 
 def to_host(obj, name):
     """Return ``obj`` as a NumPy array (``None`` stays ``None``).
 
-    NumPy arrays pass through unchanged, so running statistics are updated in
-    place.  Anything else NumPy can read (lists, objects with ``__array__``)
-    is converted; conversion errors name the argument.
+    Parameters
+    ----------
+    obj : object
+        A NumPy array (passed through), a CPU torch tensor, a JAX array, an
+        object exposing ``__dlpack__`` or ``__array__``, or a nested sequence.
+    name : str
+        The argument's name, for error messages.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        A view of ``obj``'s memory wherever the framework allows one: always
+        for NumPy, torch and CPU JAX arrays and for host DLPack exporters, so
+        torch running statistics are updated in place.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` cannot be read as an array (bfloat16 tensors, traced JAX
+        values, strings, ...); the message starts with ``name``.
+    ValueError
+        If ``obj`` is a torch tensor on a device fastbn does not run on.
     """
     if obj is None or isinstance(obj, np.ndarray):
         return obj
+    kind = framework_of(obj)
+    if kind == "torch":
+        return _torch_to_numpy(obj, name)
+    if kind == "jax":
+        if name in _UPDATED_IN_PLACE:
+            raise ValueError(
+                f"{name}: is a JAX array, which is immutable, but running statistics are updated in "
+                "place; pass NumPy arrays, or use fastbn.jax.batch_norm, which returns new ones"
+            )
+        return _jax_to_numpy(obj, name)
     if isinstance(obj, (str, bytes, dict, set)):
         raise TypeError(f"{name}: expected an array, got {type(obj).__name__}")
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        array = _from_dlpack(obj)
+        if array is not None:
+            return array
     try:
         return np.asarray(obj)
     except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
         raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
 
 
+def _to_torch(array):
+    # from_numpy shares memory with the fresh result and keeps its strides,
+    # so channels_last input gives a channels_last tensor.
+    return sys.modules["torch"].from_numpy(array)
+
+
+def _jax_restorer(like):
+    jax = sys.modules["jax"]
+    try:
+        # A committed array pins its results to its device; an uncommitted
+        # one leaves JAX free to place them, as for any new array.
+        device = next(iter(like.devices())) if getattr(like, "committed", False) else None
+    except Exception:  # noqa: BLE001 - no single device (sharded): default placement
+        device = None
+
+    def restore(array):
+        # device_put aliases a suitably aligned host buffer on the CPU backend
+        # instead of copying it.
+        return jax.device_put(array, device)
+
+    return restore
+
+
+def _identity(array):
+    return array
+
+
 def restorer(like):
-    """Return a function that turns NumPy results into the kind of ``like``."""
-    del like  # NumPy in, NumPy out
-    return lambda array: array
+    """Return a function that turns NumPy results into the kind of ``like``.
+
+    Parameters
+    ----------
+    like : object
+        The call's first array argument (``x`` or ``dy``), as the caller
+        passed it.
+
+    Returns
+    -------
+    callable
+        ``numpy.ndarray -> torch.Tensor`` (sharing memory) for a torch
+        tensor, ``-> jax.Array`` (on ``like``'s device when it is committed
+        to one) for a JAX array, and the identity for anything else: NumPy in,
+        NumPy out.
+    """
+    if like is None or isinstance(like, np.ndarray):
+        return _identity
+    kind = framework_of(like)
+    if kind == "torch":
+        return _to_torch
+    if kind == "jax":
+        return _jax_restorer(like)
+    return _identity

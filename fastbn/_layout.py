@@ -28,6 +28,18 @@ def _as_kernel_dtype(array):
     return array.view(np.uint16) if array.dtype == np.float16 else array
 
 
+def readonly(array):
+    """A read-only view of ``array``, for a kernel input.
+
+    Numba compiles a separate specialisation for read-only arrays (JAX hands
+    out read-only buffers); marking every kernel input read-only means one
+    compilation serves NumPy, torch and JAX callers alike.
+    """
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 def _try_view(x, axis):
     """Return (layout, view) without copying, or None if x is not contiguous enough."""
     channels = x.shape[axis]
@@ -62,14 +74,15 @@ def channel_view(x, axis):
     if found is None:
         found = _try_view(np.ascontiguousarray(x), axis)
     layout, view = found
-    return layout, _as_kernel_dtype(view)
+    return layout, readonly(_as_kernel_dtype(view))
 
 
 def same_view(layout, a, axis):
     """View ``a`` (shaped like the array that gave ``layout``) in that layout.
 
     Used for ``dy`` in backward, which must be walked in the same order as
-    ``x``; copies only when ``a`` is not contiguous in that order.
+    ``x``, and for outputs; copies only when ``a`` is not contiguous in that
+    order.  The view is writable: callers mark inputs with :func:`readonly`.
     """
     channels = a.shape[axis]
     if layout == ROWS:

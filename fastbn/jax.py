@@ -1,0 +1,302 @@
+"""JAX adapter: fastbn's CPU kernels as a pure, differentiable JAX function.
+
+:func:`batch_norm` runs :func:`fastbn.forward` and :func:`fastbn.backward`
+through ``jax.pure_callback``, so it works on concrete arrays and under
+``jax.jit``, ``jax.grad`` and ``jax.vmap``; its gradient is a
+``jax.custom_vjp`` whose backward is fastbn's.  Being pure, it never updates
+anything in place: new running statistics are returned.
+
+Importing this module imports jax; ``import fastbn`` alone never does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+import fastbn
+from fastbn._validate import (
+    check_axis,
+    check_channel_vector,
+    check_channels,
+    check_eps,
+    check_flag,
+    check_momentum,
+    check_running,
+    check_x,
+    stats_dtype,
+)
+
+__all__ = ["batch_norm"]
+
+
+class _Static(NamedTuple):
+    """The call's static (hashable, non-array) settings."""
+
+    training: bool
+    momentum: float
+    eps: float
+    axis: int  # non-negative
+    count: int  # elements per channel
+    has_running: bool
+    has_bias: bool
+
+    @property
+    def batch_stats(self):
+        return self.training or not self.has_running
+
+    @property
+    def updates_running(self):
+        return self.training and self.has_running
+
+
+def _host(array):
+    # Callbacks receive jax arrays; fastbn then reads read-only views of their
+    # host buffers and returns NumPy, which JAX copies into its own buffers.
+    return None if array is None else np.asarray(array)
+
+
+def _forward_on_host(static, x, weight, bias, running_mean, running_var):
+    x, weight, bias = _host(x), _host(weight), _host(bias)
+    if static.has_running:
+        # fastbn updates running statistics in place and JAX buffers are
+        # immutable: work on copies (C values each), returned as the new ones.
+        running_mean, running_var = np.array(running_mean), np.array(running_var)
+    y, saved = fastbn.forward(
+        x,
+        weight,
+        bias,
+        running_mean=running_mean,
+        running_var=running_var,
+        training=static.training,
+        momentum=static.momentum,
+        eps=static.eps,
+        axis=static.axis,
+    )
+    running = (running_mean, running_var) if static.updates_running else ()
+    return (y, saved.mean, saved.invstd, *running)
+
+
+def _backward_on_host(static, dy, x, weight, mean, invstd):
+    dy, x, weight = _host(dy), _host(x), _host(weight)
+    saved = fastbn.Saved(_host(mean), _host(invstd), static.batch_stats, static.count, x.shape, static.axis)
+    return fastbn.backward(dy, x, weight, saved, axis=static.axis)
+
+
+def _forward(static, x, weight, bias, running_mean, running_var):
+    """Run the forward callback; returns (y, mean, invstd, new running pair or None)."""
+    stat = jax.ShapeDtypeStruct((x.shape[static.axis],), stats_dtype(x.dtype))
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat)
+    if static.updates_running:
+        shapes += (stat, stat)
+    # "sequential": under vmap each mapped slice is its own batch, which is
+    # what batch norm of that slice means.
+    outputs = jax.pure_callback(
+        functools.partial(_forward_on_host, static),
+        shapes,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        vmap_method="sequential",
+    )
+    y, mean, invstd = outputs[:3]
+    if static.updates_running:
+        running = tuple(outputs[3:])
+    elif static.has_running:
+        running = (running_mean, running_var)  # eval: unchanged
+    else:
+        running = None
+    return y, mean, invstd, running
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _batch_norm(static, x, weight, bias, running_mean, running_var):
+    y, _, _, running = _forward(static, x, weight, bias, running_mean, running_var)
+    return y, running
+
+
+def _batch_norm_fwd(static, x, weight, bias, running_mean, running_var):
+    # symbolic_zeros=True: each array argument arrives as CustomVJPPrimal.
+    x, weight, bias, running_mean, running_var = jax.tree_util.tree_map(
+        lambda primal: primal.value, (x, weight, bias, running_mean, running_var)
+    )
+    y, mean, invstd, running = _forward(static, x, weight, bias, running_mean, running_var)
+    return (y, running), (x, weight, mean, invstd)
+
+
+def _per_channel(values, ndim, axis):
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def _is_zero(cotangent):
+    return cotangent is None or isinstance(cotangent, SymbolicZero)
+
+
+def _batch_norm_bwd(static, residuals, cotangents):
+    x, weight, mean, invstd = residuals
+    dy, running_cotangents = cotangents
+    dtype = mean.dtype
+    channels = mean.shape[0]
+    # Symbolic zeros let a gradient that involves only y (the usual case)
+    # skip the running-statistics terms, and one of only those skip fastbn.
+    if _is_zero(dy):
+        dx = jnp.zeros(x.shape, x.dtype)
+        dweight = dbias = jnp.zeros((channels,), dtype)
+    else:
+        stat = jax.ShapeDtypeStruct((channels,), dtype)
+        dx, dweight, dbias = jax.pure_callback(
+            functools.partial(_backward_on_host, static),
+            (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat),
+            dy,
+            x,
+            weight,
+            mean,
+            invstd,
+            vmap_method="sequential",
+        )
+    d_running_mean = d_running_var = None
+    if static.has_running:
+        ct_mean, ct_var = running_cotangents
+        w = jnp.ones((channels,), dtype) if weight is None else weight
+        if static.training:
+            # new = (1 - m) * old + m * batch, where batch is the mean and the
+            # unbiased variance n / (n - 1) * mean((x - mean)**2) of x.
+            m, n, axis = static.momentum, static.count, static.axis
+            extra = None
+            if not _is_zero(ct_mean):
+                d_running_mean = (1.0 - m) * ct_mean
+                extra = _per_channel(m / n * ct_mean, x.ndim, axis)
+            if not _is_zero(ct_var):
+                d_running_var = (1.0 - m) * ct_var
+                centered = x.astype(dtype) - _per_channel(mean, x.ndim, axis)
+                term = centered * _per_channel(2.0 * m / (n - 1) * ct_var, x.ndim, axis)
+                extra = term if extra is None else extra + term
+            if extra is not None:
+                dx = (dx.astype(dtype) + extra).astype(x.dtype)
+        else:
+            # Eval: y = (x - rm) * (rv + eps)**-0.5 * w + b and the new pair is
+            # the old one, so with fastbn's dbias = sum(dy) and dweight =
+            # sum((x - rm) * dy) * invstd the gradients are per-channel only.
+            d_running_mean = -w * invstd * dbias
+            d_running_var = -0.5 * w * invstd * invstd * dweight
+            if not _is_zero(ct_mean):
+                d_running_mean = d_running_mean + ct_mean
+            if not _is_zero(ct_var):
+                d_running_var = d_running_var + ct_var
+    return (
+        dx,
+        None if weight is None else dweight,
+        dbias if static.has_bias else None,
+        d_running_mean,
+        d_running_var,
+    )
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd, symbolic_zeros=True)
+
+
+def _as_jax(value):
+    return None if value is None else jnp.asarray(value)
+
+
+def batch_norm(
+    x,
+    weight=None,
+    bias=None,
+    *,
+    running_mean=None,
+    running_var=None,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    axis=1,
+):
+    """Batch normalization with PyTorch's semantics, as a pure JAX function.
+
+    Parameters
+    ----------
+    x : jax.Array or array_like
+        Input of dtype float16, float32 or float64 (float64 needs
+        ``jax_enable_x64``), rank >= 2.
+    weight, bias : jax.Array, optional
+        Per-channel scale and shift, shape ``(C,)``, float32 for
+        float16/float32 input and float64 for float64.  Default 1 and 0.
+    running_mean, running_var : jax.Array, optional
+        Running statistics (both or neither), same dtype.  Never modified:
+        the updated ones are returned.
+    training : bool, default True
+        Normalise with the batch statistics (and return updated running ones)
+        if True; with the running statistics if False and they are given;
+        with the batch statistics if False and they are not.
+    momentum : float, default 0.1
+        In [0, 1]: ``new = (1 - momentum) * old + momentum * batch``, with the
+        unbiased batch variance.  PyTorch's convention: Flax's ``momentum=0.9``
+        is ``momentum=0.1`` here.
+    eps : float, default 1e-5
+        Added to the variance before the square root.
+    axis : int, default 1
+        The channel axis; ``-1`` for channels-last (NHWC) data.
+
+    Returns
+    -------
+    y : jax.Array
+        Same shape and dtype as ``x``.
+    running : tuple of jax.Array or None
+        ``(new_running_mean, new_running_var)``: updated in training, the
+        given ones in eval; None when none were given.
+
+    Raises
+    ------
+    TypeError, ValueError
+        When tracing, before anything runs: for the same invalid arguments
+        as :func:`fastbn.forward` (including a channel with one value in
+        training), and for a non-bool ``training`` or a traced ``momentum``,
+        ``eps`` or ``axis``, which must be Python values.
+
+    Notes
+    -----
+    Runs on the CPU through ``jax.pure_callback`` (``vmap`` maps it
+    sequentially).  ``jax.grad`` gives exact gradients with respect to every
+    array argument: fastbn's for ``x``, ``weight`` and ``bias`` through ``y``,
+    and the per-channel formulas through the running statistics (in eval,
+    ``y`` depends on them; in training, the new ones depend on ``x``).
+    Reverse mode only (``jax.custom_vjp``): no ``jax.jvp``.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> from fastbn.jax import batch_norm
+    >>> x = jnp.arange(12.0).reshape(4, 3)
+    >>> y, (mean, var) = batch_norm(x, running_mean=jnp.zeros(3), running_var=jnp.ones(3))
+    >>> grad = jax.grad(lambda x: batch_norm(x)[0][:, 0].sum())(x)
+    """
+    x, weight, bias = _as_jax(x), _as_jax(weight), _as_jax(bias)
+    running_mean, running_var = _as_jax(running_mean), _as_jax(running_var)
+    # Every check runs here, at trace time, on shapes and dtypes: an error
+    # inside the callback would surface as an opaque runtime error.
+    x = check_x(x)
+    axis = check_axis(axis, x.ndim)
+    training = check_flag(training, "training")
+    momentum = check_momentum(momentum)
+    eps = check_eps(eps)
+    channels, count = check_channels(x, axis)
+    dtype = stats_dtype(x.dtype)
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None:
+            check_channel_vector(value, name, channels, dtype)
+    has_running = check_running(running_mean, running_var, channels, dtype)
+    if training and count == 1:
+        raise ValueError(
+            f"x: Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+        )
+    static = _Static(training, momentum, eps, axis, count, has_running, bias is not None)
+    return _batch_norm(static, x, weight, bias, running_mean, running_var)
