@@ -8,6 +8,10 @@
   constructor, parameters, buffers, ``state_dict``, ``repr`` and input checks
   are torch's own, and only ``forward`` runs on fastbn.
 * :func:`convert` swaps every ``torch.nn.BatchNorm*d`` in a model for these.
+* :class:`SyncBatchNorm` is a drop-in ``torch.nn.SyncBatchNorm`` (with
+  ``convert_sync_batchnorm``): statistics of the global batch over a
+  torch.distributed process group, through :func:`fastbn.forward`'s
+  ``process_group``.  It runs on CPU tensors (gloo) too, which torch's does not.
 
 CPU tensors run on fastbn's CPU kernels without a copy (NumPy views of the
 tensors' memory, channels_last included); CUDA tensors go, through the same
@@ -23,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 import fastbn
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert"]
 
 
 def _detached(tensor):
@@ -62,7 +66,7 @@ class _BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running, training, momentum, eps):
+    def forward(ctx, input, weight, bias, running, training, momentum, eps, process_group):
         running_mean, running_var = running
         y, saved = fastbn.forward(
             input.detach(),
@@ -74,6 +78,7 @@ class _BatchNormFunction(torch.autograd.Function):
             momentum=momentum,
             eps=eps,
             axis=1,
+            process_group=process_group,
         )
         if training and running_mean is not None:
             _bump_version(running_mean)
@@ -91,7 +96,8 @@ class _BatchNormFunction(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         # fastbn computes the three gradients in one fused pass; those not
-        # asked for are dropped here.
+        # asked for are dropped here.  A synchronised forward's `saved` makes
+        # this backward synchronise too.
         dx, dweight, dbias = fastbn.backward(
             grad_output.detach(), input.detach(), _detached(weight), ctx.fastbn_saved, axis=1
         )
@@ -99,6 +105,7 @@ class _BatchNormFunction(torch.autograd.Function):
             _as_tensor(dx, input) if need_input else None,
             _as_tensor(dweight, input) if need_weight else None,
             _as_tensor(dbias, input) if need_bias else None,
+            None,
             None,
             None,
             None,
@@ -184,6 +191,11 @@ def batch_norm(
     first derivatives are provided; differentiating the backward raises a
     RuntimeError.
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, process_group):
+    """:func:`batch_norm`, optionally synchronised over ``process_group``."""
     for name, value in (
         ("input", input),
         ("running_mean", running_mean),
@@ -205,7 +217,7 @@ def batch_norm(
             half_running = (running_mean, running_var)
             running_mean, running_var = running_mean.float(), running_var.float()
     output = _BatchNormFunction.apply(
-        input, weight, bias, (running_mean, running_var), training, momentum, eps
+        input, weight, bias, (running_mean, running_var), training, momentum, eps, process_group
     )
     if half_running is not None and training:
         with torch.no_grad():
@@ -238,7 +250,7 @@ class _FastbnForward:
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Buffers are read in eval even with track_running_stats=False, if set.
         use_buffers = not self.training or self.track_running_stats
-        output = batch_norm(
+        output = _batch_norm(
             input,
             self.running_mean if use_buffers else None,
             self.running_var if use_buffers else None,
@@ -247,10 +259,15 @@ class _FastbnForward:
             batch_stats,
             momentum,
             self.eps,
+            self._sync_group(batch_stats),
         )
         if update:
             self.num_batches_tracked.add_(1)
         return output
+
+    def _sync_group(self, batch_stats):
+        """The process group to synchronise statistics over, or None."""
+        return None
 
 
 class BatchNorm1d(_FastbnForward, torch.nn.BatchNorm1d):
@@ -368,3 +385,63 @@ def _convert(module, done):
         if new_child is not child:
             setattr(converted, name, new_child)
     return converted
+
+
+class SyncBatchNorm(_FastbnForward, torch.nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` on fastbn's kernels and synchronisation.
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, device, dtype
+        As for :class:`BatchNorm1d`.
+    process_group : torch.distributed.ProcessGroup, optional
+        The group to synchronise over; the default group when None.
+
+    Notes
+    -----
+    As torch's: in training, when torch.distributed is initialised and the
+    group has more than one process, the batch statistics are those of the
+    global batch; otherwise it behaves as a plain batch norm.  Unlike torch's,
+    it runs on CPU tensors (gloo), gathers (count, mean, M2) rather than
+    invstd (no precision lost), and takes processes with an empty batch.
+    ``dweight`` and ``dbias`` are each process's contributions, which the
+    usual data-parallel gradient all-reduce sums.
+    """
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _sync_group(self, batch_stats):
+        dist = torch.distributed
+        if not (batch_stats and self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """Replace every batch norm in ``module`` (torch's or fastbn's) with this class.
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            A model, or a single batch-norm module.
+        process_group : torch.distributed.ProcessGroup, optional
+            The group the replacements synchronise over.
+
+        Returns
+        -------
+        torch.nn.Module
+            ``module`` with batch norms replaced (or the replacement itself);
+            each replacement shares the original's parameters and buffers.
+        """
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            new = _replace(module, cls)
+            new.process_group = process_group
+            return new
+        for name, child in list(module.named_children()):
+            new_child = cls.convert_sync_batchnorm(child, process_group)
+            if new_child is not child:
+                setattr(module, name, new_child)
+        return module

@@ -2,6 +2,7 @@
 
     mpiexec -n P python tests/sync_worker.py mpi
     RANK=r WORLD_SIZE=P MASTER_ADDR=127.0.0.1 MASTER_PORT=... python tests/sync_worker.py torch
+    RANK=r WORLD_SIZE=P MASTER_ADDR=127.0.0.1 MASTER_PORT=... python tests/sync_worker.py torch-module
 
 Every process builds the same global batch, takes its own uneven slice (one
 process gets none), runs fastbn.forward/backward with ``process_group``, and
@@ -70,9 +71,46 @@ def check(rank, size, group, summer):
     print(f"rank {rank} of {size} ok", flush=True)
 
 
+def check_module(rank, size, summer):
+    """fastbn.torch.SyncBatchNorm over the group against torch.nn.BatchNorm2d on the whole batch."""
+    import torch
+
+    import fastbn.torch
+
+    torch.manual_seed(0)
+    x = torch.randn(13, 4, 5, 3, dtype=torch.float64) * 3 + 7
+    probe = torch.randn_like(x)  # loss = sum(y * probe): additive over samples
+    reference = torch.nn.BatchNorm2d(4, momentum=None, dtype=torch.float64)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 2.0)
+        reference.bias.normal_()
+    synced = fastbn.torch.SyncBatchNorm.convert_sync_batchnorm(
+        torch.nn.Sequential(torch.nn.BatchNorm2d(4, momentum=None, dtype=torch.float64))
+    )[0]
+    assert isinstance(synced, fastbn.torch.SyncBatchNorm)
+    synced.load_state_dict(reference.state_dict())
+    mine = slices(x.shape[0], size)[rank]
+    for _ in range(2):
+        x_ref = x.clone().requires_grad_(True)
+        y_ref = reference(x_ref)
+        (y_ref * probe).sum().backward()
+        x_mine = x[mine].clone().requires_grad_(True)
+        y_mine = synced(x_mine)
+        (y_mine * probe[mine]).sum().backward()
+    tol = TOLERANCE[np.float64]
+    np.testing.assert_allclose(y_mine.detach().numpy(), y_ref[mine].detach().numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(x_mine.grad.numpy(), x_ref.grad[mine].numpy(), rtol=tol, atol=tol)
+    for name in ("weight", "bias"):
+        got = summer(getattr(synced, name).grad.numpy())
+        np.testing.assert_allclose(got, getattr(reference, name).grad.numpy(), rtol=tol, atol=tol)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        np.testing.assert_allclose(getattr(synced, name).numpy(), getattr(reference, name).numpy(), rtol=tol)
+    print(f"rank {rank} of {size} ok", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("engine", choices=["mpi", "torch"])
+    parser.add_argument("engine", choices=["mpi", "torch", "torch-module"])
     parser.add_argument("--die-rank", type=int, default=None)
     args = parser.parse_args()
 
@@ -104,8 +142,11 @@ def main():
 
     if args.die_rank == rank:
         os._exit(3)  # a crash: no clean-up, no goodbye to the peers
-    check(rank, size, group, summer)
-    if args.engine == "torch":
+    if args.engine == "torch-module":
+        check_module(rank, size, summer)
+    else:
+        check(rank, size, group, summer)
+    if args.engine != "mpi":
         dist.destroy_process_group()
     return 0
 

@@ -153,14 +153,14 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _launch_torch(size, *extra, timeout=60):
+def _launch_torch(size, *extra, timeout=60, engine="torch"):
     pytest.importorskip("torch.distributed")
     port = _free_port()
     procs = []
     for rank in range(size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), FASTBN_TEST_TIMEOUT=str(timeout))
-        procs.append(subprocess.Popen([sys.executable, WORKER, "torch", *extra], env=env,
+        procs.append(subprocess.Popen([sys.executable, WORKER, engine, *extra], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     try:
@@ -180,6 +180,13 @@ def test_torch_distributed_gloo(size):
     for rank, (code, out, err) in enumerate(outputs):
         assert code == 0, f"rank {rank}: {out}{err}"
         assert out.strip() == f"rank {rank} of {size} ok"
+
+
+def test_torch_sync_batchnorm_module_over_gloo():
+    outputs = _launch_torch(3, engine="torch-module")
+    for rank, (code, out, err) in enumerate(outputs):
+        assert code == 0, f"rank {rank}: {out}{err}"
+        assert out.strip() == f"rank {rank} of 3 ok"
 
 
 def test_torch_distributed_peer_death_raises_within_the_timeout():
