@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn {demo,startup}``.
+"""Command line: ``python -m fastbn {demo,startup,ptx}``.
 
 ``demo``
     A forward/backward round trip on an NCHW batch, checked against plain
@@ -7,6 +7,9 @@
     What the first call costs: import time, first call with an empty kernel
     cache (compilation) and first call with a warm cache, each measured in a
     fresh interpreter.  The README's start-up figures come from this command.
+``ptx``
+    Compile every CUDA kernel for every dtype with the real NVVM compiler
+    (no GPU needed) and report registers and spills; see fastbn/_ptx.py.
 """
 
 from __future__ import annotations
@@ -129,11 +132,16 @@ def main(argv=None):
     demo_parser.add_argument("--repeats", type=int, default=10)
     startup_parser = commands.add_parser("startup", help="measure import, cold and warm first-call cost")
     startup_parser.add_argument("--repeats", type=int, default=3)
+    from fastbn import _ptx  # imports no CUDA package until the command runs
+
+    _ptx.add_parser(commands)
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error("--repeats: expected a positive integer")
     if args.command == "demo":
         return demo(args)
+    if args.command == "ptx":
+        return _ptx.run(args)
     return startup(args)
 
 

@@ -1,0 +1,330 @@
+"""The CUDA backend's operations, on validated GPU arrays.
+
+The mirror of :mod:`fastbn._cpu_ops`: the same functions with the same
+signatures, for arrays exposing ``__cuda_array_interface__`` (numba device
+arrays, CuPy arrays, PyTorch CUDA tensors).  Each views its input in a kernel
+layout, allocates outputs on the device and launches the kernels of
+:mod:`fastbn._cuda`.  Nothing goes to the host between the launches: the
+per-channel arithmetic runs in one-thread-per-channel kernels, and results
+(``saved.mean`` and ``saved.invstd`` included) stay on the device.
+
+Results are numba device arrays; :func:`restorer` turns them into the caller's
+kind, without copying.  Every host-side check that can fail runs before the
+first launch, so an error leaves every buffer untouched.
+
+Statistics are accumulated in float32 for float16/float32 input (float64 for
+float64), merged per channel in float64, and rounded once to the statistics
+dtype, as on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+from fastbn import _cuda
+from fastbn import _cuda_target as target
+
+name = "cuda"
+
+
+# ------------------------------------------------------------ conversion ---
+def to_device(obj, name):
+    """Return ``obj`` as a numba device array, without copying (None stays None).
+
+    Parameters
+    ----------
+    obj : object
+        Anything exposing ``__cuda_array_interface__``.
+    name : str
+        The argument's name, for the error message.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` is not a GPU array, or its interface cannot be read (a
+        PyTorch tensor that requires grad, for one); the message starts with
+        ``name``.
+    """
+    if obj is None:
+        return None
+    try:
+        if target.is_device_array(obj) or hasattr(obj, "__cuda_array_interface__"):
+            return target.as_device_array(obj)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+        raise TypeError(f"{name}: cannot be used as a GPU array ({type(exc).__name__}: {exc})") from None
+    raise TypeError(
+        f"{name}: expected a GPU array (an object exposing __cuda_array_interface__), got {type(obj).__name__}"
+    )
+
+
+def restorer(like):
+    """Return a function turning result device arrays into the kind of ``like``.
+
+    numba device arrays stay as they are; a CuPy ``like`` gives CuPy arrays
+    (``cupy.asarray``) and a PyTorch tensor gives tensors on its device
+    (``torch.as_tensor``), both zero-copy through ``__cuda_array_interface__``.
+    Any other kind gives numba device arrays.  The framework is recognised
+    from ``type(like).__module__`` and taken from ``sys.modules``: fastbn never
+    imports a framework the caller has not imported.
+    """
+    package = type(like).__module__.partition(".")[0]
+    module = sys.modules.get(package)
+    if package == "torch" and module is not None:
+        device = like.device
+        return lambda array: module.as_tensor(array, device=device)
+    if package == "cupy" and module is not None:
+        return module.asarray
+    return lambda array: array
+
+
+# --------------------------------------------------------------- layouts ---
+def _is_contiguous_in(shape, strides, itemsize, order):
+    """True if walking the dimensions in ``order`` (last fastest) steps through memory one element at a time."""
+    expected = itemsize
+    for d in reversed(order):
+        if shape[d] != 1:
+            if strides[d] != expected:
+                return False
+            expected *= shape[d]
+    return True
+
+
+def _strides(array):
+    strides = target.interface(array).get("strides")
+    if strides is None:
+        return target.c_strides(tuple(array.shape), np.dtype(array.dtype).itemsize)
+    return tuple(strides)
+
+
+class _Plan:
+    """How one array reaches a kernel: a flat view, or a gather into a new flat array."""
+
+    def __init__(self, array, order, name):
+        self.array = array
+        shape = tuple(array.shape)
+        self.size = math.prod(shape)
+        itemsize = np.dtype(array.dtype).itemsize
+        strides = _strides(array)
+        self.contiguous = _is_contiguous_in(shape, strides, itemsize, order)
+        if self.contiguous:
+            return
+        if any(s % itemsize for s in strides):
+            raise ValueError(f"{name}: strides {strides} are not multiples of the item size {itemsize}")
+        # Keep the dimensions in the target order, drop extent-1 ones, merge
+        # neighbours that are contiguous with each other.
+        dims = [(shape[d], strides[d] // itemsize) for d in order if shape[d] != 1]
+        merged = []
+        for extent, stride in dims:
+            if merged and merged[-1][1] == stride * extent:
+                merged[-1] = (merged[-1][0] * extent, stride)
+            else:
+                merged.append((extent, stride))
+        if len(merged) > _cuda.GATHER_RANK:
+            raise ValueError(
+                f"{name}: a non-contiguous GPU array with more than {_cuda.GATHER_RANK} dimensions that cannot be "
+                "merged is not supported; make it contiguous first"
+            )
+        padding = [(1, 0)] * (_cuda.GATHER_RANK - len(merged))
+        self.shape = tuple(int(e) for e, _ in padding + merged)
+        self.element_strides = tuple(int(s) for _, s in padding + merged)
+        # Lowest and highest element the array touches, relative to element [0, ..., 0].
+        self.low = sum(min(0, s * (e - 1)) for e, s in merged)
+        self.high = sum(max(0, s * (e - 1)) for e, s in merged)
+
+    def flat(self):
+        """The contiguous 1-D array of the elements in the planned order (launches gather if needed)."""
+        itemsize = np.dtype(self.array.dtype).itemsize
+        if self.contiguous:
+            return target.view(self.array, (self.size,), (itemsize,))
+        span = target.view(self.array, (self.high - self.low + 1,), (itemsize,), self.low * itemsize)
+        destination = target.device_array(self.size, self.array.dtype)
+        _cuda.gather_flat(span, -self.low, self.shape, self.element_strides, destination)
+        return destination
+
+
+class _Layout:
+    """The kernel layout of an input: ROWS (channels-last order) or SLAB (C order)."""
+
+    def __init__(self, x, axis):
+        shape = tuple(x.shape)
+        self.shape = shape
+        self.axis = axis
+        self.channels = shape[axis]
+        self.inner = math.prod(shape[axis + 1:])
+        self.outer = math.prod(shape[:axis])
+        rows_order = [d for d in range(len(shape)) if d != axis] + [axis]
+        rows_plan = _Plan(x, rows_order, "x")
+        # As on the CPU: channels-last order first, then C order; any other
+        # strides are gathered into C order (which is ROWS if inner == 1).
+        if rows_plan.contiguous or self.inner == 1:
+            self.rows = True
+            self.plan = rows_plan
+        else:
+            self.rows = False
+            self.plan = _Plan(x, list(range(len(shape))), "x")
+        if self.rows:
+            self.outer = math.prod(shape) // self.channels
+            self.inner = 1
+        self.order = rows_order if self.rows else list(range(len(shape)))
+
+    def same(self, array, name):
+        """Plan ``array`` (shaped like x) in this layout's order."""
+        return _Plan(array, self.order, name)
+
+    def empty(self, dtype):
+        """An output shaped like x in this layout's memory order, and its flat view."""
+        itemsize = np.dtype(dtype).itemsize
+        flat = target.device_array(math.prod(self.shape), dtype)
+        ordered_strides = target.c_strides(tuple(self.shape[d] for d in self.order), itemsize)
+        strides = [0] * len(self.shape)
+        for position, d in enumerate(self.order):
+            strides[d] = ordered_strides[position]
+        return target.view(flat, self.shape, tuple(strides)), flat
+
+
+def _byte_range(array):
+    pointer = target.interface(array)["data"][0]
+    itemsize = np.dtype(array.dtype).itemsize
+    low = high = 0
+    for extent, stride in zip(array.shape, _strides(array)):
+        low += min(0, stride * (extent - 1))
+        high += max(0, stride * (extent - 1))
+    return pointer + low, pointer + high + itemsize
+
+
+def _check_running(running_mean, running_var):
+    """The in-place checks the generic validation cannot make on device arrays."""
+    if running_mean is None:
+        return
+    for name, array in (("running_mean", running_mean), ("running_var", running_var)):
+        if target.interface(array)["data"][1]:
+            raise ValueError(f"{name}: must be writable, it is updated in place")
+    (a_low, a_high), (b_low, b_high) = _byte_range(running_mean), _byte_range(running_var)
+    if a_low < b_high and b_low < a_high:
+        raise ValueError("running_var: must not share memory with running_mean")
+
+
+def _parameter(value, fallback):
+    """A per-channel array and whether it was given (kernels take a dummy array and a flag)."""
+    return (fallback, False) if value is None else (value, True)
+
+
+def _split(buffer, channels, *counts):
+    """Consecutive 1-D slices of ``buffer``, the k-th ``counts[k] * channels`` long."""
+    pieces = []
+    start = 0
+    for count in counts:
+        pieces.append(buffer[start:start + count * channels])
+        start += count * channels
+    return pieces
+
+
+# ------------------------------------------------------------ operations ---
+def _statistics(layout, x_flat):
+    """Launch the statistics reduction; return the float64 partials and pivots."""
+    channels = layout.channels
+    plan = _cuda.ReductionPlan(layout.rows, layout.outer, channels, layout.inner)
+    workspace = target.device_array((3 * plan.splits + 1) * channels, np.float64)
+    partial_count, partial_mean, partial_m2, pivot = _split(workspace, channels, plan.splits, plan.splits,
+                                                            plan.splits, 1)
+    _cuda.stats(plan, layout.rows, x_flat, channels, layout.inner, partial_count, partial_mean, partial_m2, pivot)
+    return partial_count, partial_mean, partial_m2, pivot
+
+
+def forward_batch(x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update):
+    """Normalise with batch statistics; update running stats (in place, on the device) if ``update``.
+
+    Returns
+    -------
+    y, mean, invstd
+        Output like ``x`` (same memory order), and the statistics used, in
+        ``dtype``, as device arrays.
+    """
+    layout = _Layout(x, axis)
+    _check_running(running_mean, running_var)
+    channels = layout.channels
+    x_flat = layout.plan.flat()
+    partials = _statistics(layout, x_flat)
+    scratch = target.device_array(2 * channels, np.float64)
+    mean64, var64 = _split(scratch, channels, 1, 1)
+    coefficients = target.device_array(4 * channels, dtype)
+    saved_mean, saved_invstd, scale, shift = _split(coefficients, channels, 1, 1, 1, 1)
+    weight, has_weight = _parameter(weight, scale)
+    bias, has_bias = _parameter(bias, shift)
+    _cuda.launch_per_channel(_cuda.forward_coefficients, channels, *partials, float(eps), weight, has_weight,
+                             bias, has_bias, mean64, var64, saved_mean, saved_invstd, scale, shift)
+    if update:
+        count = layout.outer * layout.inner
+        _cuda.launch_per_channel(_cuda.update_running, channels, running_mean, running_var, mean64, var64,
+                                 float(momentum), count / (count - 1.0))
+    y, y_flat = layout.empty(x.dtype)
+    _cuda.normalize_flat(x_flat, layout.inner, saved_mean, scale, shift, y_flat)
+    return y, saved_mean, saved_invstd
+
+
+def _normalize_given(x, axis, dtype, mean, var, weight, bias, eps):
+    layout = _Layout(x, axis)
+    channels = layout.channels
+    x_flat = layout.plan.flat()
+    coefficients = target.device_array(4 * channels, dtype)
+    saved_mean, saved_invstd, scale, shift = _split(coefficients, channels, 1, 1, 1, 1)
+    weight, has_weight = _parameter(weight, scale)
+    bias, has_bias = _parameter(bias, shift)
+    _cuda.launch_per_channel(_cuda.normalize_coefficients, channels, mean, var, float(eps), weight, has_weight,
+                             bias, has_bias, saved_mean, saved_invstd, scale, shift)
+    y, y_flat = layout.empty(x.dtype)
+    _cuda.normalize_flat(x_flat, layout.inner, saved_mean, scale, shift, y_flat)
+    return y, saved_mean, saved_invstd
+
+
+def forward_eval(x, axis, dtype, weight, bias, eps, running_mean, running_var):
+    """Normalise with the running statistics; returns ``(y, mean, invstd)``.
+
+    ``mean`` is a copy, so later updates of ``running_mean`` cannot change ``saved``.
+    """
+    _check_running(running_mean, running_var)
+    return _normalize_given(x, axis, dtype, running_mean, running_var, weight, bias, eps)
+
+
+def normalize(x, axis, dtype, mean, var, weight, bias, eps):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel."""
+    return _normalize_given(x, axis, dtype, mean, var, weight, bias, eps)[0]
+
+
+def moments(x, axis, dtype):
+    """Per-channel mean and biased variance, in ``dtype``, as device arrays."""
+    layout = _Layout(x, axis)
+    channels = layout.channels
+    partials = _statistics(layout, layout.plan.flat())
+    out = target.device_array(2 * channels, dtype)
+    mean, var = _split(out, channels, 1, 1)
+    _cuda.launch_per_channel(_cuda.stats_merge, channels, *partials, mean, var)
+    return mean, var
+
+
+def backward(dy, x, axis, dtype, weight, mean, invstd, batch_stats):
+    """Gradients ``(dx, dweight, dbias)``; the training formula if ``batch_stats``."""
+    mean = to_device(mean, "saved.mean")
+    invstd = to_device(invstd, "saved.invstd")
+    layout = _Layout(x, axis)
+    dy_plan = layout.same(dy, "dy")
+    channels = layout.channels
+    x_flat = layout.plan.flat()
+    dy_flat = dy_plan.flat()
+    plan = _cuda.ReductionPlan(layout.rows, layout.outer, channels, layout.inner)
+    workspace = target.device_array(2 * plan.splits * channels, np.float64)
+    partial_sum_dy, partial_dotp = _split(workspace, channels, plan.splits, plan.splits)
+    _cuda.backward_reduce(plan, layout.rows, dy_flat, x_flat, mean, channels, layout.inner, partial_sum_dy,
+                          partial_dotp)
+    out = target.device_array(5 * channels, dtype)
+    dweight, dbias, mean_dy, k, scale = _split(out, channels, 1, 1, 1, 1, 1)
+    weight, has_weight = _parameter(weight, scale)
+    _cuda.launch_per_channel(_cuda.backward_coefficients, channels, partial_sum_dy, partial_dotp, invstd, weight,
+                             has_weight, layout.outer * layout.inner, bool(batch_stats), dweight, dbias, mean_dy, k,
+                             scale)
+    dx, dx_flat = layout.empty(x.dtype)
+    _cuda.backward_elementwise_flat(dy_flat, x_flat, layout.inner, mean, mean_dy, k, scale, dx_flat)
+    return dx, dweight, dbias

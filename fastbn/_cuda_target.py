@@ -1,0 +1,291 @@
+"""The one module that imports the CUDA target, and the only one that knows which it is.
+
+fastbn's GPU kernels (:mod:`fastbn._cuda`) run on a CUDA target for Numba:
+
+* **numba-cuda** (``from numba import cuda``): the one in use.  It has been in
+  maintenance mode since 2026-06.
+* **numba-cuda-mlir** (``from numba_cuda_mlir import cuda``): its announced
+  successor, "intended to be compatible with Numba-CUDA kernels"; its
+  migration guide says that changing the import is enough for code that uses
+  no extension API.
+
+The kernels keep to the kernel API that both document: ``cuda.jit``,
+``threadIdx``/``blockIdx``/``blockDim``/``gridDim``, ``cuda.shared.array``
+with a constant shape, ``cuda.syncthreads``, ``cuda.shfl_down_sync``,
+``cuda.device_array``, ``cuda.as_cuda_array`` (the CUDA Array Interface),
+``cuda.compile_ptx`` and ``cuda.is_available``; and to NumPy scalar
+constructors (``np.float32(v)``) as casts.  They use no extension API
+(``@intrinsic``, ``@overload``, ``@lower``), which is where the two targets
+differ (LLVM IR against MLIR).  Everything else a backend needs from the
+target goes through the functions below, so moving to numba-cuda-mlir should
+mean changing this module only.  That has not been tried: numba-cuda-mlir is
+not installed here, and two details of this module are numba-cuda's (device
+functions inlined with ``inline="always"``; the toolkit queries of
+:func:`supported_ccs`).
+
+This module also supplies what Numba's CUDA *simulator*
+(``NUMBA_ENABLE_CUDASIM=1``, which runs the GPU tests on machines without a
+GPU) lacks: warp shuffles, the CUDA Array Interface on its device arrays, and
+``as_cuda_array``.
+
+Importing this module raises ImportError when no CUDA target is installed;
+:mod:`fastbn._dispatch` turns that into a clear error for GPU calls, and CPU
+use never imports it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+import weakref
+
+import numpy as np
+from numba import cuda  # the CUDA target; see the module docstring before changing it
+from numba.cuda import types
+
+__all__ = [
+    "NAME",
+    "SIMULATOR",
+    "as_device_array",
+    "c_strides",
+    "compile_ptx",
+    "cuda",
+    "device_array",
+    "device_function",
+    "interface",
+    "is_available",
+    "is_device_array",
+    "kernel",
+    "shfl_down",
+    "supported_ccs",
+    "toolkit_version",
+    "types",
+    "view",
+]
+
+#: True when Numba's CUDA simulator stands in for a GPU (kernels run as Python threads).
+#: numba-cuda reads NUMBA_ENABLE_CUDASIM once, when it is first imported.
+SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
+
+#: Which CUDA target fastbn's kernels run on.
+NAME = "numba-cuda (simulator)" if SIMULATOR else "numba-cuda"
+
+
+def is_available():
+    """True if kernels can run: a usable GPU and driver, or the simulator."""
+    return SIMULATOR or bool(cuda.is_available())
+
+
+def kernel(func):
+    """Make ``func`` a CUDA kernel, compiled lazily for each argument-type signature."""
+    return cuda.jit(func)
+
+
+def device_function(func):
+    """Make ``func`` callable from kernels.
+
+    ``inline="always"`` inlines it into the caller at Numba IR level, before
+    typing.  Besides saving a call, that is what lets ``python -m fastbn ptx``
+    compile kernels with no GPU present: numba-cuda compiles a separately
+    called device function for the compute capability of the current device.
+    """
+    return cuda.jit(device=True, inline="always")(func)
+
+
+def device_array(shape, dtype):
+    """Allocate an uninitialised device array."""
+    if SIMULATOR:
+        return _SimDeviceArray(np.empty(shape, dtype))
+    return cuda.device_array(shape, dtype)
+
+
+# ------------------------------------------------------------ warp shuffle ---
+_FULL_MASK = 0xFFFFFFFF
+
+if not SIMULATOR:
+
+    @device_function
+    def shfl_down(value, delta):
+        """The ``value`` of lane ``laneid + delta`` of this warp (all 32 lanes take part)."""
+        return cuda.shfl_down_sync(_FULL_MASK, value, delta)
+
+else:
+    # The simulator runs each CUDA thread as a Python thread but has no warp
+    # shuffles.  This emulation gives shfl_down_sync's semantics to kernels
+    # that shuffle in lockstep (every lane of a warp makes the same sequence of
+    # calls): a thread posts its value for its k-th call, then waits for the
+    # source lane's k-th value.  A source outside the warp or block returns the
+    # caller's own value, as on hardware.
+    _boards = weakref.WeakKeyDictionary()
+    _boards_lock = threading.Lock()
+
+    def shfl_down(value, delta):
+        """Simulator emulation of ``cuda.shfl_down_sync(0xFFFFFFFF, value, delta)``."""
+        thread = threading.current_thread()
+        manager = thread._manager  # the simulator's BlockManager for this block
+        with _boards_lock:
+            board = _boards.get(manager)
+            if board is None:
+                board = _boards[manager] = (threading.Condition(), {})
+        condition, posted = board
+        call = getattr(thread, "_fastbn_shuffles", 0)
+        thread._fastbn_shuffles = call + 1
+        lane_id = thread.thread_id
+        source = lane_id + int(delta)
+        with condition:
+            posted[call, lane_id] = value
+            condition.notify_all()
+            if lane_id % 32 + int(delta) >= 32 or source >= math.prod(manager._block_dim):
+                return value
+            while (call, source) not in posted:
+                if thread.abort:
+                    raise RuntimeError("simulated kernel aborted during a warp shuffle")
+                condition.wait(timeout=0.5)
+            return posted[call, source]
+
+
+# ------------------------------------------------ CUDA Array Interface I/O ---
+if not SIMULATOR:
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DeviceNDArray
+else:
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeCUDAArray
+
+    class _SimDeviceArray(_FakeCUDAArray):
+        """A simulator device array that exports ``__cuda_array_interface__``.
+
+        Simulated device memory is host memory, so the exported pointer is the
+        NumPy buffer's address; this lets the simulator tests pass "GPU arrays"
+        through fastbn's dispatcher exactly as numba-cuda's device arrays go.
+        """
+
+        @property
+        def __cuda_array_interface__(self):
+            data = self._ary
+            return {
+                "shape": tuple(data.shape),
+                "strides": None if data.flags.c_contiguous else tuple(data.strides),
+                "typestr": data.dtype.str,
+                "data": (data.ctypes.data if data.size else 0, not data.flags.writeable),
+                "version": 3,
+                "stream": None,
+            }
+
+        def __getitem__(self, index):
+            result = super().__getitem__(index)
+            return _SimDeviceArray(result._ary) if isinstance(result, _FakeCUDAArray) else result
+
+    def _sim_from_interface(desc, owner):
+        dtype = np.dtype(desc["typestr"])
+        shape = tuple(desc["shape"])
+        strides = desc.get("strides")
+        if strides is None:
+            strides = c_strides(shape, dtype.itemsize)
+        pointer, readonly = desc["data"]
+        if math.prod(shape) == 0:
+            array = np.empty(shape, dtype)
+        else:
+            low = sum(min(0, s * (n - 1)) for n, s in zip(shape, strides))
+            high = sum(max(0, s * (n - 1)) for n, s in zip(shape, strides)) + dtype.itemsize
+            buffer = (ctypes.c_char * (high - low)).from_address(pointer + low)
+            array = np.ndarray(shape, dtype, buffer=buffer, offset=-low, strides=strides)
+            array.flags.writeable = not readonly
+        result = _SimDeviceArray(array)
+        result.__dict__["_owner"] = owner  # keeps the memory's owner alive
+        return result
+
+
+def c_strides(shape, itemsize):
+    """The byte strides of a C-ordered array of ``shape``."""
+    strides = []
+    step = itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+class _Interface:
+    """Carries a hand-made ``__cuda_array_interface__`` and keeps its owner alive."""
+
+    def __init__(self, desc, owner):
+        self.__cuda_array_interface__ = desc
+        self._owner = owner
+
+
+def is_device_array(obj):
+    """True for this target's own device arrays."""
+    return isinstance(obj, _FakeCUDAArray if SIMULATOR else _DeviceNDArray)
+
+
+def as_device_array(obj):
+    """Zero-copy device array over any object exposing ``__cuda_array_interface__``.
+
+    fastbn launches on the legacy default stream, which is ordered with the
+    work of the default streams.  So an array whose interface names no stream
+    or the legacy default one (``1``), as PyTorch's and CuPy's default streams
+    do, costs no host synchronisation; any other stream is synchronised first,
+    as the CUDA Array Interface asks of a consumer.
+    """
+    if is_device_array(obj):
+        return _SimDeviceArray(obj._ary) if SIMULATOR and not isinstance(obj, _SimDeviceArray) else obj
+    desc = obj.__cuda_array_interface__
+    if SIMULATOR:
+        return _sim_from_interface(desc, obj)
+    return cuda.as_cuda_array(obj, sync=desc.get("stream") not in (None, 1))
+
+
+def interface(array):
+    """The ``__cuda_array_interface__`` dict of a device array."""
+    return array.__cuda_array_interface__
+
+
+def view(array, shape, strides, offset=0):
+    """A zero-copy view of ``array``'s memory with new shape and byte strides.
+
+    Parameters
+    ----------
+    array : device array
+        Any array of this target.
+    shape, strides : tuple of int
+        The view's shape and strides in bytes (strides may be negative).
+    offset : int
+        Bytes from ``array``'s data pointer to the view's first element.
+    """
+    desc = dict(array.__cuda_array_interface__)
+    pointer, readonly = desc["data"]
+    desc.update(shape=tuple(shape), strides=tuple(strides), data=(pointer + offset, readonly), stream=None)
+    if SIMULATOR:
+        return _sim_from_interface(desc, array)
+    return cuda.as_cuda_array(_Interface(desc, array), sync=False)
+
+
+# ----------------------------------------------------- compilation, no GPU ---
+def compile_ptx(func, argtypes, cc):
+    """PTX for kernel ``func`` with argument types ``argtypes`` on compute capability ``cc``.
+
+    Runs the target's real NVVM compiler; no GPU or driver is needed (the
+    ``cu13`` extra of numba-cuda carries NVVM).
+    """
+    ptx, _ = cuda.compile_ptx(func, tuple(argtypes), cc=tuple(cc))
+    return ptx
+
+
+def supported_ccs():
+    """The compute capabilities the installed toolkit compiles for, or None if unknown."""
+    try:
+        from numba.cuda.cudadrv import nvrtc
+
+        return sorted(tuple(cc) for cc in nvrtc.get_supported_ccs())
+    except Exception:  # noqa: BLE001 - an older or different target: let compilation decide
+        return None
+
+
+def toolkit_version():
+    """The CUDA toolkit version of the installed compiler libraries, as a string ("13.5"), or "unknown"."""
+    try:
+        from cuda.bindings import nvjitlink
+
+        return ".".join(str(part) for part in nvjitlink.version())
+    except Exception:  # noqa: BLE001
+        return "unknown"

@@ -1,0 +1,190 @@
+"""``python -m fastbn ptx``: compile every GPU kernel with the real NVVM compiler, no GPU needed.
+
+For each compute capability asked for, each input dtype the dispatcher can
+launch (float16, float32, float64) and each kernel of :mod:`fastbn._cuda`, the
+kernel is compiled to PTX with exactly the argument types the backend launches
+it with (:func:`fastbn._cuda.signatures`), then assembled to machine code by
+ptxas inside nvJitLink, which reports registers, spills and shared memory.
+One line is printed per kernel, dtype and compute capability.
+
+A compute capability the installed toolkit no longer targets (CUDA 13 dropped
+everything below 7.5) is reported as ``unsupported`` on every line, with the
+reason; it is not a compilation failure unless ``--strict`` is given.  The
+exit status is non-zero if any compilation or assembly fails, or if nothing
+at all could be compiled.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import re
+import sys
+import time
+
+
+from fastbn._validate import FLOAT_DTYPES
+
+_LOG_PATTERNS = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "shared": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def parse_cc(text):
+    """``"8.0"`` -> ``(8, 0)``; raises ValueError on anything else."""
+    match = re.fullmatch(r"(\d+)\.(\d+)", text.strip())
+    if not match:
+        raise ValueError(f"--cc: expected a compute capability like 8.0, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def assemble(ptx, cc):
+    """Assemble ``ptx`` for ``sm_XY`` with nvJitLink's ptxas; return its resource report.
+
+    Returns
+    -------
+    dict or None
+        ``registers``, ``spill_stores``, ``spill_loads`` and ``shared`` (bytes,
+        static shared memory); None when nvJitLink is not installed.
+
+    Raises
+    ------
+    RuntimeError
+        If ptxas rejects the PTX, with its error log.
+    """
+    try:
+        from cuda.bindings import nvjitlink
+    except ImportError:
+        return None
+    options = [f"-arch=sm_{cc[0]}{cc[1]}", "-verbose"]
+    handle = nvjitlink.create(len(options), options)
+    try:
+        data = ptx.encode()
+        try:
+            nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "fastbn")
+            nvjitlink.complete(handle)
+        except nvjitlink.nvJitLinkError as exc:
+            log = bytearray(nvjitlink.get_error_log_size(handle))
+            nvjitlink.get_error_log(handle, log)
+            raise RuntimeError(f"ptxas: {exc}: {log.decode(errors='replace').strip()}") from None
+        log = bytearray(nvjitlink.get_info_log_size(handle))
+        nvjitlink.get_info_log(handle, log)
+    finally:
+        nvjitlink.destroy(handle)
+    text = log.decode(errors="replace")
+    report = {}
+    for key, pattern in _LOG_PATTERNS.items():
+        found = pattern.search(text)
+        report[key] = int(found.group(1)) if found else 0
+    return report
+
+
+def compile_cc(cc):
+    """Compile every kernel for every dtype on compute capability ``cc``.
+
+    Returns
+    -------
+    list of tuple
+        ``(kernel, dtype name, status, detail, seconds)`` with status ``ok``,
+        ``unsupported`` or ``FAILED``; for ``ok`` the detail is assemble()'s
+        report (or None), otherwise a one-line reason.
+    """
+    from fastbn import _cuda, _cuda_target
+
+    supported = _cuda_target.supported_ccs()
+    results = []
+    for dtype in FLOAT_DTYPES:
+        for kernel, dispatcher, argtypes in _cuda.signatures(dtype):
+            if supported is not None and tuple(cc) not in supported:
+                reason = (f"not a target of this toolkit (CUDA {_cuda_target.toolkit_version()}: cc "
+                          f"{supported[0][0]}.{supported[0][1]} to {supported[-1][0]}.{supported[-1][1]})")
+                results.append((kernel, dtype.name, "unsupported", reason, 0.0))
+                continue
+            start = time.perf_counter()
+            try:
+                ptx = _cuda_target.compile_ptx(dispatcher.py_func, argtypes, cc)
+                report = assemble(ptx, cc)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                status = "unsupported" if type(exc).__name__ == "CCSupportError" else "FAILED"
+                results.append((kernel, dtype.name, status, f"{type(exc).__name__}: {first_line}",
+                                time.perf_counter() - start))
+                continue
+            results.append((kernel, dtype.name, "ok", report, time.perf_counter() - start))
+    return results
+
+
+def format_line(cc, kernel, dtype, status, detail, seconds):
+    """One output line: kernel, dtype, compute capability, status, then resources or reason."""
+    head = f"{kernel:<24} {dtype:<8} cc {cc[0]}.{cc[1]:<3} {status:<11}"
+    if status != "ok":
+        return f"{head} {detail}"
+    if detail is None:
+        return f"{head} registers n/a (nvJitLink not installed)  {seconds:5.2f} s"
+    return (f"{head} registers {detail['registers']:3d}  spills {detail['spill_stores']}/{detail['spill_loads']} B "
+            f"(stores/loads)  smem {detail['shared']:5d} B  {seconds:5.2f} s")
+
+
+def main(ccs, *, strict=False, jobs=None, out=None):
+    """Compile for each compute capability in ``ccs`` (strings like "8.0"); return the exit status."""
+    out = out or sys.stdout
+    try:
+        ccs = [parse_cc(cc) for cc in ccs]
+    except ValueError as exc:
+        print(exc, file=out)
+        return 2
+    try:
+        from fastbn import _cuda_target
+    except ImportError as exc:
+        print(f"ptx: no CUDA target is installed ({exc}); install fastbn[cuda]", file=out)
+        return 2
+    if _cuda_target.SIMULATOR:
+        print("ptx: NUMBA_ENABLE_CUDASIM=1 selects the CUDA simulator, which cannot compile PTX; unset it", file=out)
+        return 2
+    print(f"fastbn GPU kernels on {_cuda_target.NAME}, CUDA {_cuda_target.toolkit_version()} NVVM and ptxas "
+          f"(nvJitLink); no GPU used", file=out)
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(ccs)))
+    start = time.perf_counter()
+    if jobs == 1:
+        per_cc = [compile_cc(cc) for cc in ccs]
+    else:
+        # One process per compute capability: compilation is single-threaded
+        # Python and NVVM.  "spawn" keeps the workers free of the parent's state.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            per_cc = list(pool.map(compile_cc, ccs))
+    counts = {"ok": 0, "unsupported": 0, "FAILED": 0}
+    for cc, results in zip(ccs, per_cc):
+        for kernel, dtype, status, detail, seconds in results:
+            counts[status] += 1
+            print(format_line(cc, kernel, dtype, status, detail, seconds), file=out)
+    total = sum(counts.values())
+    print(f"{total} kernel x dtype x cc: {counts['ok']} compiled, {counts['unsupported']} unsupported by this "
+          f"toolkit, {counts['FAILED']} failed ({time.perf_counter() - start:.1f} s)", file=out)
+    if counts["FAILED"] or counts["ok"] == 0 or (strict and counts["unsupported"]):
+        return 1
+    return 0
+
+
+def add_parser(commands):
+    """Add the ``ptx`` subcommand to ``python -m fastbn``'s subparsers."""
+    parser = commands.add_parser("ptx", help="compile every GPU kernel to PTX and SASS with NVVM (no GPU needed)")
+    parser.add_argument("--cc", nargs="+", default=["7.5", "8.0", "9.0"], metavar="X.Y",
+                        help="compute capabilities (default: 7.5 8.0 9.0)")
+    parser.add_argument("--strict", action="store_true",
+                        help="also fail on a compute capability the installed toolkit does not target")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel processes (default: CPUs, at most one per cc)")
+    return parser
+
+
+def run(args):
+    """Entry point for ``python -m fastbn ptx``'s parsed arguments."""
+    return main(args.cc, strict=args.strict, jobs=args.jobs)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
