@@ -14,7 +14,7 @@ from fastbn import _cuda, _ptx
 from fastbn._validate import FLOAT_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
-CCS = ("7.0", "7.5", "8.0", "9.0")
+CCS = ("7.0", "8.0", "9.0")
 LINE = re.compile(r"^(?P<kernel>\w+)\s+(?P<dtype>float\d+)\s+cc (?P<cc>\d+\.\d+)\s+(?P<status>ok|unsupported|FAILED)\b"
                   r"(?P<rest>.*)$")
 
