@@ -135,6 +135,9 @@ def main(argv=None):
     from fastbn import _ptx  # imports no CUDA package until the command runs
 
     _ptx.add_parser(commands)
+    from fastbn import _bench  # imports only NumPy until the command runs
+
+    _bench.add_parser(commands)
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error("--repeats: expected a positive integer")
@@ -142,6 +145,8 @@ def main(argv=None):
         return demo(args)
     if args.command == "ptx":
         return _ptx.run(args)
+    if args.command == "bench":
+        return _bench.run(args)
     return startup(args)
 
 
