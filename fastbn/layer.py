@@ -14,6 +14,7 @@ through the functional API.  It reads only ``x.shape``, ``x.ndim`` and
 
 from __future__ import annotations
 
+import importlib
 import operator
 
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 # half-initialised here; its ``forward``/``backward`` are looked up at call
 # time, when the package is complete.
 import fastbn
-from fastbn import _sync
+from fastbn import _dispatch, _sync
 from fastbn._validate import check_eps, check_flag, check_momentum
 
 __all__ = ["BatchNorm"]
@@ -179,6 +180,12 @@ class BatchNorm:
 
     Notes
     -----
+    The layer follows its input: the first GPU input (any
+    ``__cuda_array_interface__`` array) moves ``weight``, ``bias`` and the
+    running statistics to the device, as Numba device arrays, where they are
+    updated in place; a host input moves them back.  To update device
+    parameters in an optimizer, wrap them (``cupy.asarray(p)`` is zero-copy).
+
     ``layer(x)`` keeps a reference to ``x`` (not a copy) for :meth:`backward`;
     do not modify ``x`` in place in between.  :meth:`backward` reads the
     current ``weight``, so call it before an optimizer updates the parameters.
@@ -272,15 +279,16 @@ class BatchNorm:
     def _check_input(self, x):
         # Only attributes every array type has: the functional API does the
         # rest of the checking (and would be the one to accept device arrays).
-        if not (hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "ndim")):
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
             raise TypeError(f"x: expected an array, got {type(x).__name__}")
-        if x.ndim < 2:
+        ndim = len(x.shape)
+        if ndim < 2:
             raise ValueError(
                 f"x: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}"
             )
-        if not -x.ndim <= self.axis < x.ndim:
+        if not -ndim <= self.axis < ndim:
             raise ValueError(
-                f"axis: {self.axis} is out of range for an input of {x.ndim} dimensions"
+                f"axis: {self.axis} is out of range for an input of {ndim} dimensions"
             )
         # Checked here because without weight and running statistics the
         # functional API has nothing to compare the channel count with.
@@ -335,6 +343,7 @@ class BatchNorm:
         succeeds.
         """
         self._check_input(x)
+        self._follow(_dispatch.is_device_array(x))
         tracking = self.track_running_stats
         count = self.num_batches_tracked
         if self.training and tracking:
@@ -359,6 +368,22 @@ class BatchNorm:
             self.num_batches_tracked = count
         self._cache = (x, saved)
         return y
+
+    def _follow(self, on_device):
+        """Move parameters and running statistics to where the input is."""
+        names = ("weight", "bias", "running_mean", "running_var")
+        arrays = [getattr(self, name) for name in names]
+        if on_device and any(isinstance(a, np.ndarray) for a in arrays):
+            target = importlib.import_module("fastbn._cuda_target")
+            for name, array in zip(names, arrays):
+                if isinstance(array, np.ndarray):
+                    device = target.device_array(array.shape, array.dtype)
+                    device.copy_to_device(array)
+                    setattr(self, name, device)
+        elif not on_device and any(a is not None and not isinstance(a, np.ndarray) for a in arrays):
+            for name, array in zip(names, arrays):
+                if array is not None and not isinstance(array, np.ndarray):
+                    setattr(self, name, _to_numpy(array))
 
     def __call__(self, x):
         """Same as :meth:`forward`."""
