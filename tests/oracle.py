@@ -138,3 +138,121 @@ def oracle_backward(dy, x, weight, mean, invstd, batch_stats: bool, axis: int = 
     else:
         dx = dy64 * per_channel(invstd * w, nd, axis)
     return dx, dotp * invstd, sum_dy
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused and extended batch norm (issue 7), from the definitions:
+#   y = act(BN(x) + z) with act = relu or identity and z an optional residual;
+#   ghost batch norm: batch statistics per group of k consecutive samples along axis 0;
+#   batch renormalization (Ioffe 2017): y = ((x - mu) / sigma * r + d) * w + b with
+#   r = clip(sigma / sigma_running, 1/rmax, rmax), d = clip((mu - mu_running) / sigma_running,
+#   -dmax, dmax), sigma = sqrt(var + eps), from the running stats before this step's update;
+#   folding: eval-mode BN applied after a dense/conv layer, merged into that layer.
+# ---------------------------------------------------------------------------------------------
+class OracleExtended(NamedTuple):
+    y: np.ndarray  # float64
+    running_mean: np.ndarray | None
+    running_var: np.ndarray | None
+    mean: np.ndarray  # (C,), or (G, C) for ghost batch norm
+    invstd: np.ndarray  # same shape as mean
+    r: np.ndarray | None  # batch renormalization's r and d, (C,), None without renorm
+    d: np.ndarray | None
+    batch_stats: bool
+
+
+def _groups(a, k):
+    """The ghost batches of a: consecutive groups of k samples along axis 0."""
+    a = np.asarray(a, dtype=np.float64)
+    return [a[g * k:(g + 1) * k] for g in range(a.shape[0] // k)]
+
+
+def oracle_forward_extended(x, weight=None, bias=None, *, running_mean=None, running_var=None, training=True,
+                            momentum=0.1, eps=1e-5, axis=1, activation=None, residual=None,
+                            virtual_batch_size=None, renorm=None) -> OracleExtended:
+    """forward with activation, residual, ghost batches and renormalization, in float64.
+
+    Ghost batches (batch statistics only): each group of ``virtual_batch_size`` samples is
+    normalised with its own statistics; in training the running statistics are updated once,
+    with the average over groups of the group means and of the unbiased group variances.
+    Renormalization applies in training with running statistics only.
+    """
+    x64 = np.asarray(x, dtype=np.float64)
+    nd = x64.ndim
+    has_running = running_mean is not None
+    batch_stats = training or not has_running
+    new_rm = None if running_mean is None else np.array(running_mean, dtype=np.float64)
+    new_rv = None if running_var is None else np.array(running_var, dtype=np.float64)
+    r = d = None
+    if batch_stats and virtual_batch_size is not None:
+        k = virtual_batch_size
+        parts = [oracle_forward(g, weight, bias, training=True, eps=eps, axis=axis) for g in _groups(x64, k)]
+        y = np.concatenate([p.y for p in parts], axis=0)
+        mean = np.stack([p.mean for p in parts])
+        invstd = np.stack([p.invstd for p in parts])
+        if training and has_running:
+            n = parts[0].count
+            var = 1.0 / invstd**2 - eps
+            new_rm = (1.0 - momentum) * new_rm + momentum * mean.mean(axis=0)
+            new_rv = (1.0 - momentum) * new_rv + momentum * (var * (n / (n - 1))).mean(axis=0)
+    else:
+        o = oracle_forward(x64, weight, bias, running_mean=running_mean, running_var=running_var,
+                           training=training, momentum=momentum, eps=eps, axis=axis)
+        y, mean, invstd, new_rm, new_rv = o.y, o.mean, o.invstd, o.running_mean, o.running_var
+        if renorm is not None and training and has_running:
+            rmax, dmax = renorm
+            sigma_run = np.sqrt(np.asarray(running_var, np.float64) + eps)
+            r = np.clip((1.0 / invstd) / sigma_run, 1.0 / rmax, rmax)
+            d = np.clip((mean - np.asarray(running_mean, np.float64)) / sigma_run, -dmax, dmax)
+            w = np.ones_like(mean) if weight is None else np.asarray(weight, np.float64)
+            b = np.zeros_like(mean) if bias is None else np.asarray(bias, np.float64)
+            x_hat = (x64 - per_channel(mean, nd, axis)) * per_channel(invstd, nd, axis)
+            y = (x_hat * per_channel(r, nd, axis) + per_channel(d, nd, axis)) * per_channel(w, nd, axis) \
+                + per_channel(b, nd, axis)
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64)
+    if activation == "relu":
+        y = np.maximum(y, 0.0)
+    return OracleExtended(y, new_rm, new_rv, mean, invstd, r, d, bool(batch_stats))
+
+
+def oracle_backward_extended(dy, x, weight, mean, invstd, batch_stats: bool, axis: int = 1, *, y=None,
+                             r=None, d=None, virtual_batch_size=None):
+    """Gradients of oracle_forward_extended; returns (dx, dweight, dbias, dresidual).
+
+    ``y`` is forward's output when the activation was relu: the gradient passes where y > 0.
+    The residual's gradient is the gradient at the output of BN + z, after the mask.  With
+    renormalization r and d are constants: BN's output is x_hat * (r w) + (d w + b), so dx is
+    the training formula with weight r * w, dweight = sum(g * (x_hat r + d)), dbias = sum(g).
+    Ghost batches: each group's gradients with its own statistics; dweight, dbias summed.
+    """
+    g = np.asarray(dy, dtype=np.float64)
+    if y is not None:
+        g = np.where(np.asarray(y, dtype=np.float64) > 0, g, 0.0)
+    x64 = np.asarray(x, dtype=np.float64)
+    nd = x64.ndim
+    if virtual_batch_size is not None and batch_stats:
+        k = virtual_batch_size
+        parts = [oracle_backward(gg, xg, weight, mean[i], invstd[i], True, axis)
+                 for i, (gg, xg) in enumerate(zip(_groups(g, k), _groups(x64, k)))]
+        dx = np.concatenate([p[0] for p in parts], axis=0)
+        return dx, sum(p[1] for p in parts), sum(p[2] for p in parts), g
+    if r is not None:
+        channels = x64.shape[channel_axis(nd, axis)]
+        w = np.ones(channels) if weight is None else np.asarray(weight, np.float64)
+        dx, dotp_invstd, sum_g = oracle_backward(g, x64, r * w, mean, invstd, batch_stats, axis)
+        return dx, r * dotp_invstd + d * sum_g, sum_g, g
+    dx, dweight, dbias = oracle_backward(g, x64, weight, mean, invstd, batch_stats, axis)
+    return dx, dweight, dbias, g
+
+
+def oracle_fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis=0):
+    """Fold eval-mode BN into the layer before it, in float64.
+
+    BN(W x + c) = s (W x + c - mean) + b with s = weight / sqrt(var + eps): the folded layer
+    has weight s W (s along W's output-channel axis) and bias s (c - mean) + b.
+    """
+    lw = np.asarray(layer_weight, dtype=np.float64)
+    s = np.asarray(weight, np.float64) / np.sqrt(np.asarray(running_var, np.float64) + eps)
+    c = 0.0 if layer_bias is None else np.asarray(layer_bias, np.float64)
+    return lw * per_channel(s, lw.ndim, axis), s * (c - np.asarray(running_mean, np.float64)) + np.asarray(bias,
+                                                                                                        np.float64)
