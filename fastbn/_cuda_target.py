@@ -19,9 +19,10 @@ constructors (``np.float32(v)``) as casts.  They use no extension API
 differ (LLVM IR against MLIR).  Everything else a backend needs from the
 target goes through the functions below, so moving to numba-cuda-mlir should
 mean changing this module only.  That has not been tried: numba-cuda-mlir is
-not installed here, and two details of this module are numba-cuda's (device
+not installed here, and three details of this module are numba-cuda's (device
 functions inlined with ``inline="always"``; the toolkit queries of
-:func:`supported_ccs`).
+:func:`supported_ccs` and :func:`compiler_paths`; the libdevice lookup that
+:func:`_pair_libdevice_with_nvvm` corrects).
 
 This module also supplies what Numba's CUDA *simulator*
 (``NUMBA_ENABLE_CUDASIM=1``, which runs the GPU tests on machines without a
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import threading
 import weakref
 
@@ -50,6 +52,7 @@ __all__ = [
     "as_device_array",
     "c_strides",
     "compile_ptx",
+    "compiler_paths",
     "cuda",
     "device_array",
     "device_function",
@@ -269,6 +272,76 @@ def compile_ptx(func, argtypes, cc):
     """
     ptx, _ = cuda.compile_ptx(func, tuple(argtypes), cc=tuple(cc))
     return ptx
+
+
+def compiler_paths():
+    """The files of the compiler that numba-cuda compiles with in this process.
+
+    Loads NVVM if it is not loaded yet.
+
+    Returns
+    -------
+    dict
+        ``nvvm`` (the libNVVM shared library) and ``libdevice`` (the bitcode
+        math library linked into every kernel), absolute paths.
+    """
+    from numba.cuda.cuda_paths import get_cuda_paths
+
+    paths = get_cuda_paths()
+    return {"nvvm": paths["nvvm"].info, "libdevice": paths["libdevice"].info}
+
+
+def libdevice_beside(nvvm_path):
+    """The ``libdevice.10.bc`` of the toolkit that the libNVVM at ``nvvm_path`` belongs to, or None.
+
+    Every toolkit layout keeps it in ``nvvm/libdevice`` under the toolkit
+    root, and libNVVM one or two folders below that root: ``lib/`` in the
+    CUDA 13 wheels, ``nvvm/lib64/`` in the CUDA 12 wheel and system installs.
+    """
+    folder = os.path.dirname(os.path.realpath(nvvm_path))
+    for _ in range(3):
+        candidate = os.path.join(folder, "nvvm", "libdevice", "libdevice.10.bc")
+        if os.path.isfile(candidate):
+            return candidate
+        folder = os.path.dirname(folder)
+    return None
+
+
+def _pair_libdevice_with_nvvm():
+    """Make numba-cuda link the libdevice of the NVVM it loaded.
+
+    numba-cuda 0.30 looks for libNVVM and libdevice separately: libNVVM
+    through cuda-pathfinder (CUDA 13's wheel first), but libdevice from the
+    ``nvidia-cuda-nvcc-cu12`` wheel whenever that is installed, before CUDA
+    13's.  fastbn[cuda] installs both (the CUDA 12 one for ``python -m fastbn
+    ptx``, see :mod:`fastbn._cuda12`), which would pair CUDA 13's NVVM with
+    CUDA 12's libdevice.  This wraps numba-cuda's wheel lookup so that it
+    answers the libdevice beside the loaded libNVVM, and falls back to its
+    own answer when there is none.
+    """
+    try:
+        from cuda import pathfinder
+        from numba.cuda import cuda_paths
+
+        wheel_libdevice = cuda_paths.get_libdevice_wheel_path
+    except (ImportError, AttributeError):  # another numba-cuda: leave its lookup alone
+        return
+    if getattr(wheel_libdevice, "_fastbn", False):
+        return
+
+    def libdevice_of_loaded_nvvm():
+        try:
+            found = libdevice_beside(pathfinder.load_nvidia_dynamic_lib("nvvm").abs_path)
+        except Exception:  # noqa: BLE001 - numba-cuda reports a missing NVVM itself
+            found = None
+        return found or wheel_libdevice()
+
+    libdevice_of_loaded_nvvm._fastbn = True
+    cuda_paths.get_libdevice_wheel_path = libdevice_of_loaded_nvvm
+
+
+if not SIMULATOR:
+    _pair_libdevice_with_nvvm()
 
 
 def supported_ccs():

@@ -4,14 +4,26 @@ For each compute capability asked for, each input dtype the dispatcher can
 launch (float16, float32, float64) and each kernel of :mod:`fastbn._cuda`, the
 kernel is compiled to PTX with exactly the argument types the backend launches
 it with (:func:`fastbn._cuda.signatures`), then assembled to machine code by
-ptxas inside nvJitLink, which reports registers, spills and shared memory.
-One line is printed per kernel, dtype and compute capability.
+ptxas, which reports registers, spills and shared memory.  One line is
+printed per kernel, dtype and compute capability, naming the toolkit that
+compiled it.
 
-A compute capability the installed toolkit no longer targets (CUDA 13 dropped
-everything below 7.5) is reported as ``unsupported`` on every line, with the
-reason; it is not a compilation failure unless ``--strict`` is given.  The
-exit status is non-zero if any compilation or assembly fails, or if nothing
-at all could be compiled.
+Two toolkits share the work:
+
+* **CUDA 13** (``numba-cuda[cu13]``) compiles every compute capability it
+  targets (7.5 and up), in the worker processes of this command, and
+  assembles with the ptxas inside nvJitLink.
+* **CUDA 12** (the ``nvidia-cuda-nvcc-cu12`` wheel, part of ``fastbn[cuda]``
+  on Linux) compiles those that CUDA 13 dropped, Volta's cc 7.0 among them,
+  one child interpreter per compute capability so that its libNVVM never
+  meets CUDA 13's, and assembles with its own ``ptxas`` executable; see
+  :mod:`fastbn._cuda12`.
+
+A compute capability that neither installed toolkit targets (any below 7.5
+when the CUDA 12 wheel is missing) is reported as ``unsupported`` on every
+line, with the reason and what to install; it is not a compilation failure
+unless ``--strict`` is given.  The exit status is non-zero if any
+compilation or assembly fails, or if nothing at all could be compiled.
 """
 
 from __future__ import annotations
@@ -42,14 +54,29 @@ def parse_cc(text):
     return int(match.group(1)), int(match.group(2))
 
 
+def resource_report(log):
+    """Registers, spills and static shared memory from a ptxas ``-v`` log of one kernel.
+
+    Returns
+    -------
+    dict
+        ``registers``, ``spill_stores``, ``spill_loads`` and ``shared``
+        (bytes of static shared memory); 0 for what the log does not mention.
+    """
+    report = {}
+    for key, pattern in _LOG_PATTERNS.items():
+        found = pattern.search(log)
+        report[key] = int(found.group(1)) if found else 0
+    return report
+
+
 def assemble(ptx, cc):
     """Assemble ``ptx`` for ``sm_XY`` with nvJitLink's ptxas; return its resource report.
 
     Returns
     -------
     dict or None
-        ``registers``, ``spill_stores``, ``spill_loads`` and ``shared`` (bytes,
-        static shared memory); None when nvJitLink is not installed.
+        :func:`resource_report`'s; None when nvJitLink is not installed.
 
     Raises
     ------
@@ -75,58 +102,119 @@ def assemble(ptx, cc):
         nvjitlink.get_info_log(handle, log)
     finally:
         nvjitlink.destroy(handle)
-    text = log.decode(errors="replace")
-    report = {}
-    for key, pattern in _LOG_PATTERNS.items():
-        found = pattern.search(text)
-        report[key] = int(found.group(1)) if found else 0
-    return report
+    return resource_report(log.decode(errors="replace"))
 
 
-def compile_cc(cc):
-    """Compile every kernel for every dtype on compute capability ``cc``.
+def _span(ccs):
+    """``"cc 7.5 to 12.1"`` for an ascending list of compute capabilities."""
+    return f"cc {ccs[0][0]}.{ccs[0][1]} to {ccs[-1][0]}.{ccs[-1][1]}"
+
+
+def compile_kernels(cc, assembler, toolkit):
+    """Compile every kernel for every dtype on ``cc`` with the NVVM of this process.
+
+    Parameters
+    ----------
+    cc : tuple of int
+        ``(major, minor)``.
+    assembler : callable
+        ``assembler(ptx, cc)`` returns the resource report of the assembled
+        PTX (or None) and raises on failure.
+    toolkit : str
+        Names the compiler on every result, such as ``"CUDA 13.5"``.
 
     Returns
     -------
     list of tuple
-        ``(kernel, dtype name, status, detail, seconds)`` with status ``ok``,
-        ``unsupported`` or ``FAILED``; for ``ok`` the detail is assemble()'s
-        report (or None), otherwise a one-line reason.
+        ``(kernel, dtype name, status, detail, seconds, toolkit)`` with status
+        ``ok`` (the detail is the report) or ``FAILED`` (a one-line reason).
     """
     from fastbn import _cuda, _cuda_target
 
-    supported = _cuda_target.supported_ccs()
     results = []
     for dtype in FLOAT_DTYPES:
         for kernel, dispatcher, argtypes in _cuda.signatures(dtype):
-            if supported is not None and tuple(cc) not in supported:
-                reason = (f"not a target of this toolkit (CUDA {_cuda_target.toolkit_version()}: cc "
-                          f"{supported[0][0]}.{supported[0][1]} to {supported[-1][0]}.{supported[-1][1]})")
-                results.append((kernel, dtype.name, "unsupported", reason, 0.0))
-                continue
             start = time.perf_counter()
             try:
                 ptx = _cuda_target.compile_ptx(dispatcher.py_func, argtypes, cc)
-                report = assemble(ptx, cc)
+                report = assembler(ptx, cc)
             except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
                 first_line = (str(exc).strip().splitlines() or [""])[0]
                 status = "unsupported" if type(exc).__name__ == "CCSupportError" else "FAILED"
                 results.append((kernel, dtype.name, status, f"{type(exc).__name__}: {first_line}",
-                                time.perf_counter() - start))
+                                time.perf_counter() - start, toolkit))
                 continue
-            results.append((kernel, dtype.name, "ok", report, time.perf_counter() - start))
+            results.append((kernel, dtype.name, "ok", report, time.perf_counter() - start, toolkit))
     return results
 
 
-def format_line(cc, kernel, dtype, status, detail, seconds):
-    """One output line: kernel, dtype, compute capability, status, then resources or reason."""
-    head = f"{kernel:<24} {dtype:<8} cc {cc[0]}.{cc[1]:<3} {status:<11}"
+def compile_cc(cc):
+    """Compile every kernel for every dtype on compute capability ``cc``, with the toolkit that targets it.
+
+    The CUDA 13 toolkit of numba-cuda compiles in this process; a compute
+    capability it does not target goes to CUDA 12's compiler in a process
+    of its own (:mod:`fastbn._cuda12`), when that is installed and targets it.
+
+    Returns
+    -------
+    list of tuple
+        ``(kernel, dtype name, status, detail, seconds, toolkit)`` with status
+        ``ok``, ``unsupported`` or ``FAILED``; for ``ok`` the detail is the
+        resource report (or None), otherwise a one-line reason.
+    """
+    from fastbn import _cuda, _cuda12, _cuda_target
+
+    cc = tuple(cc)
+    supported = _cuda_target.supported_ccs()
+    primary = f"CUDA {_cuda_target.toolkit_version()}"
+    if supported is None or cc in supported:
+        return compile_kernels(cc, assemble, primary)
+    kernels = [(kernel, dtype.name) for dtype in FLOAT_DTYPES for kernel, _, _ in _cuda.signatures(dtype)]
+    fallback, missing = _cuda12.locate()
+    if fallback is not None and cc in fallback.ccs:
+        start = time.perf_counter()
+        try:
+            return _cuda12.compile_in_subprocess(cc)
+        except Exception as exc:  # noqa: BLE001 - reported on every line, then counted
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            seconds = time.perf_counter() - start
+            return [(kernel, dtype, "FAILED", reason, seconds, fallback.name) for kernel, dtype in kernels]
+    reason = f"not a target of this toolkit ({primary}: {_span(supported)})"
+    if fallback is None:
+        reason += f"; {missing}"
+    else:
+        reason += f", nor of {fallback.name} ({_span(fallback.ccs)})"
+    return [(kernel, dtype, "unsupported", reason, 0.0, primary) for kernel, dtype in kernels]
+
+
+def format_line(cc, kernel, dtype, status, detail, seconds, toolkit):
+    """One output line: kernel, dtype, compute capability, status, toolkit, then resources or reason."""
+    head = f"{kernel:<24} {dtype:<8} cc {cc[0]}.{cc[1]:<3} {status:<11} {toolkit:<9}"
     if status != "ok":
         return f"{head} {detail}"
     if detail is None:
         return f"{head} registers n/a (nvJitLink not installed)  {seconds:5.2f} s"
     return (f"{head} registers {detail['registers']:3d}  spills {detail['spill_stores']}/{detail['spill_loads']} B "
             f"(stores/loads)  smem {detail['shared']:5d} B  {seconds:5.2f} s")
+
+
+def _toolkits_line(ccs):
+    """The header line: which compiler takes which compute capabilities."""
+    from fastbn import _cuda12, _cuda_target
+
+    supported = _cuda_target.supported_ccs()
+    line = (f"fastbn GPU kernels on {_cuda_target.NAME}, no GPU used: CUDA {_cuda_target.toolkit_version()} NVVM "
+            f"and ptxas (nvJitLink)")
+    if supported is None:
+        return line
+    line += f" for {_span(supported)}"
+    if all(cc in supported for cc in ccs):
+        return line
+    fallback, missing = _cuda12.locate()
+    if fallback is None:
+        return f"{line}; no CUDA 12 compiler for the others: {missing}"
+    return (f"{line}; {fallback.name} NVVM and ptxas ({_cuda12.DISTRIBUTION}, in a process of their own) "
+            f"for the others ({fallback.name} targets {_span(fallback.ccs)})")
 
 
 def main(ccs, *, strict=False, jobs=None, out=None):
@@ -145,8 +233,7 @@ def main(ccs, *, strict=False, jobs=None, out=None):
     if _cuda_target.SIMULATOR:
         print("ptx: NUMBA_ENABLE_CUDASIM=1 selects the CUDA simulator, which cannot compile PTX; unset it", file=out)
         return 2
-    print(f"fastbn GPU kernels on {_cuda_target.NAME}, CUDA {_cuda_target.toolkit_version()} NVVM and ptxas "
-          f"(nvJitLink); no GPU used", file=out)
+    print(_toolkits_line(ccs), file=out)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(ccs)))
     start = time.perf_counter()
     if jobs == 1:
@@ -159,12 +246,12 @@ def main(ccs, *, strict=False, jobs=None, out=None):
             per_cc = list(pool.map(compile_cc, ccs))
     counts = {"ok": 0, "unsupported": 0, "FAILED": 0}
     for cc, results in zip(ccs, per_cc):
-        for kernel, dtype, status, detail, seconds in results:
-            counts[status] += 1
-            print(format_line(cc, kernel, dtype, status, detail, seconds), file=out)
+        for result in results:
+            counts[result[2]] += 1
+            print(format_line(cc, *result), file=out)
     total = sum(counts.values())
-    print(f"{total} kernel x dtype x cc: {counts['ok']} compiled, {counts['unsupported']} unsupported by this "
-          f"toolkit, {counts['FAILED']} failed ({time.perf_counter() - start:.1f} s)", file=out)
+    print(f"{total} kernel x dtype x cc: {counts['ok']} compiled, {counts['unsupported']} unsupported by the "
+          f"installed toolkits, {counts['FAILED']} failed ({time.perf_counter() - start:.1f} s)", file=out)
     if counts["FAILED"] or counts["ok"] == 0 or (strict and counts["unsupported"]):
         return 1
     return 0
@@ -176,7 +263,7 @@ def add_parser(commands):
     parser.add_argument("--cc", nargs="+", default=["7.5", "8.0", "9.0"], metavar="X.Y",
                         help="compute capabilities (default: 7.5 8.0 9.0)")
     parser.add_argument("--strict", action="store_true",
-                        help="also fail on a compute capability the installed toolkit does not target")
+                        help="also fail on a compute capability that no installed toolkit targets")
     parser.add_argument("--jobs", type=int, default=None, help="parallel processes (default: CPUs, at most one per cc)")
     return parser
 

@@ -3,20 +3,33 @@ and the kernels index with 64-bit integers."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from fastbn import _cuda, _ptx
+from fastbn import _cuda, _cuda12, _ptx
 from fastbn._validate import FLOAT_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 CCS = ("7.0", "8.0", "9.0")
-LINE = re.compile(r"^(?P<kernel>\w+)\s+(?P<dtype>float\d+)\s+cc (?P<cc>\d+\.\d+)\s+(?P<status>ok|unsupported|FAILED)\b"
-                  r"(?P<rest>.*)$")
+LINE = re.compile(r"^(?P<kernel>\w+)\s+(?P<dtype>float\d+)\s+cc (?P<cc>\d+\.\d+)\s+(?P<status>ok|unsupported|FAILED)\s+"
+                  r"CUDA (?P<toolkit>\d+\.\d+)\b(?P<rest>.*)$")
+RESOURCES = re.compile(r"registers +\d+ +spills \d+/\d+ B")
+
+
+def _cuda12_installed():
+    """True when the wheel with CUDA 12's compiler is installed (fastbn[cuda] brings it on Linux)."""
+    try:
+        importlib.metadata.distribution(_cuda12.DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def test_ptx_command_compiles_every_kernel_for_every_dtype():
@@ -32,19 +45,64 @@ def test_ptx_command_compiles_every_kernel_for_every_dtype():
     from fastbn import _cuda_target
 
     supported = _cuda_target.supported_ccs()
+    primary = _cuda_target.toolkit_version()
     for line in lines:
         cc = tuple(int(part) for part in line["cc"].split("."))
         if supported is None or cc in supported:
-            # ptxas (in nvJitLink) reports the resources of what it assembled
-            assert line["status"] == "ok", line
-            assert re.search(r"registers +\d+ +spills \d+/\d+ B", line["rest"]), line
+            # CUDA 13 in this process; ptxas (in nvJitLink) reports what it assembled
+            assert line["status"] == "ok" and line["toolkit"] == primary, line
+            assert RESOURCES.search(line["rest"]), line
+        elif _cuda12_installed():
+            # cc 7.0 (Volta): CUDA 12's NVVM in a process of its own, then CUDA 12's ptxas
+            assert line["status"] == "ok" and line["toolkit"].startswith("12."), line
+            assert RESOURCES.search(line["rest"]), line
         else:
             assert line["status"] == "unsupported" and "not a target of this toolkit" in line["rest"], line
-    assert re.search(r"\d+ compiled, \d+ unsupported by this toolkit, 0 failed", proc.stdout), proc.stdout
+            assert _cuda12.DISTRIBUTION in line["rest"], line  # says what to install
+    assert re.search(r"\d+ compiled, \d+ unsupported by the installed toolkits, 0 failed", proc.stdout), proc.stdout
+
+
+def test_without_cuda12_a_dropped_cc_is_unsupported(monkeypatch):
+    """With no CUDA 12 compiler, a cc that CUDA 13 dropped is reported, not compiled, and names the wheel."""
+    from fastbn import _cuda_target
+
+    supported = _cuda_target.supported_ccs()
+    if supported is None or (7, 0) in supported:
+        pytest.skip(f"this toolkit (CUDA {_cuda_target.toolkit_version()}) targets cc 7.0 itself")
+    monkeypatch.setattr(_cuda12, "locate", lambda: (None, f"install {_cuda12.DISTRIBUTION} (test)"))
+    results = _ptx.compile_cc((7, 0))
+    assert len(results) == sum(len(_cuda.signatures(dtype)) for dtype in FLOAT_DTYPES)
+    for kernel, dtype, status, detail, seconds, toolkit in results:
+        assert status == "unsupported" and seconds == 0.0, (kernel, dtype, status, detail)
+        assert "not a target of this toolkit" in detail and f"install {_cuda12.DISTRIBUTION}" in detail, detail
+
+
+def test_cuda12_child_needs_the_forced_cc():
+    """The CUDA 12 child refuses to start unless its environment forces the compute capability it compiles for."""
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_FORCE_CUDA_CC"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "fastbn._cuda12", "7.0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "NUMBA_FORCE_CUDA_CC must be 7.0" in proc.stderr, proc.stderr
+
+
+def test_libdevice_belongs_to_the_loaded_nvvm():
+    """numba-cuda links the libdevice of the NVVM it loaded, even with CUDA 12's wheel installed beside
+    CUDA 13's (numba-cuda alone would take CUDA 12's libdevice for CUDA 13's NVVM)."""
+    from fastbn import _cuda_target
+
+    if _cuda_target.SIMULATOR:
+        pytest.skip("the simulator loads no NVVM")
+    paths = _cuda_target.compiler_paths()
+    assert paths["libdevice"] == _cuda_target.libdevice_beside(paths["nvvm"]), paths
+    cuda12, _ = _cuda12.locate()
+    if cuda12 is not None:
+        assert not os.path.samefile(paths["nvvm"], cuda12.nvvm), paths  # CUDA 13's NVVM in normal use
+        assert not os.path.samefile(paths["libdevice"], cuda12.libdevice), paths
 
 
 def _fake_results(status):
-    return lambda cc: [("normalize", "float32", status, "reason" if status != "ok" else None, 0.0)]
+    return lambda cc: [("normalize", "float32", status, "reason" if status != "ok" else None, 0.0, "CUDA 13.5")]
 
 
 def test_exit_status(monkeypatch, capsys):
