@@ -3,17 +3,21 @@
 The functional API follows ``torch.nn.functional.batch_norm``:
 
 * :func:`forward` / :func:`backward`: training and eval batch norm and its gradients;
-* :func:`moments` / :func:`normalize`: the two steps on their own.
+* :func:`moments` / :func:`normalize`: the two steps on their own;
+* :func:`fold`: merge eval-mode batch norm into the layer before it.
+
+:func:`forward` also fuses a ReLU, a residual add, ghost batches and batch
+renormalization into its passes.
 
 ``import fastbn`` is cheap: it imports neither Numba nor any framework, and
 compiles nothing.  Kernels compile on first use and are cached on disk.
 """
 
-from fastbn._api import Saved, backward, forward, moments, normalize
+from fastbn._api import Saved, backward, fold, forward, moments, normalize
 from fastbn._sync import Collectives
 from fastbn.layer import BatchNorm
 from fastbn._threading import threading_layer
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm", "Collectives", "Saved", "backward", "forward", "moments", "normalize", "threading_layer", "__version__"]
+__all__ = ["BatchNorm", "Collectives", "Saved", "backward", "fold", "forward", "moments", "normalize", "threading_layer", "__version__"]

@@ -28,7 +28,7 @@ from fastbn._validate import (
     stats_dtype,
 )
 
-__all__ = ["Saved", "forward", "backward", "moments", "normalize"]
+__all__ = ["Saved", "backward", "fold", "forward", "moments", "normalize"]
 
 
 class Saved(NamedTuple):
@@ -414,3 +414,71 @@ def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend
         if value is not None or name in ("mean", "var"):
             check_channel_vector(value, name, channels, dtype)
     return restore(ops.normalize(x, axis, dtype, mean, var, weight, bias, eps))
+
+
+def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps=1e-5, axis=0, *, backend=None):
+    """Fold eval-mode batch norm into the dense or convolution layer before it.
+
+    For a layer ``u = W x + c`` followed by eval-mode batch norm
+    ``y = (u - running_mean) / sqrt(running_var + eps) * weight + bias``, return
+    the ``(W', c')`` of one layer computing ``y`` directly: with ``s = weight /
+    sqrt(running_var + eps)``, ``W' = s * W`` along W's output-channel axis and
+    ``c' = s * (c - running_mean) + bias``.  Inference then skips the batch
+    norm entirely.
+
+    Parameters
+    ----------
+    layer_weight : numpy.ndarray
+        The layer's weight, float16, float32 or float64, rank >= 2: ``(out,
+        in)`` for a dense layer, ``(out, in, *kernel)`` for a PyTorch
+        convolution.
+    layer_bias : numpy.ndarray or None
+        The layer's bias, shape ``(C,)`` with ``C = layer_weight.shape[axis]``,
+        of layer_weight's dtype; None for a layer without bias.
+    running_mean, running_var : numpy.ndarray
+        The batch norm's running statistics, ``(C,)``, in the statistics dtype
+        of layer_weight (float32 for float16/float32, float64 for float64).
+    weight, bias : numpy.ndarray or None
+        The batch norm's affine parameters, ``(C,)``, same dtype; None means 1 and 0.
+    eps : float, default 1e-5
+        The batch norm's eps.
+    axis : int, default 0
+        The output-channel axis of ``layer_weight``: 0 for dense layers and
+        PyTorch's ``Conv*d``, 1 for ``ConvTranspose*d``, -1 for a Keras/JAX
+        ``(in, out)`` kernel.
+    backend : {None, "cpu", "cuda"}, default None
+        Where to run; None follows ``layer_weight``.
+
+    Returns
+    -------
+    folded_weight : numpy.ndarray
+        Shape and dtype of ``layer_weight``.
+    folded_bias : numpy.ndarray
+        Shape ``(C,)``, dtype of ``layer_weight`` (a bias is returned even when
+        the layer had none).
+
+    Notes
+    -----
+    Computed in float64 (on the CPU) and rounded once to the layer's dtype.
+    """
+    ops, restore, (layer_weight, layer_bias, running_mean, running_var, weight, bias) = _dispatch.prepare(
+        backend,
+        [("layer_weight", layer_weight), ("layer_bias", layer_bias), ("running_mean", running_mean),
+         ("running_var", running_var), ("weight", weight), ("bias", bias)],
+    )
+    layer_weight = check_x(layer_weight, "layer_weight")
+    axis = check_axis(axis, len(layer_weight.shape))
+    eps = check_eps(eps)
+    channels, _ = check_channels(layer_weight, axis, "layer_weight")
+    if layer_bias is not None:
+        check_channel_vector(layer_bias, "layer_bias", channels, np.dtype(layer_weight.dtype))
+    dtype = stats_dtype(layer_weight.dtype)
+    for name, value in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                        ("bias", bias)):
+        if value is not None or name.startswith("running"):
+            check_channel_vector(value, name, channels, dtype)
+    if not hasattr(ops, "fold"):
+        raise ValueError(f"layer_weight: fold is not available on the {ops.name} backend yet")
+    folded_weight, folded_bias = ops.fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps,
+                                          axis)
+    return restore(folded_weight), restore(folded_bias)

@@ -233,3 +233,24 @@ def backward_dx(dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, coun
         _scale(invstd, weight), dx_view,
     )
     return dx
+
+
+def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
+    """Batch norm folded into the layer before it: ``(s * W, s * (c - mean) + bias)``, s = weight * invstd.
+
+    Computed in float64 and rounded once to the layer's dtype; the folded
+    weight keeps ``layer_weight``'s memory order.
+    """
+    channels = layer_weight.shape[axis]
+    scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    if weight is not None:
+        scale = scale * weight.astype(np.float64)
+    shape = [1] * layer_weight.ndim
+    shape[axis] = channels
+    folded_weight = (layer_weight.astype(np.float64, order="K") * scale.reshape(shape)).astype(layer_weight.dtype,
+                                                                                               order="K")
+    c = np.zeros(channels) if layer_bias is None else layer_bias.astype(np.float64)
+    folded_bias = scale * (c - running_mean.astype(np.float64))
+    if bias is not None:
+        folded_bias = folded_bias + bias.astype(np.float64)
+    return folded_weight, folded_bias.astype(layer_weight.dtype)
