@@ -212,9 +212,9 @@ def forward(
     if not batch_stats:
         groups = 1  # ghost batches only change batch statistics
     if training and count // groups == 1 and collectives is None:
-        where = "" if groups == 1 else f" of each ghost batch of {virtual_batch_size}"
+        where = "" if groups == 1 else f" (in each ghost batch of {virtual_batch_size})"
         raise ValueError(
-            f"x: Expected more than 1 value per channel{where} when training, got input size {tuple(x.shape)}"
+            f"x: Expected more than 1 value per channel when training{where}, got input size {tuple(x.shape)}"
         )
     if renorm is not None and virtual_batch_size is not None:
         raise ValueError("renorm: not supported together with virtual_batch_size")

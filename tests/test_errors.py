@@ -113,7 +113,42 @@ FORWARD_ERRORS = [
     ("momentum-above-one", ValueError, "momentum", _set(momentum=1.5)),
     ("momentum-nan", ValueError, "momentum", _set(momentum=float("nan"))),
     ("momentum-inf", ValueError, "momentum", _set(momentum=float("inf"))),
+    # fused and extended forms (issue 7)
+    ("activation-unknown", ValueError, "activation", _set(activation="gelu")),
+    ("activation-callable", TypeError, "activation", _set(activation=lambda a: max)),
+    ("residual-shape", ValueError, "residual", _set(residual=lambda a: a["x"][:, :, :4])),
+    ("residual-dtype", TypeError, "residual",
+     _set(residual=lambda a: a["x"].astype(np.float64 if a["x"].dtype != np.float64 else np.float32))),
+    ("residual-str", TypeError, "residual", _set(residual="z")),
+    ("virtual_batch_size-not-divisor", ValueError, "virtual_batch_size", _set(virtual_batch_size=3)),
+    ("virtual_batch_size-zero", ValueError, "virtual_batch_size", _set(virtual_batch_size=0)),
+    ("virtual_batch_size-float", TypeError, "virtual_batch_size", _set(virtual_batch_size=2.0)),
+    ("virtual_batch_size-bool", TypeError, "virtual_batch_size", _set(virtual_batch_size=True)),
+    ("virtual_batch_size-channel-axis-0", ValueError, "virtual_batch_size",
+     _set(x=lambda a: np.ascontiguousarray(a["x"].transpose(1, 0, 2)), axis=0, virtual_batch_size=1)),
+    ("virtual_batch_size-one-value", ValueError, ONE_VALUE,
+     _set(x=lambda a: a["x"][:, :, :1], virtual_batch_size=1)),
+    ("renorm-rmax-below-one", ValueError, "renorm", _set(renorm=(0.5, 1.0))),
+    ("renorm-dmax-negative", ValueError, "renorm", _set(renorm=(2.0, -1.0))),
+    ("renorm-nan", ValueError, "renorm", _set(renorm=(float("nan"), 1.0))),
+    ("renorm-scalar", TypeError, "renorm", _set(renorm=3.0)),
+    ("renorm-triple", TypeError, "renorm", _set(renorm=(3.0, 5.0, 1.0))),
+    ("renorm-str", TypeError, "renorm", _set(renorm="35")),
+    ("renorm-without-running", ValueError, "renorm", _set(renorm=(3.0, 5.0), running_mean=None, running_var=None)),
+    ("renorm-with-ghost", ValueError, "renorm", _set(renorm=(3.0, 5.0), virtual_batch_size=2)),
+    ("process_group-with-activation", ValueError, "activation",
+     _set(process_group=lambda a: _OneProcess(), activation="relu")),
 ]
+
+
+class _OneProcess:
+    """A trivial one-process group (see fastbn.Collectives)."""
+
+    def allgather(self, array):
+        return [array]
+
+    def allreduce_sum(self, array):
+        return array
 
 
 def _snapshot(*arrays):
@@ -148,7 +183,11 @@ def test_the_good_arguments_are_accepted(dtype):
     x = args.pop("x")
     fastbn.forward(x, args.pop("weight"), args.pop("bias"), **args)
     for change in (_set(momentum=0.0), _set(momentum=1.0), _set(axis=-2), _set(eps=1e-30),
-                   _set(x=lambda a: a["x"][:1, :, 0], training=False)):
+                   _set(x=lambda a: a["x"][:1, :, 0], training=False),
+                   _set(activation="relu", residual=lambda a: a["x"].copy()), _set(virtual_batch_size=2),
+                   _set(virtual_batch_size=4), _set(virtual_batch_size=1, x=lambda a: a["x"][:, :, :2]),
+                   _set(renorm=(1, 0)), _set(renorm=[float("inf"), float("inf")]),
+                   _set(renorm=(3.0, 5.0), training=False, running_mean=None, running_var=None)):
         args = change(good_forward_args(dtype))
         x = args.pop("x")
         y, _ = fastbn.forward(x, args.pop("weight"), args.pop("bias"), **args)
@@ -204,6 +243,18 @@ BACKWARD_ERRORS = [
     ("saved-mean-short", ValueError, "saved", _set(saved=lambda a: a["saved"]._replace(mean=a["saved"].mean[:-1]))),
     ("saved-invstd-long", ValueError, "saved",
      _set(saved=lambda a: a["saved"]._replace(invstd=np.resize(a["saved"].invstd, C + 1)))),
+    ("relu-without-y", ValueError, "y", _set(saved=lambda a: a["saved"]._replace(activation="relu"))),
+    ("relu-y-shape", ValueError, "y", _set(saved=lambda a: a["saved"]._replace(activation="relu"),
+                                           y=lambda a: a["x"][:2])),
+    ("relu-y-dtype", TypeError, "y", _set(saved=lambda a: a["saved"]._replace(activation="relu"),
+                                          y=lambda a: a["x"].astype(np.int32))),
+    ("ghost-saved-mean-shape", ValueError, "saved",
+     _set(saved=lambda a: a["saved"]._replace(virtual_batch_size=2))),
+    ("ghost-not-divisor", ValueError, "virtual_batch_size",
+     _set(saved=lambda a: a["saved"]._replace(virtual_batch_size=3))),
+    ("renorm-r-shape", ValueError, "saved",
+     _set(saved=lambda a: a["saved"]._replace(r=np.ones(C + 1, a["saved"].mean.dtype),
+                                              d=np.zeros(C + 1, a["saved"].mean.dtype)))),
 ]
 
 
@@ -213,7 +264,7 @@ def test_backward_rejects(case, dtype):
     _, exc, argument, change = case
     args = change(_forward_for_backward(dtype))
     with pytest.raises(exc, match=names(argument)):
-        fastbn.backward(args["dy"], args["x"], args["weight"], args["saved"], axis=args["axis"])
+        fastbn.backward(args["dy"], args["x"], args["weight"], args["saved"], axis=args["axis"], y=args.get("y"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -276,3 +327,51 @@ def test_normalize_rejects(case, dtype):
     with pytest.raises(exc, match=names(argument)):
         fastbn.normalize(args.pop("x"), args.pop("mean"), args.pop("var"), args.pop("weight"), args.pop("bias"),
                          **args)
+
+
+# --------------------------------------------------------------------------- fold
+def good_fold_args(dtype):
+    rng = np.random.default_rng(0)
+    sd = stats_dtype(dtype)
+    return dict(layer_weight=rng.standard_normal((C, 4, 3, 3)).astype(dtype),
+                layer_bias=rng.standard_normal(C).astype(dtype),
+                running_mean=rng.normal(size=C).astype(sd), running_var=rng.uniform(0.5, 2.0, C).astype(sd),
+                weight=rng.uniform(0.5, 2.0, C).astype(sd), bias=rng.normal(size=C).astype(sd), eps=1e-5, axis=0)
+
+
+FOLD_ERRORS = [
+    ("layer_weight-int", TypeError, "layer_weight", _set(layer_weight=lambda a: a["layer_weight"].astype(np.int32))),
+    ("layer_weight-1d", ValueError, "layer_weight", _set(layer_weight=lambda a: a["layer_weight"][:, 0, 0, 0])),
+    ("layer_bias-shape", ValueError, "layer_bias", _reshape("layer_bias", lambda c: (c + 1,))),
+    ("layer_bias-dtype", TypeError, "layer_bias",
+     _set(layer_bias=lambda a: a["layer_bias"].astype(np.float64 if a["layer_bias"].dtype != np.float64
+                                                      else np.float32))),
+    ("running_mean-missing", TypeError, "running_mean", _set(running_mean=None)),
+    ("running_var-shape", ValueError, "running_var", _reshape("running_var", lambda c: (c - 1,))),
+    ("weight-dtype", TypeError, "weight", _retype("weight")),
+    ("bias-shape", ValueError, "bias", _reshape("bias", lambda c: (1, c))),
+    ("eps-negative", ValueError, "eps", _set(eps=-1.0)),
+    ("axis-out-of-range", ValueError, "axis", _set(axis=4)),
+    ("axis-wrong-channels", ValueError, "layer_bias", _set(axis=1)),
+    ("axis-wrong-channels-no-bias", ValueError, "running_mean", _set(axis=1, layer_bias=None)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", FOLD_ERRORS, ids=[c[0] for c in FOLD_ERRORS])
+def test_fold_rejects(case, dtype):
+    _, exc, argument, change = case
+    args = change(good_fold_args(dtype))
+    snapshot = _snapshot(*args.values())
+    with pytest.raises(exc, match=names(argument)):
+        fastbn.fold(**args)
+    _assert_unchanged(snapshot)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_fold_accepts_the_good_arguments_and_their_near_misses(dtype):
+    for change in (_set(), _set(layer_bias=None), _set(weight=None, bias=None),
+                   _set(layer_weight=lambda a: np.ascontiguousarray(np.moveaxis(a["layer_weight"], 0, -1)), axis=-1)):
+        args = change(good_fold_args(dtype))
+        folded_weight, folded_bias = fastbn.fold(**args)
+        assert folded_weight.shape == args["layer_weight"].shape and folded_bias.shape == (C,)
