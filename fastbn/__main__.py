@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn {demo,startup,ptx}``.
+"""Command line: ``python -m fastbn {demo,startup,ptx,bench,bench-fused}``.
 
 ``demo``
     A forward/backward round trip on an NCHW batch, checked against plain
@@ -10,6 +10,12 @@
 ``ptx``
     Compile every CUDA kernel for every dtype with the real NVVM compiler
     (no GPU needed) and report registers and spills; see fastbn/_ptx.py.
+``bench``
+    The CPU performance matrix against NumPy, PyTorch and the memory
+    roofline; writes the report behind the README (fastbn/_bench.py).
+``bench-fused``
+    The fused forms (ReLU, residual add, ghost batches, renormalization)
+    against the same work as separate calls (fastbn/_bench_fused.py).
 """
 
 from __future__ import annotations
@@ -138,6 +144,9 @@ def main(argv=None):
     from fastbn import _bench  # imports only NumPy until the command runs
 
     _bench.add_parser(commands)
+    from fastbn import _bench_fused
+
+    _bench_fused.add_parser(commands)
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error("--repeats: expected a positive integer")
@@ -147,6 +156,8 @@ def main(argv=None):
         return _ptx.run(args)
     if args.command == "bench":
         return _bench.run(args)
+    if args.command == "bench-fused":
+        return _bench_fused.run(args)
     return startup(args)
 
 

@@ -63,3 +63,27 @@ def test_bad_operation_or_shape_is_a_clear_error(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_bench_fused_writes_its_table_and_checks_both_forms_agree(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbn", "bench-fused", "--shapes", "32x4x5x5,32x5x5x4@-1", "--repeats", "1",
+         "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")),
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = (out / "fused.md").read_text()
+    assert "python -m fastbn bench-fused --shapes 32x4x5x5,32x5x5x4@-1" in report
+    rows = json.loads((out / "fused.json").read_text())["rows"]
+    # every variant on both shapes (ghost batches of 16 divide 32), and both forms give the same results
+    assert {(r["direction"], r["variant"], r["shape"]) for r in rows} == {
+        (d, v, s) for s in ("32x4x5x5", "32x5x5x4@-1")
+        for d, v in [("forward", "relu"), ("forward", "add_relu"), ("forward", "ghost"), ("forward", "renorm"),
+                     ("backward", "relu"), ("backward", "add_relu")]}
+    assert all(r["agree"] for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "fastbn", "bench-fused", "--shapes", "8x"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert bad.returncode != 0 and "'8x' is not a shape" in bad.stderr
