@@ -235,3 +235,60 @@ def test_first_call_compiles(benchmark, dtype):
     result = benchmark.pedantic(fresh_process, rounds=1, iterations=1)
     benchmark.group = "first call (compilation)"
     benchmark.extra_info.update(first_call_s=result["first"], second_call_s=result["second"])
+
+
+# ------------------------------------------------ fused forms (issue 7) ---
+# relu(BN(x) + z) and its backward, fused in fastbn's passes, against the same
+# work as separate calls: fastbn's BN, then PyTorch's in-place add and ReLU on
+# the same tensors; and against cuDNN's batch norm followed by the same add and
+# ReLU.  PyTorch (CUDA) provides the separate elementwise steps.
+FUSED_CASES = [case for case in CASES if case[3] == np.float32]
+FUSED_IDS = [case[0] for case in FUSED_CASES]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=FUSED_IDS)
+@pytest.mark.parametrize("form", ["fastbn-fused", "fastbn-separate", "cudnn-separate"])
+def test_add_relu_forward(benchmark, case, form):
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("no CUDA build of PyTorch (needed for the separate add and ReLU)")
+    x, weight, bias, _ = _torch_tensors(torch, case)
+    z = torch.randn_like(x)
+    axis = 1  # torch tensors are logical NCHW (channels-last in memory for the nhwc case)
+    functional = torch.nn.functional
+    if form == "fastbn-fused":
+        run = lambda: fastbn.forward(x, weight, bias, axis=axis, residual=z, activation="relu")  # noqa: E731
+    elif form == "fastbn-separate":
+        run = lambda: fastbn.forward(x, weight, bias, axis=axis)[0].add_(z).relu_()  # noqa: E731
+    else:
+        run = lambda: functional.batch_norm(x, None, None, weight, bias, training=True).add_(z).relu_()  # noqa: E731
+    sync = torch.cuda.synchronize
+    for _ in range(3):
+        run()
+    sync()
+    benchmark.group = f"forward add+relu {case[0]}"
+    benchmark(lambda: (run(), sync()))
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=FUSED_IDS)
+@pytest.mark.parametrize("form", ["fastbn-fused", "fastbn-separate"])
+def test_add_relu_backward(benchmark, case, form):
+    torch = _torch_cuda()
+    if torch is None:
+        pytest.skip("no CUDA build of PyTorch (needed for the separate mask)")
+    x, weight, bias, dy = _torch_tensors(torch, case)
+    z = torch.randn_like(x)
+    y, saved = fastbn.forward(x, weight, bias, residual=z, activation="relu")
+    _, plain = fastbn.forward(x, weight, bias)
+    if form == "fastbn-fused":
+        run = lambda: fastbn.backward(dy, x, weight, saved, y=y)  # noqa: E731
+    else:
+        def run():
+            g = dy * (y > 0)
+            return (*fastbn.backward(g, x, weight, plain), g)
+    sync = torch.cuda.synchronize
+    for _ in range(3):
+        run()
+    sync()
+    benchmark.group = f"backward add+relu {case[0]}"
+    benchmark(lambda: (run(), sync()))
