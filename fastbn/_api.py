@@ -13,13 +13,17 @@ import numpy as np
 
 from fastbn import _dispatch, _sync
 from fastbn._validate import (
+    check_activation,
     check_axis,
     check_channel_vector,
     check_channels,
     check_eps,
     check_flag,
+    check_like_x,
     check_momentum,
+    check_renorm,
     check_running,
+    check_virtual_batch_size,
     check_x,
     stats_dtype,
 )
@@ -50,6 +54,17 @@ class Saved(NamedTuple):
     process_group : object or None
         The process group the statistics were synchronised over (then
         ``count`` is the global count and backward synchronises too).
+    activation : str or None
+        ``"relu"`` if forward applied it: backward then needs forward's output.
+    residual : bool
+        Whether forward added a residual: backward then returns its gradient.
+    virtual_batch_size : int or None
+        The ghost batch size, if forward normalised ghost batches: then
+        ``mean`` and ``invstd`` have one row per ghost batch, shape ``(G, C)``,
+        and ``count`` is the count per channel of one ghost batch.
+    r, d : numpy.ndarray or None
+        Batch renormalization's per-channel correction, constants for
+        backward; None without it.
     """
 
     mean: np.ndarray
@@ -59,6 +74,11 @@ class Saved(NamedTuple):
     shape: tuple
     axis: int
     process_group: object = None
+    activation: str = None
+    residual: bool = False
+    virtual_batch_size: int = None
+    r: np.ndarray = None
+    d: np.ndarray = None
 
 
 def forward(
@@ -74,6 +94,10 @@ def forward(
     axis=1,
     backend=None,
     process_group=None,
+    activation=None,
+    residual=None,
+    virtual_batch_size=None,
+    renorm=None,
 ):
     """Batch-normalise ``x`` over every axis but the channel axis.
 
@@ -113,6 +137,31 @@ def forward(
         ``fastbn.Collectives``).  Every process must call with the same C,
         dtype and flags; a process may hold an empty batch.  The matching
         backward synchronises too.  Unused when running statistics are used.
+        Not combined with the four options below yet.
+    activation : {None, "relu"}, default None
+        ``"relu"`` returns ``relu(BN(x) + residual)``, computed in the same
+        pass that writes the output.  Backward then needs that output (its
+        ``y`` argument) for the mask; nothing more is saved.
+    residual : numpy.ndarray, optional
+        Added to the normalised output before the activation (the residual
+        block's ``relu(BN(x) + z)``); x's shape and dtype, any strides.
+        Backward then returns its gradient as a fourth value.
+    virtual_batch_size : int, optional
+        Ghost batch norm: whenever batch statistics are used, each group of
+        this many consecutive samples along axis 0 is normalised with its own
+        statistics.  It must divide ``x.shape[0]``, and the channel axis must
+        not be 0.  In training, the running statistics are updated once, with
+        the average over the groups of their means and of their unbiased
+        variances.  ``saved.mean`` and ``saved.invstd`` are then ``(G, C)``.
+    renorm : tuple of (float, float), optional
+        ``(rmax, dmax)``: batch renormalization (Ioffe 2017), in training with
+        running statistics, computed from them as they were before this step
+        updates them: ``r = clip(sigma / sigma_running, 1/rmax, rmax)``,
+        ``d = clip((mean - mean_running) / sigma_running, -dmax, dmax)`` with
+        ``sigma = sqrt(var + eps)``, and ``y = ((x - mean) / sigma * r + d) *
+        weight + bias``.  ``rmax >= 1``, ``dmax >= 0``; ``(1, 0)`` is plain
+        batch norm, ``inf`` disables a clip.  No effect in eval mode; not
+        combined with ``virtual_batch_size``.
 
     Returns
     -------
@@ -137,15 +186,21 @@ def forward(
     NaN (and its running statistics, in training), as in PyTorch; other
     channels are unaffected.
     """
-    ops, restore, (x, weight, bias, running_mean, running_var) = _dispatch.prepare(
+    ops, restore, (x, weight, bias, running_mean, running_var, residual) = _dispatch.prepare(
         backend,
-        [("x", x), ("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)],
+        [("x", x), ("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var),
+         ("residual", residual)],
     )
     x = check_x(x)
     axis = check_axis(axis, len(x.shape))
     training = check_flag(training, "training")
     momentum = check_momentum(momentum)
     eps = check_eps(eps)
+    activation = check_activation(activation)
+    if residual is not None:
+        check_like_x(residual, "residual", x)
+    renorm = check_renorm(renorm)
+    groups = check_virtual_batch_size(virtual_batch_size, x, axis)
     collectives = None if process_group is None else _sync.adapt(process_group)
     channels, count = check_channels(x, axis, allow_empty=collectives is not None)
     dtype = stats_dtype(x.dtype)
@@ -154,12 +209,24 @@ def forward(
             check_channel_vector(value, name, channels, dtype)
     has_running = check_running(running_mean, running_var, channels, dtype)
     batch_stats = training or not has_running
-    if training and count == 1 and collectives is None:
+    if not batch_stats:
+        groups = 1  # ghost batches only change batch statistics
+    if training and count // groups == 1 and collectives is None:
+        where = "" if groups == 1 else f" of each ghost batch of {virtual_batch_size}"
         raise ValueError(
-            f"x: Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+            f"x: Expected more than 1 value per channel{where} when training, got input size {tuple(x.shape)}"
         )
+    if renorm is not None and virtual_batch_size is not None:
+        raise ValueError("renorm: not supported together with virtual_batch_size")
+    if renorm is not None and training and not has_running:
+        raise ValueError("renorm: batch renormalization needs running_mean and running_var in training")
     if collectives is not None and not hasattr(ops, "local_moments"):
         raise ValueError(f"process_group: not supported on the {ops.name} backend yet")
+    if collectives is not None:
+        for name, value in (("activation", activation), ("residual", residual),
+                            ("virtual_batch_size", virtual_batch_size), ("renorm", renorm)):
+            if value is not None:
+                raise ValueError(f"{name}: not supported together with process_group yet")
 
     if batch_stats and collectives is not None:
         y, mean, invstd, count = _sync.forward(
@@ -167,17 +234,22 @@ def forward(
             training, update=training and has_running,
         )
         return restore(y), Saved(mean, invstd, True, count, tuple(x.shape), axis, process_group)
+    relu = activation == "relu"
+    r = d = None
     if batch_stats:
-        y, mean, invstd = ops.forward_batch(
-            x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update=training and has_running
+        y, mean, invstd, r, d = ops.forward_batch(
+            x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update=training and has_running,
+            relu=relu, residual=residual, renorm=renorm if training else None, groups=groups,
         )
     else:
-        y, mean, invstd = ops.forward_eval(x, axis, dtype, weight, bias, eps, running_mean, running_var)
-    return restore(y), Saved(mean, invstd, batch_stats, count, tuple(x.shape), axis)
+        y, mean, invstd = ops.forward_eval(x, axis, dtype, weight, bias, eps, running_mean, running_var,
+                                           relu=relu, residual=residual)
+    return restore(y), Saved(mean, invstd, batch_stats, count // groups, tuple(x.shape), axis, None, activation,
+                             residual is not None, virtual_batch_size if groups > 1 else None, r, d)
 
 
-def backward(dy, x, weight, saved, *, axis=1, backend=None):
-    """Gradients of :func:`forward` with respect to x, weight and bias.
+def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None):
+    """Gradients of :func:`forward` with respect to x, weight and bias (and the residual).
 
     Parameters
     ----------
@@ -194,6 +266,10 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None):
         The channel axis, as given to forward.
     backend : {None, "cpu", "cuda"}, default None
         Where to run; None follows ``dy``.
+    y : numpy.ndarray, optional
+        Forward's output; required when forward used ``activation="relu"``:
+        the gradient passes where ``y > 0`` (as PyTorch's ReLU backward).
+        Ignored otherwise.
 
     Returns
     -------
@@ -202,6 +278,10 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None):
     dweight, dbias : numpy.ndarray
         Per-channel, in the statistics dtype; returned even when ``weight``
         is None.
+    dresidual : numpy.ndarray
+        Only when forward was given a residual: its gradient, the gradient
+        at the output of ``BN(x) + residual`` (``dy`` after the ReLU's mask);
+        like ``dx``.
 
     Notes
     -----
@@ -210,8 +290,15 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None):
     weight``.  In eval mode the statistics are constants: ``dx = dy * invstd *
     weight``.  In both, ``dweight = dotp * invstd`` and ``dbias = sum_dy``,
     where ``sum_dy = sum(dy)`` and ``dotp = sum((x - mean) * dy)`` per channel.
+    With the ReLU, ``dy`` is first masked by ``y > 0``.  With batch
+    renormalization, ``r`` and ``d`` are constants: dx is the training formula
+    with weight ``r * weight``, ``dweight = r * dotp * invstd + d * sum_dy``.
+    With ghost batches, each group gets its own formula and statistics, and
+    dweight and dbias are summed over the groups.
     """
-    ops, restore, (dy, x, weight) = _dispatch.prepare(backend, [("dy", dy), ("x", x), ("weight", weight)])
+    ops, restore, (dy, x, weight, y) = _dispatch.prepare(
+        backend, [("dy", dy), ("x", x), ("weight", weight), ("y", y)]
+    )
     x = check_x(x)
     dy = check_x(dy, "dy")
     axis = check_axis(axis, len(x.shape))
@@ -231,17 +318,36 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None):
             f"but x has shape {tuple(x.shape)} and axis is {axis}"
         )
     dtype = stats_dtype(x.dtype)
-    check_channel_vector(saved.mean, "saved.mean", channels, dtype)
-    check_channel_vector(saved.invstd, "saved.invstd", channels, dtype)
+    groups = 1 if saved.virtual_batch_size is None else check_virtual_batch_size(saved.virtual_batch_size, x, axis)
+    for name in ("mean", "invstd"):
+        value = getattr(saved, name)
+        if groups == 1:
+            check_channel_vector(value, f"saved.{name}", channels, dtype)
+        elif tuple(getattr(value, "shape", ())) != (groups, channels):
+            raise ValueError(f"saved.{name}: expected shape ({groups}, {channels}) for {groups} ghost batches")
+    if saved.r is not None:
+        check_channel_vector(saved.r, "saved.r", channels, dtype)
+        check_channel_vector(saved.d, "saved.d", channels, dtype)
     if weight is not None:
         check_channel_vector(weight, "weight", channels, dtype)
+    if saved.activation == "relu":
+        if y is None:
+            raise ValueError("y: forward applied activation='relu'; pass its output as y, backward masks dy with it")
+        check_like_x(y, "y", x)
+    else:
+        y = None
 
     if synced:
         dx, dweight, dbias = _sync.backward(
             ops, _sync.adapt(saved.process_group), dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.count
         )
-    else:
-        dx, dweight, dbias = ops.backward(dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.batch_stats)
+        return restore(dx), restore(dweight), restore(dbias)
+    dx, dweight, dbias, dresidual = ops.backward(
+        dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.batch_stats, y=y, dresidual=saved.residual,
+        r=saved.r, d=saved.d, groups=groups,
+    )
+    if saved.residual:
+        return restore(dx), restore(dweight), restore(dbias), restore(dresidual)
     return restore(dx), restore(dweight), restore(dbias)
 
 

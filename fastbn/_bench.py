@@ -321,7 +321,7 @@ def _fastbn_reused_callable(operation, data):
         scale = (invstd.astype(np.float64) * weight.astype(np.float64)).astype(weight.dtype)
         mean = data.running_mean.copy()
         return lambda: _cpu.normalize(layout, x_view, mean, scale, bias, out_view)
-    mean, _, invstd = _cpu.forward_train(layout, x_view, weight, bias, EPS, out_view)
+    mean, _, invstd, _, _ = _cpu.forward_train(layout, x_view, weight, bias, EPS, out_view)
     mean, invstd = mean.astype(weight.dtype), invstd.astype(weight.dtype)
     dy_view = _layout.same_view(layout, data.dy, axis)
     return lambda: _cpu.backward_train(layout, dy_view, x_view, mean, invstd, weight, out_view)

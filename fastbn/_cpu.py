@@ -47,7 +47,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
-from fastbn._jit import inline, kernel
+from fastbn._jit import FASTMATH, inline, kernel
 from fastbn._layout import ROWS, SLAB
 from fastbn._threading import kernel_guard
 
@@ -115,16 +115,98 @@ def _load_impl(value):
 
 
 def cast_to(array, value):
-    """Convert ``value`` to the element type stored in ``array``."""
+    """Convert ``value`` to the element type stored in ``array`` (or to the type of the number ``array``)."""
 
 
 @overload(cast_to, inline="always")
 def _cast_to_impl(array, value):
-    if array.dtype == types.uint16:
+    kind = array.dtype if isinstance(array, types.Array) else array  # an array, or a number of that type
+    if kind == types.uint16:
         return lambda array, value: _float_to_half_bits(np.float32(value))
-    if array.dtype == types.float32:
+    if kind == types.float32:
         return lambda array, value: np.float32(value)
     return lambda array, value: np.float64(value)
+
+
+# ------------------------------------------------------ optional operands ---
+# The fused variants (activation, residual, the ReLU mask in backward, the
+# residual's gradient) pass an array or None.  These helpers are resolved when
+# Numba types a kernel: with None they compile to nothing, so the plain batch
+# norm pays no branch, and each combination is its own specialisation.
+
+
+def part(array, index):
+    """``array[index]``, or None when ``array`` is None (a run or row of an optional operand)."""
+
+
+@overload(part, inline="always")
+def _part_impl(array, index):
+    if isinstance(array, types.NoneType):
+        return lambda array, index: None
+    return lambda array, index: array[index]
+
+
+def plus(value, addend, i):
+    """``value + addend[i]`` (the residual), or ``value`` when ``addend`` is None."""
+
+
+@overload(plus, inline="always")
+def _plus_impl(value, addend, i):
+    if isinstance(addend, types.NoneType):
+        return lambda value, addend, i: value
+    return lambda value, addend, i: value + load(addend[i])
+
+
+def gradient(dy, mask, i):
+    """``dy[i]`` where ``mask[i] > 0`` (the ReLU's output), else 0; ``dy[i]`` when ``mask`` is None.
+
+    NaN in the output passes no gradient, as in PyTorch's ``threshold_backward``.
+    """
+
+
+@overload(gradient, inline="always")
+def _gradient_impl(dy, mask, i):
+    if isinstance(mask, types.NoneType):
+        return lambda dy, mask, i: load(dy[i])
+    zero = np.float64(0) if dy.dtype == types.float64 else np.float32(0)  # float32 for float16 and float32
+
+    def impl(dy, mask, i):
+        return _select(load(mask[i]) > 0, load(dy[i]), zero)
+
+    return impl
+
+
+def store(array, i, value):
+    """``array[i] = value`` (converted to its element type); nothing when ``array`` is None."""
+
+
+@overload(store, inline="always")
+def _store_impl(array, i, value):
+    if isinstance(array, types.NoneType):
+        return lambda array, i, value: None
+
+    def impl(array, i, value):
+        array[i] = cast_to(array, value)
+
+    return impl
+
+
+@numba.njit(fastmath=set(FASTMATH))
+def _select(condition, if_true, if_false):
+    """``if_true if condition else if_false``, compiled to a select (no branch in vector loops).
+
+    Left to LLVM to inline: inlining a function with a branch at the Numba IR
+    level trips Numba's SSA checks (NumbaIRAssumptionWarning).
+    """
+    if condition:
+        return if_true
+    return if_false
+
+
+@inline
+def clamp_below(value, floor):
+    """``max(value, floor)`` that keeps NaN (the ReLU with floor 0; identity with floor -inf)."""
+    return floor if value < floor else value
 
 
 # ------------------------------------------------------------------ plans ---
@@ -224,27 +306,32 @@ def _run_sum_sq_dev(v, mean):
 
 
 @inline
-def _run_affine(v, out, mean, scale, shift):
+def _run_affine(v, z, out, mean, scale, shift, floor):
+    # y = act((x - mean) * scale + shift + z): z (residual) optional, act = max(., floor).
     for i in range(v.shape[0]):
-        out[i] = cast_to(out, (load(v[i]) - mean) * scale + shift)
+        out[i] = cast_to(out, clamp_below(plus((load(v[i]) - mean) * scale + shift, z, i), floor))
 
 
 @inline
-def _run_grad_sums(g, v, mean):
+def _run_grad_sums(g, m, v, mean):
+    # m: the ReLU's output (the gradient passes where it is > 0), or None.
     sum_dy = 0.0
     dotp = 0.0
     for i in range(v.shape[0]):
-        gi = load(g[i])
+        gi = gradient(g, m, i)
         sum_dy += gi
         dotp += (np.float64(load(v[i])) - mean) * gi
     return sum_dy, dotp
 
 
 @inline
-def _run_dx(g, v, out, mean, mean_dy, k, scale):
+def _run_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
+    # dres: the residual's gradient (the masked dy), written in the same pass, or None.
     for i in range(v.shape[0]):
+        gi = gradient(g, m, i)
         centred = load(v[i]) - mean
-        out[i] = cast_to(out, (load(g[i]) - mean_dy - centred * k) * scale)
+        out[i] = cast_to(out, (gi - mean_dy - centred * k) * scale)
+        store(dres, i, gi)
 
 
 @inline
@@ -280,33 +367,35 @@ def _cols_sum_sq_dev2(a, b, mean, m2):
 
 
 @inline
-def _cols_grad_sums2(ga, a, gb, b, mean, sum_dy, dotp):
+def _cols_grad_sums2(ga, ma, a, gb, mb, b, mean, sum_dy, dotp):
     for j in range(a.shape[0]):
-        g0 = np.float64(load(ga[j]))
-        g1 = np.float64(load(gb[j]))
+        g0 = np.float64(gradient(ga, ma, j))
+        g1 = np.float64(gradient(gb, mb, j))
         sum_dy[j] += g0 + g1
         dotp[j] += (np.float64(load(a[j])) - mean[j]) * g0 + (np.float64(load(b[j])) - mean[j]) * g1
 
 
 @inline
-def _cols_affine(v, out, mean, scale, shift):
+def _cols_affine(v, z, out, mean, scale, shift, floor):
     for j in range(v.shape[0]):
-        out[j] = cast_to(out, (load(v[j]) - mean[j]) * scale[j] + shift[j])
+        out[j] = cast_to(out, clamp_below(plus((load(v[j]) - mean[j]) * scale[j] + shift[j], z, j), floor))
 
 
 @inline
-def _cols_grad_sums(g, v, mean, sum_dy, dotp):
+def _cols_grad_sums(g, m, v, mean, sum_dy, dotp):
     for j in range(v.shape[0]):
-        gj = load(g[j])
+        gj = gradient(g, m, j)
         sum_dy[j] += gj
         dotp[j] += (np.float64(load(v[j])) - mean[j]) * gj
 
 
 @inline
-def _cols_dx(g, v, out, mean, mean_dy, k, scale):
+def _cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
     for j in range(v.shape[0]):
+        gj = gradient(g, m, j)
         centred = load(v[j]) - mean[j]
-        out[j] = cast_to(out, (load(g[j]) - mean_dy[j] - centred * k[j]) * scale[j])
+        out[j] = cast_to(out, (gj - mean_dy[j] - centred * k[j]) * scale[j])
+        store(dres, j, gj)
 
 
 # ------------------------------------------------------------ SLAB pieces ---
@@ -364,11 +453,12 @@ def _piece_stats(x, c, n0, n1, i0, i1, scratch):
 
 
 @inline
-def _piece_grad_sums(dy, x, c, n0, n1, i0, i1, mean):
+def _piece_grad_sums(dy, m, x, c, n0, n1, i0, i1, mean):
     sum_dy = 0.0
     dotp = 0.0
     for n in range(n1 - n0):
-        run_dy, run_dotp = _run_grad_sums(dy[n0 + n, c, i0:i1], x[n0 + n, c, i0:i1], mean)
+        run_dy, run_dotp = _run_grad_sums(dy[n0 + n, c, i0:i1], part(m, (n0 + n, c, slice(i0, i1))),
+                                          x[n0 + n, c, i0:i1], mean)
         sum_dy += run_dy
         dotp += run_dotp
     return sum_dy, dotp
@@ -410,9 +500,56 @@ def stats_slab(x, group, mean_out, var_out):
         var_out[c0:c1] = var
 
 
+@inline
+def _coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm, rmax, dmax):
+    """One channel's training coefficients from its float64 batch statistics.
+
+    Returns float64 ``invstd``, and in the statistics dtype (``weight``'s
+    element type) ``r``, ``d``, the mean to subtract, ``scale`` and ``shift``,
+    so that ``y = (x - mean) * scale + shift``.  The output is computed with
+    the mean and invstd rounded to the statistics dtype, the values saved for
+    backward, so that backward sees exactly the statistics forward used.
+
+    With ``renorm`` (batch renormalization, Ioffe 2017) and ``sigma = sqrt(var
+    + eps)``: ``r = clip(sigma / sigma_running, 1/rmax, rmax)``, ``d =
+    clip((mean - mean_running) / sigma_running, -dmax, dmax)``, ``scale =
+    invstd * r * weight`` and ``shift = d * weight + bias``; otherwise r = 1,
+    d = 0.
+    """
+    invstd = 1.0 / np.sqrt(var + eps)
+    r = 1.0
+    d = 0.0
+    if renorm:
+        sigma_running = np.sqrt(np.float64(ren_var) + eps)
+        r = min(max(np.sqrt(var + eps) / sigma_running, 1.0 / rmax), rmax)
+        d = min(max((mean - np.float64(ren_mean)) / sigma_running, -dmax), dmax)
+    r_used = cast_to(weight, r)
+    d_used = cast_to(weight, d)
+    scale = cast_to(weight, np.float64(cast_to(weight, invstd)) * np.float64(weight) * np.float64(r_used))
+    shift = bias
+    if renorm:
+        shift = cast_to(weight, np.float64(d_used) * np.float64(weight) + np.float64(bias))
+    return invstd, r_used, d_used, cast_to(weight, mean), scale, shift
+
+
+@kernel(parallel=False)
+def train_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm, rmax, dmax,
+                       invstd_out, r_out, d_out, used_mean_out, scale_out, shift_out):
+    """:func:`_coefficients` for every channel, for the streamed plans."""
+    for c in range(mean.shape[0]):
+        invstd_out[c], r_out[c], d_out[c], used_mean_out[c], scale_out[c], shift_out[c] = _coefficients(
+            mean[c], var[c], eps, weight[c], bias[c], ren_mean[c], ren_var[c], renorm, rmax, dmax
+        )
+
+
 @kernel
-def forward_train_slab(x, group, weight, bias, eps, y, mean_out, var_out, invstd_out):
-    """Fused training forward: a group's statistics, then its output, from cache."""
+def forward_train_slab(x, z, group, weight, bias, eps, floor, ren_mean, ren_var, renorm, rmax, dmax, y,
+                       mean_out, var_out, invstd_out, r_out, d_out):
+    """Fused training forward: a group's statistics, then its output, from cache.
+
+    ``y = max((x - mean) * scale + shift + z, floor)``: ``z`` (the residual)
+    may be None; ``floor`` is 0 for the ReLU, -inf for none.
+    """
     N, C, _ = x.shape
     for t in prange((C + group - 1) // group):
         c0 = t * group
@@ -420,23 +557,28 @@ def forward_train_slab(x, group, weight, bias, eps, y, mean_out, var_out, invstd
         mean, var = _slab_group_stats(x, c0, c1)
         used_mean = np.empty_like(weight[c0:c1])
         scale = np.empty_like(weight[c0:c1])
+        shift = np.empty_like(weight[c0:c1])
         for j in range(c1 - c0):
-            invstd = 1.0 / np.sqrt(var[j] + eps)
-            mean_out[c0 + j] = mean[j]
-            var_out[c0 + j] = var[j]
-            invstd_out[c0 + j] = invstd
-            # Normalise with the mean and invstd rounded to the saved dtype, so
-            # that backward sees exactly the statistics that forward used.
-            used_mean[j] = cast_to(weight, mean[j])
-            scale[j] = cast_to(weight, cast_to(weight, invstd) * np.float64(weight[c0 + j]))
+            c = c0 + j
+            mean_out[c] = mean[j]
+            var_out[c] = var[j]
+            invstd_out[c], r_out[c], d_out[c], used_mean[j], scale[j], shift[j] = _coefficients(
+                mean[j], var[j], eps, weight[c], bias[c], ren_mean[c], ren_var[c], renorm, rmax, dmax
+            )
         for n in range(N):
             for j in range(c1 - c0):
-                _run_affine(x[n, c0 + j], y[n, c0 + j], used_mean[j], scale[j], bias[c0 + j])
+                _run_affine(x[n, c0 + j], part(z, (n, c0 + j)), y[n, c0 + j], used_mean[j], scale[j], shift[j],
+                            floor)
 
 
 @kernel
-def backward_train_slab(dy, x, group, mean, invstd, weight, dx, sum_dy_out, dotp_out):
-    """Fused training backward: a group's gradient sums, then its dx, from cache."""
+def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, sum_dy_out, dotp_out):
+    """Fused training backward: a group's gradient sums, then its dx, from cache.
+
+    ``m`` is the ReLU's output (the gradient passes where it is > 0) or None;
+    ``dres``, the residual's gradient (the masked dy), is written alongside
+    dx, or is None.
+    """
     N, C, L = x.shape
     runs, per_row, npieces = _slab_pieces(N, L)
     count = N * L
@@ -449,7 +591,7 @@ def backward_train_slab(dy, x, group, mean, invstd, weight, dx, sum_dy_out, dotp
         for p in range(npieces):
             n0, n1, i0, i1 = _slab_piece(p, N, L, runs, per_row)
             for j in range(w):
-                piece_dy, piece_dotp = _piece_grad_sums(dy, x, c0 + j, n0, n1, i0, i1, np.float64(mean[c0 + j]))
+                piece_dy, piece_dotp = _piece_grad_sums(dy, m, x, c0 + j, n0, n1, i0, i1, np.float64(mean[c0 + j]))
                 sum_dy[j] += piece_dy
                 dotp[j] += piece_dotp
         mean_dy = np.empty_like(weight[c0:c1])
@@ -464,7 +606,9 @@ def backward_train_slab(dy, x, group, mean, invstd, weight, dx, sum_dy_out, dotp
             scale[j] = cast_to(weight, istd * np.float64(weight[c0 + j]))
         for n in range(N):
             for j in range(w):
-                _run_dx(dy[n, c0 + j], x[n, c0 + j], dx[n, c0 + j], mean[c0 + j], mean_dy[j], k[j], scale[j])
+                c = c0 + j
+                _run_dx(dy[n, c], part(m, (n, c)), x[n, c], dx[n, c], part(dres, (n, c)), mean[c], mean_dy[j],
+                        k[j], scale[j])
 
 
 # --------------------------------------------------- SLAB, streamed plan ---
@@ -500,18 +644,21 @@ def stats_slab_streamed(x, mean_out, var_out):
 
 
 @kernel
-def normalize_slab(x, mean, scale, shift, y):
-    """y = (x - mean) * scale + shift per channel of an (N, C, L) view, streamed."""
+def normalize_slab(x, z, mean, scale, shift, floor, y):
+    """y = max((x - mean) * scale + shift + z, floor) per channel of an (N, C, L) view, streamed; z may be None."""
     N, C, _ = x.shape
     for nc in prange(N * C):
         n = nc // C
         c = nc % C
-        _run_affine(x[n, c], y[n, c], mean[c], scale[c], shift[c])
+        _run_affine(x[n, c], part(z, (n, c)), y[n, c], mean[c], scale[c], shift[c], floor)
 
 
 @kernel
-def backward_reduce_slab(dy, x, mean, sum_dy_out, dotp_out):
-    """Per-channel sum(dy) and sum((x - mean) * dy) of (N, C, L) views, streamed, in float64."""
+def backward_reduce_slab(dy, m, x, mean, sum_dy_out, dotp_out):
+    """Per-channel sum(g) and sum((x - mean) * g) of (N, C, L) views, streamed, in float64.
+
+    ``g`` is dy, masked where the ReLU output ``m`` is not > 0 unless ``m`` is None.
+    """
     N, C, L = x.shape
     runs, per_row, npieces = _slab_pieces(N, L)
     piece_dy = np.empty((npieces, C))
@@ -519,7 +666,7 @@ def backward_reduce_slab(dy, x, mean, sum_dy_out, dotp_out):
     for p in prange(npieces):
         n0, n1, i0, i1 = _slab_piece(p, N, L, runs, per_row)
         for c in range(C):
-            piece_dy[p, c], piece_dotp[p, c] = _piece_grad_sums(dy, x, c, n0, n1, i0, i1, np.float64(mean[c]))
+            piece_dy[p, c], piece_dotp[p, c] = _piece_grad_sums(dy, m, x, c, n0, n1, i0, i1, np.float64(mean[c]))
     for c in prange(C):
         sum_dy = 0.0
         dotp = 0.0
@@ -531,13 +678,17 @@ def backward_reduce_slab(dy, x, mean, sum_dy_out, dotp_out):
 
 
 @kernel
-def backward_elementwise_slab(dy, x, mean, mean_dy, k, scale, dx):
-    """dx = (dy - mean_dy - (x - mean) * k) * scale per channel of (N, C, L) views, streamed."""
+def backward_elementwise_slab(dy, m, x, dres, mean, mean_dy, k, scale, dx):
+    """dx = (g - mean_dy - (x - mean) * k) * scale per channel of (N, C, L) views, streamed.
+
+    ``g`` is dy masked by the ReLU output ``m`` (or dy if None); ``dres = g`` unless None.
+    """
     N, C, _ = x.shape
     for nc in prange(N * C):
         n = nc // C
         c = nc % C
-        _run_dx(dy[n, c], x[n, c], dx[n, c], mean[c], mean_dy[c], k[c], scale[c])
+        _run_dx(dy[n, c], part(m, (n, c)), x[n, c], dx[n, c], part(dres, (n, c)), mean[c], mean_dy[c], k[c],
+                scale[c])
 
 
 # --------------------------------------------------- ROWS, streamed plan ---
@@ -589,19 +740,19 @@ def stats_rows(x, mean_out, var_out):
 
 
 @kernel
-def normalize_rows(x, mean, scale, shift, y):
-    """y = (x - mean) * scale + shift per channel of an (M, C) view."""
+def normalize_rows(x, z, mean, scale, shift, floor, y):
+    """y = max((x - mean) * scale + shift + z, floor) per channel of an (M, C) view; z may be None."""
     M, C = x.shape
     rows, nblocks = _row_block(M, C)
     for b in prange(nblocks):
         r0 = b * rows
         for r in range(min(M, r0 + rows) - r0):
-            _cols_affine(x[r0 + r], y[r0 + r], mean, scale, shift)
+            _cols_affine(x[r0 + r], part(z, r0 + r), y[r0 + r], mean, scale, shift, floor)
 
 
 @kernel
-def backward_reduce_rows(dy, x, mean, sum_dy_out, dotp_out):
-    """Per-channel sum(dy) and sum((x - mean) * dy) of (M, C) views, in float64."""
+def backward_reduce_rows(dy, m, x, mean, sum_dy_out, dotp_out):
+    """Per-channel sum(g) and sum((x - mean) * g) of (M, C) views, in float64; g is dy masked by m (or dy)."""
     M, C = x.shape
     rows, nblocks = _row_block(M, C)
     nchunks = min(nblocks, _MAX_CHUNKS)
@@ -612,9 +763,10 @@ def backward_reduce_rows(dy, x, mean, sum_dy_out, dotp_out):
         r_hi = min(M, ((k + 1) * nblocks // nchunks) * rows)
         for r in range((r_hi - r_lo) // 2):
             a = r_lo + 2 * r
-            _cols_grad_sums2(dy[a], x[a], dy[a + 1], x[a + 1], mean, partial_sum_dy[k], partial_dotp[k])
+            _cols_grad_sums2(dy[a], part(m, a), x[a], dy[a + 1], part(m, a + 1), x[a + 1], mean, partial_sum_dy[k],
+                             partial_dotp[k])
         if (r_hi - r_lo) % 2:
-            _cols_grad_sums(dy[r_hi - 1], x[r_hi - 1], mean, partial_sum_dy[k], partial_dotp[k])
+            _cols_grad_sums(dy[r_hi - 1], part(m, r_hi - 1), x[r_hi - 1], mean, partial_sum_dy[k], partial_dotp[k])
     for c in prange(C):
         sum_dy = 0.0
         dotp = 0.0
@@ -626,14 +778,15 @@ def backward_reduce_rows(dy, x, mean, sum_dy_out, dotp_out):
 
 
 @kernel
-def backward_elementwise_rows(dy, x, mean, mean_dy, k, scale, dx):
-    """dx = (dy - mean_dy - (x - mean) * k) * scale per channel of (M, C) views."""
+def backward_elementwise_rows(dy, m, x, dres, mean, mean_dy, k, scale, dx):
+    """dx = (g - mean_dy - (x - mean) * k) * scale per channel of (M, C) views; g, dres as in the SLAB kernel."""
     M, C = x.shape
     rows, nblocks = _row_block(M, C)
     for b in prange(nblocks):
         r0 = b * rows
         for r in range(min(M, r0 + rows) - r0):
-            _cols_dx(dy[r0 + r], x[r0 + r], dx[r0 + r], mean, mean_dy, k, scale)
+            i = r0 + r
+            _cols_dx(dy[i], part(m, i), x[i], dx[i], part(dres, i), mean, mean_dy, k, scale)
 
 
 # ------------------------------------------------------- running stats ---
@@ -748,11 +901,17 @@ def _one_run(layout, *views):
     """A single-channel ROWS view ``(M, 1)`` as the SLAB view ``(1, 1, M)``.
 
     With one channel, "channels last" is one contiguous run, which the SLAB
-    kernels stream; the ROWS kernels would loop once per element.
+    kernels stream; the ROWS kernels would loop once per element.  Optional
+    views (None) stay None.
     """
     if layout == ROWS and views[0].shape[1] == 1:
-        return (SLAB, *(view.reshape(1, 1, -1) for view in views))
+        return (SLAB, *(None if view is None else view.reshape(1, 1, -1) for view in views))
     return (layout, *views)
+
+
+def floor_for(dtype, relu):
+    """The ``floor`` the elementwise kernels clamp to: 0 for the ReLU, -inf for no activation."""
+    return np.dtype(dtype).type(0.0 if relu else -np.inf)
 
 
 def stats(layout, x):
@@ -772,65 +931,82 @@ def stats(layout, x):
     return mean, var
 
 
-def normalize(layout, x, mean, scale, shift, y):
-    """Write (x - mean) * scale + shift into y."""
-    layout, x, y = _one_run(layout, x, y)
+def normalize(layout, x, mean, scale, shift, y, z=None, relu=False):
+    """Write ``max((x - mean) * scale + shift + z, floor)`` into y (z optional, floor 0 with ``relu``)."""
+    layout, x, z, y = _one_run(layout, x, z, y)
+    floor = floor_for(scale.dtype, relu)
     with kernel_guard():
-        (normalize_rows if layout == ROWS else normalize_slab)(x, mean, scale, shift, y)
+        (normalize_rows if layout == ROWS else normalize_slab)(x, z, mean, scale, shift, floor, y)
 
 
-def forward_train(layout, x, weight, bias, eps, y):
-    """Batch statistics and normalised output; returns float64 (mean, var, invstd).
+def forward_train(layout, x, weight, bias, eps, y, z=None, relu=False, renorm=None):
+    """Batch statistics and (activated) output; returns float64 (mean, var, invstd) and (r, d).
 
     ``weight`` and ``bias`` are arrays in the statistics dtype (ones and zeros
-    when the caller gave none).
+    when the caller gave none).  ``renorm`` is None or ``(running_mean,
+    running_var, rmax, dmax)`` for batch renormalization; ``r`` and ``d`` come
+    back in the statistics dtype (1 and 0 without it).
     """
-    layout, x, y = _one_run(layout, x, y)
+    layout, x, z, y = _one_run(layout, x, z, y)
+    channels = x.shape[1]
+    dtype = weight.dtype
+    if renorm is None:
+        ren_mean = ren_var = np.zeros(channels, dtype)
+        rmax = dmax = 1.0
+    else:
+        ren_mean, ren_var, rmax, dmax = renorm
+    r = np.empty(channels, dtype)
+    d = np.empty(channels, dtype)
+    invstd = np.empty(channels)
     _, group = plan(layout, x, out=y)
     if not group:
         # Streamed: statistics in one pass over x, then normalise in another.
         mean, var = stats(layout, x)
-        invstd = 1.0 / np.sqrt(var + eps)
-        used_mean = mean.astype(weight.dtype)
-        scale = (invstd.astype(weight.dtype) * weight.astype(np.float64)).astype(weight.dtype)
-        normalize(layout, x, used_mean, scale, bias, y)
-        return mean, var, invstd
-    channels = x.shape[1]
+        used_mean, scale, shift = (np.empty(channels, dtype) for _ in range(3))
+        with kernel_guard():
+            train_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm is not None, rmax, dmax,
+                               invstd, r, d, used_mean, scale, shift)
+        normalize(layout, x, used_mean, scale, shift, y, z, relu)
+        return mean, var, invstd, r, d
     mean = np.empty(channels)
     var = np.empty(channels)
-    invstd = np.empty(channels)
     with kernel_guard():
-        forward_train_slab(x, group, weight, bias, eps, y, mean, var, invstd)
-    return mean, var, invstd
+        forward_train_slab(x, z, group, weight, bias, eps, floor_for(dtype, relu), ren_mean, ren_var,
+                           renorm is not None, rmax, dmax, y, mean, var, invstd, r, d)
+    return mean, var, invstd, r, d
 
 
-def backward_reduce(layout, dy, x, mean):
-    """Return per-channel float64 (sum_dy, dotp) with dotp = sum((x - mean) * dy)."""
-    layout, dy, x = _one_run(layout, dy, x)
+def backward_reduce(layout, dy, x, mean, m=None):
+    """Return per-channel float64 (sum_g, dotp) with dotp = sum((x - mean) * g).
+
+    ``g`` is ``dy`` where the ReLU output ``m`` is > 0 and 0 elsewhere, or
+    ``dy`` when ``m`` is None.
+    """
+    layout, dy, m, x = _one_run(layout, dy, m, x)
     channels = x.shape[1]
     sum_dy = np.empty(channels)
     dotp = np.empty(channels)
     with kernel_guard():
-        (backward_reduce_rows if layout == ROWS else backward_reduce_slab)(dy, x, mean, sum_dy, dotp)
+        (backward_reduce_rows if layout == ROWS else backward_reduce_slab)(dy, m, x, mean, sum_dy, dotp)
     return sum_dy, dotp
 
 
-def backward_elementwise(layout, dy, x, mean, mean_dy, k, scale, dx):
-    """Write dx = (dy - mean_dy - (x - mean) * k) * scale."""
-    layout, dy, x, dx = _one_run(layout, dy, x, dx)
+def backward_elementwise(layout, dy, x, mean, mean_dy, k, scale, dx, m=None, dres=None):
+    """Write dx = (g - mean_dy - (x - mean) * k) * scale, and ``dres = g`` unless it is None (g as above)."""
+    layout, dy, m, x, dres, dx = _one_run(layout, dy, m, x, dres, dx)
     with kernel_guard():
         (backward_elementwise_rows if layout == ROWS else backward_elementwise_slab)(
-            dy, x, mean, mean_dy, k, scale, dx
+            dy, m, x, dres, mean, mean_dy, k, scale, dx
         )
 
 
-def backward_train(layout, dy, x, mean, invstd, weight, dx):
-    """Training-mode gradient: writes dx, returns float64 (sum_dy, dotp)."""
-    layout, dy, x, dx = _one_run(layout, dy, x, dx)
-    _, group = plan(layout, x, tensors=2, out=dx)
+def backward_train(layout, dy, x, mean, invstd, weight, dx, m=None, dres=None):
+    """Training-mode gradient: writes dx (and dres), returns float64 (sum_g, dotp); m, dres as above."""
+    layout, dy, m, x, dres, dx = _one_run(layout, dy, m, x, dres, dx)
+    _, group = plan(layout, x, tensors=2 if m is None else 3, out=dx)
     if not group:
         # Streamed: gradient sums in one pass over (x, dy), dx in another.
-        sum_dy, dotp = backward_reduce(layout, dy, x, mean)
+        sum_dy, dotp = backward_reduce(layout, dy, x, mean, m)
         count = x.size // x.shape[1]
         istd = invstd.astype(np.float64)
         dtype = weight.dtype
@@ -839,14 +1015,14 @@ def backward_train(layout, dy, x, mean, invstd, weight, dx):
             (sum_dy / count).astype(dtype),
             (dotp * istd * istd / count).astype(dtype),
             (istd * weight.astype(np.float64)).astype(dtype),
-            dx,
+            dx, m, dres,
         )
         return sum_dy, dotp
     channels = x.shape[1]
     sum_dy = np.empty(channels)
     dotp = np.empty(channels)
     with kernel_guard():
-        backward_train_slab(dy, x, group, mean, invstd, weight, dx, sum_dy, dotp)
+        backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, sum_dy, dotp)
     return sum_dy, dotp
 
 

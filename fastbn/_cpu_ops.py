@@ -31,38 +31,92 @@ def _scale(invstd, weight):
     return (invstd.astype(np.float64) * weight.astype(np.float64)).astype(weight.dtype)
 
 
-def forward_batch(x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update):
+def _group_views(views, groups):
+    """Split kernel views (None stays None) into ``groups`` equal parts along their first axis.
+
+    The batch axis is the outermost of both layouts (the channel axis is never
+    0 with ghost batches), so the ghost batches of ``x`` are consecutive
+    ranges of the view's first axis: ``outer`` of a SLAB, rows of ROWS.
+    """
+    if groups == 1:
+        return [views]
+    size = next(v for v in views if v is not None).shape[0] // groups
+    return [[None if v is None else v[g * size:(g + 1) * size] for v in views] for g in range(groups)]
+
+
+def _optional_view(layout, array, axis):
+    """A read-only kernel view of an optional input shaped like x (residual, forward output), or None."""
+    return None if array is None else _layout.readonly(_layout.same_view(layout, array, axis))
+
+
+def forward_batch(x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update, *,
+                  relu=False, residual=None, renorm=None, groups=1):
     """Normalise with batch statistics; update running stats if ``update``.
+
+    Parameters
+    ----------
+    relu : bool
+        Apply the ReLU to the output (after adding ``residual``).
+    residual : numpy.ndarray or None
+        Added to the normalised output before the activation; x's shape and dtype.
+    renorm : tuple of (float, float) or None
+        ``(rmax, dmax)``: batch renormalization against the running statistics
+        as they are before this call updates them.
+    groups : int
+        Ghost batches: statistics per each of ``groups`` equal consecutive
+        groups of samples along axis 0.
 
     Returns
     -------
-    y, mean, invstd
-        Output like ``x`` (same memory order), and the statistics used, in ``dtype``.
+    y, mean, invstd, r, d
+        Output like ``x`` (same memory order); the statistics used, in
+        ``dtype``, shape ``(C,)`` or ``(groups, C)``; batch renormalization's
+        ``r`` and ``d``, ``(C,)`` in ``dtype``, or None without ``renorm``.
+
+    Notes
+    -----
+    With ghost batches, the running statistics are updated once per call,
+    with the average over the groups of their means and of their unbiased
+    variances (each group has the same count ``n``, so that average is
+    ``n / (n - 1)`` times the average of the biased variances).
     """
-    channels, count = x.shape[axis], x.size // x.shape[axis]
+    channels = x.shape[axis]
     weight, bias = _parameters(weight, bias, channels, dtype)
     layout, x_view = _layout.channel_view(x, axis)
+    z_view = _optional_view(layout, residual, axis)
     y, y_view = _layout.empty_like_layout(layout, x, axis)
-    mean64, var64, invstd64 = _cpu.forward_train(layout, x_view, weight, bias, eps, y_view)
+    ren = None if renorm is None else (np.ascontiguousarray(running_mean), np.ascontiguousarray(running_var),
+                                       float(renorm[0]), float(renorm[1]))
+    results = [_cpu.forward_train(layout, xg, weight, bias, eps, yg, zg, relu, ren)
+               for xg, zg, yg in _group_views([x_view, z_view, y_view], groups)]
+    mean64, var64, invstd64, r, d = (np.stack(parts) for parts in zip(*results))
     if update:
-        _cpu.update_running(running_mean, running_var, mean64, var64, momentum, count)
-    return y, mean64.astype(dtype), invstd64.astype(dtype)
+        count = x.size // channels // groups
+        _cpu.update_running(running_mean, running_var, mean64.mean(axis=0), var64.mean(axis=0), momentum, count)
+    if groups == 1:
+        mean64, invstd64 = mean64[0], invstd64[0]
+    if renorm is None:
+        r = d = None
+    else:
+        r, d = r[0], d[0]
+    return y, mean64.astype(dtype), invstd64.astype(dtype), r, d
 
 
-def forward_eval(x, axis, dtype, weight, bias, eps, running_mean, running_var):
-    """Normalise with the running statistics; returns ``(y, mean, invstd)``."""
+def forward_eval(x, axis, dtype, weight, bias, eps, running_mean, running_var, *, relu=False, residual=None):
+    """Normalise with the running statistics; returns ``(y, mean, invstd)`` (relu, residual as in forward_batch)."""
     # A copy, so that later updates of running_mean cannot change `saved`.
     mean = np.array(running_mean, dtype=dtype, order="C")
     invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(dtype)
-    y = _normalize_with(x, axis, dtype, mean, invstd, weight, bias)
+    y = _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu, residual)
     return y, mean, invstd
 
 
-def _normalize_with(x, axis, dtype, mean, invstd, weight, bias):
+def _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu=False, residual=None):
     weight, bias = _parameters(weight, bias, x.shape[axis], dtype)
     layout, x_view = _layout.channel_view(x, axis)
     y, y_view = _layout.empty_like_layout(layout, x, axis)
-    _cpu.normalize(layout, x_view, np.ascontiguousarray(mean), _scale(invstd, weight), bias, y_view)
+    _cpu.normalize(layout, x_view, np.ascontiguousarray(mean), _scale(invstd, weight), bias, y_view,
+                   _optional_view(layout, residual, axis), relu)
     return y
 
 
@@ -79,24 +133,53 @@ def moments(x, axis, dtype):
     return mean.astype(dtype), var.astype(dtype)
 
 
-def backward(dy, x, axis, dtype, weight, mean, invstd, batch_stats):
-    """Gradients ``(dx, dweight, dbias)``; the training formula if ``batch_stats``."""
+def backward(dy, x, axis, dtype, weight, mean, invstd, batch_stats, *, y=None, dresidual=False, r=None, d=None,
+             groups=1):
+    """Gradients ``(dx, dweight, dbias, dresidual)``; the training formula if ``batch_stats``.
+
+    Parameters
+    ----------
+    y : numpy.ndarray or None
+        Forward's output when it applied the ReLU: the gradient passes where
+        ``y > 0``, in both passes (the mask is never stored).
+    dresidual : bool
+        Also return the residual's gradient (the masked ``dy``), written in
+        the dx pass; otherwise the fourth value is None.
+    r, d : numpy.ndarray or None
+        Batch renormalization's constants: dx is the training formula with
+        weight ``r * weight``; ``dweight = r * dotp * invstd + d * sum_dy``.
+    groups : int
+        Ghost batches: ``mean`` and ``invstd`` are ``(groups, C)``, one row per
+        group; dweight and dbias are summed over the groups.
+    """
     channels = x.shape[axis]
     weight, _ = _parameters(weight, None, channels, dtype)
-    mean = np.ascontiguousarray(mean)
-    invstd = np.ascontiguousarray(invstd)
+    if r is not None:
+        weight = (weight.astype(np.float64) * r.astype(np.float64)).astype(dtype)
+    mean = np.ascontiguousarray(mean).reshape(groups, channels)
+    invstd = np.ascontiguousarray(invstd).reshape(groups, channels)
     layout, x_view = _layout.channel_view(x, axis)
     dy_view = _layout.readonly(_layout.same_view(layout, dy, axis))
+    m_view = _optional_view(layout, y, axis)
     dx, dx_view = _layout.empty_like_layout(layout, x, axis)
-    if batch_stats:
-        sum_dy, dotp = _cpu.backward_train(layout, dy_view, x_view, mean, invstd, weight, dx_view)
-    else:
-        # Eval: the statistics are constants, so dx = dy * invstd * weight.
-        sum_dy, dotp = _cpu.backward_reduce(layout, dy_view, x_view, mean)
-        zeros = np.zeros(channels, dtype)
-        _cpu.backward_elementwise(layout, dy_view, x_view, mean, zeros, zeros, _scale(invstd, weight), dx_view)
-    dweight = (dotp * invstd.astype(np.float64)).astype(dtype)
-    return dx, dweight, sum_dy.astype(dtype)
+    dres, dres_view = _layout.empty_like_layout(layout, x, axis) if dresidual else (None, None)
+    sum_dy = np.zeros(channels)
+    dweight = np.zeros(channels)
+    for g, (dyg, mg, xg, dxg, dresg) in enumerate(_group_views([dy_view, m_view, x_view, dx_view, dres_view],
+                                                                 groups)):
+        if batch_stats:
+            group_dy, dotp = _cpu.backward_train(layout, dyg, xg, mean[g], invstd[g], weight, dxg, mg, dresg)
+        else:
+            # Eval: the statistics are constants, so dx = g * invstd * weight.
+            group_dy, dotp = _cpu.backward_reduce(layout, dyg, xg, mean[g], mg)
+            zeros = np.zeros(channels, dtype)
+            _cpu.backward_elementwise(layout, dyg, xg, mean[g], zeros, zeros, _scale(invstd[g], weight), dxg, mg,
+                                      dresg)
+        sum_dy += group_dy
+        dweight += dotp * invstd[g].astype(np.float64)
+    if r is not None:
+        dweight = dweight * r.astype(np.float64) + d.astype(np.float64) * sum_dy
+    return dx, dweight.astype(dtype), sum_dy.astype(dtype), dres
 
 
 # -- pieces for synchronised batch norm (fastbn._sync): the same operations,

@@ -142,3 +142,70 @@ def check_flag(value, name):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
     return bool(value)
+
+
+ACTIVATIONS = (None, "relu")
+
+
+def check_activation(activation):
+    """Return ``activation`` if it is None or ``"relu"``, or raise."""
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation: expected None or 'relu', got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+    return activation
+
+
+def check_like_x(value, name, x):
+    """Check an array that must match ``x`` in shape and dtype (residual, forward's output)."""
+    if not _is_array(value):
+        raise TypeError(
+            f"{name}: expected an array of dtype {x.dtype} and shape {tuple(x.shape)} like x, got {_describe(value)}"
+        )
+    if tuple(value.shape) != tuple(x.shape):
+        raise ValueError(f"{name}: expected the shape of x {tuple(x.shape)}, got {tuple(value.shape)}")
+    if np.dtype(value.dtype) != np.dtype(x.dtype):
+        raise TypeError(f"{name}: expected the dtype of x ({x.dtype}), got {value.dtype}")
+    return value
+
+
+def check_virtual_batch_size(value, x, axis):
+    """Return the number of ghost batches for ``virtual_batch_size`` (1 if None), or raise.
+
+    Ghost batches are groups of ``value`` consecutive samples along axis 0,
+    the batch axis, so the channel axis must be another one and ``value`` must
+    divide the batch size.
+    """
+    if value is None:
+        return 1
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"virtual_batch_size: expected a positive integer, got {type(value).__name__}")
+    value = int(value)
+    batch = tuple(x.shape)[0]
+    if value < 1:
+        raise ValueError(f"virtual_batch_size: expected a positive integer, got {value}")
+    if axis == 0:
+        raise ValueError("virtual_batch_size: ghost batches split axis 0, the batch axis, but it is the channel axis")
+    if batch % value:
+        raise ValueError(
+            f"virtual_batch_size: {value} does not divide the batch size {batch} (axis 0 of shape {tuple(x.shape)})"
+        )
+    return batch // value
+
+
+def check_renorm(renorm):
+    """Return ``renorm`` as ``(rmax, dmax)`` floats with rmax >= 1 and dmax >= 0 (inf allowed), or None."""
+    if renorm is None:
+        return None
+    message = "renorm: expected a pair (rmax, dmax) of numbers with rmax >= 1 and dmax >= 0"
+    if isinstance(renorm, (str, bytes)) or not hasattr(renorm, "__len__") or len(renorm) != 2:
+        raise TypeError(f"{message}, got {type(renorm).__name__}")
+    values = []
+    for name, value in zip(("rmax", "dmax"), renorm):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{message}, got {name} of type {type(value).__name__}")
+        values.append(float(value))
+    rmax, dmax = values
+    if not rmax >= 1.0 or not dmax >= 0.0:  # also rejects NaN
+        raise ValueError(f"{message}, got ({rmax}, {dmax})")
+    return rmax, dmax
