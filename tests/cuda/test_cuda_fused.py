@@ -1,12 +1,14 @@
 """The CUDA backend's fused and extended batch norm (issue 7) against the float64 oracle.
 
 ReLU, a residual added before it, ghost batches (``groups``) and batch
-renormalization, forward and backward, on the backend's operations
-(:mod:`fastbn._cuda_ops`, called as the dispatcher calls them, after
-validation) with GPU arrays; every dtype, rank, channel axis and memory
-layout of the shared strategies, with the residual and dy in layouts of their
-own.  Tolerances are strategies.TOLERANCES, with the conditioning scales of
-tests/test_forward.py extended to each option (see the helpers below).
+renormalization, forward and backward, with GPU arrays: mostly on the
+backend's operations (:mod:`fastbn._cuda_ops`, called as fastbn._api calls
+them after validation), and once through the public functions.  Every dtype,
+rank, channel axis and memory layout of the shared strategies, with the
+residual and dy in layouts of their own; fixed cases for the multi-block,
+multi-launch and clipping paths.  Tolerances are strategies.TOLERANCES, with
+the conditioning scales of tests/test_forward.py extended to each option (see
+the helpers below).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
+import fastbn
 from fastbn import _cuda, _cuda_ops, _cuda_target
 from gpu_arrays import gpu, host, small_forward_inputs
 from oracle import channel_axis, oracle_backward_extended, oracle_forward_extended
@@ -264,20 +267,47 @@ def run_backward(f, result, dy):
                               dresidual=f.residual is not None, r=r, d=d, groups=f.groups)
 
 
-def forward_backward(f, dy_layout):
-    """Forward, then backward with a dy of ``dy_layout``; both checked against the oracle."""
+def api_forward(f, rm, rv):
+    """fastbn.forward with GPU arrays and the options' public names; returns the backend's five results."""
+    inp, p, case = f.inp, f.inp.params, f.inp.case
+    y, saved = fastbn.forward(gpu(case.x), gpu(p.weight), gpu(p.bias), running_mean=gpu(rm), running_var=gpu(rv),
+                              training=inp.training, momentum=inp.momentum, eps=inp.eps, axis=case.axis,
+                              activation="relu" if f.relu else None, residual=gpu(f.residual),
+                              virtual_batch_size=f.virtual_batch_size, renorm=f.renorm)
+    assert _cuda_target.is_device_array(y)
+    assert saved.count == case.count // f.groups and saved.residual == (f.residual is not None)
+    assert saved.virtual_batch_size == f.virtual_batch_size and bool(saved.batch_stats) == f.batch_stats
+    api_forward.saved = saved
+    return y, saved.mean, saved.invstd, saved.r, saved.d
+
+
+def api_backward(f, result, dy):
+    """fastbn.backward after api_forward: 4 values with a residual, 3 without (then dres is None)."""
+    case, p = f.inp.case, f.inp.params
+    out = fastbn.backward(gpu(dy), gpu(case.x), gpu(p.weight), api_forward.saved, axis=case.axis,
+                          y=result[0] if f.relu else None)
+    assert len(out) == (3 if f.residual is None else 4)
+    return (*out, None) if f.residual is None else out
+
+
+def forward_backward(f, dy_layout, forward=run_forward, backward=run_backward):
+    """Forward, then backward with a dy of ``dy_layout``; both checked against the oracle.
+
+    ``forward`` and ``backward`` call the backend directly (the default) or
+    through fastbn's public functions (api_forward, api_backward).
+    """
     case = f.inp.case
     note_case(f"G={f.groups} relu={f.relu} residual={f.residual is not None} renorm={f.renorm is not None} "
-          f"batch_stats={f.batch_stats}")
+              f"batch_stats={f.batch_stats}")
     x_before = case.x.copy()
     rm, rv = f.inp.running_copies()
-    result = run_forward(f, rm, rv)
+    result = forward(f, rm, rv)
     o = check_forward(f, result, rm, rv)
     y_host = host(result[0])
     r_host = None if result[3] is None else host(result[3]).astype(np.float64)
     d_host = None if result[4] is None else host(result[4]).astype(np.float64)
     dy = like(case, case.rng(2).standard_normal(case.x.shape), layout=dy_layout)
-    check_backward(f, o, y_host, dy, r_host, d_host, run_backward(f, result, dy))
+    check_backward(f, o, y_host, dy, r_host, d_host, backward(f, result, dy))
     assert np.array_equal(case.x, x_before, equal_nan=True)
 
 
@@ -287,6 +317,14 @@ def forward_backward(f, dy_layout):
 def test_fused_forward_backward_match_oracle(f, data):
     """Every option, drawn independently, forward and backward."""
     forward_backward(f, data.draw(layouts(f.inp.case.x.ndim), label="dy layout"))
+
+
+@FEW
+@given(fused_inputs(), st.data())
+def test_public_api_on_gpu_arrays_matches_oracle(f, data):
+    """fastbn.forward(activation=, residual=, virtual_batch_size=, renorm=) and fastbn.backward(y=) on GPU
+    arrays: validation, dispatch, Saved and the 3-or-4-value return around the same kernels."""
+    forward_backward(f, data.draw(layouts(f.inp.case.x.ndim), label="dy layout"), api_forward, api_backward)
 
 
 @FEW
@@ -441,3 +479,24 @@ def test_no_host_transfers(monkeypatch):
         results.append((result, run_backward(f, result, dy)))
     monkeypatch.undo()
     assert all(np.isfinite(host(result[0])).all() for result, _ in results)
+
+
+@pytest.mark.parametrize("options", [dict(virtual_batch_size=2), dict(renorm=(1.2, 0.1))], ids=["ghost", "renorm"])
+def test_gpu_matches_the_cpu_backend(options):
+    """The same public call on host and on GPU arrays: equal results, Saved of the same shapes."""
+    rng = np.random.default_rng(4)
+    x = np.moveaxis(rng.normal(1.0, 2.0, (8, 5, 3)).astype(np.float32), -1, 1)  # channels-last
+    z = rng.normal(size=(8, 3, 5)).astype(np.float32)
+    dy = rng.normal(size=(8, 3, 5)).astype(np.float32)
+    w, b = rng.uniform(0.5, 2.0, 3).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    results = []
+    for to in (lambda a: a, gpu):
+        rm, rv = np.array([0.5, 1.0, 1.5], np.float32), np.array([2.0, 3.0, 5.0], np.float32)
+        y, saved = fastbn.forward(to(x), to(w), to(b), running_mean=to(rm), running_var=to(rv),
+                                  activation="relu", residual=to(z), **options)
+        grads = fastbn.backward(to(dy), to(x), to(w), saved, y=y)
+        arrays = [y, saved.mean, saved.invstd, *grads] + ([saved.r, saved.d] if "renorm" in options else [])
+        results.append([rm, rv] + [a if isinstance(a, np.ndarray) else host(a) for a in arrays])
+    for cpu, gpu_result in zip(*results):
+        assert cpu.shape == gpu_result.shape and cpu.dtype == gpu_result.dtype
+        np.testing.assert_allclose(gpu_result, cpu, rtol=1e-5, atol=1e-5)
