@@ -222,53 +222,100 @@ def _split(buffer, channels, *counts):
     return pieces
 
 
+def _vector(array, name):
+    """Plan a statistics array, (C,) or ghost batch norm's (G, C), as a flat 1-D kernel input."""
+    return _Plan(array, list(range(len(array.shape))), name)
+
+
+def _grouped(flat, groups, channels):
+    """A flat (G C,) result as the (G, C) array of ghost batch norm; as it is when G = 1."""
+    if groups == 1:
+        return flat
+    itemsize = np.dtype(flat.dtype).itemsize
+    return target.view(flat, (groups, channels), (channels * itemsize, itemsize))
+
+
 # ------------------------------------------------------------ operations ---
-def _statistics(layout, x_flat):
-    """Launch the statistics reduction; return the float64 partials and pivots."""
-    channels = layout.channels
-    plan = _cuda.ReductionPlan(layout.rows, layout.outer, channels, layout.inner)
-    workspace = target.device_array((3 * plan.splits + 1) * channels, np.float64)
-    partial_count, partial_mean, partial_m2, pivot = _split(workspace, channels, plan.splits, plan.splits,
+def _statistics(layout, x_flat, groups=1):
+    """Launch the statistics reduction; return the float64 partials and pivots (per group and channel)."""
+    slots = groups * layout.channels
+    plan = _cuda.ReductionPlan(layout.rows, layout.outer, layout.channels, layout.inner, groups)
+    workspace = target.device_array((3 * plan.splits + 1) * slots, np.float64)
+    partial_count, partial_mean, partial_m2, pivot = _split(workspace, slots, plan.splits, plan.splits,
                                                             plan.splits, 1)
-    _cuda.stats(plan, layout.rows, x_flat, channels, layout.inner, partial_count, partial_mean, partial_m2, pivot)
+    _cuda.stats(plan, layout.rows, x_flat, layout.channels, layout.inner, partial_count, partial_mean, partial_m2,
+                pivot)
     return partial_count, partial_mean, partial_m2, pivot
 
 
-def forward_batch(x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update):
+def forward_batch(x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update, *, relu=False,
+                  residual=None, renorm=None, groups=1):
     """Normalise with batch statistics; update running stats (in place, on the device) if ``update``.
+
+    Parameters
+    ----------
+    relu : bool
+        Apply ReLU to the output (NaN passes through), in the same pass.
+    residual : device array or None
+        Added to the normalised output before the activation; x's shape and
+        dtype, any strides.
+    renorm : (float, float) or None
+        Batch renormalization's (rmax, dmax): r and d come from the running
+        statistics as they were before this call's update (G must be 1).
+    groups : int
+        Ghost batch norm: statistics per group of ``x.shape[0] // groups``
+        consecutive samples; the running statistics are updated once, with
+        the averages over groups of the group means and unbiased variances.
 
     Returns
     -------
-    y, mean, invstd
-        Output like ``x`` (same memory order), and the statistics used, in
-        ``dtype``, as device arrays.
+    y, mean, invstd, r, d
+        Output like ``x`` (same memory order); the statistics used, in
+        ``dtype``, shape (C,), or (G, C) when ``groups > 1``; batch
+        renormalization's r and d, shape (C,), or None without ``renorm``.
+        All device arrays.
     """
     layout = _Layout(x, axis)
     _check_running(running_mean, running_var)
+    residual_plan = None if residual is None else layout.same(residual, "residual")
     channels = layout.channels
     x_flat = layout.plan.flat()
-    partials = _statistics(layout, x_flat)
+    z_flat = x_flat if residual_plan is None else residual_plan.flat()
+    partials = _statistics(layout, x_flat, groups)
     scratch = target.device_array(2 * channels, np.float64)
     mean64, var64 = _split(scratch, channels, 1, 1)
-    coefficients = target.device_array(4 * channels, dtype)
-    saved_mean, saved_invstd, scale, shift = _split(coefficients, channels, 1, 1, 1, 1)
+    renorm_counts = () if renorm is None else (1, 1)
+    coefficients = target.device_array((4 * groups + len(renorm_counts)) * channels, dtype)
+    saved_mean, saved_invstd, scale, shift, *renorm_out = _split(coefficients, channels, groups, groups, groups,
+                                                                 groups, *renorm_counts)
     weight, has_weight = _parameter(weight, scale)
     bias, has_bias = _parameter(bias, shift)
+    if renorm is None:
+        # (renorm, running_mean, running_var, rmax, dmax, r, d): the arrays are
+        # neither read nor written without renorm, any of the type will do.
+        renorm_args = (False, scale, scale, 1.0, 0.0, scale, scale)
+        r = d = None
+    else:
+        r, d = renorm_out
+        renorm_args = (True, running_mean, running_var, float(renorm[0]), float(renorm[1]), r, d)
     _cuda.launch_per_channel(_cuda.forward_coefficients, channels, *partials, float(eps), weight, has_weight,
-                             bias, has_bias, mean64, var64, saved_mean, saved_invstd, scale, shift)
+                             bias, has_bias, *renorm_args, mean64, var64, saved_mean, saved_invstd, scale, shift)
     if update:
-        count = layout.outer * layout.inner
+        count = layout.outer * layout.inner // groups
         _cuda.launch_per_channel(_cuda.update_running, channels, running_mean, running_var, mean64, var64,
                                  float(momentum), count / (count - 1.0))
     y, y_flat = layout.empty(x.dtype)
-    _cuda.normalize_flat(x_flat, layout.inner, saved_mean, scale, shift, y_flat)
-    return y, saved_mean, saved_invstd
+    _cuda.normalize_flat(x_flat, z_flat, channels, layout.inner, groups, saved_mean, scale, shift, y_flat,
+                         relu=relu, residual=residual is not None)
+    return y, _grouped(saved_mean, groups, channels), _grouped(saved_invstd, groups, channels), r, d
 
 
-def _normalize_given(x, axis, dtype, mean, var, weight, bias, eps):
+def _normalize_given(x, axis, dtype, mean, var, weight, bias, eps, relu=False, residual=None):
     layout = _Layout(x, axis)
+    residual_plan = None if residual is None else layout.same(residual, "residual")
     channels = layout.channels
     x_flat = layout.plan.flat()
+    z_flat = x_flat if residual_plan is None else residual_plan.flat()
     coefficients = target.device_array(4 * channels, dtype)
     saved_mean, saved_invstd, scale, shift = _split(coefficients, channels, 1, 1, 1, 1)
     weight, has_weight = _parameter(weight, scale)
@@ -276,17 +323,19 @@ def _normalize_given(x, axis, dtype, mean, var, weight, bias, eps):
     _cuda.launch_per_channel(_cuda.normalize_coefficients, channels, mean, var, float(eps), weight, has_weight,
                              bias, has_bias, saved_mean, saved_invstd, scale, shift)
     y, y_flat = layout.empty(x.dtype)
-    _cuda.normalize_flat(x_flat, layout.inner, saved_mean, scale, shift, y_flat)
+    _cuda.normalize_flat(x_flat, z_flat, channels, layout.inner, 1, saved_mean, scale, shift, y_flat, relu=relu,
+                         residual=residual is not None)
     return y, saved_mean, saved_invstd
 
 
-def forward_eval(x, axis, dtype, weight, bias, eps, running_mean, running_var):
+def forward_eval(x, axis, dtype, weight, bias, eps, running_mean, running_var, *, relu=False, residual=None):
     """Normalise with the running statistics; returns ``(y, mean, invstd)``.
 
-    ``mean`` is a copy, so later updates of ``running_mean`` cannot change ``saved``.
+    ``relu`` and ``residual`` as in :func:`forward_batch`.  ``mean`` is a
+    copy, so later updates of ``running_mean`` cannot change ``saved``.
     """
     _check_running(running_mean, running_var)
-    return _normalize_given(x, axis, dtype, running_mean, running_var, weight, bias, eps)
+    return _normalize_given(x, axis, dtype, running_mean, running_var, weight, bias, eps, relu, residual)
 
 
 def normalize(x, axis, dtype, mean, var, weight, bias, eps):
@@ -305,26 +354,57 @@ def moments(x, axis, dtype):
     return mean, var
 
 
-def backward(dy, x, axis, dtype, weight, mean, invstd, batch_stats):
-    """Gradients ``(dx, dweight, dbias)``; the training formula if ``batch_stats``."""
-    mean = to_device(mean, "saved.mean")
-    invstd = to_device(invstd, "saved.invstd")
+def backward(dy, x, axis, dtype, weight, mean, invstd, batch_stats, *, y=None, dresidual=False, r=None, d=None,
+             groups=1):
+    """Gradients ``(dx, dweight, dbias, dres)``; the training formula if ``batch_stats``.
+
+    Parameters
+    ----------
+    y : device array or None
+        Forward's output when forward applied ReLU: the gradient passes only
+        where y > 0 (y NaN blocks it), in both passes.
+    dresidual : bool
+        Also return ``dres``, the gradient of forward's residual: the masked
+        gradient (dy itself without ``y``), a new array like ``dx``.
+    r, d : device arrays or None
+        Batch renormalization's r and d from forward: dx uses the weight
+        r * w, ``dweight = r * dotp * invstd + d * sum_dy``.
+    groups : int
+        Ghost batch norm: ``mean`` and ``invstd`` are (G, C) and each group of
+        samples uses its own row; dweight and dbias are summed over groups.
+
+    Returns
+    -------
+    dx, dweight, dbias, dres
+        dres is None unless ``dresidual``.
+    """
+    mean_plan = _vector(to_device(mean, "saved.mean"), "saved.mean")
+    invstd_plan = _vector(to_device(invstd, "saved.invstd"), "saved.invstd")
+    r = to_device(r, "saved.r")
+    d = to_device(d, "saved.d")
     layout = _Layout(x, axis)
     dy_plan = layout.same(dy, "dy")
+    y_plan = None if y is None else layout.same(y, "y")
     channels = layout.channels
+    mean, invstd = mean_plan.flat(), invstd_plan.flat()
     x_flat = layout.plan.flat()
     dy_flat = dy_plan.flat()
-    plan = _cuda.ReductionPlan(layout.rows, layout.outer, channels, layout.inner)
-    workspace = target.device_array(2 * plan.splits * channels, np.float64)
-    partial_sum_dy, partial_dotp = _split(workspace, channels, plan.splits, plan.splits)
-    _cuda.backward_reduce(plan, layout.rows, dy_flat, x_flat, mean, channels, layout.inner, partial_sum_dy,
-                          partial_dotp)
-    out = target.device_array(5 * channels, dtype)
-    dweight, dbias, mean_dy, k, scale = _split(out, channels, 1, 1, 1, 1, 1)
+    y_flat = dy_flat if y_plan is None else y_plan.flat()  # not read without y
+    slots = groups * channels
+    plan = _cuda.ReductionPlan(layout.rows, layout.outer, channels, layout.inner, groups)
+    workspace = target.device_array(2 * plan.splits * slots, np.float64)
+    partial_sum_dy, partial_dotp = _split(workspace, slots, plan.splits, plan.splits)
+    _cuda.backward_reduce(plan, layout.rows, dy_flat, x_flat, y_flat, mean, channels, layout.inner, partial_sum_dy,
+                          partial_dotp, masked=y is not None)
+    out = target.device_array((2 + 3 * groups) * channels, dtype)
+    dweight, dbias, mean_dy, k, scale = _split(out, channels, 1, 1, groups, groups, groups)
     weight, has_weight = _parameter(weight, scale)
+    renorm = r is not None
     _cuda.launch_per_channel(_cuda.backward_coefficients, channels, partial_sum_dy, partial_dotp, invstd, weight,
-                             has_weight, layout.outer * layout.inner, bool(batch_stats), dweight, dbias, mean_dy, k,
-                             scale)
+                             has_weight, layout.outer * layout.inner // groups, bool(batch_stats), renorm,
+                             r if renorm else scale, d if renorm else scale, dweight, dbias, mean_dy, k, scale)
     dx, dx_flat = layout.empty(x.dtype)
-    _cuda.backward_elementwise_flat(dy_flat, x_flat, layout.inner, mean, mean_dy, k, scale, dx_flat)
-    return dx, dweight, dbias
+    dres, dres_flat = layout.empty(x.dtype) if dresidual else (None, dx_flat)  # not written without dresidual
+    _cuda.backward_elementwise_flat(dy_flat, x_flat, y_flat, channels, layout.inner, groups, mean, mean_dy, k, scale,
+                                    dx_flat, dres_flat, masked=y is not None, write_dres=dresidual)
+    return dx, dweight, dbias, dres
