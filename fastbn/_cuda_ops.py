@@ -343,6 +343,25 @@ def normalize(x, axis, dtype, mean, var, weight, bias, eps):
     return _normalize_given(x, axis, dtype, mean, var, weight, bias, eps)[0]
 
 
+def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
+    """Batch norm folded into the layer before it, with the normalize kernels.
+
+    ``s * W`` is normalize of ``W`` (channel axis ``axis``) with mean 0, and
+    ``s * (c - running_mean) + bias`` is normalize of ``c`` seen as a ``(1, C)``
+    batch; both computed in the kernels' compute type (float32 for float16 and
+    float32 layers) and rounded once to the layer's dtype.
+    """
+    channels = layer_weight.shape[axis]
+    dtype = np.dtype(running_var.dtype)
+    folded_weight = _normalize_given(layer_weight, axis, dtype, target.device_zeros(channels, dtype), running_var,
+                                     weight, None, eps)[0]
+    if layer_bias is None:
+        layer_bias = target.device_zeros(channels, layer_weight.dtype)
+    as_row = target.view(layer_bias, (1, channels), (0, np.dtype(layer_bias.dtype).itemsize))
+    folded_bias = _normalize_given(as_row, 1, dtype, running_mean, running_var, weight, bias, eps)[0]
+    return folded_weight, target.view(folded_bias, (channels,), (np.dtype(folded_bias.dtype).itemsize,))
+
+
 def moments(x, axis, dtype):
     """Per-channel mean and biased variance, in ``dtype``, as device arrays."""
     layout = _Layout(x, axis)

@@ -103,6 +103,13 @@ def device_array(shape, dtype):
     return cuda.device_array(shape, dtype)
 
 
+def device_zeros(shape, dtype):
+    """A device array of zeros (copied from the host: for small per-channel constants only)."""
+    if SIMULATOR:
+        return _SimDeviceArray(np.zeros(shape, dtype))
+    return cuda.to_device(np.zeros(shape, dtype))
+
+
 # ------------------------------------------------------------ warp shuffle ---
 _FULL_MASK = 0xFFFFFFFF
 

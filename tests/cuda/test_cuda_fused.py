@@ -500,3 +500,26 @@ def test_gpu_matches_the_cpu_backend(options):
     for cpu, gpu_result in zip(*results):
         assert cpu.shape == gpu_result.shape and cpu.dtype == gpu_result.dtype
         np.testing.assert_allclose(gpu_result, cpu, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------- fold ---
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["conv", "conv_transpose", "dense_no_bias"])
+def test_fold_on_gpu_arrays_matches_the_cpu(kind, dtype):
+    """fold on GPU arrays returns GPU arrays with the CPU backend's values (float32 compute on the GPU
+    for float16/float32 layers: within the float32 tolerance of the statistics)."""
+    rng = np.random.default_rng(11)
+    shape, axis = {"conv": ((4, 3, 2, 2), 0), "conv_transpose": ((3, 4, 2, 2), 1), "dense_no_bias": ((4, 5), 0)}[kind]
+    channels = shape[axis]
+    sd = np.float64 if dtype == np.float64 else np.float32
+    lw = rng.standard_normal(shape).astype(dtype)
+    lb = None if kind == "dense_no_bias" else rng.standard_normal(channels).astype(dtype)
+    rm, rv = rng.standard_normal(channels).astype(sd), rng.uniform(0.5, 2, channels).astype(sd)
+    w, b = rng.uniform(-2, 2, channels).astype(sd), rng.standard_normal(channels).astype(sd)
+    fw, fb = fastbn.fold(gpu(lw), gpu(lb), gpu(rm), gpu(rv), gpu(w), gpu(b), 1e-3, axis=axis)
+    ew, eb = fastbn.fold(lw, lb, rm, rv, w, b, 1e-3, axis=axis)
+    assert host(fw).shape == lw.shape and host(fw).dtype == dtype and host(fb).shape == (channels,)
+    tol = output_tol(dtype)
+    assert_close(host(fw), ew, tol, scale=np.abs(ew.astype(np.float64)), what="folded weight")
+    scale = np.abs(eb.astype(np.float64)) + np.abs(rm) * np.abs(w) / np.sqrt(rv + 1e-3) + 1
+    assert_close(host(fb), eb, tol, scale=scale, what="folded bias")
