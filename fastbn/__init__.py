@@ -3,12 +3,14 @@
 The functional API follows ``torch.nn.functional.batch_norm``:
 
 * :func:`forward` / :func:`backward`: training and eval batch norm and its gradients;
-* :func:`moments` / :func:`normalize`: the two steps on their own.
+* :func:`moments` / :func:`normalize`: the two steps on their own;
+* :func:`empty_cache`: release the memory kept for recycling large outputs.
 
 ``import fastbn`` is cheap: it imports neither Numba nor any framework, and
 compiles nothing.  Kernels compile on first use and are cached on disk.
 """
 
+from fastbn._alloc import empty_cache
 from fastbn._api import Saved, backward, forward, moments, normalize
 from fastbn._sync import Collectives
 from fastbn.layer import BatchNorm
@@ -16,4 +18,4 @@ from fastbn._threading import threading_layer
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm", "Collectives", "Saved", "backward", "forward", "moments", "normalize", "threading_layer", "__version__"]
+__all__ = ["BatchNorm", "Collectives", "Saved", "backward", "empty_cache", "forward", "moments", "normalize", "threading_layer", "__version__"]
