@@ -87,6 +87,15 @@ def test_arrays_are_ordinary_and_usable(pool, dtype):
     assert moved.shape == (3, MiB // 8, 5) and not moved.flags.c_contiguous
 
 
+def test_shapes_like_numpy(pool):
+    assert pool.empty(np.int64(MiB), np.uint8).shape == (MiB,)
+    assert pool.empty([2, np.int32(MiB)], np.uint8).shape == (2, MiB)
+    with pytest.raises(TypeError):
+        pool.empty(float(MiB), np.uint8)
+    with pytest.raises(ValueError):
+        pool.empty((-1, MiB), np.uint8)
+
+
 def test_small_requests_are_plain_numpy(pool):
     a = pool.empty(_alloc.THRESHOLD // 8 - 1, np.float64)
     assert a.flags.owndata
