@@ -134,6 +134,22 @@ def _torch_view(a):
     return _torch_tensor(a).view(-1)[5:]
 
 
+def _jax_device_put(a):
+    jax = pytest.importorskip("jax")
+    array = jax.device_put(a)
+    if array.unsafe_buffer_pointer() != address(a):
+        pytest.skip("this JAX copies instead of aliasing NumPy memory")
+    return array
+
+
+def _jax_dlpack(a):
+    jax = pytest.importorskip("jax")
+    array = jax.dlpack.from_dlpack(a)
+    if array.unsafe_buffer_pointer() != address(a):
+        pytest.skip("this JAX copies instead of aliasing NumPy memory")
+    return array
+
+
 def _asarray_chain(a):
     return np.asarray(np.asarray(a[1:])[::2])
 
@@ -156,6 +172,8 @@ VIEWS = {
     "dlpack": _dlpack,
     "torch.from_numpy": _torch_tensor,
     "torch view": _torch_view,
+    "jax.device_put": _jax_device_put,
+    "jax dlpack": _jax_dlpack,
     "ctypes pointer": lambda a: a.ctypes.data_as(_alloc.ctypes.POINTER(_alloc.ctypes.c_float)),
 }
 
