@@ -417,6 +417,7 @@ def _wait(pid, timeout):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's, if an earlier test imported it
 def test_forked_children_get_private_memory_and_a_working_pool():
     pool = _alloc.Pool(64 * MiB)
     x = np.random.default_rng(1).standard_normal((4, 16, 64, 64)).astype(np.float32)
