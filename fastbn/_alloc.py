@@ -276,7 +276,13 @@ class Pool:
         evicted.clear()  # unmapping happens here, outside the lock
         self._settle()
         if block is None:
-            block = _Block(size)
+            try:
+                block = _Block(size)
+            except OSError:
+                # No address space or mappings left (ENOMEM): give back what
+                # the pool holds and let NumPy try, or raise its MemoryError.
+                self.empty_cache()
+                return np.empty(shape, dtype)
         buffer = (ctypes.c_char * block.size).from_buffer(block.mapping, block.offset)
         ref = _Ref(buffer, self._on_death)
         ref.block = block

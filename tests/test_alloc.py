@@ -96,6 +96,20 @@ def test_shapes_like_numpy(pool):
         pool.empty((-1, MiB), np.uint8)
 
 
+def test_failed_mapping_falls_back_to_numpy(pool, monkeypatch):
+    kept = pool.empty(N, np.float32)
+    del kept
+    assert pool.stats()["free_blocks"] == 1
+
+    def refuse(size):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(_alloc, "_Block", refuse)
+    a = pool.empty(4 * N, np.float32)  # too large for the free block: maps, fails
+    assert a.flags.owndata and a.shape == (4 * N,)
+    assert pool.stats()["free_blocks"] == 0  # the cache was given back first
+
+
 def test_small_requests_are_plain_numpy(pool):
     a = pool.empty(_alloc.THRESHOLD // 8 - 1, np.float64)
     assert a.flags.owndata
