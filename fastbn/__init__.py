@@ -4,7 +4,8 @@ The functional API follows ``torch.nn.functional.batch_norm``:
 
 * :func:`forward` / :func:`backward`: training and eval batch norm and its gradients;
 * :func:`moments` / :func:`normalize`: the two steps on their own;
-* :func:`fold`: merge eval-mode batch norm into the layer before it.
+* :func:`fold`: merge eval-mode batch norm into the layer before it;
+* :func:`empty_cache`: release the memory kept for recycling large outputs.
 
 :func:`forward` also fuses a ReLU, a residual add, ghost batches and batch
 renormalization into its passes.
@@ -13,6 +14,7 @@ renormalization into its passes.
 compiles nothing.  Kernels compile on first use and are cached on disk.
 """
 
+from fastbn._alloc import empty_cache
 from fastbn._api import Saved, backward, fold, forward, moments, normalize
 from fastbn._sync import Collectives
 from fastbn.layer import BatchNorm
@@ -20,4 +22,7 @@ from fastbn._threading import threading_layer
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm", "Collectives", "Saved", "backward", "fold", "forward", "moments", "normalize", "threading_layer", "__version__"]
+__all__ = [
+    "BatchNorm", "Collectives", "Saved", "backward", "empty_cache", "fold", "forward", "moments", "normalize",
+    "threading_layer", "__version__",
+]

@@ -885,7 +885,9 @@ How to read it:
 
 - **ms**: median wall time of one call through the public API (`fastbn.forward`, `fastbn.backward`,
   `fastbn.moments`), after warm-up calls, so compilation never counts. Like PyTorch and NumPy, every call
-  returns a newly allocated output.
+  returns a newly allocated output. fastbn takes outputs of 1 MiB or more from its output pool
+  (`fastbn/_alloc.py`, off with `FASTBN_POOL_BYTES=0`), so in this loop each reuses the already paged-in memory
+  of the previous call's output.
 - **GB/s**: the operation's minimal DRAM traffic divided by its time.
 - **% roofline**: the minimal-traffic time divided by fastbn's time. The minimal traffic is, in tensor-sized
   passes: forward eval 2 (read x, write y), moments 1; training forward 2 and backward 3 when one channel's data
@@ -904,6 +906,8 @@ How to read it:
 
 def findings(results):
     """A paragraph on what bounds the figures, with this run's numbers."""
+    from fastbn import _alloc
+
     big = [r for r in results if r["dtype"] == "float32" and r["page_in_ms"] > 0.2 * r["copy_ms"]]
     lines = []
     if big:
@@ -911,9 +915,11 @@ def findings(results):
         lines.append(
             f"Every call returns a newly allocated output, and paging in a fresh {row['bytes'] / MB:.0f} MB array "
             f"(the OS zeroes each page on first touch) took {row['page_in_ms']:.1f} ms here, against "
-            f"{row['copy_ms']:.1f} ms to copy the whole tensor into memory already in use. fastbn and PyTorch "
-            "both pay it inside the call (PyTorch more here: its allocator does not ask for transparent huge "
-            "pages); it is what separates the DRAM-only roofline column from the one with page-in, and the "
+            f"{row['copy_ms']:.1f} ms to copy the whole tensor into memory already in use. PyTorch pays it "
+            "inside every call (more here: its allocator does not ask for transparent huge pages)"
+            + ("; fastbn's output pool skips it: each call reuses the paged-in memory of the previous, dead "
+               "output" if _alloc.POOL.cap else "; fastbn pays it too (its output pool is off: FASTBN_POOL_BYTES=0)")
+            + ". It is what separates the DRAM-only roofline column from the one with page-in, and the "
             "reused-output column shows fastbn's kernels without it. Outputs below glibc's 32 MB mmap threshold "
             "are usually recycled by malloc and pay little or nothing."
         )

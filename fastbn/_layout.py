@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from fastbn import _alloc
+
 SLAB = "slab"
 ROWS = "rows"
 
@@ -96,6 +98,10 @@ def same_view(layout, a, axis):
 def empty_like_layout(layout, x, axis):
     """Allocate an output shaped like ``x``, in the memory order of ``layout``.
 
+    The memory comes from :func:`fastbn._alloc.empty`: a large output reuses
+    the already paged-in memory of a dead one, instead of a fresh mapping
+    whose every page the OS must zero on first write.
+
     Returns
     -------
     out : numpy.ndarray
@@ -106,8 +112,8 @@ def empty_like_layout(layout, x, axis):
     """
     if layout == ROWS:
         moved_shape = x.shape[:axis] + x.shape[axis + 1 :] + (x.shape[axis],)
-        moved = np.empty(moved_shape, dtype=x.dtype)
+        moved = _alloc.empty(moved_shape, x.dtype)
         out = np.moveaxis(moved, -1, axis)
     else:
-        out = np.empty(x.shape, dtype=x.dtype)
+        out = _alloc.empty(x.shape, x.dtype)
     return out, same_view(layout, out, axis)
