@@ -220,13 +220,13 @@ def forward(
         raise ValueError("renorm: not supported together with virtual_batch_size")
     if renorm is not None and training and not has_running:
         raise ValueError("renorm: batch renormalization needs running_mean and running_var in training")
-    if collectives is not None and not hasattr(ops, "local_moments"):
-        raise ValueError(f"process_group: not supported on the {ops.name} backend yet")
     if collectives is not None:
         for name, value in (("activation", activation), ("residual", residual),
                             ("virtual_batch_size", virtual_batch_size), ("renorm", renorm)):
             if value is not None:
                 raise ValueError(f"{name}: not supported together with process_group yet")
+    if collectives is not None and not hasattr(ops, "local_moments"):
+        raise ValueError(f"process_group: not supported on the {ops.name} backend yet")
 
     if batch_stats and collectives is not None:
         y, mean, invstd, count = _sync.forward(

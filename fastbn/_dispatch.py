@@ -63,6 +63,8 @@ def prepare(backend, arrays):
     for name, obj in arrays:
         if obj is None:
             continue
+        if isinstance(obj, (str, bytes)):
+            raise TypeError(f"{name}: expected an array, got {type(obj).__name__}")
         on_device = is_device_array(obj)
         if target == "cpu" and on_device:
             raise ValueError(

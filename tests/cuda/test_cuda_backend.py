@@ -313,7 +313,8 @@ def _error_cases():
         for case_id, exc, argument, change in errors.BACKWARD_ERRORS:
             def call(change=change, dtype=dtype):
                 args = change(errors._forward_for_backward(dtype))
-                return fastbn.backward, (args["dy"], args["x"], args["weight"], args["saved"]), dict(axis=args["axis"])
+                return (fastbn.backward, (args["dy"], args["x"], args["weight"], args["saved"]),
+                        dict(axis=args["axis"], y=args.get("y")))
             yield pytest.param(call, exc, argument, id=f"backward-{case_id}-{dtype_id}")
         for case_id, exc, argument, change in errors.NORMALIZE_ERRORS:
             def call(change=change, dtype=dtype):
