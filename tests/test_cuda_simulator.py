@@ -16,12 +16,24 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_tests_pass_under_the_cuda_simulator():
+# Two halves of tests/cuda, each in a pytest of its own, so that a parallel run
+# (pytest -n) can put them on different cores: the simulator is slow.
+SIMULATOR_PARTS = {
+    "fused": ["tests/cuda/test_cuda_fused.py"],
+    "core": ["tests/cuda", "--ignore=tests/cuda/test_cuda_fused.py"],
+}
+
+
+@pytest.mark.parametrize("part", sorted(SIMULATOR_PARTS))
+def test_gpu_tests_pass_under_the_cuda_simulator(part):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    command = [sys.executable, "-m", "pytest", "tests/cuda", "-q", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", *SIMULATOR_PARTS[part], "-q", "-p", "no:cacheprovider",
+               "-p", "no:xdist"]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     summary = output.strip().splitlines()[-1] if output.strip() else ""
