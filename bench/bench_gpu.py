@@ -153,6 +153,16 @@ def _torch_tensors(torch, case):
     return as_tensor(x), torch.from_numpy(weight).to(device), torch.from_numpy(bias).to(device), as_tensor(dy)
 
 
+def _time_with_torch(benchmark, torch, run, group):
+    """Warm ``run`` up (compilation, cuDNN heuristics), then time it synchronised with the device."""
+    sync = torch.cuda.synchronize
+    for _ in range(3):
+        run()
+    sync()
+    benchmark.group = group
+    benchmark(lambda: (run(), sync()))
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_cudnn_forward(benchmark, case):
     torch = _torch_cuda()
@@ -162,12 +172,7 @@ def test_cudnn_forward(benchmark, case):
     x, weight, bias, _ = _torch_tensors(torch, case)
     functional = torch.nn.functional
     run = lambda: functional.batch_norm(x, None, None, weight, bias, training=True)  # noqa: E731
-    sync = torch.cuda.synchronize
-    for _ in range(3):  # warm-up, cuDNN heuristics
-        run()
-    sync()
-    benchmark.group = f"forward {case[0]}"
-    benchmark(lambda: (run(), sync()))
+    _time_with_torch(benchmark, torch, run, f"forward {case[0]}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -181,12 +186,7 @@ def test_cudnn_backward(benchmark, case):
     bias.requires_grad_(True)
     y = torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True)
     run = lambda: torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True)  # noqa: E731
-    sync = torch.cuda.synchronize
-    for _ in range(3):
-        run()
-    sync()
-    benchmark.group = f"backward {case[0]}"
-    benchmark(lambda: (run(), sync()))
+    _time_with_torch(benchmark, torch, run, f"backward {case[0]}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -262,12 +262,7 @@ def test_add_relu_forward(benchmark, case, form):
         run = lambda: fastbn.forward(x, weight, bias, axis=axis)[0].add_(z).relu_()  # noqa: E731
     else:
         run = lambda: functional.batch_norm(x, None, None, weight, bias, training=True).add_(z).relu_()  # noqa: E731
-    sync = torch.cuda.synchronize
-    for _ in range(3):
-        run()
-    sync()
-    benchmark.group = f"forward add+relu {case[0]}"
-    benchmark(lambda: (run(), sync()))
+    _time_with_torch(benchmark, torch, run, f"forward add+relu {case[0]}")
 
 
 @pytest.mark.parametrize("case", FUSED_CASES, ids=FUSED_IDS)
@@ -286,9 +281,4 @@ def test_add_relu_backward(benchmark, case, form):
         def run():
             g = dy * (y > 0)
             return (*fastbn.backward(g, x, weight, plain), g)
-    sync = torch.cuda.synchronize
-    for _ in range(3):
-        run()
-    sync()
-    benchmark.group = f"backward add+relu {case[0]}"
-    benchmark(lambda: (run(), sync()))
+    _time_with_torch(benchmark, torch, run, f"backward add+relu {case[0]}")

@@ -243,8 +243,8 @@ def run(args):
     words = ["python -m fastbn bench-fused"]
     if [s.label for s in args.shapes] != list(DEFAULT_SHAPES):
         words.append("--shapes " + ",".join(s.label for s in args.shapes))
-    for name in ("repeats", "rounds"):
-        if getattr(args, name) != 5 - 2 * (name == "rounds"):
+    for name, default in (("repeats", 5), ("rounds", 3)):
+        if getattr(args, name) != default:
             words.append(f"--{name} {getattr(args, name)}")
     command = " ".join(words)
     barred = [r for r in rows if r["bar"] is not None]

@@ -39,6 +39,7 @@ from strategies import (
     output_tol,
     stats_dtype,
     stats_tol,
+    var_scale,
     y_scale,
 )
 
@@ -140,10 +141,15 @@ def test_fused_forward_matches_oracle(inp, data):
     # running statistics: the documented rule, from the statistics before this step
     if p.running_mean is not None and inp.training:
         m = inp.momentum
-        spread = np.stack([mean_scale(xg, mm, case.axis) for xg, mm, _ in _ghost_split(case.x, options, o)]).max(0)
-        var_scale_ = spread**2 * case.count
+        groups = _ghost_split(case.x, options, o)
+        n = case.count // len(groups)
+        spread = np.stack([mean_scale(xg, mm, case.axis) for xg, mm, _ in groups]).max(0)
+        # the scale of one group's biased variance (as in test_forward), largest over the groups
+        group_var = np.stack([var_scale(xg, mm, 1.0 / inv**2 - inp.eps, case.axis, st_tol)
+                              for xg, mm, inv in groups]).max(0)
         assert_close(rm, o.running_mean, st_tol, scale=np.abs(p.running_mean) + m * spread, what="running_mean")
-        assert_close(rv, o.running_var, st_tol, scale=np.abs(p.running_var) + m * var_scale_, what="running_var")
+        assert_close(rv, o.running_var, st_tol, scale=np.abs(p.running_var) + m * n / (n - 1) * group_var,
+                     what="running_var")
     elif p.running_mean is not None:
         assert rm.tobytes() == p.running_mean.tobytes() and rv.tobytes() == p.running_var.tobytes()
     assert np.array_equal(case.x, x_before, equal_nan=True)
