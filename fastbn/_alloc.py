@@ -258,8 +258,11 @@ class Pool:
         Returns
         -------
         numpy.ndarray
-            Writable and C-contiguous, like ``np.empty(shape, dtype)``.  Its
-            memory returns to the pool when it and every view of it are gone.
+            Writable and C-contiguous, like ``np.empty(shape, dtype)``.  Arrays
+            of :data:`THRESHOLD` bytes or more live in a pool mapping that
+            returns to the pool when the array and every view of it are gone,
+            and then serves a later array with its pages already mapped, so
+            that array's first write does not page-fault.
         """
         dtype = np.dtype(dtype)
         try:
@@ -406,21 +409,7 @@ POOL = Pool(cap_from_environment() if _MAP_FLAGS and hasattr(mmap.mmap, "madvise
 
 
 def empty(shape, dtype=float):
-    """``np.empty(shape, dtype)``, with large arrays' memory recycled through :data:`POOL`.
-
-    Parameters
-    ----------
-    shape : int or tuple of int
-    dtype : data-type, default float
-
-    Returns
-    -------
-    numpy.ndarray
-        A writable C-contiguous array.  Arrays of :data:`THRESHOLD` bytes or
-        more live in a pool mapping that, once the array and all its views
-        are gone, serves a later array instead of being unmapped: its pages
-        are already mapped, so the first write does not page-fault.
-    """
+    """``np.empty(shape, dtype)``, with large arrays' memory recycled: :meth:`Pool.empty` on :data:`POOL`."""
     return POOL.empty(shape, dtype)
 
 
