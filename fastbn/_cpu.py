@@ -49,6 +49,7 @@ from numba.extending import intrinsic, overload
 
 from fastbn._jit import FASTMATH, inline, kernel
 from fastbn._layout import ROWS, SLAB
+from fastbn._nontemporal import stream_copy
 from fastbn._threading import kernel_guard
 
 # Largest working set of one fused task, in bytes of input read (x; x and dy;
@@ -80,6 +81,16 @@ _FRESH_PROBE_BYTES = 4 << 20
 # At most this many chunks' partial statistics are kept; a fixed number keeps
 # the reduction order independent of the thread count.
 _MAX_CHUNKS = 64
+# Outputs of at least this many bytes (the CI machine's L3) are written with
+# non-temporal stores (see fastbn._nontemporal): they would not stay in cache
+# for their next reader anyway, and writing around the cache saves reading
+# every output line from DRAM first.  Smaller outputs are left in cache.
+_NONTEMPORAL_BYTES = 8 << 20
+# Elements per scratch chunk that a task computes in L1 before streaming it
+# out (8 KiB in float32).
+_STREAM_CHUNK = 2048
+# Elements per task of the streamed SLAB elementwise passes.
+_TASK_ELEMENTS = 16384
 
 
 # ---------------------------------------------------------------- float16 ---
@@ -191,6 +202,39 @@ def _store_impl(array, i, value):
         array[i] = cast_to(array, value)
 
     return impl
+
+
+def flat(array):
+    """``array.reshape(-1)`` of a C-contiguous array, or None when ``array`` is None."""
+
+
+@overload(flat, inline="always")
+def _flat_impl(array):
+    if isinstance(array, types.NoneType):
+        return lambda array: None
+    return lambda array: array.reshape(-1)
+
+
+def scratch_for(array, size):
+    """An uninitialised 1-D buffer of ``size`` elements of ``array``'s dtype, or None when ``array`` is None."""
+
+
+@overload(scratch_for, inline="always")
+def _scratch_for_impl(array, size):
+    if isinstance(array, types.NoneType):
+        return lambda array, size: None
+    return lambda array, size: np.empty(size, array.dtype)
+
+
+def stream_out(dst, src):
+    """:func:`fastbn._nontemporal.stream_copy`, or nothing when ``dst`` is None."""
+
+
+@overload(stream_out, inline="always")
+def _stream_out_impl(dst, src):
+    if isinstance(dst, types.NoneType):
+        return lambda dst, src: None
+    return lambda dst, src: stream_copy(dst, src)
 
 
 @numba.njit(fastmath=set(FASTMATH))
@@ -409,6 +453,118 @@ def _cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
         store(dres, j, gj)
 
 
+# ---------------------------------------------------------- output spans ---
+# The elementwise passes write their output in spans of its flat (C-order)
+# index.  A span is computed either straight into the output (ordinary
+# stores), or, for outputs larger than the cache, chunk by chunk into an L1
+# scratch buffer that stream_copy then writes around the cache (see
+# fastbn._nontemporal).  Each element is computed by the same per-run helper
+# either way, so the choice never changes a value.  A scratch buffer of size
+# 0 selects ordinary stores.
+
+
+@inline
+def _slab_affine_span(x, z, mean, scale, shift, floor, c0, a, b, out):
+    # out[:b - a] = output elements a..b-1 of an (N, C, L) view; coefficients indexed by channel - c0.
+    _, C, L = x.shape
+    pos = a
+    while pos < b:
+        row = pos // L
+        n = row // C
+        c = row - n * C
+        i0 = pos - row * L
+        i1 = min(L, i0 + b - pos)
+        o = pos - a
+        _run_affine(x[n, c, i0:i1], part(z, (n, c, slice(i0, i1))), out[o:o + i1 - i0],
+                    mean[c - c0], scale[c - c0], shift[c - c0], floor)
+        pos += i1 - i0
+
+
+@inline
+def _slab_write_affine(x, z, mean, scale, shift, floor, c0, a, b, y_flat, scratch):
+    step = scratch.shape[0]
+    if step == 0:
+        _slab_affine_span(x, z, mean, scale, shift, floor, c0, a, b, y_flat[a:b])
+    else:
+        for s in range(a, b, step):
+            e = min(b, s + step)
+            _slab_affine_span(x, z, mean, scale, shift, floor, c0, s, e, scratch)
+            stream_copy(y_flat[s:e], scratch)
+
+
+@inline
+def _slab_dx_span(dy, m, x, mean, mean_dy, k, scale, c0, a, b, out, dres_out):
+    # out[:b - a] = dx elements a..b-1 (and dres_out likewise, unless None); coefficients indexed by channel - c0.
+    _, C, L = x.shape
+    pos = a
+    while pos < b:
+        row = pos // L
+        n = row // C
+        c = row - n * C
+        i0 = pos - row * L
+        i1 = min(L, i0 + b - pos)
+        o = pos - a
+        _run_dx(dy[n, c, i0:i1], part(m, (n, c, slice(i0, i1))), x[n, c, i0:i1], out[o:o + i1 - i0],
+                part(dres_out, slice(o, o + i1 - i0)), mean[c - c0], mean_dy[c - c0], k[c - c0], scale[c - c0])
+        pos += i1 - i0
+
+
+@inline
+def _slab_write_dx(dy, m, x, mean, mean_dy, k, scale, c0, a, b, dx_flat, dres_flat, scratch, dres_scratch):
+    step = scratch.shape[0]
+    if step == 0:
+        _slab_dx_span(dy, m, x, mean, mean_dy, k, scale, c0, a, b, dx_flat[a:b], part(dres_flat, slice(a, b)))
+    else:
+        for s in range(a, b, step):
+            e = min(b, s + step)
+            _slab_dx_span(dy, m, x, mean, mean_dy, k, scale, c0, s, e, scratch, dres_scratch)
+            stream_copy(dx_flat[s:e], scratch)
+            stream_out(part(dres_flat, slice(s, e)), dres_scratch)
+
+
+@inline
+def _rows_affine_span(x, z, mean, scale, shift, floor, r0, r1, out):
+    C = x.shape[1]
+    for r in range(r1 - r0):
+        _cols_affine(x[r0 + r], part(z, r0 + r), out[r * C:(r + 1) * C], mean, scale, shift, floor)
+
+
+@inline
+def _rows_write_affine(x, z, mean, scale, shift, floor, r0, r1, y_flat, scratch):
+    C = x.shape[1]
+    if scratch.shape[0] == 0:
+        _rows_affine_span(x, z, mean, scale, shift, floor, r0, r1, y_flat[r0 * C:r1 * C])
+    else:
+        step = max(1, scratch.shape[0] // C)
+        for s in range(r0, r1, step):
+            e = min(r1, s + step)
+            _rows_affine_span(x, z, mean, scale, shift, floor, s, e, scratch)
+            stream_copy(y_flat[s * C:e * C], scratch)
+
+
+@inline
+def _rows_dx_span(dy, m, x, mean, mean_dy, k, scale, r0, r1, out, dres_out):
+    C = x.shape[1]
+    for r in range(r1 - r0):
+        _cols_dx(dy[r0 + r], part(m, r0 + r), x[r0 + r], out[r * C:(r + 1) * C],
+                 part(dres_out, slice(r * C, (r + 1) * C)), mean, mean_dy, k, scale)
+
+
+@inline
+def _rows_write_dx(dy, m, x, mean, mean_dy, k, scale, r0, r1, dx_flat, dres_flat, scratch, dres_scratch):
+    C = x.shape[1]
+    if scratch.shape[0] == 0:
+        _rows_dx_span(dy, m, x, mean, mean_dy, k, scale, r0, r1, dx_flat[r0 * C:r1 * C],
+                      part(dres_flat, slice(r0 * C, r1 * C)))
+    else:
+        step = max(1, scratch.shape[0] // C)
+        for s in range(r0, r1, step):
+            e = min(r1, s + step)
+            _rows_dx_span(dy, m, x, mean, mean_dy, k, scale, s, e, scratch, dres_scratch)
+            stream_copy(dx_flat[s * C:e * C], scratch)
+            stream_out(part(dres_flat, slice(s * C, e * C)), dres_scratch)
+
+
 # ------------------------------------------------------------ SLAB pieces ---
 # Every SLAB reduction is defined on the same fixed pieces, so that the fused
 # and streamed plans compute bit-for-bit the same statistics and gradient
@@ -554,14 +710,16 @@ def train_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm, 
 
 
 @kernel
-def forward_train_slab(x, z, group, weight, bias, eps, floor, ren_mean, ren_var, renorm, rmax, dmax, y,
+def forward_train_slab(x, z, group, weight, bias, eps, floor, ren_mean, ren_var, renorm, rmax, dmax, y, chunk,
                        mean_out, var_out, invstd_out, r_out, d_out):
     """Fused training forward: a group's statistics, then its output, from cache.
 
     ``y = max((x - mean) * scale + shift + z, floor)``: ``z`` (the residual)
-    may be None; ``floor`` is 0 for the ReLU, -inf for none.
+    may be None; ``floor`` is 0 for the ReLU, -inf for none.  ``chunk`` is
+    the scratch size for non-temporal stores, 0 for ordinary ones.
     """
-    N, C, _ = x.shape
+    N, C, L = x.shape
+    y_flat = y.reshape(-1)
     for t in prange((C + group - 1) // group):
         c0 = t * group
         c1 = min(C, c0 + group)
@@ -576,21 +734,23 @@ def forward_train_slab(x, z, group, weight, bias, eps, floor, ren_mean, ren_var,
             invstd_out[c], r_out[c], d_out[c], used_mean[j], scale[j], shift[j] = _coefficients(
                 mean[j], var[j], eps, weight[c], bias[c], ren_mean[c], ren_var[c], renorm, rmax, dmax
             )
+        scratch = np.empty(chunk, y.dtype)
         for n in range(N):
-            for j in range(c1 - c0):
-                _run_affine(x[n, c0 + j], part(z, (n, c0 + j)), y[n, c0 + j], used_mean[j], scale[j], shift[j],
-                            floor)
+            _slab_write_affine(x, z, used_mean, scale, shift, floor, c0, (n * C + c0) * L, (n * C + c1) * L, y_flat,
+                               scratch)
 
 
 @kernel
-def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, sum_dy_out, dotp_out):
+def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, chunk, sum_dy_out, dotp_out):
     """Fused training backward: a group's gradient sums, then its dx, from cache.
 
     ``m`` is the ReLU's output (the gradient passes where it is > 0) or None;
     ``dres``, the residual's gradient (the masked dy), is written alongside
-    dx, or is None.
+    dx, or is None.  ``chunk`` as in :func:`forward_train_slab`.
     """
     N, C, L = x.shape
+    dx_flat = dx.reshape(-1)
+    dres_flat = flat(dres)
     runs, per_row, npieces = _slab_pieces(N, L)
     count = N * L
     for t in prange((C + group - 1) // group):
@@ -615,11 +775,11 @@ def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, sum_dy_
             mean_dy[j] = cast_to(weight, sum_dy[j] / count)
             k[j] = cast_to(weight, dotp[j] * istd * istd / count)
             scale[j] = cast_to(weight, istd * np.float64(weight[c0 + j]))
+        scratch = np.empty(chunk, dx.dtype)
+        dres_scratch = scratch_for(dres, chunk)
         for n in range(N):
-            for j in range(w):
-                c = c0 + j
-                _run_dx(dy[n, c], part(m, (n, c)), x[n, c], dx[n, c], part(dres, (n, c)), mean[c], mean_dy[j],
-                        k[j], scale[j])
+            _slab_write_dx(dy, m, x, mean[c0:c1], mean_dy, k, scale, c0, (n * C + c0) * L, (n * C + c1) * L, dx_flat,
+                           dres_flat, scratch, dres_scratch)
 
 
 # --------------------------------------------------- SLAB, streamed plan ---
@@ -655,13 +815,14 @@ def stats_slab_streamed(x, mean_out, var_out):
 
 
 @kernel
-def normalize_slab(x, z, mean, scale, shift, floor, y):
+def normalize_slab(x, z, mean, scale, shift, floor, y, chunk):
     """y = max((x - mean) * scale + shift + z, floor) per channel of an (N, C, L) view, streamed; z may be None."""
-    N, C, _ = x.shape
-    for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
-        _run_affine(x[n, c], part(z, (n, c)), y[n, c], mean[c], scale[c], shift[c], floor)
+    total = x.size
+    y_flat = y.reshape(-1)
+    for t in prange((total + _TASK_ELEMENTS - 1) // _TASK_ELEMENTS):
+        a = t * _TASK_ELEMENTS
+        _slab_write_affine(x, z, mean, scale, shift, floor, 0, a, min(total, a + _TASK_ELEMENTS), y_flat,
+                           np.empty(chunk, y.dtype))
 
 
 @kernel
@@ -689,17 +850,18 @@ def backward_reduce_slab(dy, m, x, mean, sum_dy_out, dotp_out):
 
 
 @kernel
-def backward_elementwise_slab(dy, m, x, dres, mean, mean_dy, k, scale, dx):
+def backward_elementwise_slab(dy, m, x, dres, mean, mean_dy, k, scale, dx, chunk):
     """dx = (g - mean_dy - (x - mean) * k) * scale per channel of (N, C, L) views, streamed.
 
     ``g`` is dy masked by the ReLU output ``m`` (or dy if None); ``dres = g`` unless None.
     """
-    N, C, _ = x.shape
-    for nc in prange(N * C):
-        n = nc // C
-        c = nc % C
-        _run_dx(dy[n, c], part(m, (n, c)), x[n, c], dx[n, c], part(dres, (n, c)), mean[c], mean_dy[c], k[c],
-                scale[c])
+    total = x.size
+    dx_flat = dx.reshape(-1)
+    dres_flat = flat(dres)
+    for t in prange((total + _TASK_ELEMENTS - 1) // _TASK_ELEMENTS):
+        a = t * _TASK_ELEMENTS
+        _slab_write_dx(dy, m, x, mean, mean_dy, k, scale, 0, a, min(total, a + _TASK_ELEMENTS), dx_flat, dres_flat,
+                       np.empty(chunk, dx.dtype), scratch_for(dres, chunk))
 
 
 # --------------------------------------------------- ROWS, streamed plan ---
@@ -751,14 +913,15 @@ def stats_rows(x, mean_out, var_out):
 
 
 @kernel
-def normalize_rows(x, z, mean, scale, shift, floor, y):
+def normalize_rows(x, z, mean, scale, shift, floor, y, chunk):
     """y = max((x - mean) * scale + shift + z, floor) per channel of an (M, C) view; z may be None."""
     M, C = x.shape
     rows, nblocks = _row_block(M, C)
+    y_flat = y.reshape(-1)
     for b in prange(nblocks):
         r0 = b * rows
-        for r in range(min(M, r0 + rows) - r0):
-            _cols_affine(x[r0 + r], part(z, r0 + r), y[r0 + r], mean, scale, shift, floor)
+        _rows_write_affine(x, z, mean, scale, shift, floor, r0, min(M, r0 + rows), y_flat,
+                           np.empty(max(chunk, C) if chunk else 0, y.dtype))
 
 
 @kernel
@@ -789,15 +952,17 @@ def backward_reduce_rows(dy, m, x, mean, sum_dy_out, dotp_out):
 
 
 @kernel
-def backward_elementwise_rows(dy, m, x, dres, mean, mean_dy, k, scale, dx):
+def backward_elementwise_rows(dy, m, x, dres, mean, mean_dy, k, scale, dx, chunk):
     """dx = (g - mean_dy - (x - mean) * k) * scale per channel of (M, C) views; g, dres as in the SLAB kernel."""
     M, C = x.shape
     rows, nblocks = _row_block(M, C)
+    dx_flat = dx.reshape(-1)
+    dres_flat = flat(dres)
+    size = max(chunk, C) if chunk else 0
     for b in prange(nblocks):
         r0 = b * rows
-        for r in range(min(M, r0 + rows) - r0):
-            i = r0 + r
-            _cols_dx(dy[i], part(m, i), x[i], dx[i], part(dres, i), mean, mean_dy, k, scale)
+        _rows_write_dx(dy, m, x, mean, mean_dy, k, scale, r0, min(M, r0 + rows), dx_flat, dres_flat,
+                       np.empty(size, dx.dtype), scratch_for(dres, size))
 
 
 # ------------------------------------------------------- running stats ---
@@ -920,6 +1085,11 @@ def _one_run(layout, *views):
     return (layout, *views)
 
 
+def stream_chunk(out):
+    """Scratch elements per chunk for writing ``out`` with non-temporal stores; 0 for ordinary stores."""
+    return _STREAM_CHUNK if out.nbytes >= _NONTEMPORAL_BYTES else 0
+
+
 def floor_for(dtype, relu):
     """The ``floor`` the elementwise kernels clamp to: 0 for the ReLU, -inf for no activation."""
     return np.dtype(dtype).type(0.0 if relu else -np.inf)
@@ -947,7 +1117,7 @@ def normalize(layout, x, mean, scale, shift, y, z=None, relu=False):
     layout, x, z, y = _one_run(layout, x, z, y)
     floor = floor_for(scale.dtype, relu)
     with kernel_guard():
-        (normalize_rows if layout == ROWS else normalize_slab)(x, z, mean, scale, shift, floor, y)
+        (normalize_rows if layout == ROWS else normalize_slab)(x, z, mean, scale, shift, floor, y, stream_chunk(y))
 
 
 def forward_train(layout, x, weight, bias, eps, y, z=None, relu=False, renorm=None):
@@ -983,7 +1153,7 @@ def forward_train(layout, x, weight, bias, eps, y, z=None, relu=False, renorm=No
     var = np.empty(channels)
     with kernel_guard():
         forward_train_slab(x, z, group, weight, bias, eps, floor_for(dtype, relu), ren_mean, ren_var,
-                           renorm is not None, rmax, dmax, y, mean, var, invstd, r, d)
+                           renorm is not None, rmax, dmax, y, stream_chunk(y), mean, var, invstd, r, d)
     return mean, var, invstd, r, d
 
 
@@ -1007,7 +1177,7 @@ def backward_elementwise(layout, dy, x, mean, mean_dy, k, scale, dx, m=None, dre
     layout, dy, m, x, dres, dx = _one_run(layout, dy, m, x, dres, dx)
     with kernel_guard():
         (backward_elementwise_rows if layout == ROWS else backward_elementwise_slab)(
-            dy, m, x, dres, mean, mean_dy, k, scale, dx
+            dy, m, x, dres, mean, mean_dy, k, scale, dx, stream_chunk(dx)
         )
 
 
@@ -1033,7 +1203,7 @@ def backward_train(layout, dy, x, mean, invstd, weight, dx, m=None, dres=None):
     sum_dy = np.empty(channels)
     dotp = np.empty(channels)
     with kernel_guard():
-        backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, sum_dy, dotp)
+        backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, stream_chunk(dx), sum_dy, dotp)
     return sum_dy, dotp
 
 
