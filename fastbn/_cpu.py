@@ -89,8 +89,9 @@ _NONTEMPORAL_BYTES = 8 << 20
 # Elements per scratch chunk that a task computes in L1 before streaming it
 # out (8 KiB in float32).
 _STREAM_CHUNK = 2048
-# Elements per task of the streamed SLAB elementwise passes.
-_TASK_ELEMENTS = 16384
+# The streamed SLAB elementwise passes give a task one outer row of enough
+# channels for a contiguous block of about this many bytes of input.
+_TASK_BYTES = 64 << 10
 
 
 # ---------------------------------------------------------------- float16 ---
@@ -215,15 +216,15 @@ def _flat_impl(array):
     return lambda array: array.reshape(-1)
 
 
-def scratch_for(array, size):
-    """An uninitialised 1-D buffer of ``size`` elements of ``array``'s dtype, or None when ``array`` is None."""
+def scratch_for(nt, array, size):
+    """An uninitialised buffer of ``size`` elements of ``array``'s dtype, or None when ``nt`` or ``array`` is None."""
 
 
 @overload(scratch_for, inline="always")
-def _scratch_for_impl(array, size):
-    if isinstance(array, types.NoneType):
-        return lambda array, size: None
-    return lambda array, size: np.empty(size, array.dtype)
+def _scratch_for_impl(nt, array, size):
+    if isinstance(nt, types.NoneType) or isinstance(array, types.NoneType):
+        return lambda nt, array, size: None
+    return lambda nt, array, size: np.empty(size, array.dtype)
 
 
 def stream_out(dst, src):
@@ -454,13 +455,19 @@ def _cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
 
 
 # ---------------------------------------------------------- output spans ---
-# The elementwise passes write their output in spans of its flat (C-order)
-# index.  A span is computed either straight into the output (ordinary
-# stores), or, for outputs larger than the cache, chunk by chunk into an L1
-# scratch buffer that stream_copy then writes around the cache (see
-# fastbn._nontemporal).  Each element is computed by the same per-run helper
-# either way, so the choice never changes a value.  A scratch buffer of size
-# 0 selects ordinary stores.
+# The elementwise passes hand each block of output to an ``_emit_*`` helper
+# with a ``scratch`` buffer per task: None for ordinary stores (the per-run
+# loops write the output directly), or an L1-sized buffer for non-temporal
+# ones, used for outputs larger than the cache (the kernels' ``nt`` argument,
+# see ``nontemporal``).  Then the block, a span of the output's flat (C-order)
+# index, is computed chunk by chunk into the scratch buffer that stream_copy
+# writes around the cache
+# (see fastbn._nontemporal): whole spans, because short runs streamed one by
+# one leave partial lines at both ends and measured 2x slower than ordinary
+# stores.  The choice is made when Numba types a kernel, so kernels for small
+# outputs compile exactly as without it (the streaming writers cost 40% more
+# compile time when compiled into every kernel), and each element is computed
+# by the same per-run helper either way, so it never changes a value.
 
 
 @inline
@@ -480,16 +487,33 @@ def _slab_affine_span(x, z, mean, scale, shift, floor, c0, a, b, out):
         pos += i1 - i0
 
 
-@inline
-def _slab_write_affine(x, z, mean, scale, shift, floor, c0, a, b, y_flat, scratch):
+@numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
+def _slab_stream_affine(x, z, mean, scale, shift, floor, c0, a, b, y_flat, scratch):
     step = scratch.shape[0]
-    if step == 0:
-        _slab_affine_span(x, z, mean, scale, shift, floor, c0, a, b, y_flat[a:b])
-    else:
-        for s in range(a, b, step):
-            e = min(b, s + step)
-            _slab_affine_span(x, z, mean, scale, shift, floor, c0, s, e, scratch)
-            stream_copy(y_flat[s:e], scratch)
+    for s in range(a, b, step):
+        e = min(b, s + step)
+        _slab_affine_span(x, z, mean, scale, shift, floor, c0, s, e, scratch)
+        stream_copy(y_flat[s:e], scratch)
+
+
+def _emit_affine(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
+    """y[n, c0:c1] of an (N, C, L) view, coefficients indexed by channel - offset; scratch as above."""
+
+
+@overload(_emit_affine, inline="always")
+def _emit_affine_impl(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
+    if isinstance(scratch, types.NoneType):
+        def impl(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
+            for c in range(c0, c1):
+                _run_affine(x[n, c], part(z, (n, c)), y[n, c], mean[c - offset], scale[c - offset],
+                            shift[c - offset], floor)
+        return impl
+
+    def impl(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
+        _, C, L = x.shape
+        _slab_stream_affine(x, z, mean, scale, shift, floor, offset, (n * C + c0) * L, (n * C + c1) * L,
+                            y.reshape(-1), scratch)
+    return impl
 
 
 @inline
@@ -509,60 +533,88 @@ def _slab_dx_span(dy, m, x, mean, mean_dy, k, scale, c0, a, b, out, dres_out):
         pos += i1 - i0
 
 
-@inline
-def _slab_write_dx(dy, m, x, mean, mean_dy, k, scale, c0, a, b, dx_flat, dres_flat, scratch, dres_scratch):
+@numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
+def _slab_stream_dx(dy, m, x, mean, mean_dy, k, scale, c0, a, b, dx_flat, dres_flat, scratch, dres_scratch):
     step = scratch.shape[0]
-    if step == 0:
-        _slab_dx_span(dy, m, x, mean, mean_dy, k, scale, c0, a, b, dx_flat[a:b], part(dres_flat, slice(a, b)))
-    else:
-        for s in range(a, b, step):
-            e = min(b, s + step)
-            _slab_dx_span(dy, m, x, mean, mean_dy, k, scale, c0, s, e, scratch, dres_scratch)
-            stream_copy(dx_flat[s:e], scratch)
-            stream_out(part(dres_flat, slice(s, e)), dres_scratch)
+    for s in range(a, b, step):
+        e = min(b, s + step)
+        _slab_dx_span(dy, m, x, mean, mean_dy, k, scale, c0, s, e, scratch, dres_scratch)
+        stream_copy(dx_flat[s:e], scratch)
+        stream_out(part(dres_flat, slice(s, e)), dres_scratch)
 
 
-@inline
-def _rows_affine_span(x, z, mean, scale, shift, floor, r0, r1, out):
+def _emit_dx(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx, scratch, dres_scratch):
+    """dx[n, c0:c1] (and dres) of (N, C, L) views, coefficients indexed by channel - offset; scratch as above."""
+
+
+@overload(_emit_dx, inline="always")
+def _emit_dx_impl(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx, scratch, dres_scratch):
+    if isinstance(scratch, types.NoneType):
+        def impl(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx, scratch, dres_scratch):
+            for c in range(c0, c1):
+                _run_dx(dy[n, c], part(m, (n, c)), x[n, c], dx[n, c], part(dres, (n, c)), mean[c - offset],
+                        mean_dy[c - offset], k[c - offset], scale[c - offset])
+        return impl
+
+    def impl(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx, scratch, dres_scratch):
+        _, C, L = x.shape
+        _slab_stream_dx(dy, m, x, mean, mean_dy, k, scale, offset, (n * C + c0) * L, (n * C + c1) * L,
+                        dx.reshape(-1), flat(dres), scratch, dres_scratch)
+    return impl
+
+
+@numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
+def _rows_stream_affine(x, z, mean, scale, shift, floor, r0, r1, y_flat, scratch):
     C = x.shape[1]
-    for r in range(r1 - r0):
-        _cols_affine(x[r0 + r], part(z, r0 + r), out[r * C:(r + 1) * C], mean, scale, shift, floor)
+    step = scratch.shape[0] // C
+    for s in range(r0, r1, step):
+        e = min(r1, s + step)
+        for r in range(e - s):
+            _cols_affine(x[s + r], part(z, s + r), scratch[r * C:(r + 1) * C], mean, scale, shift, floor)
+        stream_copy(y_flat[s * C:e * C], scratch)
 
 
-@inline
-def _rows_write_affine(x, z, mean, scale, shift, floor, r0, r1, y_flat, scratch):
+def _emit_rows_affine(x, z, mean, scale, shift, floor, r0, r1, y, scratch):
+    """Rows r0..r1-1 of y for an (M, C) view; scratch as above, of at least C elements."""
+
+
+@overload(_emit_rows_affine, inline="always")
+def _emit_rows_affine_impl(x, z, mean, scale, shift, floor, r0, r1, y, scratch):
+    if isinstance(scratch, types.NoneType):
+        def impl(x, z, mean, scale, shift, floor, r0, r1, y, scratch):
+            for r in range(r0, r1):
+                _cols_affine(x[r], part(z, r), y[r], mean, scale, shift, floor)
+        return impl
+    return lambda x, z, mean, scale, shift, floor, r0, r1, y, scratch: _rows_stream_affine(
+        x, z, mean, scale, shift, floor, r0, r1, y.reshape(-1), scratch)
+
+
+@numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
+def _rows_stream_dx(dy, m, x, mean, mean_dy, k, scale, r0, r1, dx_flat, dres_flat, scratch, dres_scratch):
     C = x.shape[1]
-    if scratch.shape[0] == 0:
-        _rows_affine_span(x, z, mean, scale, shift, floor, r0, r1, y_flat[r0 * C:r1 * C])
-    else:
-        step = max(1, scratch.shape[0] // C)
-        for s in range(r0, r1, step):
-            e = min(r1, s + step)
-            _rows_affine_span(x, z, mean, scale, shift, floor, s, e, scratch)
-            stream_copy(y_flat[s * C:e * C], scratch)
+    step = scratch.shape[0] // C
+    for s in range(r0, r1, step):
+        e = min(r1, s + step)
+        for r in range(e - s):
+            _cols_dx(dy[s + r], part(m, s + r), x[s + r], scratch[r * C:(r + 1) * C],
+                     part(dres_scratch, slice(r * C, (r + 1) * C)), mean, mean_dy, k, scale)
+        stream_copy(dx_flat[s * C:e * C], scratch)
+        stream_out(part(dres_flat, slice(s * C, e * C)), dres_scratch)
 
 
-@inline
-def _rows_dx_span(dy, m, x, mean, mean_dy, k, scale, r0, r1, out, dres_out):
-    C = x.shape[1]
-    for r in range(r1 - r0):
-        _cols_dx(dy[r0 + r], part(m, r0 + r), x[r0 + r], out[r * C:(r + 1) * C],
-                 part(dres_out, slice(r * C, (r + 1) * C)), mean, mean_dy, k, scale)
+def _emit_rows_dx(dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scratch, dres_scratch):
+    """Rows r0..r1-1 of dx (and dres) for (M, C) views; scratch as in :func:`_emit_rows_affine`."""
 
 
-@inline
-def _rows_write_dx(dy, m, x, mean, mean_dy, k, scale, r0, r1, dx_flat, dres_flat, scratch, dres_scratch):
-    C = x.shape[1]
-    if scratch.shape[0] == 0:
-        _rows_dx_span(dy, m, x, mean, mean_dy, k, scale, r0, r1, dx_flat[r0 * C:r1 * C],
-                      part(dres_flat, slice(r0 * C, r1 * C)))
-    else:
-        step = max(1, scratch.shape[0] // C)
-        for s in range(r0, r1, step):
-            e = min(r1, s + step)
-            _rows_dx_span(dy, m, x, mean, mean_dy, k, scale, s, e, scratch, dres_scratch)
-            stream_copy(dx_flat[s * C:e * C], scratch)
-            stream_out(part(dres_flat, slice(s * C, e * C)), dres_scratch)
+@overload(_emit_rows_dx, inline="always")
+def _emit_rows_dx_impl(dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scratch, dres_scratch):
+    if isinstance(scratch, types.NoneType):
+        def impl(dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scratch, dres_scratch):
+            for r in range(r0, r1):
+                _cols_dx(dy[r], part(m, r), x[r], dx[r], part(dres, r), mean, mean_dy, k, scale)
+        return impl
+    return lambda dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scratch, dres_scratch: _rows_stream_dx(
+        dy, m, x, mean, mean_dy, k, scale, r0, r1, dx.reshape(-1), flat(dres), scratch, dres_scratch)
 
 
 # ------------------------------------------------------------ SLAB pieces ---
@@ -710,16 +762,15 @@ def train_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm, 
 
 
 @kernel
-def forward_train_slab(x, z, group, weight, bias, eps, floor, ren_mean, ren_var, renorm, rmax, dmax, y, chunk,
+def forward_train_slab(x, z, group, weight, bias, eps, floor, ren_mean, ren_var, renorm, rmax, dmax, y, nt,
                        mean_out, var_out, invstd_out, r_out, d_out):
     """Fused training forward: a group's statistics, then its output, from cache.
 
     ``y = max((x - mean) * scale + shift + z, floor)``: ``z`` (the residual)
-    may be None; ``floor`` is 0 for the ReLU, -inf for none.  ``chunk`` is
-    the scratch size for non-temporal stores, 0 for ordinary ones.
+    may be None; ``floor`` is 0 for the ReLU, -inf for none; ``nt`` selects
+    non-temporal stores (see "output spans").
     """
-    N, C, L = x.shape
-    y_flat = y.reshape(-1)
+    N, C, _ = x.shape
     for t in prange((C + group - 1) // group):
         c0 = t * group
         c1 = min(C, c0 + group)
@@ -734,23 +785,20 @@ def forward_train_slab(x, z, group, weight, bias, eps, floor, ren_mean, ren_var,
             invstd_out[c], r_out[c], d_out[c], used_mean[j], scale[j], shift[j] = _coefficients(
                 mean[j], var[j], eps, weight[c], bias[c], ren_mean[c], ren_var[c], renorm, rmax, dmax
             )
-        scratch = np.empty(chunk, y.dtype)
+        scratch = scratch_for(nt, y, _STREAM_CHUNK)
         for n in range(N):
-            _slab_write_affine(x, z, used_mean, scale, shift, floor, c0, (n * C + c0) * L, (n * C + c1) * L, y_flat,
-                               scratch)
+            _emit_affine(x, z, used_mean, scale, shift, floor, c0, n, c0, c1, y, scratch)
 
 
 @kernel
-def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, chunk, sum_dy_out, dotp_out):
+def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, nt, sum_dy_out, dotp_out):
     """Fused training backward: a group's gradient sums, then its dx, from cache.
 
     ``m`` is the ReLU's output (the gradient passes where it is > 0) or None;
     ``dres``, the residual's gradient (the masked dy), is written alongside
-    dx, or is None.  ``chunk`` as in :func:`forward_train_slab`.
+    dx, or is None.  ``nt`` as in :func:`forward_train_slab`.
     """
     N, C, L = x.shape
-    dx_flat = dx.reshape(-1)
-    dres_flat = flat(dres)
     runs, per_row, npieces = _slab_pieces(N, L)
     count = N * L
     for t in prange((C + group - 1) // group):
@@ -775,11 +823,10 @@ def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, chunk, 
             mean_dy[j] = cast_to(weight, sum_dy[j] / count)
             k[j] = cast_to(weight, dotp[j] * istd * istd / count)
             scale[j] = cast_to(weight, istd * np.float64(weight[c0 + j]))
-        scratch = np.empty(chunk, dx.dtype)
-        dres_scratch = scratch_for(dres, chunk)
+        scratch = scratch_for(nt, dx, _STREAM_CHUNK)
+        dres_scratch = scratch_for(nt, dres, _STREAM_CHUNK)
         for n in range(N):
-            _slab_write_dx(dy, m, x, mean[c0:c1], mean_dy, k, scale, c0, (n * C + c0) * L, (n * C + c1) * L, dx_flat,
-                           dres_flat, scratch, dres_scratch)
+            _emit_dx(dy, m, x, dres, mean[c0:c1], mean_dy, k, scale, c0, n, c0, c1, dx, scratch, dres_scratch)
 
 
 # --------------------------------------------------- SLAB, streamed plan ---
@@ -815,14 +862,18 @@ def stats_slab_streamed(x, mean_out, var_out):
 
 
 @kernel
-def normalize_slab(x, z, mean, scale, shift, floor, y, chunk):
-    """y = max((x - mean) * scale + shift + z, floor) per channel of an (N, C, L) view, streamed; z may be None."""
-    total = x.size
-    y_flat = y.reshape(-1)
-    for t in prange((total + _TASK_ELEMENTS - 1) // _TASK_ELEMENTS):
-        a = t * _TASK_ELEMENTS
-        _slab_write_affine(x, z, mean, scale, shift, floor, 0, a, min(total, a + _TASK_ELEMENTS), y_flat,
-                           np.empty(chunk, y.dtype))
+def normalize_slab(x, z, mean, scale, shift, floor, y, group, nt):
+    """y = max((x - mean) * scale + shift + z, floor) per channel of an (N, C, L) view, streamed; z may be None.
+
+    A task is one outer row of ``group`` channels (see ``run_group``).
+    """
+    N, C, _ = x.shape
+    tasks = (C + group - 1) // group
+    for t in prange(N * tasks):
+        n = t // tasks
+        c0 = (t - n * tasks) * group
+        _emit_affine(x, z, mean, scale, shift, floor, 0, n, c0, min(C, c0 + group), y,
+                     scratch_for(nt, y, _STREAM_CHUNK))
 
 
 @kernel
@@ -850,18 +901,19 @@ def backward_reduce_slab(dy, m, x, mean, sum_dy_out, dotp_out):
 
 
 @kernel
-def backward_elementwise_slab(dy, m, x, dres, mean, mean_dy, k, scale, dx, chunk):
+def backward_elementwise_slab(dy, m, x, dres, mean, mean_dy, k, scale, dx, group, nt):
     """dx = (g - mean_dy - (x - mean) * k) * scale per channel of (N, C, L) views, streamed.
 
-    ``g`` is dy masked by the ReLU output ``m`` (or dy if None); ``dres = g`` unless None.
+    ``g`` is dy masked by the ReLU output ``m`` (or dy if None); ``dres = g``
+    unless None.  Tasks as in :func:`normalize_slab`.
     """
-    total = x.size
-    dx_flat = dx.reshape(-1)
-    dres_flat = flat(dres)
-    for t in prange((total + _TASK_ELEMENTS - 1) // _TASK_ELEMENTS):
-        a = t * _TASK_ELEMENTS
-        _slab_write_dx(dy, m, x, mean, mean_dy, k, scale, 0, a, min(total, a + _TASK_ELEMENTS), dx_flat, dres_flat,
-                       np.empty(chunk, dx.dtype), scratch_for(dres, chunk))
+    N, C, _ = x.shape
+    tasks = (C + group - 1) // group
+    for t in prange(N * tasks):
+        n = t // tasks
+        c0 = (t - n * tasks) * group
+        _emit_dx(dy, m, x, dres, mean, mean_dy, k, scale, 0, n, c0, min(C, c0 + group), dx,
+                 scratch_for(nt, dx, _STREAM_CHUNK), scratch_for(nt, dres, _STREAM_CHUNK))
 
 
 # --------------------------------------------------- ROWS, streamed plan ---
@@ -913,15 +965,14 @@ def stats_rows(x, mean_out, var_out):
 
 
 @kernel
-def normalize_rows(x, z, mean, scale, shift, floor, y, chunk):
+def normalize_rows(x, z, mean, scale, shift, floor, y, nt):
     """y = max((x - mean) * scale + shift + z, floor) per channel of an (M, C) view; z may be None."""
     M, C = x.shape
     rows, nblocks = _row_block(M, C)
-    y_flat = y.reshape(-1)
     for b in prange(nblocks):
         r0 = b * rows
-        _rows_write_affine(x, z, mean, scale, shift, floor, r0, min(M, r0 + rows), y_flat,
-                           np.empty(max(chunk, C) if chunk else 0, y.dtype))
+        _emit_rows_affine(x, z, mean, scale, shift, floor, r0, min(M, r0 + rows), y,
+                          scratch_for(nt, y, _STREAM_CHUNK // C * C + C))
 
 
 @kernel
@@ -952,17 +1003,15 @@ def backward_reduce_rows(dy, m, x, mean, sum_dy_out, dotp_out):
 
 
 @kernel
-def backward_elementwise_rows(dy, m, x, dres, mean, mean_dy, k, scale, dx, chunk):
+def backward_elementwise_rows(dy, m, x, dres, mean, mean_dy, k, scale, dx, nt):
     """dx = (g - mean_dy - (x - mean) * k) * scale per channel of (M, C) views; g, dres as in the SLAB kernel."""
     M, C = x.shape
     rows, nblocks = _row_block(M, C)
-    dx_flat = dx.reshape(-1)
-    dres_flat = flat(dres)
-    size = max(chunk, C) if chunk else 0
     for b in prange(nblocks):
         r0 = b * rows
-        _rows_write_dx(dy, m, x, mean, mean_dy, k, scale, r0, min(M, r0 + rows), dx_flat, dres_flat,
-                       np.empty(size, dx.dtype), scratch_for(dres, size))
+        size = _STREAM_CHUNK // C * C + C
+        _emit_rows_dx(dy, m, x, dres, mean, mean_dy, k, scale, r0, min(M, r0 + rows), dx, scratch_for(nt, dx, size),
+                      scratch_for(nt, dres, size))
 
 
 # ------------------------------------------------------- running stats ---
@@ -1085,9 +1134,17 @@ def _one_run(layout, *views):
     return (layout, *views)
 
 
-def stream_chunk(out):
-    """Scratch elements per chunk for writing ``out`` with non-temporal stores; 0 for ordinary stores."""
-    return _STREAM_CHUNK if out.nbytes >= _NONTEMPORAL_BYTES else 0
+def nontemporal(out):
+    """The kernels' ``nt`` argument for writing ``out``: a 0-length array of its dtype to stream it, else None."""
+    return np.empty(0, out.dtype) if out.nbytes >= _NONTEMPORAL_BYTES else None
+
+
+def run_group(layout, x):
+    """Channels per task of the streamed SLAB elementwise passes: a run of about _TASK_BYTES, or one channel."""
+    if layout == ROWS:
+        return 1
+    _, channels, inner = x.shape
+    return max(1, min(channels, _TASK_BYTES // max(1, inner * x.itemsize)))
 
 
 def floor_for(dtype, relu):
@@ -1117,7 +1174,10 @@ def normalize(layout, x, mean, scale, shift, y, z=None, relu=False):
     layout, x, z, y = _one_run(layout, x, z, y)
     floor = floor_for(scale.dtype, relu)
     with kernel_guard():
-        (normalize_rows if layout == ROWS else normalize_slab)(x, z, mean, scale, shift, floor, y, stream_chunk(y))
+        if layout == ROWS:
+            normalize_rows(x, z, mean, scale, shift, floor, y, nontemporal(y))
+        else:
+            normalize_slab(x, z, mean, scale, shift, floor, y, run_group(layout, x), nontemporal(y))
 
 
 def forward_train(layout, x, weight, bias, eps, y, z=None, relu=False, renorm=None):
@@ -1153,7 +1213,7 @@ def forward_train(layout, x, weight, bias, eps, y, z=None, relu=False, renorm=No
     var = np.empty(channels)
     with kernel_guard():
         forward_train_slab(x, z, group, weight, bias, eps, floor_for(dtype, relu), ren_mean, ren_var,
-                           renorm is not None, rmax, dmax, y, stream_chunk(y), mean, var, invstd, r, d)
+                           renorm is not None, rmax, dmax, y, nontemporal(y), mean, var, invstd, r, d)
     return mean, var, invstd, r, d
 
 
@@ -1176,9 +1236,11 @@ def backward_elementwise(layout, dy, x, mean, mean_dy, k, scale, dx, m=None, dre
     """Write dx = (g - mean_dy - (x - mean) * k) * scale, and ``dres = g`` unless it is None (g as above)."""
     layout, dy, m, x, dres, dx = _one_run(layout, dy, m, x, dres, dx)
     with kernel_guard():
-        (backward_elementwise_rows if layout == ROWS else backward_elementwise_slab)(
-            dy, m, x, dres, mean, mean_dy, k, scale, dx, stream_chunk(dx)
-        )
+        if layout == ROWS:
+            backward_elementwise_rows(dy, m, x, dres, mean, mean_dy, k, scale, dx, nontemporal(dx))
+        else:
+            backward_elementwise_slab(dy, m, x, dres, mean, mean_dy, k, scale, dx, run_group(layout, x),
+                                      nontemporal(dx))
 
 
 def backward_train(layout, dy, x, mean, invstd, weight, dx, m=None, dres=None):
@@ -1203,7 +1265,7 @@ def backward_train(layout, dy, x, mean, invstd, weight, dx, m=None, dres=None):
     sum_dy = np.empty(channels)
     dotp = np.empty(channels)
     with kernel_guard():
-        backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, stream_chunk(dx), sum_dy, dotp)
+        backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, nontemporal(dx), sum_dy, dotp)
     return sum_dy, dotp
 
 

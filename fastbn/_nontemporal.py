@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import platform
 
+import numba
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
-
-from fastbn._jit import inline
 
 # Bytes of one vector store (AVX's 256 bits; SSE targets split it in two).
 _VECTOR_BYTES = 32
@@ -86,7 +85,7 @@ def _store_fence(typingctx):
     return sig, codegen
 
 
-@inline
+@numba.njit
 def stream_copy(dst, src):
     """``dst[:] = src[:len(dst)]`` for 1-D contiguous arrays of one dtype, whole lines written around the cache.
 

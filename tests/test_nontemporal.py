@@ -45,8 +45,8 @@ def test_stream_copy_on_an_address_that_is_not_element_aligned():
 
 
 def test_large_outputs_stream_and_small_ones_do_not():
-    assert _cpu.stream_chunk(np.empty(_cpu._NONTEMPORAL_BYTES, np.uint8)) == _cpu._STREAM_CHUNK
-    assert _cpu.stream_chunk(np.empty(_cpu._NONTEMPORAL_BYTES - 1, np.uint8)) == 0
+    assert _cpu.nontemporal(np.empty(_cpu._NONTEMPORAL_BYTES // 4, np.float32)).dtype == np.float32
+    assert _cpu.nontemporal(np.empty(_cpu._NONTEMPORAL_BYTES // 4 - 1, np.float32)) is None
 
 
 # Shapes with runs shorter and longer than a scratch chunk (2048 elements), tasks of several chunks,
