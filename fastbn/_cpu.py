@@ -25,6 +25,10 @@ it moves through DRAM (see ``plan``):
   cache, blocks merged with Chan's formula), then the elementwise pass, each
   vectorised across channels.
 
+Outputs larger than the cache are written with non-temporal stores, which
+skip reading each output line from DRAM before writing it (see "output
+spans" and :mod:`fastbn._nontemporal`).
+
 Every reduction accumulates in float64 and never computes E[x^2] - E[x]^2.
 float16 arrays arrive viewed as ``uint16`` (Numba's CPU target has no float16
 type) and are converted in registers with the hardware's half<->single
@@ -471,16 +475,21 @@ def _cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
 
 
 @inline
+def _span_run(pos, b, C, L):
+    """The run holding flat element ``pos`` of an (N, C, L) view: (n, c, i0, i1), cut at flat element ``b``."""
+    row = pos // L
+    n = row // C
+    i0 = pos - row * L
+    return n, row - n * C, i0, min(L, i0 + b - pos)
+
+
+@inline
 def _slab_affine_span(x, z, mean, scale, shift, floor, c0, a, b, out):
     # out[:b - a] = output elements a..b-1 of an (N, C, L) view; coefficients indexed by channel - c0.
     _, C, L = x.shape
     pos = a
     while pos < b:
-        row = pos // L
-        n = row // C
-        c = row - n * C
-        i0 = pos - row * L
-        i1 = min(L, i0 + b - pos)
+        n, c, i0, i1 = _span_run(pos, b, C, L)
         o = pos - a
         _run_affine(x[n, c, i0:i1], part(z, (n, c, slice(i0, i1))), out[o:o + i1 - i0],
                     mean[c - c0], scale[c - c0], shift[c - c0], floor)
@@ -522,11 +531,7 @@ def _slab_dx_span(dy, m, x, mean, mean_dy, k, scale, c0, a, b, out, dres_out):
     _, C, L = x.shape
     pos = a
     while pos < b:
-        row = pos // L
-        n = row // C
-        c = row - n * C
-        i0 = pos - row * L
-        i1 = min(L, i0 + b - pos)
+        n, c, i0, i1 = _span_run(pos, b, C, L)
         o = pos - a
         _run_dx(dy[n, c, i0:i1], part(m, (n, c, slice(i0, i1))), x[n, c, i0:i1], out[o:o + i1 - i0],
                 part(dres_out, slice(o, o + i1 - i0)), mean[c - c0], mean_dy[c - c0], k[c - c0], scale[c - c0])
