@@ -356,13 +356,18 @@ def _run_sum_sq_dev(v, mean):
     return total
 
 
-# The two per-run elementwise helpers are compiled once, as functions of their
-# own, and called by both SLAB plans: inlined into each kernel, 'reassoc'
-# would let LLVM order a three-term sum (the residual add, dx's two
-# subtractions) differently in each, and the plans would no longer agree bit
-# for bit.  Without 'reassoc' they still vectorise (there is no reduction);
-# the call costs nothing next to a run of elements.
-_ELEMENTWISE_FASTMATH = frozenset(FASTMATH - {"reassoc"})
+# The elementwise helpers (per run, and per row of channels) are compiled as
+# functions of their own, without 'reassoc' or 'contract', because several
+# callers must get the same bits from them: both SLAB plans, and ordinary and
+# non-temporal stores.  With 'reassoc' LLVM ordered a three-term sum (the
+# residual add, dx's two subtractions) differently in two kernels; with
+# 'contract' it fused a multiply and a subtraction into an FMA in one
+# compiled copy of dx's loop and not in another (1-ulp differences in 84 of
+# 1155 float64 elements, seen only when the test suite ran in a particular
+# order).  Without either, every operation is rounded as written, whatever
+# LLVM inlines or vectorises.  They still vectorise (there is no reduction),
+# and an FMA saves nothing in a pass bound by memory.
+_ELEMENTWISE_FASTMATH = frozenset(FASTMATH & {"nsz"})
 
 
 @numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
@@ -435,7 +440,7 @@ def _cols_grad_sums2(ga, ma, a, gb, mb, b, mean, sum_dy, dotp):
         dotp[j] += (np.float64(load(a[j])) - mean[j]) * g0 + (np.float64(load(b[j])) - mean[j]) * g1
 
 
-@inline
+@numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
 def _cols_affine(v, z, out, mean, scale, shift, floor):
     for j in range(v.shape[0]):
         out[j] = cast_to(out, clamp_below(plus((load(v[j]) - mean[j]) * scale[j] + shift[j], z, j), floor))
@@ -449,7 +454,7 @@ def _cols_grad_sums(g, m, v, mean, sum_dy, dotp):
         dotp[j] += (np.float64(load(v[j])) - mean[j]) * gj
 
 
-@inline
+@numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
 def _cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
     for j in range(v.shape[0]):
         gj = gradient(g, m, j)
