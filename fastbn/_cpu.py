@@ -470,12 +470,11 @@ def _cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
 # ones, used for outputs larger than the cache (the kernels' ``nt`` argument,
 # see ``nontemporal``).  Then the block, a span of the output's flat (C-order)
 # index, is computed chunk by chunk into the scratch buffer that stream_copy
-# writes around the cache
-# (see fastbn._nontemporal): whole spans, because short runs streamed one by
-# one leave partial lines at both ends and measured 2x slower than ordinary
-# stores.  The choice is made when Numba types a kernel, so kernels for small
-# outputs compile exactly as without it (the streaming writers cost 40% more
-# compile time when compiled into every kernel), and each element is computed
+# writes around the cache (see fastbn._nontemporal): whole spans, because
+# short runs streamed one by one leave partial lines at both ends (that was
+# slower than ordinary stores on 14 x 14 images).  The choice is made when Numba types a kernel, so kernels for small
+# outputs compile exactly as without it (compiled into every kernel, the
+# streaming writers made compilation markedly slower), and each element is computed
 # by the same per-run helper either way, so it never changes a value.
 
 
