@@ -356,10 +356,14 @@ def _run_sum_sq_dev(v, mean):
     return total
 
 
-# The elementwise helpers (per run, and per row of channels) are compiled as
-# functions of their own, without 'reassoc' or 'contract', because several
-# callers must get the same bits from them: both SLAB plans, and ordinary and
-# non-temporal stores.  With 'reassoc' LLVM ordered a three-term sum (the
+# The elementwise helpers (per run, and per row of channels), and the
+# per-channel coefficients they use (_coefficients, _dx_coefficients), are
+# compiled as functions of their own, without 'reassoc' or 'contract',
+# because several callers must get the same bits from them: both SLAB plans,
+# and ordinary and non-temporal stores.  (The streamed backward computed its
+# coefficients in NumPy while the fused kernel computed them with 'reassoc':
+# float64 dx then differed by 1 ulp between the plans in 29 of 1155
+# elements.)  With 'reassoc' LLVM ordered a three-term sum (the
 # residual add, dx's two subtractions) differently in two kernels; with
 # 'contract' it fused a multiply and a subtraction into an FMA in one
 # compiled copy of dx's loop and not in another (1-ulp differences in 84 of
@@ -728,7 +732,7 @@ def stats_slab(x, group, mean_out, var_out):
         var_out[c0:c1] = var
 
 
-@inline
+@numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
 def _coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm, rmax, dmax):
     """One channel's training coefficients from its float64 batch statistics.
 
@@ -768,6 +772,27 @@ def train_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm, 
         invstd_out[c], r_out[c], d_out[c], used_mean_out[c], scale_out[c], shift_out[c] = _coefficients(
             mean[c], var[c], eps, weight[c], bias[c], ren_mean[c], ren_var[c], renorm, rmax, dmax
         )
+
+
+@numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
+def _dx_coefficients(sum_dy, dotp, invstd, weight, count):
+    """One channel's ``(mean_dy, k, scale)`` for dx, in ``weight``'s dtype, from its float64 gradient sums.
+
+    ``dx = (g - mean_dy - (x - mean) * k) * scale`` with ``mean_dy = sum(g) /
+    count``, ``k = sum((x - mean) g) invstd^2 / count`` and ``scale = invstd *
+    weight``.  Compiled on its own without 'reassoc' (as :func:`_coefficients`
+    and the elementwise helpers are), so both plans get the same bits.
+    """
+    istd = np.float64(invstd)
+    return (cast_to(weight, sum_dy / count), cast_to(weight, dotp * istd * istd / count),
+            cast_to(weight, istd * np.float64(weight)))
+
+
+@kernel(parallel=False)
+def dx_coefficients(sum_dy, dotp, invstd, weight, count, mean_dy_out, k_out, scale_out):
+    """:func:`_dx_coefficients` for every channel, for the streamed plans."""
+    for c in range(sum_dy.shape[0]):
+        mean_dy_out[c], k_out[c], scale_out[c] = _dx_coefficients(sum_dy[c], dotp[c], invstd[c], weight[c], count)
 
 
 @kernel
@@ -828,10 +853,7 @@ def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, nt, sum
         for j in range(w):
             sum_dy_out[c0 + j] = sum_dy[j]
             dotp_out[c0 + j] = dotp[j]
-            istd = np.float64(invstd[c0 + j])
-            mean_dy[j] = cast_to(weight, sum_dy[j] / count)
-            k[j] = cast_to(weight, dotp[j] * istd * istd / count)
-            scale[j] = cast_to(weight, istd * np.float64(weight[c0 + j]))
+            mean_dy[j], k[j], scale[j] = _dx_coefficients(sum_dy[j], dotp[j], invstd[c0 + j], weight[c0 + j], count)
         scratch = scratch_for(nt, dx, _STREAM_CHUNK)
         dres_scratch = scratch_for(nt, dres, _STREAM_CHUNK)
         for n in range(N):
@@ -1260,15 +1282,10 @@ def backward_train(layout, dy, x, mean, invstd, weight, dx, m=None, dres=None):
         # Streamed: gradient sums in one pass over (x, dy), dx in another.
         sum_dy, dotp = backward_reduce(layout, dy, x, mean, m)
         count = x.size // x.shape[1]
-        istd = invstd.astype(np.float64)
-        dtype = weight.dtype
-        backward_elementwise(
-            layout, dy, x, mean,
-            (sum_dy / count).astype(dtype),
-            (dotp * istd * istd / count).astype(dtype),
-            (istd * weight.astype(np.float64)).astype(dtype),
-            dx, m, dres,
-        )
+        mean_dy, k, scale = (np.empty_like(weight) for _ in range(3))
+        with kernel_guard():
+            dx_coefficients(sum_dy, dotp, invstd, weight, count, mean_dy, k, scale)
+        backward_elementwise(layout, dy, x, mean, mean_dy, k, scale, dx, m, dres)
         return sum_dy, dotp
     channels = x.shape[1]
     sum_dy = np.empty(channels)
