@@ -327,7 +327,17 @@ def _row_block(M, C):
 # (ROWS).
 
 
-@inline
+# The per-run reductions are compiled once per signature, as functions of
+# their own, and called by every kernel that reduces runs: inlined at Numba's
+# level, each kernel got its own copy of the loop for LLVM to vectorise, and
+# two copies (the fused plan's kernel with and without non-temporal stores,
+# or the fused and the streamed plan) summed in different lane orders in some
+# runs of the test suite, giving float64 sums 1 ulp apart.  One compiled copy
+# fixes the order.
+_reduction = numba.njit(fastmath=set(FASTMATH))
+
+
+@_reduction
 def _run_sum(v):
     total = 0.0
     for i in range(v.shape[0]):
@@ -335,7 +345,7 @@ def _run_sum(v):
     return total
 
 
-@inline
+@_reduction
 def _run_sum_widen(v, wide):
     # Sum in float64, keeping each widened element for the second pass.
     total = 0.0
@@ -346,7 +356,7 @@ def _run_sum_widen(v, wide):
     return total
 
 
-@inline
+@_reduction
 def _run_sum_sq_dev(v, mean):
     # Squared deviations from the float64 mean (second of two passes).
     total = 0.0
@@ -381,7 +391,7 @@ def _run_affine(v, z, out, mean, scale, shift, floor):
         out[i] = cast_to(out, clamp_below(plus((load(v[i]) - mean) * scale + shift, z, i), floor))
 
 
-@inline
+@_reduction
 def _run_grad_sums(g, m, v, mean):
     # m: the ReLU's output (the gradient passes where it is > 0), or None.
     sum_dy = 0.0
