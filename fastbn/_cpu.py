@@ -370,17 +370,14 @@ def _run_sum_sq_dev(v, mean):
 # per-channel coefficients they use (_coefficients, _dx_coefficients), are
 # compiled as functions of their own, without 'reassoc' or 'contract',
 # because several callers must get the same bits from them: both SLAB plans,
-# and ordinary and non-temporal stores.  (The streamed backward computed its
-# coefficients in NumPy while the fused kernel computed them with 'reassoc':
-# float64 dx then differed by 1 ulp between the plans in 29 of 1155
-# elements.)  With 'reassoc' LLVM ordered a three-term sum (the
-# residual add, dx's two subtractions) differently in two kernels; with
-# 'contract' it fused a multiply and a subtraction into an FMA in one
-# compiled copy of dx's loop and not in another (1-ulp differences in 84 of
-# 1155 float64 elements, seen only when the test suite ran in a particular
-# order).  Without either, every operation is rounded as written, whatever
-# LLVM inlines or vectorises.  They still vectorise (there is no reduction),
-# and an FMA saves nothing in a pass bound by memory.
+# and ordinary and non-temporal stores.  With 'reassoc' LLVM ordered a
+# three-term sum (the residual add, dx's two subtractions) differently in two
+# kernels; the streamed backward once computed its coefficients in NumPy
+# while the fused kernel computed them with 'reassoc', and float64 dx
+# differed by 1 ulp between the plans.  Without 'contract' as well, every
+# operation is rounded as written, whatever LLVM inlines or vectorises.  They
+# still vectorise (there is no reduction), and an FMA saves nothing in a pass
+# bound by memory.
 _ELEMENTWISE_FASTMATH = frozenset(FASTMATH & {"nsz"})
 
 
