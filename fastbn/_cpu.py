@@ -489,35 +489,28 @@ def _cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
 # by the same per-run helper either way, so it never changes a value.
 
 
-@inline
-def _span_run(pos, b, C, L):
-    """The run holding flat element ``pos`` of an (N, C, L) view: (n, c, i0, i1), cut at flat element ``b``."""
-    row = pos // L
-    n = row // C
-    i0 = pos - row * L
-    return n, row - n * C, i0, min(L, i0 + b - pos)
-
-
-@inline
-def _slab_affine_span(x, z, mean, scale, shift, floor, c0, a, b, out):
-    # out[:b - a] = output elements a..b-1 of an (N, C, L) view; coefficients indexed by channel - c0.
-    _, C, L = x.shape
-    pos = a
-    while pos < b:
-        n, c, i0, i1 = _span_run(pos, b, C, L)
-        o = pos - a
-        _run_affine(x[n, c, i0:i1], part(z, (n, c, slice(i0, i1))), out[o:o + i1 - i0],
-                    mean[c - c0], scale[c - c0], shift[c - c0], floor)
-        pos += i1 - i0
-
-
 @numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
-def _slab_stream_affine(x, z, mean, scale, shift, floor, c0, a, b, y_flat, scratch):
+def _slab_stream_affine(x, z, mean, scale, shift, floor, offset, n, c0, c1, y_flat, scratch):
+    # y[n, c0:c1], the span of flat elements (n * C + c0) * L onwards, chunk by chunk through scratch.  The
+    # walk keeps its place as (channel, column) rather than dividing flat positions (integer division costs
+    # more than a short run's arithmetic).
+    _, C, L = x.shape
     step = scratch.shape[0]
-    for s in range(a, b, step):
-        e = min(b, s + step)
-        _slab_affine_span(x, z, mean, scale, shift, floor, c0, s, e, scratch)
-        stream_copy(y_flat[s:e], scratch)
+    start = (n * C + c0) * L
+    filled = 0
+    for c in range(c0, c1):
+        i = 0
+        while i < L:
+            take = min(L - i, step - filled)
+            _run_affine(x[n, c, i:i + take], part(z, (n, c, slice(i, i + take))), scratch[filled:filled + take],
+                        mean[c - offset], scale[c - offset], shift[c - offset], floor)
+            filled += take
+            i += take
+            if filled == step:
+                stream_copy(y_flat[start:start + step], scratch)
+                start += step
+                filled = 0
+    stream_copy(y_flat[start:start + filled], scratch[:filled])
 
 
 def _emit_affine(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
@@ -534,33 +527,33 @@ def _emit_affine_impl(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scr
         return impl
 
     def impl(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
-        _, C, L = x.shape
-        _slab_stream_affine(x, z, mean, scale, shift, floor, offset, (n * C + c0) * L, (n * C + c1) * L,
-                            y.reshape(-1), scratch)
+        _slab_stream_affine(x, z, mean, scale, shift, floor, offset, n, c0, c1, y.reshape(-1), scratch)
     return impl
 
 
-@inline
-def _slab_dx_span(dy, m, x, mean, mean_dy, k, scale, c0, a, b, out, dres_out):
-    # out[:b - a] = dx elements a..b-1 (and dres_out likewise, unless None); coefficients indexed by channel - c0.
-    _, C, L = x.shape
-    pos = a
-    while pos < b:
-        n, c, i0, i1 = _span_run(pos, b, C, L)
-        o = pos - a
-        _run_dx(dy[n, c, i0:i1], part(m, (n, c, slice(i0, i1))), x[n, c, i0:i1], out[o:o + i1 - i0],
-                part(dres_out, slice(o, o + i1 - i0)), mean[c - c0], mean_dy[c - c0], k[c - c0], scale[c - c0])
-        pos += i1 - i0
-
-
 @numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))
-def _slab_stream_dx(dy, m, x, mean, mean_dy, k, scale, c0, a, b, dx_flat, dres_flat, scratch, dres_scratch):
+def _slab_stream_dx(dy, m, x, mean, mean_dy, k, scale, offset, n, c0, c1, dx_flat, dres_flat, scratch, dres_scratch):
+    # dx[n, c0:c1] (and dres), walked as in _slab_stream_affine.
+    _, C, L = x.shape
     step = scratch.shape[0]
-    for s in range(a, b, step):
-        e = min(b, s + step)
-        _slab_dx_span(dy, m, x, mean, mean_dy, k, scale, c0, s, e, scratch, dres_scratch)
-        stream_copy(dx_flat[s:e], scratch)
-        stream_out(part(dres_flat, slice(s, e)), dres_scratch)
+    start = (n * C + c0) * L
+    filled = 0
+    for c in range(c0, c1):
+        i = 0
+        while i < L:
+            take = min(L - i, step - filled)
+            _run_dx(dy[n, c, i:i + take], part(m, (n, c, slice(i, i + take))), x[n, c, i:i + take],
+                    scratch[filled:filled + take], part(dres_scratch, slice(filled, filled + take)),
+                    mean[c - offset], mean_dy[c - offset], k[c - offset], scale[c - offset])
+            filled += take
+            i += take
+            if filled == step:
+                stream_copy(dx_flat[start:start + step], scratch)
+                stream_out(part(dres_flat, slice(start, start + step)), dres_scratch)
+                start += step
+                filled = 0
+    stream_copy(dx_flat[start:start + filled], scratch[:filled])
+    stream_out(part(dres_flat, slice(start, start + filled)), part(dres_scratch, slice(0, filled)))
 
 
 def _emit_dx(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx, scratch, dres_scratch):
@@ -577,9 +570,8 @@ def _emit_dx_impl(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx
         return impl
 
     def impl(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx, scratch, dres_scratch):
-        _, C, L = x.shape
-        _slab_stream_dx(dy, m, x, mean, mean_dy, k, scale, offset, (n * C + c0) * L, (n * C + c1) * L,
-                        dx.reshape(-1), flat(dres), scratch, dres_scratch)
+        _slab_stream_dx(dy, m, x, mean, mean_dy, k, scale, offset, n, c0, c1, dx.reshape(-1), flat(dres), scratch,
+                        dres_scratch)
     return impl
 
 
