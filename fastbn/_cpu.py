@@ -294,6 +294,33 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return mean, m2
 
 
+@numba.njit
+def _merge_piece(count, mean, m2, size, piece_mean, piece_m2):
+    """Merge one piece of ``size`` elements per channel into every channel's (count, mean, M2), in place.
+
+    :func:`_chan_merge`'s arithmetic, operation for operation, across a row
+    of channels: the count ratios are computed once per piece, not once per
+    channel (they are the same for all), and the loop vectorises.  Both SLAB
+    plans merge with it, compiled without fast-math (see _chan_merge).
+    """
+    if size == 0:
+        return
+    weight = size / (count + size)
+    weight_ab = count * weight
+    for j in range(mean.shape[0]):
+        delta = piece_mean[j] - mean[j]
+        mean[j] = mean[j] + delta * weight
+        m2[j] = m2[j] + piece_m2[j] + delta * delta * weight_ab
+
+
+@numba.njit
+def _add_piece(total, piece):
+    """``total += piece``, elementwise, compiled without fast-math: the gradient sums' per-piece partials
+    are added in piece order by both SLAB plans."""
+    for j in range(total.shape[0]):
+        total[j] += piece[j]
+
+
 @inline
 def _cols_chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """_chan_merge for every column at once, into (mean_a, m2_a).
@@ -707,14 +734,16 @@ def _slab_group_stats(x, c0, c1):
     runs, per_row, npieces = _slab_pieces(N, L)
     mean = np.zeros(c1 - c0)
     m2 = np.zeros(c1 - c0)
+    piece_mean = np.empty(c1 - c0)
+    piece_m2 = np.empty(c1 - c0)
     scratch = np.empty(_piece_capacity(L))
     count = 0
     for p in range(npieces):
         n0, n1, i0, i1 = _slab_piece(p, N, L, runs, per_row)
-        size = (n1 - n0) * (i1 - i0)
         for j in range(c1 - c0):
-            piece_mean, piece_m2 = _piece_stats(x, c0 + j, n0, n1, i0, i1, scratch)
-            mean[j], m2[j] = _chan_merge(count, mean[j], m2[j], size, piece_mean, piece_m2)
+            piece_mean[j], piece_m2[j] = _piece_stats(x, c0 + j, n0, n1, i0, i1, scratch)
+        size = (n1 - n0) * (i1 - i0)
+        _merge_piece(count, mean, m2, size, piece_mean, piece_m2)
         count += size
     return mean, m2 / (N * L)
 
@@ -840,12 +869,15 @@ def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, nt, sum
         w = c1 - c0
         sum_dy = np.zeros(w)
         dotp = np.zeros(w)
+        piece_dy = np.empty(w)
+        piece_dotp = np.empty(w)
         for p in range(npieces):
             n0, n1, i0, i1 = _slab_piece(p, N, L, runs, per_row)
             for j in range(w):
-                piece_dy, piece_dotp = _piece_grad_sums(dy, m, x, c0 + j, n0, n1, i0, i1, np.float64(mean[c0 + j]))
-                sum_dy[j] += piece_dy
-                dotp[j] += piece_dotp
+                piece_dy[j], piece_dotp[j] = _piece_grad_sums(dy, m, x, c0 + j, n0, n1, i0, i1,
+                                                              np.float64(mean[c0 + j]))
+            _add_piece(sum_dy, piece_dy)
+            _add_piece(dotp, piece_dotp)
         mean_dy = np.empty_like(weight[c0:c1])
         k = np.empty_like(weight[c0:c1])
         scale = np.empty_like(weight[c0:c1])
@@ -878,17 +910,16 @@ def stats_slab_streamed(x, mean_out, var_out):
         scratch = np.empty(_piece_capacity(L))
         for c in range(C):
             piece_mean[p, c], piece_m2[p, c] = _piece_stats(x, c, n0, n1, i0, i1, scratch)
-    for c in prange(C):
-        count = 0
-        mean = 0.0
-        m2 = 0.0
-        for p in range(npieces):
-            n0, n1, i0, i1 = _slab_piece(p, N, L, runs, per_row)
-            size = (n1 - n0) * (i1 - i0)
-            mean, m2 = _chan_merge(count, mean, m2, size, piece_mean[p, c], piece_m2[p, c])
-            count += size
-        mean_out[c] = mean
-        var_out[c] = m2 / (N * L)
+    mean = np.zeros(C)
+    m2 = np.zeros(C)
+    count = 0
+    for p in range(npieces):
+        n0, n1, i0, i1 = _slab_piece(p, N, L, runs, per_row)
+        size = (n1 - n0) * (i1 - i0)
+        _merge_piece(count, mean, m2, size, piece_mean[p], piece_m2[p])
+        count += size
+    mean_out[:] = mean
+    var_out[:] = m2 / (N * L)
 
 
 @kernel
@@ -920,14 +951,13 @@ def backward_reduce_slab(dy, m, x, mean, sum_dy_out, dotp_out):
         n0, n1, i0, i1 = _slab_piece(p, N, L, runs, per_row)
         for c in range(C):
             piece_dy[p, c], piece_dotp[p, c] = _piece_grad_sums(dy, m, x, c, n0, n1, i0, i1, np.float64(mean[c]))
-    for c in prange(C):
-        sum_dy = 0.0
-        dotp = 0.0
-        for p in range(npieces):
-            sum_dy += piece_dy[p, c]
-            dotp += piece_dotp[p, c]
-        sum_dy_out[c] = sum_dy
-        dotp_out[c] = dotp
+    sum_dy = np.zeros(C)
+    dotp = np.zeros(C)
+    for p in range(npieces):
+        _add_piece(sum_dy, piece_dy[p])
+        _add_piece(dotp, piece_dotp[p])
+    sum_dy_out[:] = sum_dy
+    dotp_out[:] = dotp
 
 
 @kernel
