@@ -66,8 +66,13 @@ _FUSE_BYTES = 3 << 20
 # A fused SLAB task reads each outer row of its channels as one contiguous
 # run.  Runs shorter than this (14 x 14 images are 784 bytes) starve the
 # hardware prefetchers, so neighbouring channels are grouped until a run is
-# about this long.
+# about this long (short runs take the fused plan only when it has more
+# parallel tasks, see ``plan``).
 _RUN_BYTES = 4096
+# The fused plan is taken only when a channel's runs are at least this long
+# (see ``plan``): measured here, it beat the streamed plan on 8 KiB runs and
+# lost to it on 4 KiB runs (forward and backward alike).
+_FUSE_RUN_BYTES = 8192
 # Fused tasks are at least this many when the channels allow, so that every
 # core gets several and the last one to finish does not leave the others idle.
 _MIN_TASKS = 8
@@ -1161,8 +1166,12 @@ def plan(layout, x, tensors=1, out=None):
     write.  The streamed plan writes the output in order, over lines zeroed an
     instant before, and wins although it reads x twice (measured 10-30% faster
     on fresh outputs; fused is 10-30% faster on reused ones).  Statistics
-    alone (no ``out``) stream, which measured as fast or faster.  With few
-    channels or a tiny batch, the plan with more parallel tasks wins instead.
+    alone (no ``out``) stream, which measured as fast or faster.  Short runs
+    (under ``_FUSE_RUN_BYTES``: images of 28 x 28 float32 and smaller) stream
+    too: a fused task reads and writes its channels in pieces of a few KiB
+    scattered across the tensor, and the streamed plan's two passes in memory
+    order were faster, though they move more bytes.  With few channels or a
+    tiny batch, the plan with more parallel tasks wins instead.
     Both plans give bit-identical results, so the choice never changes an
     answer.
     """
@@ -1177,7 +1186,7 @@ def plan(layout, x, tensors=1, out=None):
     if min(fused_tasks, streamed_tasks) < _MIN_TASKS:
         # Few channels or a tiny batch: take the plan that keeps more cores busy.
         return ("fused", group) if fused_tasks >= streamed_tasks else ("streamed", 0)
-    if out is None or untouched(out):
+    if L * x.itemsize < _FUSE_RUN_BYTES or out is None or untouched(out):
         return "streamed", 0
     return "fused", group
 
