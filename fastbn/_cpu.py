@@ -11,14 +11,16 @@ Batch norm is memory-bound, so each operation is organised around the bytes
 it moves through DRAM (see ``plan``):
 
 * ``SLAB``, **fused**, when one task's channels (usually one channel) fit in
-  a core's cache: the task reads them once from DRAM to compute their
-  statistics or gradient sums and makes the elementwise pass from cache, so
-  training forward costs one read of x and one write of y, and training
-  backward one read of x and dy and one write of dx.
+  a core's cache and their runs are long (8 KiB or more): the task reads
+  them once from DRAM to compute their statistics or gradient sums and makes
+  the elementwise pass from cache, so training forward costs one read of x
+  and one write of y, and training backward one read of x and dy and one
+  write of dx.
 * ``SLAB``, **streamed**: statistics over fixed pieces in memory order, then
   an elementwise pass in memory order.  Chosen when the slab does not fit,
-  and when the output is a fresh mapping whose pages the OS has yet to zero
-  (then writing it in order is what saves traffic).  Both SLAB plans compute
+  when runs are short (small images), and when the output is a fresh mapping
+  whose pages the OS has yet to zero (then writing it in order is what saves
+  traffic).  Both SLAB plans compute
   every reduction on the same pieces in the same order, so they agree bit for
   bit.
 * ``ROWS`` streams: statistics over blocks of rows (two passes per block in
