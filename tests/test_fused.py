@@ -386,6 +386,20 @@ def test_fused_variants_on_the_fused_and_streamed_plans_agree_bit_for_bit(dtype)
         assert np.array_equal(a, b)
 
 
+def test_plan_fuses_long_runs_into_memory_in_use_and_streams_otherwise():
+    """The plan heuristic (fastbn._cpu.plan): the fused plan for a channel that fits in cache, with
+    runs of at least _FUSE_RUN_BYTES, written into memory already in use; the streamed plan for
+    short runs and for statistics alone."""
+    from fastbn import _cpu
+    from fastbn._layout import SLAB
+
+    long_runs = np.ones((64, 16, 4096), np.float32)  # 16 KiB runs, 1 MiB channels
+    short_runs = np.ones((256, 16, 196), np.float32)  # 784-byte runs (14 x 14 images)
+    assert _cpu.plan(SLAB, long_runs, out=np.ones_like(long_runs)) == ("fused", 1)
+    assert _cpu.plan(SLAB, long_runs)[0] == "streamed"
+    assert _cpu.plan(SLAB, short_runs, out=np.ones_like(short_runs))[0] == "streamed"
+
+
 # ------------------------------------------------------------------- fold ---
 @st.composite
 def layers(draw):
