@@ -303,12 +303,13 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 @numba.njit
 def _merge_piece(count, mean, m2, size, piece_mean, piece_m2):
-    """Merge one piece of ``size`` elements per channel into every channel's (count, mean, M2), in place.
+    """Merge a piece of ``size`` elements per channel into every channel's (count, mean, M2), in place.
 
     :func:`_chan_merge`'s arithmetic, operation for operation, across a row
     of channels: the count ratios are computed once per piece, not once per
     channel (they are the same for all), and the loop vectorises.  Both SLAB
-    plans merge with it, compiled without fast-math (see _chan_merge).
+    plans merge with it, compiled without fast-math (see _chan_merge); ROWS
+    merges its blocks with it too.
     """
     if size == 0:
         return
@@ -326,23 +327,6 @@ def _add_piece(total, piece):
     are added in piece order by both SLAB plans."""
     for j in range(total.shape[0]):
         total[j] += piece[j]
-
-
-@inline
-def _cols_chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """_chan_merge for every column at once, into (mean_a, m2_a).
-
-    The count ratios are computed once, so the loop over columns has no
-    division or branch and vectorises.
-    """
-    if n_b == 0:
-        return
-    weight_b = n_b / (n_a + n_b)
-    weight_ab = n_a * weight_b
-    for j in range(mean_a.shape[0]):
-        delta = mean_b[j] - mean_a[j]
-        mean_a[j] += delta * weight_b
-        m2_a[j] = m2_a[j] + m2_b[j] + delta * delta * weight_ab
 
 
 @inline
@@ -1017,7 +1001,7 @@ def stats_rows(x, mean_out, var_out):
                 _cols_sum_sq_dev2(x[r0 + 2 * r], x[r0 + 2 * r + 1], block_mean, block_m2)
             if (r1 - r0) % 2:
                 _cols_sum_sq_dev(x[r1 - 1], block_mean, block_m2)
-            _cols_chan_merge(count, chunk_mean[k], chunk_m2[k], r1 - r0, block_mean, block_m2)
+            _merge_piece(count, chunk_mean[k], chunk_m2[k], r1 - r0, block_mean, block_m2)
             count += r1 - r0
         chunk_count[k] = count
     for c in prange(C):
