@@ -20,9 +20,8 @@ it moves through DRAM (see ``plan``):
   an elementwise pass in memory order.  Chosen when the slab does not fit,
   when runs are short (small images), and when the output is a fresh mapping
   whose pages the OS has yet to zero (then writing it in order is what saves
-  traffic).  Both SLAB plans compute
-  every reduction on the same pieces in the same order, so they agree bit for
-  bit.
+  traffic).  Both SLAB plans compute every reduction on the same pieces in
+  the same order, so they agree bit for bit.
 * ``ROWS`` streams: statistics over blocks of rows (two passes per block in
   cache, blocks merged with Chan's formula), then the elementwise pass, each
   vectorised across channels.
@@ -501,10 +500,11 @@ def _cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
 # index, is computed chunk by chunk into the scratch buffer that stream_copy
 # writes around the cache (see fastbn._nontemporal): whole spans, because
 # short runs streamed one by one leave partial lines at both ends (that was
-# slower than ordinary stores on 14 x 14 images).  The choice is made when Numba types a kernel, so kernels for small
-# outputs compile exactly as without it (compiled into every kernel, the
-# streaming writers made compilation markedly slower), and each element is computed
-# by the same per-run helper either way, so it never changes a value.
+# slower than ordinary stores on 14 x 14 images).  The choice is made when
+# Numba types a kernel, so kernels for small outputs compile exactly as
+# without it (compiled into every kernel, the streaming writers made
+# compilation markedly slower), and each element is computed by the same
+# per-run helper either way, so it never changes a value.
 
 
 @numba.njit(fastmath=set(_ELEMENTWISE_FASTMATH))

@@ -361,12 +361,13 @@ def test_fused_variants_on_the_fused_and_streamed_plans_agree_bit_for_bit(dtype)
     ones, zeros = np.ones(32, dtype), np.zeros(32, dtype)
     layout, xv = _layout.channel_view(x, 1)
     zv = _layout.readonly(_layout.same_view(layout, z, 1))
-    results = []
+
     def fused(layout, view, tensors=1, out=None):
         group = _cpu._slab_group(view.shape, view.itemsize, tensors)
         assert group  # the fused plan exists for this shape
         return "fused", group
 
+    results = []
     for force in ("fused", "streamed"):
         original = _cpu.plan
         _cpu.plan = (lambda *a, **k: ("streamed", 0)) if force == "streamed" else fused
