@@ -1,6 +1,6 @@
 """CPU benchmarks: fastbn against NumPy, PyTorch and the memory roofline (see conftest.py for the command).
 
-The matrix, the inputs and the implementations come from fastbn/_bench.py, the
+The matrix, the inputs and the implementations come from fastbn/tools/cases.py, the
 same table ``python -m fastbn bench`` reports from, so the two never disagree
 about what is measured.  Each fastbn benchmark records in ``extra_info`` the
 minimal DRAM traffic of its operation (in tensor passes and bytes) so that
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import pytest
 
-from fastbn import _bench
+from fastbn.backends.cpu.machine import machine
+from fastbn.tools import bench, cases
 
-SHAPES = [_bench.parse_shape(spec) for spec in _bench.DEFAULT_SHAPES]
-CASES = _bench.build_cases(_bench.OPERATIONS, SHAPES, _bench.DTYPES)
+SHAPES = [cases.parse_shape(spec) for spec in cases.DEFAULT_SHAPES]
+CASES = cases.build_cases(cases.OPERATIONS, SHAPES, cases.DTYPES)
 ROUNDS = 15
 WARMUP = 3
 
@@ -27,7 +28,7 @@ def _data(case):
     key = (case.shape, case.dtype)
     if key not in _inputs:
         _inputs.clear()
-        _inputs[key] = _bench.Inputs(case.shape, case.dtype)
+        _inputs[key] = cases.Inputs(case.shape, case.dtype)
     return _inputs[key]
 
 
@@ -45,10 +46,10 @@ def test_operation(benchmark, case, library):
     if library == "torch":
         pytest.importorskip("torch")
     data = _data(case)
-    function = _bench.LIBRARIES[library](case.operation, data)
+    function = cases.LIBRARIES[library](case.operation, data)
     benchmark.group = _group(case)
     benchmark.pedantic(function, rounds=ROUNDS, warmup_rounds=WARMUP)
-    passes = _bench.minimal_passes(case, _bench.core_cache_bytes())
+    passes = cases.minimal_passes(case, machine().core_cache_bytes)
     benchmark.extra_info.update(
         {"library": library, "min_passes": passes, "min_bytes": passes * data.nbytes, "tensor_bytes": data.nbytes}
     )
@@ -61,7 +62,7 @@ def test_roofline_copy(benchmark, case):
     data = _data(case)
     benchmark.group = _group(case)
     benchmark.pedantic(np.copyto, args=(data.copy_target, data.x), rounds=ROUNDS, warmup_rounds=WARMUP)
-    passes = _bench.minimal_passes(case, _bench.core_cache_bytes())
+    passes = cases.minimal_passes(case, machine().core_cache_bytes)
     # roofline time = passes / 2 * this benchmark's time (a copy moves 2 tensor passes)
     benchmark.extra_info.update({"library": "np.copyto", "copy_passes": 2, "operation_min_passes": passes})
 
@@ -71,7 +72,7 @@ def test_compile_time(benchmark):
     result = {}
 
     def cold_start():
-        result.update(_bench.measure_compile_time())
+        result.update(bench.measure_compile_time())
 
     benchmark.group = "compile time"
     benchmark.pedantic(cold_start, rounds=1, iterations=1)

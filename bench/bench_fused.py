@@ -1,6 +1,6 @@
 """Fused forms against separate calls (issue 7), with pytest-benchmark.
 
-The same callables as ``python -m fastbn bench-fused`` (fastbn/_bench_fused.py):
+The same callables as ``python -m fastbn bench-fused`` (fastbn/tools/bench_fused.py):
 for each variant and shape, the group holds the fused call, the separate calls
 doing the same work, and the np.copyto that gives the time of one tensor pass.
 Run with ``python -m pytest bench/bench_fused.py --benchmark-only -p no:cacheprovider``.
@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastbn import _bench, _bench_fused
+from fastbn.backends.cpu.machine import machine
+from fastbn.tools import bench_fused, cases
 
-SHAPES = [_bench.parse_shape(spec) for spec in _bench_fused.DEFAULT_SHAPES]
-WORK = [("forward", v) for v in _bench_fused.VARIANTS] + [("backward", v) for v in _bench_fused.BACKWARD_VARIANTS]
+SHAPES = [cases.parse_shape(spec) for spec in bench_fused.DEFAULT_SHAPES]
+WORK = [("forward", v) for v in bench_fused.VARIANTS] + [("backward", v) for v in bench_fused.BACKWARD_VARIANTS]
 ROUNDS = 15
 WARMUP = 3
 _inputs = {}
@@ -23,7 +24,7 @@ _inputs = {}
 def _data(shape):
     if shape not in _inputs:
         _inputs.clear()
-        _inputs[shape] = _bench_fused._inputs(shape)
+        _inputs[shape] = bench_fused._inputs(shape)
     return _inputs[shape]
 
 
@@ -31,14 +32,14 @@ def _data(shape):
 @pytest.mark.parametrize("direction, variant", WORK, ids=[f"{d}-{v}" for d, v in WORK])
 @pytest.mark.parametrize("form", ["fused", "separate"])
 def test_fused_against_separate(benchmark, shape, direction, variant, form):
-    if variant == "ghost" and shape.dims[0] % _bench_fused.GHOST_BATCH:
+    if variant == "ghost" and shape.dims[0] % bench_fused.GHOST_BATCH:
         pytest.skip("the batch is not a multiple of the ghost batch size")
     data = _data(shape)
-    function = _bench_fused.callables(direction, variant, data)[form]
+    function = bench_fused.callables(direction, variant, data)[form]
     benchmark.group = f"{direction} {variant} {shape.label}"
     benchmark.pedantic(function, rounds=ROUNDS, warmup_rounds=WARMUP)
-    fused, separate = _bench_fused.passes(direction, variant, _bench.channel_bytes(shape, 4),
-                                          _bench.core_cache_bytes())
+    fused, separate = bench_fused.passes(direction, variant, cases.channel_bytes(shape, 4),
+                                         machine().core_cache_bytes)
     benchmark.extra_info.update({"form": form, "min_passes": fused if form == "fused" else separate})
 
 

@@ -37,15 +37,15 @@ import pytest
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("the CUDA simulator is on: GPU timings would be meaningless", allow_module_level=True)
 try:
-    from fastbn import _cuda_target
+    from fastbn.backends.cuda import target
 except ImportError as exc:  # no CUDA target installed (pip install fastbn[cuda])
     pytest.skip(f"no CUDA target: {exc}", allow_module_level=True)
-if not _cuda_target.is_available():
+if not target.is_available():
     pytest.skip("no usable CUDA GPU", allow_module_level=True)
 
 import fastbn  # noqa: E402
 
-cuda = _cuda_target.cuda
+cuda = target.cuda
 
 # (id, shape, channel axis, dtype): the CPU reference shape in both memory
 # patterns, a wide (N, C) matrix, and half precision.
@@ -206,9 +206,9 @@ def test_roofline_copy(benchmark, case):
 _FIRST_CALL = """
 import json, time
 import numpy as np
-from fastbn import _cuda_target
+from fastbn.backends.cuda import target
 import fastbn
-cuda = _cuda_target.cuda
+cuda = target.cuda
 x = cuda.to_device(np.random.default_rng(0).standard_normal((8, 16, 8, 8)).astype(np.{dtype}))
 cuda.synchronize()
 t0 = time.perf_counter()

@@ -15,7 +15,7 @@ Each benchmark warms up before timing (``warmup_rounds``), so Numba's compile
 time never counts; ``test_compile_time`` measures it on its own, in a fresh
 interpreter with an empty kernel cache.  For the Markdown report and charts
 behind the README, use ``python -m fastbn bench`` instead: it times the same
-table of implementations (fastbn/_bench.py) and evaluates the release bar.
+table of implementations (fastbn/tools/cases.py) and evaluates the release bar.
 """
 
 from __future__ import annotations

@@ -1,8 +1,15 @@
 """fastbn's public functions.
 
-Each reads top to bottom: check every argument, view the input in a layout the
-kernels know, pick the backend, call it, return NumPy arrays.  All checks run
-before the first kernel, so an error leaves every buffer untouched.
+Each reads top to bottom: pick the backend and bring the arrays to it
+(:mod:`fastbn._dispatch`), check every option (:mod:`fastbn._options`) and
+array (:mod:`fastbn._validate`), call the backend through its interface
+(:class:`fastbn.backends.Backend`), and return the caller's kind of array.
+All checks run before the first kernel, so an error leaves every buffer
+untouched.
+
+``forward``, ``backward``, ``moments`` and ``normalize`` take a private
+``_plan`` argument, for tests: a mapping of CPU plan fields to force (see
+:func:`fastbn.backends.cpu.plan.choose`).  Plans never change a result.
 """
 
 from __future__ import annotations
@@ -11,19 +18,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fastbn import _dispatch, _sync
+from fastbn import _dispatch, _options, _sync
 from fastbn._validate import (
-    check_activation,
     check_axis,
     check_channel_vector,
     check_channels,
-    check_eps,
-    check_flag,
     check_like_x,
-    check_momentum,
-    check_renorm,
     check_running,
-    check_virtual_batch_size,
     check_x,
     stats_dtype,
 )
@@ -98,6 +99,7 @@ def forward(
     residual=None,
     virtual_batch_size=None,
     renorm=None,
+    _plan=None,
 ):
     """Batch-normalise ``x`` over every axis but the channel axis.
 
@@ -193,62 +195,41 @@ def forward(
     )
     x = check_x(x)
     axis = check_axis(axis, len(x.shape))
-    training = check_flag(training, "training")
-    momentum = check_momentum(momentum)
-    eps = check_eps(eps)
-    activation = check_activation(activation)
+    opts = _options.options(training=training, momentum=momentum, eps=eps, activation=activation,
+                            residual=residual is not None, virtual_batch_size=virtual_batch_size, renorm=renorm,
+                            process_group=process_group)
     if residual is not None:
         check_like_x(residual, "residual", x)
-    renorm = check_renorm(renorm)
-    groups = check_virtual_batch_size(virtual_batch_size, x, axis)
-    collectives = None if process_group is None else _sync.adapt(process_group)
-    channels, count = check_channels(x, axis, allow_empty=collectives is not None)
+    channels, count = check_channels(x, axis, allow_empty=opts.collectives is not None)
     dtype = stats_dtype(x.dtype)
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None:
             check_channel_vector(value, name, channels, dtype)
     has_running = check_running(running_mean, running_var, channels, dtype)
-    batch_stats = training or not has_running
-    if not batch_stats:
-        groups = 1  # ghost batches only change batch statistics
-    if training and count // groups == 1 and collectives is None:
-        where = "" if groups == 1 else f" (in each ghost batch of {virtual_batch_size})"
-        raise ValueError(
-            f"x: Expected more than 1 value per channel when training{where}, got input size {tuple(x.shape)}"
-        )
-    if renorm is not None and virtual_batch_size is not None:
-        raise ValueError("renorm: not supported together with virtual_batch_size")
-    if renorm is not None and training and not has_running:
-        raise ValueError("renorm: batch renormalization needs running_mean and running_var in training")
-    if collectives is not None:
-        for name, value in (("activation", activation), ("residual", residual),
-                            ("virtual_batch_size", virtual_batch_size), ("renorm", renorm)):
-            if value is not None:
-                raise ValueError(f"{name}: not supported together with process_group yet")
-    if collectives is not None and not hasattr(ops, "local_moments"):
+    batch_stats, groups = _options.resolve(opts, tuple(x.shape), axis, has_running)
+    if opts.collectives is not None and not ops.supports_process_group:
         raise ValueError(f"process_group: not supported on the {ops.name} backend yet")
 
-    if batch_stats and collectives is not None:
-        y, mean, invstd, count = _sync.forward(
-            ops, collectives, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum,
-            training, update=training and has_running,
-        )
+    update = opts.training and has_running
+    if batch_stats and opts.collectives is not None:
+        y, mean, invstd, count = _sync.forward(ops, opts.collectives, x, axis, dtype, weight, bias, opts.eps,
+                                               running_mean, running_var, opts.momentum, opts.training, update)
         return restore(y), Saved(mean, invstd, True, count, tuple(x.shape), axis, process_group)
-    relu = activation == "relu"
+    relu = opts.activation == "relu"
     r = d = None
     if batch_stats:
         y, mean, invstd, r, d = ops.forward_batch(
-            x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update=training and has_running,
-            relu=relu, residual=residual, renorm=renorm if training else None, groups=groups,
+            x, axis, dtype, weight, bias, opts.eps, running_mean, running_var, opts.momentum, update,
+            relu=relu, residual=residual, renorm=opts.renorm if opts.training else None, groups=groups, plan=_plan,
         )
     else:
-        y, mean, invstd = ops.forward_eval(x, axis, dtype, weight, bias, eps, running_mean, running_var,
-                                           relu=relu, residual=residual)
-    return restore(y), Saved(mean, invstd, batch_stats, count // groups, tuple(x.shape), axis, None, activation,
-                             residual is not None, virtual_batch_size if groups > 1 else None, r, d)
+        y, mean, invstd = ops.forward_eval(x, axis, dtype, weight, bias, opts.eps, running_mean, running_var,
+                                           relu=relu, residual=residual, plan=_plan)
+    return restore(y), Saved(mean, invstd, batch_stats, count // groups, tuple(x.shape), axis, None,
+                             opts.activation, residual is not None, virtual_batch_size if groups > 1 else None, r, d)
 
 
-def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None):
+def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
     """Gradients of :func:`forward` with respect to x, weight and bias (and the residual).
 
     Parameters
@@ -318,7 +299,7 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None):
             f"but x has shape {tuple(x.shape)} and axis is {axis}"
         )
     dtype = stats_dtype(x.dtype)
-    groups = 1 if saved.virtual_batch_size is None else check_virtual_batch_size(saved.virtual_batch_size, x, axis)
+    groups = _options.ghost_groups(saved.virtual_batch_size, tuple(x.shape), axis)
     for name in ("mean", "invstd"):
         value = getattr(saved, name)
         if groups == 1:
@@ -344,14 +325,14 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None):
         return restore(dx), restore(dweight), restore(dbias)
     dx, dweight, dbias, dresidual = ops.backward(
         dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.batch_stats, y=y, dresidual=saved.residual,
-        r=saved.r, d=saved.d, groups=groups,
+        r=saved.r, d=saved.d, groups=groups, plan=_plan,
     )
     if saved.residual:
         return restore(dx), restore(dweight), restore(dbias), restore(dresidual)
     return restore(dx), restore(dweight), restore(dbias)
 
 
-def moments(x, axis=1, *, backend=None):
+def moments(x, axis=1, *, backend=None, _plan=None):
     """Per-channel mean and biased variance (``tf.nn.moments`` over all other axes).
 
     Parameters
@@ -373,11 +354,11 @@ def moments(x, axis=1, *, backend=None):
     x = check_x(x)
     axis = check_axis(axis, len(x.shape))
     check_channels(x, axis)
-    mean, var = ops.moments(x, axis, stats_dtype(x.dtype))
+    mean, var = ops.moments(x, axis, stats_dtype(x.dtype), plan=_plan)
     return restore(mean), restore(var)
 
 
-def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend=None):
+def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend=None, _plan=None):
     """Normalise with given statistics (``tf.nn.batch_normalization``).
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias``, per channel.
@@ -407,13 +388,13 @@ def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend
     )
     x = check_x(x)
     axis = check_axis(axis, len(x.shape))
-    eps = check_eps(eps)
+    eps = _options.check_eps(eps)
     channels, _ = check_channels(x, axis)
     dtype = stats_dtype(x.dtype)
     for name, value in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
         if value is not None or name in ("mean", "var"):
             check_channel_vector(value, name, channels, dtype)
-    return restore(ops.normalize(x, axis, dtype, mean, var, weight, bias, eps))
+    return restore(ops.normalize(x, axis, dtype, mean, var, weight, bias, eps, plan=_plan))
 
 
 def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps=1e-5, axis=0, *, backend=None):
@@ -468,7 +449,7 @@ def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps=
     )
     layer_weight = check_x(layer_weight, "layer_weight")
     axis = check_axis(axis, len(layer_weight.shape))
-    eps = check_eps(eps)
+    eps = _options.check_eps(eps)
     channels, _ = check_channels(layer_weight, axis, "layer_weight")
     if layer_bias is not None:
         check_channel_vector(layer_bias, "layer_bias", channels, np.dtype(layer_weight.dtype))
@@ -477,8 +458,6 @@ def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps=
                         ("bias", bias)):
         if value is not None or name.startswith("running"):
             check_channel_vector(value, name, channels, dtype)
-    if not hasattr(ops, "fold"):
-        raise ValueError(f"layer_weight: fold is not available on the {ops.name} backend yet")
     folded_weight, folded_bias = ops.fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps,
                                           axis)
     return restore(folded_weight), restore(folded_bias)

@@ -1,62 +1,48 @@
 """Pick the backend for a call and bring its arrays to that backend.
 
-A backend is a module of operations with the same names and signatures:
-:mod:`fastbn._cpu_ops` for host arrays and, when installed, the CUDA one for
-arrays exposing ``__cuda_array_interface__``.  The backend follows ``x``
-unless ``backend=`` forces one; an argument on the other side of the
-host/device line is an error, never a silent copy.
+The backend follows ``x`` (host arrays: the CPU; arrays exposing
+``__cuda_array_interface__``: CUDA) unless ``backend=`` forces one; an
+argument on the other side of the host/device line is an error, never a
+silent copy.  The backend is a :class:`fastbn.backends.Backend`, loaded on
+first use (the CUDA one only when a GPU array or ``backend="cuda"`` asks).
 """
 
 from __future__ import annotations
 
-import importlib
+from typing import Any, Callable, Sequence
 
-import numpy as np
+from fastbn import backends
+from fastbn._frameworks import is_device_array
 
-from fastbn import _interop
-
-BACKENDS = ("cpu", "cuda")
-
-
-def is_device_array(obj):
-    """True for GPU arrays (numba, CuPy, PyTorch CUDA): they expose ``__cuda_array_interface__``."""
-    if obj is None or isinstance(obj, np.ndarray):
-        return False
-    try:
-        return hasattr(obj, "__cuda_array_interface__")
-    except RuntimeError:
-        # A torch CUDA tensor that requires grad raises instead of answering.
-        return True
+__all__ = ["backend_for", "prepare"]
 
 
-def _cuda_ops():
-    try:
-        return importlib.import_module("fastbn._cuda_ops")
-    except ImportError as exc:
-        raise ValueError(f"backend: the CUDA backend is not available ({exc})") from None
+def backend_for(obj: Any) -> backends.Backend:
+    """The backend that computes on ``obj``: CUDA for GPU arrays, else the CPU."""
+    return backends.load("cuda" if is_device_array(obj) else "cpu")
 
 
-def prepare(backend, arrays):
+def prepare(backend: str | None, arrays: Sequence[tuple[str, Any]]) -> tuple[backends.Backend, Callable, list]:
     """Choose the backend and convert the call's arrays for it.
 
     Parameters
     ----------
     backend : {None, "cpu", "cuda"}
         None follows the first array of ``arrays`` (``x`` or ``dy``).
-    arrays : list of (str, object)
+    arrays : sequence of (str, object)
         The call's array arguments by name, the input first; None entries are
         optional arguments not given.
 
     Returns
     -------
-    ops : module
-        The backend's operations.
+    ops : Backend
+        The backend.
     restore : callable
         Turns a backend array into the caller's kind (that of the input).
     converted : list
         The arrays, converted for the backend, in the order given.
     """
-    if backend is not None and backend not in BACKENDS:
+    if backend is not None and backend not in backends.BACKENDS:
         raise ValueError(f"backend: expected None, 'cpu' or 'cuda', got {backend!r}")
     first_name, first = arrays[0]
     target = backend or ("cuda" if is_device_array(first) else "cpu")
@@ -66,21 +52,12 @@ def prepare(backend, arrays):
         if isinstance(obj, (str, bytes)):
             raise TypeError(f"{name}: expected an array, got {type(obj).__name__}")
         on_device = is_device_array(obj)
+        because = f"backend={backend!r}" if backend else f"{first_name} is a {'GPU' if target == 'cuda' else 'host'} array"
         if target == "cpu" and on_device:
-            raise ValueError(
-                f"{name}: is a GPU array but this call runs on the CPU "
-                f"(because {'backend=' + repr(backend) if backend else first_name + ' is a host array'}); "
-                "pass host arrays, or GPU arrays for every argument"
-            )
+            raise ValueError(f"{name}: is a GPU array but this call runs on the CPU (because {because}); "
+                             "pass host arrays, or GPU arrays for every argument")
         if target == "cuda" and not on_device:
-            raise ValueError(
-                f"{name}: is a host array but this call runs on the GPU "
-                f"(because {'backend=' + repr(backend) if backend else first_name + ' is a GPU array'}); "
-                "pass GPU arrays for every argument"
-            )
-    if target == "cuda":
-        ops = _cuda_ops()
-        return ops, ops.restorer(first), [ops.to_device(obj, name) for name, obj in arrays]
-    from fastbn import _cpu_ops
-
-    return _cpu_ops, _interop.restorer(first), [_interop.to_host(obj, name) for name, obj in arrays]
+            raise ValueError(f"{name}: is a host array but this call runs on the GPU (because {because}); "
+                             "pass GPU arrays for every argument")
+    ops = backends.load(target)
+    return ops, ops.restorer(first), [ops.to_backend(obj, name) for name, obj in arrays]

@@ -1,119 +1,72 @@
-"""Turn any array and channel axis into one of the two views the kernels know.
+"""The two shapes every kernel sees, as pure shape arithmetic shared by both backends.
 
 Whatever its rank and channel axis, an input is seen as
 
-* ``SLAB``: ``(outer, C, inner)``, when the array is C-contiguous (NCHW is
-  ``(N, C, H*W)``); or
 * ``ROWS``: ``(rows, C)``, when moving the channel axis last gives a
-  C-contiguous array (NHWC is ``(N*H*W, C)``, a plain ``(N, C)`` matrix is
-  itself, a PyTorch ``channels_last`` tensor is this too).
+  contiguous array (NHWC is ``(N*H*W, C)``, a plain ``(N, C)`` matrix is
+  itself, a PyTorch ``channels_last`` tensor is this too); or
+* ``SLAB``: ``(outer, C, inner)``, when the array is C-contiguous (NCHW is
+  ``(N, C, H*W)``).
 
-Both are views, so a contiguous input is never copied.  Any other strided
-input is copied once into C order, which is then a ``SLAB`` (or ``ROWS`` if
-the channel axis is last).
+ROWS is tried first: an array that is both (the channel axis last, or every
+other axis of extent 1) is ROWS.  Any other strided input is copied once into
+C order by the backend, which is then SLAB (or ROWS, if the channel axis is
+last).  This module only computes with shapes and strides: the CPU backend
+applies it to NumPy arrays (:mod:`fastbn.backends.cpu.views`), the CUDA
+backend to the CUDA array interface (:mod:`fastbn.backends.cuda.views`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
-import numpy as np
-
-from fastbn import _alloc
+__all__ = ["ROWS", "SLAB", "is_contiguous_in", "kernel_shape", "order", "pattern"]
 
 SLAB = "slab"
 ROWS = "rows"
 
 
-def _as_kernel_dtype(array):
-    # Numba's CPU target has no float16: the kernels read its bits as uint16.
-    return array.view(np.uint16) if array.dtype == np.float16 else array
+def order(layout: str, ndim: int, axis: int) -> list[int]:
+    """The dimensions of an input in the memory order of ``layout``, slowest first.
 
-
-def readonly(array):
-    """A read-only view of ``array``, for a kernel input.
-
-    Numba compiles a separate specialisation for read-only arrays (JAX hands
-    out read-only buffers); marking every kernel input read-only means one
-    compilation serves NumPy, torch and JAX callers alike.
+    ROWS walks every axis but the channel axis in order, then the channel
+    axis; SLAB walks the axes in order (C order).
     """
-    view = array.view()
-    view.flags.writeable = False
-    return view
+    if layout == ROWS:
+        return [d for d in range(ndim) if d != axis] + [axis]
+    return list(range(ndim))
 
 
-def _try_view(x, axis):
-    """Return (layout, view) without copying, or None if x is not contiguous enough."""
-    channels = x.shape[axis]
-    moved = np.moveaxis(x, axis, -1)
-    if moved.flags.c_contiguous:
-        return ROWS, moved.reshape(-1, channels)
-    if x.flags.c_contiguous:
-        outer = math.prod(x.shape[:axis])
-        return SLAB, x.reshape(outer, channels, -1)
+def is_contiguous_in(shape: Sequence[int], strides: Sequence[int], itemsize: int, dims: Sequence[int]) -> bool:
+    """Whether walking ``dims`` (last fastest) steps through memory one element at a time.
+
+    Extent-1 dimensions are skipped (their stride is never used), and an
+    array with no elements is contiguous in any order, as NumPy's flags say.
+    """
+    if math.prod(shape) == 0:
+        return True
+    expected = itemsize
+    for d in reversed(dims):
+        if shape[d] != 1:
+            if strides[d] != expected:
+                return False
+            expected *= shape[d]
+    return True
+
+
+def pattern(shape: Sequence[int], strides: Sequence[int], itemsize: int, axis: int) -> str | None:
+    """``ROWS`` or ``SLAB`` if an array of these byte ``strides`` can be viewed as one without a copy, else None."""
+    ndim = len(shape)
+    for layout in (ROWS, SLAB):
+        if is_contiguous_in(shape, strides, itemsize, order(layout, ndim, axis)):
+            return layout
     return None
 
 
-def channel_view(x, axis):
-    """View ``x`` as the kernels' 2-D ROWS or 3-D SLAB shape.
-
-    Parameters
-    ----------
-    x : numpy.ndarray
-        Floating array, already validated.
-    axis : int
-        Non-negative channel axis.
-
-    Returns
-    -------
-    layout : str
-        ``ROWS`` or ``SLAB``.
-    view : numpy.ndarray
-        A C-contiguous view of ``x`` (of a copy, if ``x`` was not contiguous
-        in either pattern), float16 reinterpreted as uint16.
-    """
-    found = _try_view(x, axis)
-    if found is None:
-        found = _try_view(np.ascontiguousarray(x), axis)
-    layout, view = found
-    return layout, readonly(_as_kernel_dtype(view))
-
-
-def same_view(layout, a, axis):
-    """View ``a`` (shaped like the array that gave ``layout``) in that layout.
-
-    Used for ``dy`` in backward, which must be walked in the same order as
-    ``x``, and for outputs; copies only when ``a`` is not contiguous in that
-    order.  The view is writable: callers mark inputs with :func:`readonly`.
-    """
-    channels = a.shape[axis]
+def kernel_shape(layout: str, shape: Sequence[int], axis: int) -> tuple[int, ...]:
+    """The kernel view's shape: ``(rows, C)`` for ROWS, ``(outer, C, inner)`` for SLAB."""
+    channels = shape[axis]
     if layout == ROWS:
-        view = np.ascontiguousarray(np.moveaxis(a, axis, -1)).reshape(-1, channels)
-    else:
-        outer = math.prod(a.shape[:axis])
-        view = np.ascontiguousarray(a).reshape(outer, channels, -1)
-    return _as_kernel_dtype(view)
-
-
-def empty_like_layout(layout, x, axis):
-    """Allocate an output shaped like ``x``, in the memory order of ``layout``.
-
-    The memory comes from :func:`fastbn._alloc.empty`: a large output reuses
-    the already paged-in memory of a dead one, instead of a fresh mapping
-    whose every page the OS must zero on first write.
-
-    Returns
-    -------
-    out : numpy.ndarray
-        The array to hand back to the caller (channels-last input gives a
-        channels-last output).
-    view : numpy.ndarray
-        Its kernel view, in the same layout as the input's.
-    """
-    if layout == ROWS:
-        moved_shape = x.shape[:axis] + x.shape[axis + 1 :] + (x.shape[axis],)
-        moved = _alloc.empty(moved_shape, x.dtype)
-        out = np.moveaxis(moved, -1, axis)
-    else:
-        out = _alloc.empty(x.shape, x.dtype)
-    return out, same_view(layout, out, axis)
+        return (math.prod(shape) // channels if channels else 0, channels)
+    return (math.prod(shape[:axis]), channels, math.prod(shape[axis + 1:]))

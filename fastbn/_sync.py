@@ -13,7 +13,8 @@ torch).  Anything else may pass an object with those two methods (see
 :class:`Collectives`).
 
 Forward all-gathers each process's ``(count, mean, M2)`` per channel in one
-buffer and merges them with Chan's formula, so any batch sizes work, zero
+buffer and merges them with Chan's formula (the CPU backend's
+:func:`~fastbn.backends.cpu.numerics.merge_piece`), so any batch sizes work, zero
 included, and no precision is lost (PyTorch's SyncBatchNorm gathers invstd
 and rebuilds the variance from it).  Backward all-reduces ``sum_dy`` and
 ``dotp`` in one buffer and uses the global count.
@@ -31,6 +32,8 @@ import sys
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from fastbn._frameworks import process_group_kind
 
 __all__ = ["Collectives", "adapt", "merge_moments"]
 
@@ -95,10 +98,10 @@ def adapt(process_group):
         ``ProcessGroup``, or any object with ``allgather`` and
         ``allreduce_sum`` methods.
     """
-    module = type(process_group).__module__ or ""
-    if module.startswith("mpi4py") and hasattr(process_group, "Allgather"):
+    kind = process_group_kind(process_group)
+    if kind == "mpi":
         return _MPICollectives(process_group)
-    if module.startswith("torch") and "torch.distributed" in sys.modules:
+    if kind == "torch":
         return _TorchCollectives(process_group)
     if isinstance(process_group, Collectives):
         return process_group
@@ -133,19 +136,16 @@ def merge_moments(gathered, channels):
             f"process_group: allgather returned shape {gathered.shape}, "
             f"expected (processes, {1 + 2 * channels})"
         )
+    from fastbn.backends.cpu.numerics import merge_piece  # the CPU backend's one Chan merge
+
     count = 0.0
     mean = np.zeros(channels)
     m2 = np.zeros(channels)
     # Rank order, the same on every process, so every process gets identical bits.
     for row in gathered:
-        n_b = row[0]
-        if n_b == 0:
-            continue
-        n = count + n_b
-        delta = row[1 : 1 + channels] - mean
-        mean = mean + delta * (n_b / n)
-        m2 = m2 + row[1 + channels :] + delta * delta * (count * n_b / n)
-        count = n
+        merge_piece(count, mean, m2, row[0], np.ascontiguousarray(row[1:1 + channels]),
+                    np.ascontiguousarray(row[1 + channels:]))
+        count += row[0]
     var = m2 / count if count > 0 else m2
     return int(count), mean, var
 

@@ -1,4 +1,6 @@
-"""Argument checks.  Every public function runs all of them before any kernel.
+"""Array argument checks.  Every public function runs all of them before any kernel.
+
+The scalar options and their combinations are checked in :mod:`fastbn._options`.
 
 Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong
 value or shape) with a message that starts with the argument's name, so that a
@@ -8,7 +10,6 @@ failed call leaves every buffer, running statistics above all, untouched.
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 
 import numpy as np
@@ -117,45 +118,6 @@ def check_running(running_mean, running_var, channels, dtype):
     return True
 
 
-def check_eps(eps):
-    """Return ``eps`` as a positive finite float, or raise."""
-    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps: expected a positive finite float, got {eps}")
-    return eps
-
-
-def check_momentum(momentum):
-    """Return ``momentum`` as a float in [0, 1], or raise."""
-    if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum: expected a float in [0, 1], got {type(momentum).__name__}")
-    momentum = float(momentum)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum: expected a float in [0, 1], got {momentum}")
-    return momentum
-
-
-def check_flag(value, name):
-    """Return ``value`` if it is a bool, or raise."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
-    return bool(value)
-
-
-ACTIVATIONS = (None, "relu")
-
-
-def check_activation(activation):
-    """Return ``activation`` if it is None or ``"relu"``, or raise."""
-    if activation is not None and not isinstance(activation, str):
-        raise TypeError(f"activation: expected None or 'relu', got {type(activation).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
-    return activation
-
-
 def check_like_x(value, name, x):
     """Check an array that must match ``x`` in shape and dtype (residual, forward's output)."""
     if not _is_array(value):
@@ -167,45 +129,3 @@ def check_like_x(value, name, x):
     if np.dtype(value.dtype) != np.dtype(x.dtype):
         raise TypeError(f"{name}: expected the dtype of x ({x.dtype}), got {value.dtype}")
     return value
-
-
-def check_virtual_batch_size(value, x, axis):
-    """Return the number of ghost batches for ``virtual_batch_size`` (1 if None), or raise.
-
-    Ghost batches are groups of ``value`` consecutive samples along axis 0,
-    the batch axis, so the channel axis must be another one and ``value`` must
-    divide the batch size.
-    """
-    if value is None:
-        return 1
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"virtual_batch_size: expected a positive integer, got {type(value).__name__}")
-    value = int(value)
-    batch = tuple(x.shape)[0]
-    if value < 1:
-        raise ValueError(f"virtual_batch_size: expected a positive integer, got {value}")
-    if axis == 0:
-        raise ValueError("virtual_batch_size: ghost batches split axis 0, the batch axis, but it is the channel axis")
-    if batch % value:
-        raise ValueError(
-            f"virtual_batch_size: {value} does not divide the batch size {batch} (axis 0 of shape {tuple(x.shape)})"
-        )
-    return batch // value
-
-
-def check_renorm(renorm):
-    """Return ``renorm`` as ``(rmax, dmax)`` floats with rmax >= 1 and dmax >= 0 (inf allowed), or None."""
-    if renorm is None:
-        return None
-    message = "renorm: expected a pair (rmax, dmax) of numbers with rmax >= 1 and dmax >= 0"
-    if isinstance(renorm, (str, bytes)) or not hasattr(renorm, "__len__") or len(renorm) != 2:
-        raise TypeError(f"{message}, got {type(renorm).__name__}")
-    values = []
-    for name, value in zip(("rmax", "dmax"), renorm):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{message}, got {name} of type {type(value).__name__}")
-        values.append(float(value))
-    rmax, dmax = values
-    if not rmax >= 1.0 or not dmax >= 0.0:  # also rejects NaN
-        raise ValueError(f"{message}, got ({rmax}, {dmax})")
-    return rmax, dmax

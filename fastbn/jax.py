@@ -20,13 +20,11 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 import fastbn
+from fastbn._options import check_eps, check_flag, check_momentum
 from fastbn._validate import (
     check_axis,
     check_channel_vector,
     check_channels,
-    check_eps,
-    check_flag,
-    check_momentum,
     check_running,
     check_x,
     stats_dtype,

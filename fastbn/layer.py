@@ -8,23 +8,22 @@ PyTorch checkpoint loads into it and numbers agree.
 
 The layer never computes on the input itself: every array operation goes
 through the functional API.  It reads only ``x.shape``, ``x.ndim`` and
-``x.dtype``, so it will accept whatever arrays :func:`fastbn.forward` accepts
-(device arrays included, once the functional API takes them).
+``x.dtype``, so it accepts whatever arrays :func:`fastbn.forward` accepts,
+GPU arrays included: its parameters and running statistics then move once to
+the device (``Backend.from_host``) and stay there.
 """
 
 from __future__ import annotations
 
-import importlib
 import operator
 
 import numpy as np
 
-# ``fastbn/__init__.py`` imports this module, so ``fastbn`` may still be
-# half-initialised here; its ``forward``/``backward`` are looked up at call
-# time, when the package is complete.
-import fastbn
 from fastbn import _dispatch, _sync
-from fastbn._validate import check_eps, check_flag, check_momentum
+from fastbn._api import backward as _backward
+from fastbn._api import forward as _forward
+from fastbn._frameworks import framework_of
+from fastbn._options import check_eps, check_flag, check_momentum
 
 __all__ = ["BatchNorm"]
 
@@ -83,17 +82,17 @@ def _check_momentum_or_none(value):
 
 def _to_numpy(value):
     """Host NumPy copy of a checkpoint entry: array, torch tensor, device array or number."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        # A torch tensor, recognised by duck typing so torch stays optional.
+    kind = framework_of(value)
+    if kind == "torch":
         tensor = value.detach().cpu()
         try:
             return tensor.numpy()
         except TypeError:
             # bfloat16 has no NumPy dtype; float32 holds every bfloat16 exactly.
             return tensor.float().numpy()
-    if hasattr(value, "copy_to_host"):  # Numba CUDA device array
+    if kind == "numba":
         return value.copy_to_host()
-    if hasattr(value, "__cuda_array_interface__") and hasattr(value, "get"):  # CuPy
+    if kind == "cupy":
         return value.get()
     return np.asarray(value)
 
@@ -107,11 +106,12 @@ def _to_host(array):
 
 def _copy_into(dst, src):
     """Overwrite ``dst`` in place, so references held elsewhere (an optimizer's) stay valid."""
-    if isinstance(dst, np.ndarray):
+    kind = framework_of(dst)
+    if kind == "numpy":
         dst[...] = src
-    elif hasattr(dst, "copy_to_device"):  # Numba CUDA device array
+    elif kind == "numba":
         dst.copy_to_device(np.ascontiguousarray(src, dtype=dst.dtype))
-    elif hasattr(dst, "set"):  # CuPy
+    elif kind == "cupy":
         dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
     else:
         raise TypeError(f"cannot copy into an array of type {type(dst).__name__}")
@@ -343,7 +343,7 @@ class BatchNorm:
         succeeds.
         """
         self._check_input(x)
-        self._follow(_dispatch.is_device_array(x))
+        self._follow(_dispatch.backend_for(x))
         tracking = self.track_running_stats
         count = self.num_batches_tracked
         if self.training and tracking:
@@ -352,7 +352,7 @@ class BatchNorm:
         else:
             # No update happens; the functional API still wants a float.
             momentum = 0.0 if self.momentum is None else self.momentum
-        y, saved = fastbn.forward(
+        y, saved = _forward(
             x,
             self.weight,
             self.bias,
@@ -369,21 +369,18 @@ class BatchNorm:
         self._cache = (x, saved)
         return y
 
-    def _follow(self, on_device):
-        """Move parameters and running statistics to where the input is."""
+    def _follow(self, backend):
+        """Move parameters and running statistics to where ``backend`` computes (a copy, once)."""
         names = ("weight", "bias", "running_mean", "running_var")
-        arrays = [getattr(self, name) for name in names]
-        if on_device and any(isinstance(a, np.ndarray) for a in arrays):
-            target = importlib.import_module("fastbn._cuda_target")
-            for name, array in zip(names, arrays):
-                if isinstance(array, np.ndarray):
-                    device = target.device_array(array.shape, array.dtype)
-                    device.copy_to_device(array)
-                    setattr(self, name, device)
-        elif not on_device and any(a is not None and not isinstance(a, np.ndarray) for a in arrays):
-            for name, array in zip(names, arrays):
-                if array is not None and not isinstance(array, np.ndarray):
-                    setattr(self, name, _to_numpy(array))
+        for name in names:
+            array = getattr(self, name)
+            if array is None:
+                continue
+            on_host = isinstance(array, np.ndarray)
+            if backend.name == "cpu" and not on_host:
+                setattr(self, name, _to_numpy(array))
+            elif backend.name != "cpu" and on_host:
+                setattr(self, name, backend.from_host(array))
 
     def __call__(self, x):
         """Same as :meth:`forward`."""
@@ -416,7 +413,7 @@ class BatchNorm:
         if self._cache is None:
             raise RuntimeError("backward: call forward (layer(x)) before backward")
         x, saved = self._cache
-        dx, grad_weight, grad_bias = fastbn.backward(dy, x, self.weight, saved, axis=self.axis)
+        dx, grad_weight, grad_bias = _backward(dy, x, self.weight, saved, axis=self.axis)
         if self.affine:
             self.grad_weight = grad_weight
             self.grad_bias = grad_bias

@@ -1,4 +1,4 @@
-"""The caching allocator for large outputs (fastbn._alloc).
+"""The caching allocator for large outputs (fastbn.backends.cpu.alloc).
 
 Memory must come back to the pool once, and only once, nothing refers to it:
 the tests hold every kind of view (slices, transposes, reshapes, memoryviews,
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _alloc
+from fastbn.backends.cpu import alloc as _alloc
 from oracle import oracle_backward, oracle_forward
 
 MiB = 1 << 20
@@ -320,7 +320,7 @@ import warnings
 warnings.simplefilter("always")
 import numpy as np
 import fastbn
-from fastbn import _alloc
+from fastbn.backends.cpu import alloc as _alloc
 a = _alloc.empty((1 << 20,), np.float32)
 print(_alloc.POOL.cap, _alloc.default_cap(), a.flags.owndata)
 """

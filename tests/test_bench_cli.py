@@ -1,6 +1,6 @@
 """Smoke test of ``python -m fastbn bench``: a tiny matrix writes its report, and bad specs fail clearly.
 
-Speed is never asserted here; the benchmark itself lives in bench/ and in fastbn/_bench.py.
+Speed is never asserted here; the benchmark itself lives in bench/ and in fastbn/tools/.
 """
 
 from __future__ import annotations
@@ -87,3 +87,19 @@ def test_bench_fused_writes_its_table_and_checks_both_forms_agree(tmp_path):
                          text=True, cwd=tmp_path, timeout=120,
                          env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
     assert bad.returncode != 0 and "'8x' is not a shape" in bad.stderr
+
+
+def test_help_names_every_command_and_the_library_imports_no_tool(tmp_path):
+    """``python -m fastbn --help`` lists every command; ``import fastbn`` and a forward leave fastbn.tools
+    unimported (the tools depend on the library, never the other way)."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "fastbn", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "{demo,startup,ptx,bench,bench-fused,plan}" in proc.stdout, proc.stdout
+    script = ("import sys, numpy as np, fastbn; fastbn.forward(np.ones((4, 3), np.float32)); "
+              "print([m for m in sys.modules if m.startswith('fastbn.tools')])")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout

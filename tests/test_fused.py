@@ -351,54 +351,51 @@ def test_fused_variants_on_the_fused_and_streamed_plans_agree_bit_for_bit(dtype)
     """The fused (cache-resident) and streamed SLAB plans compute the same reductions in the same
     order, and the same coefficients, also with the ReLU mask and the residual: the plan choice
     never changes an answer.  (float64 shows a 1-ulp difference in a coefficient that float32's
-    rounding can hide.)"""
-    from fastbn import _cpu, _layout
+    rounding can hide.)  Compared at the kernels' float64 statistics and gradient sums."""
+    from fastbn.backends.cpu import ops, plan, views
 
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((16, 32, 24, 24)) * 3 + 1).astype(dtype)
     z = rng.standard_normal(x.shape).astype(dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
     ones, zeros = np.ones(32, dtype), np.zeros(32, dtype)
-    layout, xv = _layout.channel_view(x, 1)
-    zv = _layout.readonly(_layout.same_view(layout, z, 1))
-
-    def fused(layout, view, tensors=1, out=None):
-        group = _cpu._slab_group(view.shape, view.itemsize, tensors)
-        assert group  # the fused plan exists for this shape
-        return "fused", group
+    layout, xv = views.channel_view(x, 1)
+    zv = views.readonly(views.same_view(layout, z, 1))
 
     results = []
     for force in ("fused", "streamed"):
-        original = _cpu.plan
-        _cpu.plan = (lambda *a, **k: ("streamed", 0)) if force == "streamed" else fused
-        try:
-            y = np.empty_like(x)
-            y.fill(0)  # touched memory: the fused plan's condition
-            stats = _cpu.forward_train(layout, xv, ones, zeros, 1e-5, y.reshape(xv.shape), zv, True)
-            mv = _layout.readonly(y.reshape(xv.shape))
-            dx, dres = np.zeros_like(x), np.zeros_like(x)
-            sums = _cpu.backward_train(layout, _layout.readonly(dy.reshape(xv.shape)), xv,
+        forward_plan = plan.choose("forward_train", layout, xv.shape, xv.itemsize, override={"strategy": force})
+        backward_plan = plan.choose("backward_train", layout, xv.shape, xv.itemsize, masked=True,
+                                    override={"strategy": force})
+        assert forward_plan.strategy == backward_plan.strategy == force
+        if force == "fused":  # the fused plan exists for this shape without being forced past the budget
+            assert plan.slab_group(xv.shape, xv.itemsize, 3, plan.fuse_bytes(plan.machine())) > 0
+        y = np.zeros_like(x)
+        stats = ops.forward_train_into(forward_plan, xv, ones, zeros, 1e-5, y.reshape(xv.shape), zv, True)
+        mv = views.readonly(y.reshape(xv.shape))
+        dx, dres = np.zeros_like(x), np.zeros_like(x)
+        sums = ops.backward_train_into(backward_plan, views.readonly(dy.reshape(xv.shape)), xv,
                                        stats[0].astype(dtype), stats[2].astype(dtype), ones,
                                        dx.reshape(xv.shape), mv, dres.reshape(xv.shape))
-        finally:
-            _cpu.plan = original
         results.append((y, dx, dres, *stats[:3], *sums))
     for a, b in zip(*results):
         assert np.array_equal(a, b)
 
 
 def test_plan_fuses_long_runs_into_memory_in_use_and_streams_otherwise():
-    """The plan heuristic (fastbn._cpu.plan): the fused plan for a channel that fits in cache, with
-    runs of at least _FUSE_RUN_BYTES, written into memory already in use; the streamed plan for
-    short runs and for statistics alone."""
-    from fastbn import _cpu
+    """The plan heuristic (fastbn.backends.cpu.plan.choose): the fused plan for a channel that fits in
+    cache, with runs of at least FUSE_RUN_BYTES, written into memory already in use; the streamed plan
+    for a fresh output, for short runs and for statistics alone."""
     from fastbn._layout import SLAB
+    from fastbn.backends.cpu import plan
 
-    long_runs = np.ones((64, 16, 4096), np.float32)  # 16 KiB runs, 1 MiB channels
-    short_runs = np.ones((256, 16, 196), np.float32)  # 784-byte runs (14 x 14 images)
-    assert _cpu.plan(SLAB, long_runs, out=np.ones_like(long_runs)) == ("fused", 1)
-    assert _cpu.plan(SLAB, long_runs)[0] == "streamed"
-    assert _cpu.plan(SLAB, short_runs, out=np.ones_like(short_runs))[0] == "streamed"
+    long_runs = (64, 16, 4096)  # 16 KiB runs of float32, 1 MiB channels
+    short_runs = (256, 16, 196)  # 784-byte runs (14 x 14 images)
+    chosen = plan.choose("forward_train", SLAB, long_runs, 4, out_fresh=False)
+    assert (chosen.strategy, chosen.group) == ("fused", 1)
+    assert plan.choose("forward_train", SLAB, long_runs, 4, out_fresh=True).strategy == "streamed"
+    assert plan.choose("moments", SLAB, long_runs, 4).strategy == "streamed"
+    assert plan.choose("forward_train", SLAB, short_runs, 4, out_fresh=False).strategy == "streamed"
 
 
 # ------------------------------------------------------------------- fold ---

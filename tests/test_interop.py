@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _interop
+from fastbn import _frameworks
+from fastbn.backends.cpu import views as _interop
 
 
 def data_pointer(array: np.ndarray) -> int:
@@ -135,9 +136,9 @@ def test_unreadable_arguments_name_themselves():
 
 
 def test_framework_of_is_cached_per_type():
-    assert _interop.framework_of(np.zeros(2)) == "other"
-    assert _interop.framework_of([1.0]) == "other"
-    assert _interop._KIND_BY_TYPE[list] == "other"
+    assert _frameworks.framework_of(np.zeros(2)) == "numpy"
+    assert _frameworks.framework_of([1.0]) == "other"
+    assert _frameworks._KIND_BY_TYPE[list] == "other"
 
 
 # --------------------------------------------------------------------- torch ---

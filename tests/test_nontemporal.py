@@ -1,4 +1,4 @@
-"""Non-temporal output stores (fastbn._nontemporal): every element lands, at any alignment, and the
+"""Non-temporal output stores (fastbn.backends.cpu.nontemporal): every element lands, at any alignment, and the
 kernels write bit-for-bit the same outputs whether they stream them around the cache or store them
 normally.  The benchmark matrix's outputs all take the streaming path; these tests force it on small
 tensors so that every layout, dtype, option and partial cache line is covered quickly."""
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _cpu
-from fastbn._nontemporal import stream_copy
+from fastbn.backends.cpu import plan
+from fastbn.backends.cpu.nontemporal import stream_copy
 
 LENGTHS = (0, 1, 3, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 100, 257, 1000)
 
@@ -45,8 +45,10 @@ def test_stream_copy_on_an_address_that_is_not_element_aligned():
 
 
 def test_large_outputs_stream_and_small_ones_do_not():
-    assert _cpu.nontemporal(np.empty(_cpu._NONTEMPORAL_BYTES // 4, np.float32)).dtype == np.float32
-    assert _cpu.nontemporal(np.empty(_cpu._NONTEMPORAL_BYTES // 4 - 1, np.float32)) is None
+    threshold = plan.nontemporal_bytes(plan.machine())
+    assert plan.choose("normalize", plan.SLAB, (1, 1, threshold // 4), 4).nontemporal
+    assert not plan.choose("normalize", plan.SLAB, (1, 1, threshold // 4 - 1), 4).nontemporal
+    assert not plan.choose("moments", plan.SLAB, (1, 1, threshold), 4).nontemporal  # writes no output
 
 
 # Shapes with runs shorter and longer than a scratch chunk (2048 elements), tasks of several chunks,
@@ -65,8 +67,8 @@ CASES = [
 ]
 
 
-def _run(shape, axis, dtype, options, nontemporal, monkeypatch):
-    monkeypatch.setattr(_cpu, "_NONTEMPORAL_BYTES", 0 if nontemporal else 1 << 62)
+def _run(shape, axis, dtype, options, nontemporal):
+    forced = {"_plan": {"nontemporal": nontemporal}}
     rng = np.random.default_rng(1)
     params = np.float32 if dtype == np.float16 else dtype
     channels = shape[axis]
@@ -80,21 +82,23 @@ def _run(shape, axis, dtype, options, nontemporal, monkeypatch):
         options.pop("residual", None)
     running = {} if "virtual_batch_size" in options else {
         "running_mean": np.zeros(channels, params), "running_var": np.ones(channels, params)}
-    y, saved = fastbn.forward(x, weight, bias, training=True, axis=axis, backend="cpu", **running, **options)
+    y, saved = fastbn.forward(x, weight, bias, training=True, axis=axis, backend="cpu", **running, **options,
+                              **forced)
     dy = rng.standard_normal(shape).astype(dtype)
     grads = fastbn.backward(dy, x, weight, saved, axis=axis, backend="cpu",
-                            y=y if options.get("activation") else None)
+                            y=y if options.get("activation") else None, **forced)
     outputs = [y, *grads]
     if "virtual_batch_size" not in options:
         outputs.append(fastbn.forward(x, weight, bias, training=False, axis=axis, backend="cpu", **running,
-                                      **{k: v for k, v in options.items() if k != "virtual_batch_size"})[0])
+                                      **{k: v for k, v in options.items() if k != "virtual_batch_size"},
+                                      **forced)[0])
     return outputs
 
 
 @pytest.mark.parametrize("shape,axis,options,dtype", CASES)
-def test_streamed_outputs_equal_ordinary_stores_bit_for_bit(shape, axis, options, dtype, monkeypatch):
-    ordinary = _run(shape, axis, dtype, options, False, monkeypatch)
-    streamed = _run(shape, axis, dtype, options, True, monkeypatch)
+def test_streamed_outputs_equal_ordinary_stores_bit_for_bit(shape, axis, options, dtype):
+    ordinary = _run(shape, axis, dtype, options, False)
+    streamed = _run(shape, axis, dtype, options, True)
     assert len(ordinary) == len(streamed)
     for index, (a, b) in enumerate(zip(ordinary, streamed)):
         assert a.dtype == b.dtype and a.shape == b.shape

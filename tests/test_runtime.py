@@ -200,7 +200,7 @@ def test_torch_dataloader_workers_can_use_fastbn():
 
 
 CACHE_PROBE = """
-import numpy as np, fastbn, fastbn._cpu as cpu
+import numpy as np, fastbn, fastbn.backends.cpu.fused as cpu
 x = np.random.default_rng(0).standard_normal((8, 3, 5)).astype(np.float32)
 y, saved = fastbn.forward(x)
 ref = (x - x.mean((0, 2), keepdims=True)) / np.sqrt(x.var((0, 2), keepdims=True) + 1e-5)

@@ -7,10 +7,10 @@ main suite, which has long imported Numba without it) this directory is not
 collected at all.
 
 The simulator runs one Python thread per CUDA thread, so the fixtures below
-patch the launch sizes of fastbn._cuda small: one warp per block, two
-elements per thread before a channel is split over several blocks, two
-blocks for the grid-stride loops.  Tiny inputs then still take the
-multi-block, grid-stride and merge paths that large inputs take on a GPU.
+patch the launch sizes of fastbn.backends.cuda.plan small: one warp per
+block, two elements per thread before a channel is split over several
+blocks, two blocks for the grid-stride loops.  Tiny inputs then still take
+the multi-block, grid-stride and merge paths that large inputs take on a GPU.
 """
 
 from __future__ import annotations
@@ -38,20 +38,27 @@ if SIMULATED:
 
 @pytest.fixture(autouse=True)
 def small_launches(monkeypatch):
-    """Launch sizes small enough for the simulator (see the module docstring)."""
-    from fastbn import _cuda
+    """Launch sizes small enough for the simulator (see the module docstring).
 
-    monkeypatch.setattr(_cuda, "THREADS_PER_BLOCK", 32)
-    monkeypatch.setattr(_cuda, "ITEMS_PER_THREAD", 2)
-    monkeypatch.setattr(_cuda, "MAX_ELEMENTWISE_BLOCKS", 2)
-    return _cuda
+    Returns the plan module; a test may set any other launch size on it
+    directly, and every launch size is restored after the test.
+    """
+    from fastbn.backends.cuda import plan
+
+    monkeypatch.setattr(plan, "THREADS_PER_BLOCK", 32)
+    monkeypatch.setattr(plan, "ITEMS_PER_THREAD", 2)
+    monkeypatch.setattr(plan, "MAX_ELEMENTWISE_BLOCKS", 2)
+    # Unchanged here, but registered so that a test's own setting is undone too.
+    monkeypatch.setattr(plan, "MAX_SPLITS", plan.MAX_SPLITS)
+    monkeypatch.setattr(plan, "MAX_GROUPS_PER_LAUNCH", plan.MAX_GROUPS_PER_LAUNCH)
+    return plan
 
 
 @pytest.fixture
 def launches(monkeypatch):
     """The list of kernel launches made during the test: (name, grid, block, args)."""
-    from fastbn import _cuda
+    from fastbn.backends.cuda import plan
 
     log = []
-    monkeypatch.setattr(_cuda, "LAUNCH_LOG", log)
+    monkeypatch.setattr(plan, "LAUNCH_LOG", log)
     return log

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastbn import _cuda_target
+from fastbn.backends.cuda import target
 from strategies import cases, forward_inputs
 
 
@@ -48,14 +48,14 @@ def gpu(array):
 
 def numba_device(array):
     """A copy of ``array`` in a numba (simulator) device array."""
-    device = _cuda_target.device_array(array.shape, array.dtype)
+    device = target.device_array(array.shape, array.dtype)
     device.copy_to_device(np.ascontiguousarray(array))
     return device
 
 
 def host(device):
     """A result device array's values, on the host."""
-    assert _cuda_target.is_device_array(device), type(device)
+    assert target.is_device_array(device), type(device)
     return device.copy_to_host()
 
 

@@ -3,6 +3,7 @@ bad input, and the kernel signatures that ``python -m fastbn ptx`` compiles."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 
 import fastbn
-from fastbn import _cuda, _cuda_ops, _cuda_target
+from fastbn.backends import Backend, load
+from fastbn.backends.cuda import plan, target, views
+from fastbn.backends.cuda.ops import BACKEND
 from gpu_arrays import SimGPUArray, gpu, host, numba_device
 from oracle import oracle_backward, oracle_forward, oracle_moments
 from strategies import (
@@ -109,7 +112,7 @@ def test_layouts(layout, launches):
         assert expected in names and "gather" not in names, names
     else:
         assert "gather" in names, names
-    y_strides = _cuda_ops._strides(y)
+    y_strides = views.byte_strides(y)
     if layout[0] == "channels_last":
         assert y_strides == tuple(np.moveaxis(np.empty((3, 2, 3, 4), np.float32), -1, 1).strides)
     else:
@@ -136,7 +139,7 @@ def test_running_stats_of_numba_device_arrays_are_updated_in_place(dtype):
     rm0, rv0 = rng.normal(size=3).astype(sd), rng.uniform(0.5, 2, 3).astype(sd)
     rm, rv = numba_device(rm0), numba_device(rv0)
     y, saved = fastbn.forward(numba_device(x), running_mean=rm, running_var=rv, momentum=0.3)
-    assert _cuda_target.is_device_array(y)
+    assert target.is_device_array(y)
     o = oracle_forward(x, running_mean=rm0, running_var=rv0, momentum=0.3)
     tol = stats_tol(dtype)
     assert_close(host(rm), o.running_mean, tol, scale=np.abs(rm0) + mean_scale(x, o.mean, 1), what="running_mean")
@@ -184,7 +187,7 @@ def test_no_host_transfers(monkeypatch):
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
     for name in ("copy_to_host", "copy_to_device"):
         monkeypatch.setattr(FakeCUDAArray, name, forbidden)
-    monkeypatch.setattr(_cuda_target.cuda, "to_device", forbidden)
+    monkeypatch.setattr(target.cuda, "to_device", forbidden)
     y, saved = fastbn.forward(gpu(x), gpu(w), gpu(b), running_mean=gpu(rm), running_var=gpu(rv))
     fastbn.backward(gpu(dy), gpu(x), gpu(w), saved)
     fastbn.moments(gpu(x))
@@ -199,7 +202,7 @@ def test_numba_device_arrays_stay_numba_device_arrays():
     y, saved = fastbn.forward(numba_device(x))
     results = [y, saved.mean, saved.invstd, *fastbn.moments(numba_device(x)),
                *fastbn.backward(numba_device(x), numba_device(x), None, saved)]
-    assert all(_cuda_target.is_device_array(r) for r in results)
+    assert all(target.is_device_array(r) for r in results)
 
 
 @pytest.mark.parametrize("framework", ["torch", "cupy"])
@@ -211,13 +214,15 @@ def test_results_come_back_as_the_callers_framework(framework, monkeypatch):
         stub.as_tensor = lambda array, device: calls.append((array, device)) or ("tensor", array, device)
     else:
         stub.asarray = lambda array: calls.append((array, None)) or ("cupy", array)
-    monkeypatch.setitem(sys.modules, framework, stub)
     foreign_type = type("ForeignArray", (SimGPUArray,), {"__module__": f"{framework}._core", "device": "cuda:1"})
+    # The framework's array class, as fastbn._frameworks recognises it (torch.Tensor, cupy.ndarray).
+    setattr(stub, "Tensor" if framework == "torch" else "ndarray", foreign_type)
+    monkeypatch.setitem(sys.modules, framework, stub)
 
     x = np.random.default_rng(11).normal(size=(4, 2, 3)).astype(np.float32)
     y, saved = fastbn.forward(foreign_type(x))
     assert y[0] == ("tensor" if framework == "torch" else "cupy")
-    assert _cuda_target.is_device_array(y[1])  # converted from the backend's own device array
+    assert target.is_device_array(y[1])  # converted from the backend's own device array
     if framework == "torch":
         assert y[2] == "cuda:1"
     mean, var = fastbn.moments(foreign_type(x))
@@ -226,14 +231,14 @@ def test_results_come_back_as_the_callers_framework(framework, monkeypatch):
 
 def test_restorer_imports_no_framework():
     before = set(sys.modules)
-    restore = _cuda_ops.restorer(SimGPUArray(np.zeros((2, 2), np.float32)))
+    restore = BACKEND.restorer(SimGPUArray(np.zeros((2, 2), np.float32)))
     assert restore("anything") == "anything" and set(sys.modules) == before
 
 
 # -------------------------------------------------------------- conversion ---
 def test_to_device_names_the_argument():
     with pytest.raises(TypeError, match="^weight: expected a GPU array"):
-        _cuda_ops.to_device(np.zeros(3), "weight")
+        BACKEND.to_backend(np.zeros(3), "weight")
 
     class Grad:
         @property
@@ -241,7 +246,7 @@ def test_to_device_names_the_argument():
             raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
 
     with pytest.raises(TypeError, match="^running_mean: cannot be used as a GPU array"):
-        _cuda_ops.to_device(Grad(), "running_mean")
+        BACKEND.to_backend(Grad(), "running_mean")
 
 
 def test_saved_statistics_must_be_on_the_device(launches):
@@ -254,7 +259,7 @@ def test_saved_statistics_must_be_on_the_device(launches):
 
 def test_backend_argument(launches):
     x = np.random.default_rng(13).normal(size=(4, 2, 3)).astype(np.float32)
-    assert _cuda_target.is_device_array(fastbn.forward(gpu(x), backend="cuda")[0])
+    assert target.is_device_array(fastbn.forward(gpu(x), backend="cuda")[0])
     with pytest.raises(ValueError, match="^x: is a GPU array but this call runs on the CPU"):
         fastbn.forward(gpu(x), backend="cpu")
     with pytest.raises(ValueError, match="^x: is a host array but this call runs on the GPU"):
@@ -267,10 +272,63 @@ def test_backend_argument(launches):
     assert names.count("normalize") == 1, names  # only the first call ran
 
 
+# ------------------------------------------------------- backend interface ---
+def _protocol_methods():
+    return [name for name, value in vars(Backend).items() if inspect.isfunction(value) and not name.startswith("_")]
+
+
+def test_backend_implements_the_protocol_with_its_signatures():
+    """fastbn.backends.load("cuda") is the ops module's BACKEND, and every method of the Backend
+    protocol has the protocol's exact signature (names, defaults, keyword-only markers)."""
+    assert load("cuda") is BACKEND
+    assert BACKEND.name == "cuda" and BACKEND.supports_process_group is False
+    methods = _protocol_methods()
+    assert "forward_batch" in methods and "backward_dx" in methods
+    for name in methods:
+        expected = inspect.signature(getattr(Backend, name))
+        got = inspect.signature(getattr(type(BACKEND), name))
+        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == \
+            [(p.name, p.kind, p.default) for p in expected.parameters.values()], name
+
+
+@pytest.mark.parametrize("method", ["local_moments", "normalize_with_stats", "update_running", "backward_sums",
+                                    "backward_dx"])
+def test_synchronised_pieces_are_not_supported(method, launches):
+    parameters = list(inspect.signature(getattr(Backend, method)).parameters)[1:]
+    with pytest.raises(ValueError, match="^process_group: not supported on the cuda backend yet$"):
+        getattr(BACKEND, method)(*[None] * len(parameters))
+    assert launches == []
+
+
+def test_plan_override_is_refused(launches):
+    x = BACKEND.to_backend(gpu(np.ones((4, 2, 3), np.float32)), "x")
+    dtype = np.dtype(np.float32)
+    calls = [
+        lambda: BACKEND.forward_batch(x, 1, dtype, None, None, 1e-5, None, None, 0.1, False, plan={}),
+        lambda: BACKEND.forward_eval(x, 1, dtype, None, None, 1e-5, x[0, :, 0], x[0, :, 0], plan={}),
+        lambda: BACKEND.normalize(x, 1, dtype, x[0, :, 0], x[0, :, 0], None, None, 1e-5, plan={}),
+        lambda: BACKEND.moments(x, 1, dtype, plan={}),
+        lambda: BACKEND.backward(x, x, 1, dtype, None, x[0, :, 0], x[0, :, 0], True, plan={}),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="^_plan: only the CPU backend takes a plan override$"):
+            call()
+    assert launches == []
+
+
+def test_from_host_copies_to_the_device():
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::2]  # not contiguous
+    device = BACKEND.from_host(values)
+    assert target.is_device_array(device)
+    np.testing.assert_array_equal(host(device), values)
+    values[:] = -1  # a copy: the host array's later changes do not reach it
+    assert (host(device) >= 0).all()
+
+
 # --------------------------------------------------------------- signatures ---
 def test_every_launch_has_a_signature_that_ptx_compiles(launches):
     """The argument types of every launch (numba.typeof, as the dispatcher types them) are in
-    fastbn._cuda.signatures, the list that ``python -m fastbn ptx`` compiles."""
+    fastbn.backends.cuda.plan.signatures, the list that ``python -m fastbn ptx`` compiles."""
     rng = np.random.default_rng(14)
     for dtype in DTYPES:
         sd = np.float64 if dtype == np.float64 else np.float32
@@ -285,7 +343,7 @@ def test_every_launch_has_a_signature_that_ptx_compiles(launches):
             fastbn.backward(gpu(x), gpu(x), None, saved._replace(batch_stats=False))
             fastbn.moments(gpu(x))
             fastbn.normalize(gpu(x), gpu(rm), gpu(rv))
-            compiled = {(name, argtypes) for name, _, argtypes in _cuda.signatures(dtype)}
+            compiled = {(name, argtypes) for name, _, argtypes in plan.signatures(dtype)}
             for name, _, _, args in launches:
                 argtypes = tuple(numba.typeof(arg) for arg in args)
                 assert (name, argtypes) in compiled, (np.dtype(dtype).name, layout, name, argtypes)

@@ -2,13 +2,13 @@
 
 ReLU, a residual added before it, ghost batches (``groups``) and batch
 renormalization, forward and backward, with GPU arrays: mostly on the
-backend's operations (:mod:`fastbn._cuda_ops`, called as fastbn._api calls
-them after validation), and once through the public functions.  Every dtype,
-rank, channel axis and memory layout of the shared strategies, with the
-residual and dy in layouts of their own; fixed cases for the multi-block,
-multi-launch and clipping paths.  Tolerances are strategies.TOLERANCES, with
-the conditioning scales of tests/test_forward.py extended to each option (see
-the helpers below).
+backend's operations (:data:`fastbn.backends.cuda.ops.BACKEND`, called as
+fastbn._api calls them after validation), and once through the public
+functions.  Every dtype, rank, channel axis and memory layout of the shared
+strategies, with the residual and dy in layouts of their own; fixed cases
+for the multi-block, multi-launch and clipping paths.  Tolerances are
+strategies.TOLERANCES, with the conditioning scales of tests/test_forward.py
+extended to each option (see the helpers below).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 import fastbn
-from fastbn import _cuda, _cuda_ops, _cuda_target
+from fastbn.backends.cuda import plan, target, views
+from fastbn.backends.cuda.ops import BACKEND
 from gpu_arrays import gpu, host, small_forward_inputs
 from oracle import channel_axis, oracle_backward_extended, oracle_forward_extended
 from strategies import (
@@ -55,7 +56,7 @@ def note_case(text):
 
 def dev(array, name="array"):
     """A host array as the dispatcher hands it to the backend: a device array over its memory."""
-    return None if array is None else _cuda_ops.to_device(gpu(array), name)
+    return None if array is None else BACKEND.to_backend(gpu(array), name)
 
 
 # ------------------------------------------------------------------ inputs ---
@@ -112,11 +113,11 @@ def run_forward(f, rm, rv):
     x, w, b = dev(case.x, "x"), dev(p.weight, "weight"), dev(p.bias, "bias")
     rm, rv, z = dev(rm, "running_mean"), dev(rv, "running_var"), dev(f.residual, "residual")
     if f.batch_stats:
-        return _cuda_ops.forward_batch(x, case.channel, case.sdtype, w, b, inp.eps, rm, rv, inp.momentum,
-                                       update=inp.training and rm is not None, relu=f.relu, residual=z,
-                                       renorm=f.renorm, groups=f.groups)
-    y, mean, invstd = _cuda_ops.forward_eval(x, case.channel, case.sdtype, w, b, inp.eps, rm, rv, relu=f.relu,
-                                             residual=z)
+        return BACKEND.forward_batch(x, case.channel, case.sdtype, w, b, inp.eps, rm, rv, inp.momentum,
+                                     update=inp.training and rm is not None, relu=f.relu, residual=z,
+                                     renorm=f.renorm, groups=f.groups)
+    y, mean, invstd = BACKEND.forward_eval(x, case.channel, case.sdtype, w, b, inp.eps, rm, rv, relu=f.relu,
+                                           residual=z)
     return y, mean, invstd, None, None
 
 
@@ -183,7 +184,7 @@ def check_forward(f, result, rm, rv):
     stats_shape = (case.channels,) if f.groups == 1 else (f.groups, case.channels)
     means, invstds = _per_group(o, f.groups, case.channels)
     for name, arr in (("mean", mean), ("invstd", invstd)):
-        assert _cuda_target.is_device_array(arr) and arr.dtype == case.sdtype, name
+        assert target.is_device_array(arr) and arr.dtype == case.sdtype, name
         assert tuple(arr.shape) == stats_shape, (name, arr.shape)
     got_mean = host(mean).reshape(f.groups, case.channels)
     got_invstd = host(invstd).reshape(f.groups, case.channels)
@@ -262,9 +263,9 @@ def run_backward(f, result, dy):
     """The backend's backward as the API calls it after this forward."""
     case, p = f.inp.case, f.inp.params
     y, mean, invstd, r, d = result
-    return _cuda_ops.backward(dev(dy, "dy"), dev(case.x, "x"), case.channel, case.sdtype, dev(p.weight, "weight"),
-                              mean, invstd, f.batch_stats, y=y if f.relu else None,
-                              dresidual=f.residual is not None, r=r, d=d, groups=f.groups)
+    return BACKEND.backward(dev(dy, "dy"), dev(case.x, "x"), case.channel, case.sdtype, dev(p.weight, "weight"),
+                            mean, invstd, f.batch_stats, y=y if f.relu else None,
+                            dresidual=f.residual is not None, r=r, d=d, groups=f.groups)
 
 
 def api_forward(f, rm, rv):
@@ -274,7 +275,7 @@ def api_forward(f, rm, rv):
                               training=inp.training, momentum=inp.momentum, eps=inp.eps, axis=case.axis,
                               activation="relu" if f.relu else None, residual=gpu(f.residual),
                               virtual_batch_size=f.virtual_batch_size, renorm=f.renorm)
-    assert _cuda_target.is_device_array(y)
+    assert target.is_device_array(y)
     assert saved.count == case.count // f.groups and saved.residual == (f.residual is not None)
     assert saved.virtual_batch_size == f.virtual_batch_size and bool(saved.batch_stats) == f.batch_stats
     api_forward.saved = saved
@@ -406,14 +407,14 @@ def test_nan_propagates_through_relu_and_blocks_the_gradient():
     an Inf dy there included."""
     x = np.random.default_rng(1).normal(size=(6, 3, 4)).astype(np.float32)
     x[2, 1, 3] = np.nan
-    y, mean, invstd, _, _ = _cuda_ops.forward_batch(dev(x), 1, np.dtype(np.float32), None, None, 1e-5, None, None,
-                                                    0.1, False, relu=True)
+    y, mean, invstd, _, _ = BACKEND.forward_batch(dev(x), 1, np.dtype(np.float32), None, None, 1e-5, None, None,
+                                                  0.1, False, relu=True)
     y_host = host(y)
     assert np.isnan(y_host[:, 1]).all() and (y_host[:, [0, 2]] >= 0).all() and (y_host[:, [0, 2]] == 0).any()
     dy = np.ones_like(x)
     dy[y_host == 0] = np.inf
-    dx, dweight, dbias, dres = _cuda_ops.backward(dev(dy), dev(x), 1, np.dtype(np.float32), None, mean, invstd, True,
-                                                  y=y, dresidual=True)
+    dx, dweight, dbias, dres = BACKEND.backward(dev(dy), dev(x), 1, np.dtype(np.float32), None, mean, invstd, True,
+                                                y=y, dresidual=True)
     dres = host(dres)
     np.testing.assert_array_equal(dres, np.where(y_host > 0, dy, 0))
     np.testing.assert_array_equal(host(dbias), (y_host > 0).sum(axis=(0, 2)).astype(np.float32))
@@ -423,23 +424,23 @@ def test_nan_propagates_through_relu_and_blocks_the_gradient():
 def test_dresidual_without_relu_is_a_copy_of_dy_in_xs_layout():
     x = np.moveaxis(np.random.default_rng(2).normal(size=(4, 5, 3)).astype(np.float32), -1, 1)  # channels-last
     dy = np.asfortranarray(np.random.default_rng(3).normal(size=x.shape).astype(np.float32))
-    _, mean, invstd, _, _ = _cuda_ops.forward_batch(dev(x), 1, np.dtype(np.float32), None, None, 1e-5, None, None,
-                                                    0.1, False)
-    dx, _, _, dres = _cuda_ops.backward(dev(dy), dev(x), 1, np.dtype(np.float32), None, mean, invstd, True,
-                                        dresidual=True)
+    _, mean, invstd, _, _ = BACKEND.forward_batch(dev(x), 1, np.dtype(np.float32), None, None, 1e-5, None, None,
+                                                  0.1, False)
+    dx, _, _, dres = BACKEND.backward(dev(dy), dev(x), 1, np.dtype(np.float32), None, mean, invstd, True,
+                                      dresidual=True)
     np.testing.assert_array_equal(host(dres), dy)
-    assert _cuda_ops._strides(dres) == _cuda_ops._strides(dx) == x.strides
+    assert views.byte_strides(dres) == views.byte_strides(dx) == x.strides
 
 
 # ------------------------------------------------------------- signatures ---
 def test_every_fused_launch_has_a_signature_that_ptx_compiles(launches):
-    """Every option variant is launched, each with argument types listed in fastbn._cuda.signatures."""
+    """Every option variant is launched, each with argument types listed in fastbn.backends.cuda.plan.signatures."""
     # (relu, residual, groups, renorm, training): each of the four elementwise variants both ways,
     # ghost batches, renormalization and eval once.
     options = [(False, False, 1, None, True), (True, False, 2, None, True), (False, True, 1, (2.0, 1.0), True),
                (True, True, 1, None, True), (True, True, 1, None, False)]
     for dtype in (np.float16, np.float32, np.float64):
-        compiled = {(name, argtypes) for name, _, argtypes in _cuda.signatures(dtype)}
+        compiled = {(name, argtypes) for name, _, argtypes in plan.signatures(dtype)}
         for layout, unused in ((("contiguous", ()), "rows"), (("channels_last", ()), "slab")):
             del launches[:]
             for relu, residual, groups, renorm, training in options:
@@ -472,7 +473,7 @@ def test_no_host_transfers(monkeypatch):
         inputs.append((f, rm, rv, f.inp.case.x))
     for name in ("copy_to_host", "copy_to_device"):
         monkeypatch.setattr(FakeCUDAArray, name, forbidden)
-    monkeypatch.setattr(_cuda_target.cuda, "to_device", forbidden)
+    monkeypatch.setattr(target.cuda, "to_device", forbidden)
     results = []
     for f, rm, rv, dy in inputs:
         result = run_forward(f, rm, rv)

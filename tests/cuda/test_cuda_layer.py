@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastbn import BatchNorm, _cuda_target
+from fastbn import BatchNorm
+from fastbn.backends.cuda import target
 from gpu_arrays import gpu, host
 
 
@@ -22,7 +23,7 @@ def test_layer_on_gpu_input_matches_the_cpu_layer():
         np.testing.assert_allclose(host(dev.backward(gpu(dy))), cpu.backward(dy), rtol=1e-4, atol=1e-5)
         for name in ("grad_weight", "grad_bias"):
             np.testing.assert_allclose(host(getattr(dev, name)), getattr(cpu, name), rtol=1e-4, atol=1e-5)
-    assert _cuda_target.is_device_array(dev.running_mean)  # updated in place on the device
+    assert target.is_device_array(dev.running_mean)  # updated in place on the device
     for key, value in cpu.state_dict().items():
         np.testing.assert_allclose(dev.state_dict()[key], value, rtol=1e-5, atol=1e-6)
     dev.eval()

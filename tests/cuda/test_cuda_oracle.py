@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastbn
-from fastbn import _cuda_target
+from fastbn.backends.cuda import target
 from gpu_arrays import gpu, host, small_cases, small_forward_inputs
 from oracle import oracle_backward, oracle_forward, oracle_moments, oracle_normalize
 from strategies import (
@@ -57,7 +57,7 @@ def test_forward_matches_oracle(inp):
     assert bool(saved.batch_stats) == o.batch_stats and saved.count == case.count and saved.axis == case.channel
     for name in ("mean", "invstd"):
         arr = getattr(saved, name)
-        assert _cuda_target.is_device_array(arr), (name, type(arr))
+        assert target.is_device_array(arr), (name, type(arr))
         assert arr.dtype == case.sdtype and tuple(arr.shape) == (case.channels,), name
     assert_close(host(saved.mean), o.mean, st_tol, scale=mean_scale(x, o.mean, case.axis), what="saved.mean")
     assert_close(host(saved.invstd), o.invstd, st_tol,

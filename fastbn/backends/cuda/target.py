@@ -1,6 +1,8 @@
 """The one module that imports the CUDA target, and the only one that knows which it is.
 
-fastbn's GPU kernels (:mod:`fastbn._cuda`) run on a CUDA target for Numba:
+fastbn's GPU kernels (:mod:`fastbn.backends.cuda.numerics`,
+:mod:`~fastbn.backends.cuda.reductions` and
+:mod:`~fastbn.backends.cuda.elementwise`) run on a CUDA target for Numba:
 
 * **numba-cuda** (``from numba import cuda``): the one in use.  It has been in
   maintenance mode since 2026-06.
@@ -30,8 +32,8 @@ GPU) lacks: warp shuffles, the CUDA Array Interface on its device arrays, and
 ``as_cuda_array``.
 
 Importing this module raises ImportError when no CUDA target is installed;
-:mod:`fastbn._dispatch` turns that into a clear error for GPU calls, and CPU
-use never imports it.
+:func:`fastbn.backends.load` turns that into a clear error for GPU calls, and
+CPU use never imports it.
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ __all__ = [
     "cuda",
     "device_array",
     "device_function",
+    "device_zeros",
     "interface",
     "is_available",
     "is_device_array",
     "kernel",
+    "named_kernel",
     "shfl_down",
     "supported_ccs",
     "toolkit_version",
@@ -83,6 +87,21 @@ def is_available():
 def kernel(func):
     """Make ``func`` a CUDA kernel, compiled lazily for each argument-type signature."""
     return cuda.jit(func)
+
+
+def named_kernel(name):
+    """Decorator: :func:`kernel`, under the Python name ``name`` (its name in launches and PTX).
+
+    The kernel generators compile one variant of a kernel per option set;
+    naming each variant for its options lets ``python -m fastbn ptx`` and the
+    launch log tell them apart.
+    """
+
+    def decorate(func):
+        func.__name__ = func.__qualname__ = name
+        return kernel(func)
+
+    return decorate
 
 
 def device_function(func):
@@ -321,7 +340,7 @@ def _pair_libdevice_with_nvvm():
     through cuda-pathfinder (CUDA 13's wheel first), but libdevice from the
     ``nvidia-cuda-nvcc-cu12`` wheel whenever that is installed, before CUDA
     13's.  fastbn[cuda] installs both (the CUDA 12 one for ``python -m fastbn
-    ptx``, see :mod:`fastbn._cuda12`), which would pair CUDA 13's NVVM with
+    ptx``, see :mod:`fastbn.tools.cuda12`), which would pair CUDA 13's NVVM with
     CUDA 12's libdevice.  This wraps numba-cuda's wheel lookup so that it
     answers the libdevice beside the loaded libNVVM, and falls back to its
     own answer when there is none.

@@ -96,6 +96,10 @@ GRANULE = 2 << 20
 #: array.
 MAX_WASTE = 2
 
+#: Plain ``np.empty`` arrays (pool off) of at least this many bytes are taken
+#: to be fresh mappings; smaller ones mostly reuse heap memory.
+FRESH_BYTES = 4 << 20
+
 #: Environment variable with the cap on free (cached) bytes; 0 disables the pool.
 ENV_VAR = "FASTBN_POOL_BYTES"
 
@@ -264,6 +268,24 @@ class Pool:
             and then serves a later array with its pages already mapped, so
             that array's first write does not page-fault.
         """
+        return self.allocate(shape, dtype)[0]
+
+    def allocate(self, shape, dtype=float):
+        """:meth:`empty`, and whether the memory is freshly mapped.
+
+        Returns
+        -------
+        array : numpy.ndarray
+            As :meth:`empty` returns it.
+        fresh : bool
+            True when the OS has yet to page the memory in (and zero it) on
+            first write: a new pool mapping, or a plain ``np.empty`` of
+            :data:`FRESH_BYTES` or more while the pool is off (glibc maps
+            large blocks anew).  False for a recycled block and for small
+            arrays, which come from the heap and mostly reuse memory.  The
+            CPU plan writes a fresh output in memory order (see
+            :func:`fastbn.backends.cpu.plan.choose`).
+        """
         dtype = np.dtype(dtype)
         try:
             shape = tuple(map(operator.index, shape))
@@ -271,13 +293,14 @@ class Pool:
             shape = (operator.index(shape),)
         nbytes = math.prod(shape) * dtype.itemsize
         if self.cap <= 0 or nbytes < THRESHOLD or dtype.hasobject:
-            return np.empty(shape, dtype)
+            return np.empty(shape, dtype), nbytes >= FRESH_BYTES
         size = -(-nbytes // GRANULE) * GRANULE
         with self._lock:
             evicted = self._file_returned()
             block = self._take(size)
         evicted.clear()  # unmapping happens here, outside the lock
         self._settle()
+        fresh = block is None
         if block is None:
             try:
                 block = _Block(size)
@@ -285,12 +308,12 @@ class Pool:
                 # No address space or mappings left (ENOMEM): give back what
                 # the pool holds and let NumPy try, or raise its MemoryError.
                 self.empty_cache()
-                return np.empty(shape, dtype)
+                return np.empty(shape, dtype), True
         buffer = (ctypes.c_char * block.size).from_buffer(block.mapping, block.offset)
         ref = _Ref(buffer, self._on_death)
         ref.block = block
         self._live[id(ref)] = ref
-        return np.ndarray(shape, dtype, buffer=buffer)
+        return np.ndarray(shape, dtype, buffer=buffer), fresh
 
     def empty_cache(self):
         """Unmap every free block; returns the bytes released (live arrays are untouched)."""
@@ -411,6 +434,23 @@ POOL = Pool(cap_from_environment() if _MAP_FLAGS and hasattr(mmap.mmap, "madvise
 def empty(shape, dtype=float):
     """``np.empty(shape, dtype)``, with large arrays' memory recycled: :meth:`Pool.empty` on :data:`POOL`."""
     return POOL.empty(shape, dtype)
+
+
+def allocate(shape, dtype=float):
+    """:meth:`Pool.allocate` on :data:`POOL`: an output array and whether its memory is freshly mapped."""
+    return POOL.allocate(shape, dtype)
+
+
+def expected_fresh(nbytes, recycled):
+    """Whether :func:`allocate` would hand out fresh memory for ``nbytes``, on a first or a recycled call.
+
+    ``recycled`` means a same-sized output of an earlier call has died, so
+    the pool holds its block (as in a training loop's steady state).  This is
+    :meth:`Pool.allocate`'s rule, stated for ``python -m fastbn plan``.
+    """
+    if POOL.cap > 0 and nbytes >= THRESHOLD:
+        return not recycled
+    return nbytes >= FRESH_BYTES
 
 
 def empty_cache():

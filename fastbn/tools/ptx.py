@@ -1,9 +1,9 @@
 """``python -m fastbn ptx``: compile every GPU kernel with the real NVVM compiler, no GPU needed.
 
 For each compute capability asked for, each input dtype the dispatcher can
-launch (float16, float32, float64) and each kernel of :mod:`fastbn._cuda`, the
+launch (float16, float32, float64) and each kernel of the CUDA backend, the
 kernel is compiled to PTX with exactly the argument types the backend launches
-it with (:func:`fastbn._cuda.signatures`), then assembled to machine code by
+it with (:func:`fastbn.backends.cuda.plan.signatures`), then assembled to machine code by
 ptxas, which reports registers, spills and shared memory.  One line is
 printed per kernel, dtype and compute capability, naming the toolkit that
 compiled it.
@@ -17,7 +17,10 @@ Two toolkits share the work:
   on Linux) compiles those that CUDA 13 dropped, Volta's cc 7.0 among them,
   one child interpreter per compute capability so that its libNVVM never
   meets CUDA 13's, and assembles with its own ``ptxas`` executable; see
-  :mod:`fastbn._cuda12`.
+  :mod:`fastbn.tools.cuda12`.
+
+Compiling the kernel table and reading ptxas's report, which both do, live
+in :mod:`fastbn.tools.nvvm`.
 
 A compute capability that neither installed toolkit targets (any below 7.5
 when the CUDA 12 wheel is missing) is reported as ``unsupported`` on every
@@ -29,45 +32,17 @@ compilation or assembly fails, or if nothing at all could be compiled.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import multiprocessing
 import os
-import re
 import sys
 import time
 
+from fastbn.tools import cuda12
+from fastbn.tools.nvvm import compile_kernels, kernel_names, parse_cc, resource_report
 
-from fastbn._validate import FLOAT_DTYPES
-
-_LOG_PATTERNS = {
-    "registers": re.compile(r"Used (\d+) registers"),
-    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
-    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
-    "shared": re.compile(r"(\d+) bytes smem"),
-}
-
-
-def parse_cc(text):
-    """``"8.0"`` -> ``(8, 0)``; raises ValueError on anything else."""
-    match = re.fullmatch(r"(\d+)\.(\d+)", text.strip())
-    if not match:
-        raise ValueError(f"--cc: expected a compute capability like 8.0, got {text!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
-def resource_report(log):
-    """Registers, spills and static shared memory from a ptxas ``-v`` log of one kernel.
-
-    Returns
-    -------
-    dict
-        ``registers``, ``spill_stores``, ``spill_loads`` and ``shared``
-        (bytes of static shared memory); 0 for what the log does not mention.
-    """
-    report = {}
-    for key, pattern in _LOG_PATTERNS.items():
-        found = pattern.search(log)
-        report[key] = int(found.group(1)) if found else 0
-    return report
+#: What to install for this command, as its error messages say.
+INSTALL = "pip install 'fastbn[cuda]'"
 
 
 def assemble(ptx, cc):
@@ -76,7 +51,8 @@ def assemble(ptx, cc):
     Returns
     -------
     dict or None
-        :func:`resource_report`'s; None when nvJitLink is not installed.
+        :func:`fastbn.tools.nvvm.resource_report`'s; None when nvJitLink is
+        not installed.
 
     Raises
     ------
@@ -110,50 +86,13 @@ def _span(ccs):
     return f"cc {ccs[0][0]}.{ccs[0][1]} to {ccs[-1][0]}.{ccs[-1][1]}"
 
 
-def compile_kernels(cc, assembler, toolkit):
-    """Compile every kernel for every dtype on ``cc`` with the NVVM of this process.
-
-    Parameters
-    ----------
-    cc : tuple of int
-        ``(major, minor)``.
-    assembler : callable
-        ``assembler(ptx, cc)`` returns the resource report of the assembled
-        PTX (or None) and raises on failure.
-    toolkit : str
-        Names the compiler on every result, such as ``"CUDA 13.5"``.
-
-    Returns
-    -------
-    list of tuple
-        ``(kernel, dtype name, status, detail, seconds, toolkit)`` with status
-        ``ok`` (the detail is the report) or ``FAILED`` (a one-line reason).
-    """
-    from fastbn import _cuda, _cuda_target
-
-    results = []
-    for dtype in FLOAT_DTYPES:
-        for kernel, dispatcher, argtypes in _cuda.signatures(dtype):
-            start = time.perf_counter()
-            try:
-                ptx = _cuda_target.compile_ptx(dispatcher.py_func, argtypes, cc)
-                report = assembler(ptx, cc)
-            except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                status = "unsupported" if type(exc).__name__ == "CCSupportError" else "FAILED"
-                results.append((kernel, dtype.name, status, f"{type(exc).__name__}: {first_line}",
-                                time.perf_counter() - start, toolkit))
-                continue
-            results.append((kernel, dtype.name, "ok", report, time.perf_counter() - start, toolkit))
-    return results
-
-
 def compile_cc(cc):
     """Compile every kernel for every dtype on compute capability ``cc``, with the toolkit that targets it.
 
     The CUDA 13 toolkit of numba-cuda compiles in this process; a compute
     capability it does not target goes to CUDA 12's compiler in a process
-    of its own (:mod:`fastbn._cuda12`), when that is installed and targets it.
+    of its own (:mod:`fastbn.tools.cuda12`), when that is installed and
+    targets it.
 
     Returns
     -------
@@ -162,19 +101,19 @@ def compile_cc(cc):
         ``ok``, ``unsupported`` or ``FAILED``; for ``ok`` the detail is the
         resource report (or None), otherwise a one-line reason.
     """
-    from fastbn import _cuda, _cuda12, _cuda_target
+    from fastbn.backends.cuda import target
 
     cc = tuple(cc)
-    supported = _cuda_target.supported_ccs()
-    primary = f"CUDA {_cuda_target.toolkit_version()}"
+    supported = target.supported_ccs()
+    primary = f"CUDA {target.toolkit_version()}"
     if supported is None or cc in supported:
         return compile_kernels(cc, assemble, primary)
-    kernels = [(kernel, dtype.name) for dtype in FLOAT_DTYPES for kernel, _, _ in _cuda.signatures(dtype)]
-    fallback, missing = _cuda12.locate()
+    kernels = kernel_names()
+    fallback, missing = cuda12.locate()
     if fallback is not None and cc in fallback.ccs:
         start = time.perf_counter()
         try:
-            return _cuda12.compile_in_subprocess(cc)
+            return cuda12.compile_in_subprocess(cc)
         except Exception as exc:  # noqa: BLE001 - reported on every line, then counted
             reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
             seconds = time.perf_counter() - start
@@ -200,20 +139,20 @@ def format_line(cc, kernel, dtype, status, detail, seconds, toolkit):
 
 def _toolkits_line(ccs):
     """The header line: which compiler takes which compute capabilities."""
-    from fastbn import _cuda12, _cuda_target
+    from fastbn.backends.cuda import target
 
-    supported = _cuda_target.supported_ccs()
-    line = (f"fastbn GPU kernels on {_cuda_target.NAME}, no GPU used: CUDA {_cuda_target.toolkit_version()} NVVM "
+    supported = target.supported_ccs()
+    line = (f"fastbn GPU kernels on {target.NAME}, no GPU used: CUDA {target.toolkit_version()} NVVM "
             f"and ptxas (nvJitLink)")
     if supported is None:
         return line
     line += f" for {_span(supported)}"
     if all(cc in supported for cc in ccs):
         return line
-    fallback, missing = _cuda12.locate()
+    fallback, missing = cuda12.locate()
     if fallback is None:
         return f"{line}; no CUDA 12 compiler for the others: {missing}"
-    return (f"{line}; {fallback.name} NVVM and ptxas ({_cuda12.DISTRIBUTION}, in a process of their own) "
+    return (f"{line}; {fallback.name} NVVM and ptxas ({cuda12.DISTRIBUTION}, in a process of their own) "
             f"for the others ({fallback.name} targets {_span(fallback.ccs)})")
 
 
@@ -225,12 +164,18 @@ def main(ccs, *, strict=False, jobs=None, out=None):
     except ValueError as exc:
         print(exc, file=out)
         return 2
-    try:
-        from fastbn import _cuda_target
-    except ImportError as exc:
-        print(f"ptx: no CUDA target is installed ({exc}); install fastbn[cuda]", file=out)
+    # Without numba-cuda, ``from numba import cuda`` still succeeds: it finds
+    # the deprecated CUDA target that Numba itself ships, on which fastbn's
+    # kernels do not compile.  So ask for numba-cuda by name first.
+    if importlib.util.find_spec("numba_cuda") is None:
+        print(f"ptx: numba-cuda is not installed, and this command compiles with its NVVM; {INSTALL}", file=out)
         return 2
-    if _cuda_target.SIMULATOR:
+    try:
+        from fastbn.backends.cuda import target
+    except ImportError as exc:
+        print(f"ptx: no CUDA target could be imported ({exc}); {INSTALL}", file=out)
+        return 2
+    if target.SIMULATOR:
         print("ptx: NUMBA_ENABLE_CUDASIM=1 selects the CUDA simulator, which cannot compile PTX; unset it", file=out)
         return 2
     print(_toolkits_line(ccs), file=out)

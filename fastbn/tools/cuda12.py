@@ -4,12 +4,12 @@ The CUDA 13 toolkit that ``numba-cuda[cu13]`` installs compiles for cc 7.5
 and up; CUDA 12's still targets cc 5.0 to 7.2, Volta (cc 7.0) among them.
 ``fastbn[cuda]`` therefore also installs the ``nvidia-cuda-nvcc-cu12`` wheel
 (Linux), which carries CUDA 12's libNVVM, libdevice and ptxas, and
-``python -m fastbn ptx`` (:mod:`fastbn._ptx`) compiles those compute
+``python -m fastbn ptx`` (:mod:`fastbn.tools.ptx`) compiles those compute
 capabilities with it.
 
 The two libNVVMs must never meet in one process: both are ``libnvvm.so.4``
 with the same symbols, and numba-cuda keeps one NVVM per process.  So CUDA 12
-compiles in a child interpreter, ``python -m fastbn._cuda12 X.Y``, started by
+compiles in a child interpreter, ``python -m fastbn.tools.cuda12 X.Y``, started by
 :func:`compile_in_subprocess`, which
 
 1. loads CUDA 12's libNVVM before anything else can load one.  numba-cuda's
@@ -21,7 +21,7 @@ compiles in a child interpreter, ``python -m fastbn._cuda12 X.Y``, started by
 2. runs with ``NUMBA_FORCE_CUDA_CC=X.Y`` in its environment (set by the
    parent).  numba-cuda otherwise maps the compute capability to a target
    through CUDA 13's NVRTC, which does not list it;
-3. links CUDA 12's libdevice: :mod:`fastbn._cuda_target` makes numba-cuda
+3. links CUDA 12's libdevice: :mod:`fastbn.backends.cuda.target` makes numba-cuda
    take the libdevice beside the libNVVM it loaded;
 4. checks that numba-cuda's NVVM and libdevice are this wheel's, and that
    no other libNVVM is mapped into the process, and fails otherwise;
@@ -30,7 +30,7 @@ compiles in a child interpreter, ``python -m fastbn._cuda12 X.Y``, started by
 6. prints its results as one JSON line for the parent.
 
 Nothing here imports numba-cuda; the child reaches it through
-:mod:`fastbn._cuda_target` and :mod:`fastbn._ptx`, after step 1.
+:mod:`fastbn.backends.cuda.target` and :mod:`fastbn.tools.nvvm`, after step 1.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ import re
 import subprocess
 import sys
 import tempfile
+
+from fastbn.tools.nvvm import compile_kernels, parse_cc, resource_report
 
 #: The wheel that carries CUDA 12's NVVM, libdevice and ptxas.
 DISTRIBUTION = "nvidia-cuda-nvcc-cu12"
@@ -148,15 +150,13 @@ def assemble(ptx, cc, ptxas):
     -------
     dict
         ``registers``, ``spill_stores``, ``spill_loads`` and ``shared``, as
-        :func:`fastbn._ptx.resource_report` reads them.
+        :func:`fastbn.tools.nvvm.resource_report` reads them.
 
     Raises
     ------
     RuntimeError
         If ptxas rejects the PTX, with the end of its error output.
     """
-    from fastbn._ptx import resource_report
-
     with tempfile.TemporaryDirectory(prefix="fastbn-ptxas-") as folder:
         source = os.path.join(folder, "kernel.ptx")
         with open(source, "w") as file:
@@ -176,7 +176,7 @@ def compile_in_subprocess(cc, timeout=900):
     Returns
     -------
     list of tuple
-        :func:`fastbn._ptx.compile_kernels`'s results, as the child sent them.
+        :func:`fastbn.tools.nvvm.compile_kernels`'s results, as the child sent them.
 
     Raises
     ------
@@ -187,10 +187,11 @@ def compile_in_subprocess(cc, timeout=900):
     env = dict(os.environ)
     env["NUMBA_FORCE_CUDA_CC"] = label
     env.pop("NUMBA_ENABLE_CUDASIM", None)
-    # the child imports this very fastbn, wherever the parent found it
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the child imports this very fastbn, wherever the parent found it:
+    # the folder that holds the package, three levels above fastbn/tools/cuda12.py
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "fastbn._cuda12", label]
+    command = [sys.executable, "-m", "fastbn.tools.cuda12", label]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_MARKER):
@@ -207,12 +208,10 @@ def _mapped_nvvms():
 
 
 def _child(argv):
-    """``python -m fastbn._cuda12 X.Y``: compile for one compute capability with CUDA 12."""
+    """``python -m fastbn.tools.cuda12 X.Y``: compile for one compute capability with CUDA 12."""
     global _LOADED_NVVM
-    from fastbn._ptx import compile_kernels, parse_cc
-
     if len(argv) != 1:
-        print("usage: python -m fastbn._cuda12 X.Y (started by python -m fastbn ptx)", file=sys.stderr)
+        print("usage: python -m fastbn.tools.cuda12 X.Y (started by python -m fastbn ptx)", file=sys.stderr)
         return 2
     cc = parse_cc(argv[0])
     forced = os.environ.get("NUMBA_FORCE_CUDA_CC", "")
@@ -228,9 +227,9 @@ def _child(argv):
         return 1
     _LOADED_NVVM = ctypes.CDLL(toolkit.nvvm)  # step 1 of the module docstring
 
-    from fastbn import _cuda_target
+    from fastbn.backends.cuda import target
 
-    paths = _cuda_target.compiler_paths()
+    paths = target.compiler_paths()
     for name in ("nvvm", "libdevice"):
         if not paths[name] or not os.path.samefile(paths[name], getattr(toolkit, name)):
             print(f"numba-cuda took its {name} from {paths[name]}, not {getattr(toolkit, name)}", file=sys.stderr)

@@ -1,8 +1,9 @@
-"""Host arrays in, the caller's kind out.
+"""How a caller's array becomes a CPU kernel input, and how outputs are made.
 
-fastbn computes on NumPy arrays.  This module turns a host argument into one,
-without copying wherever the framework allows it, and turns NumPy results back
-into the kind of array the caller passed in:
+Host arrays in, the caller's kind out.  The CPU kernels compute on NumPy
+arrays; :func:`to_host` turns an argument into one, without copying wherever
+the framework allows it, and :func:`restorer` turns NumPy results back into
+the kind of array the caller passed in:
 
 =====================  ===================================  ====================
 caller's array         becomes (to_host)                    results come back as
@@ -16,14 +17,15 @@ anything else          ``np.asarray`` (may copy)            numpy.ndarray
 
 Because a torch tensor becomes a writable view of its own memory, torch
 running statistics are updated in place.  The functional API records no
-autograd history (results are plain tensors); :mod:`fastbn.torch` does.  A JAX array is immutable: its view
-is read-only, so fastbn's check on running statistics rejects it (use
-:func:`fastbn.jax.batch_norm`, which returns new ones).
+autograd history (results are plain tensors); :mod:`fastbn.torch` does.  A
+JAX array is immutable: its view is read-only, so fastbn's check on running
+statistics rejects it (use :func:`fastbn.jax.batch_norm`, which returns new
+ones).  Frameworks are recognised by :mod:`fastbn._frameworks`.
 
-A framework is recognised by looking in ``sys.modules``: if the caller never
-imported torch or jax, nothing it passes can be one of their arrays, so this
-module never imports a framework itself (``import fastbn`` and every NumPy
-call stay free of them).  The answer is cached per type.
+Then :func:`channel_view` views a validated input in the layout of
+:mod:`fastbn._layout` (a view, or one copy into C order for other strides),
+and :func:`empty_like_layout` allocates an output in that layout's memory
+order from the output pool (:mod:`fastbn.backends.cpu.alloc`).
 """
 
 from __future__ import annotations
@@ -32,63 +34,17 @@ import sys
 
 import numpy as np
 
-# type -> "torch", "jax" or "other".  Safe to cache: an instance of a torch or
-# jax type cannot exist before its framework is in sys.modules, so a type
-# classified "other" never turns into a framework type later.
-_KIND_BY_TYPE: dict = {}
+from fastbn._frameworks import framework_of
+from fastbn._layout import ROWS, SLAB, kernel_shape, pattern
+from fastbn.backends.cpu import alloc
+
+__all__ = ["ROWS", "SLAB", "channel_view", "empty_like_layout", "readonly", "restorer", "same_view", "to_host"]
 
 # Arguments that fastbn writes into (running statistics must be writable).
 _UPDATED_IN_PLACE = ("running_mean", "running_var")
 
 # DLPack's device code for host memory (``__dlpack_device__()[0]``).
 _DLPACK_CPU = 1
-
-
-def _framework_base(module_name, attribute):
-    """The framework's array base class, or None if it is not (fully) imported."""
-    module = sys.modules.get(module_name)
-    base = getattr(module, attribute, None) if module is not None else None
-    return base if isinstance(base, type) else None
-
-
-def framework_of(obj):
-    """Return ``"torch"``, ``"jax"`` or ``"other"`` for ``obj``, importing nothing.
-
-    Parameters
-    ----------
-    obj : object
-        Any argument of a fastbn call.
-
-    Returns
-    -------
-    str
-        The framework whose array ``obj`` is; NumPy arrays and everything
-        else are ``"other"``.
-    """
-    cls = type(obj)
-    kind = _KIND_BY_TYPE.get(cls)
-    if kind is not None:
-        return kind
-    tensor = _framework_base("torch", "Tensor")
-    jax_array = _framework_base("jax", "Array")
-    if tensor is not None and issubclass(cls, tensor):
-        kind = "torch"
-    elif jax_array is not None and (
-        issubclass(cls, jax_array)
-        # Tracers are jax.Array instances only by isinstance (their class is
-        # not registered), so that to_host can name a traced value as such.
-        or (cls.__module__.partition(".")[0] in ("jax", "jaxlib") and isinstance(obj, jax_array))
-    ):
-        kind = "jax"
-    else:
-        kind = "other"
-    settled = (tensor is not None or "torch" not in sys.modules) and (
-        jax_array is not None or "jax" not in sys.modules
-    )
-    # "other", said while a framework is half imported, may be wrong later.
-    if kind != "other" or settled:
-        _KIND_BY_TYPE[cls] = kind
-    return kind
 
 
 def _torch_to_numpy(tensor, name):
@@ -248,3 +204,84 @@ def restorer(like):
     if kind == "jax":
         return _jax_restorer(like)
     return _identity
+
+
+# ------------------------------------------------------------ kernel views ---
+def as_kernel_dtype(array):
+    """``array``, float16 reinterpreted as uint16: Numba's CPU target has no float16."""
+    return array.view(np.uint16) if array.dtype == np.float16 else array
+
+
+def readonly(array):
+    """A read-only view of ``array``, for a kernel input.
+
+    Numba compiles a separate specialisation for read-only arrays (JAX hands
+    out read-only buffers); marking every kernel input read-only means one
+    compilation serves NumPy, torch and JAX callers alike.
+    """
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def channel_view(x, axis):
+    """View ``x`` as the kernels' 2-D ROWS or 3-D SLAB shape.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Floating array, already validated.
+    axis : int
+        Non-negative channel axis.
+
+    Returns
+    -------
+    layout : str
+        ``ROWS`` or ``SLAB`` (:func:`fastbn._layout.pattern`).
+    view : numpy.ndarray
+        A read-only C-contiguous view of ``x`` (of a copy, if ``x`` was not
+        contiguous in either pattern), float16 reinterpreted as uint16.
+    """
+    layout = pattern(x.shape, x.strides, x.itemsize, axis)
+    if layout is None:
+        x = np.ascontiguousarray(x)
+        layout = pattern(x.shape, x.strides, x.itemsize, axis)
+    return layout, readonly(same_view(layout, x, axis))
+
+
+def same_view(layout, a, axis):
+    """View ``a`` (shaped like the array that gave ``layout``) in that layout.
+
+    Used for ``dy`` in backward, which must be walked in the same order as
+    ``x``, and for outputs; copies only when ``a`` is not contiguous in that
+    order.  The view is writable: callers mark inputs with :func:`readonly`.
+    """
+    shape = kernel_shape(layout, a.shape, axis)
+    in_order = np.moveaxis(a, axis, -1) if layout == ROWS else a
+    return as_kernel_dtype(np.ascontiguousarray(in_order).reshape(shape))
+
+
+def empty_like_layout(layout, x, axis):
+    """Allocate an output shaped like ``x``, in the memory order of ``layout``.
+
+    The memory comes from the output pool (:func:`fastbn.backends.cpu.alloc.allocate`):
+    a large output reuses the already paged-in memory of a dead one, instead
+    of a fresh mapping whose every page the OS must zero on first write.
+
+    Returns
+    -------
+    out : numpy.ndarray
+        The array to hand back to the caller (channels-last input gives a
+        channels-last output).
+    view : numpy.ndarray
+        Its kernel view, in the same layout as the input's.
+    fresh : bool
+        Whether the memory is freshly mapped (the plan writes it in memory order).
+    """
+    if layout == ROWS:
+        moved_shape = x.shape[:axis] + x.shape[axis + 1:] + (x.shape[axis],)
+        moved, fresh = alloc.allocate(moved_shape, x.dtype)
+        out = np.moveaxis(moved, -1, axis)
+    else:
+        out, fresh = alloc.allocate(x.shape, x.dtype)
+    return out, same_view(layout, out, axis), fresh

@@ -1,0 +1,191 @@
+"""The options of a batch-norm call and their legal combinations, in one place.
+
+:func:`fastbn.forward`, the layer (:class:`fastbn.BatchNorm`) and the JAX
+adapter (:mod:`fastbn.jax`) all check their scalar options here, and
+:func:`resolve` is the single statement of which combinations are legal:
+
+===========================  ===============================================
+option                       rule
+===========================  ===============================================
+``training``                 True or False
+``momentum``                 a float in [0, 1] (None, cumulative average, in the layer)
+``eps``                      a positive finite float
+``activation``               None or ``"relu"``
+``residual``                 an array like x (checked with the arrays)
+``virtual_batch_size``       a positive integer dividing the batch; channel axis not 0
+``renorm``                   ``(rmax, dmax)``, rmax >= 1, dmax >= 0; needs running
+                             statistics in training; not with ghost batches
+``process_group``            MPI, torch.distributed or :class:`fastbn.Collectives`;
+                             none of the four options above with it (yet)
+===========================  ===============================================
+
+Each check raises ``TypeError`` (wrong kind) or ``ValueError`` (wrong value)
+with a message that starts with the argument's name, before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from fastbn import _sync
+
+__all__ = ["ACTIVATIONS", "Options", "check_eps", "check_flag", "check_momentum", "ghost_groups", "options", "resolve"]
+
+ACTIVATIONS = (None, "relu")
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """Return ``value`` if it is a bool, or raise."""
+    if not _is_bool(value):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_eps(eps: Any) -> float:
+    """Return ``eps`` as a positive finite float, or raise."""
+    if _is_bool(eps) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps: expected a positive finite float, got {eps}")
+    return eps
+
+
+def check_momentum(momentum: Any) -> float:
+    """Return ``momentum`` as a float in [0, 1], or raise."""
+    if _is_bool(momentum) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum: expected a float in [0, 1], got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum: expected a float in [0, 1], got {momentum}")
+    return momentum
+
+
+def check_activation(activation: Any) -> str | None:
+    """Return ``activation`` if it is None or ``"relu"``, or raise."""
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation: expected None or 'relu', got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected None or 'relu', got {activation!r}")
+    return activation
+
+
+def check_virtual_batch_size(value: Any) -> int | None:
+    """Return ``virtual_batch_size`` as a positive int, or None."""
+    if value is None:
+        return None
+    if _is_bool(value) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"virtual_batch_size: expected a positive integer, got {type(value).__name__}")
+    value = int(value)
+    if value < 1:
+        raise ValueError(f"virtual_batch_size: expected a positive integer, got {value}")
+    return value
+
+
+def check_renorm(renorm: Any) -> tuple[float, float] | None:
+    """Return ``renorm`` as ``(rmax, dmax)`` floats with rmax >= 1 and dmax >= 0 (inf allowed), or None."""
+    if renorm is None:
+        return None
+    message = "renorm: expected a pair (rmax, dmax) of numbers with rmax >= 1 and dmax >= 0"
+    if isinstance(renorm, (str, bytes)) or not hasattr(renorm, "__len__") or len(renorm) != 2:
+        raise TypeError(f"{message}, got {type(renorm).__name__}")
+    values = []
+    for name, value in zip(("rmax", "dmax"), renorm):
+        if _is_bool(value) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{message}, got {name} of type {type(value).__name__}")
+        values.append(float(value))
+    rmax, dmax = values
+    if not rmax >= 1.0 or not dmax >= 0.0:  # also rejects NaN
+        raise ValueError(f"{message}, got ({rmax}, {dmax})")
+    return rmax, dmax
+
+
+def ghost_groups(virtual_batch_size: int | None, shape: tuple[int, ...], axis: int) -> int:
+    """The number of ghost batches of ``virtual_batch_size`` samples in input of ``shape`` (1 if None).
+
+    Ghost batches are groups of consecutive samples along axis 0, the batch
+    axis, so the channel axis must be another one and the size must divide
+    the batch.
+    """
+    if virtual_batch_size is None:
+        return 1
+    batch = shape[0]
+    if axis == 0:
+        raise ValueError("virtual_batch_size: ghost batches split axis 0, the batch axis, but it is the "
+                         "channel axis")
+    if batch % virtual_batch_size:
+        raise ValueError(f"virtual_batch_size: {virtual_batch_size} does not divide the batch size {batch} "
+                         f"(axis 0 of shape {shape})")
+    return batch // virtual_batch_size
+
+
+class Options(NamedTuple):
+    """A call's checked scalar options (see the module docstring)."""
+
+    training: bool
+    momentum: float
+    eps: float
+    activation: str | None = None
+    residual: bool = False
+    virtual_batch_size: int | None = None
+    renorm: tuple[float, float] | None = None
+    process_group: Any = None
+    #: The process group adapted to :class:`fastbn.Collectives`, or None.
+    collectives: Any = None
+
+
+def options(*, training: Any = True, momentum: Any = 0.1, eps: Any = 1e-5, activation: Any = None,
+            residual: bool = False, virtual_batch_size: Any = None, renorm: Any = None,
+            process_group: Any = None) -> Options:
+    """Check each option on its own and return them as :class:`Options`.
+
+    ``residual`` says whether a residual array was given (the array itself is
+    checked with the other arrays).  Combinations are checked by :func:`resolve`.
+    """
+    collectives = None if process_group is None else _sync.adapt(process_group)
+    return Options(training=check_flag(training, "training"), momentum=check_momentum(momentum),
+                   eps=check_eps(eps), activation=check_activation(activation), residual=bool(residual),
+                   virtual_batch_size=check_virtual_batch_size(virtual_batch_size), renorm=check_renorm(renorm),
+                   process_group=process_group, collectives=collectives)
+
+
+def resolve(opts: Options, shape: tuple[int, ...], axis: int, has_running: bool) -> tuple[bool, int]:
+    """Check that the options go together on input of ``shape``; return ``(batch_stats, groups)``.
+
+    ``batch_stats`` is whether batch statistics are used (training, or no
+    running statistics); ``groups`` the number of ghost batches (1 without
+    them, and whenever the running statistics are used).
+
+    Raises
+    ------
+    ValueError
+        For an illegal combination, naming the option; in training, for a
+        channel with a single value (per ghost batch), as in PyTorch.
+    """
+    vbs = opts.virtual_batch_size
+    groups = ghost_groups(vbs, shape, axis)
+    batch_stats = opts.training or not has_running
+    if not batch_stats:
+        groups = 1  # ghost batches only change batch statistics
+    count = math.prod(shape) // shape[axis] if shape[axis] else 0
+    if opts.training and count // groups == 1 and opts.collectives is None:
+        where = "" if groups == 1 else f" (in each ghost batch of {vbs})"
+        raise ValueError(f"x: Expected more than 1 value per channel when training{where}, got input size {shape}")
+    if opts.renorm is not None and vbs is not None:
+        raise ValueError("renorm: not supported together with virtual_batch_size")
+    if opts.renorm is not None and opts.training and not has_running:
+        raise ValueError("renorm: batch renormalization needs running_mean and running_var in training")
+    if opts.collectives is not None:
+        for name, value in (("activation", opts.activation), ("residual", opts.residual or None),
+                            ("virtual_batch_size", vbs), ("renorm", opts.renorm)):
+            if value is not None:
+                raise ValueError(f"{name}: not supported together with process_group yet")
+    return batch_stats, groups

@@ -1,0 +1,115 @@
+"""The one place that decides how fastbn's CPU kernels and helpers are compiled.
+
+Imported by the CPU kernel modules, which are imported on the first kernel
+call, so ``import fastbn`` neither imports Numba nor compiles anything.
+Every fast-math flag the CPU backend uses is set here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+import numba
+
+# Why these flags: 'reassoc' lets LLVM split a float accumulation into vector
+# lanes (the reductions are memory-bound only once vectorised); 'contract'
+# allows FMA; 'nsz' ignores the sign of zero.  Never 'nnan'/'ninf': they let
+# LLVM assume no NaN/Inf, which would break PyTorch's NaN propagation.
+FASTMATH = frozenset({"reassoc", "contract", "nsz"})
+
+# The elementwise helpers and the per-channel coefficients are compiled
+# without 'reassoc' or 'contract', because several callers must get the same
+# bits from them: both SLAB strategies, and ordinary and non-temporal stores.
+# With 'reassoc', LLVM may order a three-term sum (the residual add, dx's two
+# subtractions) differently in two kernels; without 'contract' every
+# operation is rounded as written, whatever LLVM inlines or vectorises.  They
+# still vectorise (there is no reduction), and an FMA saves nothing in a pass
+# bound by memory.
+ELEMENTWISE_FASTMATH = frozenset(FASTMATH & {"nsz"})
+
+
+def kernel(func=None, *, parallel=True):
+    """Compile ``func`` lazily with Numba, cached on disk when possible.
+
+    Parameters
+    ----------
+    func : callable
+        The Python function to compile.  Compilation happens on the first call
+        for each argument type signature, never at decoration.
+    parallel : bool, default True
+        Whether ``prange`` loops run on Numba's threading layer.
+
+    Returns
+    -------
+    numba.core.registry.CPUDispatcher
+        The dispatcher.  If no writable cache directory exists (read-only
+        install and home directory, or ``NUMBA_CACHE_DIR`` unusable), caching
+        is turned off for it instead of failing.
+    """
+    if func is None:
+        return lambda f: kernel(f, parallel=parallel)
+    options = dict(parallel=parallel, fastmath=set(FASTMATH), nogil=True)
+    try:
+        dispatcher = numba.njit(cache=True, **options)(func)
+    except RuntimeError:
+        # Numba raises RuntimeError("cannot cache function ...: no locator
+        # available") when no cache directory is writable.
+        return numba.njit(cache=False, **options)(func)
+    _stamp_with_backend_sources(dispatcher)
+    return dispatcher
+
+
+@functools.cache
+def _backend_sources_hash():
+    """SHA-256 of every source file of the CPU backend, in name order."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.digest()
+
+
+def _stamp_with_backend_sources(dispatcher):
+    """Key the kernel's disk cache on all of the backend's sources, not only its own file.
+
+    Numba invalidates a cached kernel when the source file of the kernel
+    itself changes, but not when a helper it inlines from another file
+    (``loops.py``, ``numerics.py``, the constants of ``plan.py``) does; a
+    stale kernel would then run old code.  The stamp is private to Numba's
+    cache, so another Numba keeps its own (per-file) rule.
+    """
+    try:
+        dispatcher._cache._cache_file._source_stamp = _backend_sources_hash()
+    except AttributeError:
+        pass
+
+
+def inline(func):
+    """Compile a small helper that kernels call; inlined into them at Numba's level."""
+    return numba.njit(fastmath=set(FASTMATH), inline="always")(func)
+
+
+def reduction(func):
+    """Compile a per-run reduction once per signature, as a function of its own, with fast-math.
+
+    Every kernel that reduces runs calls the same compiled copy: inlined at
+    Numba's level, each kernel would get its own copy of the loop for LLVM to
+    vectorise, and two copies may sum in different lane orders, giving
+    float64 sums 1 ulp apart between strategies.  One compiled copy fixes
+    the order.
+    """
+    return numba.njit(fastmath=set(FASTMATH))(func)
+
+
+def elementwise(func):
+    """Compile an elementwise helper or coefficient formula without 'reassoc' and 'contract' (see above)."""
+    return numba.njit(fastmath=set(ELEMENTWISE_FASTMATH))(func)
+
+
+def exact(func):
+    """Compile a merge without fast-math (LLVM still inlines it): every caller gets the same bits."""
+    return numba.njit(func)

@@ -1,0 +1,145 @@
+"""Facts about this machine that the CPU plan depends on, read in one place.
+
+Each fact is read once, from Linux's sysfs and the scheduler, with a stated
+fallback where it cannot be read (another OS, a container hiding sysfs).
+Nothing here imports Numba: ``python -m fastbn plan`` prints these figures,
+and the plan (:mod:`fastbn.backends.cpu.plan`) derives its thresholds from
+them, so no kernel carries a constant tuned to one machine.
+
+=================  ==============================================  ==========
+fact               why the plan needs it                           fallback
+=================  ==============================================  ==========
+``cores``          tasks per core; a core's share of shared cache  1
+``l1d_bytes``      reported; scratch buffers must fit in it        32 KiB
+``l2_bytes``       a core's private cache: fused tasks re-read     512 KiB
+                   their channel from it
+``l3_bytes``       the last-level cache: larger outputs are        8 MiB
+                   written around it (non-temporal stores)
+``l3_sharers``     CPUs sharing the L3: a core's share of it       ``cores``
+=================  ==============================================  ==========
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+__all__ = ["Machine", "machine"]
+
+_CACHE_ROOT = "/sys/devices/system/cpu/cpu0/cache"
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """What the CPU plan knows of the machine (see the module docstring)."""
+
+    model: str
+    cores: int
+    l1d_bytes: int
+    l2_bytes: int
+    l3_bytes: int
+    l3_sharers: int
+    #: Which figures came from the fallbacks rather than from the machine.
+    guessed: tuple[str, ...] = ()
+
+    @property
+    def core_cache_bytes(self) -> int:
+        """A core's share of cache: its L2 plus its share of the L3."""
+        return self.l2_bytes + self.l3_bytes // max(1, self.l3_sharers)
+
+    def describe(self) -> str:
+        """One line naming the CPU, its cores and its caches."""
+        guessed = f" (guessed: {', '.join(self.guessed)})" if self.guessed else ""
+        return (f"{self.model}, {self.cores} cores; L1d {self.l1d_bytes >> 10} KiB, L2 {self.l2_bytes >> 10} KiB "
+                f"per core, L3 {self.l3_bytes >> 20} MiB shared by {self.l3_sharers} CPUs{guessed}")
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a sysfs cache size such as ``"32K"`` or ``"1024K"``."""
+    text = text.strip()
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+
+
+def count_cpus(text: str) -> int:
+    """How many CPUs a sysfs list such as ``"0-3,8"`` names."""
+    count = 0
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _caches(root: str) -> dict[tuple[int, str], tuple[int, int]]:
+    """(level, type) -> (bytes, sharing CPUs) of cpu0's caches; empty where sysfs is unreadable."""
+    found: dict[tuple[int, str], tuple[int, int]] = {}
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.startswith("index"):
+            continue
+        path = os.path.join(root, entry)
+        try:
+            level = int(_read(os.path.join(path, "level")))
+            kind = _read(os.path.join(path, "type"))
+            size = parse_size(_read(os.path.join(path, "size")))
+            sharers = count_cpus(_read(os.path.join(path, "shared_cpu_list")))
+        except (OSError, ValueError):
+            continue
+        found[level, kind] = (size, max(1, sharers))
+    return found
+
+
+def _model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may run on
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def read(root: str = _CACHE_ROOT) -> Machine:
+    """Read the machine's facts (:func:`machine` caches this); ``root`` is the sysfs cache folder."""
+    caches = _caches(root)
+    guessed = []
+
+    def cache(level: int, kinds: tuple[str, ...], fallback: int) -> tuple[int, int | None]:
+        for kind in kinds:
+            if (level, kind) in caches:
+                return caches[level, kind]
+        guessed.append(f"L{level}")
+        return fallback, None
+
+    cores = _cores()
+    l1d, _ = cache(1, ("Data", "Unified"), 32 << 10)
+    l2, _ = cache(2, ("Unified", "Data"), 512 << 10)
+    l3, sharers = cache(3, ("Unified",), 8 << 20)
+    return Machine(model=_model(), cores=cores, l1d_bytes=l1d, l2_bytes=l2, l3_bytes=l3,
+                   l3_sharers=sharers or cores, guessed=tuple(guessed))
+
+
+@functools.cache
+def machine() -> Machine:
+    """This machine's facts, read once per process."""
+    return read()

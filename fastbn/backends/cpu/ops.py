@@ -1,0 +1,378 @@
+"""The CPU backend: fastbn's operations on validated NumPy arrays.
+
+:class:`CpuBackend` implements :class:`fastbn.backends.Backend`.  Each method
+views its input in a kernel layout (:mod:`fastbn.backends.cpu.views`),
+allocates outputs from the output pool, chooses the plan once
+(:func:`fastbn.backends.cpu.plan.choose`), runs the plan's kernels, and does
+the small per-channel arithmetic in between.  Every argument has already
+been checked by :mod:`fastbn._api`.
+
+Per-channel statistics come out of the kernels in float64 and are rounded
+once to the statistics dtype (float32 for float16/float32 input).
+
+The functions ending in ``_into`` run one plan on kernel views and write
+into given outputs; the benchmark's reused-output diagnostic calls them too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fastbn.backends import Backend
+from fastbn.backends.cpu import elementwise, fused, numerics, reductions, views
+from fastbn.backends.cpu import plan as cpu_plan
+from fastbn.backends.cpu.plan import ROWS
+from fastbn.backends.cpu.threads import kernel_guard
+
+__all__ = ["BACKEND", "CpuBackend", "LAUNCH_LOG"]
+
+#: Tests set this to a list to record every kernel launch as ``(kernel name, plan)``.
+LAUNCH_LOG = None
+
+
+def _launch(kernel, plan, *args):
+    """Run one compiled kernel under the threading layer's guard, logging it if asked."""
+    if LAUNCH_LOG is not None:
+        LAUNCH_LOG.append((kernel.py_func.__name__, plan))
+    with kernel_guard():
+        kernel(*args)
+
+
+def _nt(plan, out):
+    """The kernels' ``nt`` argument: a 0-length array of ``out``'s dtype selects non-temporal stores."""
+    return np.empty(0, out.dtype) if plan.nontemporal else None
+
+
+def _floor(dtype, relu):
+    """The ``floor`` the elementwise kernels clamp to: 0 for the ReLU, -inf for no activation."""
+    return np.dtype(dtype).type(0.0 if relu else -np.inf)
+
+
+# ------------------------------------------------------- running a plan ---
+def stats(plan, x):
+    """Per-channel float64 ``(mean, biased var)`` of the kernel view ``x``."""
+    x = plan.view(x)
+    channels = x.shape[1]
+    mean = np.empty(channels)
+    var = np.empty(channels)
+    if plan.layout == ROWS:
+        _launch(reductions.stats_rows, plan, x, mean, var)
+    elif plan.strategy == "fused":
+        _launch(reductions.stats_slab, plan, x, plan.group, mean, var)
+    else:
+        _launch(reductions.stats_slab_streamed, plan, x, mean, var)
+    return mean, var
+
+
+def normalize_into(plan, x, mean, scale, shift, y, z=None, relu=False):
+    """Write ``max((x - mean) * scale + shift + z, floor)`` into y (z optional, floor 0 with ``relu``)."""
+    x, z, y = plan.view(x), plan.view(z), plan.view(y)
+    floor = _floor(scale.dtype, relu)
+    if plan.layout == ROWS:
+        _launch(elementwise.normalize_rows, plan, x, z, mean, scale, shift, floor, y, _nt(plan, y))
+    else:
+        _launch(elementwise.normalize_slab, plan, x, z, mean, scale, shift, floor, y, plan.run_group, _nt(plan, y))
+
+
+def forward_train_into(plan, x, weight, bias, eps, y, z=None, relu=False, renorm=None):
+    """Batch statistics and the (activated) output; returns float64 ``(mean, var, invstd)`` and ``(r, d)``.
+
+    ``weight`` and ``bias`` are arrays in the statistics dtype (ones and zeros
+    when the caller gave none).  ``renorm`` is None or ``(running_mean,
+    running_var, rmax, dmax)`` for batch renormalization; ``r`` and ``d``
+    come back in the statistics dtype (1 and 0 without it).
+    """
+    x, z, y = plan.view(x), plan.view(z), plan.view(y)
+    channels = x.shape[1]
+    dtype = weight.dtype
+    if renorm is None:
+        ren_mean = ren_var = np.zeros(channels, dtype)
+        rmax = dmax = 1.0
+    else:
+        ren_mean, ren_var, rmax, dmax = renorm
+    r = np.empty(channels, dtype)
+    d = np.empty(channels, dtype)
+    invstd = np.empty(channels)
+    if plan.strategy == "streamed":
+        mean, var = stats(plan, x)
+        used_mean, scale, shift = (np.empty(channels, dtype) for _ in range(3))
+        _launch(numerics.forward_coefficients, plan, mean, var, eps, weight, bias, ren_mean, ren_var,
+                renorm is not None, rmax, dmax, invstd, r, d, used_mean, scale, shift)
+        normalize_into(plan, x, used_mean, scale, shift, y, z, relu)
+        return mean, var, invstd, r, d
+    mean = np.empty(channels)
+    var = np.empty(channels)
+    _launch(fused.forward_train_slab, plan, x, z, plan.group, weight, bias, eps, _floor(dtype, relu), ren_mean,
+            ren_var, renorm is not None, rmax, dmax, y, _nt(plan, y), mean, var, invstd, r, d)
+    return mean, var, invstd, r, d
+
+
+def backward_reduce(plan, dy, x, mean, m=None):
+    """Per-channel float64 ``(sum_g, dotp)`` with ``dotp = sum((x - mean) * g)``.
+
+    ``g`` is ``dy`` where the ReLU output ``m`` is > 0 and 0 elsewhere, or
+    ``dy`` when ``m`` is None.
+    """
+    dy, m, x = plan.view(dy), plan.view(m), plan.view(x)
+    channels = x.shape[1]
+    sum_dy = np.empty(channels)
+    dotp = np.empty(channels)
+    kernel = reductions.backward_reduce_rows if plan.layout == ROWS else reductions.backward_reduce_slab
+    _launch(kernel, plan, dy, m, x, mean, sum_dy, dotp)
+    return sum_dy, dotp
+
+
+def backward_elementwise_into(plan, dy, x, mean, mean_dy, k, scale, dx, m=None, dres=None):
+    """Write ``dx = (g - mean_dy - (x - mean) * k) * scale``, and ``dres = g`` unless None (g as above)."""
+    dy, m, x, dres, dx = plan.view(dy), plan.view(m), plan.view(x), plan.view(dres), plan.view(dx)
+    if plan.layout == ROWS:
+        _launch(elementwise.backward_elementwise_rows, plan, dy, m, x, dres, mean, mean_dy, k, scale, dx,
+                _nt(plan, dx))
+    else:
+        _launch(elementwise.backward_elementwise_slab, plan, dy, m, x, dres, mean, mean_dy, k, scale, dx,
+                plan.run_group, _nt(plan, dx))
+
+
+def backward_train_into(plan, dy, x, mean, invstd, weight, dx, m=None, dres=None):
+    """Training-mode gradient: writes dx (and dres), returns float64 ``(sum_g, dotp)``; m, dres as above."""
+    dy, m, x, dres, dx = plan.view(dy), plan.view(m), plan.view(x), plan.view(dres), plan.view(dx)
+    if plan.strategy == "streamed":
+        sum_dy, dotp = backward_reduce(plan, dy, x, mean, m)
+        count = x.size // x.shape[1]
+        mean_dy, k, scale = (np.empty_like(weight) for _ in range(3))
+        _launch(numerics.backward_coefficients, plan, sum_dy, dotp, invstd, weight, count, mean_dy, k, scale)
+        backward_elementwise_into(plan, dy, x, mean, mean_dy, k, scale, dx, m, dres)
+        return sum_dy, dotp
+    channels = x.shape[1]
+    sum_dy = np.empty(channels)
+    dotp = np.empty(channels)
+    _launch(fused.backward_train_slab, plan, dy, m, x, dres, plan.group, mean, invstd, weight, dx, _nt(plan, dx),
+            sum_dy, dotp)
+    return sum_dy, dotp
+
+
+def _update_running(running_mean, running_var, mean, var, momentum, count):
+    """PyTorch's running-statistics update, in place, from float64 batch statistics."""
+    with kernel_guard():
+        numerics.update_running(running_mean, running_var, mean, var, float(momentum), float(count))
+
+
+# ------------------------------------------------------- small helpers ---
+def _parameters(weight, bias, channels, dtype):
+    """weight and bias as contiguous arrays; ones and zeros when absent."""
+    weight = np.ones(channels, dtype) if weight is None else np.ascontiguousarray(weight)
+    bias = np.zeros(channels, dtype) if bias is None else np.ascontiguousarray(bias)
+    return weight, bias
+
+
+def _scale(invstd, weight):
+    """invstd * weight, rounded once to the statistics dtype, as every kernel does."""
+    return (invstd.astype(np.float64) * weight.astype(np.float64)).astype(weight.dtype)
+
+
+def _group_views(views_, groups):
+    """Split kernel views (None stays None) into ``groups`` equal parts along their first axis.
+
+    The batch axis is the outermost of both layouts (the channel axis is never
+    0 with ghost batches), so the ghost batches of ``x`` are consecutive
+    ranges of the view's first axis: ``outer`` of a SLAB, rows of ROWS.
+    """
+    if groups == 1:
+        return [views_]
+    size = next(v for v in views_ if v is not None).shape[0] // groups
+    return [[None if v is None else v[g * size:(g + 1) * size] for v in views_] for g in range(groups)]
+
+
+def _group_shape(view, groups):
+    """The kernel shape of one ghost batch of ``view``."""
+    return (view.shape[0] // groups,) + tuple(view.shape[1:])
+
+
+def _optional_view(layout, array, axis):
+    """A read-only kernel view of an optional input shaped like x (residual, forward output), or None."""
+    return None if array is None else views.readonly(views.same_view(layout, array, axis))
+
+
+def _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu=False, residual=None, override=None):
+    weight, bias = _parameters(weight, bias, x.shape[axis], dtype)
+    layout, x_view = views.channel_view(x, axis)
+    y, y_view, fresh = views.empty_like_layout(layout, x, axis)
+    plan = cpu_plan.choose("normalize", layout, x_view.shape, x_view.itemsize, out_fresh=fresh, override=override)
+    normalize_into(plan, x_view, np.ascontiguousarray(mean), _scale(invstd, weight), bias, y_view,
+                   _optional_view(layout, residual, axis), relu)
+    return y
+
+
+# -------------------------------------------------------------- backend ---
+class CpuBackend(Backend):
+    """fastbn's operations on the Numba CPU kernels (see :class:`fastbn.backends.Backend`)."""
+
+    name = "cpu"
+    supports_process_group = True
+
+    def to_backend(self, obj, name):
+        return views.to_host(obj, name)
+
+    def restorer(self, like):
+        return views.restorer(like)
+
+    def from_host(self, array):
+        return array
+
+    def forward_batch(self, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update, *,
+                      relu=False, residual=None, renorm=None, groups=1, plan=None):
+        """Normalise with batch statistics; update running stats if ``update``.
+
+        With ghost batches (``groups > 1``), the running statistics are
+        updated once per call, with the average over the groups of their
+        means and of their unbiased variances (each group has the same count
+        ``n``, so that average is ``n / (n - 1)`` times the average of the
+        biased variances).  ``r`` and ``d`` are None without ``renorm``.
+        """
+        channels = x.shape[axis]
+        weight, bias = _parameters(weight, bias, channels, dtype)
+        layout, x_view = views.channel_view(x, axis)
+        z_view = _optional_view(layout, residual, axis)
+        y, y_view, fresh = views.empty_like_layout(layout, x, axis)
+        chosen = cpu_plan.choose("forward_train", layout, _group_shape(x_view, groups), x_view.itemsize,
+                                 out_fresh=fresh, override=plan)
+        ren = None if renorm is None else (np.ascontiguousarray(running_mean), np.ascontiguousarray(running_var),
+                                           float(renorm[0]), float(renorm[1]))
+        results = [forward_train_into(chosen, xg, weight, bias, eps, yg, zg, relu, ren)
+                   for xg, zg, yg in _group_views([x_view, z_view, y_view], groups)]
+        mean64, var64, invstd64, r, d = (np.stack(parts) for parts in zip(*results))
+        if update:
+            count = x.size // channels // groups
+            _update_running(running_mean, running_var, mean64.mean(axis=0), var64.mean(axis=0), momentum, count)
+        if groups == 1:
+            mean64, invstd64 = mean64[0], invstd64[0]
+        r, d = (None, None) if renorm is None else (r[0], d[0])
+        return y, mean64.astype(dtype), invstd64.astype(dtype), r, d
+
+    def forward_eval(self, x, axis, dtype, weight, bias, eps, running_mean, running_var, *, relu=False,
+                     residual=None, plan=None):
+        # A copy, so that later updates of running_mean cannot change `saved`.
+        mean = np.array(running_mean, dtype=dtype, order="C")
+        invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(dtype)
+        y = _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu, residual, plan)
+        return y, mean, invstd
+
+    def normalize(self, x, axis, dtype, mean, var, weight, bias, eps, *, plan=None):
+        invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(dtype)
+        return _normalize_with(x, axis, dtype, mean, invstd, weight, bias, override=plan)
+
+    def moments(self, x, axis, dtype, *, plan=None):
+        layout, x_view = views.channel_view(x, axis)
+        chosen = cpu_plan.choose("moments", layout, x_view.shape, x_view.itemsize, override=plan)
+        mean, var = stats(chosen, x_view)
+        return mean.astype(dtype), var.astype(dtype)
+
+    def backward(self, dy, x, axis, dtype, weight, mean, invstd, batch_stats, *, y=None, dresidual=False, r=None,
+                 d=None, groups=1, plan=None):
+        """Gradients; ``y`` (forward's ReLU output) masks dy in both passes, r and d are renorm's constants.
+
+        With batch renormalization dx is the training formula with weight
+        ``r * weight``, and ``dweight = r * dotp * invstd + d * sum_dy``.
+        With ghost batches ``mean`` and ``invstd`` are ``(groups, C)``, and
+        dweight and dbias are summed over the groups.
+        """
+        channels = x.shape[axis]
+        weight, _ = _parameters(weight, None, channels, dtype)
+        if r is not None:
+            weight = (weight.astype(np.float64) * r.astype(np.float64)).astype(dtype)
+        mean = np.ascontiguousarray(mean).reshape(groups, channels)
+        invstd = np.ascontiguousarray(invstd).reshape(groups, channels)
+        layout, x_view = views.channel_view(x, axis)
+        dy_view = views.readonly(views.same_view(layout, dy, axis))
+        m_view = _optional_view(layout, y, axis)
+        dx, dx_view, fresh = views.empty_like_layout(layout, x, axis)
+        dres, dres_view, _ = views.empty_like_layout(layout, x, axis) if dresidual else (None, None, False)
+        chosen = cpu_plan.choose("backward_train" if batch_stats else "backward_eval", layout,
+                                 _group_shape(x_view, groups), x_view.itemsize, out_fresh=fresh,
+                                 masked=y is not None, override=plan)
+        sum_dy = np.zeros(channels)
+        dweight = np.zeros(channels)
+        zeros = np.zeros(channels, dtype)
+        for g, (dyg, mg, xg, dxg, dresg) in enumerate(
+            _group_views([dy_view, m_view, x_view, dx_view, dres_view], groups)
+        ):
+            if batch_stats:
+                group_dy, dotp = backward_train_into(chosen, dyg, xg, mean[g], invstd[g], weight, dxg, mg, dresg)
+            else:
+                # Eval: the statistics are constants, so dx = g * invstd * weight.
+                group_dy, dotp = backward_reduce(chosen, dyg, xg, mean[g], mg)
+                backward_elementwise_into(chosen, dyg, xg, mean[g], zeros, zeros, _scale(invstd[g], weight), dxg,
+                                          mg, dresg)
+            sum_dy += group_dy
+            dweight += dotp * invstd[g].astype(np.float64)
+        if r is not None:
+            dweight = dweight * r.astype(np.float64) + d.astype(np.float64) * sum_dy
+        return dx, dweight.astype(dtype), sum_dy.astype(dtype), dres
+
+    def fold(self, layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
+        """``(s * W, s * (c - mean) + bias)`` with ``s = weight * invstd``, in float64, rounded once.
+
+        The folded weight keeps ``layer_weight``'s memory order.
+        """
+        channels = layer_weight.shape[axis]
+        scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+        if weight is not None:
+            scale = scale * weight.astype(np.float64)
+        shape = [1] * layer_weight.ndim
+        shape[axis] = channels
+        folded_weight = (layer_weight.astype(np.float64, order="K") * scale.reshape(shape)).astype(
+            layer_weight.dtype, order="K")
+        c = np.zeros(channels) if layer_bias is None else layer_bias.astype(np.float64)
+        folded_bias = scale * (c - running_mean.astype(np.float64))
+        if bias is not None:
+            folded_bias = folded_bias + bias.astype(np.float64)
+        return folded_weight, folded_bias.astype(layer_weight.dtype)
+
+    # -- synchronised batch norm: the same operations, split where the
+    # per-channel sums cross processes.  A process may hold no elements at
+    # all, so each piece accepts an empty x.
+
+    def local_moments(self, x, axis):
+        channels = x.shape[axis]
+        if x.size == 0:
+            return np.zeros(channels), np.zeros(channels)
+        layout, x_view = views.channel_view(x, axis)
+        return stats(cpu_plan.choose("moments", layout, x_view.shape, x_view.itemsize), x_view)
+
+    def normalize_with_stats(self, x, axis, dtype, mean64, var64, weight, bias, eps):
+        mean = mean64.astype(dtype)
+        invstd = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
+        if x.size == 0:
+            return np.empty(x.shape, x.dtype), mean, invstd
+        return _normalize_with(x, axis, dtype, mean, invstd, weight, bias), mean, invstd
+
+    def update_running(self, running_mean, running_var, mean64, var64, momentum, count):
+        _update_running(running_mean, running_var, mean64, var64, momentum, count)
+
+    def backward_sums(self, dy, x, axis, mean):
+        channels = x.shape[axis]
+        if x.size == 0:
+            return np.zeros(channels), np.zeros(channels)
+        layout, x_view = views.channel_view(x, axis)
+        chosen = cpu_plan.choose("backward_sums", layout, x_view.shape, x_view.itemsize)
+        return backward_reduce(chosen, views.readonly(views.same_view(layout, dy, axis)), x_view,
+                               np.ascontiguousarray(mean))
+
+    def backward_dx(self, dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, count):
+        if x.size == 0:
+            return np.empty(x.shape, x.dtype)
+        weight, _ = _parameters(weight, None, x.shape[axis], dtype)
+        istd = invstd.astype(np.float64)
+        layout, x_view = views.channel_view(x, axis)
+        dx, dx_view, fresh = views.empty_like_layout(layout, x, axis)
+        chosen = cpu_plan.choose("backward_dx", layout, x_view.shape, x_view.itemsize, out_fresh=fresh)
+        backward_elementwise_into(
+            chosen, views.readonly(views.same_view(layout, dy, axis)), x_view, np.ascontiguousarray(mean),
+            (sum_dy64 / count).astype(dtype), (dotp64 * istd * istd / count).astype(dtype),
+            _scale(invstd, weight), dx_view,
+        )
+        return dx
+
+
+#: The CPU backend, as :func:`fastbn.backends.load` returns it.
+BACKEND = CpuBackend()

@@ -1,0 +1,157 @@
+"""Command line: ``python -m fastbn {demo,startup,ptx,bench,bench-fused,plan}``.
+
+``demo``
+    A forward/backward round trip on an NCHW batch, checked against plain
+    NumPy and timed against it.
+``startup``
+    What the first call costs: import time, first call with an empty kernel
+    cache (compilation) and first call with a warm cache, each measured in a
+    fresh interpreter.  The README's start-up figures come from this command.
+``ptx``
+    Compile every CUDA kernel for every dtype with the real NVVM compiler
+    (no GPU needed) and report registers and spills; see fastbn/tools/ptx.py.
+``bench``
+    The CPU performance matrix against NumPy, PyTorch and the memory
+    roofline; writes the report behind the README (fastbn/tools/bench.py).
+``bench-fused``
+    The fused forms (ReLU, residual add, ghost batches, renormalization)
+    against the same work as separate calls (fastbn/tools/bench_fused.py).
+``plan``
+    The CPU plan chosen for an input, and the machine facts it rests on
+    (fastbn/tools/plan.py).
+
+The command modules are imported when the parser is built, but leave Numba,
+PyTorch and numba-cuda until their command runs, so ``python -m fastbn
+--help`` is instant and compiles nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _numpy_batch_norm(x, weight, bias, eps):
+    """The textbook NCHW training forward, in plain NumPy, for comparison."""
+    mean = x.mean(axis=(0, 2, 3), keepdims=True)
+    var = x.var(axis=(0, 2, 3), keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight[None, :, None, None] + bias[None, :, None, None]
+
+
+def _median_ms(func, repeats):
+    func()  # warm-up: compilation and first-touch never count
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def demo(args):
+    """Run and time a forward/backward pass; return a process exit code."""
+    import fastbn
+
+    rng = np.random.default_rng(0)
+    shape = tuple(args.shape)
+    channels = shape[1]
+    x = (rng.standard_normal(shape) * 3 + 10).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+    bias = rng.standard_normal(channels).astype(np.float32)
+    running_mean = np.zeros(channels, np.float32)
+    running_var = np.ones(channels, np.float32)
+
+    y, saved = fastbn.forward(x, weight, bias, running_mean=running_mean, running_var=running_var)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx, dweight, dbias = fastbn.backward(dy, x, weight, saved)
+
+    reference = _numpy_batch_norm(x.astype(np.float64), weight, bias, 1e-5)
+    error = float(np.max(np.abs(y - reference)))
+    print(f"fastbn {fastbn.__version__}, threading layer {fastbn.threading_layer()}, {os.cpu_count()} CPUs")
+    print(f"input {shape} float32 (NCHW), {x.nbytes / 1e6:.1f} MB")
+    print(f"forward: max |y - numpy float64| = {error:.2e}")
+    print(f"per-channel output mean ~ bias: {np.allclose(y.mean(axis=(0, 2, 3)), bias, atol=1e-4)}")
+    print(f"running_mean[:3] = {running_mean[:3]}, running_var[:3] = {running_var[:3]}")
+    print(f"backward: |dweight| = {np.linalg.norm(dweight):.3f}, |dbias| = {np.linalg.norm(dbias):.3f}, "
+          f"per-channel sum of dx ~ 0: {np.allclose(dx.sum(axis=(0, 2, 3)), 0, atol=1e-2)}")
+    forward_ms = _median_ms(lambda: fastbn.forward(x, weight, bias), args.repeats)
+    backward_ms = _median_ms(lambda: fastbn.backward(dy, x, weight, saved), args.repeats)
+    numpy_ms = _median_ms(lambda: _numpy_batch_norm(x, weight, bias, 1e-5), args.repeats)
+    print(f"median of {args.repeats}: fastbn forward {forward_ms:.2f} ms, backward {backward_ms:.2f} ms; "
+          f"NumPy forward {numpy_ms:.2f} ms ({numpy_ms / forward_ms:.1f}x slower)")
+    return 0 if error < 1e-3 else 1
+
+
+_FIRST_CALL = """
+import json, time
+t0 = time.perf_counter()
+import fastbn
+t1 = time.perf_counter()
+import numpy as np
+x = np.random.default_rng(0).standard_normal((8, 16, 8, 8)).astype(np.float32)
+t2 = time.perf_counter()
+y, saved = fastbn.forward(x)
+t3 = time.perf_counter()
+fastbn.backward(np.ones_like(x), x, None, saved)
+t4 = time.perf_counter()
+fastbn.forward(x)
+t5 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "forward": t3 - t2, "backward": t4 - t3, "again": t5 - t4,
+                  "layer": fastbn.threading_layer()}))
+"""
+
+
+def _first_call(cache_dir):
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    proc = subprocess.run([sys.executable, "-c", _FIRST_CALL], capture_output=True, text=True, env=env, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def startup(args):
+    """Measure import, cold and warm first-call cost; print a Markdown table."""
+    rows = []
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cold = _first_call(cache_dir)
+        warm = [_first_call(cache_dir) for _ in range(args.repeats)]
+    warm_median = {key: float(np.median([w[key] for w in warm])) for key in ("import", "forward", "backward", "again")}
+    rows.append(("cold (empty kernel cache: compiles)", cold))
+    rows.append((f"warm (kernels cached on disk; median of {args.repeats})", warm_median))
+    print(f"First-call cost, float32 (8, 16, 8, 8) NCHW, threading layer {cold['layer']}, "
+          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}:")
+    print()
+    print("| run | `import fastbn` | first `forward` | first `backward` | second `forward` |")
+    print("|---|---|---|---|---|")
+    for name, t in rows:
+        print(f"| {name} | {1e3 * t['import']:.0f} ms | {1e3 * t['forward']:.0f} ms | "
+              f"{1e3 * t['backward']:.0f} ms | {1e3 * t['again']:.2f} ms |")
+    print()
+    print("Measured by `python -m fastbn startup`.")
+    return 0
+
+
+def main(argv=None):
+    """Entry point of ``python -m fastbn``; returns the process exit code."""
+    from fastbn.tools import bench, bench_fused, plan, ptx
+
+    parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo_parser = commands.add_parser("demo", help="forward/backward demo, checked and timed against NumPy")
+    demo_parser.add_argument("--shape", type=int, nargs=4, default=[32, 64, 28, 28], metavar=("N", "C", "H", "W"))
+    demo_parser.add_argument("--repeats", type=int, default=10)
+    startup_parser = commands.add_parser("startup", help="measure import, cold and warm first-call cost")
+    startup_parser.add_argument("--repeats", type=int, default=3)
+    for module in (ptx, bench, bench_fused, plan):
+        module.add_parser(commands)
+    runs = {"demo": demo, "startup": startup, "ptx": ptx.run, "bench": bench.run, "bench-fused": bench_fused.run,
+            "plan": plan.run}
+    args = parser.parse_args(argv)
+    if getattr(args, "repeats", 1) < 1:
+        parser.error("--repeats: expected a positive integer")
+    return runs[args.command](args)

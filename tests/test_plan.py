@@ -1,0 +1,140 @@
+"""The CPU plan as a value: chosen from a table of cases, printed by ``python -m fastbn plan``, and
+exactly what the kernels then run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn._layout import ROWS, SLAB
+from fastbn.backends.cpu import ops, plan
+from fastbn.backends.cpu.machine import Machine, read
+
+# A machine with round figures, so the table does not depend on the one running the tests:
+# budget (1 MiB + 8 MiB / 2) * 2 / 3 = 3.33 MiB; non-temporal from 4 MiB of output.
+FACTS = Machine(model="test", cores=2, l1d_bytes=32 << 10, l2_bytes=1 << 20, l3_bytes=8 << 20, l3_sharers=2)
+
+# (operation, layout, kernel shape, itemsize, out_fresh, masked) -> (layout, strategy, group, nontemporal)
+CASES = [
+    # long runs (16 KiB), channels of 1 MiB: fused into memory in use, streamed into a fresh output
+    (("forward_train", SLAB, (64, 16, 4096), 4, False, False), (SLAB, "fused", 1, True)),
+    (("forward_train", SLAB, (64, 16, 4096), 4, True, False), (SLAB, "streamed", 0, True)),
+    (("backward_train", SLAB, (64, 16, 4096), 4, False, False), (SLAB, "fused", 1, True)),
+    # backward behind a ReLU reads three tensors: 3 MiB still fits, a 4x larger batch does not
+    (("backward_train", SLAB, (64, 16, 4096), 4, False, True), (SLAB, "fused", 1, True)),
+    (("backward_train", SLAB, (256, 16, 4096), 4, False, True), (SLAB, "streamed", 0, True)),
+    # statistics alone stream; so do short runs (784-byte 14 x 14 images)
+    (("moments", SLAB, (64, 16, 4096), 4, False, False), (SLAB, "streamed", 0, False)),
+    (("forward_train", SLAB, (256, 16, 196), 4, False, False), (SLAB, "streamed", 0, False)),
+    # few channels and a long batch: the fused plan's tasks are too few, the streamed pieces win
+    (("forward_train", SLAB, (64, 2, 4096), 4, False, False), (SLAB, "streamed", 0, False)),
+    # a tiny batch: one piece, so the fused plan's channels keep more cores busy
+    (("moments", SLAB, (8, 3, 5), 4, False, False), (SLAB, "fused", 1, False)),
+    # channels last streams; one channel of ROWS runs as a SLAB run
+    (("forward_train", ROWS, (100_000, 64), 4, False, False), (ROWS, "streamed", 0, True)),
+    (("forward_train", ROWS, (5000, 1), 4, False, False), (SLAB, "streamed", 0, False)),
+    # small outputs stay in cache
+    (("normalize", SLAB, (4, 8, 100), 2, False, False), (SLAB, "streamed", 0, False)),
+    (("backward_sums", SLAB, (64, 16, 4096), 4, False, False), (SLAB, "streamed", 0, False)),
+]
+
+
+@pytest.mark.parametrize("arguments, expected", CASES)
+def test_plan_table(arguments, expected):
+    operation, layout, shape, itemsize, out_fresh, masked = arguments
+    chosen = plan.choose(operation, layout, shape, itemsize, out_fresh=out_fresh, masked=masked, facts=FACTS)
+    assert (chosen.layout, chosen.strategy, chosen.group, chosen.nontemporal) == expected, chosen.describe()
+    assert chosen.reasons and all(isinstance(reason, str) for reason in chosen.reasons)
+
+
+def test_overrides_force_fields_and_bad_ones_name_the_argument():
+    forced = plan.choose("forward_train", SLAB, (64, 16, 4096), 4, out_fresh=True,
+                         override={"strategy": "fused", "nontemporal": False}, facts=FACTS)
+    assert (forced.strategy, forced.group, forced.nontemporal) == ("fused", 1, False)
+    with pytest.raises(ValueError, match="^_plan: unknown plan field"):
+        plan.choose("moments", SLAB, (4, 3, 5), 4, override={"speed": "max"})
+    with pytest.raises(ValueError, match="^_plan: .*has no fused plan"):
+        plan.choose("forward_train", ROWS, (100, 8), 4, override={"strategy": "fused"})
+    with pytest.raises(ValueError, match="^_plan: nontemporal must be"):
+        fastbn.forward(np.ones((4, 3), np.float32), _plan={"nontemporal": "yes"})
+
+
+def test_machine_facts_from_sysfs_and_the_fallbacks(tmp_path):
+    for index, (level, kind, size, shared) in enumerate([(1, "Data", "48K", "0"), (1, "Instruction", "32K", "0"),
+                                                         (2, "Unified", "2048K", "0"),
+                                                         (3, "Unified", "105M", "0-55")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+            (folder / name).write_text(f"{value}\n")
+    facts = read(str(tmp_path))
+    assert (facts.l1d_bytes, facts.l2_bytes, facts.l3_bytes, facts.l3_sharers) == (48 << 10, 2 << 20, 105 << 20,
+                                                                                  56)
+    assert facts.guessed == ()
+    missing = read(str(tmp_path / "nowhere"))
+    assert missing.guessed == ("L1", "L2", "L3") and missing.l3_bytes == 8 << 20
+
+
+def _run_logged(call):
+    ops.LAUNCH_LOG = []
+    try:
+        result = call()
+        return result, ops.LAUNCH_LOG
+    finally:
+        ops.LAUNCH_LOG = None
+
+
+def _printed_plans(text):
+    """The plans ``python -m fastbn plan`` printed, as {(operation, first line): kernels line}."""
+    lines = text.splitlines()
+    return [(lines[i].strip(), lines[i + 1].strip()) for i in range(len(lines) - 1)
+            if lines[i + 1].strip().startswith("kernels:")]
+
+
+# Shapes whose outputs come from the pool (>= 1 MiB, so a first call and a call in a loop can plan
+# differently) and small ones, in both layouts.
+PLAN_CASES = [((64, 16, 32, 32), 1, np.float32), ((4, 5, 6), 1, np.float64), ((64, 16, 16, 40), -1, np.float32),
+              ((3000, 1), 1, np.float16)]
+
+
+@pytest.mark.parametrize("dims, axis, dtype", PLAN_CASES)
+def test_printed_plan_is_what_the_kernels_ran(dims, axis, dtype):
+    """`python -m fastbn plan` prints, for each call, the plan the public function then runs: the same
+    plan value, and the kernels it names are the kernels launched, in order."""
+    label = "x".join(map(str, dims)) + (f"@{axis}" if axis != 1 else "")
+    printed = subprocess.run([sys.executable, "-m", "fastbn", "plan", label, np.dtype(dtype).name],
+                             capture_output=True, text=True, check=True).stdout
+    printed_plans = _printed_plans(printed)
+    x = np.random.default_rng(0).standard_normal(dims).astype(dtype)
+    params = np.float64 if dtype == np.float64 else np.float32
+    channels = dims[axis]
+    rm, rv = np.zeros(channels, params), np.ones(channels, params)
+    calls = [
+        lambda: fastbn.forward(x, running_mean=rm, running_var=rv, axis=axis),
+        lambda: fastbn.forward(x, running_mean=rm, running_var=rv, axis=axis, training=False),
+        lambda: fastbn.moments(x, axis=axis),
+    ]
+    fastbn.empty_cache()  # the first call maps fresh memory; later ones recycle the previous output
+    seen = []
+    for _ in range(2):
+        for call in calls:
+            result, log = _run_logged(call)
+            del result
+            plans = {id(p): p for _, p in log}
+            assert len(plans) == 1, "one plan per call"
+            (ran,) = plans.values()
+            assert tuple(name for name, _ in log) == ran.kernels()
+            seen.append(ran)
+        y, saved = fastbn.forward(x, running_mean=rm, running_var=rv, axis=axis)
+        grads, log = _run_logged(lambda: fastbn.backward(np.ones_like(x), x, None, saved, axis=axis))
+        del y, grads
+        (ran,) = {id(p): p for _, p in log}.values()
+        assert tuple(name for name, _ in log) == ran.kernels()
+        seen.append(ran)
+    for ran in seen:
+        first, kernels = ran.describe().splitlines()[:2]
+        assert (first.strip(), kernels.strip()) in printed_plans, (ran.describe(), printed)
