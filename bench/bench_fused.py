@@ -1,4 +1,4 @@
-"""Fused forms against separate calls (issue 7), with pytest-benchmark.
+"""Fused forms against separate calls, with pytest-benchmark.
 
 The same callables as ``python -m fastbn bench-fused`` (fastbn/tools/bench_fused.py):
 for each variant and shape, the group holds the fused call, the separate calls

@@ -237,7 +237,7 @@ def test_first_call_compiles(benchmark, dtype):
     benchmark.extra_info.update(first_call_s=result["first"], second_call_s=result["second"])
 
 
-# ------------------------------------------------ fused forms (issue 7) ---
+# --------------------------------------------------------- fused forms ---
 # relu(BN(x) + z) and its backward, fused in fastbn's passes, against the same
 # work as separate calls: fastbn's BN, then PyTorch's in-place add and ReLU on
 # the same tensors; and against cuDNN's batch norm followed by the same add and

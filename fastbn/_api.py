@@ -164,6 +164,11 @@ def forward(
         weight + bias``.  ``rmax >= 1``, ``dmax >= 0``; ``(1, 0)`` is plain
         batch norm, ``inf`` disables a clip.  No effect in eval mode; not
         combined with ``virtual_batch_size``.
+    _plan : mapping, optional
+        Private, for tests: CPU plan fields to force, ``{"strategy":
+        "fused" | "streamed", "nontemporal": bool}`` (see
+        :func:`fastbn.backends.cpu.plan.choose`).  A plan never changes a
+        result; the CUDA backend refuses it.
 
     Returns
     -------
@@ -183,7 +188,9 @@ def forward(
     Notes
     -----
     The variance is computed in two passes (or per block and merged with
-    Chan's formula), accumulated in float64: never as E[x^2] - E[x]^2.
+    Chan's formula): never as E[x^2] - E[x]^2.  On the CPU it accumulates in
+    float64; on CUDA in float32 (float64 for float64 input) within a block,
+    on values shifted by a per-channel pivot, with blocks merged in float64.
     NaN or Inf in a channel of ``x`` make that channel's statistics and output
     NaN (and its running statistics, in training), as in PyTorch; other
     channels are unaffected.
@@ -195,11 +202,9 @@ def forward(
     )
     x = check_x(x)
     axis = check_axis(axis, len(x.shape))
-    opts = _options.options(training=training, momentum=momentum, eps=eps, activation=activation,
-                            residual=residual is not None, virtual_batch_size=virtual_batch_size, renorm=renorm,
+    opts = _options.options(x=x, axis=axis, training=training, momentum=momentum, eps=eps, activation=activation,
+                            residual=residual, virtual_batch_size=virtual_batch_size, renorm=renorm,
                             process_group=process_group)
-    if residual is not None:
-        check_like_x(residual, "residual", x)
     channels, count = check_channels(x, axis, allow_empty=opts.collectives is not None)
     dtype = stats_dtype(x.dtype)
     for name, value in (("weight", weight), ("bias", bias)):
@@ -207,12 +212,14 @@ def forward(
             check_channel_vector(value, name, channels, dtype)
     has_running = check_running(running_mean, running_var, channels, dtype)
     batch_stats, groups = _options.resolve(opts, tuple(x.shape), axis, has_running)
-    if opts.collectives is not None and not ops.supports_process_group:
+    if opts.collectives is not None and ops.sync is None:
         raise ValueError(f"process_group: not supported on the {ops.name} backend yet")
+    if opts.collectives is not None and _plan is not None:
+        raise ValueError("_plan: not supported together with process_group")
 
     update = opts.training and has_running
     if batch_stats and opts.collectives is not None:
-        y, mean, invstd, count = _sync.forward(ops, opts.collectives, x, axis, dtype, weight, bias, opts.eps,
+        y, mean, invstd, count = _sync.forward(ops.sync, opts.collectives, x, axis, dtype, weight, bias, opts.eps,
                                                running_mean, running_var, opts.momentum, opts.training, update)
         return restore(y), Saved(mean, invstd, True, count, tuple(x.shape), axis, process_group)
     relu = opts.activation == "relu"
@@ -251,6 +258,11 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
         Forward's output; required when forward used ``activation="relu"``:
         the gradient passes where ``y > 0`` (as PyTorch's ReLU backward).
         Ignored otherwise.
+    _plan : mapping, optional
+        Private, for tests: CPU plan fields to force, ``{"strategy":
+        "fused" | "streamed", "nontemporal": bool}`` (see
+        :func:`fastbn.backends.cpu.plan.choose`).  A plan never changes a
+        result; the CUDA backend refuses it.
 
     Returns
     -------
@@ -319,8 +331,10 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
         y = None
 
     if synced:
+        if _plan is not None:
+            raise ValueError("_plan: not supported together with process_group")
         dx, dweight, dbias = _sync.backward(
-            ops, _sync.adapt(saved.process_group), dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.count
+            ops.sync, _sync.adapt(saved.process_group), dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.count
         )
         return restore(dx), restore(dweight), restore(dbias)
     dx, dweight, dbias, dresidual = ops.backward(
@@ -343,12 +357,17 @@ def moments(x, axis=1, *, backend=None, _plan=None):
         The channel axis.
     backend : {None, "cpu", "cuda"}, default None
         Where to run; None follows ``x``.
+    _plan : mapping, optional
+        Private, for tests: CPU plan fields to force, ``{"strategy":
+        "fused" | "streamed", "nontemporal": bool}`` (see
+        :func:`fastbn.backends.cpu.plan.choose`).  A plan never changes a
+        result; the CUDA backend refuses it.
 
     Returns
     -------
     mean, var : numpy.ndarray
         Shape ``(C,)``, float32 for float16/float32 input, float64 for float64.
-        Accumulated in float64 with a two-pass / Chan-merge scheme.
+        Two-pass / Chan-merge scheme, accumulated as in :func:`forward`.
     """
     ops, restore, (x,) = _dispatch.prepare(backend, [("x", x)])
     x = check_x(x)
@@ -377,6 +396,11 @@ def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend
         The channel axis.
     backend : {None, "cpu", "cuda"}, default None
         Where to run; None follows ``x``.
+    _plan : mapping, optional
+        Private, for tests: CPU plan fields to force, ``{"strategy":
+        "fused" | "streamed", "nontemporal": bool}`` (see
+        :func:`fastbn.backends.cpu.plan.choose`).  A plan never changes a
+        result; the CUDA backend refuses it.
 
     Returns
     -------

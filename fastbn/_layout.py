@@ -10,8 +10,9 @@ Whatever its rank and channel axis, an input is seen as
 
 ROWS is tried first: an array that is both (the channel axis last, or every
 other axis of extent 1) is ROWS.  Any other strided input is copied once into
-C order by the backend, which is then SLAB (or ROWS, if the channel axis is
-last).  This module only computes with shapes and strides: the CPU backend
+C order by the backend, in the layout :func:`fallback` names: SLAB, or ROWS
+when every axis after the channel axis has extent 1 (then both orders are
+the same).  This module only computes with shapes and strides: the CPU backend
 applies it to NumPy arrays (:mod:`fastbn.backends.cpu.views`), the CUDA
 backend to the CUDA array interface (:mod:`fastbn.backends.cuda.views`).
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["ROWS", "SLAB", "is_contiguous_in", "kernel_shape", "order", "pattern"]
+__all__ = ["ROWS", "SLAB", "fallback", "is_contiguous_in", "kernel_shape", "order", "pattern"]
 
 SLAB = "slab"
 ROWS = "rows"
@@ -62,6 +63,11 @@ def pattern(shape: Sequence[int], strides: Sequence[int], itemsize: int, axis: i
         if is_contiguous_in(shape, strides, itemsize, order(layout, ndim, axis)):
             return layout
     return None
+
+
+def fallback(shape: Sequence[int], axis: int) -> str:
+    """The layout of an input copied (or gathered) into C order: ROWS if nothing follows the channel axis."""
+    return ROWS if math.prod(shape[axis + 1:]) == 1 else SLAB
 
 
 def kernel_shape(layout: str, shape: Sequence[int], axis: int) -> tuple[int, ...]:

@@ -32,8 +32,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fastbn import _sync
+from fastbn._validate import check_like_x
 
-__all__ = ["ACTIVATIONS", "Options", "check_eps", "check_flag", "check_momentum", "ghost_groups", "options", "resolve"]
+__all__ = ["ACTIVATIONS", "Options", "check_eps", "check_flag", "check_momentum", "check_process_group", "ghost_groups",
+           "options", "resolve"]
 
 ACTIVATIONS = (None, "relu")
 
@@ -59,8 +61,10 @@ def check_eps(eps: Any) -> float:
     return eps
 
 
-def check_momentum(momentum: Any) -> float:
-    """Return ``momentum`` as a float in [0, 1], or raise."""
+def check_momentum(momentum: Any, *, allow_none: bool = False) -> float | None:
+    """Return ``momentum`` as a float in [0, 1] (or None, where ``allow_none``: the layer's cumulative average)."""
+    if momentum is None and allow_none:
+        return None
     if _is_bool(momentum) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum: expected a float in [0, 1], got {type(momentum).__name__}")
     momentum = float(momentum)
@@ -115,6 +119,7 @@ def ghost_groups(virtual_batch_size: int | None, shape: tuple[int, ...], axis: i
     axis, so the channel axis must be another one and the size must divide
     the batch.
     """
+    virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
     if virtual_batch_size is None:
         return 1
     batch = shape[0]
@@ -128,7 +133,7 @@ def ghost_groups(virtual_batch_size: int | None, shape: tuple[int, ...], axis: i
 
 
 class Options(NamedTuple):
-    """A call's checked scalar options (see the module docstring)."""
+    """A call's checked options (see the module docstring)."""
 
     training: bool
     momentum: float
@@ -136,25 +141,41 @@ class Options(NamedTuple):
     activation: str | None = None
     residual: bool = False
     virtual_batch_size: int | None = None
+    #: Ghost batches in the input (1 without them).
+    groups: int = 1
     renorm: tuple[float, float] | None = None
-    process_group: Any = None
     #: The process group adapted to :class:`fastbn.Collectives`, or None.
     collectives: Any = None
 
 
-def options(*, training: Any = True, momentum: Any = 0.1, eps: Any = 1e-5, activation: Any = None,
-            residual: bool = False, virtual_batch_size: Any = None, renorm: Any = None,
-            process_group: Any = None) -> Options:
-    """Check each option on its own and return them as :class:`Options`.
+def check_process_group(process_group: Any) -> Any:
+    """``process_group`` adapted to :class:`fastbn.Collectives` (None stays None), or a TypeError."""
+    return None if process_group is None else _sync.adapt(process_group)
 
-    ``residual`` says whether a residual array was given (the array itself is
-    checked with the other arrays).  Combinations are checked by :func:`resolve`.
+
+def options(*, x: Any = None, axis: int = 1, training: Any = True, momentum: Any = 0.1, eps: Any = 1e-5,
+            activation: Any = None, residual: Any = None, virtual_batch_size: Any = None, renorm: Any = None,
+            process_group: Any = None) -> Options:
+    """Check each option on its own, in a fixed order, and return them as :class:`Options`.
+
+    The order is fastbn.forward's: training, momentum, eps, activation, the
+    residual (an array like ``x``), renorm, the ghost batch size (that it
+    splits ``x``'s batch), the process group; the first bad one raises.
+    Without ``x`` (the layer, the JAX adapter) the checks against it are
+    left out.  Combinations are checked by :func:`resolve`.
     """
-    collectives = None if process_group is None else _sync.adapt(process_group)
-    return Options(training=check_flag(training, "training"), momentum=check_momentum(momentum),
-                   eps=check_eps(eps), activation=check_activation(activation), residual=bool(residual),
-                   virtual_batch_size=check_virtual_batch_size(virtual_batch_size), renorm=check_renorm(renorm),
-                   process_group=process_group, collectives=collectives)
+    training = check_flag(training, "training")
+    momentum = check_momentum(momentum)
+    eps = check_eps(eps)
+    activation = check_activation(activation)
+    if residual is not None and x is not None:
+        check_like_x(residual, "residual", x)
+    renorm = check_renorm(renorm)
+    virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
+    groups = 1 if x is None else ghost_groups(virtual_batch_size, tuple(x.shape), axis)
+    return Options(training=training, momentum=momentum, eps=eps, activation=activation,
+                   residual=residual is not None, virtual_batch_size=virtual_batch_size, groups=groups,
+                   renorm=renorm, collectives=check_process_group(process_group))
 
 
 def resolve(opts: Options, shape: tuple[int, ...], axis: int, has_running: bool) -> tuple[bool, int]:
@@ -171,12 +192,10 @@ def resolve(opts: Options, shape: tuple[int, ...], axis: int, has_running: bool)
         channel with a single value (per ghost batch), as in PyTorch.
     """
     vbs = opts.virtual_batch_size
-    groups = ghost_groups(vbs, shape, axis)
     batch_stats = opts.training or not has_running
-    if not batch_stats:
-        groups = 1  # ghost batches only change batch statistics
-    count = math.prod(shape) // shape[axis] if shape[axis] else 0
-    if opts.training and count // groups == 1 and opts.collectives is None:
+    groups = opts.groups if batch_stats else 1  # ghost batches only change batch statistics
+    count = math.prod(shape) // shape[axis]
+    if opts.collectives is None and opts.training and count // groups == 1:
         where = "" if groups == 1 else f" (in each ghost batch of {vbs})"
         raise ValueError(f"x: Expected more than 1 value per channel when training{where}, got input size {shape}")
     if opts.renorm is not None and vbs is not None:
@@ -184,8 +203,8 @@ def resolve(opts: Options, shape: tuple[int, ...], axis: int, has_running: bool)
     if opts.renorm is not None and opts.training and not has_running:
         raise ValueError("renorm: batch renormalization needs running_mean and running_var in training")
     if opts.collectives is not None:
-        for name, value in (("activation", opts.activation), ("residual", opts.residual or None),
-                            ("virtual_batch_size", vbs), ("renorm", opts.renorm)):
-            if value is not None:
+        for name, given in (("activation", opts.activation is not None), ("residual", opts.residual),
+                            ("virtual_batch_size", vbs is not None), ("renorm", opts.renorm is not None)):
+            if given:
                 raise ValueError(f"{name}: not supported together with process_group yet")
     return batch_stats, groups

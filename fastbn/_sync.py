@@ -150,7 +150,7 @@ def merge_moments(gathered, channels):
     return int(count), mean, var
 
 
-def forward(ops, collectives, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, training, update):
+def forward(pieces, collectives, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, training, update):
     """Synchronised training forward; returns ``(y, mean, invstd, global_count)``.
 
     One all-gather of ``[count, mean (C), M2 (C)]``; then every process
@@ -158,7 +158,7 @@ def forward(ops, collectives, x, axis, dtype, weight, bias, eps, running_mean, r
     """
     channels = x.shape[axis]
     count = x.size // channels if channels else 0
-    mean64, var64 = ops.local_moments(x, axis)
+    mean64, var64 = pieces.local_moments(x, axis)
     vector = np.concatenate(([float(count)], mean64, var64 * count))
     total, mean64, var64 = merge_moments(collectives.allgather(vector), channels)
     # Checked on the global count, which every process sees alike, so all
@@ -169,13 +169,13 @@ def forward(ops, collectives, x, axis, dtype, weight, bias, eps, running_mean, r
         raise ValueError(
             "x: Expected more than 1 value per channel when training, got 1 over all processes"
         )
-    y, mean, invstd = ops.normalize_with_stats(x, axis, dtype, mean64, var64, weight, bias, eps)
+    y, mean, invstd = pieces.normalize_with_stats(x, axis, dtype, mean64, var64, weight, bias, eps)
     if update:
-        ops.update_running(running_mean, running_var, mean64, var64, momentum, total)
+        pieces.update_running(running_mean, running_var, mean64, var64, momentum, total)
     return y, mean, invstd, total
 
 
-def backward(ops, collectives, dy, x, axis, dtype, weight, mean, invstd, total):
+def backward(pieces, collectives, dy, x, axis, dtype, weight, mean, invstd, total):
     """Synchronised training backward; returns ``(dx, dweight, dbias)``.
 
     One all-reduce of ``[sum_dy (C), dotp (C)]``.  dweight and dbias are this
@@ -183,8 +183,8 @@ def backward(ops, collectives, dy, x, axis, dtype, weight, mean, invstd, total):
     data-parallel gradient all-reduce sums them.
     """
     channels = x.shape[axis]
-    sum_dy, dotp = ops.backward_sums(dy, x, axis, mean)
+    sum_dy, dotp = pieces.backward_sums(dy, x, axis, mean)
     summed = np.asarray(collectives.allreduce_sum(np.concatenate((sum_dy, dotp))), dtype=np.float64)
-    dx = ops.backward_dx(dy, x, axis, dtype, weight, mean, invstd, summed[:channels], summed[channels:], total)
+    dx = pieces.backward_dx(dy, x, axis, dtype, weight, mean, invstd, summed[:channels], summed[channels:], total)
     dweight = (dotp * invstd.astype(np.float64)).astype(dtype)
     return dx, dweight, sum_dy.astype(dtype)

@@ -19,11 +19,11 @@ import operator
 
 import numpy as np
 
-from fastbn import _dispatch, _sync
+from fastbn import _dispatch
 from fastbn._api import backward as _backward
 from fastbn._api import forward as _forward
 from fastbn._frameworks import framework_of
-from fastbn._options import check_eps, check_flag, check_momentum
+from fastbn._options import check_eps, check_flag, check_momentum, check_process_group
 
 __all__ = ["BatchNorm"]
 
@@ -74,10 +74,6 @@ def _check_dtype(value):
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype: expected float32 or float64, got {dtype}")
     return dtype
-
-
-def _check_momentum_or_none(value):
-    return None if value is None else check_momentum(value)
 
 
 def _to_numpy(value):
@@ -217,12 +213,11 @@ class BatchNorm:
         process_group=None,
     ):
         self.num_features = _check_num_features(num_features)
-        if process_group is not None:
-            _sync.adapt(process_group)  # a TypeError now rather than at the first batch
+        check_process_group(process_group)  # a TypeError now rather than at the first batch
         self.process_group = process_group
         self.axis = _check_axis(axis)
         self.eps = check_eps(eps)
-        self.momentum = _check_momentum_or_none(momentum)
+        self.momentum = check_momentum(momentum, allow_none=True)
         self.affine = check_flag(affine, "affine")
         self.track_running_stats = check_flag(track_running_stats, "track_running_stats")
         self.dtype = _check_dtype(dtype)
@@ -277,8 +272,8 @@ class BatchNorm:
 
     # ----------------------------------------------------------- compute ---
     def _check_input(self, x):
-        # Only attributes every array type has: the functional API does the
-        # rest of the checking (and would be the one to accept device arrays).
+        # Only attributes every array type has (host and device arrays alike):
+        # the functional API does the rest of the checking.
         if not (hasattr(x, "shape") and hasattr(x, "dtype")):
             raise TypeError(f"x: expected an array, got {type(x).__name__}")
         ndim = len(x.shape)

@@ -141,7 +141,7 @@ def oracle_backward(dy, x, weight, mean, invstd, batch_stats: bool, axis: int = 
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused and extended batch norm (issue 7), from the definitions:
+# Fused and extended batch norm, from the definitions:
 #   y = act(BN(x) + z) with act = relu or identity and z an optional residual;
 #   ghost batch norm: batch statistics per group of k consecutive samples along axis 0;
 #   batch renormalization (Ioffe 2017): y = ((x - mu) / sigma * r + d) * w + b with

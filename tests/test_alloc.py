@@ -310,7 +310,7 @@ def test_parse_bytes_rejects(text):
 def test_default_cap_is_bounded():
     cap = _alloc.default_cap()
     assert 0 < cap <= 1 << 30
-    memory = _alloc._memory_bytes()
+    memory = _alloc.memory_bytes()
     if memory is not None:
         assert cap <= memory // 8
 

@@ -113,7 +113,7 @@ FORWARD_ERRORS = [
     ("momentum-above-one", ValueError, "momentum", _set(momentum=1.5)),
     ("momentum-nan", ValueError, "momentum", _set(momentum=float("nan"))),
     ("momentum-inf", ValueError, "momentum", _set(momentum=float("inf"))),
-    # fused and extended forms (issue 7)
+    # fused and extended forms
     ("activation-unknown", ValueError, "activation", _set(activation="gelu")),
     ("activation-callable", TypeError, "activation", _set(activation=lambda a: max)),
     ("residual-shape", ValueError, "residual", _set(residual=lambda a: a["x"][:, :, :4])),

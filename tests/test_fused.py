@@ -1,4 +1,4 @@
-"""Fused and extended batch norm (issue 7) on the CPU: ReLU, residual add, ghost batches, batch
+"""Fused and extended batch norm on the CPU: ReLU, residual add, ghost batches, batch
 renormalization and folding, against the float64 oracle extended from the definitions
 (tests/oracle.py), over every dtype, rank, channel axis and memory layout.  The oracle's own
 gradients are checked against finite differences of its forward, so the backward tests compare

@@ -17,7 +17,7 @@ import pytest
 
 import fastbn
 from fastbn import _frameworks
-from fastbn.backends.cpu import views as _interop
+from fastbn.backends.cpu import views
 
 
 def data_pointer(array: np.ndarray) -> int:
@@ -29,7 +29,7 @@ def batch(seed=0, shape=(6, 3, 4, 5), dtype=np.float32):
 
 
 def numpy_reference(x, dy, axis=1):
-    """fastbn's four functions on NumPy copies: the values every framework must reproduce."""
+    """forward, backward, moments and normalize on NumPy copies: the values every framework must reproduce."""
     channels = x.shape[axis]
     rm, rv = np.zeros(channels, np.float32), np.ones(channels, np.float32)
     y, saved = fastbn.forward(x, running_mean=rm, running_var=rv, axis=axis)
@@ -125,7 +125,7 @@ def test_array_and_dlpack_objects_give_numpy():
         assert type(y) is np.ndarray
         np.testing.assert_allclose(y, expected, rtol=0, atol=0 if not isinstance(wrapped, list) else 1e-6)
     # DLPack gives a view, not a copy.
-    assert data_pointer(_interop.to_host(DLPackOnly(x), "x")) == data_pointer(x)
+    assert data_pointer(views.to_host(DLPackOnly(x), "x")) == data_pointer(x)
 
 
 def test_unreadable_arguments_name_themselves():
@@ -170,7 +170,7 @@ def test_torch_tensors_are_viewed_not_copied(layout):
         "sliced": base[:, :, ::2],
         "requires_grad": base.clone().requires_grad_(),
     }[layout]
-    view = _interop.to_host(tensor, "x")
+    view = views.to_host(tensor, "x")
     assert data_pointer(view) == tensor.data_ptr()
     assert view.strides == tuple(s * tensor.element_size() for s in tensor.stride())
     np.testing.assert_array_equal(view, tensor.detach().numpy())
@@ -179,7 +179,7 @@ def test_torch_tensors_are_viewed_not_copied(layout):
     expected, _ = fastbn.forward(tensor.detach().numpy().copy())
     np.testing.assert_array_equal(y.numpy(), expected)
     result = np.ones((2, 3), np.float32)
-    assert _interop.restorer(tensor)(result).data_ptr() == data_pointer(result)
+    assert views.restorer(tensor)(result).data_ptr() == data_pointer(result)
 
 
 def test_torch_channels_last_gives_channels_last():
@@ -262,7 +262,7 @@ def test_jax_arrays_are_read_only_views():
     import jax.numpy as jnp
 
     x = jnp.asarray(batch(15))
-    view = _interop.to_host(x, "x")
+    view = views.to_host(x, "x")
     assert data_pointer(view) == x.unsafe_buffer_pointer()
     assert not view.flags.writeable
 

@@ -232,3 +232,14 @@ def test_nan_and_inf_stay_in_their_element_in_eval(dtype, layout):
     scale = y_scale(np.where(finite, x, 0), o.mean, o.invstd, weight, bias, axis, tol)
     assert_close(y[finite], o.y[finite], output_tol(dtype), scale=scale[finite], what="y away from NaN/Inf")
     assert_close(saved.invstd, o.invstd, tol, what="eval invstd from running_var")
+
+
+def test_merging_into_an_empty_summary_cannot_overflow():
+    """Chan's merge into an empty summary takes the piece as it is: delta**2 * 0 would overflow to NaN for
+    means beyond 1e154, where the merged variance is finite (here through the synchronised path's merge,
+    an empty process first)."""
+    from fastbn._sync import merge_moments
+
+    rows = np.array([[0, 0.0, 0.0], [4, 1e200, 0.0], [2, 1e200, 0.0]])
+    count, mean, var = merge_moments(rows, 1)
+    assert count == 6 and mean[0] == 1e200 and var[0] == 0.0

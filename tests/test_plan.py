@@ -15,7 +15,7 @@ from fastbn.backends.cpu import ops, plan
 from fastbn.backends.cpu.machine import Machine, read
 
 # A machine with round figures, so the table does not depend on the one running the tests:
-# budget (1 MiB + 8 MiB / 2) * 2 / 3 = 3.33 MiB; non-temporal from 4 MiB of output.
+# budget (1 MiB + 8 MiB / 2) * 2 / 3 = 3.33 MiB; non-temporal from 8 MiB of output.
 FACTS = Machine(model="test", cores=2, l1d_bytes=32 << 10, l2_bytes=1 << 20, l3_bytes=8 << 20, l3_sharers=2)
 
 # (operation, layout, kernel shape, itemsize, out_fresh, masked) -> (layout, strategy, group, nontemporal)

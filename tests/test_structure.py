@@ -80,3 +80,34 @@ def test_a_call_imports_no_tool():
             "print(sorted(m for m in sys.modules if m.startswith('fastbn.tools')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _methods(protocol):
+    return [name for name, value in vars(protocol).items() if callable(value) and not name.startswith("_")]
+
+
+def test_cpu_backend_implements_the_protocols_with_their_signatures():
+    """Mirrors tests/cuda's check: every method of Backend (and of SyncPieces, which only the CPU has yet)
+    has the protocol's exact signature, so _api can call either backend the same way."""
+    import inspect
+
+    from fastbn.backends import Backend, SyncPieces, load
+    from fastbn.backends.cpu.ops import BACKEND
+
+    assert load("cpu") is BACKEND and BACKEND.name == "cpu" and SyncPieces in type(BACKEND.sync).__mro__
+    for protocol, implementation in ((Backend, type(BACKEND)), (SyncPieces, type(BACKEND.sync))):
+        methods = _methods(protocol)
+        assert methods
+        for name in methods:
+            expected = inspect.signature(getattr(protocol, name))
+            got = inspect.signature(getattr(implementation, name))
+            assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == \
+                [(p.name, p.kind, p.default) for p in expected.parameters.values()], name
+
+
+def test_kernel_cache_is_keyed_on_every_backend_source():
+    """A kernel's disk-cache stamp is the hash of all of the CPU backend's sources (see jit.py), so an
+    edited helper in another file invalidates it."""
+    from fastbn.backends.cpu import jit, reductions
+
+    assert reductions.stats_rows._cache._cache_file._source_stamp == jit._backend_sources_hash()

@@ -29,10 +29,34 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Mapping, Protocol
 
-__all__ = ["BACKENDS", "Backend", "load"]
+__all__ = ["BACKENDS", "Backend", "SyncPieces", "load"]
 
 #: The backends' names, as ``backend=`` takes them.
 BACKENDS = ("cpu", "cuda")
+
+
+class SyncPieces(Protocol):
+    """The pieces of synchronised batch norm (:mod:`fastbn._sync`): the operations, split where the
+    per-channel sums cross processes.  A process may hold no elements at all, so each piece accepts an
+    empty x."""
+
+    def local_moments(self, x: Any, axis: int) -> tuple[Any, Any]:
+        """This process's float64 host ``(mean, biased var)``; zeros for an empty x."""
+
+    def normalize_with_stats(self, x: Any, axis: int, dtype: Any, mean64: Any, var64: Any, weight: Any,
+                             bias: Any, eps: float) -> tuple[Any, Any, Any]:
+        """Normalise with given float64 statistics: ``(y, mean, invstd)`` in ``dtype``."""
+
+    def update_running(self, running_mean: Any, running_var: Any, mean64: Any, var64: Any, momentum: float,
+                       count: int) -> None:
+        """PyTorch's running-statistics update, in place, over ``count`` elements per channel."""
+
+    def backward_sums(self, dy: Any, x: Any, axis: int, mean: Any) -> tuple[Any, Any]:
+        """This process's float64 host ``(sum_dy, dotp)``; zeros for an empty x."""
+
+    def backward_dx(self, dy: Any, x: Any, axis: int, dtype: Any, weight: Any, mean: Any, invstd: Any,
+                    sum_dy64: Any, dotp64: Any, count: int) -> Any:
+        """The training-formula dx from per-channel sums over ``count`` elements."""
 
 
 class Backend(Protocol):
@@ -40,13 +64,14 @@ class Backend(Protocol):
 
     ``plan`` is a private override of the backend's plan, for tests: a
     mapping of plan fields to force (see :func:`fastbn.backends.cpu.plan.choose`);
-    None lets the backend choose.
+    None lets the backend choose.  Only the CPU backend has plans to force.
     """
 
     #: ``"cpu"`` or ``"cuda"``.
     name: str
-    #: Whether the synchronised pieces below (``local_moments`` ...) are implemented.
-    supports_process_group: bool
+    #: The synchronised pieces, or None where the backend has none yet (then
+    #: ``process_group`` is refused before any kernel runs).
+    sync: SyncPieces | None
 
     # -- the caller's arrays -------------------------------------------------
     def to_backend(self, obj: Any, name: str) -> Any:
@@ -56,7 +81,7 @@ class Backend(Protocol):
         """A function turning this backend's results into the kind of array ``like`` is."""
 
     def from_host(self, array: Any) -> Any:
-        """A copy of the host array ``array`` where this backend computes (the layer's parameters)."""
+        """The host array ``array`` where this backend computes: itself on the CPU, a device copy on CUDA."""
 
     # -- the public operations -----------------------------------------------
     def forward_batch(self, x: Any, axis: int, dtype: Any, weight: Any, bias: Any, eps: float,
@@ -85,25 +110,6 @@ class Backend(Protocol):
     def fold(self, layer_weight: Any, layer_bias: Any, running_mean: Any, running_var: Any, weight: Any,
              bias: Any, eps: float, axis: int) -> tuple[Any, Any]:
         """Eval-mode batch norm folded into the layer before it: ``(folded_weight, folded_bias)``."""
-
-    # -- pieces of synchronised batch norm (fastbn._sync) -----------------------
-    def local_moments(self, x: Any, axis: int) -> tuple[Any, Any]:
-        """This process's float64 host ``(mean, biased var)``; zeros for an empty x."""
-
-    def normalize_with_stats(self, x: Any, axis: int, dtype: Any, mean64: Any, var64: Any, weight: Any,
-                             bias: Any, eps: float) -> tuple[Any, Any, Any]:
-        """Normalise with given float64 statistics: ``(y, mean, invstd)`` in ``dtype``."""
-
-    def update_running(self, running_mean: Any, running_var: Any, mean64: Any, var64: Any, momentum: float,
-                       count: int) -> None:
-        """PyTorch's running-statistics update, in place, over ``count`` elements per channel."""
-
-    def backward_sums(self, dy: Any, x: Any, axis: int, mean: Any) -> tuple[Any, Any]:
-        """This process's float64 host ``(sum_dy, dotp)``; zeros for an empty x."""
-
-    def backward_dx(self, dy: Any, x: Any, axis: int, dtype: Any, weight: Any, mean: Any, invstd: Any,
-                    sum_dy64: Any, dotp64: Any, count: int) -> Any:
-        """The training-formula dx from per-channel sums over ``count`` elements."""
 
 
 def load(name: str) -> Backend:

@@ -1,7 +1,7 @@
 """``python -m fastbn bench-fused``: the fused forms against the same work done as separate calls.
 
-For each variant of :func:`fastbn.forward` / :func:`fastbn.backward` that
-issue 7 added, time the fused call against the sequence of separate calls a
+For each fused or extended variant of :func:`fastbn.forward` /
+:func:`fastbn.backward`, time the fused call against the sequence of separate calls a
 user would otherwise write, in the same run, interleaved:
 
 ==============  ====================================================  ==========================================

@@ -37,6 +37,8 @@ import time
 
 import numpy as np
 
+from fastbn.backends.cpu.machine import machine
+
 
 def _numpy_batch_norm(x, weight, bias, eps):
     """The textbook NCHW training forward, in plain NumPy, for comparison."""
@@ -74,7 +76,7 @@ def demo(args):
 
     reference = _numpy_batch_norm(x.astype(np.float64), weight, bias, 1e-5)
     error = float(np.max(np.abs(y - reference)))
-    print(f"fastbn {fastbn.__version__}, threading layer {fastbn.threading_layer()}, {os.cpu_count()} CPUs")
+    print(f"fastbn {fastbn.__version__}, threading layer {fastbn.threading_layer()}, {machine().cores} CPUs")
     print(f"input {shape} float32 (NCHW), {x.nbytes / 1e6:.1f} MB")
     print(f"forward: max |y - numpy float64| = {error:.2e}")
     print(f"per-channel output mean ~ bias: {np.allclose(y.mean(axis=(0, 2, 3)), bias, atol=1e-4)}")
@@ -124,7 +126,7 @@ def startup(args):
     rows.append(("cold (empty kernel cache: compiles)", cold))
     rows.append((f"warm (kernels cached on disk; median of {args.repeats})", warm_median))
     print(f"First-call cost, float32 (8, 16, 8, 8) NCHW, threading layer {cold['layer']}, "
-          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}:")
+          f"{machine().cores} CPUs, Python {sys.version.split()[0]}:")
     print()
     print("| run | `import fastbn` | first `forward` | first `backward` | second `forward` |")
     print("|---|---|---|---|---|")

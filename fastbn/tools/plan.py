@@ -19,7 +19,7 @@ import numpy as np
 from fastbn._layout import kernel_shape, pattern
 from fastbn.tools.cases import parse_shape
 
-#: The public operations, as (label, the plan's operation, options).
+#: The public operations, as (label, the plan's operation).
 OPERATIONS = (
     ("forward, training", "forward_train"),
     ("forward, eval (and normalize)", "normalize"),
@@ -64,9 +64,9 @@ def report(dims, axis, dtype, *, relu=False):
     lines = [f"Input {label} {dtype.name}, C-contiguous, channel axis {axis}"
              f"{', ReLU before backward' if relu else ''}.",
              f"Machine: {facts.describe()}.",
-             f"Fused budget {facts.core_cache_bytes * 2 // 3 / 2**20:.1f} MiB per task (two thirds of a core's "
+             f"Fused budget {cpu_plan.fuse_bytes(facts) / 2**20:.1f} MiB per task (two thirds of a core's "
              f"share of cache); non-temporal stores from {cpu_plan.nontemporal_bytes(facts) / 2**20:.1f} MiB of "
-             "output (half the L3).", ""]
+             "output (the L3).", ""]
     for name, first, recycled in plans(dims, axis, dtype, relu=relu):
         if first == recycled:
             lines += [f"{name}:", first.describe(), ""]

@@ -44,7 +44,7 @@ def machine_info():
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu": facts.model,
-        "cpus": os.cpu_count(),
+        "cpus": facts.cores,
         "machine": facts.describe(),
         "numpy": np.__version__,
         "numba": numba.__version__,

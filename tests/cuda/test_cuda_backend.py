@@ -281,9 +281,9 @@ def test_backend_implements_the_protocol_with_its_signatures():
     """fastbn.backends.load("cuda") is the ops module's BACKEND, and every method of the Backend
     protocol has the protocol's exact signature (names, defaults, keyword-only markers)."""
     assert load("cuda") is BACKEND
-    assert BACKEND.name == "cuda" and BACKEND.supports_process_group is False
+    assert BACKEND.name == "cuda" and BACKEND.sync is None
     methods = _protocol_methods()
-    assert "forward_batch" in methods and "backward_dx" in methods
+    assert "forward_batch" in methods and "fold" in methods
     for name in methods:
         expected = inspect.signature(getattr(Backend, name))
         got = inspect.signature(getattr(type(BACKEND), name))
@@ -291,12 +291,22 @@ def test_backend_implements_the_protocol_with_its_signatures():
             [(p.name, p.kind, p.default) for p in expected.parameters.values()], name
 
 
-@pytest.mark.parametrize("method", ["local_moments", "normalize_with_stats", "update_running", "backward_sums",
-                                    "backward_dx"])
-def test_synchronised_pieces_are_not_supported(method, launches):
-    parameters = list(inspect.signature(getattr(Backend, method)).parameters)[1:]
+class _OneProcess:
+    """Collectives of a single process."""
+
+    def allgather(self, vector):
+        return np.asarray(vector)[None]
+
+    def allreduce_sum(self, vector):
+        return np.asarray(vector)
+
+
+def test_synchronised_batch_norm_is_refused_before_any_launch(launches):
+    """The CUDA backend has no synchronised pieces (sync is None): process_group is refused first."""
+    running = np.zeros(2, np.float32)
     with pytest.raises(ValueError, match="^process_group: not supported on the cuda backend yet$"):
-        getattr(BACKEND, method)(*[None] * len(parameters))
+        fastbn.forward(gpu(np.ones((4, 2, 3), np.float32)), running_mean=gpu(running), running_var=gpu(running + 1),
+                       process_group=_OneProcess())
     assert launches == []
 
 

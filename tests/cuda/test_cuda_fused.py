@@ -1,4 +1,4 @@
-"""The CUDA backend's fused and extended batch norm (issue 7) against the float64 oracle.
+"""The CUDA backend's fused and extended batch norm against the float64 oracle.
 
 ReLU, a residual added before it, ghost batches (``groups``) and batch
 renormalization, forward and backward, with GPU arrays: mostly on the
@@ -62,7 +62,7 @@ def dev(array, name="array"):
 # ------------------------------------------------------------------ inputs ---
 @dataclass(frozen=True)
 class FusedInputs:
-    """Forward inputs plus the options of issue 7."""
+    """Forward inputs plus the fused and extended options."""
 
     inp: ForwardInputs
     relu: bool

@@ -74,6 +74,8 @@ import weakref
 
 import numpy as np
 
+from fastbn.backends.cpu.machine import memory_bytes
+
 #: Requests of at least this many bytes come from the pool.  Below it the
 #: pool's Python overhead (about 10 us a call) would be a noticeable part of
 #: a batch norm on the array (0.3 ms at 1 MiB), and a block would waste more
@@ -112,25 +114,6 @@ _HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 # ------------------------------------------------------------ the cap ---
-def _memory_bytes():
-    """Physical memory, or the cgroup's memory limit if smaller; None if unknown."""
-    sizes = []
-    try:
-        sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as file:
-                text = file.read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            sizes.append(int(text))
-    sizes = [size for size in sizes if size > 0]
-    return min(sizes) if sizes else None
-
-
 def default_cap():
     """The cap on free bytes when ``FASTBN_POOL_BYTES`` is not set.
 
@@ -142,7 +125,7 @@ def default_cap():
         of memory keeps a small machine or container from holding much idle
         memory; 1 GiB caches a training step's outputs for a modest network.
     """
-    memory = _memory_bytes()
+    memory = memory_bytes()
     return DEFAULT_CAP if memory is None else min(DEFAULT_CAP, memory // 8)
 
 

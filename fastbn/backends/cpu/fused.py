@@ -17,7 +17,7 @@ from numba import prange
 from fastbn.backends.cpu.elementwise import emit_affine, emit_dx
 from fastbn.backends.cpu.jit import kernel
 from fastbn.backends.cpu.loops import scratch_for
-from fastbn.backends.cpu.numerics import add_piece, channel_coefficients, channel_dx_coefficients
+from fastbn.backends.cpu.numerics import add_piece, channel_forward_coefficients, channel_backward_coefficients
 from fastbn.backends.cpu.plan import STREAM_CHUNK
 from fastbn.backends.cpu.reductions import piece_grad_sums, slab_group_stats, slab_piece, slab_pieces
 
@@ -43,7 +43,7 @@ def forward_train_slab(x, z, group, weight, bias, eps, floor, ren_mean, ren_var,
             c = c0 + j
             mean_out[c] = mean[j]
             var_out[c] = var[j]
-            invstd_out[c], r_out[c], d_out[c], used_mean[j], scale[j], shift[j] = channel_coefficients(
+            invstd_out[c], r_out[c], d_out[c], used_mean[j], scale[j], shift[j] = channel_forward_coefficients(
                 mean[j], var[j], eps, weight[c], bias[c], ren_mean[c], ren_var[c], renorm, rmax, dmax
             )
         scratch = scratch_for(nt, y, STREAM_CHUNK)
@@ -83,7 +83,7 @@ def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, nt, sum
         for j in range(w):
             sum_dy_out[c0 + j] = sum_dy[j]
             dotp_out[c0 + j] = dotp[j]
-            mean_dy[j], k[j], scale[j] = channel_dx_coefficients(sum_dy[j], dotp[j], invstd[c0 + j], weight[c0 + j], count)
+            mean_dy[j], k[j], scale[j] = channel_backward_coefficients(sum_dy[j], dotp[j], invstd[c0 + j], weight[c0 + j], count)
         scratch = scratch_for(nt, dx, STREAM_CHUNK)
         dres_scratch = scratch_for(nt, dres, STREAM_CHUNK)
         for n in range(N):

@@ -9,14 +9,18 @@ them, so no kernel carries a constant tuned to one machine.
 =================  ==============================================  ==========
 fact               why the plan needs it                           fallback
 =================  ==============================================  ==========
-``cores``          tasks per core; a core's share of shared cache  1
-``l1d_bytes``      reported; scratch buffers must fit in it        32 KiB
+``cores``          reported (the plan's task counts are fixed,     1
+                   so results do not depend on it)
+``l1d_bytes``      reported; the kernels' 8 KiB scratch fits in    32 KiB
+                   any L1d met so far
 ``l2_bytes``       a core's private cache: fused tasks re-read     512 KiB
                    their channel from it
 ``l3_bytes``       the last-level cache: larger outputs are        8 MiB
                    written around it (non-temporal stores)
 ``l3_sharers``     CPUs sharing the L3: a core's share of it       ``cores``
 =================  ==============================================  ==========
+
+:func:`memory_bytes` (RAM, or the cgroup's limit) sizes the output pool's cap.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import dataclasses
 import functools
 import os
 
-__all__ = ["Machine", "machine"]
+__all__ = ["Machine", "machine", "memory_bytes"]
 
 _CACHE_ROOT = "/sys/devices/system/cpu/cpu0/cache"
 
@@ -117,6 +121,24 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))  # the CPUs this process may run on
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def memory_bytes() -> int | None:
+    """Physical memory, or the cgroup's memory limit if smaller; None if unknown."""
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = _read(path)
+        except OSError:
+            continue
+        if text.isdigit():
+            sizes.append(int(text))
+    sizes = [size for size in sizes if size > 0]
+    return min(sizes) if sizes else None
 
 
 def read(root: str = _CACHE_ROOT) -> Machine:

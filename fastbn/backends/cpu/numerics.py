@@ -56,7 +56,7 @@ def add_piece(total, piece):
 
 
 @elementwise
-def channel_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm, rmax, dmax):
+def channel_forward_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm, rmax, dmax):
     """One channel's training coefficients from its float64 batch statistics.
 
     Returns float64 ``invstd``, and in the statistics dtype (``weight``'s
@@ -90,20 +90,20 @@ def channel_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm
 @kernel(parallel=False)
 def forward_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm, rmax, dmax,
                          invstd_out, r_out, d_out, used_mean_out, scale_out, shift_out):
-    """:func:`channel_coefficients` for every channel, for the streamed strategies."""
+    """:func:`channel_forward_coefficients` for every channel, for the streamed strategies."""
     for c in range(mean.shape[0]):
-        invstd_out[c], r_out[c], d_out[c], used_mean_out[c], scale_out[c], shift_out[c] = channel_coefficients(
+        invstd_out[c], r_out[c], d_out[c], used_mean_out[c], scale_out[c], shift_out[c] = channel_forward_coefficients(
             mean[c], var[c], eps, weight[c], bias[c], ren_mean[c], ren_var[c], renorm, rmax, dmax
         )
 
 
 @elementwise
-def channel_dx_coefficients(sum_dy, dotp, invstd, weight, count):
+def channel_backward_coefficients(sum_dy, dotp, invstd, weight, count):
     """One channel's ``(mean_dy, k, scale)`` for dx, in ``weight``'s dtype, from its float64 gradient sums.
 
     ``dx = (g - mean_dy - (x - mean) * k) * scale`` with ``mean_dy = sum(g) /
     count``, ``k = sum((x - mean) g) invstd^2 / count`` and ``scale = invstd *
-    weight``.  Compiled on its own without 'reassoc' (as :func:`channel_coefficients`
+    weight``.  Compiled on its own without 'reassoc' (as :func:`channel_forward_coefficients`
     and the elementwise helpers are), so both strategies get the same bits.
     """
     istd = np.float64(invstd)
@@ -113,9 +113,9 @@ def channel_dx_coefficients(sum_dy, dotp, invstd, weight, count):
 
 @kernel(parallel=False)
 def backward_coefficients(sum_dy, dotp, invstd, weight, count, mean_dy_out, k_out, scale_out):
-    """:func:`channel_dx_coefficients` for every channel, for the streamed strategies."""
+    """:func:`channel_backward_coefficients` for every channel, for the streamed strategies."""
     for c in range(sum_dy.shape[0]):
-        mean_dy_out[c], k_out[c], scale_out[c] = channel_dx_coefficients(sum_dy[c], dotp[c], invstd[c],
+        mean_dy_out[c], k_out[c], scale_out[c] = channel_backward_coefficients(sum_dy[c], dotp[c], invstd[c],
                                                                          weight[c], count)
 
 

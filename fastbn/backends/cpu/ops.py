@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastbn.backends import Backend
+from fastbn._layout import ROWS
+from fastbn.backends import Backend, SyncPieces
 from fastbn.backends.cpu import elementwise, fused, numerics, reductions, views
 from fastbn.backends.cpu import plan as cpu_plan
-from fastbn.backends.cpu.plan import ROWS
 from fastbn.backends.cpu.threads import kernel_guard
 
-__all__ = ["BACKEND", "CpuBackend", "LAUNCH_LOG"]
+__all__ = ["BACKEND", "CpuBackend", "CpuSyncPieces", "LAUNCH_LOG"]
 
 #: Tests set this to a list to record every kernel launch as ``(kernel name, plan)``.
 LAUNCH_LOG = None
@@ -204,11 +204,56 @@ def _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu=False, resi
 
 
 # -------------------------------------------------------------- backend ---
+class CpuSyncPieces(SyncPieces):
+    """The CPU backend's pieces of synchronised batch norm (see :class:`fastbn.backends.SyncPieces`)."""
+
+    def local_moments(self, x, axis):
+        channels = x.shape[axis]
+        if x.size == 0:
+            return np.zeros(channels), np.zeros(channels)
+        layout, x_view = views.channel_view(x, axis)
+        return stats(cpu_plan.choose("moments", layout, x_view.shape, x_view.itemsize), x_view)
+
+    def normalize_with_stats(self, x, axis, dtype, mean64, var64, weight, bias, eps):
+        mean = mean64.astype(dtype)
+        invstd = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
+        if x.size == 0:
+            return np.empty(x.shape, x.dtype), mean, invstd
+        return _normalize_with(x, axis, dtype, mean, invstd, weight, bias), mean, invstd
+
+    def update_running(self, running_mean, running_var, mean64, var64, momentum, count):
+        _update_running(running_mean, running_var, mean64, var64, momentum, count)
+
+    def backward_sums(self, dy, x, axis, mean):
+        channels = x.shape[axis]
+        if x.size == 0:
+            return np.zeros(channels), np.zeros(channels)
+        layout, x_view = views.channel_view(x, axis)
+        chosen = cpu_plan.choose("backward_sums", layout, x_view.shape, x_view.itemsize)
+        return backward_reduce(chosen, views.readonly(views.same_view(layout, dy, axis)), x_view,
+                               np.ascontiguousarray(mean))
+
+    def backward_dx(self, dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, count):
+        if x.size == 0:
+            return np.empty(x.shape, x.dtype)
+        weight, _ = _parameters(weight, None, x.shape[axis], dtype)
+        istd = invstd.astype(np.float64)
+        layout, x_view = views.channel_view(x, axis)
+        dx, dx_view, fresh = views.empty_like_layout(layout, x, axis)
+        chosen = cpu_plan.choose("backward_dx", layout, x_view.shape, x_view.itemsize, out_fresh=fresh)
+        backward_elementwise_into(
+            chosen, views.readonly(views.same_view(layout, dy, axis)), x_view, np.ascontiguousarray(mean),
+            (sum_dy64 / count).astype(dtype), (dotp64 * istd * istd / count).astype(dtype),
+            _scale(invstd, weight), dx_view,
+        )
+        return dx
+
+
 class CpuBackend(Backend):
     """fastbn's operations on the Numba CPU kernels (see :class:`fastbn.backends.Backend`)."""
 
     name = "cpu"
-    supports_process_group = True
+    sync = CpuSyncPieces()
 
     def to_backend(self, obj, name):
         return views.to_host(obj, name)
@@ -327,51 +372,6 @@ class CpuBackend(Backend):
         if bias is not None:
             folded_bias = folded_bias + bias.astype(np.float64)
         return folded_weight, folded_bias.astype(layer_weight.dtype)
-
-    # -- synchronised batch norm: the same operations, split where the
-    # per-channel sums cross processes.  A process may hold no elements at
-    # all, so each piece accepts an empty x.
-
-    def local_moments(self, x, axis):
-        channels = x.shape[axis]
-        if x.size == 0:
-            return np.zeros(channels), np.zeros(channels)
-        layout, x_view = views.channel_view(x, axis)
-        return stats(cpu_plan.choose("moments", layout, x_view.shape, x_view.itemsize), x_view)
-
-    def normalize_with_stats(self, x, axis, dtype, mean64, var64, weight, bias, eps):
-        mean = mean64.astype(dtype)
-        invstd = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
-        if x.size == 0:
-            return np.empty(x.shape, x.dtype), mean, invstd
-        return _normalize_with(x, axis, dtype, mean, invstd, weight, bias), mean, invstd
-
-    def update_running(self, running_mean, running_var, mean64, var64, momentum, count):
-        _update_running(running_mean, running_var, mean64, var64, momentum, count)
-
-    def backward_sums(self, dy, x, axis, mean):
-        channels = x.shape[axis]
-        if x.size == 0:
-            return np.zeros(channels), np.zeros(channels)
-        layout, x_view = views.channel_view(x, axis)
-        chosen = cpu_plan.choose("backward_sums", layout, x_view.shape, x_view.itemsize)
-        return backward_reduce(chosen, views.readonly(views.same_view(layout, dy, axis)), x_view,
-                               np.ascontiguousarray(mean))
-
-    def backward_dx(self, dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, count):
-        if x.size == 0:
-            return np.empty(x.shape, x.dtype)
-        weight, _ = _parameters(weight, None, x.shape[axis], dtype)
-        istd = invstd.astype(np.float64)
-        layout, x_view = views.channel_view(x, axis)
-        dx, dx_view, fresh = views.empty_like_layout(layout, x, axis)
-        chosen = cpu_plan.choose("backward_dx", layout, x_view.shape, x_view.itemsize, out_fresh=fresh)
-        backward_elementwise_into(
-            chosen, views.readonly(views.same_view(layout, dy, axis)), x_view, np.ascontiguousarray(mean),
-            (sum_dy64 / count).astype(dtype), (dotp64 * istd * istd / count).astype(dtype),
-            _scale(invstd, weight), dx_view,
-        )
-        return dx
 
 
 #: The CPU backend, as :func:`fastbn.backends.load` returns it.

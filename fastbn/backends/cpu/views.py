@@ -35,7 +35,7 @@ import sys
 import numpy as np
 
 from fastbn._frameworks import framework_of
-from fastbn._layout import ROWS, SLAB, kernel_shape, pattern
+from fastbn._layout import ROWS, SLAB, fallback, kernel_shape, pattern
 from fastbn.backends.cpu import alloc
 
 __all__ = ["ROWS", "SLAB", "channel_view", "empty_like_layout", "readonly", "restorer", "same_view", "to_host"]
@@ -244,8 +244,8 @@ def channel_view(x, axis):
     """
     layout = pattern(x.shape, x.strides, x.itemsize, axis)
     if layout is None:
+        layout = fallback(x.shape, axis)
         x = np.ascontiguousarray(x)
-        layout = pattern(x.shape, x.strides, x.itemsize, axis)
     return layout, readonly(same_view(layout, x, axis))
 
 

@@ -19,9 +19,9 @@ for float64) within a block, on values shifted by a per-channel pivot; the
 blocks' partials are merged per channel in float64 and rounded once to the
 statistics dtype.  (The CPU backend accumulates in float64 throughout.)
 
-The synchronised pieces of :class:`~fastbn.backends.Backend` are not
-implemented here (``supports_process_group`` is False), and the private
-``plan`` override is the CPU backend's only.
+Synchronised batch norm has no CUDA pieces yet (``sync`` is None, so
+``process_group`` is refused before any launch), and the private ``plan``
+override is the CPU backend's only.
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ from fastbn.backends.cuda import numerics, target, views
 from fastbn.backends.cuda import plan as launch
 
 __all__ = ["BACKEND", "CudaBackend"]
-
-_NO_PROCESS_GROUP = "process_group: not supported on the cuda backend yet"
-
 
 def _check_no_plan(plan):
     if plan is not None:
@@ -82,7 +79,7 @@ class CudaBackend(Backend):
     """The CUDA backend: kernels of :mod:`fastbn.backends.cuda`, on device arrays."""
 
     name = "cuda"
-    supports_process_group = False
+    sync = None  # synchronised batch norm is CPU-only so far
 
     # -- the caller's arrays -------------------------------------------------
     def to_backend(self, obj, name):
@@ -276,27 +273,6 @@ class CudaBackend(Backend):
         as_row = target.view(layer_bias, (1, channels), (0, np.dtype(layer_bias.dtype).itemsize))
         folded_bias = _normalize_given(as_row, 1, dtype, running_mean, running_var, weight, bias, eps)[0]
         return folded_weight, target.view(folded_bias, (channels,), (np.dtype(folded_bias.dtype).itemsize,))
-
-    # -- pieces of synchronised batch norm: not on this backend -----------------
-    def local_moments(self, x, axis):
-        """Not implemented on CUDA (``supports_process_group`` is False)."""
-        raise ValueError(_NO_PROCESS_GROUP)
-
-    def normalize_with_stats(self, x, axis, dtype, mean64, var64, weight, bias, eps):
-        """Not implemented on CUDA (``supports_process_group`` is False)."""
-        raise ValueError(_NO_PROCESS_GROUP)
-
-    def update_running(self, running_mean, running_var, mean64, var64, momentum, count):
-        """Not implemented on CUDA (``supports_process_group`` is False)."""
-        raise ValueError(_NO_PROCESS_GROUP)
-
-    def backward_sums(self, dy, x, axis, mean):
-        """Not implemented on CUDA (``supports_process_group`` is False)."""
-        raise ValueError(_NO_PROCESS_GROUP)
-
-    def backward_dx(self, dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, count):
-        """Not implemented on CUDA (``supports_process_group`` is False)."""
-        raise ValueError(_NO_PROCESS_GROUP)
 
 
 #: The backend object :func:`fastbn.backends.load` returns.

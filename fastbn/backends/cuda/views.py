@@ -182,7 +182,7 @@ class Layout:
         itemsize = np.dtype(x.dtype).itemsize
         kind = _layout.pattern(shape, byte_strides(x), itemsize, axis)
         if kind is None:
-            kind = _layout.ROWS if math.prod(shape[axis + 1:]) == 1 else _layout.SLAB
+            kind = _layout.fallback(shape, axis)
         self.rows = kind == _layout.ROWS
         self.order = _layout.order(kind, len(shape), axis)
         self.channels = shape[axis]
