@@ -25,6 +25,7 @@ from fastbn._validate import (
     check_channels,
     check_like_x,
     check_running,
+    check_variance,
     check_x,
     stats_dtype,
 )
@@ -210,8 +211,11 @@ def forward(
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None:
             check_channel_vector(value, name, channels, dtype)
-    has_running = check_running(running_mean, running_var, channels, dtype)
+    has_running = check_running(running_mean, running_var, channels, dtype,
+                                (("weight", weight), ("bias", bias), ("x", x), ("residual", residual)))
     batch_stats, groups = _options.resolve(opts, tuple(x.shape), axis, has_running)
+    if has_running and (not batch_stats or opts.renorm is not None):
+        check_variance(running_var, "running_var")  # read: eval normalises with it, renorm scales by it
     if opts.collectives is not None and ops.sync is None:
         raise ValueError(f"process_group: not supported on the {ops.name} backend yet")
     if opts.collectives is not None and _plan is not None:
@@ -234,6 +238,28 @@ def forward(
                                            relu=relu, residual=residual, plan=_plan)
     return restore(y), Saved(mean, invstd, batch_stats, count // groups, tuple(x.shape), axis, None,
                              opts.activation, residual is not None, virtual_batch_size if groups > 1 else None, r, d)
+
+
+def _check_saved_fields(saved):
+    """The scalar fields of ``saved`` have the types forward gives them (a tampered Saved is refused)."""
+    def bad(field, expected):
+        value = getattr(saved, field)
+        return TypeError(f"saved.{field}: expected {expected}, as fastbn.forward returns it, got {value!r}")
+
+    if not isinstance(saved.batch_stats, (bool, np.bool_)):
+        raise bad("batch_stats", "True or False")
+    if not isinstance(saved.residual, (bool, np.bool_)):
+        raise bad("residual", "True or False")
+    if not (isinstance(saved.shape, tuple) and all(isinstance(n, (int, np.integer)) and n >= 0 for n in saved.shape)):
+        raise bad("shape", "a tuple of sizes")
+    if isinstance(saved.axis, (bool, np.bool_)) or not isinstance(saved.axis, (int, np.integer)):
+        raise bad("axis", "an integer")
+    if isinstance(saved.count, (bool, np.bool_)) or not isinstance(saved.count, (int, np.integer)) or saved.count < 0:
+        raise bad("count", "a non-negative integer")
+    if saved.activation not in _options.ACTIVATIONS:
+        raise bad("activation", "None or 'relu'")
+    if (saved.r is None) != (saved.d is None):
+        raise bad("d" if saved.d is None else "r", "renorm's r and d together, or neither")
 
 
 def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
@@ -299,6 +325,7 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
         raise TypeError(
             f"saved: expected the fastbn.Saved returned by fastbn.forward, got {type(saved).__name__}"
         )
+    _check_saved_fields(saved)
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy: expected the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
     if dy.dtype != x.dtype:
@@ -418,6 +445,7 @@ def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend
     for name, value in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
         if value is not None or name in ("mean", "var"):
             check_channel_vector(value, name, channels, dtype)
+    check_variance(var, "var")
     return restore(ops.normalize(x, axis, dtype, mean, var, weight, bias, eps, plan=_plan))
 
 
@@ -482,6 +510,7 @@ def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps=
                         ("bias", bias)):
         if value is not None or name.startswith("running"):
             check_channel_vector(value, name, channels, dtype)
+    check_variance(running_var, "running_var")
     folded_weight, folded_bias = ops.fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps,
                                           axis)
     return restore(folded_weight), restore(folded_bias)

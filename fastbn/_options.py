@@ -99,7 +99,7 @@ def check_renorm(renorm: Any) -> tuple[float, float] | None:
     if renorm is None:
         return None
     message = "renorm: expected a pair (rmax, dmax) of numbers with rmax >= 1 and dmax >= 0"
-    if isinstance(renorm, (str, bytes)) or not hasattr(renorm, "__len__") or len(renorm) != 2:
+    if not isinstance(renorm, (tuple, list, np.ndarray)) or len(renorm) != 2:
         raise TypeError(f"{message}, got {type(renorm).__name__}")
     values = []
     for name, value in zip(("rmax", "dmax"), renorm):

@@ -98,8 +98,50 @@ def check_channel_vector(value, name, channels, dtype, *, writable=False):
     return value
 
 
-def check_running(running_mean, running_var, channels, dtype):
-    """Check the running-statistics pair; return True if it was given."""
+def _strides(array):
+    """Byte strides of a host or device array (C order when its interface leaves them out)."""
+    if isinstance(array, np.ndarray):
+        return array.strides
+    interface = getattr(array, "__cuda_array_interface__", None) or {}
+    strides = interface.get("strides")
+    if strides is None:
+        itemsize = np.dtype(array.dtype).itemsize
+        strides = tuple(itemsize * math.prod(array.shape[d + 1:]) for d in range(len(array.shape)))
+    return tuple(strides)
+
+
+def _byte_span(array):
+    """The bytes ``[low, high)`` a device array touches (from its CUDA array interface)."""
+    interface = array.__cuda_array_interface__
+    low = high = interface["data"][0]
+    for extent, stride in zip(array.shape, _strides(array)):
+        low += min(0, stride * (extent - 1))
+        high += max(0, stride * (extent - 1))
+    return low, high + np.dtype(array.dtype).itemsize
+
+
+def _overlap(a, b):
+    """Whether two arrays of the same kind (both host or both device) share memory."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.may_share_memory(a, b) and np.shares_memory(a, b)
+    if hasattr(a, "__cuda_array_interface__") and hasattr(b, "__cuda_array_interface__"):
+        if math.prod(a.shape) == 0 or math.prod(b.shape) == 0:
+            return False
+        (a_low, a_high), (b_low, b_high) = _byte_span(a), _byte_span(b)
+        return a_low < b_high and b_low < a_high
+    return False
+
+
+def check_running(running_mean, running_var, channels, dtype, others=()):
+    """Check the running-statistics pair; return True if it was given.
+
+    fastbn writes them in place, so each must be the caller's own writable
+    memory, one element per channel: not a zero-stride (broadcast or
+    expanded) array, whose channels would overwrite each other, and not
+    sharing memory with the other running statistic or with any array of
+    ``others`` (``(name, array)`` pairs: weight, bias, x, residual), which
+    the update would overwrite.
+    """
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(
@@ -107,15 +149,32 @@ def check_running(running_mean, running_var, channels, dtype):
         )
     if running_mean is None:
         return False
-    check_channel_vector(running_mean, "running_mean", channels, dtype, writable=True)
-    check_channel_vector(running_var, "running_var", channels, dtype, writable=True)
-    if (
-        isinstance(running_mean, np.ndarray)
-        and isinstance(running_var, np.ndarray)
-        and np.shares_memory(running_mean, running_var)
-    ):
+    for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+        check_channel_vector(value, name, channels, dtype, writable=True)
+        if channels > 1 and 0 in _strides(value):
+            raise ValueError(f"{name}: has stride 0 (a broadcast or expanded array), so its channels would "
+                             "overwrite each other; it is updated in place, pass an array of its own")
+    if _overlap(running_mean, running_var):
         raise ValueError("running_var: must not share memory with running_mean")
+    for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+        for other_name, other in others:
+            if other is not None and _overlap(value, other):
+                raise ValueError(f"{name}: shares memory with {other_name}, which the in-place update would "
+                                 "overwrite; pass an array of its own")
     return True
+
+
+def check_variance(value, name):
+    """Refuse negative variances (``var`` of normalize, the running variance read in eval, renorm and fold).
+
+    ``sqrt(var + eps)`` of a negative variance is NaN, silently.  NaN itself
+    passes (it propagates as in PyTorch).  Host arrays only: reading a device
+    array's values would synchronise the device inside the call.
+    """
+    if isinstance(value, np.ndarray) and value.size and bool((value < 0).any()):
+        channel = int(np.flatnonzero(value < 0)[0])
+        raise ValueError(f"{name}: expected non-negative variances, got {value.flat[channel]} for channel {channel}")
+    return value
 
 
 def check_like_x(value, name, x):

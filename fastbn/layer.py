@@ -16,6 +16,7 @@ the device (``Backend.from_host``) and stay there.
 from __future__ import annotations
 
 import operator
+import threading
 
 import numpy as np
 
@@ -242,6 +243,9 @@ class BatchNorm:
         self.grad_bias = None
         # (x, saved) of the last forward: what backward needs.
         self._cache = None
+        # Held by forward and backward: their state changes (running statistics, the batch counter, the
+        # input kept for backward) are one step each, also when threads share the layer.
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------- modes ---
     def train(self, mode=True):
@@ -297,13 +301,18 @@ class BatchNorm:
             if self.dtype == np.float64
             else (np.dtype(np.float16), np.dtype(np.float32))
         )
-        if np.dtype(x.dtype) not in accepted:
+        try:
+            # A torch dtype prints as "torch.float32": NumPy knows the name after the dot.
+            dtype = np.dtype(str(x.dtype).rpartition(".")[2])
+        except TypeError:
+            dtype = None
+        if dtype not in accepted:
             names = " or ".join(str(d) for d in accepted)
             raise TypeError(
                 f"x: a BatchNorm with dtype {self.dtype} takes {names} input, got {x.dtype}; "
                 + (
                     "build the layer with dtype=np.float64 for float64 input"
-                    if x.dtype == np.float64
+                    if dtype == np.float64
                     else "convert the input"
                 )
             )
@@ -336,7 +345,27 @@ class BatchNorm:
         In training mode with running statistics, ``num_batches_tracked`` is
         incremented and the statistics are updated, both only if the call
         succeeds.
+
+        Threads may share a layer: each forward and each backward runs under
+        the layer's lock, so no update or increment is lost.  ``backward``
+        uses the input of the most recent ``forward``, so a thread's forward
+        and backward must not interleave with another thread's on the same
+        layer (as with any stateful layer: give each thread its own, or
+        serialise the steps).
         """
+        with self._lock:
+            return self._forward(x)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_lock"]  # locks do not pickle or copy; each copy gets its own
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def _forward(self, x):
         self._check_input(x)
         self._follow(_dispatch.backend_for(x))
         tracking = self.track_running_stats
@@ -405,14 +434,15 @@ class BatchNorm:
         earlier ones.  The formulas follow the mode of the last forward: in
         eval mode the statistics are constants.
         """
-        if self._cache is None:
-            raise RuntimeError("backward: call forward (layer(x)) before backward")
-        x, saved = self._cache
-        dx, grad_weight, grad_bias = _backward(dy, x, self.weight, saved, axis=self.axis)
-        if self.affine:
-            self.grad_weight = grad_weight
-            self.grad_bias = grad_bias
-        return dx
+        with self._lock:
+            if self._cache is None:
+                raise RuntimeError("backward: call forward (layer(x)) before backward")
+            x, saved = self._cache
+            dx, grad_weight, grad_bias = _backward(dy, x, self.weight, saved, axis=self.axis)
+            if self.affine:
+                self.grad_weight = grad_weight
+                self.grad_bias = grad_bias
+            return dx
 
     # --------------------------------------------------------- optimizer ---
     def parameters(self):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import threading
+import warnings
 
 import numba
 
@@ -58,7 +60,60 @@ def kernel(func=None, *, parallel=True):
         # available") when no cache directory is writable.
         return numba.njit(cache=False, **options)(func)
     _stamp_with_backend_sources(dispatcher)
+    dispatcher._cache = _FallbackCache(dispatcher, dispatcher._cache)
     return dispatcher
+
+
+_warned = threading.Event()
+
+
+def _warn_once(exc):
+    if not _warned.is_set():
+        _warned.set()
+        warnings.warn(f"fastbn: the kernel cache on disk failed ({type(exc).__name__}: {exc}); kernels that "
+                      "cannot use it are compiled without it (set NUMBA_CACHE_DIR to a writable directory)",
+                      RuntimeWarning, stacklevel=4)
+
+
+class _FallbackCache:
+    """A kernel's disk cache whose failures never fail a call.
+
+    Numba lets an unreadable or corrupt cache file (a truncated write, a full
+    disk) or a cache directory that became unwritable raise out of the
+    kernel call, on every call.  Here a failed read rewrites the kernel's
+    index empty, so that the kernel is compiled and cached afresh (the cache
+    heals); a failed write, or a failed rewrite, switches caching off for
+    that kernel in this process.  Either way the call goes on, and the first
+    failure in the process is reported once as a RuntimeWarning.
+    """
+
+    def __init__(self, dispatcher, cache):
+        self._dispatcher = dispatcher
+        self._cache = cache
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    def _give_up(self, exc):
+        _warn_once(exc)
+        self._dispatcher._cache = numba.core.caching.NullCache()
+
+    def load_overload(self, sig, target_context):
+        try:
+            return self._cache.load_overload(sig, target_context)
+        except Exception as exc:  # noqa: BLE001 - any cache fault: compile instead
+            _warn_once(exc)
+            try:
+                self._cache.flush()  # an empty index: the entry is compiled and saved again
+            except Exception as flush_exc:  # noqa: BLE001
+                self._give_up(flush_exc)
+            return None
+
+    def save_overload(self, sig, data):
+        try:
+            self._cache.save_overload(sig, data)
+        except Exception as exc:  # noqa: BLE001 - any cache fault: run uncached
+            self._give_up(exc)
 
 
 @functools.cache

@@ -19,7 +19,10 @@ layer before any parallel kernel has run.  When TBB cannot be loaded, it uses
 ``workqueue`` (fork-safe) and serialises kernel launches with a lock (which
 makes it thread-safe).  A layer the user chose explicitly with
 ``NUMBA_THREADING_LAYER``, or one some other library already started, is
-respected; fastbn then adds the lock if that layer is ``workqueue``.
+respected; fastbn then adds the lock if that layer is ``workqueue``, and
+warns (once, when it first needs threads) if another library's parallel code
+already started ``omp`` without anyone choosing it, since a fork after that
+kills the child.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import ctypes
 import os
 import sys
 import threading
+import warnings
 
 __all__ = ["configure", "kernel_guard", "threading_layer"]
 
@@ -117,7 +121,8 @@ def configure() -> str:
         import numba
         from numba.np.ufunc import parallel
 
-        if not parallel._is_initialized:
+        started_elsewhere = parallel._is_initialized
+        if not started_elsewhere:
             have_tbb = _preload_libtbb()
             user_choice = os.environ.get("NUMBA_THREADING_LAYER")
             if numba.config.THREADING_LAYER == "default" and not user_choice:
@@ -132,6 +137,15 @@ def configure() -> str:
                 numba.config.THREADING_LAYER = "workqueue"
                 parallel._launch_threads()
         layer = numba.threading_layer()
+        chosen = os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER not in ("default",)
+        if started_elsewhere and layer == "omp" and not chosen:
+            # Numba starts its layer once per process: it cannot be replaced now.
+            warnings.warn(
+                "fastbn: Numba's threading layer was already started as 'omp' (GNU OpenMP) by other parallel "
+                "code before fastbn's first kernel; a process forked after a parallel kernel has run will be "
+                "killed. Call fastbn.threading_layer() before any other Numba parallel code (fastbn then starts "
+                "the fork-safe 'tbb' layer), or set NUMBA_THREADING_LAYER=tbb.",
+                RuntimeWarning, stacklevel=3)
         _needs_lock = layer == "workqueue"
         _layer = layer
         return layer

@@ -128,8 +128,14 @@ def to_host(obj, name):
     ValueError
         If ``obj`` is a torch tensor on a device fastbn does not run on.
     """
-    if obj is None or isinstance(obj, np.ndarray):
-        return obj
+    if obj is None:
+        return None
+    if isinstance(obj, np.ndarray):
+        if isinstance(obj, np.ma.MaskedArray):
+            raise TypeError(f"{name}: is a masked array, whose mask fastbn would ignore; pass a plain array "
+                            "(e.g. array.filled(value)), or the unmasked values")
+        # np.matrix and other subclasses: a plain view of the same memory.
+        return obj if type(obj) is np.ndarray else obj.view(np.ndarray)
     kind = framework_of(obj)
     if kind == "torch":
         return _torch_to_numpy(obj, name)
@@ -146,6 +152,10 @@ def to_host(obj, name):
         array = _from_dlpack(obj)
         if array is not None:
             return array
+    if name in _UPDATED_IN_PLACE:
+        # np.asarray may copy a list, a tuple or an __array__ object: the update would go into the copy.
+        raise TypeError(f"{name}: expected a NumPy array or a CPU torch tensor, which fastbn updates in place, "
+                        f"got {type(obj).__name__} (converting it would update a copy and lose the update)")
     try:
         return np.asarray(obj)
     except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
