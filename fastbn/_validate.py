@@ -82,6 +82,14 @@ def check_channels(x, axis, name="x", allow_empty=False):
     return channels, count
 
 
+def _read_only(value):
+    """Whether a host array's flags, or a device array's CUDA array interface, mark it read-only."""
+    if isinstance(value, np.ndarray):
+        return not value.flags.writeable
+    interface = getattr(value, "__cuda_array_interface__", None)
+    return bool(interface and interface["data"][1])
+
+
 def check_channel_vector(value, name, channels, dtype, *, writable=False):
     """Check a per-channel array: ndarray, shape (C,), exactly ``dtype``."""
     if not _is_array(value):
@@ -93,7 +101,7 @@ def check_channel_vector(value, name, channels, dtype, *, writable=False):
         raise TypeError(f"{name}: expected dtype {dtype} (to match the input), got {value.dtype}")
     if tuple(value.shape) != (channels,):
         raise ValueError(f"{name}: expected shape ({channels},), got {tuple(value.shape)}")
-    if writable and not getattr(getattr(value, "flags", None), "writeable", True):
+    if writable and _read_only(value):
         raise ValueError(f"{name}: must be writable, it is updated in place")
     return value
 

@@ -131,7 +131,6 @@ class CudaBackend(Backend):
         """
         _check_no_plan(plan)
         layout = views.Layout(x, axis)
-        views.check_running(running_mean, running_var)
         residual_access = None if residual is None else layout.same(residual, "residual")
         channels = layout.channels
         x_flat = layout.x_access.flat()
@@ -173,7 +172,6 @@ class CudaBackend(Backend):
         copy, so later updates of ``running_mean`` cannot change ``saved``.
         """
         _check_no_plan(plan)
-        views.check_running(running_mean, running_var)
         return _normalize_given(x, axis, dtype, running_mean, running_var, weight, bias, eps, relu, residual)
 
     def normalize(self, x, axis, dtype, mean, var, weight, bias, eps, *, plan=None):

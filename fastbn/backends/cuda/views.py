@@ -26,7 +26,7 @@ from fastbn._frameworks import framework_of
 from fastbn.backends.cuda import target
 from fastbn.backends.cuda.plan import GATHER_RANK, gather_flat
 
-__all__ = ["FlatAccess", "Layout", "byte_strides", "check_running", "grouped", "restorer", "split", "to_device",
+__all__ = ["FlatAccess", "Layout", "byte_strides", "grouped", "restorer", "split", "to_device",
            "vector"]
 
 
@@ -233,34 +233,3 @@ def split(buffer, channels, *counts):
         pieces.append(buffer[start:start + count * channels])
         start += count * channels
     return pieces
-
-
-# ------------------------------------------------- checks on device arrays ---
-def _byte_range(array):
-    """The first and one-past-last byte addresses that ``array`` touches."""
-    pointer = target.interface(array)["data"][0]
-    itemsize = np.dtype(array.dtype).itemsize
-    low = high = 0
-    for extent, stride in zip(array.shape, byte_strides(array)):
-        low += min(0, stride * (extent - 1))
-        high += max(0, stride * (extent - 1))
-    return pointer + low, pointer + high + itemsize
-
-
-def check_running(running_mean, running_var):
-    """The in-place checks the generic validation cannot make on device arrays.
-
-    Raises
-    ------
-    ValueError
-        If either running statistic is read-only, or the two share memory;
-        the message names the argument.
-    """
-    if running_mean is None:
-        return
-    for name, array in (("running_mean", running_mean), ("running_var", running_var)):
-        if target.interface(array)["data"][1]:
-            raise ValueError(f"{name}: must be writable, it is updated in place")
-    (a_low, a_high), (b_low, b_high) = _byte_range(running_mean), _byte_range(running_var)
-    if a_low < b_high and b_low < a_high:
-        raise ValueError("running_var: must not share memory with running_mean")
