@@ -136,14 +136,16 @@ def merge_moments(gathered, channels):
             f"process_group: allgather returned shape {gathered.shape}, "
             f"expected (processes, {1 + 2 * channels})"
         )
-    from fastbn.backends.cpu.numerics import merge_piece  # the CPU backend's one Chan merge
+    # The CPU backend's one Chan merge, run as the plain Python it is written in: the vectors are tiny, and
+    # compiling it would cost every process a compilation at its first synchronised forward.
+    from fastbn.backends.cpu.numerics import merge_piece
 
     count = 0.0
     mean = np.zeros(channels)
     m2 = np.zeros(channels)
     # Rank order, the same on every process, so every process gets identical bits.
     for row in gathered:
-        merge_piece(count, mean, m2, row[0], np.ascontiguousarray(row[1:1 + channels]),
+        merge_piece.py_func(count, mean, m2, row[0], np.ascontiguousarray(row[1:1 + channels]),
                     np.ascontiguousarray(row[1 + channels:]))
         count += row[0]
     var = m2 / count if count > 0 else m2
