@@ -22,10 +22,20 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["ROWS", "SLAB", "fallback", "is_contiguous_in", "kernel_shape", "order", "pattern"]
+__all__ = ["ROWS", "SLAB", "c_strides", "fallback", "is_contiguous_in", "kernel_shape", "order", "pattern"]
 
 SLAB = "slab"
 ROWS = "rows"
+
+
+def c_strides(shape: Sequence[int], itemsize: int) -> tuple[int, ...]:
+    """The byte strides of a C-ordered array of ``shape`` (extent-0 axes step as extent 1)."""
+    strides = []
+    step = itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def order(layout: str, ndim: int, axis: int) -> list[int]:

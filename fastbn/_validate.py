@@ -14,6 +14,8 @@ import operator
 
 import numpy as np
 
+from fastbn._layout import c_strides
+
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -112,10 +114,7 @@ def _strides(array):
         return array.strides
     interface = getattr(array, "__cuda_array_interface__", None) or {}
     strides = interface.get("strides")
-    if strides is None:
-        itemsize = np.dtype(array.dtype).itemsize
-        strides = tuple(itemsize * math.prod(array.shape[d + 1:]) for d in range(len(array.shape)))
-    return tuple(strides)
+    return c_strides(tuple(array.shape), np.dtype(array.dtype).itemsize) if strides is None else tuple(strides)
 
 
 def _byte_span(array):

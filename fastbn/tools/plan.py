@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from fastbn._layout import kernel_shape, pattern
+from fastbn._layout import c_strides, kernel_shape, pattern
 from fastbn.tools.cases import parse_shape
 
 #: The public operations, as (label, the plan's operation).
@@ -41,8 +41,7 @@ def plans(dims, axis, dtype, *, relu=False):
     dtype = np.dtype(dtype)
     dims = tuple(dims)
     axis = axis % len(dims)
-    strides = tuple(dtype.itemsize * math.prod(dims[d + 1:]) for d in range(len(dims)))  # C order
-    layout = pattern(dims, strides, dtype.itemsize, axis)
+    layout = pattern(dims, c_strides(dims, dtype.itemsize), dtype.itemsize, axis)
     shape = kernel_shape(layout, dims, axis)
     nbytes = math.prod(dims) * dtype.itemsize
     found = []

@@ -235,6 +235,11 @@ def _check_override(override: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(override)
 
 
+def _tensors(operation: str, masked: bool) -> int:
+    """Inputs a fused task reads per element: x (forward, statistics), x and dy, and y behind a ReLU."""
+    return 1 if operation != "backward_train" else (3 if masked else 2)
+
+
 def _strategy(operation: str, shape: Sequence[int], itemsize: int, out_fresh: bool, masked: bool,
               budget: int) -> tuple[str, int, list[str]]:
     """The SLAB strategy and fused group, with the reasons (see the module docstring)."""
@@ -242,7 +247,7 @@ def _strategy(operation: str, shape: Sequence[int], itemsize: int, out_fresh: bo
     fusable = operation in ("moments", "forward_train", "backward_train")
     if not fusable:
         return "streamed", 0, ["one pass in memory order (nothing to fuse)"]
-    tensors = 1 if operation != "backward_train" else (3 if masked else 2)
+    tensors = _tensors(operation, masked)
     channel = N * L * itemsize * tensors
     group = slab_group(shape, itemsize, tensors, budget)
     if group == 0:
@@ -321,8 +326,7 @@ def choose(operation: str, layout: str, shape: Sequence[int], itemsize: int, *, 
                                                                                   "backward_train")):
             raise ValueError(f"_plan: {operation} on a {layout} view has no fused plan")
         strategy = forced["strategy"]
-        tensors = 1 if operation != "backward_train" else (3 if masked else 2)
-        group = (slab_group(shape, itemsize, tensors, fuse_bytes(facts)) or 1) if strategy == "fused" else 0
+        group = (slab_group(shape, itemsize, _tensors(operation, masked), fuse_bytes(facts)) or 1) if strategy == "fused" else 0
         reasons.append(f"strategy forced to {strategy} (_plan)")
     writes = operation not in ("moments", "backward_sums")
     out_bytes = math.prod(shape) * itemsize if writes else 0

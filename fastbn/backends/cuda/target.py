@@ -48,6 +48,8 @@ import numpy as np
 from numba import cuda  # the CUDA target; see the module docstring before changing it
 from numba.cuda import types
 
+from fastbn._layout import c_strides  # re-exported: the CUDA modules take it from here
+
 __all__ = [
     "NAME",
     "SIMULATOR",
@@ -224,14 +226,6 @@ else:
         return result
 
 
-def c_strides(shape, itemsize):
-    """The byte strides of a C-ordered array of ``shape``."""
-    strides = []
-    step = itemsize
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 class _Interface:
