@@ -18,12 +18,33 @@ from fastbn._layout import c_strides
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
+#: The input dtypes, as error messages name them.
+FLOAT_NAMES = "float16, bfloat16, float32 or float64"
+
+
+_IS_BFLOAT16 = {}
+
+
+def is_bfloat16(dtype):
+    """Whether ``dtype`` is bfloat16 (ml_dtypes' NumPy dtype, which JAX uses too).
+
+    Recognised by name, so that ``import fastbn`` need not import ml_dtypes:
+    a bfloat16 array can only exist once something has registered the dtype.
+    The answer is kept per dtype: NumPy builds ``dtype.name`` anew on every
+    read (microseconds, several times a call).
+    """
+    known = _IS_BFLOAT16.get(dtype)
+    if known is None:
+        known = _IS_BFLOAT16[dtype] = getattr(dtype, "name", None) == "bfloat16"
+    return known
+
 
 def stats_dtype(dtype):
     """The dtype of statistics and parameters for input of ``dtype``.
 
-    float16 input keeps float32 statistics and parameters (as PyTorch does on
-    CPU): half precision overflows at 65504 and resolves only 11 bits.
+    float16 and bfloat16 input keep float32 statistics and parameters (as
+    PyTorch does on CPU): half precision overflows at 65504 and resolves only
+    11 bits, bfloat16 has float32's range but resolves only 8.
     """
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
@@ -39,15 +60,16 @@ def _is_array(value):
 
 
 def check_x(x, name="x"):
-    """Check that ``x`` is a float16/32/64 array of rank >= 2 and return it.
+    """Check that ``x`` is a float16, bfloat16, float32 or float64 array of rank >= 2 and return it.
 
     ``x`` is a NumPy array or a GPU array (anything with ``dtype`` and
     ``shape``), already converted by the dispatcher.
     """
     if not _is_array(x):
-        raise TypeError(f"{name}: expected a float16, float32 or float64 array, got {_describe(x)}")
-    if np.dtype(x.dtype) not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype float16, float32 or float64, got {x.dtype}")
+        raise TypeError(f"{name}: expected a {FLOAT_NAMES} array, got {_describe(x)}")
+    dtype = np.dtype(x.dtype)
+    if dtype not in FLOAT_DTYPES and not is_bfloat16(dtype):
+        raise TypeError(f"{name}: expected dtype {FLOAT_NAMES}, got {x.dtype}")
     if len(x.shape) < 2:
         raise ValueError(
             f"{name}: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}"

@@ -223,11 +223,12 @@ def batch_norm(
     Parameters
     ----------
     x : jax.Array or array_like
-        Input of dtype float16, float32 or float64 (float64 needs
+        Input of dtype float16, bfloat16, float32 or float64 (float64 needs
         ``jax_enable_x64``), rank >= 2.
     weight, bias : jax.Array, optional
         Per-channel scale and shift, shape ``(C,)``, float32 for
-        float16/float32 input and float64 for float64.  Default 1 and 0.
+        float16/bfloat16/float32 input and float64 for float64.  Default 1
+        and 0.
     running_mean, running_var : jax.Array, optional
         Running statistics (both or neither), same dtype.  Never modified:
         the updated ones are returned.

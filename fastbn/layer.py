@@ -65,12 +65,12 @@ def _check_dtype(value):
         dtype = np.dtype(value)
     except TypeError:
         raise TypeError(f"dtype: expected float32 or float64, got {value!r}") from None
-    if dtype == np.float16:
+    if dtype == np.float16 or dtype.name == "bfloat16":
         # The functional API keeps float32 parameters for half input, so a
-        # float16 layer could never run.
+        # float16 or bfloat16 layer could never run.
         raise ValueError(
-            "dtype: float16 parameters are not supported; use dtype=np.float32, "
-            "which also takes float16 input"
+            f"dtype: {dtype.name} parameters are not supported; use dtype=np.float32, "
+            "which also takes float16 and bfloat16 input"
         )
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype: expected float32 or float64, got {dtype}")
@@ -146,8 +146,8 @@ class BatchNorm:
         Whether to keep running statistics.  Without them, batch statistics
         are used in eval mode too, as in PyTorch.
     dtype : numpy dtype, default numpy.float32
-        dtype of the parameters and statistics: ``float32`` for float16 and
-        float32 input, ``float64`` for float64 input.
+        dtype of the parameters and statistics: ``float32`` for float16,
+        bfloat16 and float32 input, ``float64`` for float64 input.
     process_group : object, optional
         Synchronise batch statistics over processes (data-parallel training):
         an mpi4py communicator, a torch.distributed process group or a
@@ -296,23 +296,17 @@ class BatchNorm:
                 f"x: expected {self.num_features} channels on axis {self.axis}, "
                 f"got shape {tuple(x.shape)}"
             )
-        accepted = (
-            (np.dtype(np.float64),)
-            if self.dtype == np.float64
-            else (np.dtype(np.float16), np.dtype(np.float32))
-        )
-        try:
-            # A torch dtype prints as "torch.float32": NumPy knows the name after the dot.
-            dtype = np.dtype(str(x.dtype).rpartition(".")[2])
-        except TypeError:
-            dtype = None
+        # By name: a torch dtype prints as "torch.float32", and bfloat16 has
+        # no NumPy dtype unless ml_dtypes has been imported.
+        accepted = ("float64",) if self.dtype == np.float64 else ("float16", "bfloat16", "float32")
+        dtype = str(x.dtype).rpartition(".")[2]
         if dtype not in accepted:
-            names = " or ".join(str(d) for d in accepted)
+            names = "float64" if self.dtype == np.float64 else "float16, bfloat16 or float32"
             raise TypeError(
                 f"x: a BatchNorm with dtype {self.dtype} takes {names} input, got {x.dtype}; "
                 + (
                     "build the layer with dtype=np.float64 for float64 input"
-                    if dtype == np.float64
+                    if dtype == "float64"
                     else "convert the input"
                 )
             )
@@ -324,8 +318,8 @@ class BatchNorm:
         ----------
         x : array
             Input with at least 2 dimensions and ``num_features`` channels
-            on ``axis``; float16 or float32 for a float32 layer, float64 for
-            a float64 layer.
+            on ``axis``; float16, bfloat16 or float32 for a float32 layer,
+            float64 for a float64 layer.
 
         Returns
         -------

@@ -13,16 +13,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 from hypothesis import strategies as st
 
 from oracle import channel_axis, oracle_moments, per_channel, reduce_axes
 
 DTYPES = (np.float16, np.float32, np.float64)
+# Not in DTYPES, so that the suite compiles its kernels once more only where a test asks for it
+# (tests/test_bfloat16.py draws it on its own).
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def stats_dtype(dtype) -> np.dtype:
-    """dtype of parameters, running stats and statistics: float32 for half/single, else float64."""
+    """dtype of parameters, running stats and statistics: float32 for the half types and single,
+    else float64."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
@@ -51,13 +56,20 @@ TOLERANCES = {
     np.dtype(np.float64): Tol(rtol=1e-10, atol=1e-10),
     # float32: u = 6.0e-8; 1e-5 is ~170 ulps: a pairwise / blocked reduction over 2e4 elements
     # costs ~u * log2(n) (15 ulps), float64 accumulation far less, plus a few ulps per
-    # elementwise operation.  Stats of float16 input are float32 and use this entry too.
+    # elementwise operation.  Stats of float16 and bfloat16 input are float32 and use this entry.
     np.dtype(np.float32): Tol(rtol=1e-5, atol=1e-5),
     # float16 outputs (y, dx): the result is rounded to half at the end; half has an 11-bit
     # significand, so rounding alone costs up to 2^-11 = 4.9e-4 relative: rtol 1e-3 is ~2
     # half-ulps.  The arithmetic before that rounding is float32 (atol as float32), and a
     # result that lands among half's subnormals is off by up to half their spacing: floor 2^-24.
     np.dtype(np.float16): Tol(rtol=1e-3, atol=1e-5, floor=2.0**-24),
+    # bfloat16 outputs (y, dx): the same float32 arithmetic (widening bfloat16 is exact), then one
+    # rounding to nearest of the float32 result v = e + d, |d| <= 1e-5 * scale (the float32 entry),
+    # to bfloat16's 8-bit significand: |round(v) - v| <= 2^-8 |v| <= 2^-8 (|e| + |d|), so
+    # |round(v) - e| <= 2^-8 |e| + (1 + 2^-8) |d|: rtol 2^-8 = 3.9e-3 (the bound itself, half a
+    # bfloat16 ulp), atol float32's times (1 + 2^-8).  Below 2^-126 the spacing is 2^-133 (the
+    # subnormals, which the rounding keeps): floor half of it, 2^-134.
+    BFLOAT16: Tol(rtol=2.0**-8, atol=1e-5 * (1 + 2.0**-8), floor=2.0**-134),
 }
 
 # Central finite differences of the float64 oracle with step h = 1e-5 * sqrt(var_c + eps) per
@@ -74,7 +86,7 @@ NUMERICS_VAR_RTOL = 1e-5
 def unit_roundoff(dtype) -> float:
     """u = half an ulp of 1: the relative error of rounding one value to `dtype` (used where a
     test itself rounds data, e.g. x -> a*x + b, and must allow for that rounding)."""
-    return float(np.finfo(dtype).eps) / 2
+    return float(ml_dtypes.finfo(dtype).eps) / 2  # ml_dtypes' finfo knows NumPy's dtypes and bfloat16
 
 
 def output_tol(dtype) -> Tol:
@@ -261,8 +273,9 @@ def place(values: np.ndarray, dtype, layout, axis: int) -> np.ndarray:
 
 
 # Data scale (spread) exponents: half keeps values (offset + 5 spreads) far below 65504 and
-# spreads far above its subnormals.
-_SCALE_EXPONENTS = {np.dtype(np.float16): (-2, 2), np.dtype(np.float32): (-3, 3), np.dtype(np.float64): (-3, 3)}
+# spreads far above its subnormals; bfloat16 has float32's exponent range.
+_SCALE_EXPONENTS = {np.dtype(np.float16): (-2, 2), BFLOAT16: (-3, 3), np.dtype(np.float32): (-3, 3),
+                    np.dtype(np.float64): (-3, 3)}
 OFFSET_RATIOS = (0.0, 1.0, 10.0, 50.0)  # |per-channel mean| / spread is drawn up to this
 
 

@@ -25,6 +25,7 @@ import pytest
 import fastbn
 from fastbn.backends.cpu import alloc as _alloc
 from oracle import oracle_backward, oracle_forward
+from strategies import BFLOAT16
 
 MiB = 1 << 20
 N = 4 * MiB // 4  # float32 elements of a 4 MiB array
@@ -75,7 +76,7 @@ def test_memory_is_reused_after_the_array_dies(pool):
     assert pool.stats()["hits"] == 1 and pool.stats()["misses"] == 1
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32, np.float64])
 def test_arrays_are_ordinary_and_usable(pool, dtype):
     a = pool.empty((3, 5, MiB // 8), dtype)
     assert a.dtype == dtype and a.shape == (3, 5, MiB // 8) and a.flags.c_contiguous

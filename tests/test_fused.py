@@ -25,6 +25,7 @@ from oracle import (
     reduce_axes,
 )
 from strategies import (
+    BFLOAT16,
     EPSILONS,
     FD_TOL,
     TOLERANCES,
@@ -402,7 +403,7 @@ def test_plan_fuses_long_runs_into_memory_in_use_and_streams_otherwise():
 @st.composite
 def layers(draw):
     """(layer_weight, layer_bias or None, axis, dtype): dense (out, in) or conv (out, in, k, k)."""
-    dtype = np.dtype(draw(st.sampled_from((np.float16, np.float32, np.float64))))
+    dtype = np.dtype(draw(st.sampled_from((np.float16, BFLOAT16, np.float32, np.float64))))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     kind = draw(st.sampled_from(("dense", "conv", "conv_transpose", "keras_dense")))

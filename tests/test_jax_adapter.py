@@ -15,9 +15,10 @@ from fastbn.jax import batch_norm  # noqa: E402
 
 # float64: the formulas are exact, only summation order differs.  float32: a few ulps of
 # outputs and of reductions over <= 1e3 elements (data of mean 2, spread 3).  float16: y is
-# rounded to half at the end (2^-11 relative), on values up to ~5.
+# rounded to half at the end (2^-11 relative), on values up to ~5.  bfloat16: the same, rounded
+# to bfloat16 (2^-8 relative; both sides round, so two of bfloat16's ulps of 2^-7).
 TOL = {np.dtype(np.float64): dict(rtol=1e-10, atol=1e-10), np.dtype(np.float32): dict(rtol=2e-5, atol=2e-5),
-       np.dtype(np.float16): dict(rtol=2e-3, atol=2e-3)}
+       np.dtype(np.float16): dict(rtol=2e-3, atol=2e-3), np.dtype(jnp.bfloat16): dict(rtol=2**-6, atol=2**-6)}
 
 
 def reference(x, weight, bias, running_mean, running_var, training, momentum, eps, axis):
@@ -84,10 +85,10 @@ CASES = [
 ]
 
 
-# float16 on two cases only (training on rows, eval on a slab): each new dtype, layout and
-# mode compiles kernels, and the cases above already cover the flags.
+# float16 and bfloat16 on two cases only (training on rows, eval on a slab): each new dtype,
+# layout and mode compiles kernels, and the cases above already cover the flags.
 VALUE_CASES = [case + (dtype,) for dtype in (np.float32, np.float64) for case in CASES] + [
-    CASES[0] + (np.float16,), CASES[5] + (np.float16,)]
+    CASES[i] + (dtype,) for dtype in (np.float16, jnp.bfloat16) for i in (0, 5)]
 
 
 @pytest.mark.parametrize("shape, axis, training, running, affine, dtype", VALUE_CASES)
@@ -218,8 +219,8 @@ def test_errors_are_raised_when_tracing():
         batch_norm(x, running_mean=rm)
     with pytest.raises(TypeError, match="^running_var: expected dtype float32"):
         batch_norm(x, running_mean=rm, running_var=rv.astype(jnp.int32))
-    with pytest.raises(TypeError, match="^x: expected dtype"):
-        batch_norm(x.astype(jnp.bfloat16))
+    with pytest.raises(TypeError, match="^x: expected dtype float16, bfloat16, float32 or float64"):
+        batch_norm(x.astype(jnp.int32))
     with pytest.raises(TypeError, match="^momentum: "):
         jax.jit(lambda x, m: batch_norm(x, momentum=m))(x, 0.1)
     with pytest.raises(TypeError, match="^training: "):

@@ -21,7 +21,8 @@ def _copy(dst, src):
     stream_copy(dst, src)
 
 
-@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.float64])
+# uint16 and int16: the element types the kernels see for float16 and bfloat16.
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.float32, np.float64])
 def test_stream_copy_writes_exactly_the_destination_at_every_offset(dtype):
     rng = np.random.default_rng(0)
     per_line = 64 // np.dtype(dtype).itemsize

@@ -9,6 +9,7 @@ import pytest
 import fastbn
 from oracle import oracle_backward, oracle_forward, oracle_moments, reduce_axes
 from strategies import (
+    BFLOAT16,
     NUMERICS_VAR_RTOL,
     Tol,
     assert_close,
@@ -158,7 +159,8 @@ _ORACLE_ON_NONFINITE = pytest.mark.filterwarnings("ignore:invalid value encounte
 
 @_ORACLE_ON_NONFINITE
 @pytest.mark.parametrize("layout", sorted(NONFINITE_SHAPES))
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=["float16", "float32", "float64"])
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32, np.float64],
+                         ids=["float16", "bfloat16", "float32", "float64"])
 def test_nan_and_inf_stay_in_their_channel_in_training(dtype, layout):
     x, axis = _nonfinite_input(dtype, layout)
     C = x.shape[axis]
@@ -211,7 +213,8 @@ def test_nan_and_inf_stay_in_their_channel_in_training(dtype, layout):
 
 @_ORACLE_ON_NONFINITE
 @pytest.mark.parametrize("layout", sorted(NONFINITE_SHAPES))
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=["float16", "float32", "float64"])
+@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32, np.float64],
+                         ids=["float16", "bfloat16", "float32", "float64"])
 def test_nan_and_inf_stay_in_their_element_in_eval(dtype, layout):
     """In eval mode the normalisation is elementwise: only the NaN/Inf elements themselves
     are non-finite (NaN stays NaN, +-Inf stays infinite), the rest is exact."""

@@ -18,9 +18,9 @@ non-temporal stores and compile flags; the CUDA target module).
 
 Every method receives arguments already validated by :mod:`fastbn._api`, in
 the backend's own array kind (NumPy arrays on the CPU, device arrays on
-CUDA): ``dtype`` is the statistics dtype (float32 for float16/float32 input,
-float64 for float64), ``axis`` is non-negative, per-channel arrays have
-shape ``(C,)``.  Per-channel sums that cross processes (the synchronised
+CUDA): ``dtype`` is the statistics dtype (float32 for float16/bfloat16/float32
+input, float64 for float64; only the CPU backend takes bfloat16), ``axis`` is
+non-negative, per-channel arrays have shape ``(C,)``.  Per-channel sums that cross processes (the synchronised
 path, :mod:`fastbn._sync`) are float64 NumPy vectors on the host.
 """
 

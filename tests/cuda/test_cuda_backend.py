@@ -310,6 +310,25 @@ def test_synchronised_batch_norm_is_refused_before_any_launch(launches):
     assert launches == []
 
 
+def test_bfloat16_is_refused_before_any_launch(launches):
+    """Only the CPU kernels take bfloat16: a bfloat16 GPU array, foreign or numba's, is a TypeError
+    naming the argument, raised when the arrays are converted, before any check or launch."""
+    from strategies import BFLOAT16
+
+    x = np.ones((4, 2, 3), BFLOAT16)
+    running = np.zeros(2, np.float32)
+    for array in (gpu(x), numba_device(x)):
+        with pytest.raises(TypeError, match="^x: bfloat16 is not supported on the CUDA backend"):
+            fastbn.forward(array, running_mean=gpu(running), running_var=gpu(running + 1))
+        with pytest.raises(TypeError, match="^dy: bfloat16 is not supported on the CUDA backend"):
+            fastbn.backward(array, gpu(np.ones((4, 2, 3), np.float32)), None, None)
+    with pytest.raises(TypeError, match="^running_var: bfloat16 is not supported on the CUDA backend"):
+        fastbn.forward(gpu(np.ones((4, 2, 3), np.float32)), running_mean=gpu(running),
+                       running_var=gpu(running.astype(BFLOAT16)))
+    assert launches == []
+    assert running.tobytes() == np.zeros(2, np.float32).tobytes()
+
+
 def test_plan_override_is_refused(launches):
     x = BACKEND.to_backend(gpu(np.ones((4, 2, 3), np.float32)), "x")
     dtype = np.dtype(np.float32)
@@ -373,6 +392,8 @@ def _error_cases():
     import test_errors as errors
 
     for dtype, dtype_id in zip(errors.DTYPES, errors.DTYPE_IDS):
+        if dtype_id == "bfloat16":  # refused as a whole on the GPU (test_bfloat16_is_refused_before_any_launch)
+            continue
         for case_id, exc, argument, change in errors.FORWARD_ERRORS:
             def call(change=change, dtype=dtype):
                 args = change(errors.good_forward_args(dtype))

@@ -1,4 +1,4 @@
-"""The CPU kernels' building blocks: float16 in registers, optional operands, and the inner loops.
+"""The CPU kernels' building blocks: half types in registers, optional operands, and the inner loops.
 
 Every inner loop runs over a 1-D contiguous view with an index from
 ``range(len)``: Numba then knows the index is non-negative and drops its
@@ -9,8 +9,11 @@ negative-index check, which otherwise blocks vectorisation (2.5x slower).
 
 float16 arrays arrive viewed as ``uint16`` (Numba's CPU target has no
 float16 type) and are converted in registers with the hardware's
-half<->single instructions; elementwise work is done in the statistics
-dtype (float32 for float16 and float32 input, float64 for float64 input).
+half<->single instructions; bfloat16 arrays arrive viewed as ``int16`` (a
+distinct type, so that :func:`load` and :func:`cast_to` specialise on it)
+and are converted with integer arithmetic on the bits.  Elementwise work is
+done in the statistics dtype (float32 for float16, bfloat16 and float32
+input, float64 for float64 input).
 """
 
 from __future__ import annotations
@@ -48,14 +51,66 @@ def _float_to_half_bits(typingctx, value):
     return sig, codegen
 
 
+# --------------------------------------------------------------- bfloat16 ---
+# bfloat16 is the upper half of a float32 (sign, the same 8-bit exponent, 7
+# of its 23 fraction bits), so widening is exact: the 16 bits shifted into
+# the top of a 32-bit word.  Narrowing rounds to nearest, ties to even, on
+# the float32's bits b: adding 0x7FFF + (bit 16 of b) and dropping the low
+# 16 bits rounds up exactly when the dropped half is above 0x8000, or equal
+# to it (a tie) with an odd kept bit.  A carry out of the fraction steps the
+# exponent, which is the right answer: the next binade, or Inf from
+# 0x7F7F8000 up (half an ulp past bfloat16's largest finite value, 0x7F7F).
+# Inf, whose fraction is 0, stays Inf; zeros and subnormals round like any
+# other bits (no flush); b + 0x8000 never passes 2^32 for a non-NaN b (at
+# most 0xFF800000, -Inf).  A NaN whose payload lies in the low 16 bits would
+# round to Inf, so every NaN becomes the quiet NaN 0x7FC0 with its sign
+# kept: ml_dtypes' (Eigen's) conversion, bit for bit.  (torch's scalar
+# conversion gives 0x7FC0 for every NaN, its vectorised one 0xFFFF: NaN bits
+# are not portable.)  The NaN case is a select, not a branch, so loops of it
+# vectorise.  An output's error is then the float32 arithmetic's plus this
+# one rounding, at most 2^-8 of its magnitude (half an ulp of an 8-bit
+# significand; tests/strategies.py derives the tolerance).
+@intrinsic
+def _bfloat16_bits_to_float(typingctx, bits):
+    """Widen the bfloat16 whose bits are ``bits`` to float32 (exact)."""
+    sig = types.float32(types.int16)
+
+    def codegen(context, builder, signature, args):
+        word = builder.zext(args[0], ir.IntType(32))
+        return builder.bitcast(builder.shl(word, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _float_to_bfloat16_bits(typingctx, value):
+    """Round float32 to bfloat16 (to nearest even, NaN kept a quiet NaN) and return its bits."""
+    sig = types.int16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        high = builder.lshr(bits, ir.Constant(i32, 16))
+        bias = builder.add(builder.and_(high, ir.Constant(i32, 1)), ir.Constant(i32, 0x7FFF))
+        rounded = builder.lshr(builder.add(bits, bias), ir.Constant(i32, 16))
+        quiet_nan = builder.or_(builder.and_(high, ir.Constant(i32, 0x8000)), ir.Constant(i32, 0x7FC0))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
+
+    return sig, codegen
+
+
+# ------------------------------------------------------ loads and stores ---
 def load(value):
-    """Read one element as a number: float16 bits become float32."""
+    """Read one element as a number: float16 (uint16) and bfloat16 (int16) bits become float32."""
 
 
 @overload(load, inline="always")
 def _load_impl(value):
     if value == types.uint16:
         return lambda value: _half_bits_to_float(value)
+    if value == types.int16:
+        return lambda value: _bfloat16_bits_to_float(value)
     return lambda value: value
 
 
@@ -68,6 +123,8 @@ def _cast_to_impl(array, value):
     kind = array.dtype if isinstance(array, types.Array) else array  # an array, or a number of that type
     if kind == types.uint16:
         return lambda array, value: _float_to_half_bits(np.float32(value))
+    if kind == types.int16:
+        return lambda array, value: _float_to_bfloat16_bits(np.float32(value))
     if kind == types.float32:
         return lambda array, value: np.float32(value)
     return lambda array, value: np.float64(value)
@@ -113,7 +170,7 @@ def gradient(dy, mask, i):
 def _gradient_impl(dy, mask, i):
     if isinstance(mask, types.NoneType):
         return lambda dy, mask, i: load(dy[i])
-    zero = np.float64(0) if dy.dtype == types.float64 else np.float32(0)  # float32 for float16 and float32
+    zero = np.float64(0) if dy.dtype == types.float64 else np.float32(0)  # float32 for the half types and float32
 
     def impl(dy, mask, i):
         return _select(load(mask[i]) > 0, load(dy[i]), zero)

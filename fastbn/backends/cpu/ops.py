@@ -8,7 +8,7 @@ the small per-channel arithmetic in between.  Every argument has already
 been checked by :mod:`fastbn._api`.
 
 Per-channel statistics come out of the kernels in float64 and are rounded
-once to the statistics dtype (float32 for float16/float32 input).
+once to the statistics dtype (float32 for float16/bfloat16/float32 input).
 
 The functions ending in ``_into`` run one plan on kernel views and write
 into given outputs; the benchmark's reused-output diagnostic calls them too.
@@ -357,7 +357,9 @@ class CpuBackend(Backend):
     def fold(self, layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
         """``(s * W, s * (c - mean) + bias)`` with ``s = weight * invstd``, in float64, rounded once.
 
-        The folded weight keeps ``layer_weight``'s memory order.
+        The folded weight keeps ``layer_weight``'s memory order.  A bfloat16
+        layer is rounded through float32 (ml_dtypes' conversion from float64),
+        so within ``2^-8 (1 + 2^-16)`` relative rather than ``2^-8``.
         """
         channels = layer_weight.shape[axis]
         scale = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)

@@ -22,6 +22,11 @@ JAX array is immutable: its view is read-only, so fastbn's check on running
 statistics rejects it (use :func:`fastbn.jax.batch_norm`, which returns new
 ones).  Frameworks are recognised by :mod:`fastbn._frameworks`.
 
+NumPy has no bfloat16; fastbn uses ml_dtypes' (JAX's, so a JAX bfloat16
+array comes in as it is).  A bfloat16 tensor, which ``numpy()`` refuses, is
+viewed as int16 and then as that dtype, and bfloat16 results go back to
+torch the same way round: views both ways, strides kept.
+
 Then :func:`channel_view` views a validated input in the layout of
 :mod:`fastbn._layout` (a view, or one copy into C order for other strides),
 and :func:`empty_like_layout` allocates an output in that layout's memory
@@ -36,6 +41,7 @@ import numpy as np
 
 from fastbn._frameworks import framework_of
 from fastbn._layout import ROWS, SLAB, fallback, kernel_shape, pattern
+from fastbn._validate import is_bfloat16
 from fastbn.backends.cpu import alloc
 
 __all__ = ["ROWS", "SLAB", "channel_view", "empty_like_layout", "readonly", "restorer", "same_view", "to_host"]
@@ -49,13 +55,6 @@ _DLPACK_CPU = 1
 
 def _torch_to_numpy(tensor, name):
     torch = sys.modules["torch"]
-    if tensor.dtype == torch.bfloat16:
-        # No NumPy dtype to view it as, and an 8-bit significand is too coarse
-        # for statistics: say so rather than copy to float32 behind the back.
-        raise TypeError(
-            f"{name}: bfloat16 is not supported by fastbn; convert it first, "
-            "e.g. tensor.float() (or .half())"
-        )
     if tensor.device.type != "cpu":
         raise ValueError(
             f"{name}: is a torch tensor on device '{tensor.device}'; fastbn takes CPU tensors "
@@ -65,9 +64,18 @@ def _torch_to_numpy(tensor, name):
         # An expanded tensor repeats one element: writing each channel into it
         # would leave the last channel's value everywhere.
         raise ValueError(f"{name}: must not be an expanded (stride 0) tensor, it is updated in place")
+    if tensor.is_neg() and name not in _UPDATED_IN_PLACE:
+        # A lazily negated view (torch._neg_view, some conj paths) has no
+        # NumPy view of its values; an input that is only read is resolved
+        # to a copy, while running statistics must stay the caller's memory.
+        tensor = tensor.detach().resolve_neg()
     try:
         # detach() shares memory and drops requires_grad, which numpy() refuses;
         # numpy() keeps the tensor's strides (channels_last included).
+        if tensor.dtype == torch.bfloat16:
+            # numpy() refuses bfloat16 (NumPy has no such dtype): reinterpret the
+            # same 16 bits as int16, then as ml_dtypes' bfloat16, still a view.
+            return tensor.detach().view(torch.int16).numpy().view(_bfloat16())
         return tensor.detach().numpy()
     except (RuntimeError, TypeError) as exc:  # sparse, quantized, conj/neg views
         raise TypeError(f"{name}: this torch tensor cannot be viewed as a NumPy array ({exc})") from None
@@ -123,8 +131,8 @@ def to_host(obj, name):
     Raises
     ------
     TypeError
-        If ``obj`` cannot be read as an array (bfloat16 tensors, traced JAX
-        values, strings, ...); the message starts with ``name``.
+        If ``obj`` cannot be read as an array (traced JAX values, sparse
+        tensors, strings, ...); the message starts with ``name``.
     ValueError
         If ``obj`` is a torch tensor on a device fastbn does not run on.
     """
@@ -165,7 +173,11 @@ def to_host(obj, name):
 def _to_torch(array):
     # from_numpy shares memory with the fresh result and keeps its strides,
     # so channels_last input gives a channels_last tensor.
-    return sys.modules["torch"].from_numpy(array)
+    torch = sys.modules["torch"]
+    if is_bfloat16(array.dtype):
+        # from_numpy refuses ml_dtypes' bfloat16: the same bits as int16, viewed back.
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _jax_restorer(like):
@@ -217,9 +229,22 @@ def restorer(like):
 
 
 # ------------------------------------------------------------ kernel views ---
+def _bfloat16():
+    """ml_dtypes' bfloat16 dtype, imported on first use (``import fastbn`` does not import ml_dtypes)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def as_kernel_dtype(array):
-    """``array``, float16 reinterpreted as uint16: Numba's CPU target has no float16."""
-    return array.view(np.uint16) if array.dtype == np.float16 else array
+    """``array``, float16 reinterpreted as uint16 and bfloat16 as int16: Numba's CPU target has neither.
+
+    Two distinct integer types, so that the kernels' loads and stores
+    (:mod:`fastbn.backends.cpu.loops`) specialise on which half type it is.
+    """
+    if array.dtype == np.float16:
+        return array.view(np.uint16)
+    return array.view(np.int16) if is_bfloat16(array.dtype) else array
 
 
 def readonly(array):
@@ -250,7 +275,8 @@ def channel_view(x, axis):
         ``ROWS`` or ``SLAB`` (:func:`fastbn._layout.pattern`).
     view : numpy.ndarray
         A read-only C-contiguous view of ``x`` (of a copy, if ``x`` was not
-        contiguous in either pattern), float16 reinterpreted as uint16.
+        contiguous in either pattern), float16 reinterpreted as uint16 and
+        bfloat16 as int16.
     """
     layout = pattern(x.shape, x.strides, x.itemsize, axis)
     if layout is None:

@@ -45,11 +45,17 @@ def to_device(obj, name):
     ------
     TypeError
         If ``obj`` is not a GPU array, or its interface cannot be read (a
-        PyTorch tensor that requires grad, for one); the message starts with
-        ``name``.
+        PyTorch tensor that requires grad, for one), or it is bfloat16, which
+        only the CPU kernels take; the message starts with ``name``.
     """
     if obj is None:
         return None
+    # Before reading the interface: its typestr for bfloat16 is an opaque "<V2"
+    # (torch refuses to export one at all), and no CUDA kernel converts it.
+    if str(getattr(obj, "dtype", "")).rpartition(".")[2] == "bfloat16":
+        raise TypeError(f"{name}: bfloat16 is not supported on the CUDA backend (its kernels take float16, "
+                        "float32 or float64); convert it (e.g. to float16 or float32), or pass host arrays "
+                        "to run on the CPU, which takes bfloat16")
     try:
         if target.is_device_array(obj) or hasattr(obj, "__cuda_array_interface__"):
             return target.as_device_array(obj)
