@@ -40,7 +40,8 @@ class Saved(NamedTuple):
     ----------
     mean : numpy.ndarray
         Per-channel mean used to normalise: the batch mean, or the running mean
-        in eval mode.  float32 for float16/float32 input, float64 for float64.
+        in eval mode.  float32 for float16/bfloat16/float32 input, float64 for
+        float64.
     invstd : numpy.ndarray
         Per-channel ``1 / sqrt(var + eps)`` used to normalise, same dtype.
     batch_stats : bool
@@ -101,6 +102,7 @@ def forward(
     virtual_batch_size=None,
     renorm=None,
     _plan=None,
+    _any_momentum=False,
 ):
     """Batch-normalise ``x`` over every axis but the channel axis.
 
@@ -113,10 +115,13 @@ def forward(
     Parameters
     ----------
     x : numpy.ndarray
-        Input of dtype float16, float32 or float64 and rank >= 2, any strides.
+        Input of dtype float16, bfloat16 (``ml_dtypes.bfloat16``, or a
+        bfloat16 torch tensor; CPU only), float32 or float64 and rank >= 2,
+        any strides.
     weight, bias : numpy.ndarray, optional
         Per-channel scale and shift, shape ``(C,)``, in the statistics dtype
-        (float32 for float16/float32 input, float64 for float64).  Default 1 and 0.
+        (float32 for float16/bfloat16/float32 input, float64 for float64).
+        Default 1 and 0.
     running_mean, running_var : numpy.ndarray, optional
         Writable per-channel running statistics in the statistics dtype; both
         or neither.  Updated in place when ``training`` is True.
@@ -126,7 +131,8 @@ def forward(
         In [0, 1]: ``running = (1 - momentum) * running + momentum * batch``.
         Note that Keras and Flax use the opposite convention.
     eps : float, default 1e-5
-        Positive, added to the variance before the square root.
+        Added to the variance before the square root: positive, or zero when
+        the running statistics normalise (eval mode), as in PyTorch.
     axis : int, default 1
         The channel axis: 1 for (N, C), (N, C, L), NCHW, NCDHW; -1 for
         channels-last.  Any valid axis, negative ones too.
@@ -170,6 +176,9 @@ def forward(
         "fused" | "streamed", "nontemporal": bool}`` (see
         :func:`fastbn.backends.cpu.plan.choose`).  A plan never changes a
         result; the CUDA backend refuses it.
+    _any_momentum : bool, default False
+        Private, for :mod:`fastbn.torch`: admit any finite momentum, as
+        ``torch.nn.functional.batch_norm`` does.
 
     Returns
     -------
@@ -205,7 +214,7 @@ def forward(
     axis = check_axis(axis, len(x.shape))
     opts = _options.options(x=x, axis=axis, training=training, momentum=momentum, eps=eps, activation=activation,
                             residual=residual, virtual_batch_size=virtual_batch_size, renorm=renorm,
-                            process_group=process_group)
+                            process_group=process_group, any_momentum=_any_momentum)
     channels, count = check_channels(x, axis, allow_empty=opts.collectives is not None)
     dtype = stats_dtype(x.dtype)
     for name, value in (("weight", weight), ("bias", bias)):
@@ -379,7 +388,8 @@ def moments(x, axis=1, *, backend=None, _plan=None):
     Parameters
     ----------
     x : numpy.ndarray
-        Input of dtype float16, float32 or float64 and rank >= 2.
+        Input of dtype float16, bfloat16 (CPU only), float32 or float64 and
+        rank >= 2.
     axis : int, default 1
         The channel axis.
     backend : {None, "cpu", "cuda"}, default None
@@ -393,7 +403,8 @@ def moments(x, axis=1, *, backend=None, _plan=None):
     Returns
     -------
     mean, var : numpy.ndarray
-        Shape ``(C,)``, float32 for float16/float32 input, float64 for float64.
+        Shape ``(C,)``, float32 for float16/bfloat16/float32 input, float64
+        for float64.
         Two-pass / Chan-merge scheme, accumulated as in :func:`forward`.
     """
     ops, restore, (x,) = _dispatch.prepare(backend, [("x", x)])
@@ -412,7 +423,8 @@ def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend
     Parameters
     ----------
     x : numpy.ndarray
-        Input of dtype float16, float32 or float64 and rank >= 2.
+        Input of dtype float16, bfloat16 (CPU only), float32 or float64 and
+        rank >= 2.
     mean, var : numpy.ndarray
         Per-channel statistics, shape ``(C,)``, in the statistics dtype.
     weight, bias : numpy.ndarray, optional
@@ -462,15 +474,16 @@ def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps=
     Parameters
     ----------
     layer_weight : numpy.ndarray
-        The layer's weight, float16, float32 or float64, rank >= 2: ``(out,
-        in)`` for a dense layer, ``(out, in, *kernel)`` for a PyTorch
-        convolution.
+        The layer's weight, float16, bfloat16 (CPU only), float32 or float64,
+        rank >= 2: ``(out, in)`` for a dense layer, ``(out, in, *kernel)``
+        for a PyTorch convolution.
     layer_bias : numpy.ndarray or None
         The layer's bias, shape ``(C,)`` with ``C = layer_weight.shape[axis]``,
         of layer_weight's dtype; None for a layer without bias.
     running_mean, running_var : numpy.ndarray
         The batch norm's running statistics, ``(C,)``, in the statistics dtype
-        of layer_weight (float32 for float16/float32, float64 for float64).
+        of layer_weight (float32 for float16/bfloat16/float32, float64 for
+        float64).
     weight, bias : numpy.ndarray or None
         The batch norm's affine parameters, ``(C,)``, same dtype; None means 1 and 0.
     eps : float, default 1e-5

@@ -9,10 +9,11 @@ first use (the CUDA one only when a GPU array or ``backend="cuda"`` asks).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Sequence
 
 from fastbn import backends
-from fastbn._frameworks import is_device_array
+from fastbn._frameworks import framework_of, is_device_array
 
 __all__ = ["backend_for", "prepare"]
 
@@ -51,6 +52,7 @@ def prepare(backend: str | None, arrays: Sequence[tuple[str, Any]]) -> tuple[bac
             continue
         if isinstance(obj, (str, bytes)):
             raise TypeError(f"{name}: expected an array, got {type(obj).__name__}")
+        _check_not_tracked(obj, name)
         on_device = is_device_array(obj)
         because = f"backend={backend!r}" if backend else f"{first_name} is a {'GPU' if target == 'cuda' else 'host'} array"
         if target == "cpu" and on_device:
@@ -61,3 +63,20 @@ def prepare(backend: str | None, arrays: Sequence[tuple[str, Any]]) -> tuple[bac
                              "pass GPU arrays for every argument")
     ops = backends.load(target)
     return ops, ops.restorer(first), [ops.to_backend(obj, name) for name, obj in arrays]
+
+
+def _check_not_tracked(obj: Any, name: str) -> None:
+    """Refuse a torch tensor that autograd tracks: the result would silently leave the graph.
+
+    fastbn's array API works outside autograd; :func:`fastbn.torch.batch_norm`
+    is the differentiable entry point.  Under ``torch.no_grad()`` nothing is
+    tracked, so nothing is lost and the tensor is taken.
+    """
+    if framework_of(obj) != "torch" or not getattr(obj, "requires_grad", False):
+        return
+    if sys.modules["torch"].is_grad_enabled():
+        raise TypeError(
+            f"{name}: this torch tensor requires grad, but fastbn's array API works outside autograd, so the "
+            "result would be silently detached; use fastbn.torch.batch_norm (or the fastbn.torch modules), "
+            "which are differentiable, or pass tensor.detach()"
+        )

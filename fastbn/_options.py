@@ -51,23 +51,34 @@ def check_flag(value: Any, name: str) -> bool:
     return bool(value)
 
 
-def check_eps(eps: Any) -> float:
-    """Return ``eps`` as a positive finite float, or raise."""
+def check_eps(eps: Any, *, allow_zero: bool = False) -> float:
+    """Return ``eps`` as a positive finite float (or zero, where ``allow_zero``), or raise.
+
+    ``allow_zero`` is for calls that may normalise with given statistics
+    (eval mode, as PyTorch allows): :func:`resolve` then refuses zero where
+    batch statistics are used, since a constant channel would give 1/0.
+    """
     if _is_bool(eps) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
     eps = float(eps)
-    if not (eps > 0 and math.isfinite(eps)):
+    if not (math.isfinite(eps) and (eps > 0 or (allow_zero and eps == 0))):
         raise ValueError(f"eps: expected a positive finite float, got {eps}")
     return eps
 
 
-def check_momentum(momentum: Any, *, allow_none: bool = False) -> float | None:
-    """Return ``momentum`` as a float in [0, 1] (or None, where ``allow_none``: the layer's cumulative average)."""
+def check_momentum(momentum: Any, *, allow_none: bool = False, any_finite: bool = False) -> float | None:
+    """Return ``momentum`` as a float in [0, 1] (or None, where ``allow_none``: the layer's cumulative average).
+
+    ``any_finite`` admits any finite float, as ``torch.nn.functional.batch_norm``
+    does (values outside [0, 1] extrapolate); only :mod:`fastbn.torch` asks it.
+    """
     if momentum is None and allow_none:
         return None
     if _is_bool(momentum) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum: expected a float in [0, 1], got {type(momentum).__name__}")
     momentum = float(momentum)
+    if any_finite and math.isfinite(momentum):
+        return momentum
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum: expected a float in [0, 1], got {momentum}")
     return momentum
@@ -155,18 +166,19 @@ def check_process_group(process_group: Any) -> Any:
 
 def options(*, x: Any = None, axis: int = 1, training: Any = True, momentum: Any = 0.1, eps: Any = 1e-5,
             activation: Any = None, residual: Any = None, virtual_batch_size: Any = None, renorm: Any = None,
-            process_group: Any = None) -> Options:
+            process_group: Any = None, any_momentum: bool = False) -> Options:
     """Check each option on its own, in a fixed order, and return them as :class:`Options`.
 
     The order is fastbn.forward's: training, momentum, eps, activation, the
     residual (an array like ``x``), renorm, the ghost batch size (that it
     splits ``x``'s batch), the process group; the first bad one raises.
     Without ``x`` (the layer, the JAX adapter) the checks against it are
-    left out.  Combinations are checked by :func:`resolve`.
+    left out.  Combinations are checked by :func:`resolve`.  ``any_momentum``
+    admits any finite momentum (PyTorch's range, for :mod:`fastbn.torch`).
     """
     training = check_flag(training, "training")
-    momentum = check_momentum(momentum)
-    eps = check_eps(eps)
+    momentum = check_momentum(momentum, any_finite=any_momentum)
+    eps = check_eps(eps, allow_zero=x is not None)
     activation = check_activation(activation)
     if residual is not None and x is not None:
         check_like_x(residual, "residual", x)
@@ -195,6 +207,9 @@ def resolve(opts: Options, shape: tuple[int, ...], axis: int, has_running: bool)
     batch_stats = opts.training or not has_running
     groups = opts.groups if batch_stats else 1  # ghost batches only change batch statistics
     count = math.prod(shape) // shape[axis]
+    if batch_stats and opts.eps == 0:
+        raise ValueError("eps: expected a positive float where batch statistics are used (training, or no running "
+                         "statistics), got 0.0; zero is allowed only when normalising with running statistics")
     if opts.collectives is None and opts.training and count // groups == 1:
         where = "" if groups == 1 else f" (in each ghost batch of {vbs})"
         raise ValueError(f"x: Expected more than 1 value per channel when training{where}, got input size {shape}")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import fastbn
-from strategies import stats_dtype
+from strategies import BFLOAT16, stats_dtype
 
-DTYPES = [np.float16, np.float32, np.float64]
-DTYPE_IDS = ["float16", "float32", "float64"]
+DTYPES = [np.float16, BFLOAT16, np.float32, np.float64]
+DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
 C = 3
 ONE_VALUE = "Expected more than 1 value per channel when training"
 
@@ -106,6 +106,8 @@ FORWARD_ERRORS = [
      _set(x=lambda a: np.ascontiguousarray(a["x"][:1, :, :1].transpose(0, 2, 1)), axis=-1)),
     ("one-value-axis0", ValueError, ONE_VALUE, _set(x=lambda a: a["x"][:1, :, 0].T, axis=0)),
     ("eps-zero", ValueError, "eps", _set(eps=0.0)),
+    ("eps-zero-batch-stats-in-eval", ValueError, "eps", _set(eps=0.0, training=False, running_mean=None,
+                                                             running_var=None)),
     ("eps-negative", ValueError, "eps", _set(eps=-1e-5)),
     ("eps-nan", ValueError, "eps", _set(eps=float("nan"))),
     ("eps-inf", ValueError, "eps", _set(eps=float("inf"))),
@@ -178,7 +180,7 @@ def test_forward_rejects(case, dtype):
 def test_the_good_arguments_are_accepted(dtype):
     """The baseline the error cases modify is itself valid (so each error is caused by its change),
     and the near-misses of the error cases are accepted: momentum 0 and 1, one value per channel
-    in eval mode, a negative axis."""
+    in eval mode, a negative axis, eps = 0 where the running statistics normalise (as torch)."""
     args = good_forward_args(dtype)
     x = args.pop("x")
     fastbn.forward(x, args.pop("weight"), args.pop("bias"), **args)
@@ -187,7 +189,8 @@ def test_the_good_arguments_are_accepted(dtype):
                    _set(activation="relu", residual=lambda a: a["x"].copy()), _set(virtual_batch_size=2),
                    _set(virtual_batch_size=4), _set(virtual_batch_size=1, x=lambda a: a["x"][:, :, :2]),
                    _set(renorm=(1, 0)), _set(renorm=[float("inf"), float("inf")]),
-                   _set(renorm=(3.0, 5.0), training=False, running_mean=None, running_var=None)):
+                   _set(renorm=(3.0, 5.0), training=False, running_mean=None, running_var=None),
+                   _set(eps=0.0, training=False)):
         args = change(good_forward_args(dtype))
         x = args.pop("x")
         y, _ = fastbn.forward(x, args.pop("weight"), args.pop("bias"), **args)

@@ -174,8 +174,10 @@ def test_torch_tensors_are_viewed_not_copied(layout):
     assert data_pointer(view) == tensor.data_ptr()
     assert view.strides == tuple(s * tensor.element_size() for s in tensor.stride())
     np.testing.assert_array_equal(view, tensor.detach().numpy())
-    # And back: results become tensors over the same memory.
-    y, _ = fastbn.forward(tensor)
+    # And back: results become tensors over the same memory.  (A tensor that
+    # requires grad is refused outside no_grad: tests/test_torch_dropin.py.)
+    with torch.no_grad():
+        y, _ = fastbn.forward(tensor)
     expected, _ = fastbn.forward(tensor.detach().numpy().copy())
     np.testing.assert_array_equal(y.numpy(), expected)
     result = np.ones((2, 3), np.float32)
@@ -218,18 +220,36 @@ def test_torch_half_input_keeps_float_statistics():
     assert mean.dtype == torch.float32 and var.dtype == torch.float32
 
 
+def test_torch_bfloat16_input_is_a_view_and_keeps_float_statistics():
+    """A bfloat16 tensor (which Tensor.numpy() refuses) comes in as a view of ml_dtypes' bfloat16 and
+    its results go back as bfloat16 tensors: the same values as the NumPy bfloat16 call."""
+    torch = pytest.importorskip("torch")
+    import ml_dtypes
+
+    x = torch.from_numpy(batch(10)).to(torch.bfloat16, memory_format=torch.channels_last)
+    host = views.to_host(x, "x")
+    assert host.dtype == ml_dtypes.bfloat16 and data_pointer(host) == x.data_ptr()
+    expected = numpy_reference(host, host)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y, saved = fastbn.forward(x, running_mean=rm, running_var=rv)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(y.view(torch.int16).numpy(), expected["y"].view(np.int16))
+    np.testing.assert_array_equal(rv.numpy(), expected["running_var"])
+    dx, dweight, _ = fastbn.backward(x, x, None, saved)
+    assert dx.dtype == torch.bfloat16 and dweight.dtype == torch.float32
+    np.testing.assert_array_equal(dx.view(torch.int16).numpy(), expected["dx"].view(np.int16))
+
+
 def test_torch_unsupported_tensors_are_clear_errors():
     torch = pytest.importorskip("torch")
     x = torch.from_numpy(batch(11))
-    with pytest.raises(TypeError, match="^x: bfloat16 is not supported"):
-        fastbn.forward(x.bfloat16())
-    with pytest.raises(TypeError, match="^running_mean: bfloat16"):
+    with pytest.raises(TypeError, match=r"^running_mean: expected dtype float32 \(to match the input\), got bfloat16"):
         fastbn.forward(x, running_mean=torch.zeros(3, dtype=torch.bfloat16), running_var=torch.ones(3))
     with pytest.raises(ValueError, match="^x: is a torch tensor on device 'meta'"):
         fastbn.forward(torch.empty(4, 3, device="meta"))
     with pytest.raises(ValueError, match="^running_var: must not be an expanded"):
         fastbn.forward(x, running_mean=torch.zeros(3), running_var=torch.ones(1).expand(3))
-    with pytest.raises(TypeError, match="^x: expected dtype float16, float32 or float64, got int64"):
+    with pytest.raises(TypeError, match="^x: expected dtype float16, bfloat16, float32 or float64, got int64"):
         fastbn.forward(torch.ones(4, 3, dtype=torch.int64))
 
 

@@ -1,0 +1,228 @@
+"""Batch norm written with torch operations: the derivatives fastbn's kernels do not compute.
+
+fastbn's kernels compute the forward and the first-order backward.  What
+they leave to torch is written here, once, as plain differentiable torch code
+on the same saved values:
+
+* :func:`backward`, the first-order gradients as a function of
+  ``(grad_out, x, weight)``.  In training it recomputes the batch mean and
+  variance from ``x`` with torch, so that autograd through it gives the exact
+  second derivative, the dependence of the statistics on ``x`` included;
+  the double backward of the custom operator is its vector-Jacobian product.
+* :func:`tangent`, forward-mode AD (the jvp) of the forward.
+* :func:`forward`, the whole forward (with ghost batches, renorm, ReLU and
+  residual), for modules reverted to torch (:func:`fastbn.torch.revert`).
+
+They run in the statistics dtype (float32 for float16/bfloat16/float32 input,
+float64 for float64), as the kernels do; the channel axis is 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["backward", "forward", "renorm_factors", "tangent", "update_running"]
+
+
+def stats_dtype(dtype):
+    """float64 for float64 input, float32 otherwise (half and bfloat16 included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel(vector, ndim):
+    """A per-channel vector ``(C,)`` shaped to broadcast against ``(N, C, ...)``."""
+    return vector.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _grouped(tensor, groups):
+    """``(N, C, ...)`` as ``(G, N / G, C, ...)``: one slice per ghost batch."""
+    return tensor.reshape((groups, tensor.shape[0] // groups) + tuple(tensor.shape[1:]))
+
+
+def _group_dims(ndim):
+    """The dimensions of a grouped ``(G, n, C, ...)`` tensor that statistics reduce over."""
+    return [1] + list(range(3, ndim + 1))
+
+
+def _group_stats(xg, saved_mean, saved_invstd, batch_stats, eps):
+    """Mean and invstd broadcastable against grouped ``xg``: from ``xg`` (differentiably) or the saved ones."""
+    if batch_stats:
+        var, mean = torch.var_mean(xg, dim=_group_dims(xg.dim() - 1), correction=0, keepdim=True)
+        return mean, torch.rsqrt(var + eps)
+    shape = (saved_mean.shape[0] if saved_mean.dim() == 2 else 1, 1, -1) + (1,) * (xg.dim() - 3)
+    return saved_mean.reshape(shape), saved_invstd.reshape(shape)
+
+
+def _sum_channels(tensor):
+    """Sum a grouped ``(G, n, C, ...)`` tensor to ``(C,)``."""
+    return tensor.sum(dim=[0] + _group_dims(tensor.dim() - 1))
+
+
+def _factors(r, d, ndim):
+    """Renorm's ``r`` and ``d`` broadcast against a grouped tensor, or (1, 0) without renorm."""
+    if r is None or r.numel() == 0:
+        return None, None
+    shape = (1, 1, -1) + (1,) * (ndim - 2)
+    return r.reshape(shape), d.reshape(shape)
+
+
+def backward(grad_out, x, weight, saved_mean, saved_invstd, r, d, output, *, batch_stats, eps, groups,
+             residual):
+    """The gradients ``(dx, dweight, dbias, dresidual)`` of batch norm, in torch.
+
+    Parameters
+    ----------
+    grad_out, x : torch.Tensor
+        ``(N, C, ...)``: the gradient of the output, and the forward input.
+    weight : torch.Tensor or None
+        ``(C,)``, or None for a unit scale.
+    saved_mean, saved_invstd : torch.Tensor
+        What the forward normalised with, ``(C,)`` or ``(G, C)``; read only in
+        eval (``batch_stats`` False), where they are constants.
+    r, d : torch.Tensor or None
+        Batch renormalization's constants, ``(C,)``, or None / empty.
+    output : torch.Tensor or None
+        The forward's output where it applied a ReLU (its mask), else None.
+    batch_stats : bool
+        Whether the forward used batch statistics (recomputed here from ``x``).
+    eps : float
+        The forward's eps.
+    groups : int
+        Ghost batches (1 without them).
+    residual : bool
+        Whether the forward added a residual (its gradient is then returned).
+
+    Returns
+    -------
+    tuple
+        ``dx`` like ``x``; ``dweight``, ``dbias`` of shape ``(C,)`` in the
+        statistics dtype; ``dresidual`` like ``x``, or None.
+
+    Notes
+    -----
+    With ``xhat = (x - mean) * invstd`` and ``g`` the upstream gradient (times
+    the ReLU mask), the output is ``w * (r * xhat + d) + b``.  In training, for
+    ``n`` values per channel of a (ghost) batch and ``h = g * w * r``::
+
+        dx = invstd * (h - mean(h) - xhat * mean(h * xhat))
+
+    and in eval ``dx = g * w * invstd``; ``dweight = sum(g * (r * xhat + d))``
+    and ``dbias = sum(g)``.  Renorm's ``r`` and ``d`` are constants (Ioffe
+    2017), as in fastbn's kernels.
+    """
+    dtype = stats_dtype(x.dtype)
+    g = grad_out.to(dtype)
+    if output is not None:
+        g = g * (output > 0)
+    gg, xg = _grouped(g, groups), _grouped(x.to(dtype), groups)
+    mean, invstd = _group_stats(xg, saved_mean.to(dtype), saved_invstd.to(dtype), batch_stats, eps)
+    xhat = (xg - mean) * invstd
+    r, d = _factors(r, d, x.dim())
+    w = 1.0 if weight is None else _channel(weight.to(dtype), x.dim()).unsqueeze(0)
+    scaled = xhat if r is None else r * xhat + d
+    h = gg * w if r is None else gg * (w * r)
+    if batch_stats:
+        dims = _group_dims(x.dim())
+        dx = invstd * (h - h.mean(dim=dims, keepdim=True) - xhat * (h * xhat).mean(dim=dims, keepdim=True))
+    else:
+        dx = h * invstd
+    dx = dx.reshape(x.shape).to(x.dtype)
+    dres = g.to(x.dtype) if residual else None
+    return dx, _sum_channels(gg * scaled), _sum_channels(gg), dres
+
+
+def tangent(x, tx, weight, tweight, tbias, tresidual, saved_mean, saved_invstd, r, d, output, *, batch_stats,
+            groups):
+    """The forward-mode derivative (jvp) of the output, given the inputs' tangents (None for zero).
+
+    With the notation of :func:`backward`, in training (per ghost batch)
+    ``t_xhat = invstd * (tx - mean(tx) - xhat * mean(xhat * tx))``; in eval
+    ``t_xhat = invstd * tx``.  Then ``t_y = w * r * t_xhat + tw * (r * xhat +
+    d) + tb + t_residual``, times the ReLU mask where the forward applied one.
+    """
+    dtype = stats_dtype(x.dtype)
+    xg = _grouped(x.to(dtype), groups)
+    mean, invstd = _group_stats(xg, saved_mean.to(dtype), saved_invstd.to(dtype), False, 0.0)
+    xhat = (xg - mean) * invstd
+    r, d = _factors(r, d, x.dim())
+    total = torch.zeros_like(xg)
+    if tx is not None:
+        txg = _grouped(tx.to(dtype), groups)
+        if batch_stats:
+            dims = _group_dims(x.dim())
+            txg = txg - txg.mean(dim=dims, keepdim=True) - xhat * (xhat * txg).mean(dim=dims, keepdim=True)
+        t_xhat = invstd * txg
+        if r is not None:
+            t_xhat = r * t_xhat
+        total = total + (t_xhat if weight is None else _channel(weight.to(dtype), x.dim()).unsqueeze(0) * t_xhat)
+    if tweight is not None:
+        scaled = xhat if r is None else r * xhat + d
+        total = total + _channel(tweight.to(dtype), x.dim()).unsqueeze(0) * scaled
+    if tbias is not None:
+        total = total + _channel(tbias.to(dtype), x.dim()).unsqueeze(0)
+    total = total.reshape(x.shape)
+    if tresidual is not None:
+        total = total + tresidual.to(dtype)
+    if output is not None:
+        total = total * (output > 0)
+    return total.to(x.dtype)
+
+
+def renorm_factors(x, running_mean, running_var, eps, rmax, dmax):
+    """Batch renormalization's ``(r, d)``, from the batch and the running statistics before the update.
+
+    ``r = clip(sigma / sigma_running, 1/rmax, rmax)`` and ``d = clip((mean -
+    mean_running) / sigma_running, -dmax, dmax)``, with ``sigma = sqrt(var +
+    eps)``: constants for the gradient (computed without autograd).
+    """
+    with torch.no_grad():
+        dtype = stats_dtype(x.dtype)
+        dims = [0] + list(range(2, x.dim()))
+        var, mean = torch.var_mean(x.to(dtype), dim=dims, correction=0)
+        sigma_running = torch.sqrt(running_var.to(dtype) + eps)
+        r = torch.clamp(torch.sqrt(var + eps) / sigma_running, 1.0 / rmax, rmax)
+        d = torch.clamp((mean - running_mean.to(dtype)) / sigma_running, -dmax, dmax)
+    return r, d
+
+
+def forward(x, weight, bias, running_mean, running_var, residual, *, batch_stats, eps, relu, groups, r=None, d=None):
+    """The output of fastbn's forward (running statistics not updated: :func:`update_running`).
+
+    ``batch_stats`` False normalises with the running statistics; ``groups``
+    ghost batches each use their own statistics; ``r``, ``d`` apply renorm.
+    """
+    dtype = stats_dtype(x.dtype)
+    xg = _grouped(x.to(dtype), groups)
+    if batch_stats:
+        mean, invstd = _group_stats(xg, None, None, True, eps)
+    else:
+        mean = running_mean.to(dtype)
+        mean, invstd = _group_stats(xg, mean, torch.rsqrt(running_var.to(dtype) + eps), False, eps)
+    y = (xg - mean) * invstd
+    r, d = _factors(r, d, x.dim())
+    if r is not None:
+        y = r * y + d
+    if weight is not None:
+        y = y * _channel(weight.to(dtype), x.dim()).unsqueeze(0)
+    if bias is not None:
+        y = y + _channel(bias.to(dtype), x.dim()).unsqueeze(0)
+    y = y.reshape(x.shape)
+    if residual is not None:
+        y = y + residual.to(dtype)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)
+
+
+def update_running(x, running_mean, running_var, momentum, groups):
+    """``running = (1 - momentum) * running + momentum * batch``, in place, with the unbiased variance.
+
+    With ghost batches, the batch values are the averages over the groups of
+    their means and of their unbiased variances, as in fastbn's kernels.
+    """
+    with torch.no_grad():
+        xg = _grouped(x.to(stats_dtype(x.dtype)), groups)
+        dims = _group_dims(x.dim())
+        var, mean = torch.var_mean(xg, dim=dims, correction=1)
+        running_mean.mul_(1.0 - momentum).add_(mean.mean(dim=0).to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(var.mean(dim=0).to(running_var.dtype), alpha=momentum)
