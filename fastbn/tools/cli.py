@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn {demo,startup,ptx,bench,bench-fused,plan}``.
+"""Command line: ``python -m fastbn {demo,startup,ptx,bench,bench-fused,bench-torch,plan,torch-suite}``.
 
 ``demo``
     A forward/backward round trip on an NCHW batch, checked against plain
@@ -16,9 +16,16 @@
 ``bench-fused``
     The fused forms (ReLU, residual add, ghost batches, renormalization)
     against the same work as separate calls (fastbn/tools/bench_fused.py).
+``bench-torch``
+    ``fastbn.torch.batch_norm`` against ``torch.nn.functional.batch_norm``,
+    small calls (the per-call cost) and large ones (fastbn/tools/bench_torch.py).
 ``plan``
     The CPU plan chosen for an input, and the machine facts it rests on
     (fastbn/tools/plan.py).
+``torch-suite``
+    PyTorch's own batch-norm tests (from a PyTorch source checkout), run on
+    plain torch and with fastbn swapped in; lists the tests that pass on
+    torch but fail on fastbn (fastbn/tools/torch_suite.py).
 
 The command modules are imported when the parser is built, but leave Numba,
 PyTorch and numba-cuda until their command runs, so ``python -m fastbn
@@ -140,7 +147,7 @@ def startup(args):
 
 def main(argv=None):
     """Entry point of ``python -m fastbn``; returns the process exit code."""
-    from fastbn.tools import bench, bench_fused, plan, ptx
+    from fastbn.tools import bench, bench_fused, bench_torch, plan, ptx, torch_suite
 
     parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,10 +156,10 @@ def main(argv=None):
     demo_parser.add_argument("--repeats", type=int, default=10)
     startup_parser = commands.add_parser("startup", help="measure import, cold and warm first-call cost")
     startup_parser.add_argument("--repeats", type=int, default=3)
-    for module in (ptx, bench, bench_fused, plan):
+    for module in (ptx, bench, bench_fused, bench_torch, plan, torch_suite):
         module.add_parser(commands)
     runs = {"demo": demo, "startup": startup, "ptx": ptx.run, "bench": bench.run, "bench-fused": bench_fused.run,
-            "plan": plan.run}
+            "bench-torch": bench_torch.run, "plan": plan.run, "torch-suite": torch_suite.run}
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error("--repeats: expected a positive integer")

@@ -1,0 +1,133 @@
+"""``python -m fastbn bench-torch``: fastbn through torch's API against torch's own batch norm.
+
+Each row times one call of ``fastbn.torch.batch_norm`` and of
+``torch.nn.functional.batch_norm`` on the same tensors, in the same run:
+the median over rounds of the mean time of a batch of calls, after warm-up
+(compilation never counts).  Small shapes measure what a call costs beyond
+its kernels (argument checks, the autograd node, dispatch); large ones the
+kernels.  ``fastbn`` is whichever is importable, so the same file run with
+an older checkout on ``PYTHONPATH`` gives the before/after comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+__all__ = ["add_parser", "run"]
+
+CASES = [
+    # name, shape, dtype, memory format, training, backward
+    ("forward, training", (32, 64), "float32", "contiguous", True, False),
+    ("forward+backward, training", (32, 64), "float32", "contiguous", True, True),
+    ("forward, training", (32, 64, 28, 28), "float32", "contiguous", True, False),
+    ("forward, training", (32, 64, 28, 28), "float32", "channels_last", True, False),
+    ("forward, eval", (32, 64, 28, 28), "float32", "contiguous", False, False),
+    ("forward+backward, training", (32, 64, 28, 28), "float32", "contiguous", True, True),
+    ("forward, training", (32, 64, 28, 28), "bfloat16", "channels_last", True, False),
+]
+
+
+def _time(call, rounds, seconds):
+    call()
+    call()
+    start = time.perf_counter()
+    call()
+    once = max(time.perf_counter() - start, 1e-7)
+    batch = max(1, int(seconds / rounds / once))
+    means = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(batch):
+            call()
+        means.append((time.perf_counter() - start) / batch)
+    return statistics.median(means)
+
+
+def _callables(case):
+    import torch
+    import torch.nn.functional as F
+
+    import fastbn.torch as fbt
+
+    _, shape, dtype, memory_format, training, backward = case
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator).to(getattr(torch, dtype))
+    if memory_format == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    channels = shape[1]
+    weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    x.requires_grad_(backward)
+    weight.requires_grad_(backward)
+    dy = torch.randn_like(x)
+
+    def make(fn):
+        running_mean, running_var = torch.zeros(channels), torch.ones(channels)
+
+        def call():
+            y = fn(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+            if backward:
+                torch.autograd.grad(y, (x, weight), dy)
+
+        return call
+
+    return make(fbt.batch_norm), make(F.batch_norm)
+
+
+def run(args):
+    """Time every case; print a Markdown table (and write it to ``--out``)."""
+    import platform
+
+    import torch
+
+    import fastbn
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    lines = [
+        f"fastbn.torch against torch.nn.functional.batch_norm, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__} on {torch.get_num_threads()} threads, fastbn from {fastbn.__file__}; "
+        f"median of {args.rounds} rounds.",
+        "",
+        "| call | shape | dtype | layout | fastbn.torch us | torch us | torch / fastbn |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for case in CASES:
+        name, shape, dtype, memory_format = case[:4]
+        ours, theirs = _callables(case)
+        try:
+            ours_s = _time(ours, args.rounds, args.seconds)
+        except (TypeError, ValueError, RuntimeError) as error:  # an older fastbn refusing bfloat16
+            ours_s = None
+            print(f"{name} {shape} {dtype}: fastbn refused: {str(error).splitlines()[0]}")
+        theirs_s = _time(theirs, args.rounds, args.seconds)
+        ours_text = "refused" if ours_s is None else f"{1e6 * ours_s:.1f}"
+        ratio = "-" if ours_s is None else f"{theirs_s / ours_s:.2f}x"
+        lines.append(f"| {name} | {shape} | {dtype} | {memory_format} | {ours_text} | {1e6 * theirs_s:.1f} | "
+                     f"{ratio} |")
+    lines += ["", "Measured by `python -m fastbn bench-torch`."]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text + "\n")
+    return 0
+
+
+def add_parser(commands):
+    """Register ``bench-torch`` on the CLI's subcommands."""
+    parser = commands.add_parser("bench-torch", help="fastbn.torch against torch's batch norm, small and large calls")
+    _arguments(parser)
+
+
+def _arguments(parser):
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=1.5, help="time budget per row and library")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", default=None, help="also write the table to this file")
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _arguments(_parser)
+    raise SystemExit(run(_parser.parse_args()))
