@@ -10,8 +10,6 @@ on the same saved values:
   second derivative, the dependence of the statistics on ``x`` included;
   the double backward of the custom operator is its vector-Jacobian product.
 * :func:`tangent`, forward-mode AD (the jvp) of the forward.
-* :func:`forward`, the whole forward (with ghost batches, renorm, ReLU and
-  residual), for modules reverted to torch (:func:`fastbn.torch.revert`).
 
 They run in the statistics dtype (float32 for float16/bfloat16/float32 input,
 float64 for float64), as the kernels do; the channel axis is 1.
@@ -21,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["backward", "forward", "renorm_factors", "tangent", "update_running"]
+__all__ = ["backward", "stats_dtype", "tangent"]
 
 
 def stats_dtype(dtype):
@@ -166,63 +164,3 @@ def tangent(x, tx, weight, tweight, tbias, tresidual, saved_mean, saved_invstd, 
     if output is not None:
         total = total * (output > 0)
     return total.to(x.dtype)
-
-
-def renorm_factors(x, running_mean, running_var, eps, rmax, dmax):
-    """Batch renormalization's ``(r, d)``, from the batch and the running statistics before the update.
-
-    ``r = clip(sigma / sigma_running, 1/rmax, rmax)`` and ``d = clip((mean -
-    mean_running) / sigma_running, -dmax, dmax)``, with ``sigma = sqrt(var +
-    eps)``: constants for the gradient (computed without autograd).
-    """
-    with torch.no_grad():
-        dtype = stats_dtype(x.dtype)
-        dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x.to(dtype), dim=dims, correction=0)
-        sigma_running = torch.sqrt(running_var.to(dtype) + eps)
-        r = torch.clamp(torch.sqrt(var + eps) / sigma_running, 1.0 / rmax, rmax)
-        d = torch.clamp((mean - running_mean.to(dtype)) / sigma_running, -dmax, dmax)
-    return r, d
-
-
-def forward(x, weight, bias, running_mean, running_var, residual, *, batch_stats, eps, relu, groups, r=None, d=None):
-    """The output of fastbn's forward (running statistics not updated: :func:`update_running`).
-
-    ``batch_stats`` False normalises with the running statistics; ``groups``
-    ghost batches each use their own statistics; ``r``, ``d`` apply renorm.
-    """
-    dtype = stats_dtype(x.dtype)
-    xg = _grouped(x.to(dtype), groups)
-    if batch_stats:
-        mean, invstd = _group_stats(xg, None, None, True, eps)
-    else:
-        mean = running_mean.to(dtype)
-        mean, invstd = _group_stats(xg, mean, torch.rsqrt(running_var.to(dtype) + eps), False, eps)
-    y = (xg - mean) * invstd
-    r, d = _factors(r, d, x.dim())
-    if r is not None:
-        y = r * y + d
-    if weight is not None:
-        y = y * _channel(weight.to(dtype), x.dim()).unsqueeze(0)
-    if bias is not None:
-        y = y + _channel(bias.to(dtype), x.dim()).unsqueeze(0)
-    y = y.reshape(x.shape)
-    if residual is not None:
-        y = y + residual.to(dtype)
-    if relu:
-        y = torch.relu(y)
-    return y.to(x.dtype)
-
-
-def update_running(x, running_mean, running_var, momentum, groups):
-    """``running = (1 - momentum) * running + momentum * batch``, in place, with the unbiased variance.
-
-    With ghost batches, the batch values are the averages over the groups of
-    their means and of their unbiased variances, as in fastbn's kernels.
-    """
-    with torch.no_grad():
-        xg = _grouped(x.to(stats_dtype(x.dtype)), groups)
-        dims = _group_dims(x.dim())
-        var, mean = torch.var_mean(xg, dim=dims, correction=1)
-        running_mean.mul_(1.0 - momentum).add_(mean.mean(dim=0).to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(var.mean(dim=0).to(running_var.dtype), alpha=momentum)
