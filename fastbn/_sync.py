@@ -12,11 +12,12 @@ groups (recognised by their type's module, never by importing mpi4py or
 torch).  Anything else may pass an object with those two methods (see
 :class:`Collectives`).
 
-Forward all-gathers each process's ``(count, mean, M2)`` per channel in one
-buffer and merges them with Chan's formula (the CPU backend's
-:func:`~fastbn.backends.cpu.numerics.merge_piece`), so any batch sizes work, zero
-included, and no precision is lost (PyTorch's SyncBatchNorm gathers invstd
-and rebuilds the variance from it).  Backward all-reduces ``sum_dy`` and
+Forward all-gathers each process's ``(count, mean, var)`` per channel in one
+buffer and merges them with Chan's formula, written for variances rather
+than sums of squares (:func:`merge_moments`), so any batch sizes work, zero
+included, no precision is lost (PyTorch's SyncBatchNorm gathers invstd and
+rebuilds the variance from it) and no merge overflows where the merged
+variance is finite.  Backward all-reduces ``sum_dy`` and
 ``dotp`` in one buffer and uses the global count.
 
 A process whose peer dies is not left hanging by fastbn's design, but the
@@ -112,14 +113,14 @@ def adapt(process_group):
 
 
 def merge_moments(gathered, channels):
-    """Merge all-gathered per-process ``[count, mean..., M2...]`` rows with Chan's formula.
+    """Merge all-gathered per-process ``[count, mean..., var...]`` rows with Chan's formula.
 
     Parameters
     ----------
     gathered : numpy.ndarray
         Shape ``(P, 1 + 2 * channels)``: each process's element count per
-        channel, then its per-channel means, then its per-channel M2 (sum of
-        squared deviations from its own mean).
+        channel, then its per-channel means, then its per-channel biased
+        variances.
     channels : int
         C.
 
@@ -129,6 +130,20 @@ def merge_moments(gathered, channels):
         Global elements per channel.
     mean, var : numpy.ndarray
         Global per-channel mean and biased variance, float64.
+
+    Notes
+    -----
+    With ``w_a = n_a / n`` and ``w_b = n_b / n``, the merge of two summaries
+    is ``mean = w_a mean_a + w_b mean_b`` and ``var = w_a var_a + w_b var_b +
+    (w_a delta) (w_b delta)``, ``delta = mean_b - mean_a``.  Every term is at
+    most the result, so nothing overflows where the merged variance is
+    finite; the sum-of-squares form (M2 = n var) overflows from n var > 1.8e308.
+    The convex form of the mean keeps a process's +inf mean +inf (``mean_a +
+    delta w_b`` would give inf - inf).  Empty processes are skipped, so an
+    empty first process adds nothing (``delta**2 * 0`` would be NaN for huge
+    means).  Rows are merged in rank order, the same on every process, so
+    every process gets identical bits.  Each merge rounds each term once:
+    relative error at most 4 u (u = 2^-53) per process.
     """
     gathered = np.asarray(gathered, dtype=np.float64)
     if gathered.ndim != 2 or gathered.shape[1] != 1 + 2 * channels:
@@ -136,32 +151,35 @@ def merge_moments(gathered, channels):
             f"process_group: allgather returned shape {gathered.shape}, "
             f"expected (processes, {1 + 2 * channels})"
         )
-    # The CPU backend's one Chan merge, run as the plain Python it is written in: the vectors are tiny, and
-    # compiling it would cost every process a compilation at its first synchronised forward.
-    from fastbn.backends.cpu.numerics import merge_piece
-
     count = 0.0
     mean = np.zeros(channels)
-    m2 = np.zeros(channels)
-    # Rank order, the same on every process, so every process gets identical bits.
+    var = np.zeros(channels)
     for row in gathered:
-        merge_piece.py_func(count, mean, m2, row[0], np.ascontiguousarray(row[1:1 + channels]),
-                    np.ascontiguousarray(row[1 + channels:]))
-        count += row[0]
-    var = m2 / count if count > 0 else m2
+        size, piece_mean, piece_var = row[0], row[1:1 + channels], row[1 + channels:]
+        if size == 0:
+            continue
+        if count == 0:
+            mean, var = piece_mean.copy(), piece_var.copy()
+        else:
+            total = count + size
+            w_a, w_b = count / total, size / total
+            delta = piece_mean - mean
+            mean = w_a * mean + w_b * piece_mean
+            var = w_a * var + w_b * piece_var + (w_a * delta) * (w_b * delta)
+        count += size
     return int(count), mean, var
 
 
 def forward(pieces, collectives, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, training, update):
     """Synchronised training forward; returns ``(y, mean, invstd, global_count)``.
 
-    One all-gather of ``[count, mean (C), M2 (C)]``; then every process
+    One all-gather of ``[count, mean (C), var (C)]``; then every process
     normalises its own slice and updates its running statistics identically.
     """
     channels = x.shape[axis]
     count = x.size // channels if channels else 0
     mean64, var64 = pieces.local_moments(x, axis)
-    vector = np.concatenate(([float(count)], mean64, var64 * count))
+    vector = np.concatenate(([float(count)], mean64, var64))
     total, mean64, var64 = merge_moments(collectives.allgather(vector), channels)
     # Checked on the global count, which every process sees alike, so all
     # processes raise together and none is left waiting in a collective.

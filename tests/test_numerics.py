@@ -246,3 +246,109 @@ def test_merging_into_an_empty_summary_cannot_overflow():
     rows = np.array([[0, 0.0, 0.0], [4, 1e200, 0.0], [2, 1e200, 0.0]])
     count, mean, var = merge_moments(rows, 1)
     assert count == 6 and mean[0] == 1e200 and var[0] == 0.0
+
+
+# --------------------------------------------------------------------------- extreme magnitudes
+# Shapes and plans: SLAB fused and streamed (several pieces: runs of 300 > MIN_PIECE), and ROWS
+# over several blocks of rows; element counts that are not powers of two, so that a mean computed
+# as sum / n is inexact.
+EXTREME_CASES = [
+    ((5, 3, 300), 1, {"strategy": "fused"}),
+    ((5, 3, 300), 1, {"strategy": "streamed"}),
+    ((6001, 3), 1, None),
+]
+EXTREME_IDS = ["slab-fused", "slab-streamed", "rows"]
+
+
+@pytest.mark.parametrize("shape, axis, plan", EXTREME_CASES, ids=EXTREME_IDS)
+@pytest.mark.parametrize("dtype, value", [(np.float64, 1e200), (np.float64, -1.7e308), (np.float32, 3e38),
+                                          (np.float64, 1e-300)],
+                         ids=["f64-1e200", "f64-near-max", "f32-near-max", "f64-tiny"])
+def test_a_constant_channel_of_any_magnitude_has_variance_zero(shape, axis, plan, dtype, value):
+    """Statistics on x minus a per-channel pivot: a constant channel gets variance exactly 0 and its
+    value as the mean.  Without the pivot a float64 channel of 1e200s gave inf: its float64 mean is
+    off by an ulp (about 1e184), which squared overflows."""
+    x = np.full(shape, value, dtype)
+    moved = np.moveaxis(x, axis, 0)  # a view: channel first
+    moved[1] = np.random.default_rng(4).standard_normal(moved[1].shape)  # ordinary values beside them
+    mean, var = fastbn.moments(x, axis=axis, _plan=plan)
+    constant = [0, 2]
+    assert (var[constant] == 0).all() and (mean[constant] == dtype(value)).all(), (mean, var)
+    running_mean, running_var = np.zeros(3, dtype), np.ones(3, dtype)
+    weight, bias = np.full(3, 2.0, dtype), np.full(3, 0.5, dtype)
+    y, saved = fastbn.forward(x, weight, bias, running_mean=running_mean, running_var=running_var, axis=axis,
+                              _plan=plan)
+    y_by_channel = np.moveaxis(y, axis, 0)
+    assert (y_by_channel[constant] == dtype(0.5)).all()
+    assert np.isfinite(running_var).all() and (running_var[constant] == dtype(0.9)).all()
+
+
+def _exact_moments(values):
+    """Mean and biased variance of float64 values in exact rational arithmetic, rounded once."""
+    from fractions import Fraction
+
+    exact = [Fraction(v) for v in values.ravel().tolist()]
+    mean = sum(exact) / len(exact)
+    var = sum((v - mean) ** 2 for v in exact) / len(exact)
+    return float(mean), float(var) if var < Fraction(np.finfo(np.float64).max) else np.inf
+
+
+@pytest.mark.parametrize("shape, axis, plan", EXTREME_CASES, ids=EXTREME_IDS)
+@pytest.mark.parametrize("low, high", [(0.0, 1e154), (-3e153, 2e153), (1e300, -1e300)],
+                         ids=["0..1e154", "-3e153..2e153", "+-1e300"])
+def test_squared_deviations_that_overflow_float64_give_the_finite_variance(shape, axis, plan, low, high):
+    """Half the elements low, half high: the variance ((high - low) / 2)^2 is finite for the first two
+    pairs, though every piece's sum of squared deviations overflows float64 (those channels are
+    computed again, scaled by 2^-600); for the last the true variance is beyond float64 (inf is right)
+    and the mean is 0, which the pivoted sums (1e300 - (-1e300) overflows) must not turn into inf."""
+    x = np.empty(shape)
+    moved = np.moveaxis(x, axis, -1)  # channel last: moved[..., c]
+    flat = moved.reshape(-1, 3)
+    flat[0::2] = low
+    flat[1::2] = high
+    x = np.ascontiguousarray(np.moveaxis(flat.reshape(moved.shape), -1, axis))
+    mean, var = fastbn.moments(x, axis=axis, _plan=plan)
+    e_mean, e_var = _exact_moments(np.moveaxis(x, axis, 0)[0])
+    assert np.isfinite(mean).all()
+    np.testing.assert_allclose(mean, e_mean, rtol=1e-12, atol=1e-12 * abs(high - low))
+    if np.isfinite(e_var):
+        np.testing.assert_allclose(var, e_var, rtol=1e-12)
+    else:
+        assert (var == np.inf).all()
+
+
+@pytest.mark.parametrize("shape, axis, plan", EXTREME_CASES, ids=EXTREME_IDS)
+def test_an_infinity_makes_its_channel_mean_infinite_as_in_torch(shape, axis, plan):
+    """+inf among finite values: the mean is +inf (torch's sum / n), not the NaN that Chan's merge's
+    inf - inf gave; the running mean follows, as torch's does; the variance is NaN in both."""
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    moved = np.moveaxis(x, axis, 0)
+    moved[0].flat[7] = np.inf
+    moved[2].flat[-1] = -np.inf
+    mean, var = fastbn.moments(x, axis=axis, _plan=plan)
+    assert mean[0] == np.inf and mean[2] == -np.inf and np.isfinite(mean[1])
+    assert np.isnan(var[[0, 2]]).all() and np.isfinite(var[1])
+    running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    fastbn.forward(x, running_mean=running_mean, running_var=running_var, axis=axis, _plan=plan)
+    torch = pytest.importorskip("torch")
+    t_mean, t_var = torch.zeros(3), torch.ones(3)
+    t_x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, axis, 1)))
+    torch.nn.functional.batch_norm(t_x, t_mean, t_var, training=True)
+    np.testing.assert_array_equal(np.isnan(running_var), np.isnan(t_var.numpy()))
+    assert running_mean[0] == t_mean[0] == np.inf and running_mean[2] == t_mean[2] == -np.inf
+
+
+def test_the_synchronised_merge_cannot_overflow_where_the_variance_is_finite():
+    """Processes' summaries are merged as variances, not as sums of squares: 4000 elements per process
+    of variance 1e306 have M2 = 4e309, beyond float64, though the merged variance is about 1e306."""
+    from fastbn._sync import merge_moments
+
+    rows = np.array([[4000, 1e152, 1e306], [0, 0.0, 0.0], [2000, -1e152, 1e306]])
+    count, mean, var = merge_moments(rows, 1)
+    exact_mean = (4000 * 1e152 - 2000 * 1e152) / 6000
+    exact_var = 1e306 + (4000 * (1e152 - exact_mean) ** 2 + 2000 * (-1e152 - exact_mean) ** 2) / 6000
+    assert count == 6000
+    np.testing.assert_allclose(mean, exact_mean, rtol=1e-14)
+    np.testing.assert_allclose(var, exact_var, rtol=1e-14)
+    rows = np.array([[3, np.inf, np.nan], [5, 1.0, 0.5]])
+    assert merge_moments(rows, 1)[1][0] == np.inf

@@ -49,7 +49,7 @@ def test_merge_moments_matches_two_pass_over_the_concatenation():
     rng = np.random.default_rng(1)
     parts = [rng.standard_normal((n, 3)) * 5 + 1e4 for n in (7, 0, 1, 40)]
     rows = [np.concatenate(([len(p)], p.mean(0) if len(p) else np.zeros(3),
-                            ((p - p.mean(0)) ** 2).sum(0) if len(p) else np.zeros(3))) for p in parts]
+                            ((p - p.mean(0)) ** 2).mean(0) if len(p) else np.zeros(3))) for p in parts]
     count, mean, var = merge_moments(np.stack(rows), 3)
     whole = np.concatenate(parts)
     assert count == len(whole)

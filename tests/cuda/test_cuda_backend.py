@@ -174,6 +174,51 @@ def test_mean_far_above_spread_keeps_float32_variance_accurate():
         np.testing.assert_allclose(host(var), o_var, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["slab", "rows"])
+def test_extreme_values(layout, small_launches):
+    """As on the CPU (tests/test_numerics.py): a constant channel of 1e200s has variance 0 (the pivot);
+    +inf among finite values makes the mean +inf, as torch's sum / n, not Welford's inf - inf NaN, also
+    when the pivot itself (the first element) is inf; float32 values 1e19 apart (variance 2.5e37, finite
+    in float32, though a block's sum of squared deviations would overflow float32) keep a finite
+    variance, since the summaries are variances, not sums of squares."""
+    def moments(x):
+        data = x if layout == "slab" else np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        mean, var = fastbn.moments(gpu(data), axis=1 if layout == "slab" else -1)
+        return host(mean), host(var)
+
+    constant = np.full((5, 2, 7), 1e200)
+    constant[:, 1] = np.random.default_rng(3).standard_normal((5, 7))
+    mean, var = moments(constant)
+    assert mean[0] == 1e200 and var[0] == 0.0 and np.isfinite(var[1])
+    x = np.random.default_rng(4).standard_normal((5, 3, 7)).astype(np.float32)
+    x[2, 0, 3] = np.inf
+    x[0, 2, 0] = np.inf  # the pivot of channel 2
+    mean, var = moments(x)
+    assert mean[0] == np.inf and mean[2] == np.inf and np.isfinite(mean[1])
+    assert np.isnan(var[[0, 2]]).all() and np.isfinite(var[1])
+    wide = np.zeros((6, 1, 10), np.float32)
+    wide[:, :, ::2] = 1e19
+    mean, var = moments(wide)
+    np.testing.assert_allclose(mean, 5e18, rtol=1e-6)
+    np.testing.assert_allclose(var, 2.5e37, rtol=1e-5)
+
+
+def test_a_negative_device_variance_gives_nan_in_its_channel_only():
+    """Device variances are not checked on the host (reading them would synchronise the device inside
+    the call; host arrays are refused, tests/test_robustness.py): a negative one makes its own channel
+    NaN, as PyTorch's CUDA kernels do, and touches nothing else."""
+    x = np.random.default_rng(9).standard_normal((4, 3, 5)).astype(np.float32)
+    mean = np.zeros(3, np.float32)
+    var = np.array([1.0, -0.5, 2.0], np.float32)
+    y = host(fastbn.normalize(gpu(x), gpu(mean), gpu(var)))
+    assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, [0, 2]]).all()
+    running_var = var.copy()  # gpu() shares this memory, so the host copy shows the device's values
+    y, _ = fastbn.forward(gpu(x), running_mean=gpu(mean.copy()), running_var=gpu(running_var), training=False)
+    y = host(y)
+    assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, [0, 2]]).all()
+    np.testing.assert_array_equal(running_var, var)
+
+
 def test_no_host_transfers(monkeypatch):
     """forward, backward, moments and normalize never copy between host and device."""
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray

@@ -166,5 +166,11 @@ def elementwise(func):
 
 
 def exact(func):
-    """Compile a merge without fast-math (LLVM still inlines it): every caller gets the same bits."""
-    return numba.njit(func)
+    """Compile a merge without fast-math (LLVM still inlines it): every caller gets the same bits.
+
+    ``fastmath=False`` is explicit because Numba otherwise lets a callee
+    inherit its caller's fast-math flags when the callee is first compiled
+    while typing the caller: the kernels' 'reassoc' then reached the merges
+    and the overflow rescue (folding ``(v * 2^600) * 2^600`` into ``v * inf``).
+    """
+    return numba.njit(fastmath=False)(func)

@@ -258,11 +258,11 @@ def row_block(M, C):
 
 
 @reduction
-def run_sum_widen(v, wide):
-    # Sum in float64, keeping each widened element for the second pass.
+def run_sum_widen(v, wide, pivot):
+    # Sum of x - pivot in float64, keeping each shifted element for the second pass.
     total = 0.0
     for i in range(v.shape[0]):
-        value = np.float64(load(v[i]))
+        value = np.float64(load(v[i])) - pivot
         wide[i] = value
         total += value
     return total
@@ -307,16 +307,21 @@ def run_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
         store(dres, i, gi)
 
 
-@inline
-def cols_sum(v, total):
-    for j in range(v.shape[0]):
-        total[j] += load(v[j])
+# The ROWS statistics accumulate x - pivot, one pivot per channel (see
+# fastbn.backends.cpu.reductions.channel_pivot); ``mean`` there is the block's
+# mean of x - pivot.
 
 
 @inline
-def cols_sum_sq_dev(v, mean, m2):
+def cols_sum(v, pivot, total):
     for j in range(v.shape[0]):
-        d = load(v[j]) - mean[j]
+        total[j] += np.float64(load(v[j])) - pivot[j]
+
+
+@inline
+def cols_sum_sq_dev(v, pivot, mean, m2):
+    for j in range(v.shape[0]):
+        d = (np.float64(load(v[j])) - pivot[j]) - mean[j]
         m2[j] += d * d
 
 
@@ -326,16 +331,16 @@ def cols_sum_sq_dev(v, mean, m2):
 
 
 @inline
-def cols_sum2(a, b, total):
+def cols_sum2(a, b, pivot, total):
     for j in range(a.shape[0]):
-        total[j] += np.float64(load(a[j])) + np.float64(load(b[j]))
+        total[j] += (np.float64(load(a[j])) - pivot[j]) + (np.float64(load(b[j])) - pivot[j])
 
 
 @inline
-def cols_sum_sq_dev2(a, b, mean, m2):
+def cols_sum_sq_dev2(a, b, pivot, mean, m2):
     for j in range(a.shape[0]):
-        da = load(a[j]) - mean[j]
-        db = load(b[j]) - mean[j]
+        da = (np.float64(load(a[j])) - pivot[j]) - mean[j]
+        db = (np.float64(load(b[j])) - pivot[j]) - mean[j]
         m2[j] += da * da + db * db
 
 

@@ -1,10 +1,12 @@
 """Chan's merge and the per-channel coefficient formulas of the CPU backend, each written once.
 
 Every statistic fastbn computes on the CPU is a set of (count, mean, M2)
-summaries, each exact over a piece or block that sits in cache, merged with
-Chan et al.'s formula (:func:`merge_piece`); the synchronised path
-(:mod:`fastbn._sync`) merges the processes' summaries with the same
-function.  Never E[x^2] - E[x]^2, which cancels when |mean| >> std.
+summaries of x minus a per-channel pivot, each exact over a piece or block
+that sits in cache, merged with Chan et al.'s formula (:func:`merge_piece`);
+the error bound, and what happens on overflow, are derived in
+:mod:`fastbn.backends.cpu.reductions`.  Never E[x^2] - E[x]^2, which
+cancels when |mean| >> std.  (The synchronised path merges the processes'
+summaries as variances, :func:`fastbn._sync.merge_moments`.)
 
 The coefficient formulas turn float64 statistics or gradient sums into the
 per-channel factors of the elementwise passes; both SLAB strategies call the
@@ -31,8 +33,10 @@ def merge_piece(count, mean, m2, size, piece_mean, piece_m2):
     all channels), and the loop vectorises.  Into an empty summary the piece
     is copied: ``delta^2 * 0`` would overflow to NaN for means beyond 1e154,
     where the true result is finite.  Every merge of the CPU backend calls
-    this, compiled without fast-math, so all strategies get the same bits;
-    the synchronised path merges the processes' summaries with it too.
+    this, compiled without fast-math, so all strategies get the same bits.
+    An M2 that overflows here, or a mean made NaN by an Inf, makes the
+    kernels compute that channel again, scaled (``rescue_slab`` and
+    ``rescue_rows`` in :mod:`fastbn.backends.cpu.reductions`).
     """
     if size == 0:
         return

@@ -7,7 +7,9 @@ channels contiguous (NHWC, ``(N, C)``).
 
 Every reduction accumulates in float64, over pieces (SLAB) or blocks of rows
 (ROWS) that stay in cache between their two passes, merged with Chan's
-formula (:mod:`fastbn.backends.cpu.numerics`).  Partitions and reduction
+formula (:mod:`fastbn.backends.cpu.numerics`); the statistics are computed on
+x minus a per-channel pivot, and channels that overflow are computed again,
+scaled ("error bound" below).  Partitions and reduction
 orders depend only on the shape and dtype, never on the thread count, so
 results are bit-for-bit reproducible across runs and thread counts.
 """
@@ -17,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from fastbn.backends.cpu.jit import inline, kernel
+from fastbn.backends.cpu.jit import exact, inline, kernel
 from fastbn.backends.cpu.loops import (
+    load,
     cols_grad_sums,
     cols_grad_sums2,
     cols_sum,
@@ -66,16 +69,96 @@ def slab_piece(p, N, L, runs, per_row):
     return n0, min(N, n0 + runs), part * L // per_row, (part + 1) * L // per_row
 
 
+# ------------------------------------------------------ error bound ---
+# Every statistic is computed on d = x - K, K the channel's pivot (its first
+# element, or 0 if that is not finite; channel_pivot), in float64 (unit
+# roundoff u = 2^-53).  Per piece or block of s elements, two passes: m =
+# sum(d) / s, then M2 = sum((d - m)^2).  Since sum(d - m_exact) = 0, the
+# second pass computes the exact M2 plus s * (m - m_exact)^2, and
+# |m - m_exact| <= s u R with R = max |x - K|, at most the channel's range
+# (max - min); the sums' own rounding adds at most s u M2.  Chan's merge of
+# P pieces adds at most 3 u per merge.  Hence, for n elements in P pieces,
+#
+#     |var_computed - var| <= (s + 3 P + 2) u var + s^2 u^2 R^2 ...  (s <= 4096 = MAX_PIECE, BLOCK rows in ROWS)
+#
+# and |mean_computed - mean| <= (s + 3 P + 2) u R + u |mean|.  The pivot is
+# what makes the absolute terms scale with the channel's range R instead of
+# its magnitude: a constant channel gets variance 0 exactly, whatever its
+# value (without it, a float64 channel of 1e200s got (u 1e200)^2 = inf).
+# x - K is exact for float16, bfloat16 and float32 input (24-bit
+# significands, less than 29 binades apart) and rounded once (u) for float64.
+# (tests/test_numerics.py checks the bound; tests/test_adversarial.py the
+# extreme values.)
+#
+# Overflow: sum(d) or M2 may overflow float64 where the mean and variance
+# are finite (deviations beyond 1e154 squared; values near 1.8e308 summed),
+# and an Inf among finite values makes Chan's merge compute inf - inf.  Any
+# channel whose mean or variance comes out non-finite is therefore computed
+# again by rescue_slab / rescue_rows, on d * 2^-600: no sum of those can
+# overflow, and the results scaled back overflow only where the true ones
+# do.  That path is taken only for such channels (NaN and Inf input among
+# them, where it gives torch's mean: +inf for a channel holding +inf).
+
+_DOWN = 2.0 ** -600
+_UP = 2.0 ** 600
+
+
 @inline
-def piece_stats(x, c, n0, n1, i0, i1, scratch):
-    # Two passes (mean, then squared deviations), both accumulated in float64:
-    # never E[x^2] - E[x]^2, which cancels when |mean| >> std.  The first pass
-    # keeps the piece widened to float64 in ``scratch`` (L1), so the second
-    # converts nothing and DRAM sees x once.
+def channel_pivot(value):
+    """The pivot K of a channel whose first element is ``value``: the value in float64, or 0 if not finite."""
+    v = np.float64(load(value))
+    return v if np.isfinite(v) else 0.0
+
+
+@exact
+def rescue_slab(x, c, pivot):
+    """Mean and biased variance of channel c of an (N, C, L) view, scaled by 2^-600 so no sum overflows.
+
+    For channels whose ordinary statistics came out non-finite (see "error
+    bound"); two passes over the channel, in float64, without fast-math.
+    """
+    N, _, L = x.shape
+    k = pivot * _DOWN
+    total = 0.0
+    for n in range(N):
+        for i in range(L):
+            total += np.float64(load(x[n, c, i])) * _DOWN - k
+    mean = total / (N * L)
+    m2 = 0.0
+    for n in range(N):
+        for i in range(L):
+            d = (np.float64(load(x[n, c, i])) * _DOWN - k) - mean
+            m2 += d * d
+    return pivot + mean * _UP, (m2 / (N * L)) * _UP * _UP
+
+
+@exact
+def rescue_rows(x, c, pivot):
+    """:func:`rescue_slab` for channel c of an (M, C) view."""
+    M = x.shape[0]
+    k = pivot * _DOWN
+    total = 0.0
+    for r in range(M):
+        total += np.float64(load(x[r, c])) * _DOWN - k
+    mean = total / M
+    m2 = 0.0
+    for r in range(M):
+        d = (np.float64(load(x[r, c])) * _DOWN - k) - mean
+        m2 += d * d
+    return pivot + mean * _UP, (m2 / M) * _UP * _UP
+
+
+@inline
+def piece_stats(x, c, n0, n1, i0, i1, pivot, scratch):
+    # Two passes (mean, then squared deviations) of x - pivot, both
+    # accumulated in float64: never E[x^2] - E[x]^2, which cancels when
+    # |mean| >> std.  The first pass keeps the piece shifted and widened to
+    # float64 in ``scratch`` (L1), so the second converts nothing and DRAM
+    # sees x once.
     width = i1 - i0
     total = 0.0
     for n in range(n1 - n0):
-        total += run_sum_widen(x[n0 + n, c, i0:i1], scratch[n * width:(n + 1) * width])
+        total += run_sum_widen(x[n0 + n, c, i0:i1], scratch[n * width:(n + 1) * width], pivot)
     size = (n1 - n0) * width
     mean = total / size
     return mean, run_sum_sq_dev(scratch[:size], mean)
@@ -106,16 +189,24 @@ def slab_group_stats(x, c0, c1):
     m2 = np.zeros(c1 - c0)
     piece_mean = np.empty(c1 - c0)
     piece_m2 = np.empty(c1 - c0)
+    pivot = np.empty(c1 - c0)
+    for j in range(c1 - c0):
+        pivot[j] = channel_pivot(x[0, c0 + j, 0])
     scratch = np.empty(piece_capacity(L))
     count = 0
     for p in range(npieces):
         n0, n1, i0, i1 = slab_piece(p, N, L, runs, per_row)
         for j in range(c1 - c0):
-            piece_mean[j], piece_m2[j] = piece_stats(x, c0 + j, n0, n1, i0, i1, scratch)
+            piece_mean[j], piece_m2[j] = piece_stats(x, c0 + j, n0, n1, i0, i1, pivot[j], scratch)
         size = (n1 - n0) * (i1 - i0)
         merge_piece(count, mean, m2, size, piece_mean, piece_m2)
         count += size
-    return mean, m2 / (N * L)
+    var = m2 / (N * L)
+    for j in range(c1 - c0):
+        mean[j] += pivot[j]
+        if not (np.isfinite(mean[j]) and np.isfinite(var[j])):
+            mean[j], var[j] = rescue_slab(x, c0 + j, pivot[j])
+    return mean, var
 
 
 @kernel
@@ -144,11 +235,14 @@ def stats_slab_streamed(x, mean_out, var_out):
     runs, per_row, npieces = slab_pieces(N, L)
     piece_mean = np.empty((npieces, C))
     piece_m2 = np.empty((npieces, C))
+    pivot = np.empty(C)
+    for c in range(C):
+        pivot[c] = channel_pivot(x[0, c, 0])
     for p in prange(npieces):
         n0, n1, i0, i1 = slab_piece(p, N, L, runs, per_row)
         scratch = np.empty(piece_capacity(L))
         for c in range(C):
-            piece_mean[p, c], piece_m2[p, c] = piece_stats(x, c, n0, n1, i0, i1, scratch)
+            piece_mean[p, c], piece_m2[p, c] = piece_stats(x, c, n0, n1, i0, i1, pivot[c], scratch)
     mean = np.zeros(C)
     m2 = np.zeros(C)
     count = 0
@@ -157,8 +251,13 @@ def stats_slab_streamed(x, mean_out, var_out):
         size = (n1 - n0) * (i1 - i0)
         merge_piece(count, mean, m2, size, piece_mean[p], piece_m2[p])
         count += size
+    var = m2 / (N * L)
+    for c in range(C):
+        mean[c] += pivot[c]
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+            mean[c], var[c] = rescue_slab(x, c, pivot[c])
     mean_out[:] = mean
-    var_out[:] = m2 / (N * L)
+    var_out[:] = var
 
 
 @kernel
@@ -199,6 +298,9 @@ def stats_rows(x, mean_out, var_out):
     chunk_count = np.zeros(nchunks, np.int64)
     chunk_mean = np.zeros((nchunks, C))
     chunk_m2 = np.zeros((nchunks, C))
+    pivot = np.empty(C)
+    for c in range(C):
+        pivot[c] = channel_pivot(x[0, c])
     for k in prange(nchunks):
         block_mean = np.empty(C)
         block_m2 = np.empty(C)
@@ -208,16 +310,16 @@ def stats_rows(x, mean_out, var_out):
             r1 = min(M, r0 + rows)
             block_mean[:] = 0.0
             for r in range((r1 - r0) // 2):
-                cols_sum2(x[r0 + 2 * r], x[r0 + 2 * r + 1], block_mean)
+                cols_sum2(x[r0 + 2 * r], x[r0 + 2 * r + 1], pivot, block_mean)
             if (r1 - r0) % 2:
-                cols_sum(x[r1 - 1], block_mean)
+                cols_sum(x[r1 - 1], pivot, block_mean)
             for c in range(C):
                 block_mean[c] /= r1 - r0
             block_m2[:] = 0.0
             for r in range((r1 - r0) // 2):
-                cols_sum_sq_dev2(x[r0 + 2 * r], x[r0 + 2 * r + 1], block_mean, block_m2)
+                cols_sum_sq_dev2(x[r0 + 2 * r], x[r0 + 2 * r + 1], pivot, block_mean, block_m2)
             if (r1 - r0) % 2:
-                cols_sum_sq_dev(x[r1 - 1], block_mean, block_m2)
+                cols_sum_sq_dev(x[r1 - 1], pivot, block_mean, block_m2)
             merge_piece(count, chunk_mean[k], chunk_m2[k], r1 - r0, block_mean, block_m2)
             count += r1 - r0
         chunk_count[k] = count
@@ -227,8 +329,13 @@ def stats_rows(x, mean_out, var_out):
     for k in range(nchunks):
         merge_piece(count, mean, m2, chunk_count[k], chunk_mean[k], chunk_m2[k])
         count += chunk_count[k]
+    var = m2 / M
+    for c in range(C):
+        mean[c] += pivot[c]
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+            mean[c], var[c] = rescue_rows(x, c, pivot[c])
     mean_out[:] = mean
-    var_out[:] = m2 / M
+    var_out[:] = var
 
 
 @kernel

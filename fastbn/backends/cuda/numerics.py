@@ -8,7 +8,7 @@ Precision, from an element to a channel's result:
   per-channel pivot (see :mod:`fastbn.backends.cuda.reductions`); threads
   are merged with Chan's formula, still in that type, through warp shuffles
   and shared memory (:func:`device_numerics`);
-* each block writes its (count, mean, M2) to float64 partials, and the
+* each block writes its (count, mean, variance) to float64 partials, and the
   one-thread-per-channel kernels below merge a channel's partials in
   float64, with the same Chan's formula compiled for float64, then round
   once to the statistics dtype.
@@ -92,35 +92,56 @@ def device_numerics(acc):
     Returns
     -------
     DeviceNumerics
-        ``welford_add(count, mean, m2, value)``: one element into a
-        (count, mean, M2) summary.  ``chan_merge(count_a, mean_a, m2_a,
-        count_b, mean_b, m2_b)``: two summaries into one.
+        ``welford_add(count, mean, var, value)``: one element into a
+        (count, mean, biased variance) summary.  ``chan_merge(count_a,
+        mean_a, var_a, count_b, mean_b, var_b)``: two summaries into one.
         ``block_welford(...)`` and ``block_sum2(...)``: a block's summaries,
         or two plain sums, merged per channel column.
     """
 
     @device_function
-    def welford_add(count, mean, m2, value):
-        # Welford: one pass, no E[x^2] - E[x]^2 cancellation.
-        count += 1
-        delta = value - mean
-        mean += delta / acc(count)
-        m2 += delta * (value - mean)
-        return count, mean, m2
+    def next_mean(mean, step, value):
+        # mean + step, except where that is inf - inf from a non-NaN mean and
+        # value: an Inf among finite values (or two Infs of one sign) makes
+        # the mean that Inf, as sum / count does (torch's mean), where
+        # Welford's ``mean + (value - mean) / n`` would give NaN.
+        result = mean + step
+        if result != result and mean == mean and value == value:
+            result = mean + value
+        return result
 
     @device_function
-    def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
-        # Chan et al.: exact merge of two (count, mean, M2) summaries, stable
-        # for any split sizes; never adds sums of squares.
+    def welford_add(count, mean, var, value):
+        # Welford's update of (count, mean, biased variance): one pass, no
+        # E[x^2] - E[x]^2 cancellation.  Kept as a variance, not as M2 =
+        # count * var, so that nothing overflows where the variance itself
+        # is finite: the added term is (delta / n) * (value - mean_new),
+        # about delta^2 / n.
+        count += 1
+        inv = acc(1) / acc(count)
+        delta = value - mean
+        mean = next_mean(mean, delta * inv, value)
+        var += (delta * inv) * (value - mean) - var * inv
+        return count, mean, var
+
+    @device_function
+    def chan_merge(count_a, mean_a, var_a, count_b, mean_b, var_b):
+        # Chan et al.'s merge of two (count, mean, var) summaries, stable for
+        # any split sizes; never adds sums of squares.  In the variance form
+        # var = w_a var_a + w_b var_b + (w_a delta) (w_b delta) every term is
+        # at most the result, so it overflows only where the result does.
         if count_b == 0:
-            return count_a, mean_a, m2_a
+            return count_a, mean_a, var_a
+        if count_a == 0:
+            return count_b, mean_b, var_b
         count = count_a + count_b
         delta = mean_b - mean_a
-        ratio = acc(count_b) / acc(count)
-        return count, mean_a + delta * ratio, m2_a + m2_b + delta * delta * acc(count_a) * ratio
+        w_b = acc(count_b) / acc(count)
+        w_a = acc(count_a) / acc(count)
+        return count, next_mean(mean_a, delta * w_b, mean_b), w_a * var_a + w_b * var_b + (w_a * delta) * (w_b * delta)
 
     @device_function
-    def block_welford(count, mean, m2, width, tid, nthreads, shared_count, shared_mean, shared_m2):
+    def block_welford(count, mean, var, width, tid, nthreads, shared_count, shared_mean, shared_var):
         # Threads tid, tid + width, tid + 2 width, ... hold the same channel
         # (width divides the warp size); the block's merged summary of channel
         # column `tid` ends in thread tid < width.  All threads must call this.
@@ -128,32 +149,32 @@ def device_numerics(acc):
         warp = tid // WARP_SIZE
         offset = WARP_SIZE // 2
         while offset >= width:
-            count, mean, m2 = chan_merge(
-                count, mean, m2, shfl_down(count, offset), shfl_down(mean, offset), shfl_down(m2, offset)
+            count, mean, var = chan_merge(
+                count, mean, var, shfl_down(count, offset), shfl_down(mean, offset), shfl_down(var, offset)
             )
             offset //= 2
         if lane < width:
             shared_count[warp * width + lane] = count
             shared_mean[warp * width + lane] = mean
-            shared_m2[warp * width + lane] = m2
+            shared_var[warp * width + lane] = var
         cuda.syncthreads()
         if warp == 0:
             warps = nthreads // WARP_SIZE
             count = 0
             mean = acc(0)
-            m2 = acc(0)
+            var = acc(0)
             w = lane // width
             while w < warps:
                 slot = w * width + lane % width
-                count, mean, m2 = chan_merge(count, mean, m2, shared_count[slot], shared_mean[slot], shared_m2[slot])
+                count, mean, var = chan_merge(count, mean, var, shared_count[slot], shared_mean[slot], shared_var[slot])
                 w += WARP_SIZE // width
             offset = WARP_SIZE // 2
             while offset >= width:
-                count, mean, m2 = chan_merge(
-                    count, mean, m2, shfl_down(count, offset), shfl_down(mean, offset), shfl_down(m2, offset)
+                count, mean, var = chan_merge(
+                    count, mean, var, shfl_down(count, offset), shfl_down(mean, offset), shfl_down(var, offset)
                 )
                 offset //= 2
-        return count, mean, m2
+        return count, mean, var
 
     @device_function
     def block_sum2(first, second, width, tid, nthreads, shared_first, shared_second):
@@ -195,17 +216,27 @@ _chan_merge64 = device_numerics(np.float64).chan_merge
 
 
 @device_function
-def _merged_stats(v, partial_count, partial_mean, partial_m2, pivot):
+def _merged_stats(v, partial_count, partial_mean, partial_var, pivot):
     # Mean and biased variance of virtual channel v from its blocks' float64
     # partials, merged in float64 so that the merge adds no rounding to them.
     slots = pivot.size
-    count = 0.0
+    count = 0
     mean = 0.0
-    m2 = 0.0
+    var = 0.0
     for split in range(partial_count.size // slots):
         slot = split * slots + v
-        count, mean, m2 = _chan_merge64(count, mean, m2, partial_count[slot], partial_mean[slot], partial_m2[slot])
-    return np.float64(pivot[v]) + mean, m2 / count
+        count, mean, var = _chan_merge64(count, mean, var, partial_count[slot], partial_mean[slot], partial_var[slot])
+    return np.float64(pivot[v]) + mean, var
+
+
+@device_function
+def _sqrt(value):
+    # sqrt, NaN for a negative value (a negative device variance is not
+    # refused on the host: reading it would synchronise the device), as the
+    # hardware's sqrt gives; the simulator's math.sqrt would raise instead.
+    if value >= 0:
+        return math.sqrt(value)
+    return math.nan
 
 
 @device_function
@@ -257,7 +288,7 @@ def forward_coefficients(partial_count, partial_mean, partial_m2, pivot, eps, we
             mean_sum += mean
             var_sum += var
             saved_mean[v] = mean
-            saved_invstd[v] = 1.0 / math.sqrt(var + eps)
+            saved_invstd[v] = 1.0 / _sqrt(var + eps)
             # Normalise with the saved (rounded) mean and invstd, read back
             # from memory, so that backward sees exactly what forward used.
             scale[v] = np.float64(saved_invstd[v]) * w
@@ -265,8 +296,8 @@ def forward_coefficients(partial_count, partial_mean, partial_m2, pivot, eps, we
         mean64[c] = mean_sum / groups
         var64[c] = var_sum / groups
         if renorm:
-            sigma_running = math.sqrt(np.float64(running_var[c]) + eps)
-            r_out[c] = _clip(math.sqrt(var + eps) / sigma_running, 1.0 / rmax, rmax)
+            sigma_running = _sqrt(np.float64(running_var[c]) + eps)
+            r_out[c] = _clip(_sqrt(var + eps) / sigma_running, 1.0 / rmax, rmax)
             d_out[c] = _clip((mean - np.float64(running_mean[c])) / sigma_running, -dmax, dmax)
             # As above: the rounded r and d that backward will be given.
             scale[c] = np.float64(saved_invstd[c]) * np.float64(r_out[c]) * w
@@ -279,7 +310,7 @@ def normalize_coefficients(mean, var, eps, weight, has_weight, bias, has_bias, s
     c = np.int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
     if c < mean.size:
         saved_mean[c] = mean[c]
-        saved_invstd[c] = 1.0 / math.sqrt(np.float64(var[c]) + eps)
+        saved_invstd[c] = 1.0 / _sqrt(np.float64(var[c]) + eps)
         w = np.float64(weight[c]) if has_weight else 1.0
         scale[c] = np.float64(saved_invstd[c]) * w
         shift[c] = bias[c] if has_bias else 0.0

@@ -14,9 +14,9 @@ Kernels
     Each thread runs Welford's update over its share of a channel, in the
     accumulation type (float32 for float16 and float32 input, float64 for
     float64) on ``x - pivot``, the pivot being the channel's first element
-    (in its group, with ghost batches); the block's threads are merged with
+    (in its group, with ghost batches; 0 if that is not finite); the block's threads are merged with
     Chan's formula through warp shuffles, then through shared memory, still
-    in that type, giving one (count, mean - pivot, M2) per block, written to
+    in that type, giving one (count, mean - pivot, var) per block, written to
     float64 partials.  A channel with many elements is split over several
     blocks (``splits``, the grid's y extent), so a small C still fills the
     GPU; ``stats_merge`` or ``forward_coefficients``
@@ -42,6 +42,7 @@ array sizes are int64 in Numba, so arrays of more than 2**31 elements work.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -82,6 +83,14 @@ def _slab_next(i, index, i_step, index_step, channels, inner):
     return i, index
 
 
+@device_function
+def finite_or_zero(value, zero):
+    # ``value`` if it is finite, else ``zero``.
+    if math.isinf(value) or math.isnan(value):
+        return zero
+    return value
+
+
 @functools.cache
 def stats_kernels(acc):
     """stats_slab and stats_rows, accumulating in ``acc`` (see :func:`~fastbn.backends.cuda.numerics.accumulator`)."""
@@ -91,7 +100,7 @@ def stats_kernels(acc):
     @kernel
     def stats_slab(x, channels, inner, group_size, first_group, chunk, partial_count, partial_mean, partial_m2,
                    pivot_out):
-        """Per-block (count, mean - pivot, M2) of an (outer, C, inner) x: channel blockIdx.x, split
+        """Per-block (count, mean - pivot, var) of an (outer, C, inner) x: channel blockIdx.x, split
         blockIdx.y, group first_group + blockIdx.z (group_size elements each)."""
         shared_count = cuda.shared.array(MAX_THREADS, np.int64)
         shared_mean = cuda.shared.array(MAX_THREADS, acc)
@@ -106,7 +115,9 @@ def stats_kernels(acc):
         # the accumulator then holds values of the size of the spread, not of
         # the mean, so float32 stays accurate on data whose mean is far above
         # its spread (the cancellation behind flax#1491).
-        pivot = acc(x[start + c * inner])
+        # The pivot is 0 where that element is not finite (x - inf would make
+        # every deviation NaN).
+        pivot = finite_or_zero(acc(x[start + c * inner]), acc(0))
         count = np.int64(0)
         mean = acc(0)
         m2 = acc(0)
@@ -129,7 +140,7 @@ def stats_kernels(acc):
     @kernel
     def stats_rows(x, channels, group_size, first_group, rows_per_split, partial_count, partial_mean, partial_m2,
                    pivot_out):
-        """Per-block (count, mean - pivot, M2) of a (rows, C) x; threadIdx.x walks channels, threadIdx.y
+        """Per-block (count, mean - pivot, var) of a (rows, C) x; threadIdx.x walks channels, threadIdx.y
         rows, blockIdx.z groups."""
         shared_count = cuda.shared.array(MAX_THREADS, np.int64)
         shared_mean = cuda.shared.array(MAX_THREADS, acc)
@@ -147,7 +158,7 @@ def stats_kernels(acc):
         m2 = acc(0)
         pivot = acc(0)
         if c < channels:
-            pivot = acc(x[start + c])  # see stats_slab
+            pivot = finite_or_zero(acc(x[start + c]), acc(0))  # see stats_slab
             row = split * rows_per_split + ty
             end = min(group_size // channels, (split + 1) * rows_per_split)
             index = start + row * channels + c
