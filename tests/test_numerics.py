@@ -352,3 +352,34 @@ def test_the_synchronised_merge_cannot_overflow_where_the_variance_is_finite():
     np.testing.assert_allclose(var, exact_var, rtol=1e-14)
     rows = np.array([[3, np.inf, np.nan], [5, 1.0, 0.5]])
     assert merge_moments(rows, 1)[1][0] == np.inf
+
+
+@pytest.mark.parametrize("shape, axis", [((64, 8, 32, 32), 1), ((64, 32, 32, 8), -1), ((3, 4, 5000), 1)],
+                         ids=["NCHW", "NHWC", "NCL-long-runs"])
+def test_float64_statistics_within_the_derived_bound(shape, axis):
+    """The bound derived in fastbn/backends/cpu/reductions.py ("error bound"), checked against
+    80-bit long double sums: |var - exact| <= (s + 3 P + 2) u var + (s u R)^2 and |mean - exact| <=
+    (s + 3 P + 2) u R + u |mean|, s at most 16384 elements per piece or block (BLOCK_ELEMENTS, the
+    larger of the two), P pieces or blocks, R the distance from the pivot (x[0]) to the farthest
+    element, on data whose mean (1e8) is far above its spread (1)."""
+    from fastbn.backends.cpu.plan import BLOCK_ELEMENTS, MAX_PIECE
+
+    if np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps:
+        pytest.skip("no extended-precision long double on this platform")
+    x = np.random.default_rng(11).standard_normal(shape) + 1e8
+    mean, var = fastbn.moments(x, axis=axis)
+    by_channel = np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+    wide = by_channel.astype(np.longdouble)
+    e_mean = wide.mean(axis=1)
+    e_var = ((wide - e_mean[:, None]) ** 2).mean(axis=1)
+    u = 2.0 ** -53
+    n = by_channel.shape[1]
+    s = max(MAX_PIECE, BLOCK_ELEMENTS)
+    pieces = n  # at most one piece per element: a loose P
+    R = np.abs(by_channel - by_channel[:, :1]).max(axis=1)
+    var_bound = (s + 3 * pieces + 2) * u * e_var.astype(np.float64) + (s * u * R) ** 2
+    mean_bound = (s + 3 * pieces + 2) * u * R + u * np.abs(e_mean.astype(np.float64))
+    assert (np.abs(var - e_var.astype(np.float64)) <= var_bound).all()
+    assert (np.abs(mean - e_mean.astype(np.float64)) <= mean_bound).all()
+    # and far inside it in practice: float64 sums of 1e5 elements, relative error near 1e-13 at most
+    assert (np.abs(var - e_var.astype(np.float64)) <= 1e-10 * e_var.astype(np.float64)).all()

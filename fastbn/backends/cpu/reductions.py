@@ -79,8 +79,10 @@ def slab_piece(p, N, L, runs, per_row):
 # (max - min); the sums' own rounding adds at most s u M2.  Chan's merge of
 # P pieces adds at most 3 u per merge.  Hence, for n elements in P pieces,
 #
-#     |var_computed - var| <= (s + 3 P + 2) u var + s^2 u^2 R^2 ...  (s <= 4096 = MAX_PIECE, BLOCK rows in ROWS)
+#     |var_computed - var| <= (s + 3 P + 2) u var + s^2 u^2 R^2
 #
+# (s: a piece's elements per channel, at most MAX_PIECE = 4096, or a ROWS
+# block's rows, at most BLOCK_ELEMENTS = 16384)
 # and |mean_computed - mean| <= (s + 3 P + 2) u R + u |mean|.  The pivot is
 # what makes the absolute terms scale with the channel's range R instead of
 # its magnitude: a constant channel gets variance 0 exactly, whatever its
