@@ -20,7 +20,16 @@ table of implementations (fastbn/tools/cases.py) and evaluates the release bar.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+
+
+def pytest_configure(config):
+    # Without pytest-benchmark every benchmark would fail on a missing ``benchmark`` fixture.
+    if importlib.util.find_spec("pytest_benchmark") is None:
+        raise pytest.UsageError("the benchmarks in bench/ need pytest-benchmark: pip install 'fastbn[bench]'")
+
 
 # testpaths is tests/, and pytest only collects test_*.py files by default;
 # these benchmark modules are named bench_*.py, so collect them here.

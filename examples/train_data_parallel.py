@@ -95,7 +95,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("examples/train_data_parallel.py needs mpi4py: pip install 'fastbn[mpi]'",
+                                  name=exc.name) from exc
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

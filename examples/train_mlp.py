@@ -183,8 +183,12 @@ def load_data(seed):
     The standardization uses the training split's mean and standard deviation
     only, so no test information leaks into training.
     """
-    from sklearn.datasets import load_breast_cancer
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_breast_cancer
+        from sklearn.model_selection import train_test_split
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("examples/train_mlp.py needs scikit-learn: pip install 'fastbn[examples]'",
+                                  name=exc.name) from exc
 
     X, y = load_breast_cancer(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(
@@ -438,7 +442,11 @@ def plot_curves(results, lrs, n_rep, path):
     repeats are counted in the panel's corner instead of being averaged in
     (one infinite loss would hide the others).
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("examples/train_mlp.py needs matplotlib: pip install 'fastbn[examples]'",
+                                  name=exc.name) from exc
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot
     import matplotlib.pyplot as plt
@@ -512,7 +520,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("examples/train_mlp.py needs tqdm: pip install 'fastbn[examples]'",
+                                  name=exc.name) from exc
 
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

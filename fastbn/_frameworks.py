@@ -9,6 +9,10 @@ Everything that must tell frameworks apart asks here: the backends' array
 conversions (:mod:`fastbn.backends.cpu.views`, :mod:`fastbn.backends.cuda.views`),
 the dispatcher (host or device), the layer's checkpoint loading and the
 synchronised path's process groups (:mod:`fastbn._sync`).
+
+It also makes the error that every import of an optional dependency raises
+when that dependency is missing (:func:`missing_dependency`), naming the
+extra to install.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["framework_of", "is_device_array", "process_group_kind"]
+__all__ = ["MissingDependency", "framework_of", "is_device_array", "missing_dependency", "process_group_kind"]
 
 #: What :func:`framework_of` answers.
 FRAMEWORKS = ("numpy", "torch", "jax", "cupy", "numba", "other")
@@ -108,3 +112,18 @@ def process_group_kind(group: Any) -> str:
     if module.startswith("torch") and "torch.distributed" in sys.modules:
         return "torch"
     return "other"
+
+
+class MissingDependency(ModuleNotFoundError):
+    """An optional dependency is not installed; the message names the fastbn extra that installs it."""
+
+
+def missing_dependency(what: str, package: str, extra: str, cause: ImportError | None = None) -> MissingDependency:
+    """The error for ``what`` needing ``package``, which ``pip install 'fastbn[extra]'`` installs.
+
+    Every import of an optional dependency (torch, JAX, numba-cuda, ...) raises
+    this, ``from`` the original ImportError ``cause``: "fastbn.jax needs JAX:
+    pip install 'fastbn[jax]'".
+    """
+    return MissingDependency(f"{what} needs {package}: pip install 'fastbn[{extra}]'",
+                             name=getattr(cause, "name", None))

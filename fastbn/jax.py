@@ -14,7 +14,12 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import jax
+from fastbn._frameworks import missing_dependency
+
+try:
+    import jax
+except ModuleNotFoundError as exc:
+    raise missing_dependency("fastbn.jax", "JAX", "jax", exc) from exc
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero

@@ -27,7 +27,7 @@ RESOURCES = re.compile(r"registers +\d+ +spills \d+/\d+ B")
 
 
 def _cuda12_installed():
-    """True when the wheel with CUDA 12's compiler is installed (fastbn[cuda] brings it on Linux)."""
+    """True when the wheel with CUDA 12's compiler is installed (fastbn[ptx-cu12] brings it on Linux)."""
     try:
         importlib.metadata.distribution(cuda12.DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:

@@ -15,6 +15,8 @@ import argparse
 import statistics
 import time
 
+from fastbn._frameworks import missing_dependency
+
 __all__ = ["add_parser", "run"]
 
 CASES = [
@@ -79,7 +81,10 @@ def run(args):
     """Time every case; print a Markdown table (and write it to ``--out``)."""
     import platform
 
-    import torch
+    try:
+        import torch
+    except ModuleNotFoundError as exc:
+        raise missing_dependency("the bench-torch command", "PyTorch", "torch", exc) from exc
 
     import fastbn
 

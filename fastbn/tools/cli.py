@@ -29,7 +29,11 @@
 
 The command modules are imported when the parser is built, but leave Numba,
 PyTorch and numba-cuda until their command runs, so ``python -m fastbn
---help`` is instant and compiles nothing.
+--help`` is instant and compiles nothing.  A command whose optional
+dependency is missing says which extra to install and exits with status 2.
+
+Installing fastbn also installs this command line as ``fastbn`` (the same
+:func:`main`); ``--version`` prints fastbn's version.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ import time
 
 import numpy as np
 
+from fastbn import __version__
+from fastbn._frameworks import MissingDependency
 from fastbn.backends.cpu.machine import machine
 
 
@@ -146,10 +152,13 @@ def startup(args):
 
 
 def main(argv=None):
-    """Entry point of ``python -m fastbn``; returns the process exit code."""
+    """Entry point of ``python -m fastbn`` and of the ``fastbn`` command; returns the process exit code."""
     from fastbn.tools import bench, bench_fused, bench_torch, plan, ptx, torch_suite
 
-    parser = argparse.ArgumentParser(prog="python -m fastbn", description=__doc__.split("\n")[0])
+    # Named as it was started: the ``fastbn`` console script or ``python -m fastbn``.
+    prog = "fastbn" if os.path.basename(sys.argv[0]) == "fastbn" else "python -m fastbn"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"fastbn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="forward/backward demo, checked and timed against NumPy")
     demo_parser.add_argument("--shape", type=int, nargs=4, default=[32, 64, 28, 28], metavar=("N", "C", "H", "W"))
@@ -163,4 +172,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error("--repeats: expected a positive integer")
-    return runs[args.command](args)
+    try:
+        return runs[args.command](args)
+    except MissingDependency as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2

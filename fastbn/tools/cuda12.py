@@ -2,8 +2,9 @@
 
 The CUDA 13 toolkit that ``numba-cuda[cu13]`` installs compiles for cc 7.5
 and up; CUDA 12's still targets cc 5.0 to 7.2, Volta (cc 7.0) among them.
-``fastbn[cuda]`` therefore also installs the ``nvidia-cuda-nvcc-cu12`` wheel
-(Linux), which carries CUDA 12's libNVVM, libdevice and ptxas, and
+The developer-facing extra ``fastbn[ptx-cu12]`` therefore installs the
+``nvidia-cuda-nvcc-cu12`` wheel (Linux), which carries CUDA 12's libNVVM,
+libdevice and ptxas, and
 ``python -m fastbn ptx`` (:mod:`fastbn.tools.ptx`) compiles those compute
 capabilities with it.
 
@@ -106,7 +107,7 @@ def locate():
     try:
         dist = importlib.metadata.distribution(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        return None, f"install {DISTRIBUTION} (part of fastbn[cuda]) for CUDA 12's compiler"
+        return None, f"install {DISTRIBUTION} (pip install 'fastbn[ptx-cu12]') for CUDA 12's compiler"
     root = str(dist.locate_file(os.path.join("nvidia", "cuda_nvcc")))
     files = {name: os.path.join(root, relative) for name, relative in _FILES.items()}
     missing = [relative for name, relative in _FILES.items() if not os.path.isfile(files[name])]

@@ -13,8 +13,8 @@ Two toolkits share the work:
 * **CUDA 13** (``numba-cuda[cu13]``) compiles every compute capability it
   targets (7.5 and up), in the worker processes of this command, and
   assembles with the ptxas inside nvJitLink.
-* **CUDA 12** (the ``nvidia-cuda-nvcc-cu12`` wheel, part of ``fastbn[cuda]``
-  on Linux) compiles those that CUDA 13 dropped, Volta's cc 7.0 among them,
+* **CUDA 12** (the ``nvidia-cuda-nvcc-cu12`` wheel, which ``fastbn[ptx-cu12]``
+  installs on Linux) compiles those that CUDA 13 dropped, Volta's cc 7.0 among them,
   one child interpreter per compute capability so that its libNVVM never
   meets CUDA 13's, and assembles with its own ``ptxas`` executable; see
   :mod:`fastbn.tools.cuda12`.

@@ -361,7 +361,7 @@ def write_charts(out_dir, results, libraries, sizes, threads):
         import matplotlib.pyplot as plt
     except ImportError:
         print("python -m fastbn bench: matplotlib is not installed, so no chart was drawn "
-              "(pip install matplotlib)", file=sys.stderr)
+              "(pip install 'fastbn[bench]')", file=sys.stderr)
         return []
     charts = []
     labels = [f"{_NAMES[r['operation']]}\n{r['shape']} {r['dtype']}" for r in results]

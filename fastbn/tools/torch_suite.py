@@ -83,6 +83,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from fastbn._frameworks import missing_dependency
+
 #: (test file relative to the checkout, pytest ``-k`` expression) run by default.
 DEFAULT_TARGETS = (
     ("test/test_nn.py", "batchnorm or batch_norm"),
@@ -401,7 +403,10 @@ def suite(root, targets, mode, workdir, timeout, workers=1):
         JSON-serialisable: the environment, per-target counts and groups
         (see :func:`compare`), and totals.
     """
-    import torch
+    try:
+        import torch
+    except ModuleNotFoundError as exc:
+        raise missing_dependency("the torch-suite command", "PyTorch", "torch", exc) from exc
 
     import fastbn
 

@@ -34,6 +34,13 @@ Importing this module imports torch; ``import fastbn`` alone never does.
 
 from __future__ import annotations
 
+from fastbn._frameworks import missing_dependency
+
+try:
+    import torch  # noqa: F401  (here, so that a missing torch is named by the extra that installs it)
+except ModuleNotFoundError as exc:
+    raise missing_dependency("fastbn.torch", "PyTorch", "torch", exc) from exc
+
 from fastbn.torch._checks import BatchNormError, BatchNormIndexError, BatchNormTypeError
 from fastbn.torch._functional import batch_norm
 from fastbn.torch._modules import (

@@ -39,14 +39,27 @@ CPU use never imports it.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import math
 import os
 import threading
 import weakref
 
 import numpy as np
-from numba import cuda  # the CUDA target; see the module docstring before changing it
-from numba.cuda import types
+
+from fastbn._frameworks import missing_dependency
+
+# Without numba-cuda, ``from numba import cuda`` still finds the deprecated CUDA
+# target that Numba itself ships, on which the kernels do not compile: ask for
+# numba-cuda by name.
+if importlib.util.find_spec("numba_cuda") is None:
+    raise missing_dependency("fastbn's CUDA backend", "numba-cuda", "cuda")
+try:
+    from numba import cuda  # the CUDA target; see the module docstring before changing it
+    from numba.cuda import types
+except ImportError as exc:
+    raise missing_dependency("fastbn's CUDA backend", f"numba-cuda, which did not import ({exc})", "cuda",
+                             exc) from exc
 
 from fastbn._layout import c_strides  # re-exported: the CUDA modules take it from here
 
@@ -333,7 +346,7 @@ def _pair_libdevice_with_nvvm():
     numba-cuda 0.30 looks for libNVVM and libdevice separately: libNVVM
     through cuda-pathfinder (CUDA 13's wheel first), but libdevice from the
     ``nvidia-cuda-nvcc-cu12`` wheel whenever that is installed, before CUDA
-    13's.  fastbn[cuda] installs both (the CUDA 12 one for ``python -m fastbn
+    13's.  fastbn[ptx-cu12] installs both (the CUDA 12 one for ``python -m fastbn
     ptx``, see :mod:`fastbn.tools.cuda12`), which would pair CUDA 13's NVVM with
     CUDA 12's libdevice.  This wraps numba-cuda's wheel lookup so that it
     answers the libdevice beside the loaded libNVVM, and falls back to its
