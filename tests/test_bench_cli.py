@@ -5,11 +5,13 @@ Speed is never asserted here; the benchmark itself lives in bench/ and in fastbn
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,35 +21,258 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_bench(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "fastbn", "bench", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
         env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")),
     )
 
 
 def test_tiny_matrix_writes_table_snippet_json_and_chart(tmp_path):
     out = tmp_path / "results"
-    proc = run_bench("--shapes", "4x8x6x6,6x5x5x8@-1", "--ops", "forward_train,moments", "--repeats", "2",
-                     "--rounds", "1", "--no-sweeps", "--no-compile-time", "--no-progress", "--out", str(out),
-                     cwd=tmp_path)
+    proc = run_bench(
+        "--shapes",
+        "4x8x6x6,6x5x5x8@-1",
+        "--ops",
+        "forward_train,moments",
+        "--repeats",
+        "2",
+        "--rounds",
+        "1",
+        "--no-sweeps",
+        "--no-compile-time",
+        "--no-progress",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     report = (out / "report.md").read_text()
     snippet = (out / "README_snippet.md").read_text()
     for text in (report, snippet):
-        assert "| operation | shape | dtype | MB | fastbn ms | GB/s | % roofline |" in text
-        assert "(4x8x6x6), axis 1" in text and "(6x5x5x8), axis -1" in text
+        assert "| operation | shape | dtype | fastbn ms | GB/s (% of roofline) |" in text
+        assert "4x8x6x6 NCHW" in text and "6x5x5x8 NHWC" in text
+        # only the command line, which names what to type, spells a shape with "@-1"
+        assert "@-1" not in re.sub(r"`python -m fastbn bench[^`]*`", "", text) and "0 of 0" not in text
         assert "python -m fastbn bench" in text  # names the command that made it
-    assert "## Performance" in snippet
+    assert "## Performance" in snippet and "## Diagnostics" in report
     assert "threads" in report  # machine and thread counts are stated
     results = json.loads((out / "results.json").read_text())
     rows = {(r["operation"], r["shape"], r["dtype"]) for r in results["results"]}
     # float32 for both operations, float16 for training forward only
-    assert rows == {(op, shape, "float32") for op in ("forward_train", "moments")
-                    for shape in ("4x8x6x6", "6x5x5x8@-1")} | {("forward_train", "4x8x6x6", "float16"),
-                                                               ("forward_train", "6x5x5x8@-1", "float16")}
+    assert rows == {
+        (op, shape, "float32") for op in ("forward_train", "moments") for shape in ("4x8x6x6", "6x5x5x8@-1")
+    } | {("forward_train", "4x8x6x6", "float16"), ("forward_train", "6x5x5x8@-1", "float16")}
     assert all(r["error_ok"] for r in results["results"])
     pytest.importorskip("matplotlib")
     png = out / "bench.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------- the report's shape, from fixed numbers (nothing timed) ---
+def _row(operation, dims, axis, dtype, fastbn_ms, torch_ms=None, numpy_ms=None):
+    """A result row as bench.run_matrix makes one, with made-up times."""
+    from fastbn.tools import bench, cases
+
+    shape = cases.Shape(tuple(dims), axis)
+    case = cases.Case(operation, shape, dtype)
+    roofline = 2.0 * case.nbytes / 60e9 * 1e3
+    row = {
+        "operation": operation,
+        "shape": shape.label,
+        "dims": list(dims),
+        "axis": axis,
+        "dtype": dtype,
+        "bytes": case.nbytes,
+        "layout": "channels-last" if shape.channels_last else "channel slab",
+        "passes": 2,
+        "copy_ms": roofline,
+        "copy_fresh_ms": 1.3 * roofline,
+        "page_in_ms": 0.3 * roofline,
+        "roofline_ms": roofline,
+        "roofline_alloc_ms": 1.3 * roofline,
+        "error": 1e-7,
+        "error_ok": True,
+        "samples": 6,
+        "fastbn_ms": fastbn_ms,
+    }
+    if operation != "moments":
+        row["reused_ms"] = 0.9 * fastbn_ms
+    if numpy_ms is not None:
+        row["numpy_ms"] = numpy_ms
+    if torch_ms is not None:
+        row["torch_ms"] = torch_ms
+    return bench.evaluate_bar(row)
+
+
+INFO = {
+    "date": "2026-01-01T00:00:00",
+    "python": "3.11.7",
+    "platform": "Linux",
+    "cpu": "Test CPU",
+    "cpus": 2,
+    "machine": "Test CPU, 2 cores; L1d 32 KiB, L2 1024 KiB per core, L3 32 MiB shared by 2 CPUs",
+    "numpy": "2.0",
+    "numba": "0.60",
+    "fastbn": "0.1.0",
+    "fastbn_threads": 2,
+    "threading_layer": "tbb",
+    "core_cache_bytes": 17825792,
+    "memory_gb": 25.3,
+}
+
+
+def _tables(text):
+    """Each Markdown table in ``text``, as its header's cells."""
+    lines = text.splitlines()
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line, below in itertools.pairwise(lines)
+        if line.startswith("| ") and below.startswith("|---")
+    ]
+
+
+@pytest.mark.parametrize("with_torch", [True, False], ids=["with-torch", "numpy-only"])
+def test_report_main_table_is_at_most_8_columns_with_diagnostics_below(tmp_path, with_torch):
+    from fastbn.tools import report
+
+    big = (64, 56, 56, 64)  # 51 MB float32: the roofline bar applies
+    results = [
+        _row("forward_train", big, -1, "float32", 6.0, torch_ms=18.0 if with_torch else None, numpy_ms=60.0),
+        _row("moments", big, -1, "float32", 4.0, torch_ms=40.0 if with_torch else None, numpy_ms=20.0),
+        _row("forward_train", (8, 4, 6, 6), 1, "float16", 0.5, torch_ms=0.6 if with_torch else None, numpy_ms=5.0),
+    ]
+    libraries = ["fastbn", "numpy", "torch"] if with_torch else ["fastbn", "numpy"]
+    info = dict(INFO, torch="2.5", torch_threads=2) if with_torch else INFO
+    report.write_report(str(tmp_path), info, results, libraries, None, None, None, "python -m fastbn bench", [])
+    text = (tmp_path / "report.md").read_text()
+    snippet = (tmp_path / "README_snippet.md").read_text()
+    main, diagnostics = _tables(text)[:2]
+    assert len(main) <= 8 and main[:4] == ["operation", "shape", "dtype", "fastbn ms"], main
+    assert ("vs PyTorch" in main) == with_torch and "release bar" in main
+    # the diagnostic columns moved to the second table, under their own heading
+    assert text.index("## Results") < text.index("## Diagnostics")
+    for column in ("MB", "% of roofline + page-in", "reused output ms (% of roofline)", "bar checks"):
+        assert column in diagnostics and column not in main, column
+    # the main table says met or missed in words; pass/miss per check is the diagnostics'
+    results_section = text[text.index("## Results") : text.index("## Diagnostics")]
+    assert " pass" not in results_section and "**miss**" not in results_section
+    assert "| **missed**: 29% of roofline, needs 60% |" in results_section
+    if with_torch:
+        assert "| **missed**: 1.20x PyTorch, needs 3.5x |" in results_section
+    else:
+        assert results_section.count("| n/a |") == 1  # the small float16 row: no bar applies
+    # shapes as people write them, the machine named, no empty counts
+    for page in (text, snippet):
+        assert "64x56x56x64 NHWC" in page and "8x4x6x6 NCHW" in page
+        assert "@-1" not in page and "0 of 0" not in page
+        assert "Test CPU, 2 cores" in page
+    snippet_main = _tables(snippet)[0]
+    assert len(snippet_main) <= 8 and "release bar" not in snippet_main
+    if not with_torch:
+        assert "not measured (PyTorch is not installed" in text
+
+
+def test_summary_never_says_0_of_0_without_bars():
+    """Small tensors and no PyTorch: no part of the bar applies, and the summary says so in words."""
+    from fastbn.tools import report
+
+    results = [_row("forward_train", (8, 4, 6, 6), 1, "float32", 0.5, numpy_ms=5.0)]
+    summary = report.bar_summary(results)
+    assert "0 of 0" not in summary
+    assert "no rows with a roofline bar" in summary
+    assert report.results_table(results, ["fastbn", "numpy"]).splitlines()[2].endswith("| n/a |")
+
+
+def test_bench_rerenders_report_and_charts_from_json(tmp_path):
+    """``--from-json`` times nothing: it redraws report.md, the snippet and the charts from results.json."""
+    from fastbn.tools import report
+
+    results = [
+        _row("forward_eval", (64, 56, 56, 64), -1, "float32", 5.0, torch_ms=15.0, numpy_ms=40.0),
+        _row("moments", (8, 4, 6, 6), 1, "float32", 0.2, torch_ms=0.5, numpy_ms=1.0),
+    ]
+    saved = {
+        "command": "python -m fastbn bench --rounds 5",
+        "machine": dict(INFO, torch="2.5", torch_threads=2),
+        "results": results,
+        "sizes": None,
+        "threads": None,
+        "compile": None,
+    }
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps(saved))
+    out = tmp_path / "again"
+    proc = run_bench("--from-json", str(source), "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "report.md").read_text()
+    assert "Generated by `python -m fastbn bench --rounds 5` on 2026-01-01T00:00:00" in text
+    assert "64x56x56x64 NHWC" in text and not (out / "results.json").exists()
+    assert report.libraries_of(results) == ["fastbn", "numpy", "torch"]
+    bad = run_bench("--from-json", str(tmp_path / "missing.json"), "--out", str(out), cwd=tmp_path)
+    assert bad.returncode == 2 and "cannot read a results.json" in bad.stderr
+    pytest.importorskip("matplotlib")
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fused_report_is_readable_and_rerenders(tmp_path):
+    from fastbn.tools import bench_fused
+
+    def row(direction, variant, shape, gain, needed, bar):
+        return {
+            "direction": direction,
+            "variant": variant,
+            "shape": shape,
+            "mb": 51.4,
+            "fused_ms": 6.0,
+            "separate_ms": 6.0 + gain,
+            "speedup": (6.0 + gain) / 6.0,
+            "fused_passes": 2,
+            "separate_passes": 4,
+            "pass_ms": needed / 2,
+            "gain_ms": gain,
+            "needed_ms": needed,
+            "agree": True,
+            "bar": bar,
+        }
+
+    rows = [
+        row("forward", "relu", "64x56x56x64@-1", 7.0, 3.5, True),
+        row("forward", "add_relu", "64x56x56x64@-1", 7.0, 7.1, False),
+        row("forward", "ghost", "64x64x56x56", 6.0, 3.5, None),
+    ]
+    path = bench_fused.write_report(str(tmp_path), INFO, rows, "python -m fastbn bench-fused", 45.0)
+    text = Path(path).read_text()
+    main, diagnostics = _tables(text)[:2]
+    assert len(main) <= 8 and len(diagnostics) <= 8
+    assert "forward: BN + add + ReLU" in text and "64x56x56x64 NHWC" in text and "@-1" not in text
+    assert "1 of 2 rows meet it" in text and "Test CPU, 2 cores" in text and "in 45 s" in text
+    assert "no rows with a bar" in bench_fused.summary([rows[2]])
+    assert "0 of 0" not in bench_fused.summary([rows[2]])
+    # the JSON it wrote re-renders to the same page
+    out = tmp_path / "again"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbn", "bench-fused", "--from-json", str(tmp_path / "fused.json"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "fused.md").read_text() == text
+
+
+def test_shapes_are_described_as_people_write_them():
+    from fastbn.tools import cases
+
+    assert cases.parse_shape("64x56x56x64@-1").text == "64x56x56x64 NHWC"
+    assert cases.describe_shape((64, 64, 56, 56), 1) == "64x64x56x56 NCHW"
+    assert cases.describe_shape((32, 128, 4096), 1) == "32x128x4096 NCL"
+    assert cases.describe_shape((8192, 1024), 1) == "8192x1024 NC"
+    assert cases.describe_shape((8, 4, 6), 0) == "8x4x6, channels on axis 0"
+    assert cases.describe_label("6x5x5x8@-1") == "6x5x5x8 NHWC" and cases.describe_label("8x") == "8x"
 
 
 @pytest.mark.parametrize(
@@ -69,9 +294,24 @@ def test_bad_operation_or_shape_is_a_clear_error(tmp_path, args, message):
 def test_bench_fused_writes_its_table_and_checks_both_forms_agree(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, "-m", "fastbn", "bench-fused", "--shapes", "32x4x5x5,32x5x5x4@-1", "--repeats", "1",
-         "--rounds", "1", "--out", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "fastbn",
+            "bench-fused",
+            "--shapes",
+            "32x4x5x5,32x5x5x4@-1",
+            "--repeats",
+            "1",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
         env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")),
     )
     assert proc.returncode == 0, proc.stderr
@@ -80,13 +320,26 @@ def test_bench_fused_writes_its_table_and_checks_both_forms_agree(tmp_path):
     rows = json.loads((out / "fused.json").read_text())["rows"]
     # every variant on both shapes (ghost batches of 16 divide 32), and both forms give the same results
     assert {(r["direction"], r["variant"], r["shape"]) for r in rows} == {
-        (d, v, s) for s in ("32x4x5x5", "32x5x5x4@-1")
-        for d, v in [("forward", "relu"), ("forward", "add_relu"), ("forward", "ghost"), ("forward", "renorm"),
-                     ("backward", "relu"), ("backward", "add_relu")]}
+        (d, v, s)
+        for s in ("32x4x5x5", "32x5x5x4@-1")
+        for d, v in [
+            ("forward", "relu"),
+            ("forward", "add_relu"),
+            ("forward", "ghost"),
+            ("forward", "renorm"),
+            ("backward", "relu"),
+            ("backward", "add_relu"),
+        ]
+    }
     assert all(r["agree"] for r in rows)
-    bad = subprocess.run([sys.executable, "-m", "fastbn", "bench-fused", "--shapes", "8x"], capture_output=True,
-                         text=True, cwd=tmp_path, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    bad = subprocess.run(
+        [sys.executable, "-m", "fastbn", "bench-fused", "--shapes", "8x"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")),
+    )
     assert bad.returncode != 0 and "'8x' is not a shape" in bad.stderr
 
 
@@ -94,16 +347,21 @@ def test_help_names_every_command_and_the_library_imports_no_tool(tmp_path):
     """``python -m fastbn --help`` lists every command; ``import fastbn`` and a forward leave fastbn.tools
     unimported (the tools depend on the library, never the other way)."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "fastbn", "--help"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbn", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     listed = re.search(r"\{([a-z,-]+)\}", proc.stdout)
     assert listed, proc.stdout
-    assert {"demo", "startup", "ptx", "bench", "bench-fused", "plan", "torch-suite"} <= set(listed.group(1).split(",")), \
-        proc.stdout
-    script = ("import sys, numpy as np, fastbn; fastbn.forward(np.ones((4, 3), np.float32)); "
-              "print([m for m in sys.modules if m.startswith('fastbn.tools')])")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=300, env=env)
+    assert {"demo", "startup", "ptx", "bench", "bench-fused", "plan", "torch-suite"} <= set(
+        listed.group(1).split(",")
+    ), proc.stdout
+    script = (
+        "import sys, numpy as np, fastbn; fastbn.forward(np.ones((4, 3), np.float32)); "
+        "print([m for m in sys.modules if m.startswith('fastbn.tools')])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout

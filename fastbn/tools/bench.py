@@ -94,10 +94,11 @@ def run_matrix(matrix, libraries, repeats, rounds, progress):
     for (shape, dtype), group in by_input.items():
         data = cases.Inputs(shape, dtype)
 
-        def copy_existing():
+        # data bound as a default: the loop deletes it after its last use
+        def copy_existing(data=data):
             np.copyto(data.copy_target, data.x)
 
-        def copy_fresh():
+        def copy_fresh(data=data):
             # Like every batch-norm call, writes (and returns) a newly
             # allocated array: the OS zeroes each page on its first touch.
             target = np.empty_like(data.x)
@@ -167,9 +168,12 @@ def evaluate_bar(row):
             need = BAR_SLAB_BACKWARD
         checks["torch"] = {"need": need, "ok": row["vs_torch"] >= need, "ok_reused": row["vs_torch_reused"] >= need}
     if row["bytes"] >= BAR_ROOFLINE_MIN_BYTES:
-        checks["roofline"] = {"need": 100 * BAR_ROOFLINE, "ok": row["roofline_pct"] >= 100 * BAR_ROOFLINE,
-                              "ok_with_page_in": row["roofline_alloc_pct"] >= 100 * BAR_ROOFLINE,
-                              "ok_reused": row["reused_roofline_pct"] >= 100 * BAR_ROOFLINE}
+        checks["roofline"] = {
+            "need": 100 * BAR_ROOFLINE,
+            "ok": row["roofline_pct"] >= 100 * BAR_ROOFLINE,
+            "ok_with_page_in": row["roofline_alloc_pct"] >= 100 * BAR_ROOFLINE,
+            "ok_reused": row["reused_roofline_pct"] >= 100 * BAR_ROOFLINE,
+        }
     row["checks"] = checks
     return row
 
@@ -186,8 +190,9 @@ def run_size_sweep(repeats, progress, with_torch):
             functions["torch forward_train"] = cases.LIBRARIES["torch"]("forward_train", data)
         # Fewer calls for the big ones: a 400 MB forward is 0.1 s.
         big = data.nbytes > 100 * cases.MB
-        times, _ = cases.time_interleaved(functions, max(2, repeats // 2) if big else repeats, 2 if big else 3,
-                                    warmup=1)
+        times, _ = cases.time_interleaved(
+            functions, max(2, repeats // 2) if big else repeats, 2 if big else 3, warmup=1
+        )
         points.append({"channels": channels, "bytes": data.nbytes, **{k: 1e3 * v for k, v in times.items()}})
         progress.step(f"size {data.nbytes / cases.MB:.0f} MB")
         del functions, data
@@ -203,6 +208,7 @@ def run_thread_sweep(shapes, repeats, rounds, progress, with_torch):
     torch = None
     if with_torch:
         import torch
+
         default_torch = torch.get_num_threads()
     rows = []
     try:
@@ -266,8 +272,9 @@ def measure_compile_time():
     """First and second call of each operation, float32, in a fresh interpreter with an empty kernel cache."""
     with tempfile.TemporaryDirectory() as cache_dir:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
-        proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
-                              env=env, timeout=1800)
+        proc = subprocess.run(
+            [sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=1800
+        )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -277,34 +284,57 @@ def measure_compile_time():
 def add_parser(commands):
     """Add the ``bench`` subcommand to ``python -m fastbn``'s subparsers."""
     parser = commands.add_parser(
-        "bench", help="benchmark against NumPy, PyTorch and the memory roofline; write a report",
+        "bench",
+        help="benchmark against NumPy, PyTorch and the memory roofline; write a report",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--ops", type=cases.comma_list(cases.parse_operation), default=list(cases.OPERATIONS),
-                        metavar="OP[,OP...]",
-                        help=f"operations to time, from {', '.join(cases.OPERATIONS)} (default: all)")
-    parser.add_argument("--shapes", type=cases.comma_list(cases.parse_shape),
-                        default=[cases.parse_shape(s) for s in cases.DEFAULT_SHAPES],
-                        metavar="SHAPE[,SHAPE...]",
-                        help="shapes as sizes joined by 'x', '@axis' for a channel axis other than 1 "
-                             f"(default: {','.join(cases.DEFAULT_SHAPES)})")
-    parser.add_argument("--dtypes", type=cases.comma_list(cases.parse_dtype), default=list(cases.DTYPES),
-                        metavar="DTYPE[,DTYPE...]",
-                        help="float32 for every operation, float16 for training forward (default: both)")
+    parser.add_argument(
+        "--ops",
+        type=cases.comma_list(cases.parse_operation),
+        default=list(cases.OPERATIONS),
+        metavar="OP[,OP...]",
+        help=f"operations to time, from {', '.join(cases.OPERATIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=cases.comma_list(cases.parse_shape),
+        default=[cases.parse_shape(s) for s in cases.DEFAULT_SHAPES],
+        metavar="SHAPE[,SHAPE...]",
+        help="shapes as sizes joined by 'x', '@axis' for a channel axis other than 1 "
+        f"(default: {','.join(cases.DEFAULT_SHAPES)})",
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=cases.comma_list(cases.parse_dtype),
+        default=list(cases.DTYPES),
+        metavar="DTYPE[,DTYPE...]",
+        help="float32 for every operation, float16 for training forward (default: both)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per round (default 5)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds in which the libraries take turns (default 3); the median is over "
-                             "repeats x rounds calls")
-    parser.add_argument("--out", default=os.path.join("bench", "results"),
-                        help="directory for report.md, README_snippet.md, results.json and the charts "
-                             "(default bench/results)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds in which the libraries take turns (default 3); the median is over repeats x rounds calls",
+    )
+    parser.add_argument(
+        "--out",
+        default=os.path.join("bench", "results"),
+        help="directory for report.md, README_snippet.md, results.json and the charts (default bench/results)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if it is installed")
     parser.add_argument("--no-numpy", action="store_true", help="leave the NumPy implementation out")
-    parser.add_argument("--no-sweeps", action="store_true",
-                        help="skip the size (1-400 MB) and thread-count sweeps")
-    parser.add_argument("--no-compile-time", action="store_true",
-                        help="skip measuring compile time in a fresh interpreter")
+    parser.add_argument("--no-sweeps", action="store_true", help="skip the size (1-400 MB) and thread-count sweeps")
+    parser.add_argument(
+        "--no-compile-time", action="store_true", help="skip measuring compile time in a fresh interpreter"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--from-json",
+        metavar="RESULTS_JSON",
+        help="time nothing: re-render report.md, README_snippet.md and the charts into --out from "
+        "a results.json an earlier run wrote (its own command, date and machine are kept)",
+    )
     return parser
 
 
@@ -313,6 +343,8 @@ def run(args):
     if args.rounds < 1:
         print("python -m fastbn bench: error: --rounds: expected a positive integer", file=sys.stderr)
         return 2
+    if args.from_json:
+        return rerender(args.from_json, args.out)
     import fastbn
 
     fastbn.threading_layer()  # before PyTorch or anything else starts threads (see report.machine_info)
@@ -323,16 +355,19 @@ def run(args):
     if with_torch:
         libraries.append("torch")
     elif not args.no_torch:
-        print("python -m fastbn bench: PyTorch is not installed; its columns are left out "
-              "(pip install 'fastbn[torch]')", file=sys.stderr)
+        print(
+            "python -m fastbn bench: PyTorch is not installed; its columns are left out (pip install 'fastbn[torch]')",
+            file=sys.stderr,
+        )
     matrix = cases.build_cases(args.ops, args.shapes, args.dtypes)
     if not matrix:
-        print("python -m fastbn bench: error: nothing to run (float16 is timed for forward_train only)",
-              file=sys.stderr)
+        print(
+            "python -m fastbn bench: error: nothing to run (float16 is timed for forward_train only)", file=sys.stderr
+        )
         return 2
     command = _command_line(args)
     info = report.machine_info()
-    sweep_shapes = [s for s in args.shapes]
+    sweep_shapes = list(args.shapes)
     steps = len(matrix) + (0 if args.no_sweeps else len(SWEEP_CHANNELS) + 2 * len(sweep_shapes))
     progress = _Progress(steps, not args.no_progress)
     try:
@@ -347,14 +382,42 @@ def run(args):
     if hasattr(os, "getloadavg"):
         info["load_after"] = round(os.getloadavg()[0], 2)
     os.makedirs(args.out, exist_ok=True)
-    charts = report.write_charts(args.out, results, libraries, sizes, threads)
-    report_path, snippet, json_path = report.write_report(args.out, info, results, libraries, sizes, threads,
-                                                          compile_times, command, charts)
+    charts = report.write_charts(args.out, results, libraries, sizes, threads, info)
+    report_path, snippet, json_path = report.write_report(
+        args.out, info, results, libraries, sizes, threads, compile_times, command, charts
+    )
     print(report.results_table(results, libraries))
     print()
     print(report.bar_summary(results))
     print()
     print(f"Wrote {report_path}, {snippet}, {json_path}" + "".join(f", {path}" for _, path in charts))
+    return 0
+
+
+def rerender(json_path, out_dir):
+    """Write report.md, README_snippet.md and the charts into ``out_dir`` from a results.json; return an exit code.
+
+    Nothing is timed: the rows, the sweeps, the machine and the command are the
+    JSON's, so the report still says which command measured them, and when.
+    """
+    try:
+        with open(json_path) as f:
+            saved = json.load(f)
+        results, info, command = saved["results"], saved["machine"], saved["command"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(
+            f"python -m fastbn bench: error: --from-json {json_path}: cannot read a results.json ({exc})",
+            file=sys.stderr,
+        )
+        return 2
+    libraries = report.libraries_of(results)
+    sizes, threads = saved.get("sizes"), saved.get("threads")
+    os.makedirs(out_dir, exist_ok=True)
+    charts = report.write_charts(out_dir, results, libraries, sizes, threads, info)
+    report_path, snippet, _ = report.write_report(
+        out_dir, info, results, libraries, sizes, threads, saved.get("compile"), command, charts, write_json=False
+    )
+    print(f"Wrote {report_path}, {snippet}" + "".join(f", {path}" for _, path in charts))
     return 0
 
 

@@ -99,31 +99,39 @@ def callables(direction, variant, data):
         return {"fused": lambda: fastbn.backward(dy, x, w, saved, axis=axis, y=y), "separate": separate}
 
     if variant == "relu":
+
         def separate():
             out, _ = fastbn.forward(x, w, b, eps=eps, axis=axis)
             return np.maximum(out, 0, out=out)
 
-        return {"fused": lambda: fastbn.forward(x, w, b, eps=eps, axis=axis, activation="relu")[0],
-                "separate": separate}
+        return {
+            "fused": lambda: fastbn.forward(x, w, b, eps=eps, axis=axis, activation="relu")[0],
+            "separate": separate,
+        }
     if variant == "add_relu":
+
         def separate():
             out, _ = fastbn.forward(x, w, b, eps=eps, axis=axis)
             np.add(out, z, out=out)
             return np.maximum(out, 0, out=out)
 
-        return {"fused": lambda: fastbn.forward(x, w, b, eps=eps, axis=axis, activation="relu", residual=z)[0],
-                "separate": separate}
+        return {
+            "fused": lambda: fastbn.forward(x, w, b, eps=eps, axis=axis, activation="relu", residual=z)[0],
+            "separate": separate,
+        }
     if variant == "ghost":
         k = GHOST_BATCH
 
         def separate():
             out = np.empty_like(x)
             for start in range(0, x.shape[0], k):
-                out[start:start + k] = fastbn.forward(x[start:start + k], w, b, eps=eps, axis=axis)[0]
+                out[start : start + k] = fastbn.forward(x[start : start + k], w, b, eps=eps, axis=axis)[0]
             return out
 
-        return {"fused": lambda: fastbn.forward(x, w, b, eps=eps, axis=axis, virtual_batch_size=k)[0],
-                "separate": separate}
+        return {
+            "fused": lambda: fastbn.forward(x, w, b, eps=eps, axis=axis, virtual_batch_size=k)[0],
+            "separate": separate,
+        }
     if variant == "renorm":
         rmax, dmax = RENORM
 
@@ -133,13 +141,22 @@ def callables(direction, variant, data):
             sigma_running = np.sqrt(running_var.astype(np.float64) + eps)
             r = np.clip(np.sqrt(var + eps) / sigma_running, 1 / rmax, rmax)
             d = np.clip((mean - running_mean) / sigma_running, -dmax, dmax)
-            return fastbn.normalize(x, mean, var, (w * r).astype(np.float32), (d * w + b).astype(np.float32),
-                                    eps=eps, axis=axis)
+            return fastbn.normalize(
+                x, mean, var, (w * r).astype(np.float32), (d * w + b).astype(np.float32), eps=eps, axis=axis
+            )
 
         def fused():
             # running statistics are copied so that every call sees the same ones, as `separate` does
-            return fastbn.forward(x, w, b, running_mean=data.running_mean.copy(),
-                                  running_var=data.running_var.copy(), eps=eps, axis=axis, renorm=RENORM)[0]
+            return fastbn.forward(
+                x,
+                w,
+                b,
+                running_mean=data.running_mean.copy(),
+                running_var=data.running_var.copy(),
+                eps=eps,
+                axis=axis,
+                renorm=RENORM,
+            )[0]
 
         return {"fused": fused, "separate": separate}
     raise ValueError(variant)
@@ -166,8 +183,9 @@ def run_rows(shapes, repeats, rounds, progress=None):
     cache = machine().core_cache_bytes
     for shape in shapes:
         data = _inputs(shape)
-        copy_seconds = cases.time_interleaved({"copy": lambda: np.copyto(data.copy_target, data.x)}, repeats,
-                                              rounds)[0]["copy"]
+        copy_seconds = cases.time_interleaved(
+            {"copy": lambda data=data: np.copyto(data.copy_target, data.x)}, repeats, rounds
+        )[0]["copy"]
         channel_bytes = cases.channel_bytes(shape, 4)
         work = [("forward", v) for v in VARIANTS] + [("backward", v) for v in BACKWARD_VARIANTS]
         for direction, variant in work:
@@ -181,50 +199,197 @@ def run_rows(shapes, repeats, rounds, progress=None):
             saved = separate_passes - fused_passes
             gain = medians["separate"] - medians["fused"]
             barred = variant in BAR_VARIANTS
-            rows.append({
-                "direction": direction, "variant": variant, "shape": shape.label, "mb": data.nbytes / 1e6,
-                "fused_ms": 1e3 * medians["fused"], "separate_ms": 1e3 * medians["separate"],
-                "speedup": medians["separate"] / medians["fused"], "fused_passes": fused_passes,
-                "separate_passes": separate_passes, "pass_ms": 1e3 * pass_seconds, "gain_ms": 1e3 * gain,
-                "needed_ms": 1e3 * saved * pass_seconds, "agree": agree,
-                "bar": (gain >= saved * pass_seconds) if barred else None,
-            })
+            rows.append(
+                {
+                    "direction": direction,
+                    "variant": variant,
+                    "shape": shape.label,
+                    "mb": data.nbytes / 1e6,
+                    "fused_ms": 1e3 * medians["fused"],
+                    "separate_ms": 1e3 * medians["separate"],
+                    "speedup": medians["separate"] / medians["fused"],
+                    "fused_passes": fused_passes,
+                    "separate_passes": separate_passes,
+                    "pass_ms": 1e3 * pass_seconds,
+                    "gain_ms": 1e3 * gain,
+                    "needed_ms": 1e3 * saved * pass_seconds,
+                    "agree": agree,
+                    "bar": (gain >= saved * pass_seconds) if barred else None,
+                }
+            )
             if progress:
                 progress(rows[-1])
     return rows
 
 
+_FORMS = {
+    "relu": "BN + ReLU",
+    "add_relu": "BN + add + ReLU",
+    "ghost": f"ghost batches of {GHOST_BATCH}",
+    "renorm": "batch renormalization",
+}
+
+
+def _form(row):
+    """``forward: BN + add + ReLU``, the row's direction and fused form in words."""
+    return f"{row['direction']}: {_FORMS.get(row['variant'], row['variant'])}"
+
+
 def _bar_cell(bar):
-    return "-" if bar is None else ("pass" if bar else "**miss**")
+    return "n/a (for information)" if bar is None else ("met" if bar else "**missed**")
+
+
+def _markdown(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
 def table(rows):
-    lines = [
-        "| pass | variant | shape | MB | fused ms | separate ms | speed-up | passes fused / separate | "
-        "time saved ms | needed ms (saved passes x one pass) | bar | results agree |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    """The main table (7 columns): each fused form's time against its separate calls, and the bar."""
+    header = ["fused form", "shape", "fused ms", "separate calls ms", "speed-up", "time saved ms (needed)", "bar"]
+    return _markdown(
+        header,
+        [
+            [
+                _form(r),
+                cases.describe_label(r["shape"]),
+                f"{r['fused_ms']:.2f}",
+                f"{r['separate_ms']:.2f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['gain_ms']:.2f} ({r['needed_ms']:.2f})",
+                _bar_cell(r["bar"]),
+            ]
+            for r in rows
+        ],
+    )
+
+
+def diagnostics_table(rows):
+    """The second table: size, the passes each side moves, one pass's time, whether both forms agree."""
+    header = [
+        "fused form",
+        "shape",
+        "MB",
+        "DRAM passes, fused / separate",
+        "one pass ms",
+        "needed ms (saved passes x one pass)",
+        "results agree",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['direction']} | {r['variant']} | {r['shape']} | {r['mb']:.1f} | {r['fused_ms']:.2f} | "
-            f"{r['separate_ms']:.2f} | {r['speedup']:.2f}x | {r['fused_passes']} / {r['separate_passes']} | "
-            f"{r['gain_ms']:.2f} | {r['needed_ms']:.2f} | {_bar_cell(r['bar'])} | "
-            f"{'yes' if r['agree'] else '**NO**'} |"
+    return _markdown(
+        header,
+        [
+            [
+                _form(r),
+                cases.describe_label(r["shape"]),
+                f"{r['mb']:.1f}",
+                f"{r['fused_passes']} / {r['separate_passes']}",
+                f"{r['pass_ms']:.2f}",
+                f"{r['needed_ms']:.2f}",
+                "yes" if r["agree"] else "**NO**",
+            ]
+            for r in rows
+        ],
+    )
+
+
+def summary(rows):
+    """The bar's outcome and the agreement check, in sentences (never "0 of 0")."""
+    barred = [r for r in rows if r["bar"] is not None]
+    passed = sum(r["bar"] for r in barred)
+    if not barred:
+        outcome = "no rows with a bar in this run."
+    elif passed == len(barred):
+        outcome = f"all {len(barred)} rows meet it."
+    else:
+        missed = "; ".join(
+            f"{_form(r)} {cases.describe_label(r['shape'])} (saves {r['gain_ms']:.2f} ms, needs {r['needed_ms']:.2f})"
+            for r in barred
+            if not r["bar"]
         )
-    return "\n".join(lines)
+        outcome = f"{passed} of {len(barred)} rows meet it. Missed: {missed}."
+    disagree = [r for r in rows if not r["agree"]]
+    agree = (
+        "Both forms give the same results on every row."
+        if not disagree
+        else "**The two forms disagree** on "
+        + "; ".join(f"{_form(r)} {cases.describe_label(r['shape'])}" for r in disagree)
+        + "."
+    )
+    return (
+        "Bar (time saved ≥ saved passes x one tensor pass; one pass = half an `np.copyto` of the tensor into an "
+        "existing array, measured in the same run), for the fused BN + ReLU and BN + add + ReLU: "
+        + outcome
+        + " Ghost batches and renormalization are timed against their separate forms for information (no bar). "
+        + agree
+    )
+
+
+def write_report(out_dir, info, rows, command, seconds=None, write_json=True):
+    """Write fused.md (and ``write_json``: fused.json) into ``out_dir``; return fused.md's path."""
+    took = "" if seconds is None else f" in {seconds:.0f} s"
+    text = "\n".join(
+        [
+            "# fastbn fused forms against separate calls",
+            "",
+            f"Generated by `{command}` on {info['date']}{took}.",
+            "",
+            f"Machine: {report.machine_line(info)}",
+            "",
+            "## Results",
+            "",
+            "Median ms of each fused call and of the separate calls doing the same work; speed-up = separate / "
+            "fused; time saved = separate - fused, with the time the saved memory passes take in parentheses.",
+            "",
+            table(rows),
+            "",
+            summary(rows),
+            "",
+            "## Diagnostics",
+            "",
+            diagnostics_table(rows),
+            "",
+            "Medians of interleaved calls after warm-up; float32; every call returns newly allocated outputs "
+            "(the separate forms work in place where NumPy allows, their fastest form). See "
+            "fastbn/tools/bench_fused.py for exactly what each side runs and how passes are counted.",
+            "",
+        ]
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "fused.md")
+    with open(path, "w") as f:
+        f.write(text)
+    if write_json:
+        with open(os.path.join(out_dir, "fused.json"), "w") as f:
+            json.dump({"command": command, "machine": info, "seconds": seconds, "rows": rows}, f, indent=1, default=str)
+    return path
 
 
 def add_parser(commands):
     """Add the ``bench-fused`` subcommand to ``python -m fastbn``'s subparsers."""
-    parser = commands.add_parser("bench-fused", help="time the fused forms against separate calls; write a report",
-                                 description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", type=cases.comma_list(cases.parse_shape),
-                        default=[cases.parse_shape(s) for s in DEFAULT_SHAPES], metavar="SHAPE[,SHAPE...]",
-                        help=f"shapes, as for python -m fastbn bench (default: {','.join(DEFAULT_SHAPES)})")
+    parser = commands.add_parser(
+        "bench-fused",
+        help="time the fused forms against separate calls; write a report",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument(
+        "--shapes",
+        type=cases.comma_list(cases.parse_shape),
+        default=[cases.parse_shape(s) for s in DEFAULT_SHAPES],
+        metavar="SHAPE[,SHAPE...]",
+        help=f"shapes, as for python -m fastbn bench (default: {','.join(DEFAULT_SHAPES)})",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per round (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the two forms taking turns (default 3)")
-    parser.add_argument("--out", default=os.path.join("bench", "results"),
-                        help="directory for fused.md and fused.json (default bench/results)")
+    parser.add_argument(
+        "--out",
+        default=os.path.join("bench", "results"),
+        help="directory for fused.md and fused.json (default bench/results)",
+    )
+    parser.add_argument(
+        "--from-json",
+        metavar="FUSED_JSON",
+        help="time nothing: re-render fused.md into --out from a fused.json an earlier run wrote",
+    )
     return parser
 
 
@@ -233,15 +398,35 @@ def run(args):
     if args.rounds < 1 or args.repeats < 1:
         print("python -m fastbn bench-fused: error: --repeats and --rounds must be positive", file=sys.stderr)
         return 2
+    if args.from_json:
+        try:
+            with open(args.from_json) as f:
+                saved = json.load(f)
+            info, rows, command = saved["machine"], saved["rows"], saved["command"]
+        except (OSError, ValueError, KeyError) as exc:
+            print(
+                f"python -m fastbn bench-fused: error: --from-json {args.from_json}: cannot read a fused.json ({exc})",
+                file=sys.stderr,
+            )
+            return 2
+        path = write_report(args.out, info, rows, command, saved.get("seconds"), write_json=False)
+        print(f"Wrote {path}")
+        return 0
     import fastbn
 
     fastbn.threading_layer()
     info = report.machine_info()
     start = time.time()
-    rows = run_rows(args.shapes, args.repeats, args.rounds,
-                    progress=lambda r: print(f"  {r['direction']:8s} {r['variant']:9s} {r['shape']:16s} "
-                                             f"fused {r['fused_ms']:7.2f} ms  separate {r['separate_ms']:7.2f} ms",
-                                             file=sys.stderr))
+    rows = run_rows(
+        args.shapes,
+        args.repeats,
+        args.rounds,
+        progress=lambda r: print(
+            f"  {r['direction']:8s} {r['variant']:9s} {r['shape']:16s} "
+            f"fused {r['fused_ms']:7.2f} ms  separate {r['separate_ms']:7.2f} ms",
+            file=sys.stderr,
+        ),
+    )
     words = ["python -m fastbn bench-fused"]
     if [s.label for s in args.shapes] != list(DEFAULT_SHAPES):
         words.append("--shapes " + ",".join(s.label for s in args.shapes))
@@ -249,33 +434,9 @@ def run(args):
         if getattr(args, name) != default:
             words.append(f"--{name} {getattr(args, name)}")
     command = " ".join(words)
-    barred = [r for r in rows if r["bar"] is not None]
-    passed = sum(r["bar"] for r in barred)
-    text = "\n".join([
-        "# fastbn fused forms against separate calls",
-        "",
-        f"Generated by `{command}` on {time.strftime('%Y-%m-%dT%H:%M:%S')} in {time.time() - start:.0f} s.",
-        "",
-        f"Machine: {report.machine_line(info)}",
-        "",
-        table(rows),
-        "",
-        f"Bar (time saved >= saved passes x one tensor pass, one pass = half an `np.copyto` of the tensor "
-        f"into an existing array, measured in the same run), for the fused ReLU and add + ReLU: {passed} of "
-        f"{len(barred)} rows pass. Ghost batches and renormalization are timed against their separate forms for "
-        "information (no bar: `-`).",
-        "",
-        "Medians of interleaved calls after warm-up; float32; every call returns newly allocated outputs "
-        "(the separate forms work in place where NumPy allows, their fastest form). See fastbn/tools/bench_fused.py "
-        "for exactly what each side runs and how passes are counted.",
-        "",
-    ])
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "fused.md")
-    with open(path, "w") as f:
-        f.write(text)
-    with open(os.path.join(args.out, "fused.json"), "w") as f:
-        json.dump({"command": command, "machine": info, "rows": rows}, f, indent=1, default=str)
+    path = write_report(args.out, info, rows, command, time.time() - start)
     print(table(rows))
+    print()
+    print(summary(rows))
     print(f"\nWrote {path}")
     return 0

@@ -65,8 +65,14 @@ class Shape:
 
     @property
     def label(self):
+        """The command-line spelling, ``64x56x56x64@-1`` (what ``--shapes`` takes and results.json stores)."""
         text = "x".join(map(str, self.dims))
         return text if self.axis == 1 else f"{text}@{self.axis}"
+
+    @property
+    def text(self):
+        """The spelling for people, ``64x56x56x64 NHWC`` (see :func:`describe_shape`)."""
+        return describe_shape(self.dims, self.axis)
 
     def reduce_axes(self):
         """Every axis but the channel axis."""
@@ -94,6 +100,38 @@ class Case:
     @property
     def label(self):
         return f"{self.operation} {self.shape.label} {self.dtype}"
+
+
+# The usual names of the layouts with channels first or last: (dimensions, channel axis) -> name.
+_LAYOUT_NAMES = {
+    (2, 1): "NC",
+    (3, 1): "NCL",
+    (3, 2): "NLC",
+    (4, 1): "NCHW",
+    (4, 3): "NHWC",
+    (5, 1): "NCDHW",
+    (5, 4): "NDHWC",
+}
+
+
+def describe_shape(dims, axis=1):
+    """A shape as a report writes it: ``64x56x56x64 NHWC``, or ``8x4x6, channels on axis 0``.
+
+    The layout is named where it has a usual name (channels first or last),
+    else the channel axis is spelled out.
+    """
+    dims = tuple(dims)
+    sizes = "x".join(map(str, dims))
+    name = _LAYOUT_NAMES.get((len(dims), axis % len(dims)))
+    return f"{sizes} {name}" if name else f"{sizes}, channels on axis {axis}"
+
+
+def describe_label(label):
+    """:func:`describe_shape` of a shape's command-line label (``"64x56x56x64@-1"``); the label if unparsable."""
+    try:
+        return parse_shape(label).text
+    except ValueError:
+        return label
 
 
 def parse_shape(text):
@@ -196,11 +234,28 @@ def _fastbn_callable(operation, data):
     x, dy, weight, bias = data.x, data.dy, data.weight, data.bias
     if operation == "forward_train":
         running_mean, running_var = data.running_mean.copy(), data.running_var.copy()
-        return lambda: fastbn.forward(x, weight, bias, running_mean=running_mean, running_var=running_var,
-                                      training=True, momentum=MOMENTUM, eps=EPS, axis=axis)[0]
+        return lambda: fastbn.forward(
+            x,
+            weight,
+            bias,
+            running_mean=running_mean,
+            running_var=running_var,
+            training=True,
+            momentum=MOMENTUM,
+            eps=EPS,
+            axis=axis,
+        )[0]
     if operation == "forward_eval":
-        return lambda: fastbn.forward(x, weight, bias, running_mean=data.running_mean,
-                                      running_var=data.running_var, training=False, eps=EPS, axis=axis)[0]
+        return lambda: fastbn.forward(
+            x,
+            weight,
+            bias,
+            running_mean=data.running_mean,
+            running_var=data.running_var,
+            training=False,
+            eps=EPS,
+            axis=axis,
+        )[0]
     if operation == "backward_train":
         _, saved = fastbn.forward(x, weight, bias, eps=EPS, axis=axis)
         return lambda: fastbn.backward(dy, x, weight, saved, axis=axis)
@@ -219,16 +274,19 @@ def _numpy_callable(operation, data):
     # input dtype), so reduce half input in float32, as anyone would.
     acc = np.float32 if x.dtype == np.float16 else None
     if operation == "forward_train":
+
         def forward_train():
             mean = x.mean(axis=axes, keepdims=True, dtype=acc)
             var = x.var(axis=axes, keepdims=True, dtype=acc)
             return (x - mean) / np.sqrt(var + EPS) * weight + bias
+
         return forward_train
     if operation == "forward_eval":
         mean = data.running_mean.reshape(channel)
         var = data.running_var.reshape(channel)
         return lambda: (x - mean) / np.sqrt(var + EPS) * weight + bias
     if operation == "backward_train":
+
         def backward_train():
             mean = x.mean(axis=axes, keepdims=True)
             invstd = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + EPS)
@@ -237,6 +295,7 @@ def _numpy_callable(operation, data):
             dotp = (centred * dy).sum(axis=axes, keepdims=True)
             dx = (dy - sum_dy / count - centred * (dotp * invstd * invstd / count)) * (invstd * weight)
             return dx, (dotp * invstd).ravel(), sum_dy.ravel()
+
         return backward_train
     if operation == "moments":
         return lambda: (x.mean(axis=axes), x.var(axis=axes))
@@ -257,8 +316,9 @@ def _torch_callable(operation, data):
     if operation == "forward_train":
         running_mean = torch.from_numpy(data.running_mean.copy())
         running_var = torch.from_numpy(data.running_var.copy())
-        return lambda: F.batch_norm(x, running_mean, running_var, weight, bias, training=True,
-                                    momentum=MOMENTUM, eps=EPS)
+        return lambda: F.batch_norm(
+            x, running_mean, running_var, weight, bias, training=True, momentum=MOMENTUM, eps=EPS
+        )
     if operation == "forward_eval":
         running_mean = torch.from_numpy(data.running_mean)
         running_var = torch.from_numpy(data.running_var)
@@ -298,7 +358,9 @@ def reused_output_callable(operation, data):
         A zero-argument callable doing the operation once; None for
         ``moments``, which returns no tensor-sized output.
     """
-    from fastbn.backends.cpu import ops as cpu_ops, plan as cpu_plan, views
+    from fastbn.backends.cpu import ops as cpu_ops
+    from fastbn.backends.cpu import plan as cpu_plan
+    from fastbn.backends.cpu import views
 
     if operation == "moments":
         return None
@@ -349,7 +411,7 @@ def channel_bytes(shape, itemsize):
     neighbours, so a line per row.
     """
     outer = math.prod(shape.dims[: shape.channel_axis])
-    inner = math.prod(shape.dims[shape.channel_axis + 1:])
+    inner = math.prod(shape.dims[shape.channel_axis + 1 :])
     return outer * max(inner * itemsize, 64)
 
 
@@ -426,8 +488,10 @@ def check_case(case, data, fastbn_result):
     """Max error of fastbn's outputs against a float64 NumPy oracle, relative to each output's largest value."""
     oracle = types.SimpleNamespace(
         shape=data.shape,
-        **{name: getattr(data, name).astype(np.float64)
-           for name in ("x", "dy", "weight", "bias", "running_mean", "running_var")},
+        **{
+            name: getattr(data, name).astype(np.float64)
+            for name in ("x", "dy", "weight", "bias", "running_mean", "running_var")
+        },
     )
     expected = _numpy_callable(case.operation, oracle)()
     if case.operation in ("backward_train", "moments"):

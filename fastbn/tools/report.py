@@ -4,7 +4,12 @@
 libraries; :func:`write_report` writes ``report.md``, ``README_snippet.md``
 and ``results.json`` from the result rows of :mod:`fastbn.tools.bench`, and
 :func:`write_charts` draws ``bench.png`` and ``scaling.png`` (matplotlib,
-optional).  ``python -m fastbn bench-fused`` reuses the machine line.
+optional), each titled with the machine.  The report's main table
+(:func:`results_table`) has at most 8 columns, what a reader compares; the
+diagnostic figures are in a second table (:func:`diagnostics_table`).  Shapes
+are written as sizes and layout (``64x56x56x64 NHWC``), never the command
+line's ``@-1``.  ``python -m fastbn bench --from-json`` re-renders all of it
+from a results.json; ``python -m fastbn bench-fused`` reuses the machine line.
 
 NumPy is the only import at module level.
 """
@@ -19,7 +24,7 @@ import sys
 
 import numpy as np
 
-from fastbn.tools.cases import MB, torch_available
+from fastbn.tools.cases import MB, describe_label, describe_shape, torch_available
 
 
 # ------------------------------------------------------------ machine info ---
@@ -69,8 +74,18 @@ def machine_info():
 
 
 # --------------------------------------------------------------- report ---
-_NAMES = {"forward_train": "forward, training", "forward_eval": "forward, eval",
-          "backward_train": "backward, training", "moments": "moments"}
+_NAMES = {
+    "forward_train": "forward, training",
+    "forward_eval": "forward, eval",
+    "backward_train": "backward, training",
+    "moments": "moments",
+}
+
+# What the main table's "release bar" column and the summary say the bar is.
+_BAR_TEXT = (
+    "at least 2x PyTorch everywhere; 3.5x training forward and 2.5x training backward on channel-slab shapes; "
+    "60% of the roofline on tensors of 48 MB or more"
+)
 
 
 def _fmt_ms(value):
@@ -82,90 +97,200 @@ def _fmt_x(value):
 
 
 def _shape_cell(row):
-    dims = "x".join(map(str, row["dims"]))
-    return f"({dims}), axis {row['axis']}"
+    """``64x56x56x64 NHWC``: sizes and layout, never the command line's ``@-1``."""
+    return describe_shape(row["dims"], row["axis"])
 
 
-def _bar_cell(row):
+def _case_text(row):
+    """``forward, training 64x56x56x64 NHWC float16``, for sentences."""
+    return f"{_NAMES.get(row['operation'], row['operation'])} {_shape_cell(row)} {row['dtype']}"
+
+
+def _bar_words(row):
+    """The main table's bar cell, in words: ``met (≥ 2.0x PyTorch, ≥ 60% of roofline)``, or what missed."""
+    checks = row["checks"]
+    if not checks:
+        return "n/a"
+    targets, misses = [], []
+    torch_check = checks.get("torch")
+    if torch_check:
+        targets.append(f"≥ {torch_check['need']:.1f}x PyTorch")
+        if not torch_check["ok"]:
+            misses.append(f"{row['vs_torch']:.2f}x PyTorch, needs {torch_check['need']:.1f}x")
+    roof = checks.get("roofline")
+    if roof:
+        targets.append(f"≥ {roof['need']:.0f}% of roofline")
+        if not roof["ok"]:
+            misses.append(f"{row['roofline_pct']:.0f}% of roofline, needs {roof['need']:.0f}%")
+    if misses:
+        return "**missed**: " + "; ".join(misses)
+    return "met (" + ", ".join(targets) + ")"
+
+
+def _bar_checks(row):
+    """The diagnostics table's bar cell: every check and its outcome, with and without page-in."""
     parts = []
     torch_check = row["checks"].get("torch")
     if torch_check:
         mark = "pass" if torch_check["ok"] else "**miss**"
-        parts.append(f"PyTorch >= {torch_check['need']:.1f}x: {mark}")
+        reused = "pass" if torch_check["ok_reused"] else "miss"
+        parts.append(f"PyTorch ≥ {torch_check['need']:.1f}x: {mark} (reused output: {reused})")
     roof = row["checks"].get("roofline")
     if roof:
         mark = "pass" if roof["ok"] else "**miss**"
-        alloc = "pass" if roof["ok_with_page_in"] else "**miss**"
-        parts.append(f"roofline >= 60%: {mark} ({alloc} with page-in)")
+        alloc = "pass" if roof["ok_with_page_in"] else "miss"
+        reused = "pass" if roof["ok_reused"] else "miss"
+        parts.append(f"roofline ≥ {roof['need']:.0f}%: {mark} (with page-in: {alloc}; reused output: {reused})")
     return "; ".join(parts) if parts else "-"
 
 
-def results_table(results, libraries, with_bar=True):
-    """The main Markdown table, one row per case."""
-    header = ["operation", "shape", "dtype", "MB", "fastbn ms", "GB/s", "% roofline", "% roofline + page-in",
-              "reused output ms (% roofline)"]
-    if "numpy" in libraries:
-        header += ["NumPy ms", "vs NumPy"]
-    if "torch" in libraries:
-        header += ["PyTorch ms", "vs PyTorch"]
-    if with_bar:
-        header.append("bar")
+def _markdown(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in results:
-        cells = [_NAMES[row["operation"]], _shape_cell(row), row["dtype"], f"{row['bytes'] / MB:.1f}",
-                 _fmt_ms(row["fastbn_ms"]), f"{row['gb_s']:.1f}", f"{row['roofline_pct']:.0f}%",
-                 f"{row['roofline_alloc_pct']:.0f}%",
-                 "-" if "reused_ms" not in row else
-                 f"{_fmt_ms(row['reused_ms'])} ({row['reused_roofline_pct']:.0f}%)"]
-        if "numpy" in libraries:
-            cells += [_fmt_ms(row.get("numpy_ms")), _fmt_x(row.get("vs_numpy"))]
-        if "torch" in libraries:
-            cells += [_fmt_ms(row.get("torch_ms")), _fmt_x(row.get("vs_torch"))]
-        if with_bar:
-            cells.append(_bar_cell(row))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
 
 
+def results_table(results, libraries, with_bar=True):
+    """The main Markdown table, one row per case: at most 8 columns, what a reader compares.
+
+    operation, shape and layout, dtype, fastbn's time, its bandwidth and
+    fraction of the roofline, its speed-up over NumPy and PyTorch (when
+    measured), and whether the row meets the release bar (``with_bar``).
+    The other figures are in :func:`diagnostics_table`.
+    """
+    header = ["operation", "shape", "dtype", "fastbn ms", "GB/s (% of roofline)"]
+    if "numpy" in libraries:
+        header.append("vs NumPy")
+    if "torch" in libraries:
+        header.append("vs PyTorch")
+    if with_bar:
+        header.append("release bar")
+    rows = []
+    for row in results:
+        cells = [
+            _NAMES[row["operation"]],
+            _shape_cell(row),
+            row["dtype"],
+            _fmt_ms(row["fastbn_ms"]),
+            f"{row['gb_s']:.1f} ({row['roofline_pct']:.0f}%)",
+        ]
+        if "numpy" in libraries:
+            cells.append(_fmt_x(row.get("vs_numpy")))
+        if "torch" in libraries:
+            cells.append(_fmt_x(row.get("vs_torch")))
+        if with_bar:
+            cells.append(_bar_words(row))
+        rows.append(cells)
+    return _markdown(header, rows)
+
+
+def diagnostics_table(results, libraries):
+    """The second table: size, pass count, the other libraries' times, page-in, reused output, every check."""
+    header = ["operation", "shape", "dtype", "MB", "DRAM passes"]
+    if "numpy" in libraries:
+        header.append("NumPy ms")
+    if "torch" in libraries:
+        header.append("PyTorch ms")
+    header += ["% of roofline + page-in", "reused output ms (% of roofline)", "bar checks"]
+    rows = []
+    for row in results:
+        cells = [
+            _NAMES[row["operation"]],
+            _shape_cell(row),
+            row["dtype"],
+            f"{row['bytes'] / MB:.1f}",
+            str(row["passes"]),
+        ]
+        if "numpy" in libraries:
+            cells.append(_fmt_ms(row.get("numpy_ms")))
+        if "torch" in libraries:
+            cells.append(_fmt_ms(row.get("torch_ms")))
+        cells += [
+            f"{row['roofline_alloc_pct']:.0f}%",
+            "-" if "reused_ms" not in row else f"{_fmt_ms(row['reused_ms'])} ({row['reused_roofline_pct']:.0f}%)",
+            _bar_checks(row),
+        ]
+        rows.append(cells)
+    return _markdown(header, rows)
+
+
+def _count(passed, total):
+    """``3 of 5 rows``; ``all 5 rows``, ``both rows`` or ``the one row`` when every row passes (total >= 1)."""
+    if passed < total:
+        return f"{passed} of {total} rows"
+    return {1: "the one row", 2: "both rows"}.get(total, f"all {total} rows")
+
+
 def bar_summary(results):
-    """Lines saying, for each part of the bar, how many rows pass and which miss."""
+    """Lines saying, for each part of the bar, how many rows pass and which miss (never "0 of 0")."""
     lines = []
     torch_rows = [r for r in results if "torch" in r["checks"]]
     if torch_rows:
         misses = [r for r in torch_rows if not r["checks"]["torch"]["ok"]]
-        lines.append(f"- Speed-up against PyTorch (2x everywhere; 3.5x training forward and 2.5x training backward "
-                     f"on channel-slab shapes): {len(torch_rows) - len(misses)} of {len(torch_rows)} rows pass."
-                     + ("" if not misses else " Missed: " + "; ".join(
-                         f"{_NAMES[r['operation']]} {r['shape']} {r['dtype']} ({r['vs_torch']:.2f}x, "
-                         f"needs {r['checks']['torch']['need']:.1f}x)" for r in misses) + "."))
+        line = (
+            "- Speed-up against PyTorch (2x everywhere; 3.5x training forward and 2.5x training backward "
+            f"on channel-slab shapes): {_count(len(torch_rows) - len(misses), len(torch_rows))} pass."
+        )
+        if misses:
+            line += (
+                " Missed: "
+                + "; ".join(
+                    f"{_case_text(r)} ({r['vs_torch']:.2f}x, needs {r['checks']['torch']['need']:.1f}x)" for r in misses
+                )
+                + "."
+            )
+        lines.append(line)
+    elif any("torch_ms" in r for r in results):
+        lines.append("- Speed-up against PyTorch: no rows with a PyTorch bar.")
     else:
-        lines.append("- Speed-up against PyTorch: not measured (PyTorch is not installed).")
+        lines.append("- Speed-up against PyTorch: not measured (PyTorch is not installed or was left out).")
     roof_rows = [r for r in results if "roofline" in r["checks"]]
     if roof_rows:
         misses = [r for r in roof_rows if not r["checks"]["roofline"]["ok"]]
         misses_alloc = [r for r in roof_rows if not r["checks"]["roofline"]["ok_with_page_in"]]
-        line = (f"- At least 60% of the minimal-traffic roofline on tensors of 48 MB or more: "
-                f"{len(roof_rows) - len(misses)} of {len(roof_rows)} rows pass against the DRAM-only roofline")
+        line = (
+            "- At least 60% of the minimal-traffic roofline on tensors of 48 MB or more: "
+            f"{_count(len(roof_rows) - len(misses), len(roof_rows))} pass against the DRAM-only roofline"
+        )
         if misses:
-            line += " (missed: " + "; ".join(
-                f"{_NAMES[r['operation']]} {r['shape']} {r['roofline_pct']:.0f}%" for r in misses) + ")"
-        line += (f"; {len(roof_rows) - len(misses_alloc)} of {len(roof_rows)} when the roofline includes paging "
-                 "in the freshly allocated output")
+            line += " (missed: " + "; ".join(f"{_case_text(r)} {r['roofline_pct']:.0f}%" for r in misses) + ")"
+        line += (
+            f"; {_count(len(roof_rows) - len(misses_alloc), len(roof_rows))} when the roofline includes paging "
+            "in the freshly allocated output"
+        )
         if misses_alloc:
-            line += " (missed: " + "; ".join(
-                f"{_NAMES[r['operation']]} {r['shape']} {r['roofline_alloc_pct']:.0f}%" for r in misses_alloc) + ")"
+            line += (
+                " (missed: " + "; ".join(f"{_case_text(r)} {r['roofline_alloc_pct']:.0f}%" for r in misses_alloc) + ")"
+            )
         lines.append(line + ".")
-    if torch_rows or roof_rows:
-        reused_torch = sum(r["checks"]["torch"]["ok_reused"] for r in torch_rows)
-        reused_roof = sum(r["checks"]["roofline"]["ok_reused"] for r in roof_rows)
-        lines.append(f"- With a reused output buffer instead of a fresh one (the reused-output column: fastbn's kernels "
-                     f"without the page-in, i.e. what an `out=` argument would give; not a public call today): "
-                     f"{reused_torch} of {len(torch_rows)} rows would pass the PyTorch bar and {reused_roof} of "
-                     f"{len(roof_rows)} the roofline bar.")
+    else:
+        lines.append(
+            "- At least 60% of the roofline on tensors of 48 MB or more: no rows with a roofline bar "
+            "(no tensor in this run is 48 MB or more)."
+        )
+    reused = []
+    if torch_rows:
+        passed = sum(r["checks"]["torch"]["ok_reused"] for r in torch_rows)
+        reused.append(f"{_count(passed, len(torch_rows))} would pass the PyTorch bar")
+    if roof_rows:
+        passed = sum(r["checks"]["roofline"]["ok_reused"] for r in roof_rows)
+        reused.append(f"{_count(passed, len(roof_rows))} the roofline bar")
+    if reused:
+        lines.append(
+            "- With a reused output buffer instead of a fresh one (the diagnostics' reused-output column: fastbn's "
+            "kernels without the page-in, i.e. what an `out=` argument would give; not a public call today): "
+            + " and ".join(reused)
+            + "."
+        )
     bad = [r for r in results if not r["error_ok"]]
-    lines.append("- Results against a float64 NumPy oracle: "
-                 + ("all within tolerance." if not bad else "**outside tolerance**: " + "; ".join(
-                     f"{r['operation']} {r['shape']} {r['dtype']} ({r['error']:.1e})" for r in bad) + "."))
+    lines.append(
+        "- Results against a float64 NumPy oracle: "
+        + (
+            "all within tolerance."
+            if not bad
+            else "**outside tolerance**: " + "; ".join(f"{_case_text(r)} ({r['error']:.1e})" for r in bad) + "."
+        )
+    )
     return "\n".join(lines)
 
 
@@ -174,15 +299,36 @@ def machine_line(info):
     parts = [info["machine"]]
     if info.get("memory_gb"):
         parts.append(f"{info['memory_gb']} GB RAM")
-    threads = f"fastbn {info['fastbn']} on {info['fastbn_threads']} threads (Numba {info['numba']}, " \
-              f"{info['threading_layer']} layer)"
+    threads = (
+        f"fastbn {info['fastbn']} on {info['fastbn_threads']} threads (Numba {info['numba']}, "
+        f"{info['threading_layer']} layer)"
+    )
     if "torch" in info:
         threads += f", PyTorch {info['torch']} on {info['torch_threads']} threads (its default)"
     return "; ".join(parts) + ". " + threads + f", NumPy {info['numpy']}, Python {info['python']}."
 
 
-_DEFINITIONS = """\
-How to read it:
+def chart_machine(info):
+    """The machine as a chart's title names it: CPU, cores and caches; on a second line, each library's threads."""
+    if not info:
+        return ""
+    text = info.get("machine", "")
+    threads = f"fastbn on {info['fastbn_threads']} threads" if "fastbn_threads" in info else ""
+    if "torch_threads" in info:
+        threads += f", PyTorch on {info['torch_threads']} threads"
+    return f"{text}\n{threads}" if threads else text
+
+
+_KEY = """\
+- **fastbn ms**: median milliseconds per call through the public API, after warm-up (compilation never counts).
+- **GB/s (% of roofline)**: the operation's minimal DRAM traffic divided by fastbn's time, and the minimal-traffic
+  time (at the bandwidth of `np.copyto` on the same tensor, measured in the same run) as a share of fastbn's time.
+- **vs NumPy / vs PyTorch**: their median time divided by fastbn's; above 1x, fastbn is faster.
+"""
+
+_DEFINITIONS = (
+    """\
+How to read them:
 
 - **ms**: median wall time of one call through the public API (`fastbn.forward`, `fastbn.backward`,
   `fastbn.moments`), after warm-up calls, so compilation never counts. Like PyTorch and NumPy, every call
@@ -190,19 +336,26 @@ How to read it:
   (`fastbn/backends/cpu/alloc.py`, off with `FASTBN_POOL_BYTES=0`), so in this loop each reuses the already
   paged-in memory of the previous call's output.
 - **GB/s**: the operation's minimal DRAM traffic divided by its time.
-- **% roofline**: the minimal-traffic time divided by fastbn's time. The minimal traffic is, in tensor-sized
-  passes: forward eval 2 (read x, write y), moments 1; training forward 2 and backward 3 when one channel's data
-  fits in a core's share of cache (its L2 and its share of L3), else 3 and 5. It is converted to time at the
-  bandwidth of `np.copyto` into an existing array of the same size, measured in the same run.
-- **% roofline + page-in**: the same, with the cost of paging in one freshly allocated output added to the
-  roofline (measured as `np.copyto` into a new array minus `np.copyto` into an existing one). A new array's pages
-  are zeroed by the operating system on first touch; every allocating library pays this.
-- **reused output ms**: a diagnostic, not a public call: fastbn's kernels writing into an output allocated and
-  touched once beforehand (what an `out=` argument would give), with its fraction of the DRAM roofline.
+- **% of roofline**: the minimal-traffic time divided by fastbn's time. The minimal traffic (the diagnostics'
+  DRAM passes) is, in tensor-sized passes: forward eval 2 (read x, write y), moments 1; training forward 2 and
+  backward 3 when one channel's data fits in a core's share of cache (its L2 and its share of L3), else 3 and 5.
+  It is converted to time at the bandwidth of `np.copyto` into an existing array of the same size, measured in
+  the same run.
 - **vs NumPy / vs PyTorch**: their median time divided by fastbn's. NumPy is the straightforward whole-array
   formula (`x.mean`, `x.var`, broadcasting); PyTorch is `torch.nn.functional.batch_norm` (with running
   statistics in training), its autograd backward (dx, dweight, dbias), and `torch.var_mean` for the moments.
+- **release bar**: the target this release set for the row ("""
+    + _BAR_TEXT
+    + """), met or missed.
+- **% of roofline + page-in** (diagnostics): the same, with the cost of paging in one freshly allocated output
+  added to the roofline (measured as `np.copyto` into a new array minus `np.copyto` into an existing one). A new
+  array's pages are zeroed by the operating system on first touch; every allocating library pays this.
+- **reused output ms** (diagnostics): not a public call: fastbn's kernels writing into an output allocated and
+  touched once beforehand (what an `out=` argument would give), with its fraction of the DRAM roofline.
+- **bar checks** (diagnostics): each part of the bar, against the DRAM-only roofline, the roofline with page-in,
+  and with a reused output.
 """
+)
 
 
 def findings(results):
@@ -218,19 +371,23 @@ def findings(results):
             f"(the OS zeroes each page on first touch) took {row['page_in_ms']:.1f} ms here, against "
             f"{row['copy_ms']:.1f} ms to copy the whole tensor into memory already in use. An allocator that "
             "recycles memory avoids it"
-            + (": fastbn's output pool does (each call reuses the paged-in memory of the previous, dead output)"
-               if alloc.POOL.cap else "; fastbn's output pool is off here (FASTBN_POOL_BYTES=0), so fastbn pays it")
+            + (
+                ": fastbn's output pool does (each call reuses the paged-in memory of the previous, dead output)"
+                if alloc.POOL.cap
+                else "; fastbn's output pool is off here (FASTBN_POOL_BYTES=0), so fastbn pays it"
+            )
             + ". Whether a PyTorch call pays it depends on whether its allocator (glibc's malloc) hands back "
             "recycled memory, which this benchmark does not control; a PyTorch time below the DRAM roofline plus "
-            "page-in means it did not. It is what separates the DRAM-only roofline column from the one with "
+            "page-in means it did not. It is what separates the DRAM-only roofline from the one with "
             "page-in, and the reused-output column shows fastbn's kernels without it."
         )
     if any(r.get("torch_ms") for r in results):
         fast = [r for r in results if r.get("torch_ms") and r["torch_ms"] < 2 * r["roofline_ms"]]
         if fast:
-            names = "; ".join(f"{_NAMES.get(r['operation'], r['operation'])} {r['shape']} "
-                              f"{r['dtype']} ({r['torch_ms']:.2f} ms against a roofline of "
-                              f"{r['roofline_ms']:.2f} ms)" for r in fast)
+            names = "; ".join(
+                f"{_case_text(r)} ({r['torch_ms']:.2f} ms against a roofline of {r['roofline_ms']:.2f} ms)"
+                for r in fast
+            )
             lines.append(
                 "Where PyTorch itself runs in less than twice the minimal-traffic roofline time, running twice as "
                 "fast as PyTorch would take more than the memory bandwidth this machine has: in this run, "
@@ -247,18 +404,54 @@ def findings(results):
     return "\n\n".join(lines)
 
 
-def write_report(out_dir, info, results, libraries, sizes, threads, compile_times, command, charts):
-    """Write report.md, README_snippet.md and results.json into ``out_dir``; return their paths."""
+def libraries_of(results):
+    """The libraries a list of result rows was timed with (for re-rendering a results.json)."""
+    libraries = ["fastbn"]
+    for name in ("numpy", "torch"):
+        if any(f"{name}_ms" in r for r in results):
+            libraries.append(name)
+    return libraries
+
+
+def write_report(out_dir, info, results, libraries, sizes, threads, compile_times, command, charts, write_json=True):
+    """Write report.md, README_snippet.md and (``write_json``) results.json into ``out_dir``; return their paths.
+
+    The report's main table has at most 8 columns (:func:`results_table`); the
+    diagnostic figures follow in a second table (:func:`diagnostics_table`).
+    The README snippet is the main table without the bar column, a short key,
+    the bar's summary and the charts.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    table = results_table(results, libraries)
     summary = bar_summary(results)
     chart_lines = [f"![{title}]({os.path.basename(path)})" for title, path in charts]
     sections = [
-        "# fastbn CPU benchmark", "",
-        f"Generated by `{command}` on {info['date']}.", "",
+        "# fastbn CPU benchmark",
+        "",
+        f"Generated by `{command}` on {info['date']}.",
+        "",
         "Machine: " + machine_line(info),
-        f"Load average before the run {info.get('load_before', 'n/a')}, after {info.get('load_after', 'n/a')}.", "",
-        table, "", _DEFINITIONS, findings(results), "", "## The bar", "", summary, "",
+        f"Load average before the run {info.get('load_before', 'n/a')}, after {info.get('load_after', 'n/a')}.",
+        "",
+        "## Results",
+        "",
+        results_table(results, libraries),
+        "",
+        "## Diagnostics",
+        "",
+        "The same rows: tensor size, the DRAM passes the roofline counts, the other libraries' times, the roofline "
+        "with the output's page-in, fastbn's kernels on a reused output, and each check of the bar.",
+        "",
+        diagnostics_table(results, libraries),
+        "",
+        _DEFINITIONS,
+        findings(results),
+        "",
+        "## The bar",
+        "",
+        "The bar set for this release: " + _BAR_TEXT + ".",
+        "",
+        summary,
+        "",
     ]
     sections += _copy_section(results)
     if compile_times:
@@ -267,34 +460,52 @@ def write_report(out_dir, info, results, libraries, sizes, threads, compile_time
         sections += _thread_section(threads)
     if sizes:
         sections += _size_section(sizes)
-    sections += ["## Charts", ""] + chart_lines
+    sections += ["## Charts", "", *chart_lines]
     report = os.path.join(out_dir, "report.md")
     with open(report, "w") as f:
         f.write("\n".join(sections) + "\n")
 
     snippet_dir = _display_path(out_dir)
     snippet = [
-        "## Performance", "",
-        f"<!-- Generated by `{command}` ({info['date']}); regenerate rather than edit. -->", "",
-        "Measured on " + machine_line(info), "",
-        results_table(results, libraries, with_bar=False), "",
-        _DEFINITIONS,
-        findings(results), "",
-        "Against the bar set for this release (at least 2x PyTorch everywhere; 3.5x training forward and 2.5x "
-        "training backward on channel-slab shapes; 60% of the roofline on tensors of 48 MB or more):", "",
-        summary, "",
+        "## Performance",
+        "",
+        f"<!-- Generated by `{command}` ({info['date']}); regenerate rather than edit. -->",
+        "",
+        "Measured on " + machine_line(info),
+        "",
+        results_table(results, libraries, with_bar=False),
+        "",
+        _KEY,
+        "Against the bar set for this release (" + _BAR_TEXT + "):",
+        "",
+        summary,
+        "",
     ]
     snippet += [f"![{title}]({snippet_dir}/{os.path.basename(path)})" for title, path in charts]
-    snippet += ["", f"Full report, thread and size sweeps and compile times: `{snippet_dir}/report.md`. "
-                    f"Reproduce with `{command}`."]
+    snippet += [
+        "",
+        f"Full report (diagnostics, definitions, thread and size sweeps, compile times): `{snippet_dir}/report.md`. "
+        f"Reproduce with `{command}`.",
+    ]
     snippet_path = os.path.join(out_dir, "README_snippet.md")
     with open(snippet_path, "w") as f:
         f.write("\n".join(snippet) + "\n")
 
     json_path = os.path.join(out_dir, "results.json")
-    with open(json_path, "w") as f:
-        json.dump({"command": command, "machine": info, "results": results, "sizes": sizes, "threads": threads,
-                   "compile": compile_times}, f, indent=1)
+    if write_json:
+        with open(json_path, "w") as f:
+            json.dump(
+                {
+                    "command": command,
+                    "machine": info,
+                    "results": results,
+                    "sizes": sizes,
+                    "threads": threads,
+                    "compile": compile_times,
+                },
+                f,
+                indent=1,
+            )
     return report, snippet_path, json_path
 
 
@@ -307,65 +518,124 @@ def _copy_section(results):
     seen = {}
     for row in results:
         seen.setdefault((row["shape"], row["dtype"]), row)
-    lines = ["## The copy the roofline is measured with", "",
-             "| shape | dtype | MB | `np.copyto` into an existing array, ms | GB/s (read + write) | "
-             "into a new array, ms | page-in of one output, ms |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## The copy the roofline is measured with",
+        "",
+        "| shape | dtype | MB | `np.copyto` into an existing array, ms | GB/s (read + write) | "
+        "into a new array, ms | page-in of one output, ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in seen.values():
-        lines.append(f"| {_shape_cell(row)} | {row['dtype']} | {row['bytes'] / MB:.1f} | {_fmt_ms(row['copy_ms'])} | "
-                     f"{2 * row['bytes'] / row['copy_ms'] / 1e6:.1f} | {_fmt_ms(row['copy_fresh_ms'])} | "
-                     f"{_fmt_ms(row['page_in_ms'])} |")
-    return lines + [""]
+        lines.append(
+            f"| {_shape_cell(row)} | {row['dtype']} | {row['bytes'] / MB:.1f} | {_fmt_ms(row['copy_ms'])} | "
+            f"{2 * row['bytes'] / row['copy_ms'] / 1e6:.1f} | {_fmt_ms(row['copy_fresh_ms'])} | "
+            f"{_fmt_ms(row['page_in_ms'])} |"
+        )
+    return [*lines, ""]
 
 
 def _compile_section(compile_times):
     lines = ["## Compile time", ""]
     if "error" in compile_times:
-        return lines + [f"Not measured: {compile_times['error']}", ""]
-    lines += ["First call of each operation in a fresh interpreter with an empty Numba cache (float32, "
-              f"small input; it compiles the kernels that call needs), then a second call. `import fastbn`: "
-              f"{1e3 * compile_times['import']:.0f} ms.", "",
-              "| operation | first call (compiles) | second call |", "|---|---|---|"]
+        return [*lines, f"Not measured: {compile_times['error']}", ""]
+    lines += [
+        "First call of each operation in a fresh interpreter with an empty Numba cache (float32, "
+        f"small input; it compiles the kernels that call needs), then a second call. `import fastbn`: "
+        f"{1e3 * compile_times['import']:.0f} ms.",
+        "",
+        "| operation | first call (compiles) | second call |",
+        "|---|---|---|",
+    ]
     for name, value in compile_times.items():
         if name == "import":
             continue
         first, second = value
-        lines.append(f"| {name} | {first:.2f} s | {1e3 * second:.2f} ms |")
-    return lines + [""]
+        operation, _, layout = name.partition(" ")
+        lines.append(f"| {_NAMES.get(operation, operation)} {layout} | {first:.2f} s | {1e3 * second:.2f} ms |")
+    return [*lines, ""]
+
+
+def _sweep_name(name):
+    """``fastbn forward_train @2`` -> ``fastbn forward, training, 2 threads``; sweep keys for people."""
+    base, _, count = name.partition(" @")
+    words = base.split(" ")
+    if words == ["copy"]:
+        words = ["np.copyto"]
+    elif words[0] in _NAMES:  # the size sweep's fastbn columns carry no library name
+        words = ["fastbn", *words]
+    text = " ".join({"torch": "PyTorch", **_NAMES}.get(w, w) for w in words)
+    if count:
+        text += f", {count} thread{'s' if count != '1' else ''}"
+    return text
 
 
 def _thread_section(threads):
-    names = [k for k in threads[0] if k != "shape"]
-    lines = ["## Thread count", "", "Median ms, float32, each library limited to 1 and to 2 threads.", "",
-             "| shape | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    """One row per shape, library and operation: 1 thread, 2 threads, and what the second thread gave."""
+    names = [k[: -len(" @1")] for k in threads[0] if k.endswith(" @1")]
+    lines = [
+        "## Thread count",
+        "",
+        "Median ms, float32, each library limited to 1 and to 2 threads.",
+        "",
+        "| shape | library and operation | 1 thread, ms | 2 threads, ms | speed-up from the second thread |",
+        "|---|---|---|---|---|",
+    ]
     for row in threads:
-        lines.append(f"| {row['shape']} | " + " | ".join(_fmt_ms(row.get(n)) for n in names) + " |")
-    return lines + [""]
+        for name in names:
+            one, two = row.get(f"{name} @1"), row.get(f"{name} @2")
+            lines.append(
+                f"| {describe_label(row['shape'])} | {_sweep_name(name)} | {_fmt_ms(one)} | {_fmt_ms(two)} | "
+                f"{_fmt_x(one / two) if one and two else 'n/a'} |"
+            )
+    return [*lines, ""]
 
 
 def _size_section(sizes):
     names = [k for k in sizes[0] if k not in ("channels", "bytes")]
-    lines = ["## Tensor size", "", "Median ms, float32 (80, C, 56, 56), fastbn on its default threads.", "",
-             "| MB | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = [
+        "## Tensor size",
+        "",
+        "Median ms, float32 80xCx56x56 NCHW, each library on its default threads.",
+        "",
+        "| MB | " + " | ".join(_sweep_name(n) for n in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for row in sizes:
         lines.append(f"| {row['bytes'] / MB:.0f} | " + " | ".join(_fmt_ms(row.get(n)) for n in names) + " |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 # ---------------------------------------------------------------- charts ---
-def write_charts(out_dir, results, libraries, sizes, threads):
-    """Write bench.png (and scaling.png with the sweeps); returns [(title, path)], [] without matplotlib."""
+def _plain_log_ticks(axis):
+    """Tick labels of a log axis as plain numbers (0.1, 2, 50), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.5)))
+
+
+def write_charts(out_dir, results, libraries, sizes, threads, info=None):
+    """Write bench.png (and scaling.png with the sweeps); returns [(title, path)], [] without matplotlib.
+
+    ``info`` (:func:`machine_info`) names the machine in each chart's title.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("python -m fastbn bench: matplotlib is not installed, so no chart was drawn "
-              "(pip install 'fastbn[bench]')", file=sys.stderr)
+        print(
+            "python -m fastbn bench: matplotlib is not installed, so no chart was drawn (pip install 'fastbn[bench]')",
+            file=sys.stderr,
+        )
         return []
+    machine_text = chart_machine(info)
     charts = []
-    labels = [f"{_NAMES[r['operation']]}\n{r['shape']} {r['dtype']}" for r in results]
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(results) + 1.5))
+    labels = [f"{_NAMES[r['operation']]}\n{_shape_cell(r)} {r['dtype']}" for r in results]
+    # Constrained layout with the legend outside the axes, below the x-axis label: it never covers the bars
+    # or the label, however few rows there are.
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(results) + 2.6), layout="constrained")
     positions = np.arange(len(results))
     series = [("fastbn", "fastbn_ms", "#1f77b4")]
     if "torch" in libraries:
@@ -376,18 +646,33 @@ def write_charts(out_dir, results, libraries, sizes, threads):
     for k, (name, key, color) in enumerate(series):
         values = [r.get(key, np.nan) for r in results]
         ax.barh(positions + (k - (len(series) - 1) / 2) * height, values, height, label=name, color=color)
-    ax.scatter([r["roofline_ms"] for r in results], positions, marker="|", s=300, color="black", zorder=3,
-               label="roofline (minimal DRAM traffic)")
-    ax.scatter([r["roofline_alloc_ms"] for r in results], positions, marker="|", s=300, color="#999999",
-               zorder=3, label="roofline + paging in a fresh output")
+    ax.scatter(
+        [r["roofline_ms"] for r in results],
+        positions,
+        marker="|",
+        s=300,
+        color="black",
+        zorder=3,
+        label="roofline (minimal DRAM traffic)",
+    )
+    ax.scatter(
+        [r["roofline_alloc_ms"] for r in results],
+        positions,
+        marker="|",
+        s=300,
+        color="#999999",
+        zorder=3,
+        label="roofline + paging in a fresh output",
+    )
     ax.set_yticks(positions, labels, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(len(results) - 0.5, -0.5)  # first row on top, no empty margin
     ax.set_xscale("log")
-    ax.set_xlabel("ms per call (median, log scale)")
-    ax.set_title("Batch norm on the CPU: fastbn, PyTorch, NumPy and the memory roofline", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.6 / len(results) - 0.02), ncol=3)
+    _plain_log_ticks(ax.xaxis)
+    ax.set_xlabel("time per call, ms (median; log scale; shorter is faster)")
+    title = "Batch norm on the CPU: fastbn, PyTorch, NumPy and the memory roofline"
+    fig.suptitle(title + (f"\n{machine_text}" if machine_text else ""), fontsize=9)
+    fig.legend(fontsize=8, loc="outside lower center", ncol=3)
     ax.grid(axis="x", alpha=0.3, which="both")
-    fig.tight_layout()
     path = os.path.join(out_dir, "bench.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -395,7 +680,7 @@ def write_charts(out_dir, results, libraries, sizes, threads):
 
     if sizes or threads:
         panels = [p for p in (sizes, threads) if p]
-        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), squeeze=False, layout="constrained")
         axes = axes[0]
         panel = 0
         if sizes:
@@ -404,15 +689,23 @@ def write_charts(out_dir, results, libraries, sizes, threads):
             megabytes = np.array([p["bytes"] / MB for p in sizes])
             for name in [k for k in sizes[0] if k not in ("channels", "bytes")]:
                 style = "--" if name.startswith("torch") or name == "copy" else "-"
-                ax.plot(megabytes, [p[name] for p in sizes], style, marker="o", markersize=3,
-                        label=name if name != "copy" else "np.copyto (roofline pace)")
+                ax.plot(
+                    megabytes,
+                    [p[name] for p in sizes],
+                    style,
+                    marker="o",
+                    markersize=3,
+                    label=_sweep_name(name) + (" (roofline pace)" if name == "copy" else ""),
+                )
             reference = np.array([megabytes[0], megabytes[-1]])
             ref_time = sizes[-1]["forward_train"] * reference / megabytes[-1]
             ax.plot(reference, ref_time, ":", color="black", label="linear growth")
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xlabel("tensor size, MB (float32 (80, C, 56, 56))")
-            ax.set_ylabel("ms per call (median)")
+            _plain_log_ticks(ax.xaxis)
+            _plain_log_ticks(ax.yaxis)
+            ax.set_xlabel("tensor size, MB (float32 80xCx56x56 NCHW; log scale)")
+            ax.set_ylabel("time per call, ms (median; log scale)")
             ax.set_title("Time against tensor size", fontsize=10)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3, which="both")
@@ -425,17 +718,26 @@ def write_charts(out_dir, results, libraries, sizes, threads):
             for name in names:
                 for count in (1, 2):
                     values = [row.get(f"{name} @{count}", np.nan) for row in threads]
-                    ax.bar(positions + (k - (2 * len(names) - 1) / 2) * width, values, width,
-                           label=f"{name}, {count} thread{'s' if count > 1 else ''}",
-                           alpha=0.55 if count == 1 else 1.0,
-                           color=f"C{names.index(name)}")
+                    ax.bar(
+                        positions + (k - (2 * len(names) - 1) / 2) * width,
+                        values,
+                        width,
+                        label=_sweep_name(f"{name} @{count}"),
+                        alpha=0.55 if count == 1 else 1.0,
+                        color=f"C{names.index(name)}",
+                    )
                     k += 1
-            ax.set_xticks(positions, [row["shape"] for row in threads], fontsize=7, rotation=15)
-            ax.set_ylabel("ms per call (median)")
+            ax.set_xticks(positions, [describe_label(row["shape"]) for row in threads], fontsize=7, rotation=15)
+            ax.set_xlabel("shape and layout (float32)")
+            ax.set_ylabel("time per call, ms (median)")
             ax.set_title("Time against thread count (1 and 2)", fontsize=10)
             ax.legend(fontsize=6, ncol=2)
             ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
+        fig.suptitle(
+            "Batch norm on the CPU: time against tensor size and thread count"
+            + (f"\n{machine_text}" if machine_text else ""),
+            fontsize=9,
+        )
         path = os.path.join(out_dir, "scaling.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
