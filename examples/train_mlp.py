@@ -30,7 +30,10 @@ test accuracy, and writes to ``--out``:
 
 * ``loss_curves.png``: training loss per epoch for every run;
 * ``results.md``: the tables and findings as Markdown, to quote;
-* ``results.json``: every number, including the curves.
+* ``results.json``: every number, including the curves;
+* ``summary.md`` (or ``--summary PATH``): one row per inputs and layout, the
+  README's table (``--summary docs/train_mlp_results.md`` refreshes the
+  fragment that ``python -m fastbn readme`` splices into README.md).
 
 Usage::
 
@@ -46,6 +49,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -435,61 +439,159 @@ def findings(results, lrs, y_test):
     return lines
 
 
+SUMMARY_LABELS = {"none": "no BN", "bn23": "BN 2-3", "bn_all": "BN after every layer"}
+
+
+def summary(results, lrs, y_test, n_rep, reproduce):
+    """The README's table, as Markdown: per inputs and layout, the best learning rate and the failures."""
+    majority = float(np.bincount(y_test).max() / len(y_test))
+
+    def lrs_where(inputs, layout, key):
+        hit = [lr for lr in lrs if any(r[key] for r in results[(inputs, layout, lr)])]
+        if not hit:
+            return "0"
+        listed = f" (lr {', '.join(f'{lr:g}' for lr in hit)})" if len(hit) <= 3 else ""
+        return f"{len(hit)} of {len(lrs)}{listed}"
+
+    rows = []
+    for inputs in INPUTS:
+        for layout in LAYOUTS:
+            best = best_over_lrs(results, inputs, layout, lrs)
+            best_text = "diverged at every lr" if best is None else f"{100 * best[1]:.1f}% ({best[0]:g})"
+            rows.append(
+                (
+                    inputs,
+                    SUMMARY_LABELS[layout],
+                    best_text,
+                    lrs_where(inputs, layout, "diverged"),
+                    lrs_where(inputs, layout, "single_class"),
+                )
+            )
+    header = (
+        "inputs",
+        "layout",
+        "best test accuracy (lr)",
+        "lrs with a diverged run",
+        "lrs where a run predicted one class",
+    )
+    caption = (
+        f"Measured by `{reproduce}`: mean over {n_rep} runs per setting; test accuracy in eval mode on "
+        f"{len(y_test)} test samples, of which the majority class is {100 * majority:.1f}% (what a network "
+        "predicting one class scores); the best learning rate among those where no run diverged."
+    )
+    return caption + "\n\n" + md_table(header, rows) + "\n"
+
+
+# Losses above this are off the charts' scale: a two-class cross-entropy starts near 0.69, so a mean loss of
+# 100 nats is already a blow-up (raw inputs reach 1e18 in their first epoch), and a y axis stretched to show it
+# would flatten every other curve. Each panel names the peak of a curve it clips.
+LOSS_CAP = 100.0
+SHORT_LABELS = {"none": "no BN", "bn23": "BN 2-3", "bn_all": "BN all"}
+
+
 def plot_curves(results, lrs, n_rep, path):
     """One panel per (inputs, learning rate), one line per layout.
 
     Each line is the mean loss of the repeats that did not diverge; diverged
     repeats are counted in the panel's corner instead of being averaged in
-    (one infinite loss would hide the others).
+    (one infinite loss would hide the others).  The y axis (log scale) stops
+    at :data:`LOSS_CAP`; a curve that goes above it leaves the top of its
+    panel, and the panel notes its peak and epoch.
     """
     try:
         import matplotlib
     except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError("examples/train_mlp.py needs matplotlib: pip install 'fastbn[examples]'",
-                                  name=exc.name) from exc
+        raise ModuleNotFoundError(
+            "examples/train_mlp.py needs matplotlib: pip install 'fastbn[examples]'", name=exc.name
+        ) from exc
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot
     import matplotlib.pyplot as plt
 
     colors = {"none": "tab:gray", "bn23": "tab:blue", "bn_all": "tab:orange"}
-    fig, axes = plt.subplots(
-        len(INPUTS), len(lrs), figsize=(2.6 * len(lrs) + 1, 6.4), squeeze=False, sharey="row"
-    )
+    means = {}
+    for key, runs in results.items():
+        curves = [r["curve"] for r in runs if not r["diverged"] and r["curve"]]
+        if curves:
+            means[key] = np.mean(curves, axis=0)
+    fig, axes = plt.subplots(len(INPUTS), len(lrs), figsize=(2.6 * len(lrs) + 1, 6.8), squeeze=False, sharey="row")
     for i, inputs in enumerate(INPUTS):
+        # One y range per row (the panels share it): from the lowest loss to the highest, at most LOSS_CAP.
+        values = np.concatenate([m for (inp, _, _), m in means.items() if inp == inputs] or [np.ones(1)])
+        values = values[np.isfinite(values) & (values > 0)]
+        low = float(values.min()) / 1.5 if values.size else 0.1
+        high = min(float(values.max()) * 1.5, LOSS_CAP) if values.size else LOSS_CAP
         for j, lr in enumerate(lrs):
             ax = axes[i, j]
             notes = []
             for layout in LAYOUTS:
-                runs = results[(inputs, layout, lr)]
-                curves = [r["curve"] for r in runs if not r["diverged"]]
-                if curves:
-                    ax.plot(np.arange(1, len(curves[0]) + 1), np.mean(curves, axis=0),
-                            color=colors[layout], label=LAYOUT_LABELS[layout])
-                n_div = sum(r["diverged"] for r in runs)
+                mean = means.get((inputs, layout, lr))
+                if mean is not None:
+                    ax.plot(np.arange(1, len(mean) + 1), mean, color=colors[layout], label=LAYOUT_LABELS[layout])
+                    if mean.max() > high:
+                        peak = int(np.argmax(mean))
+                        notes.append(
+                            (f"{SHORT_LABELS[layout]}: {mean[peak]:.0e} at epoch {peak + 1}, off scale", colors[layout])
+                        )
+                n_div = sum(r["diverged"] for r in results[(inputs, layout, lr)])
                 if n_div:
-                    notes.append((f"{n_div}/{n_rep} diverged", colors[layout]))
+                    notes.append((f"{SHORT_LABELS[layout]}: {n_div}/{n_rep} diverged", colors[layout]))
             for k, (text, color) in enumerate(notes):
-                ax.text(0.97, 0.95 - 0.09 * k, text, color=color, transform=ax.transAxes,
-                        ha="right", va="top", fontsize=8, fontweight="bold")
+                ax.text(
+                    0.97,
+                    0.95 - 0.08 * k,
+                    text,
+                    color=color,
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="top",
+                    fontsize=7,
+                    fontweight="bold",
+                )
             ax.set_yscale("log")
+            ax.set_ylim(low, high)
             ax.grid(True, which="major", alpha=0.3)
             if i == 0:
                 ax.set_title(f"lr = {lr:g}")
             if i == len(INPUTS) - 1:
                 ax.set_xlabel("epoch")
             if j == 0:
-                ax.set_ylabel(f"{inputs} inputs\ntraining loss (log)")
+                ax.set_ylabel(f"{inputs} inputs\ntraining loss, nats (log scale)")
     handles = [plt.Line2D([], [], color=colors[k], lw=2) for k in LAYOUTS]
-    fig.legend(handles, [LAYOUT_LABELS[k] for k in LAYOUTS], loc="lower center",
-               ncol=len(LAYOUTS), frameon=False, fontsize=10)
+    fig.legend(
+        handles, [LAYOUT_LABELS[k] for k in LAYOUTS], loc="lower center", ncol=len(LAYOUTS), frameon=False, fontsize=10
+    )
+    # Wrapped to the figure's width (about 11 characters per inch at this size), so narrow sweeps keep it all.
+    width = int(11 * fig.get_figwidth())
     fig.suptitle(
-        "Breast-cancer MLP with 3 hidden layers: mean minibatch training loss per epoch "
-        f"(mean of the runs that did not diverge, out of {n_rep})",
+        "\n".join(
+            textwrap.fill(line, width)
+            for line in (
+                "Breast-cancer MLP with 3 hidden layers: mean minibatch cross-entropy per epoch "
+                f"(mean of the runs that did not diverge, out of {n_rep})",
+                f"y axis clipped at a loss of {LOSS_CAP:g}: a curve leaving the top of a panel blew up, "
+                "and the panel notes its peak",
+            )
+        ),
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(json_path, path):
+    """Redraw the loss curves from a ``results.json`` this script wrote, without training anything.
+
+    ``python -c "import sys; sys.path.insert(0, 'examples'); import train_mlp;
+    train_mlp.replot('out/train_mlp/results.json', 'docs/train_mlp_loss_curves.png')"``
+    """
+    payload = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    results = {}
+    for run in payload["runs"]:
+        results.setdefault((run["inputs"], run["layout"], run["lr"]), []).append(run)
+    lrs = sorted({lr for _, _, lr in results})
+    plot_curves(results, lrs, len(payload["seeds"]), path)
 
 
 # -------------------------------------------------------------------- main ---
@@ -499,15 +601,30 @@ def parse_args(argv=None):
         "(pure-NumPy MLP on scikit-learn's breast-cancer data)."
     )
     parser.add_argument("--epochs", type=int, default=20, help="epochs per run (default 20)")
-    parser.add_argument("--out", type=Path, default=Path("out/train_mlp"),
-                        help="directory for loss_curves.png, results.md, results.json (default out/train_mlp)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/train_mlp"),
+        help="directory for loss_curves.png, results.md, results.json (default out/train_mlp)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, weights and batch order (default 0)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="runs per configuration with different weights and batch order (default 3)")
-    parser.add_argument("--lrs", type=lambda s: [float(v) for v in s.split(",")], default=list(DEFAULT_LRS),
-                        help="comma-separated learning rates (default %s)" % ",".join(f"{v:g}" for v in DEFAULT_LRS))
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per configuration with different weights and batch order (default 3)",
+    )
+    parser.add_argument(
+        "--lrs",
+        type=lambda s: [float(v) for v in s.split(",")],
+        default=list(DEFAULT_LRS),
+        help="comma-separated learning rates (default %s)" % ",".join(f"{v:g}" for v in DEFAULT_LRS),
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
     parser.add_argument("--hidden", type=int, default=32, help="width of each hidden layer (default 32)")
+    parser.add_argument(
+        "--summary", type=Path, default=None, help="where to write the README's summary table (default OUT/summary.md)"
+    )
     args = parser.parse_args(argv)
     for name in ("epochs", "repeats", "hidden"):
         if getattr(args, name) < 1:
@@ -523,8 +640,9 @@ def main(argv=None):
     try:
         from tqdm import tqdm
     except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError("examples/train_mlp.py needs tqdm: pip install 'fastbn[examples]'",
-                                  name=exc.name) from exc
+        raise ModuleNotFoundError(
+            "examples/train_mlp.py needs tqdm: pip install 'fastbn[examples]'", name=exc.name
+        ) from exc
 
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -541,8 +659,18 @@ def main(argv=None):
             bar.set_postfix_str(f"{inputs} {layout} lr={lr:g}")
             for s in seeds:
                 results[(inputs, layout, lr)].append(
-                    train_one(X_train, y_train, X_test, y_test, layout=layout, lr=lr, epochs=args.epochs,
-                              batch_size=args.batch_size, hidden=args.hidden, seed=s)
+                    train_one(
+                        X_train,
+                        y_train,
+                        X_test,
+                        y_test,
+                        layout=layout,
+                        lr=lr,
+                        epochs=args.epochs,
+                        batch_size=args.batch_size,
+                        hidden=args.hidden,
+                        seed=s,
+                    )
                 )
                 bar.update()
     elapsed = time.perf_counter() - start
@@ -570,6 +698,10 @@ def main(argv=None):
     png = args.out / "loss_curves.png"
     plot_curves(results, lrs, n_rep, png)
 
+    reproduce = (
+        f"python examples/train_mlp.py --epochs {args.epochs} --seed {args.seed} "
+        f"--repeats {args.repeats} --lrs {','.join(f'{v:g}' for v in lrs)}"
+    )
     md = [
         "### Measured: batch normalization on a small MLP (examples/train_mlp.py)",
         "",
@@ -583,11 +715,13 @@ def main(argv=None):
         "",
         f"![training loss curves]({png.name})",
         "",
-        f"Reproduce: `python examples/train_mlp.py --epochs {args.epochs} --seed {args.seed} "
-        f"--repeats {args.repeats} --lrs {','.join(f'{v:g}' for v in lrs)}`",
+        f"Reproduce: `{reproduce}`",
         "",
     ]
     (args.out / "results.md").write_text("\n".join(md), encoding="utf-8")
+    summary_path = args.summary or args.out / "summary.md"
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(summary(results, lrs, y_test, n_rep, reproduce), encoding="utf-8")
     payload = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "n_train": int(len(y_train)),
@@ -600,7 +734,7 @@ def main(argv=None):
         ],
     }
     (args.out / "results.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    print(f"\nwrote {png}, {args.out / 'results.md'}, {args.out / 'results.json'}")
+    print(f"\nwrote {png}, {args.out / 'results.md'}, {args.out / 'results.json'}, {summary_path}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn {demo,startup,ptx,bench,bench-fused,bench-torch,plan,torch-suite}``.
+"""Command line: ``python -m fastbn {demo,startup,ptx,bench,bench-fused,bench-torch,plan,torch-suite,readme}``.
 
 ``demo``
     A forward/backward round trip on an NCHW batch, checked against plain
@@ -6,7 +6,8 @@
 ``startup``
     What the first call costs: import time, first call with an empty kernel
     cache (compilation) and first call with a warm cache, each measured in a
-    fresh interpreter.  The README's start-up figures come from this command.
+    fresh interpreter.  Prints a Markdown table and writes it to ``--out``
+    (default bench/results/startup.md), the README's start-up figures.
 ``ptx``
     Compile every CUDA kernel for every dtype with the real NVVM compiler
     (no GPU needed) and report registers and spills; see fastbn/tools/ptx.py.
@@ -26,6 +27,9 @@
     PyTorch's own batch-norm tests (from a PyTorch source checkout), run on
     plain torch and with fastbn swapped in; lists the tests that pass on
     torch but fail on fastbn (fastbn/tools/torch_suite.py).
+``readme``
+    Splice the committed report fragments into README.md's generated
+    sections; ``--check`` only compares (fastbn/tools/readme.py).
 
 The command modules are imported when the parser is built, but leave Numba,
 PyTorch and numba-cuda until their command runs, so ``python -m fastbn
@@ -130,7 +134,7 @@ def _first_call(cache_dir):
 
 
 def startup(args):
-    """Measure import, cold and warm first-call cost; print a Markdown table."""
+    """Measure import, cold and warm first-call cost; print a Markdown table and write it to ``args.out``."""
     rows = []
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = _first_call(cache_dir)
@@ -138,22 +142,31 @@ def startup(args):
     warm_median = {key: float(np.median([w[key] for w in warm])) for key in ("import", "forward", "backward", "again")}
     rows.append(("cold (empty kernel cache: compiles)", cold))
     rows.append((f"warm (kernels cached on disk; median of {args.repeats})", warm_median))
-    print(f"First-call cost, float32 (8, 16, 8, 8) NCHW, threading layer {cold['layer']}, "
-          f"{machine().cores} CPUs, Python {sys.version.split()[0]}:")
-    print()
-    print("| run | `import fastbn` | first `forward` | first `backward` | second `forward` |")
-    print("|---|---|---|---|---|")
-    for name, t in rows:
-        print(f"| {name} | {1e3 * t['import']:.0f} ms | {1e3 * t['forward']:.0f} ms | "
-              f"{1e3 * t['backward']:.0f} ms | {1e3 * t['again']:.2f} ms |")
-    print()
-    print("Measured by `python -m fastbn startup`.")
+    lines = [
+        f"First-call cost, float32 (8, 16, 8, 8) NCHW, threading layer {cold['layer']}, "
+        f"{machine().cores} CPUs, Python {sys.version.split()[0]}:",
+        "",
+        "| run | `import fastbn` | first `forward` | first `backward` | second `forward` |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {1e3 * t['import']:.0f} ms | {1e3 * t['forward']:.0f} ms | "
+        f"{1e3 * t['backward']:.0f} ms | {1e3 * t['again']:.2f} ms |"
+        for name, t in rows
+    ]
+    lines += ["", "Measured by `python -m fastbn startup`."]
+    print("\n".join(lines))
+    if args.out:  # the README's fragment (python -m fastbn readme splices it in)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+        print(f"\nWrote {args.out}")
     return 0
 
 
 def main(argv=None):
     """Entry point of ``python -m fastbn`` and of the ``fastbn`` command; returns the process exit code."""
-    from fastbn.tools import bench, bench_fused, bench_torch, plan, ptx, torch_suite
+    from fastbn.tools import bench, bench_fused, bench_torch, plan, ptx, readme, torch_suite
 
     # Named as it was started: the ``fastbn`` console script or ``python -m fastbn``.
     prog = "fastbn" if os.path.basename(sys.argv[0]) == "fastbn" else "python -m fastbn"
@@ -165,10 +178,17 @@ def main(argv=None):
     demo_parser.add_argument("--repeats", type=int, default=10)
     startup_parser = commands.add_parser("startup", help="measure import, cold and warm first-call cost")
     startup_parser.add_argument("--repeats", type=int, default=3)
+    startup_parser.add_argument(
+        "--out",
+        default=os.path.join("bench", "results", "startup.md"),
+        help="also write the table here (default bench/results/startup.md; '' for none)",
+    )
     for module in (ptx, bench, bench_fused, bench_torch, plan, torch_suite):
         module.add_parser(commands)
     runs = {"demo": demo, "startup": startup, "ptx": ptx.run, "bench": bench.run, "bench-fused": bench_fused.run,
             "bench-torch": bench_torch.run, "plan": plan.run, "torch-suite": torch_suite.run}
+    readme.add_parser(commands)
+    runs["readme"] = readme.run
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error("--repeats: expected a positive integer")
