@@ -247,10 +247,10 @@ def test_ptx_without_cuda12_names_its_extra(monkeypatch):
 
 
 def test_bench_charts_without_matplotlib_name_the_extra(monkeypatch, capsys):
-    from fastbn.tools import report
+    from fastbn.tools import charts
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert report.write_charts(None, [], [], [], []) == []
+    assert charts.write_charts(None, [], [], [], []) == []
     assert "pip install 'fastbn[bench]'" in capsys.readouterr().err
 
 

@@ -39,6 +39,7 @@ import tempfile
 import numpy as np
 
 from fastbn.tools import cases, report
+from fastbn.tools import charts as chart_files
 
 # The bar the report checks each row against (medians, 2-core machine).
 BAR_TORCH = 2.0
@@ -382,7 +383,7 @@ def run(args):
     if hasattr(os, "getloadavg"):
         info["load_after"] = round(os.getloadavg()[0], 2)
     os.makedirs(args.out, exist_ok=True)
-    charts = report.write_charts(args.out, results, libraries, sizes, threads, info)
+    charts = chart_files.write_charts(args.out, results, libraries, sizes, threads, info)
     report_path, snippet, json_path = report.write_report(
         args.out, info, results, libraries, sizes, threads, compile_times, command, charts
     )
@@ -413,7 +414,7 @@ def rerender(json_path, out_dir):
     libraries = report.libraries_of(results)
     sizes, threads = saved.get("sizes"), saved.get("threads")
     os.makedirs(out_dir, exist_ok=True)
-    charts = report.write_charts(out_dir, results, libraries, sizes, threads, info)
+    charts = chart_files.write_charts(out_dir, results, libraries, sizes, threads, info)
     report_path, snippet, _ = report.write_report(
         out_dir, info, results, libraries, sizes, threads, saved.get("compile"), command, charts, write_json=False
     )
