@@ -351,6 +351,45 @@ def test_memory_exhaustion_is_a_memory_error_with_running_statistics_unchanged(w
     assert out["big_again_ok"]
 
 
+SWEEP = """
+import re, resource
+
+def address_space():
+    return int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) << 10
+
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+counts = {"correct": 0, "MemoryError": 0, "WRONG": 0, "HALF-UPDATED": 0}
+for shape in ((8, 64, 300), (16, 8, 64, 64), (4096, 96)):  # fused tasks, streamed pieces, rows blocks
+    x = batch(shape)
+    # Three calls compile every variant the loop below meets (a fresh output, then recycled ones):
+    # compiling under the limit would abort in LLVM, which is the README's stated exception.
+    reference = [digest(*train(x)) for _ in range(3)][-1]
+    base = address_space()
+    for margin in range(0, 24 << 20, 96 << 10):
+        rm, rv = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
+        resource.setrlimit(resource.RLIMIT_AS, (base + margin, hard))
+        try:
+            y, _ = fastbn.forward(x, running_mean=rm, running_var=rv)
+        except MemoryError:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+            untouched = rm.tobytes() == np.zeros_like(rm).tobytes() and rv.tobytes() == np.ones_like(rv).tobytes()
+            counts["MemoryError" if untouched else "HALF-UPDATED"] += 1
+            continue
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        counts["correct" if digest(y, rm, rv) == reference else "WRONG"] += 1
+report(counts=counts)
+"""
+
+
+def test_every_address_space_limit_gives_the_right_answer_or_a_memory_error(warm):
+    """A sweep of address-space limits, 96 KiB apart from the current size up, over the three kernel
+    families that allocate per task (fused SLAB tasks, streamed pieces, ROWS blocks): each call is bit-
+    for-bit right or a MemoryError with the running statistics untouched; never a silently wrong or
+    half-written answer, never a crash."""
+    counts = run_child(SWEEP, NUMBA_CACHE_DIR=str(warm.cache))["counts"]
+    assert counts["WRONG"] == counts["HALF-UPDATED"] == 0 and counts["correct"] > 0, counts
+
+
 # ----------------------------------------------------------------- signals ---
 SIGNALS = """
 import signal, threading
