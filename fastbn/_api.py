@@ -27,6 +27,7 @@ from fastbn._validate import (
     check_running,
     check_variance,
     check_x,
+    sequence_conversion,
     stats_dtype,
 )
 
@@ -205,12 +206,15 @@ def forward(
     NaN (and its running statistics, in training), as in PyTorch; other
     channels are unaffected.
     """
+    given = x
     ops, restore, (x, weight, bias, running_mean, running_var, residual) = _dispatch.prepare(
         backend,
         [("x", x), ("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var),
          ("residual", residual)],
     )
     x = check_x(x)
+    sequence_conversion(given, x, "x", (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                                        ("running_var", running_var), ("residual", residual)))
     axis = check_axis(axis, len(x.shape))
     opts = _options.options(x=x, axis=axis, training=training, momentum=momentum, eps=eps, activation=activation,
                             residual=residual, virtual_batch_size=virtual_batch_size, renorm=renorm,
@@ -269,6 +273,21 @@ def _check_saved_fields(saved):
         raise bad("activation", "None or 'relu'")
     if (saved.r is None) != (saved.d is None):
         raise bad("d" if saved.d is None else "r", "renorm's r and d together, or neither")
+    vbs = saved.virtual_batch_size
+    if vbs is not None and (isinstance(vbs, (bool, np.bool_)) or not isinstance(vbs, (int, np.integer)) or vbs < 1):
+        raise bad("virtual_batch_size", "None or a positive integer")
+    if vbs is not None and saved.r is not None:
+        raise bad("r", "None with ghost batches (forward does not combine renorm and virtual_batch_size)")
+    if saved.process_group is not None:
+        try:
+            _sync.adapt(saved.process_group)
+        except TypeError as exc:
+            raise TypeError(f"saved.process_group: {str(exc).partition(': ')[2]}") from None
+        # forward refuses these with a process group; the synchronised backward would ignore them
+        for field, given in (("activation", saved.activation is not None), ("residual", bool(saved.residual)),
+                             ("virtual_batch_size", vbs is not None), ("r", saved.r is not None)):
+            if given:
+                raise bad("process_group", f"None together with saved.{field} (forward does not combine them)")
 
 
 def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
@@ -324,11 +343,15 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
     With ghost batches, each group gets its own formula and statistics, and
     dweight and dbias are summed over the groups.
     """
+    given_dy, given_x = dy, x
     ops, restore, (dy, x, weight, y) = _dispatch.prepare(
         backend, [("dy", dy), ("x", x), ("weight", weight), ("y", y)]
     )
     x = check_x(x)
     dy = check_x(dy, "dy")
+    saved_mean = getattr(saved, "mean", None) if isinstance(saved, Saved) else None
+    sequence_conversion(given_x, x, "x", (("dy", dy), ("weight", weight), ("saved.mean", saved_mean)))
+    sequence_conversion(given_dy, dy, "dy", (("x", x),))
     axis = check_axis(axis, len(x.shape))
     if not isinstance(saved, Saved):
         raise TypeError(
@@ -347,13 +370,13 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
             f"but x has shape {tuple(x.shape)} and axis is {axis}"
         )
     dtype = stats_dtype(x.dtype)
-    groups = _options.ghost_groups(saved.virtual_batch_size, tuple(x.shape), axis)
+    try:
+        groups = _options.ghost_groups(saved.virtual_batch_size, tuple(x.shape), axis)
+    except ValueError as exc:  # saved.shape matches x, so forward cannot have made this Saved
+        raise ValueError(f"saved.{exc}") from None
+    rows = None if groups == 1 else groups  # one row of statistics per ghost batch
     for name in ("mean", "invstd"):
-        value = getattr(saved, name)
-        if groups == 1:
-            check_channel_vector(value, f"saved.{name}", channels, dtype)
-        elif tuple(getattr(value, "shape", ())) != (groups, channels):
-            raise ValueError(f"saved.{name}: expected shape ({groups}, {channels}) for {groups} ghost batches")
+        check_channel_vector(getattr(saved, name), f"saved.{name}", channels, dtype, rows=rows)
     if saved.r is not None:
         check_channel_vector(saved.r, "saved.r", channels, dtype)
         check_channel_vector(saved.d, "saved.d", channels, dtype)
@@ -446,10 +469,12 @@ def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend
     numpy.ndarray
         Same shape and dtype as ``x``.
     """
+    given = x
     ops, restore, (x, mean, var, weight, bias) = _dispatch.prepare(
         backend, [("x", x), ("mean", mean), ("var", var), ("weight", weight), ("bias", bias)]
     )
     x = check_x(x)
+    sequence_conversion(given, x, "x", (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)))
     axis = check_axis(axis, len(x.shape))
     eps = _options.check_eps(eps)
     channels, _ = check_channels(x, axis)
@@ -507,12 +532,16 @@ def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps=
     -----
     Computed in float64 (on the CPU) and rounded once to the layer's dtype.
     """
+    given = layer_weight
     ops, restore, (layer_weight, layer_bias, running_mean, running_var, weight, bias) = _dispatch.prepare(
         backend,
         [("layer_weight", layer_weight), ("layer_bias", layer_bias), ("running_mean", running_mean),
          ("running_var", running_var), ("weight", weight), ("bias", bias)],
     )
     layer_weight = check_x(layer_weight, "layer_weight")
+    sequence_conversion(given, layer_weight, "layer_weight",
+                        (("layer_bias", layer_bias), ("running_mean", running_mean), ("running_var", running_var),
+                         ("weight", weight), ("bias", bias)))
     axis = check_axis(axis, len(layer_weight.shape))
     eps = _options.check_eps(eps)
     channels, _ = check_channels(layer_weight, axis, "layer_weight")

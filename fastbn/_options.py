@@ -44,6 +44,14 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_))
 
 
+def _as_float(value: Any, name: str, expected: str) -> float:
+    """``float(value)`` for a real number; a ValueError naming ``name`` where it has no float (10**400)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: expected {expected}, got a number too large for a float") from None
+
+
 def check_flag(value: Any, name: str) -> bool:
     """Return ``value`` if it is a bool, or raise."""
     if not _is_bool(value):
@@ -60,7 +68,7 @@ def check_eps(eps: Any, *, allow_zero: bool = False) -> float:
     """
     if _is_bool(eps) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
-    eps = float(eps)
+    eps = _as_float(eps, "eps", "a positive finite float")
     if not (math.isfinite(eps) and (eps > 0 or (allow_zero and eps == 0))):
         raise ValueError(f"eps: expected a positive finite float, got {eps}")
     return eps
@@ -76,7 +84,7 @@ def check_momentum(momentum: Any, *, allow_none: bool = False, any_finite: bool 
         return None
     if _is_bool(momentum) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum: expected a float in [0, 1], got {type(momentum).__name__}")
-    momentum = float(momentum)
+    momentum = _as_float(momentum, "momentum", "a float in [0, 1]" if not any_finite else "a finite float")
     if any_finite and math.isfinite(momentum):
         return momentum
     if not 0.0 <= momentum <= 1.0:
@@ -110,13 +118,15 @@ def check_renorm(renorm: Any) -> tuple[float, float] | None:
     if renorm is None:
         return None
     message = "renorm: expected a pair (rmax, dmax) of numbers with rmax >= 1 and dmax >= 0"
-    if not isinstance(renorm, (tuple, list, np.ndarray)) or len(renorm) != 2:
-        raise TypeError(f"{message}, got {type(renorm).__name__}")
+    if (not isinstance(renorm, (tuple, list, np.ndarray)) or (isinstance(renorm, np.ndarray) and renorm.ndim != 1)
+            or len(renorm) != 2):
+        shape = f" of shape {renorm.shape}" if isinstance(renorm, np.ndarray) else ""
+        raise TypeError(f"{message}, got {type(renorm).__name__}{shape}")
     values = []
     for name, value in zip(("rmax", "dmax"), renorm):
         if _is_bool(value) or not isinstance(value, numbers.Real):
             raise TypeError(f"{message}, got {name} of type {type(value).__name__}")
-        values.append(float(value))
+        values.append(_as_float(value, "renorm", f"{name} within the float range"))
     rmax, dmax = values
     if not rmax >= 1.0 or not dmax >= 0.0:  # also rejects NaN
         raise ValueError(f"{message}, got ({rmax}, {dmax})")

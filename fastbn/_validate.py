@@ -114,17 +114,37 @@ def _read_only(value):
     return bool(interface and interface["data"][1])
 
 
-def check_channel_vector(value, name, channels, dtype, *, writable=False):
-    """Check a per-channel array: ndarray, shape (C,), exactly ``dtype``."""
+def _dtype_of(value, name, expected):
+    """``np.dtype(value.dtype)``, or a TypeError naming the argument where NumPy cannot read it.
+
+    Arrays reach the checks converted by the backend, except the fields of a
+    ``Saved``, which may hold anything (a torch tensor's dtype is no NumPy dtype).
+    """
+    try:
+        return np.dtype(value.dtype)
+    except TypeError:
+        raise TypeError(f"{name}: expected an array of dtype {expected}, got {type(value).__name__} of dtype "
+                        f"{value.dtype}") from None
+
+
+def check_channel_vector(value, name, channels, dtype, *, writable=False, rows=None):
+    """Check a per-channel array: ndarray, shape (C,), exactly ``dtype``.
+
+    ``rows``: a ``(rows, C)`` array instead, one row per ghost batch (a ``Saved``'s statistics).
+    """
+    shape = (channels,) if rows is None else (rows, channels)
     if not _is_array(value):
         raise TypeError(
-            f"{name}: expected an array of dtype {dtype} and shape ({channels},), "
+            f"{name}: expected an array of dtype {dtype} and shape {shape}, "
             f"got {_describe(value)}"
         )
-    if np.dtype(value.dtype) != dtype:
+    if isinstance(value, np.ma.MaskedArray):  # the backend refuses these for arguments; Saved fields come here
+        raise TypeError(f"{name}: is a masked array, whose mask fastbn would ignore; pass a plain array")
+    if _dtype_of(value, name, dtype) != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} (to match the input), got {value.dtype}")
-    if tuple(value.shape) != (channels,):
-        raise ValueError(f"{name}: expected shape ({channels},), got {tuple(value.shape)}")
+    if tuple(value.shape) != shape:
+        where = "" if rows is None else f" for {rows} ghost batches"
+        raise ValueError(f"{name}: expected shape {shape}{where}, got {tuple(value.shape)}")
     if writable and _read_only(value):
         raise ValueError(f"{name}: must be writable, it is updated in place")
     return value
@@ -206,6 +226,32 @@ def check_variance(value, name):
     return value
 
 
+def sequence_conversion(original, converted, name, others):
+    """Name ``name`` when NumPy turned a Python list or tuple into float64 beside float32 arrays.
+
+    ``np.asarray`` makes a nested list of floats float64, whatever dtype its
+    values came from.  When the call's other arrays are float32 (the
+    statistics dtype of float16, bfloat16 and float32 input), the first check
+    to notice would blame one of them; the argument to fix is the list.
+    ``others`` are ``(name, array)`` pairs, None entries skipped.
+    """
+    if not isinstance(original, (list, tuple)) or not _is_array(converted):
+        return
+    if np.dtype(converted.dtype) != np.float64:
+        return
+    for other_name, other in others:
+        try:
+            float32 = _is_array(other) and np.dtype(other.dtype) == np.float32
+        except TypeError:  # not a NumPy dtype: the checks proper will name it
+            float32 = False
+        if float32:
+            raise TypeError(
+                f"{name}: a Python {type(original).__name__} was converted to a float64 array (NumPy's default), "
+                f"but {other_name} is float32; pass {name} as an array of {other_name}'s dtype, "
+                f"e.g. np.asarray({name}, np.float32)"
+            )
+
+
 def check_like_x(value, name, x):
     """Check an array that must match ``x`` in shape and dtype (residual, forward's output)."""
     if not _is_array(value):
@@ -214,6 +260,6 @@ def check_like_x(value, name, x):
         )
     if tuple(value.shape) != tuple(x.shape):
         raise ValueError(f"{name}: expected the shape of x {tuple(x.shape)}, got {tuple(value.shape)}")
-    if np.dtype(value.dtype) != np.dtype(x.dtype):
+    if _dtype_of(value, name, x.dtype) != np.dtype(x.dtype):
         raise TypeError(f"{name}: expected the dtype of x ({x.dtype}), got {value.dtype}")
     return value

@@ -46,6 +46,8 @@ def _check_num_features(value):
         ) from None
     if value < 1:
         raise ValueError(f"num_features: expected a positive integer, got {value}")
+    if value > np.iinfo(np.intp).max // 8:  # no array of float64 this long can exist
+        raise ValueError("num_features: expected a positive integer, got one larger than any array can hold")
     return value
 
 
