@@ -204,7 +204,14 @@ def backward(pieces, collectives, dy, x, axis, dtype, weight, mean, invstd, tota
     """
     channels = x.shape[axis]
     sum_dy, dotp = pieces.backward_sums(dy, x, axis, mean)
-    summed = np.asarray(collectives.allreduce_sum(np.concatenate((sum_dy, dotp))), dtype=np.float64)
+    returned = collectives.allreduce_sum(np.concatenate((sum_dy, dotp)))
+    try:
+        summed = np.asarray(returned, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"process_group: allreduce_sum returned {type(returned).__name__}, "
+                        f"expected {2 * channels} numbers") from exc
+    if summed.shape != (2 * channels,):
+        raise ValueError(f"process_group: allreduce_sum returned shape {summed.shape}, expected ({2 * channels},)")
     dx = pieces.backward_dx(dy, x, axis, dtype, weight, mean, invstd, summed[:channels], summed[channels:], total)
     dweight = (dotp * invstd.astype(np.float64)).astype(dtype)
     return dx, dweight, sum_dy.astype(dtype)

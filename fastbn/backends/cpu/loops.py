@@ -239,6 +239,13 @@ def _select(condition, if_true, if_false):
 
 
 @inline
+def centred_times_k(centred, k):
+    """``(x - mean) * k`` of dx, 0 where k is 0 (eval, or no spread): dx = g * scale is then finite
+    wherever g is, though x or the mean is NaN or Inf (as PyTorch's eval backward, which never reads x)."""
+    return _select(k == 0, k, centred * k)
+
+
+@inline
 def clamp_below(value, floor):
     """``max(value, floor)`` that keeps NaN (the ReLU with floor 0; identity with floor -inf)."""
     return floor if value < floor else value
@@ -303,7 +310,7 @@ def run_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
     for i in range(v.shape[0]):
         gi = gradient(g, m, i)
         centred = load(v[i]) - mean
-        out[i] = cast_to(out, (gi - mean_dy - centred * k) * scale)
+        out[i] = cast_to(out, (gi - mean_dy - centred_times_k(centred, k)) * scale)
         store(dres, i, gi)
 
 
@@ -372,5 +379,5 @@ def cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
     for j in range(v.shape[0]):
         gj = gradient(g, m, j)
         centred = load(v[j]) - mean[j]
-        out[j] = cast_to(out, (gj - mean_dy[j] - centred * k[j]) * scale[j])
+        out[j] = cast_to(out, (gj - mean_dy[j] - centred_times_k(centred, k[j])) * scale[j])
         store(dres, j, gj)

@@ -16,6 +16,8 @@ into given outputs; the benchmark's reused-output diagnostic calls them too.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from fastbn._layout import ROWS
@@ -28,6 +30,20 @@ __all__ = ["BACKEND", "CpuBackend", "CpuSyncPieces", "LAUNCH_LOG"]
 
 #: Tests set this to a list to record every kernel launch as ``(kernel name, plan)``.
 LAUNCH_LOG = None
+
+
+def _ieee(method):
+    """Run ``method`` with NumPy's floating-point warnings off: its host arithmetic (invstd from a
+    variance, casts of float64 statistics) follows IEEE as the kernels do, NaN and Inf included (eps=0 on
+    a zero variance is an infinite invstd, a float32 variance beyond 3.4e38 is inf), as in PyTorch,
+    without a RuntimeWarning for what is the documented result."""
+
+    @functools.wraps(method)
+    def quiet(*args, **kwargs):
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            return method(*args, **kwargs)
+
+    return quiet
 
 
 def _launch(kernel, plan, *args):
@@ -207,6 +223,7 @@ def _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu=False, resi
 class CpuSyncPieces(SyncPieces):
     """The CPU backend's pieces of synchronised batch norm (see :class:`fastbn.backends.SyncPieces`)."""
 
+    @_ieee
     def local_moments(self, x, axis):
         channels = x.shape[axis]
         if x.size == 0:
@@ -214,6 +231,7 @@ class CpuSyncPieces(SyncPieces):
         layout, x_view = views.channel_view(x, axis)
         return stats(cpu_plan.choose("moments", layout, x_view.shape, x_view.itemsize), x_view)
 
+    @_ieee
     def normalize_with_stats(self, x, axis, dtype, mean64, var64, weight, bias, eps):
         mean = mean64.astype(dtype)
         invstd = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
@@ -221,9 +239,11 @@ class CpuSyncPieces(SyncPieces):
             return np.empty(x.shape, x.dtype), mean, invstd
         return _normalize_with(x, axis, dtype, mean, invstd, weight, bias), mean, invstd
 
+    @_ieee
     def update_running(self, running_mean, running_var, mean64, var64, momentum, count):
         _update_running(running_mean, running_var, mean64, var64, momentum, count)
 
+    @_ieee
     def backward_sums(self, dy, x, axis, mean):
         channels = x.shape[axis]
         if x.size == 0:
@@ -233,6 +253,7 @@ class CpuSyncPieces(SyncPieces):
         return backward_reduce(chosen, views.readonly(views.same_view(layout, dy, axis)), x_view,
                                np.ascontiguousarray(mean))
 
+    @_ieee
     def backward_dx(self, dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, count):
         if x.size == 0:
             return np.empty(x.shape, x.dtype)
@@ -264,6 +285,7 @@ class CpuBackend(Backend):
     def from_host(self, array):
         return array
 
+    @_ieee
     def forward_batch(self, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update, *,
                       relu=False, residual=None, renorm=None, groups=1, plan=None):
         """Normalise with batch statistics; update running stats if ``update``.
@@ -294,6 +316,7 @@ class CpuBackend(Backend):
         r, d = (None, None) if renorm is None else (r[0], d[0])
         return y, mean64.astype(dtype), invstd64.astype(dtype), r, d
 
+    @_ieee
     def forward_eval(self, x, axis, dtype, weight, bias, eps, running_mean, running_var, *, relu=False,
                      residual=None, plan=None):
         # A copy, so that later updates of running_mean cannot change `saved`.
@@ -302,16 +325,19 @@ class CpuBackend(Backend):
         y = _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu, residual, plan)
         return y, mean, invstd
 
+    @_ieee
     def normalize(self, x, axis, dtype, mean, var, weight, bias, eps, *, plan=None):
         invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(dtype)
         return _normalize_with(x, axis, dtype, mean, invstd, weight, bias, override=plan)
 
+    @_ieee
     def moments(self, x, axis, dtype, *, plan=None):
         layout, x_view = views.channel_view(x, axis)
         chosen = cpu_plan.choose("moments", layout, x_view.shape, x_view.itemsize, override=plan)
         mean, var = stats(chosen, x_view)
         return mean.astype(dtype), var.astype(dtype)
 
+    @_ieee
     def backward(self, dy, x, axis, dtype, weight, mean, invstd, batch_stats, *, y=None, dresidual=False, r=None,
                  d=None, groups=1, plan=None):
         """Gradients; ``y`` (forward's ReLU output) masks dy in both passes, r and d are renorm's constants.
@@ -354,6 +380,7 @@ class CpuBackend(Backend):
             dweight = dweight * r.astype(np.float64) + d.astype(np.float64) * sum_dy
         return dx, dweight.astype(dtype), sum_dy.astype(dtype), dres
 
+    @_ieee
     def fold(self, layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
         """``(s * W, s * (c - mean) + bias)`` with ``s = weight * invstd``, in float64, rounded once.
 

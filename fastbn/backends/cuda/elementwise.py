@@ -131,7 +131,9 @@ def backward_elementwise_kernel(acc, masked, write_dres):
         while index < x.size:
             v = position[1] + position[3]
             grad = gradient_at(dy, y, index)
-            dx[index] = (grad - mean_dy[v] - (acc(x[index]) - mean[v]) * k[v]) * scale[v]
+            # 0 where k is 0 (eval): dx stays finite where x or the mean is NaN or Inf, as in PyTorch.
+            centred_k = acc(0) if k[v] == 0 else (acc(x[index]) - mean[v]) * k[v]
+            dx[index] = (grad - mean_dy[v] - centred_k) * scale[v]
             if write_dres:
                 dres[index] = grad
             index += step
