@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastbn {demo,startup,ptx,bench,bench-fused,bench-torch,plan,torch-suite,readme}``.
+"""Command line: ``python -m fastbn COMMAND``, COMMAND one of those below.
 
 ``demo``
     A forward/backward round trip on an NCHW batch, checked against plain
@@ -30,6 +30,10 @@
 ``readme``
     Splice the committed report fragments into README.md's generated
     sections; ``--check`` only compares (fastbn/tools/readme.py).
+``precompile``
+    Fill the CPU kernels' disk cache ahead of the first call, for the chosen
+    dtypes, layouts, operations and fused forms, in parallel processes
+    (fastbn/tools/precompile.py).
 
 The command modules are imported when the parser is built, but leave Numba,
 PyTorch and numba-cuda until their command runs, so ``python -m fastbn
@@ -166,7 +170,7 @@ def startup(args):
 
 def main(argv=None):
     """Entry point of ``python -m fastbn`` and of the ``fastbn`` command; returns the process exit code."""
-    from fastbn.tools import bench, bench_fused, bench_torch, plan, ptx, readme, torch_suite
+    from fastbn.tools import bench, bench_fused, bench_torch, plan, precompile, ptx, readme, torch_suite
 
     # Named as it was started: the ``fastbn`` console script or ``python -m fastbn``.
     prog = "fastbn" if os.path.basename(sys.argv[0]) == "fastbn" else "python -m fastbn"
@@ -189,6 +193,8 @@ def main(argv=None):
             "bench-torch": bench_torch.run, "plan": plan.run, "torch-suite": torch_suite.run}
     readme.add_parser(commands)
     runs["readme"] = readme.run
+    precompile.add_parser(commands)
+    runs["precompile"] = precompile.run
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error("--repeats: expected a positive integer")

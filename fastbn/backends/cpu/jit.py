@@ -3,6 +3,17 @@
 Imported by the CPU kernel modules, which are imported on the first kernel
 call, so ``import fastbn`` neither imports Numba nor compiles anything.
 Every fast-math flag the CPU backend uses is set here.
+
+Compilation is announced on the ``fastbn.compile`` logger (silent unless the
+application configures logging): an INFO line when a kernel is about to be
+compiled, naming it, its signature in words and why it is not loaded from the
+disk cache, and one when it is compiled, with the time taken; a DEBUG line for
+each kernel loaded from the cache.  Each record carries the fields
+``fastbn_event`` (``"compile"``, ``"compiled"``, ``"compile-failed"``,
+``"load"``), ``fastbn_kernel``, ``fastbn_signature`` and ``fastbn_cache`` (the
+cache directory, or None; and ``fastbn_reason``, ``fastbn_seconds``), which ``python -m fastbn precompile``
+counts.  A missing or unusable cache directory, and a cache that fails,
+warn once per process (:class:`KernelCacheWarning`).
 """
 
 from __future__ import annotations
@@ -10,13 +21,28 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
+import logging
 import os
 import pickle
+import sys
 import threading
+import time
 import warnings
 
 import numba
 import numba.core.caching
+import numba.core.event
+from numba.core import types as nbtypes
+
+try:
+    import fcntl
+except ImportError:  # Windows: cache writes are not locked across processes (Numba's own behaviour)
+    fcntl = None
+
+#: Compilation and cache events of the CPU kernels (see the module docstring).
+log = logging.getLogger("fastbn.compile")
+logging.getLogger("fastbn").addHandler(logging.NullHandler())
 
 # Why these flags: 'reassoc' lets LLVM split a float accumulation into vector
 # lanes (the reductions are memory-bound only once vectorised); 'contract'
@@ -51,7 +77,8 @@ def kernel(func=None, *, parallel=True):
     numba.core.registry.CPUDispatcher
         The dispatcher.  If no writable cache directory exists (read-only
         install and home directory, or ``NUMBA_CACHE_DIR`` unusable), caching
-        is turned off for it instead of failing.
+        is turned off for it instead of failing, and the process's first
+        compilation warns (:class:`KernelCacheWarning`).
     """
     if func is None:
         return lambda f: kernel(f, parallel=parallel)
@@ -61,22 +88,205 @@ def kernel(func=None, *, parallel=True):
     except RuntimeError:
         # Numba raises RuntimeError("cannot cache function ...: no locator
         # available") when no cache directory is writable.
-        return numba.njit(cache=False, **options)(func)
+        dispatcher = numba.njit(cache=False, **options)(func)
+        dispatcher._fastbn_uncached = _NO_DIRECTORY
+        return dispatcher
     _stamp_with_backend_sources(dispatcher)
     _verify_cache_files(dispatcher)
     dispatcher._cache = _FallbackCache(dispatcher, dispatcher._cache)
     return dispatcher
 
 
+# --------------------------------------------------------------- warnings ---
+class KernelCacheWarning(RuntimeWarning):
+    """The CPU kernels' disk cache is missing, unusable or failed: kernels are compiled without it."""
+
+
 _warned = threading.Event()
+_INTERNAL = ("fastbn.", "numba.", "numba_cuda.", "contextlib")
+_NO_DIRECTORY = "caching unavailable: no writable cache directory"
+
+
+def _user_stacklevel():
+    """The stack level of the first frame outside fastbn and Numba, as ``warnings.warn`` counts from its caller."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn(message):
+    """Warn once per process about the kernel cache (later problems are only logged)."""
+    if not _warned.is_set():
+        _warned.set()
+        warnings.warn(f"fastbn: {message}", KernelCacheWarning, stacklevel=_user_stacklevel())
 
 
 def _warn_once(exc):
-    if not _warned.is_set():
-        _warned.set()
-        warnings.warn(f"fastbn: the kernel cache on disk failed ({type(exc).__name__}: {exc}); kernels that "
-                      "cannot use it are compiled without it (set NUMBA_CACHE_DIR to a writable directory)",
-                      RuntimeWarning, stacklevel=4)
+    _warn(
+        f"the kernel cache on disk failed ({type(exc).__name__}: {exc}); kernels that cannot use it are "
+        "compiled without it (set NUMBA_CACHE_DIR to a writable directory)"
+    )
+
+
+def _numba_cache_dir():
+    return numba.config.CACHE_DIR or os.environ.get("NUMBA_CACHE_DIR", "")
+
+
+def _check_cache_directory(dispatcher):
+    """At a kernel's compilation: warn once if it has no cache directory, or not the one NUMBA_CACHE_DIR names."""
+    if _warned.is_set():
+        return
+    if getattr(dispatcher, "_fastbn_uncached", None) == _NO_DIRECTORY:
+        from numba.misc.appdirs import AppDirs
+
+        named = _numba_cache_dir()
+        tried = [
+            f"NUMBA_CACHE_DIR={named}" if named else "NUMBA_CACHE_DIR (not set)",
+            os.path.join(os.path.dirname(os.path.abspath(inspect.getfile(dispatcher.py_func))), "__pycache__"),
+            AppDirs(appname="numba", appauthor=False).user_cache_dir,
+        ]
+        _warn(
+            f"no writable directory for the kernel cache (tried {', '.join(tried)}): every process compiles "
+            "the kernels it uses again, a few seconds each on their first call; set NUMBA_CACHE_DIR to a "
+            "writable directory"
+        )
+        return
+    named = _numba_cache_dir()
+    cache = dispatcher._cache
+    if named and isinstance(cache, _FallbackCache):
+        locator = getattr(getattr(cache._cache, "_impl", None), "locator", None)
+        provided = getattr(numba.core.caching, "UserProvidedCacheLocator", None)
+        if provided is not None and locator is not None and not isinstance(locator, provided):
+            _warn(
+                f"NUMBA_CACHE_DIR={named} is not a writable directory: the kernel cache is in "
+                f"{cache._cache._cache_path} instead (set NUMBA_CACHE_DIR to a writable directory, or unset it)"
+            )
+
+
+# ---------------------------------------------------------------- logging ---
+_HALF_TYPES = {"uint16": "float16", "int16": "bfloat16"}  # how the kernels see half types (views.as_kernel_dtype)
+_LAYOUTS = {3: "SLAB (N, C, L)", 2: "ROWS (M, C)", 1: "per-channel"}
+_OPTIONAL = {"z": "residual", "m": "ReLU mask", "dres": "residual gradient", "nt": "non-temporal stores"}
+
+
+@functools.cache
+def _parameters(py_func):
+    return tuple(inspect.signature(py_func).parameters)
+
+
+def _name(dispatcher):
+    return f"{dispatcher.py_func.__module__.rsplit('.', 1)[-1]}.{dispatcher.py_func.__name__}"
+
+
+def _describe(py_func, args):
+    """A kernel signature in words: the data's dtype and kernel layout, and which optional inputs are arrays.
+
+    The data is x or dy, else the parameters (the per-channel kernels take float64 statistics beside
+    parameters in the statistics dtype), else the array of largest rank.
+    """
+    named = list(zip(_parameters(py_func), args))
+    arrays = {n: t for n, t in named if isinstance(t, nbtypes.Array)}
+    if not arrays:
+        return ", ".join(str(t) for t in args)
+    key = next((n for n in ("x", "dy", "weight", "running_mean") if n in arrays), None)
+    data = arrays[key] if key else max(arrays.values(), key=lambda t: t.ndim)
+    words = [_HALF_TYPES.get(str(data.dtype), str(data.dtype)), _LAYOUTS.get(data.ndim, f"{data.ndim}-D")]
+    words += [_OPTIONAL[n] for n in arrays if n in _OPTIONAL]
+    return ", ".join(words)
+
+
+def _record(event, dispatcher, args, **fields):
+    extra = {
+        "fastbn_event": event,
+        "fastbn_kernel": _name(dispatcher),
+        "fastbn_signature": str(tuple(args)),
+        "fastbn_cache": _cache_path(dispatcher),
+    }
+    extra.update({f"fastbn_{key}": value for key, value in fields.items()})
+    return extra
+
+
+def _cache_path(dispatcher):
+    cache = dispatcher._cache
+    return getattr(cache._cache, "_cache_path", None) if isinstance(cache, _FallbackCache) else None
+
+
+def _compile_reason(dispatcher):
+    cache = dispatcher._cache
+    if isinstance(cache, _FallbackCache):
+        return cache.miss_reason or "not in the disk cache"
+    return getattr(dispatcher, "_fastbn_uncached", None) or "not cached on disk"
+
+
+class _CompileLog(numba.core.event.Listener):
+    """Logs the compilations of fastbn's kernels (Numba's ``numba:compile`` events, under its compiler lock)."""
+
+    def __init__(self):
+        self._started = {}
+
+    def notify(self, event):
+        try:
+            super().notify(event)
+        except Exception:
+            if isinstance(sys.exc_info()[1], Warning):  # warnings turned into errors by the application
+                raise
+            log.debug("logging a compilation failed", exc_info=True)
+
+    @staticmethod
+    def _ours(event):
+        dispatcher = event.data["dispatcher"]
+        return hasattr(dispatcher, "_fastbn_uncached") or isinstance(
+            getattr(dispatcher, "_cache", None), _FallbackCache
+        )
+
+    def on_start(self, event):
+        if not self._ours(event):
+            return
+        dispatcher, args = event.data["dispatcher"], tuple(event.data["args"])
+        _check_cache_directory(dispatcher)
+        reason = _compile_reason(dispatcher)
+        self._started[id(dispatcher), args] = time.perf_counter()
+        log.info(
+            "compiling CPU kernel %s (%s): %s",
+            _name(dispatcher),
+            _describe(dispatcher.py_func, args),
+            reason,
+            extra=_record("compile", dispatcher, args, reason=reason),
+        )
+        log.debug("signature of %s: %s", _name(dispatcher), args)
+
+    def on_end(self, event):
+        if not self._ours(event):
+            return
+        dispatcher, args = event.data["dispatcher"], tuple(event.data["args"])
+        started = self._started.pop((id(dispatcher), args), None)
+        seconds = time.perf_counter() - started if started is not None else float("nan")
+        words = _describe(dispatcher.py_func, args)
+        failure = (getattr(event, "_exc_details", None) or (None,))[0]  # Numba's is_failed is unreliable
+        if failure is not None:
+            log.info(
+                "compiling CPU kernel %s (%s) failed after %.2f s: %s",
+                _name(dispatcher),
+                words,
+                seconds,
+                failure.__name__,
+                extra=_record("compile-failed", dispatcher, args, seconds=seconds),
+            )
+            return
+        path = _cache_path(dispatcher)
+        where = f"; caching it in {path}" if path else "; not cached on disk"
+        log.info(
+            "compiled CPU kernel %s (%s) in %.2f s%s",
+            _name(dispatcher),
+            words,
+            seconds,
+            where,
+            extra=_record("compiled", dispatcher, args, seconds=seconds),
+        )
+
+
+numba.core.event.register("numba:compile", _CompileLog())
 
 
 class _FallbackCache:
@@ -97,17 +307,22 @@ class _FallbackCache:
     def __init__(self, dispatcher, cache):
         self._dispatcher = dispatcher
         self._cache = cache
+        self.miss_reason = None  # why the last load found nothing, in words (logged when the kernel compiles)
 
     def __getattr__(self, name):
         return getattr(self._cache, name)
 
-    def _give_up(self, exc):
+    def _give_up(self, exc, why="the cache failed"):
         _warn_once(exc)
         self._dispatcher._cache = numba.core.caching.NullCache()
+        self._dispatcher._fastbn_uncached = (
+            f"{why} ({type(exc).__name__}: {exc}); caching is off for this kernel in this process"
+        )
 
     def load_overload(self, sig, target_context):
+        self.miss_reason = None
         try:
-            return self._cache.load_overload(sig, target_context)
+            result = self._cache.load_overload(sig, target_context)
         except MemoryError:
             # Not a fault of the cache (its files are checksummed): compiling
             # instead would need far more memory (and LLVM aborts the
@@ -115,12 +330,25 @@ class _FallbackCache:
             # a good cache away.  The call fails cleanly; the next one retries.
             raise
         except Exception as exc:  # any cache fault: compile instead
+            self.miss_reason = f"cache file corrupt or unreadable ({type(exc).__name__}: {exc}); compiling it again"
             _warn_once(exc)
             try:
                 self._cache.flush()  # an empty index: the entry is compiled and saved again
             except Exception as flush_exc:
-                self._give_up(flush_exc)
+                self._give_up(flush_exc, f"the cache file was corrupt or unreadable ({exc}) and rewriting it failed")
             return None
+        if result is None:
+            self.miss_reason = getattr(getattr(self._cache, "_cache_file", None), "miss_reason", None)
+        elif log.isEnabledFor(logging.DEBUG):
+            args = tuple(getattr(sig, "args", sig))
+            log.debug(
+                "loaded CPU kernel %s (%s) from the disk cache in %s",
+                _name(self._dispatcher),
+                _describe(self._dispatcher.py_func, args),
+                getattr(self._cache, "_cache_path", "?"),
+                extra=_record("load", self._dispatcher, args),
+            )
+        return result
 
     def save_overload(self, sig, data):
         try:
@@ -165,23 +393,95 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):
     rewrite.  The index carries its own version tag, so that files written
     without checksums read as another version's (an empty index) and are
     replaced silently.
+
+    Several processes may fill one cache at once (``python -m fastbn
+    precompile``, data-loader workers, one process per GPU).  Numba reads
+    the index, adds an entry and writes it back, and numbers data files by
+    what that index holds, so two processes saving two signatures of one
+    kernel could each drop the other's entry, or pair one's index entry with
+    the other's data file.  Here saving holds an exclusive ``flock`` on
+    ``fastbn.lock`` in the cache directory and loading a shared one (no lock
+    where the lock file cannot be opened, e.g. a read-only cache, which no
+    process writes either, or on Windows).
+
+    A load that finds nothing leaves the reason in :attr:`miss_reason`, which
+    the compilation log gives.
     """
 
     _DIGEST = hashlib.sha256().digest_size
     VERSION_TAG = "+fastbn-sha256"
+    LOCK_NAME = "fastbn.lock"
+    miss_reason = None
+    _index_state = None
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive):
+        fd = None
+        if fcntl is not None:
+            path = os.path.join(self._cache_path, self.LOCK_NAME)
+            for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+                try:
+                    fd = os.open(path, flags, 0o666)
+                    break
+                except OSError:
+                    continue
+        try:
+            if fd is not None:
+                with contextlib.suppress(OSError):  # a file system without locks: unlocked, as Numba is
+                    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
+    def save(self, key, data):
+        with self._locked(exclusive=True):
+            super().save(key, data)
+
+    def flush(self):
+        with self._locked(exclusive=True):
+            super().flush()
+
+    def load(self, key):
+        # Numba's load, under the shared lock, noting why nothing was found.
+        with self._locked(exclusive=False):
+            self.miss_reason = None
+            overloads = self._load_index()
+            data_name = overloads.get(key)
+            if data_name is None:
+                self.miss_reason = self._why_missing(key, overloads)
+                return None
+            try:
+                return self._load_data(data_name)
+            except OSError:  # Numba's "index names a missing file": a miss
+                self.miss_reason = "the cache index names a data file that is missing"
+                return None
+
+    def _why_missing(self, key, overloads):
+        if self._index_state == "stale":
+            return "cache stale: fastbn's CPU backend sources changed since it was written"
+        if self._index_state == "version":
+            return "cache written by another Numba or fastbn version"
+        for sig, magic, _ in overloads:
+            if sig == key[0] and magic != key[1]:
+                return f"cached only for another CPU ({magic[1]}, not {key[1][1]})"
+            if sig == key[0]:
+                return "cache entry stale: the kernel's code changed"
+        return "no cache entry yet"
 
     def _dump(self, obj):
         payload = super()._dump(obj)
         return hashlib.sha256(payload).digest() + payload
 
     def _verified(self, data, path):
-        digest, payload = data[:self._DIGEST], data[self._DIGEST:]
+        digest, payload = data[: self._DIGEST], data[self._DIGEST :]
         if hashlib.sha256(payload).digest() != digest:
             raise ValueError(f"checksum mismatch in {path} (a truncated or corrupt cache file)")
         return payload
 
     def _load_index(self):
         # Numba's _load_index, with the payload verified before it is unpickled.
+        self._index_state = "missing"
         try:
             with open(self._index_path, "rb") as f:
                 version = pickle.load(f)
@@ -189,10 +489,13 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):
         except FileNotFoundError:
             return {}
         if version != self._version:
+            self._index_state = "version"
             return {}
         stamp, overloads = pickle.loads(self._verified(data, self._index_path))
         if stamp != self._source_stamp:
+            self._index_state = "stale"
             return {}
+        self._index_state = "ok"
         return overloads
 
     def _load_data(self, name):

@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import math
 import os
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -58,8 +60,7 @@ try:
     from numba import cuda  # the CUDA target; see the module docstring before changing it
     from numba.cuda import types
 except ImportError as exc:
-    raise missing_dependency("fastbn's CUDA backend", f"numba-cuda, which did not import ({exc})", "cuda",
-                             exc) from exc
+    raise missing_dependency("fastbn's CUDA backend", f"numba-cuda, which did not import ({exc})", "cuda", exc) from exc
 
 from fastbn._layout import c_strides  # re-exported: the CUDA modules take it from here
 
@@ -100,8 +101,56 @@ def is_available():
 
 
 def kernel(func):
-    """Make ``func`` a CUDA kernel, compiled lazily for each argument-type signature."""
-    return cuda.jit(func)
+    """Make ``func`` a CUDA kernel, compiled lazily for each argument-type signature (logged, see below)."""
+    dispatcher = cuda.jit(func)
+    if not SIMULATOR:  # the simulator runs the Python function: nothing is compiled
+        _log_compilations(dispatcher)
+    return dispatcher
+
+
+_log = logging.getLogger("fastbn.compile")
+_NOT_CACHED = "CUDA kernels are not cached on disk (compiled once per process)"
+
+
+def _log_compilations(dispatcher):
+    """Announce each compilation of ``dispatcher`` on the ``fastbn.compile`` logger, as the CPU kernels do.
+
+    The INFO lines name the kernel, the argument types and the reason (there
+    is no disk cache for them), then the time taken; each record carries
+    ``fastbn_event`` (``"compile"``, ``"compiled"``), ``fastbn_kernel`` and
+    ``fastbn_signature``.  Wraps the dispatcher's ``compile``, which Numba
+    calls only for a signature it has not compiled.
+    """
+    compile_ = dispatcher.compile
+
+    def compile(sig):
+        overloads = getattr(dispatcher, "overloads", {})
+        if not (isinstance(sig, tuple) and sig not in overloads and _log.isEnabledFor(logging.INFO)):
+            return compile_(sig)
+        name = f"cuda.{dispatcher.py_func.__name__}"
+        extra = {"fastbn_kernel": name, "fastbn_signature": str(sig), "fastbn_cache": None}
+        arrays = [t for t in sig if isinstance(t, types.Array)]
+        words = f"{arrays[0].dtype}, {arrays[0].ndim}-D" if arrays else ", ".join(str(t) for t in sig)
+        _log.info(
+            "compiling CUDA kernel %s (%s): %s",
+            name,
+            words,
+            _NOT_CACHED,
+            extra=dict(extra, fastbn_event="compile", fastbn_reason=_NOT_CACHED),
+        )
+        start = time.perf_counter()
+        result = compile_(sig)
+        seconds = time.perf_counter() - start
+        _log.info(
+            "compiled CUDA kernel %s (%s) in %.2f s",
+            name,
+            words,
+            seconds,
+            extra=dict(extra, fastbn_event="compiled", fastbn_seconds=seconds),
+        )
+        return result
+
+    dispatcher.compile = compile
 
 
 def named_kernel(name):
@@ -239,8 +288,6 @@ else:
         return result
 
 
-
-
 class _Interface:
     """Carries a hand-made ``__cuda_array_interface__`` and keeps its owner alive."""
 
@@ -365,7 +412,7 @@ def _pair_libdevice_with_nvvm():
     def libdevice_of_loaded_nvvm():
         try:
             found = libdevice_beside(pathfinder.load_nvidia_dynamic_lib("nvvm").abs_path)
-        except Exception:  # noqa: BLE001 - numba-cuda reports a missing NVVM itself
+        except Exception:
             found = None
         return found or wheel_libdevice()
 
@@ -383,7 +430,7 @@ def supported_ccs():
         from numba.cuda.cudadrv import nvrtc
 
         return sorted(tuple(cc) for cc in nvrtc.get_supported_ccs())
-    except Exception:  # noqa: BLE001 - an older or different target: let compilation decide
+    except Exception:
         return None
 
 
@@ -393,5 +440,5 @@ def toolkit_version():
         from cuda.bindings import nvjitlink
 
         return ".".join(str(part) for part in nvjitlink.version())
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "unknown"
