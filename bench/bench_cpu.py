@@ -77,4 +77,4 @@ def test_compile_time(benchmark):
     benchmark.group = "compile time"
     benchmark.pedantic(cold_start, rounds=1, iterations=1)
     assert "error" not in result, result.get("error")
-    benchmark.extra_info.update({name: value for name, value in result.items()})
+    benchmark.extra_info.update(dict(result.items()))

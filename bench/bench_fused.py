@@ -38,8 +38,7 @@ def test_fused_against_separate(benchmark, shape, direction, variant, form):
     function = bench_fused.callables(direction, variant, data)[form]
     benchmark.group = f"{direction} {variant} {shape.label}"
     benchmark.pedantic(function, rounds=ROUNDS, warmup_rounds=WARMUP)
-    fused, separate = bench_fused.passes(direction, variant, cases.channel_bytes(shape, 4),
-                                         machine().core_cache_bytes)
+    fused, separate = bench_fused.passes(direction, variant, cases.channel_bytes(shape, 4), machine().core_cache_bytes)
     benchmark.extra_info.update({"form": form, "min_passes": fused if form == "fused" else separate})
 
 

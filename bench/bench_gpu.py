@@ -43,7 +43,7 @@ except ImportError as exc:  # no CUDA target installed (pip install fastbn[cuda]
 if not target.is_available():
     pytest.skip("no usable CUDA GPU", allow_module_level=True)
 
-import fastbn  # noqa: E402
+import fastbn
 
 cuda = target.cuda
 
@@ -71,6 +71,7 @@ def _synchronised(func):
     def run():
         func()
         cuda.synchronize()
+
     return run
 
 
@@ -227,9 +228,11 @@ print(json.dumps({{"first": t1 - t0, "second": t2 - t1}}))
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_first_call_compiles(benchmark, dtype):
     """Compilation of a forward's and a backward's kernels, in a fresh process (its own figure)."""
+
     def fresh_process():
-        proc = subprocess.run([sys.executable, "-c", _FIRST_CALL.format(dtype=dtype)], capture_output=True,
-                              text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", _FIRST_CALL.format(dtype=dtype)], capture_output=True, text=True, check=True
+        )
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     result = benchmark.pedantic(fresh_process, rounds=1, iterations=1)
@@ -278,7 +281,9 @@ def test_add_relu_backward(benchmark, case, form):
     if form == "fastbn-fused":
         run = lambda: fastbn.backward(dy, x, weight, saved, y=y)  # noqa: E731
     else:
+
         def run():
             g = dy * (y > 0)
             return (*fastbn.backward(g, x, weight, plain), g)
+
     _time_with_torch(benchmark, torch, run, f"backward add+relu {case[0]}")

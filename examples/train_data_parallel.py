@@ -33,18 +33,21 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_mlp import DTYPE, Dense, ReLU, load_data  # noqa: E402
+from train_mlp import DTYPE, Dense, ReLU, load_data
 
-import fastbn  # noqa: E402
+import fastbn
 
 
 def build(n_in, hidden, n_out, rng, process_group):
     """Dense-ReLU-BatchNorm twice, then a dense classifier."""
     layers = []
     for width_in in (n_in, hidden):
-        layers += [Dense(width_in, hidden, rng), ReLU(),
-                   fastbn.BatchNorm(hidden, dtype=DTYPE, process_group=process_group)]
-    return layers + [Dense(hidden, n_out, rng)]
+        layers += [
+            Dense(width_in, hidden, rng),
+            ReLU(),
+            fastbn.BatchNorm(hidden, dtype=DTYPE, process_group=process_group),
+        ]
+    return [*layers, Dense(hidden, n_out, rng)]
 
 
 def step(layers, x, labels, total, lr, allreduce):
@@ -72,7 +75,7 @@ def step(layers, x, labels, total, lr, allreduce):
         summed = allreduce(np.concatenate([g.ravel() for g in grads])) if grads else None
         offset = 0
         for p in params:
-            p -= (lr * summed[offset:offset + p.size].reshape(p.shape)).astype(p.dtype)
+            p -= (lr * summed[offset : offset + p.size].reshape(p.shape)).astype(p.dtype)
             offset += p.size
     return loss_sum
 
@@ -98,8 +101,9 @@ def main(argv=None):
     try:
         from mpi4py import MPI
     except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError("examples/train_data_parallel.py needs mpi4py: pip install 'fastbn[mpi]'",
-                                  name=exc.name) from exc
+        raise ModuleNotFoundError(
+            "examples/train_data_parallel.py needs mpi4py: pip install 'fastbn[mpi]'", name=exc.name
+        ) from exc
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -131,7 +135,7 @@ def main(argv=None):
         order = order_rng.permutation(len(x_train))
         epoch_loss = 0.0
         for start in range(0, len(order), args.batch_size):
-            batch = order[start:start + args.batch_size]
+            batch = order[start : start + args.batch_size]
             if len(batch) < 2:
                 continue
             mine = np.array_split(batch, size)[rank]  # uneven when size does not divide it
@@ -141,8 +145,11 @@ def main(argv=None):
                 step(replica, x_train[batch], y_train[batch], len(batch), args.lr, lambda v: v)
         if rank == 0:
             differences.append(relative_difference())
-            print(f"epoch {epoch + 1:3d}  mean training loss {epoch_loss / len(x_train):.4f}  "
-                  f"max relative difference from single-process training {differences[-1]:.2g}", flush=True)
+            print(
+                f"epoch {epoch + 1:3d}  mean training loss {epoch_loss / len(x_train):.4f}  "
+                f"max relative difference from single-process training {differences[-1]:.2g}",
+                flush=True,
+            )
 
     states = comm.gather(state(layers), root=0)
     if rank == 0:

@@ -191,13 +191,12 @@ def load_data(seed):
         from sklearn.datasets import load_breast_cancer
         from sklearn.model_selection import train_test_split
     except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError("examples/train_mlp.py needs scikit-learn: pip install 'fastbn[examples]'",
-                                  name=exc.name) from exc
+        raise ModuleNotFoundError(
+            "examples/train_mlp.py needs scikit-learn: pip install 'fastbn[examples]'", name=exc.name
+        ) from exc
 
     X, y = load_breast_cancer(return_X_y=True)
-    X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=0.25, stratify=y, random_state=seed
-    )
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, stratify=y, random_state=seed)
     mean, std = X_train.mean(axis=0), X_train.std(axis=0)
     data = {
         "raw": (X_train, X_test),
@@ -302,7 +301,10 @@ def build_table(results, lrs, n_rep):
 
 def text_table(header, rows):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+
+    def line(r):
+        return "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -351,8 +353,10 @@ def findings(results, lrs, y_test):
         if n_div:
             parts.append(f"a run diverged at {n_div}/{len(lrs)} learning rates")
         if n_single:
-            parts.append(f"a run predicted one class for every test sample at {n_single}/{len(lrs)} "
-                         f"(scoring the majority share, {pct(majority)})")
+            parts.append(
+                f"a run predicted one class for every test sample at {n_single}/{len(lrs)} "
+                f"(scoring the majority share, {pct(majority)})"
+            )
         return " and ".join(parts)
 
     def best_text(inputs, layout):
@@ -372,14 +376,21 @@ def findings(results, lrs, y_test):
     b_raw = best_over_lrs(results, "raw", "none", lrs)
     b_std = best_over_lrs(results, "standardized", "none", lrs)
     if b_std is not None and (b_raw is None or b_std[1] > b_raw[1] + one):
-        lines.append("- Without BN, standardizing the inputs improved the best test accuracy: the article's point holds here.")
+        lines.append(
+            "- Without BN, standardizing the inputs improved the best test accuracy: the article's point holds here."
+        )
     else:
-        lines.append("- Without BN, standardizing the inputs did *not* improve the best test accuracy by more than one test sample here.")
+        lines.append(
+            "- Without BN, standardizing the inputs did *not* improve the best test accuracy by more than one "
+            "test sample here."
+        )
     lines.append("")
 
     # (b) the learning-rate sweep, on standardized inputs.
-    lines.append("**(b) BN layouts over the learning-rate sweep** (standardized inputs; "
-                 f"differences under one test sample, {pct(one)}, count as ties):")
+    lines.append(
+        "**(b) BN layouts over the learning-rate sweep** (standardized inputs; "
+        f"differences under one test sample, {pct(one)}, count as ties):"
+    )
     lines.append("")
 
     def stable_max(layout):
@@ -402,7 +413,10 @@ def findings(results, lrs, y_test):
                 better_acc.append(lr)
             elif base_acc is not None and (bn_acc is None or bn_acc < base_acc - one):
                 worse_acc.append(lr)
-        fmt = lambda xs: ", ".join(f"{x:g}" for x in xs) if xs else "none"
+
+        def fmt(xs):
+            return ", ".join(f"{x:g}" for x in xs) if xs else "none"
+
         lines.append(
             f"- {LAYOUT_LABELS[layout]} against no BN: lower final training loss at "
             f"{len(lower_loss)}/{len(lrs)} learning rates; higher test accuracy at lr {fmt(better_acc)}; "
@@ -618,7 +632,7 @@ def parse_args(argv=None):
         "--lrs",
         type=lambda s: [float(v) for v in s.split(",")],
         default=list(DEFAULT_LRS),
-        help="comma-separated learning rates (default %s)" % ",".join(f"{v:g}" for v in DEFAULT_LRS),
+        help="comma-separated learning rates (default {})".format(",".join(f"{v:g}" for v in DEFAULT_LRS)),
     )
     parser.add_argument("--batch-size", type=int, default=32, help="minibatch size (default 32)")
     parser.add_argument("--hidden", type=int, default=32, help="width of each hidden layer (default 32)")
@@ -650,7 +664,7 @@ def main(argv=None):
     data, y_train, y_test, scales = load_data(args.seed)
     seeds = [args.seed * 1000 + r for r in range(args.repeats)]
 
-    configs = [(i, l, lr) for i in INPUTS for l in LAYOUTS for lr in lrs]
+    configs = [(i, layout, lr) for i in INPUTS for layout in LAYOUTS for lr in lrs]
     results = {c: [] for c in configs}
     start = time.perf_counter()
     with tqdm(total=len(configs) * len(seeds), desc="training", unit="run", file=sys.stderr) as bar:
@@ -724,12 +738,12 @@ def main(argv=None):
     summary_path.write_text(summary(results, lrs, y_test, n_rep, reproduce), encoding="utf-8")
     payload = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "n_train": int(len(y_train)),
-        "n_test": int(len(y_test)),
+        "n_train": len(y_train),
+        "n_test": len(y_test),
         "seeds": seeds,
         "runs": [
-            {"inputs": i, "layout": l, "lr": lr, "seed": s, **r}
-            for (i, l, lr), runs in results.items()
+            {"inputs": i, "layout": layout, "lr": lr, "seed": s, **r}
+            for (i, layout, lr), runs in results.items()
             for s, r in zip(seeds, runs)
         ],
     }

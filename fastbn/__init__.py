@@ -26,6 +26,15 @@ from fastbn.layer import BatchNorm
 __version__ = "0.1.0"
 
 __all__ = [
-    "BatchNorm", "Collectives", "Saved", "backward", "empty_cache", "fold", "forward", "moments", "normalize",
-    "threading_layer", "__version__",
+    "BatchNorm",
+    "Collectives",
+    "Saved",
+    "__version__",
+    "backward",
+    "empty_cache",
+    "fold",
+    "forward",
+    "moments",
+    "normalize",
+    "threading_layer",
 ]

@@ -209,23 +209,54 @@ def forward(
     given = x
     ops, restore, (x, weight, bias, running_mean, running_var, residual) = _dispatch.prepare(
         backend,
-        [("x", x), ("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var),
-         ("residual", residual)],
+        [
+            ("x", x),
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("residual", residual),
+        ],
     )
     x = check_x(x)
-    sequence_conversion(given, x, "x", (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                                        ("running_var", running_var), ("residual", residual)))
+    sequence_conversion(
+        given,
+        x,
+        "x",
+        (
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("residual", residual),
+        ),
+    )
     axis = check_axis(axis, len(x.shape))
-    opts = _options.options(x=x, axis=axis, training=training, momentum=momentum, eps=eps, activation=activation,
-                            residual=residual, virtual_batch_size=virtual_batch_size, renorm=renorm,
-                            process_group=process_group, any_momentum=_any_momentum)
+    opts = _options.options(
+        x=x,
+        axis=axis,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        activation=activation,
+        residual=residual,
+        virtual_batch_size=virtual_batch_size,
+        renorm=renorm,
+        process_group=process_group,
+        any_momentum=_any_momentum,
+    )
     channels, count = check_channels(x, axis, allow_empty=opts.collectives is not None)
     dtype = stats_dtype(x.dtype)
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None:
             check_channel_vector(value, name, channels, dtype)
-    has_running = check_running(running_mean, running_var, channels, dtype,
-                                (("weight", weight), ("bias", bias), ("x", x), ("residual", residual)))
+    has_running = check_running(
+        running_mean,
+        running_var,
+        channels,
+        dtype,
+        (("weight", weight), ("bias", bias), ("x", x), ("residual", residual)),
+    )
     batch_stats, groups = _options.resolve(opts, tuple(x.shape), axis, has_running)
     if has_running and (not batch_stats or opts.renorm is not None):
         check_variance(running_var, "running_var")  # read: eval normalises with it, renorm scales by it
@@ -236,25 +267,65 @@ def forward(
 
     update = opts.training and has_running
     if batch_stats and opts.collectives is not None:
-        y, mean, invstd, count = _sync.forward(ops.sync, opts.collectives, x, axis, dtype, weight, bias, opts.eps,
-                                               running_mean, running_var, opts.momentum, opts.training, update)
+        y, mean, invstd, count = _sync.forward(
+            ops.sync,
+            opts.collectives,
+            x,
+            axis,
+            dtype,
+            weight,
+            bias,
+            opts.eps,
+            running_mean,
+            running_var,
+            opts.momentum,
+            opts.training,
+            update,
+        )
         return restore(y), Saved(mean, invstd, True, count, tuple(x.shape), axis, process_group)
     relu = opts.activation == "relu"
     r = d = None
     if batch_stats:
         y, mean, invstd, r, d = ops.forward_batch(
-            x, axis, dtype, weight, bias, opts.eps, running_mean, running_var, opts.momentum, update,
-            relu=relu, residual=residual, renorm=opts.renorm if opts.training else None, groups=groups, plan=_plan,
+            x,
+            axis,
+            dtype,
+            weight,
+            bias,
+            opts.eps,
+            running_mean,
+            running_var,
+            opts.momentum,
+            update,
+            relu=relu,
+            residual=residual,
+            renorm=opts.renorm if opts.training else None,
+            groups=groups,
+            plan=_plan,
         )
     else:
-        y, mean, invstd = ops.forward_eval(x, axis, dtype, weight, bias, opts.eps, running_mean, running_var,
-                                           relu=relu, residual=residual, plan=_plan)
-    return restore(y), Saved(mean, invstd, batch_stats, count // groups, tuple(x.shape), axis, None,
-                             opts.activation, residual is not None, virtual_batch_size if groups > 1 else None, r, d)
+        y, mean, invstd = ops.forward_eval(
+            x, axis, dtype, weight, bias, opts.eps, running_mean, running_var, relu=relu, residual=residual, plan=_plan
+        )
+    return restore(y), Saved(
+        mean,
+        invstd,
+        batch_stats,
+        count // groups,
+        tuple(x.shape),
+        axis,
+        None,
+        opts.activation,
+        residual is not None,
+        virtual_batch_size if groups > 1 else None,
+        r,
+        d,
+    )
 
 
 def _check_saved_fields(saved):
     """The scalar fields of ``saved`` have the types forward gives them (a tampered Saved is refused)."""
+
     def bad(field, expected):
         value = getattr(saved, field)
         return TypeError(f"saved.{field}: expected {expected}, as fastbn.forward returns it, got {value!r}")
@@ -284,8 +355,12 @@ def _check_saved_fields(saved):
         except TypeError as exc:
             raise TypeError(f"saved.process_group: {str(exc).partition(': ')[2]}") from None
         # forward refuses these with a process group; the synchronised backward would ignore them
-        for field, given in (("activation", saved.activation is not None), ("residual", bool(saved.residual)),
-                             ("virtual_batch_size", vbs is not None), ("r", saved.r is not None)):
+        for field, given in (
+            ("activation", saved.activation is not None),
+            ("residual", bool(saved.residual)),
+            ("virtual_batch_size", vbs is not None),
+            ("r", saved.r is not None),
+        ):
             if given:
                 raise bad("process_group", f"None together with saved.{field} (forward does not combine them)")
 
@@ -344,9 +419,7 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
     dweight and dbias are summed over the groups.
     """
     given_dy, given_x = dy, x
-    ops, restore, (dy, x, weight, y) = _dispatch.prepare(
-        backend, [("dy", dy), ("x", x), ("weight", weight), ("y", y)]
-    )
+    ops, restore, (dy, x, weight, y) = _dispatch.prepare(backend, [("dy", dy), ("x", x), ("weight", weight), ("y", y)])
     x = check_x(x)
     dy = check_x(dy, "dy")
     saved_mean = getattr(saved, "mean", None) if isinstance(saved, Saved) else None
@@ -354,9 +427,7 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
     sequence_conversion(given_dy, dy, "dy", (("x", x),))
     axis = check_axis(axis, len(x.shape))
     if not isinstance(saved, Saved):
-        raise TypeError(
-            f"saved: expected the fastbn.Saved returned by fastbn.forward, got {type(saved).__name__}"
-        )
+        raise TypeError(f"saved: expected the fastbn.Saved returned by fastbn.forward, got {type(saved).__name__}")
     _check_saved_fields(saved)
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy: expected the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
@@ -393,12 +464,33 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
         if _plan is not None:
             raise ValueError("_plan: not supported together with process_group")
         dx, dweight, dbias = _sync.backward(
-            ops.sync, _sync.adapt(saved.process_group), dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.count
+            ops.sync,
+            _sync.adapt(saved.process_group),
+            dy,
+            x,
+            axis,
+            dtype,
+            weight,
+            saved.mean,
+            saved.invstd,
+            saved.count,
         )
         return restore(dx), restore(dweight), restore(dbias)
     dx, dweight, dbias, dresidual = ops.backward(
-        dy, x, axis, dtype, weight, saved.mean, saved.invstd, saved.batch_stats, y=y, dresidual=saved.residual,
-        r=saved.r, d=saved.d, groups=groups, plan=_plan,
+        dy,
+        x,
+        axis,
+        dtype,
+        weight,
+        saved.mean,
+        saved.invstd,
+        saved.batch_stats,
+        y=y,
+        dresidual=saved.residual,
+        r=saved.r,
+        d=saved.d,
+        groups=groups,
+        plan=_plan,
     )
     if saved.residual:
         return restore(dx), restore(dweight), restore(dbias), restore(dresidual)
@@ -535,24 +627,42 @@ def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps=
     given = layer_weight
     ops, restore, (layer_weight, layer_bias, running_mean, running_var, weight, bias) = _dispatch.prepare(
         backend,
-        [("layer_weight", layer_weight), ("layer_bias", layer_bias), ("running_mean", running_mean),
-         ("running_var", running_var), ("weight", weight), ("bias", bias)],
+        [
+            ("layer_weight", layer_weight),
+            ("layer_bias", layer_bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("weight", weight),
+            ("bias", bias),
+        ],
     )
     layer_weight = check_x(layer_weight, "layer_weight")
-    sequence_conversion(given, layer_weight, "layer_weight",
-                        (("layer_bias", layer_bias), ("running_mean", running_mean), ("running_var", running_var),
-                         ("weight", weight), ("bias", bias)))
+    sequence_conversion(
+        given,
+        layer_weight,
+        "layer_weight",
+        (
+            ("layer_bias", layer_bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("weight", weight),
+            ("bias", bias),
+        ),
+    )
     axis = check_axis(axis, len(layer_weight.shape))
     eps = _options.check_eps(eps)
     channels, _ = check_channels(layer_weight, axis, "layer_weight")
     if layer_bias is not None:
         check_channel_vector(layer_bias, "layer_bias", channels, np.dtype(layer_weight.dtype))
     dtype = stats_dtype(layer_weight.dtype)
-    for name, value in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                        ("bias", bias)):
+    for name, value in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
         if value is not None or name.startswith("running"):
             check_channel_vector(value, name, channels, dtype)
     check_variance(running_var, "running_var")
-    folded_weight, folded_bias = ops.fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps,
-                                          axis)
+    folded_weight, folded_bias = ops.fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis)
     return restore(folded_weight), restore(folded_bias)

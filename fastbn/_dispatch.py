@@ -10,7 +10,8 @@ first use (the CUDA one only when a GPU array or ``backend="cuda"`` asks).
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fastbn import backends
 from fastbn._frameworks import framework_of, is_device_array
@@ -54,13 +55,19 @@ def prepare(backend: str | None, arrays: Sequence[tuple[str, Any]]) -> tuple[bac
             raise TypeError(f"{name}: expected an array, got {type(obj).__name__}")
         _check_not_tracked(obj, name)
         on_device = is_device_array(obj)
-        because = f"backend={backend!r}" if backend else f"{first_name} is a {'GPU' if target == 'cuda' else 'host'} array"
+        because = (
+            f"backend={backend!r}" if backend else f"{first_name} is a {'GPU' if target == 'cuda' else 'host'} array"
+        )
         if target == "cpu" and on_device:
-            raise ValueError(f"{name}: is a GPU array but this call runs on the CPU (because {because}); "
-                             "pass host arrays, or GPU arrays for every argument")
+            raise ValueError(
+                f"{name}: is a GPU array but this call runs on the CPU (because {because}); "
+                "pass host arrays, or GPU arrays for every argument"
+            )
         if target == "cuda" and not on_device:
-            raise ValueError(f"{name}: is a host array but this call runs on the GPU (because {because}); "
-                             "pass GPU arrays for every argument")
+            raise ValueError(
+                f"{name}: is a host array but this call runs on the GPU (because {because}); "
+                "pass GPU arrays for every argument"
+            )
     ops = backends.load(target)
     return ops, ops.restorer(first), [ops.to_backend(obj, name) for name, obj in arrays]
 

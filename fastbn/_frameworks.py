@@ -45,8 +45,10 @@ def _classify(obj: Any, cls: type) -> tuple[str, bool]:
     tensor = _base("torch", "Tensor")
     jax_array = _base("jax", "Array")
     cupy_array = _base("cupy", "ndarray")
-    settled = all(base is not None or name not in sys.modules
-                  for base, name in ((tensor, "torch"), (jax_array, "jax"), (cupy_array, "cupy")))
+    settled = all(
+        base is not None or name not in sys.modules
+        for base, name in ((tensor, "torch"), (jax_array, "jax"), (cupy_array, "cupy"))
+    )
     if tensor is not None and issubclass(cls, tensor):
         return "torch", True
     if jax_array is not None and (
@@ -58,7 +60,7 @@ def _classify(obj: Any, cls: type) -> tuple[str, bool]:
         return "jax", True
     if cupy_array is not None and issubclass(cls, cupy_array):
         return "cupy", True
-    if cls.__module__.startswith("numba.cuda") and hasattr(cls, "__cuda_array_interface__") or (
+    if (cls.__module__.startswith("numba.cuda") and hasattr(cls, "__cuda_array_interface__")) or (
         cls.__module__.startswith("numba.cuda.simulator")
     ):
         return "numba", True
@@ -125,5 +127,6 @@ def missing_dependency(what: str, package: str, extra: str, cause: ImportError |
     this, ``from`` the original ImportError ``cause``: "fastbn.jax needs JAX:
     pip install 'fastbn[jax]'".
     """
-    return MissingDependency(f"{what} needs {package}: pip install 'fastbn[{extra}]'",
-                             name=getattr(cause, "name", None))
+    return MissingDependency(
+        f"{what} needs {package}: pip install 'fastbn[{extra}]'", name=getattr(cause, "name", None)
+    )

@@ -20,7 +20,7 @@ backend to the CUDA array interface (:mod:`fastbn.backends.cuda.views`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["ROWS", "SLAB", "c_strides", "fallback", "is_contiguous_in", "kernel_shape", "order", "pattern"]
 
@@ -77,7 +77,7 @@ def pattern(shape: Sequence[int], strides: Sequence[int], itemsize: int, axis: i
 
 def fallback(shape: Sequence[int], axis: int) -> str:
     """The layout of an input copied (or gathered) into C order: ROWS if nothing follows the channel axis."""
-    return ROWS if math.prod(shape[axis + 1:]) == 1 else SLAB
+    return ROWS if math.prod(shape[axis + 1 :]) == 1 else SLAB
 
 
 def kernel_shape(layout: str, shape: Sequence[int], axis: int) -> tuple[int, ...]:
@@ -85,4 +85,4 @@ def kernel_shape(layout: str, shape: Sequence[int], axis: int) -> tuple[int, ...
     channels = shape[axis]
     if layout == ROWS:
         return (math.prod(shape) // channels if channels else 0, channels)
-    return (math.prod(shape[:axis]), channels, math.prod(shape[axis + 1:]))
+    return (math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))

@@ -34,8 +34,17 @@ import numpy as np
 from fastbn import _sync
 from fastbn._validate import check_like_x
 
-__all__ = ["ACTIVATIONS", "Options", "check_eps", "check_flag", "check_momentum", "check_process_group", "ghost_groups",
-           "options", "resolve"]
+__all__ = [
+    "ACTIVATIONS",
+    "Options",
+    "check_eps",
+    "check_flag",
+    "check_momentum",
+    "check_process_group",
+    "ghost_groups",
+    "options",
+    "resolve",
+]
 
 ACTIVATIONS = (None, "relu")
 
@@ -118,8 +127,11 @@ def check_renorm(renorm: Any) -> tuple[float, float] | None:
     if renorm is None:
         return None
     message = "renorm: expected a pair (rmax, dmax) of numbers with rmax >= 1 and dmax >= 0"
-    if (not isinstance(renorm, (tuple, list, np.ndarray)) or (isinstance(renorm, np.ndarray) and renorm.ndim != 1)
-            or len(renorm) != 2):
+    if (
+        not isinstance(renorm, (tuple, list, np.ndarray))
+        or (isinstance(renorm, np.ndarray) and renorm.ndim != 1)
+        or len(renorm) != 2
+    ):
         shape = f" of shape {renorm.shape}" if isinstance(renorm, np.ndarray) else ""
         raise TypeError(f"{message}, got {type(renorm).__name__}{shape}")
     values = []
@@ -145,11 +157,11 @@ def ghost_groups(virtual_batch_size: int | None, shape: tuple[int, ...], axis: i
         return 1
     batch = shape[0]
     if axis == 0:
-        raise ValueError("virtual_batch_size: ghost batches split axis 0, the batch axis, but it is the "
-                         "channel axis")
+        raise ValueError("virtual_batch_size: ghost batches split axis 0, the batch axis, but it is the channel axis")
     if batch % virtual_batch_size:
-        raise ValueError(f"virtual_batch_size: {virtual_batch_size} does not divide the batch size {batch} "
-                         f"(axis 0 of shape {shape})")
+        raise ValueError(
+            f"virtual_batch_size: {virtual_batch_size} does not divide the batch size {batch} (axis 0 of shape {shape})"
+        )
     return batch // virtual_batch_size
 
 
@@ -174,9 +186,20 @@ def check_process_group(process_group: Any) -> Any:
     return None if process_group is None else _sync.adapt(process_group)
 
 
-def options(*, x: Any = None, axis: int = 1, training: Any = True, momentum: Any = 0.1, eps: Any = 1e-5,
-            activation: Any = None, residual: Any = None, virtual_batch_size: Any = None, renorm: Any = None,
-            process_group: Any = None, any_momentum: bool = False) -> Options:
+def options(
+    *,
+    x: Any = None,
+    axis: int = 1,
+    training: Any = True,
+    momentum: Any = 0.1,
+    eps: Any = 1e-5,
+    activation: Any = None,
+    residual: Any = None,
+    virtual_batch_size: Any = None,
+    renorm: Any = None,
+    process_group: Any = None,
+    any_momentum: bool = False,
+) -> Options:
     """Check each option on its own, in a fixed order, and return them as :class:`Options`.
 
     The order is fastbn.forward's: training, momentum, eps, activation, the
@@ -195,9 +218,17 @@ def options(*, x: Any = None, axis: int = 1, training: Any = True, momentum: Any
     renorm = check_renorm(renorm)
     virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
     groups = 1 if x is None else ghost_groups(virtual_batch_size, tuple(x.shape), axis)
-    return Options(training=training, momentum=momentum, eps=eps, activation=activation,
-                   residual=residual is not None, virtual_batch_size=virtual_batch_size, groups=groups,
-                   renorm=renorm, collectives=check_process_group(process_group))
+    return Options(
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        activation=activation,
+        residual=residual is not None,
+        virtual_batch_size=virtual_batch_size,
+        groups=groups,
+        renorm=renorm,
+        collectives=check_process_group(process_group),
+    )
 
 
 def resolve(opts: Options, shape: tuple[int, ...], axis: int, has_running: bool) -> tuple[bool, int]:
@@ -218,8 +249,10 @@ def resolve(opts: Options, shape: tuple[int, ...], axis: int, has_running: bool)
     groups = opts.groups if batch_stats else 1  # ghost batches only change batch statistics
     count = math.prod(shape) // shape[axis]
     if batch_stats and opts.eps == 0:
-        raise ValueError("eps: expected a positive float where batch statistics are used (training, or no running "
-                         "statistics), got 0.0; zero is allowed only when normalising with running statistics")
+        raise ValueError(
+            "eps: expected a positive float where batch statistics are used (training, or no running "
+            "statistics), got 0.0; zero is allowed only when normalising with running statistics"
+        )
     if opts.collectives is None and opts.training and count // groups == 1:
         where = "" if groups == 1 else f" (in each ghost batch of {vbs})"
         raise ValueError(f"x: Expected more than 1 value per channel when training{where}, got input size {shape}")
@@ -228,8 +261,12 @@ def resolve(opts: Options, shape: tuple[int, ...], axis: int, has_running: bool)
     if opts.renorm is not None and opts.training and not has_running:
         raise ValueError("renorm: batch renormalization needs running_mean and running_var in training")
     if opts.collectives is not None:
-        for name, given in (("activation", opts.activation is not None), ("residual", opts.residual),
-                            ("virtual_batch_size", vbs is not None), ("renorm", opts.renorm is not None)):
+        for name, given in (
+            ("activation", opts.activation is not None),
+            ("residual", opts.residual),
+            ("virtual_batch_size", vbs is not None),
+            ("renorm", opts.renorm is not None),
+        ):
             if given:
                 raise ValueError(f"{name}: not supported together with process_group yet")
     return batch_stats, groups

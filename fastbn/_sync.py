@@ -148,14 +148,13 @@ def merge_moments(gathered, channels):
     gathered = np.asarray(gathered, dtype=np.float64)
     if gathered.ndim != 2 or gathered.shape[1] != 1 + 2 * channels:
         raise ValueError(
-            f"process_group: allgather returned shape {gathered.shape}, "
-            f"expected (processes, {1 + 2 * channels})"
+            f"process_group: allgather returned shape {gathered.shape}, expected (processes, {1 + 2 * channels})"
         )
     count = 0.0
     mean = np.zeros(channels)
     var = np.zeros(channels)
     for row in gathered:
-        size, piece_mean, piece_var = row[0], row[1:1 + channels], row[1 + channels:]
+        size, piece_mean, piece_var = row[0], row[1 : 1 + channels], row[1 + channels :]
         if size == 0:
             continue
         if count == 0:
@@ -170,7 +169,9 @@ def merge_moments(gathered, channels):
     return int(count), mean, var
 
 
-def forward(pieces, collectives, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, training, update):
+def forward(
+    pieces, collectives, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, training, update
+):
     """Synchronised training forward; returns ``(y, mean, invstd, global_count)``.
 
     One all-gather of ``[count, mean (C), var (C)]``; then every process
@@ -186,9 +187,7 @@ def forward(pieces, collectives, x, axis, dtype, weight, bias, eps, running_mean
     if total == 0:
         raise ValueError("x: empty batch on every process")
     if training and total == 1:
-        raise ValueError(
-            "x: Expected more than 1 value per channel when training, got 1 over all processes"
-        )
+        raise ValueError("x: Expected more than 1 value per channel when training, got 1 over all processes")
     y, mean, invstd = pieces.normalize_with_stats(x, axis, dtype, mean64, var64, weight, bias, eps)
     if update:
         pieces.update_running(running_mean, running_var, mean64, var64, momentum, total)
@@ -208,8 +207,9 @@ def backward(pieces, collectives, dy, x, axis, dtype, weight, mean, invstd, tota
     try:
         summed = np.asarray(returned, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"process_group: allreduce_sum returned {type(returned).__name__}, "
-                        f"expected {2 * channels} numbers") from exc
+        raise TypeError(
+            f"process_group: allreduce_sum returned {type(returned).__name__}, expected {2 * channels} numbers"
+        ) from exc
     if summed.shape != (2 * channels,):
         raise ValueError(f"process_group: allreduce_sum returned shape {summed.shape}, expected ({2 * channels},)")
     dx = pieces.backward_dx(dy, x, axis, dtype, weight, mean, invstd, summed[:channels], summed[channels:], total)

@@ -71,9 +71,7 @@ def check_x(x, name="x"):
     if dtype not in FLOAT_DTYPES and not is_bfloat16(dtype):
         raise TypeError(f"{name}: expected dtype {FLOAT_NAMES}, got {x.dtype}")
     if len(x.shape) < 2:
-        raise ValueError(
-            f"{name}: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name}: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}")
     return x
 
 
@@ -123,8 +121,9 @@ def _dtype_of(value, name, expected):
     try:
         return np.dtype(value.dtype)
     except TypeError:
-        raise TypeError(f"{name}: expected an array of dtype {expected}, got {type(value).__name__} of dtype "
-                        f"{value.dtype}") from None
+        raise TypeError(
+            f"{name}: expected an array of dtype {expected}, got {type(value).__name__} of dtype {value.dtype}"
+        ) from None
 
 
 def check_channel_vector(value, name, channels, dtype, *, writable=False, rows=None):
@@ -134,10 +133,7 @@ def check_channel_vector(value, name, channels, dtype, *, writable=False, rows=N
     """
     shape = (channels,) if rows is None else (rows, channels)
     if not _is_array(value):
-        raise TypeError(
-            f"{name}: expected an array of dtype {dtype} and shape {shape}, "
-            f"got {_describe(value)}"
-        )
+        raise TypeError(f"{name}: expected an array of dtype {dtype} and shape {shape}, got {_describe(value)}")
     if isinstance(value, np.ma.MaskedArray):  # the backend refuses these for arguments; Saved fields come here
         raise TypeError(f"{name}: is a masked array, whose mask fastbn would ignore; pass a plain array")
     if _dtype_of(value, name, dtype) != dtype:
@@ -193,23 +189,25 @@ def check_running(running_mean, running_var, channels, dtype, others=()):
     """
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
-        raise ValueError(
-            f"{missing}: running_mean and running_var must be given together, got only one"
-        )
+        raise ValueError(f"{missing}: running_mean and running_var must be given together, got only one")
     if running_mean is None:
         return False
     for name, value in (("running_mean", running_mean), ("running_var", running_var)):
         check_channel_vector(value, name, channels, dtype, writable=True)
         if channels > 1 and 0 in _strides(value):
-            raise ValueError(f"{name}: has stride 0 (a broadcast or expanded array), so its channels would "
-                             "overwrite each other; it is updated in place, pass an array of its own")
+            raise ValueError(
+                f"{name}: has stride 0 (a broadcast or expanded array), so its channels would "
+                "overwrite each other; it is updated in place, pass an array of its own"
+            )
     if _overlap(running_mean, running_var):
         raise ValueError("running_var: must not share memory with running_mean")
     for name, value in (("running_mean", running_mean), ("running_var", running_var)):
         for other_name, other in others:
             if other is not None and _overlap(value, other):
-                raise ValueError(f"{name}: shares memory with {other_name}, which the in-place update would "
-                                 "overwrite; pass an array of its own")
+                raise ValueError(
+                    f"{name}: shares memory with {other_name}, which the in-place update would "
+                    "overwrite; pass an array of its own"
+                )
     return True
 
 

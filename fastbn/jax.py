@@ -299,8 +299,6 @@ def batch_norm(
             check_channel_vector(value, name, channels, dtype)
     has_running = check_running(running_mean, running_var, channels, dtype)
     if training and count == 1:
-        raise ValueError(
-            f"x: Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
-        )
+        raise ValueError(f"x: Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     static = _Static(training, momentum, eps, axis, count, has_running, bias is not None)
     return _batch_norm(static, x, weight, bias, running_mean, running_var)

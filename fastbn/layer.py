@@ -41,9 +41,7 @@ def _check_num_features(value):
     try:
         value = operator.index(value)
     except TypeError:
-        raise TypeError(
-            f"num_features: expected a positive integer, got {type(value).__name__}"
-        ) from None
+        raise TypeError(f"num_features: expected a positive integer, got {type(value).__name__}") from None
     if value < 1:
         raise ValueError(f"num_features: expected a positive integer, got {value}")
     if value > np.iinfo(np.intp).max // 8:  # no array of float64 this long can exist
@@ -284,19 +282,14 @@ class BatchNorm:
             raise TypeError(f"x: expected an array, got {type(x).__name__}")
         ndim = len(x.shape)
         if ndim < 2:
-            raise ValueError(
-                f"x: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"x: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}")
         if not -ndim <= self.axis < ndim:
-            raise ValueError(
-                f"axis: {self.axis} is out of range for an input of {ndim} dimensions"
-            )
+            raise ValueError(f"axis: {self.axis} is out of range for an input of {ndim} dimensions")
         # Checked here because without weight and running statistics the
         # functional API has nothing to compare the channel count with.
         if x.shape[self.axis] != self.num_features:
             raise ValueError(
-                f"x: expected {self.num_features} channels on axis {self.axis}, "
-                f"got shape {tuple(x.shape)}"
+                f"x: expected {self.num_features} channels on axis {self.axis}, got shape {tuple(x.shape)}"
             )
         # By name: a torch dtype prints as "torch.float32", and bfloat16 has
         # no NumPy dtype unless ml_dtypes has been imported.
@@ -498,7 +491,7 @@ class BatchNorm:
         if self.affine:
             keys += _PARAM_KEYS
         if self.track_running_stats:
-            keys += _STAT_KEYS + (_COUNT_KEY,)
+            keys += (*_STAT_KEYS, _COUNT_KEY)
         return keys
 
     def state_dict(self, *, prefix=""):
@@ -568,23 +561,17 @@ class BatchNorm:
         stay valid.
         """
         if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
-            raise TypeError(
-                f"state_dict: expected a mapping, got {type(state_dict).__name__}"
-            )
+            raise TypeError(f"state_dict: expected a mapping, got {type(state_dict).__name__}")
         strict = check_flag(strict, "strict")
         if not isinstance(prefix, str):
             raise TypeError(f"prefix: expected a str, got {type(prefix).__name__}")
 
-        ours = {key[len(prefix):]: key for key in state_dict.keys()
-                if isinstance(key, str) and key.startswith(prefix)}
+        ours = {key[len(prefix) :]: key for key in state_dict if isinstance(key, str) and key.startswith(prefix)}
         expected = self._expected_keys()
         missing = [prefix + k for k in expected if k not in ours and k != _COUNT_KEY]
         unexpected = [ours[k] for k in ours if k not in expected]
         if strict and (missing or unexpected):
-            raise KeyError(
-                f"state_dict: missing keys {missing}, unexpected keys {unexpected} "
-                f"for {self!r}"
-            )
+            raise KeyError(f"state_dict: missing keys {missing}, unexpected keys {unexpected} for {self!r}")
 
         # Convert and check everything first, so a bad entry changes nothing.
         new = {}
@@ -597,19 +584,14 @@ class BatchNorm:
                 raise ValueError(f"{full}: expected real numbers, got dtype {value.dtype}")
             if key == _COUNT_KEY:
                 if value.size != 1 or value.dtype.kind not in "iu":
-                    raise ValueError(
-                        f"{full}: expected one integer, got dtype {value.dtype} "
-                        f"and shape {value.shape}"
-                    )
+                    raise ValueError(f"{full}: expected one integer, got dtype {value.dtype} and shape {value.shape}")
                 count = int(value.reshape(()))
                 if count < 0:
                     raise ValueError(f"{full}: expected a count >= 0, got {count}")
                 new[key] = count
             else:
                 if value.shape != (self.num_features,):
-                    raise ValueError(
-                        f"{full}: expected shape ({self.num_features},), got {value.shape}"
-                    )
+                    raise ValueError(f"{full}: expected shape ({self.num_features},), got {value.shape}")
                 new[key] = value.astype(self.dtype)
 
         for key, value in new.items():

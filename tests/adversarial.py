@@ -67,7 +67,7 @@ class Mutation:
     def expectation(self, args: dict) -> tuple[str, tuple]:
         """``(expect, names)`` for the final arguments ``args``; the argument itself may always be named."""
         expect, names = (self.expect, self.names) if self.rule is None else self.rule(args)
-        return expect, (self.arg,) + tuple(names)
+        return expect, (self.arg, *tuple(names))
 
     @property
     def benign(self) -> bool:
@@ -83,6 +83,7 @@ BENIGN_LABELS = ("readonly", "negative_stride", "noncontiguous", "fortran", "rot
 
 def replace(arg: str, variant: Variant, also=()) -> Mutation:
     """The mutation setting ``arg`` to the variant's value; ``also``: (other arg, transform) applied with it."""
+
     def apply(args):
         new = dict(args)
         new[arg] = variant.value
@@ -121,7 +122,8 @@ class Sweep:
 
     def done(self, at_least: int):
         assert not self.failures, f"{len(self.failures)} of {self.count} calls broke the rules:\n" + "\n".join(
-            self.failures)
+            self.failures
+        )
         assert self.count >= at_least, f"only {self.count} calls ran"
 
 
@@ -220,7 +222,7 @@ def negative_stride(a):
 
 def noncontiguous(a):
     """The same values, every other element of a NaN-filled buffer along axis 0."""
-    big = np.full((2 * a.shape[0],) + a.shape[1:], np.nan).astype(a.dtype)
+    big = np.full((2 * a.shape[0], *a.shape[1:]), np.nan).astype(a.dtype)
     big[::2] = a
     return big[::2]
 
@@ -231,14 +233,14 @@ def fortran(a):
 
 def rotated_memory(a):
     """The same values, stored with the axes in a rotated order (neither C nor Fortran)."""
-    perm = tuple(range(1, a.ndim)) + (0,)
+    perm = (*tuple(range(1, a.ndim)), 0)
     return np.ascontiguousarray(a.transpose(perm)).transpose(np.argsort(perm))
 
 
 def zero_stride(a):
     """A writable array whose axis 0 has stride 0: every row is ``a[0]``."""
     first = np.array(a[:1])
-    return np.lib.stride_tricks.as_strided(first, a.shape, (0,) + first.strides[1:])
+    return np.lib.stride_tricks.as_strided(first, a.shape, (0, *first.strides[1:]))
 
 
 def masked(a):
@@ -287,8 +289,15 @@ ND_LAYOUTS = {"fortran": fortran, "rotated_memory": rotated_memory}
 
 # Not arrays at all.
 NOT_ARRAYS = {
-    "str": "abc", "bytes": b"abc", "dict": {"a": 1}, "set": {1.0, 2.0}, "int": 3, "float": 1.5,
-    "complex": 1j, "object": object(), "ellipsis": Ellipsis,
+    "str": "abc",
+    "bytes": b"abc",
+    "dict": {"a": 1},
+    "set": {1.0, 2.0},
+    "int": 3,
+    "float": 1.5,
+    "complex": 1j,
+    "object": object(),
+    "ellipsis": Ellipsis,
 }
 BAD_DTYPES = ("int32", "int64", "uint8", "bool", "complex64", "complex128", "object", "datetime64[s]")
 
@@ -318,8 +327,10 @@ def float32_beside(args) -> bool:
 def _float64_only(names=()):
     """Rule for a list/tuple (float64 after np.asarray) as the input: fine where nothing beside it is
     float32, else an error that names the list (not the float32 arrays, which are right)."""
+
     def rule(args):
         return (ERROR, names) if float32_beside(args) else (OK, ())
+
     return rule
 
 
@@ -355,8 +366,9 @@ def input_variants(a, *, required=True, names=(), same_dtype_as=None):
     out.append(Variant("empty_batch", np.asarray(a)[:0], ERROR, names))
     out.append(Variant("ragged_list", [[1.0, 2.0], [3.0]], ERROR, names))
     if same_dtype_as is not None:
-        out.append(Variant("wrong_shape", np.asarray(a)[:-1] if a.shape[0] > 1 else np.concatenate([a, a]), ERROR,
-                           names))
+        out.append(
+            Variant("wrong_shape", np.asarray(a)[:-1] if a.shape[0] > 1 else np.concatenate([a, a]), ERROR, names)
+        )
         out.append(Variant("float16", a.astype(np.float16), ERROR if a.dtype != np.float16 else OK, names))
     return out
 
@@ -426,32 +438,69 @@ def running_variants(rm, rv, which):
 # -------------------------------------------------------------- scalar options ---
 OPTION_VARIANTS = {
     "training": [
-        Variant("np_true", np.bool_(True), OK), Variant("np_false", np.bool_(False), OK),
-        Variant("int1", 1), Variant("int0", 0), Variant("none", None), Variant("str", "True"), Variant("float", 1.0),
-        Variant("list", [True]), Variant("0d_array", np.array(True)),
+        Variant("np_true", np.bool_(True), OK),
+        Variant("np_false", np.bool_(False), OK),
+        Variant("int1", 1),
+        Variant("int0", 0),
+        Variant("none", None),
+        Variant("str", "True"),
+        Variant("float", 1.0),
+        Variant("list", [True]),
+        Variant("0d_array", np.array(True)),
     ],
     "momentum": [
-        Variant("zero", 0.0, OK), Variant("one", 1.0, OK), Variant("int1", 1, OK),
+        Variant("zero", 0.0, OK),
+        Variant("one", 1.0, OK),
+        Variant("int1", 1, OK),
         Variant("np_float32", np.float32(0.25), OK),
-        Variant("fraction", fractions.Fraction(1, 3), OK), Variant("negative", -0.1), Variant("above_one", 1.5),
-        Variant("nan", math.nan), Variant("inf", math.inf), Variant("-inf", -math.inf), Variant("str", "0.1"),
-        Variant("none", None), Variant("bool", True), Variant("complex", 0.1j), Variant("list", [0.1]),
-        Variant("huge_int", 10 ** 400), Variant("0d_array", np.array(0.1)),
+        Variant("fraction", fractions.Fraction(1, 3), OK),
+        Variant("negative", -0.1),
+        Variant("above_one", 1.5),
+        Variant("nan", math.nan),
+        Variant("inf", math.inf),
+        Variant("-inf", -math.inf),
+        Variant("str", "0.1"),
+        Variant("none", None),
+        Variant("bool", True),
+        Variant("complex", 0.1j),
+        Variant("list", [0.1]),
+        Variant("huge_int", 10**400),
+        Variant("0d_array", np.array(0.1)),
     ],
     "eps": [
-        Variant("1e-3", 1e-3, OK), Variant("one", 1.0, OK), Variant("big", 100.0, OK), Variant("int", 1, OK),
-        Variant("np_float32", np.float32(1e-3), OK), Variant("fraction", fractions.Fraction(1, 1000), OK),
-        Variant("negative", -1e-5), Variant("nan", math.nan), Variant("inf", math.inf), Variant("str", "1e-5"),
-        Variant("none", None), Variant("bool", True), Variant("huge_int", 10 ** 400),
-        Variant("0d_array", np.array(1e-5)), Variant("complex", 1e-5j),
+        Variant("1e-3", 1e-3, OK),
+        Variant("one", 1.0, OK),
+        Variant("big", 100.0, OK),
+        Variant("int", 1, OK),
+        Variant("np_float32", np.float32(1e-3), OK),
+        Variant("fraction", fractions.Fraction(1, 1000), OK),
+        Variant("negative", -1e-5),
+        Variant("nan", math.nan),
+        Variant("inf", math.inf),
+        Variant("str", "1e-5"),
+        Variant("none", None),
+        Variant("bool", True),
+        Variant("huge_int", 10**400),
+        Variant("0d_array", np.array(1e-5)),
+        Variant("complex", 1e-5j),
     ],
     "activation": [
-        Variant("np_str", np.str_("relu"), OK), Variant("upper", "RELU"), Variant("empty", ""), Variant("gelu", "gelu"),
-        Variant("bytes", b"relu"), Variant("int", 1), Variant("bool", True), Variant("list", ["relu"]),
+        Variant("np_str", np.str_("relu"), OK),
+        Variant("upper", "RELU"),
+        Variant("empty", ""),
+        Variant("gelu", "gelu"),
+        Variant("bytes", b"relu"),
+        Variant("int", 1),
+        Variant("bool", True),
+        Variant("list", ["relu"]),
     ],
     "backend": [
-        Variant("cpu", "cpu", OK), Variant("gpu", "gpu"), Variant("upper", "CPU"), Variant("int", 1),
-        Variant("list", ["cpu"]), Variant("cuda", "cuda", ERROR, ("x", "dy", "layer_weight")),
+        Variant("cpu", "cpu", OK),
+        Variant("gpu", "gpu"),
+        Variant("upper", "CPU"),
+        Variant("int", 1),
+        Variant("list", ["cpu"]),
+        Variant("cuda", "cuda", ERROR, ("x", "dy", "layer_weight")),
     ],
 }
 
@@ -460,10 +509,16 @@ def axis_variants(axis, ndim):
     """The channel axis: the same axis the other way round is fine, anything else is refused."""
     other = axis - ndim if axis >= 0 else axis + ndim
     return [
-        Variant("other_sign", other, OK), Variant("np_int", np.int64(axis), OK),
+        Variant("other_sign", other, OK),
+        Variant("np_int", np.int64(axis), OK),
         Variant("0d_array", np.array(axis), EITHER),
-        Variant("too_big", ndim), Variant("too_negative", -ndim - 1), Variant("float", float(axis)),
-        Variant("str", str(axis)), Variant("none", None), Variant("bool", True), Variant("huge", 10 ** 400),
+        Variant("too_big", ndim),
+        Variant("too_negative", -ndim - 1),
+        Variant("float", float(axis)),
+        Variant("str", str(axis)),
+        Variant("none", None),
+        Variant("bool", True),
+        Variant("huge", 10**400),
         Variant("list", [axis]),
     ]
 

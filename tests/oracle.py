@@ -163,12 +163,25 @@ class OracleExtended(NamedTuple):
 def _groups(a, k):
     """The ghost batches of a: consecutive groups of k samples along axis 0."""
     a = np.asarray(a, dtype=np.float64)
-    return [a[g * k:(g + 1) * k] for g in range(a.shape[0] // k)]
+    return [a[g * k : (g + 1) * k] for g in range(a.shape[0] // k)]
 
 
-def oracle_forward_extended(x, weight=None, bias=None, *, running_mean=None, running_var=None, training=True,
-                            momentum=0.1, eps=1e-5, axis=1, activation=None, residual=None,
-                            virtual_batch_size=None, renorm=None) -> OracleExtended:
+def oracle_forward_extended(
+    x,
+    weight=None,
+    bias=None,
+    *,
+    running_mean=None,
+    running_var=None,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    axis=1,
+    activation=None,
+    residual=None,
+    virtual_batch_size=None,
+    renorm=None,
+) -> OracleExtended:
     """forward with activation, residual, ghost batches and renormalization, in float64.
 
     Ghost batches (batch statistics only): each group of ``virtual_batch_size`` samples is
@@ -195,8 +208,17 @@ def oracle_forward_extended(x, weight=None, bias=None, *, running_mean=None, run
             new_rm = (1.0 - momentum) * new_rm + momentum * mean.mean(axis=0)
             new_rv = (1.0 - momentum) * new_rv + momentum * (var * (n / (n - 1))).mean(axis=0)
     else:
-        o = oracle_forward(x64, weight, bias, running_mean=running_mean, running_var=running_var,
-                           training=training, momentum=momentum, eps=eps, axis=axis)
+        o = oracle_forward(
+            x64,
+            weight,
+            bias,
+            running_mean=running_mean,
+            running_var=running_var,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            axis=axis,
+        )
         y, mean, invstd, new_rm, new_rv = o.y, o.mean, o.invstd, o.running_mean, o.running_var
         if renorm is not None and training and has_running:
             rmax, dmax = renorm
@@ -206,8 +228,9 @@ def oracle_forward_extended(x, weight=None, bias=None, *, running_mean=None, run
             w = np.ones_like(mean) if weight is None else np.asarray(weight, np.float64)
             b = np.zeros_like(mean) if bias is None else np.asarray(bias, np.float64)
             x_hat = (x64 - per_channel(mean, nd, axis)) * per_channel(invstd, nd, axis)
-            y = (x_hat * per_channel(r, nd, axis) + per_channel(d, nd, axis)) * per_channel(w, nd, axis) \
-                + per_channel(b, nd, axis)
+            y = (x_hat * per_channel(r, nd, axis) + per_channel(d, nd, axis)) * per_channel(w, nd, axis) + per_channel(
+                b, nd, axis
+            )
     if residual is not None:
         y = y + np.asarray(residual, dtype=np.float64)
     if activation == "relu":
@@ -215,8 +238,9 @@ def oracle_forward_extended(x, weight=None, bias=None, *, running_mean=None, run
     return OracleExtended(y, new_rm, new_rv, mean, invstd, r, d, bool(batch_stats))
 
 
-def oracle_backward_extended(dy, x, weight, mean, invstd, batch_stats: bool, axis: int = 1, *, y=None,
-                             r=None, d=None, virtual_batch_size=None):
+def oracle_backward_extended(
+    dy, x, weight, mean, invstd, batch_stats: bool, axis: int = 1, *, y=None, r=None, d=None, virtual_batch_size=None
+):
     """Gradients of oracle_forward_extended; returns (dx, dweight, dbias, dresidual).
 
     ``y`` is forward's output when the activation was relu: the gradient passes where y > 0.
@@ -232,8 +256,10 @@ def oracle_backward_extended(dy, x, weight, mean, invstd, batch_stats: bool, axi
     nd = x64.ndim
     if virtual_batch_size is not None and batch_stats:
         k = virtual_batch_size
-        parts = [oracle_backward(gg, xg, weight, mean[i], invstd[i], True, axis)
-                 for i, (gg, xg) in enumerate(zip(_groups(g, k), _groups(x64, k)))]
+        parts = [
+            oracle_backward(gg, xg, weight, mean[i], invstd[i], True, axis)
+            for i, (gg, xg) in enumerate(zip(_groups(g, k), _groups(x64, k)))
+        ]
         dx = np.concatenate([p[0] for p in parts], axis=0)
         return dx, sum(p[1] for p in parts), sum(p[2] for p in parts), g
     if r is not None:
@@ -254,5 +280,6 @@ def oracle_fold(layer_weight, layer_bias, running_mean, running_var, weight, bia
     lw = np.asarray(layer_weight, dtype=np.float64)
     s = np.asarray(weight, np.float64) / np.sqrt(np.asarray(running_var, np.float64) + eps)
     c = 0.0 if layer_bias is None else np.asarray(layer_bias, np.float64)
-    return lw * per_channel(s, lw.ndim, axis), s * (c - np.asarray(running_mean, np.float64)) + np.asarray(bias,
-                                                                                                        np.float64)
+    return lw * per_channel(s, lw.ndim, axis), s * (c - np.asarray(running_mean, np.float64)) + np.asarray(
+        bias, np.float64
+    )

@@ -199,8 +199,7 @@ _DIM_MAX = {2: 512, 3: 48, 4: 12, 5: 8}
 
 
 @st.composite
-def shapes_and_axes(draw, *, min_rank=2, max_rank=5, max_elems=20_000, min_count=2, allow_large=True,
-                    max_channels=300):
+def shapes_and_axes(draw, *, min_rank=2, max_rank=5, max_elems=20_000, min_count=2, allow_large=True, max_channels=300):
     """(shape, axis): rank in [min_rank, max_rank], axis any valid value (negative too),
     C in [1, max_channels] biased to small, total elements <= max_elems (except for the
     occasional large case), at least min_count elements per channel."""
@@ -210,8 +209,11 @@ def shapes_and_axes(draw, *, min_rank=2, max_rank=5, max_elems=20_000, min_count
     rank = draw(st.integers(min_rank, max_rank))
     ax = draw(st.integers(0, rank - 1))
     negative = draw(st.booleans())
-    channels = draw(st.one_of(st.integers(1, min(4, max_channels)), st.integers(1, min(32, max_channels)),
-                              st.integers(1, max_channels)))
+    channels = draw(
+        st.one_of(
+            st.integers(1, min(4, max_channels)), st.integers(1, min(32, max_channels)), st.integers(1, max_channels)
+        )
+    )
     budget = max(1, max_elems // channels)
     dims: list[int] = []
     for _ in range(rank - 1):
@@ -219,7 +221,7 @@ def shapes_and_axes(draw, *, min_rank=2, max_rank=5, max_elems=20_000, min_count
         dims.append(draw(st.integers(1, room)))
     if math.prod(dims) < min_count:
         dims[0] *= min_count
-    shape = tuple(dims[:ax] + [channels] + dims[ax:])
+    shape = (*dims[:ax], channels, *dims[ax:])
     return shape, (ax - rank if negative else ax)
 
 
@@ -255,7 +257,7 @@ def place(values: np.ndarray, dtype, layout, axis: int) -> np.ndarray:
         perm = detail
         out = np.empty([shape[p] for p in perm], dtype).transpose(np.argsort(perm))
     elif kind == "channels_last":  # channels contiguous, moved to the channel axis
-        base = np.empty(shape[:ax] + shape[ax + 1:] + (shape[ax],), dtype)
+        base = np.empty(shape[:ax] + shape[ax + 1 :] + (shape[ax],), dtype)
         out = np.moveaxis(base, -1, ax)
     elif kind == "strided":  # a slice with a step (possibly negative) along one dimension
         dim, step = detail
@@ -274,8 +276,12 @@ def place(values: np.ndarray, dtype, layout, axis: int) -> np.ndarray:
 
 # Data scale (spread) exponents: half keeps values (offset + 5 spreads) far below 65504 and
 # spreads far above its subnormals; bfloat16 has float32's exponent range.
-_SCALE_EXPONENTS = {np.dtype(np.float16): (-2, 2), BFLOAT16: (-3, 3), np.dtype(np.float32): (-3, 3),
-                    np.dtype(np.float64): (-3, 3)}
+_SCALE_EXPONENTS = {
+    np.dtype(np.float16): (-2, 2),
+    BFLOAT16: (-3, 3),
+    np.dtype(np.float32): (-3, 3),
+    np.dtype(np.float64): (-3, 3),
+}
 OFFSET_RATIOS = (0.0, 1.0, 10.0, 50.0)  # |per-channel mean| / spread is drawn up to this
 
 
@@ -300,8 +306,10 @@ class Case:
     offset_ratio: float
 
     def __repr__(self):
-        return (f"Case(shape={self.x.shape}, dtype={self.x.dtype}, axis={self.axis}, layout={self.layout}, "
-                f"strides={self.x.strides}, seed={self.seed}, scale={self.scale:g}, offset_ratio={self.offset_ratio:g})")
+        return (
+            f"Case(shape={self.x.shape}, dtype={self.x.dtype}, axis={self.axis}, layout={self.layout}, "
+            f"strides={self.x.strides}, seed={self.seed}, scale={self.scale:g}, offset_ratio={self.offset_ratio:g})"
+        )
 
     @property
     def dtype(self) -> np.dtype:
@@ -329,8 +337,9 @@ class Case:
 
 
 @st.composite
-def cases(draw, *, dtypes=DTYPES, layout_kinds=LAYOUTS, offset_ratios=OFFSET_RATIOS, scale_exponents=None,
-          **shape_kw) -> Case:
+def cases(
+    draw, *, dtypes=DTYPES, layout_kinds=LAYOUTS, offset_ratios=OFFSET_RATIOS, scale_exponents=None, **shape_kw
+) -> Case:
     """A Case: drawn dtype, shape/axis (see shapes_and_axes for shape_kw), layout and values."""
     dtype = np.dtype(draw(st.sampled_from(dtypes)))
     shape, axis = draw(shapes_and_axes(**shape_kw))
@@ -389,8 +398,10 @@ class ForwardInputs:
     def running_copies(self):
         """Fresh copies of the running stats (fastbn updates them in place)."""
         p = self.params
-        return (None if p.running_mean is None else p.running_mean.copy(),
-                None if p.running_var is None else p.running_var.copy())
+        return (
+            None if p.running_mean is None else p.running_mean.copy(),
+            None if p.running_var is None else p.running_var.copy(),
+        )
 
 
 MOMENTA = (0.1, 0.0, 1.0, 0.37)
@@ -406,8 +417,7 @@ def forward_inputs(draw, *, training=None, running=None, weight=None, bias=None,
         return draw(st.booleans()) if value is None else value
 
     params = make_params(case, weight=pick(weight), bias=pick(bias), running=pick(running))
-    return ForwardInputs(case, params, pick(training), draw(st.sampled_from(MOMENTA)),
-                         draw(st.sampled_from(EPSILONS)))
+    return ForwardInputs(case, params, pick(training), draw(st.sampled_from(MOMENTA)), draw(st.sampled_from(EPSILONS)))
 
 
 def backward_scales(x, dy, mean, invstd, weight, axis: int, tol: Tol):

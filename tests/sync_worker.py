@@ -36,9 +36,9 @@ def slices(total, size):
 
 def check(rank, size, group, summer):
     cases = [
-        ((23, 5, 7), 1, np.float32),        # NCL, channel slab
-        ((17, 3, 4, 6), -1, np.float64),    # channels-last
-        ((31, 4), 1, np.float64),           # (N, C)
+        ((23, 5, 7), 1, np.float32),  # NCL, channel slab
+        ((17, 3, 4, 6), -1, np.float64),  # channels-last
+        ((31, 4), 1, np.float64),  # (N, C)
     ]
     for case, (shape, axis, dtype) in enumerate(cases):
         rng = np.random.default_rng(case)
@@ -55,8 +55,9 @@ def check(rank, size, group, summer):
         mine = slices(shape[0], size)[rank]
         rm, rv = np.zeros(channels, dtype), np.ones(channels, dtype)
         for _ in range(2):  # two steps: running stats must stay identical everywhere
-            y, saved = fastbn.forward(x[mine], weight, bias, running_mean=rm, running_var=rv, axis=axis,
-                                      process_group=group)
+            y, saved = fastbn.forward(
+                x[mine], weight, bias, running_mean=rm, running_var=rv, axis=axis, process_group=group
+            )
         fastbn.forward(x, weight, bias, running_mean=ref_rm, running_var=ref_rv, axis=axis)
         dx, dw, db = fastbn.backward(dy[mine], x[mine], weight, saved, axis=axis)
 

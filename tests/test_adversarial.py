@@ -66,8 +66,13 @@ from strategies import Tol, assert_close, backward_scales, mean_scale, output_to
 from strategies import stats_tol as _stats_tol
 
 # Reproducible and database-free: the same examples on every machine and every run.
-EXPLORE = dict(deadline=None, derandomize=True, database=None, print_blob=False,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EXPLORE = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # Few shapes, both layouts (slab: channel before contiguous runs; rows: channels last) and two
 # dtypes, so that few kernel variants compile.  C >= 2 everywhere, so that a zero stride matters.
@@ -75,8 +80,19 @@ SHAPES = (((4, 3, 5), 1), ((6, 3), 1), ((4, 2, 3), -1), ((2, 3, 2, 2), 1), ((6, 
 DTYPES = (np.float32, np.float32, np.float64)
 # What x holds; channel 0 gets the odd values.  "huge" and "subnormal" stay where the kernels are
 # right today; beyond (means near the top of the range) is test_extreme_values_against_exact_arithmetic's.
-VALUE_KINDS = ("normal", "normal", "offset", "constant", "zeros", "nan", "posinf", "neginf", "bothinf", "huge",
-               "subnormal")
+VALUE_KINDS = (
+    "normal",
+    "normal",
+    "offset",
+    "constant",
+    "zeros",
+    "nan",
+    "posinf",
+    "neginf",
+    "bothinf",
+    "huge",
+    "subnormal",
+)
 
 
 def stats_tol(dtype) -> Tol:
@@ -126,7 +142,7 @@ def parameters(seed, x, axis):
     w = (rng.uniform(0.25, 2.0, c) * rng.choice((-1.0, 1.0), c)).astype(sd)
     b = rng.normal(0.0, 2.0, c).astype(sd)
     rm = (mean + spread * rng.normal(0.0, 0.5, c)).astype(sd)
-    rv = (spread ** 2 * rng.uniform(0.25, 4.0, c)).astype(sd)
+    rv = (spread**2 * rng.uniform(0.25, 4.0, c)).astype(sd)
     return w, b, rm, rv
 
 
@@ -139,8 +155,13 @@ def guarded_arrays(args):
     out = {name: value for name, value in args.items() if isinstance(value, np.ndarray) or is_torch(value)}
     saved = args.get("saved")
     if isinstance(saved, fastbn.Saved):
-        out.update({f"saved.{f}": getattr(saved, f) for f in ("mean", "invstd", "r", "d")
-                    if isinstance(getattr(saved, f), np.ndarray)})
+        out.update(
+            {
+                f"saved.{f}": getattr(saved, f)
+                for f in ("mean", "invstd", "r", "d")
+                if isinstance(getattr(saved, f), np.ndarray)
+            }
+        )
     return out
 
 
@@ -179,8 +200,20 @@ def sweep(bases, mutations_of, check, at_least):
 
 
 # ================================================================= forward ===
-FORWARD_OPTIONS = ("running_mean", "running_var", "training", "momentum", "eps", "axis", "activation", "residual",
-                   "virtual_batch_size", "renorm", "backend", "process_group")
+FORWARD_OPTIONS = (
+    "running_mean",
+    "running_var",
+    "training",
+    "momentum",
+    "eps",
+    "axis",
+    "activation",
+    "residual",
+    "virtual_batch_size",
+    "renorm",
+    "backend",
+    "process_group",
+)
 FORWARD_ARRAYS = ("x", "weight", "bias", "running_mean", "running_var", "residual")
 
 
@@ -246,8 +279,13 @@ def _y_scale(x, w, b, o, vbs, residual, axis):
     if o.r is not None:
         w, b = o.r * w, np.abs(o.d * w) + np.abs(b)
     if vbs is not None and o.batch_stats:
-        scale = np.concatenate([y_scale(x[g * vbs:(g + 1) * vbs], o.mean[g], o.invstd[g], w, b, axis, tol)
-                                for g in range(o.mean.shape[0])], axis=0)
+        scale = np.concatenate(
+            [
+                y_scale(x[g * vbs : (g + 1) * vbs], o.mean[g], o.invstd[g], w, b, axis, tol)
+                for g in range(o.mean.shape[0])
+            ],
+            axis=0,
+        )
     else:
         scale = y_scale(x, o.mean, o.invstd, w, b, axis, tol)
     return scale if residual is None else scale + np.abs(host(residual).astype(np.float64))
@@ -270,16 +308,26 @@ def verify_forward(result, args, before):
     w, b, residual = args.get("weight"), args.get("bias"), args.get("residual")
     rm0, rv0 = before.get("running_mean"), before.get("running_var")
     with np.errstate(all="ignore"):
-        o = oracle_forward_extended(x, None if w is None else host(w), None if b is None else host(b),
-                                    running_mean=rm0, running_var=rv0, training=training, momentum=momentum,
-                                    eps=eps, axis=axis, activation=args.get("activation"),
-                                    residual=None if residual is None else host(residual),
-                                    virtual_batch_size=vbs, renorm=renorm)
+        o = oracle_forward_extended(
+            x,
+            None if w is None else host(w),
+            None if b is None else host(b),
+            running_mean=rm0,
+            running_var=rv0,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            axis=axis,
+            activation=args.get("activation"),
+            residual=None if residual is None else host(residual),
+            virtual_batch_size=vbs,
+            renorm=renorm,
+        )
         assert_close(y, o.y, output_tol(x.dtype), scale=_y_scale(x, w, b, o, vbs, residual, axis), what="y")
         tol = stats_tol(x.dtype)
         ghost = vbs is not None and o.batch_stats
         xs = np.where(np.isfinite(x), x, 0)  # the scales of the finite values (NaN stays put in eval)
-        parts = [xs[g * vbs:(g + 1) * vbs] for g in range(x.shape[0] // vbs)] if ghost else [xs]
+        parts = [xs[g * vbs : (g + 1) * vbs] for g in range(x.shape[0] // vbs)] if ghost else [xs]
         means, invstds = (o.mean, o.invstd) if ghost else ([o.mean], [o.invstd])
         assert saved.batch_stats == o.batch_stats and saved.virtual_batch_size == (vbs if ghost else None)
         assert (saved.r is None) == (o.r is None)
@@ -295,24 +343,52 @@ def verify_forward(result, args, before):
         # what the caller holds now is the update: it went into the caller's own memory
         n = x.size // x.shape[axis] // len(parts)
         spread = np.stack([mean_scale(xg, m, axis) for xg, m in zip(parts, means)]).max(0)
-        var = np.stack([var_scale(xg, m, np.maximum(1.0 / inv ** 2 - eps, 0.0), axis, tol)
-                        for xg, m, inv in zip(parts, means, invstds)]).max(0)
-        assert_close(host(rm), o.running_mean, tol, scale=np.abs(rm0.astype(np.float64)) + momentum * spread,
-                     what="running_mean in place")
-        assert_close(host(rv), o.running_var, tol,
-                     scale=np.abs(rv0.astype(np.float64)) + momentum * n / max(n - 1, 1) * var,
-                     what="running_var in place")
+        var = np.stack(
+            [
+                var_scale(xg, m, np.maximum(1.0 / inv**2 - eps, 0.0), axis, tol)
+                for xg, m, inv in zip(parts, means, invstds)
+            ]
+        ).max(0)
+        assert_close(
+            host(rm),
+            o.running_mean,
+            tol,
+            scale=np.abs(rm0.astype(np.float64)) + momentum * spread,
+            what="running_mean in place",
+        )
+        assert_close(
+            host(rv),
+            o.running_var,
+            tol,
+            scale=np.abs(rv0.astype(np.float64)) + momentum * n / max(n - 1, 1) * var,
+            what="running_var in place",
+        )
 
 
 def check_forward(args, expect, names, what):
-    before = {k: np.array(host(args[k])) for k in ("running_mean", "running_var")
-              if isinstance(args.get(k), np.ndarray) or is_torch(args.get(k))}
+    before = {
+        k: np.array(host(args[k]))
+        for k in ("running_mean", "running_var")
+        if isinstance(args.get(k), np.ndarray) or is_torch(args.get(k))
+    }
     updated = ("running_mean", "running_var") if args.get("training", True) is not False else ()
     run_check(call_forward(args), args, expect, names, what, lambda r: verify_forward(r, args, before), updated)
 
 
-def forward_base(seed, shape, axis, dtype, kind="normal", *, params=True, running=True, training=True,
-                 momentum=0.1, eps=1e-5, fused=None):
+def forward_base(
+    seed,
+    shape,
+    axis,
+    dtype,
+    kind="normal",
+    *,
+    params=True,
+    running=True,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    fused=None,
+):
     x = make_x(seed, shape, axis, dtype, kind)
     w, b, rm, rv = parameters(seed, x, axis)
     args = dict(x=x, axis=axis, training=training, momentum=momentum, eps=eps)
@@ -333,11 +409,13 @@ def forward_base(seed, shape, axis, dtype, kind="normal", *, params=True, runnin
 
 def _set(**values):
     """args with each of ``values`` set in order (a callable gets the arguments set so far)."""
+
     def apply(args):
         new = dict(args)
         for k, v in values.items():
             new[k] = v(new) if callable(v) else v
         return new
+
     return apply
 
 
@@ -353,9 +431,11 @@ def _flat(a, n):
 
 def quiet(build):
     """Building variants casts values to other dtypes (overflow to inf is part of the point): no warnings."""
+
     def wrapper(*args, **kwargs):
         with np.errstate(all="ignore"):
             return build(*args, **kwargs)
+
     return wrapper
 
 
@@ -370,15 +450,24 @@ def forward_mutations(base):
     for v in xs:  # x of another shape no longer matches the residual: an error may name either
         if v.label in ("0d", "1d", "empty_batch"):
             v.names = ("residual",)
-    xs += [Variant(f"dtype_{np.dtype(dt).name}", x.astype(dt), rule=forward_spec)
-           for dt in (np.float16, BFLOAT16, np.float64 if sd == np.float32 else np.float32)]
-    xs += [Variant("empty_channels", np.take(x, [], axis=ax), ERROR, FORWARD_ARRAYS),
-           Variant("more_channels", np.concatenate([x, x], axis=ax), rule=forward_spec),
-           Variant("one_sample", x[:1], rule=forward_spec)]
+    xs += [
+        Variant(f"dtype_{np.dtype(dt).name}", x.astype(dt), rule=forward_spec)
+        for dt in (np.float16, BFLOAT16, np.float64 if sd == np.float32 else np.float32)
+    ]
+    xs += [
+        Variant("empty_channels", np.take(x, [], axis=ax), ERROR, FORWARD_ARRAYS),
+        Variant("more_channels", np.concatenate([x, x], axis=ax), rule=forward_spec),
+        Variant("one_sample", x[:1], rule=forward_spec),
+    ]
     out += [replace("x", v) for v in xs]
     at = ax + 1 if axis >= 0 else ax  # two singleton axes next to the channel axis: the same channels
-    out.append(replace("x", Variant("extra_dims", np.expand_dims(x, (at, at + 1)), rule=forward_spec),
-                       also=(("residual", lambda r: None if r is None else np.expand_dims(r, (at, at + 1))),)))
+    out.append(
+        replace(
+            "x",
+            Variant("extra_dims", np.expand_dims(x, (at, at + 1)), rule=forward_spec),
+            also=(("residual", lambda r: None if r is None else np.expand_dims(r, (at, at + 1))),),
+        )
+    )
     for name, good in (("weight", w), ("bias", b)):
         vs = vector_variants(base.get(name, good), sdtype=sd)
         vs.append(Variant("nan", _with(good, 0, np.nan), OK))
@@ -390,8 +479,11 @@ def forward_mutations(base):
         vs = running_variants(pair["running_mean"], pair["running_var"], name)
         vs.append(Variant("nan", _with(pair[name], 0, np.nan), OK))
         if name == "running_var":
-            vs += [Variant("negative", _with(rv, 0, -1.0), rule=forward_spec), Variant("zero", np.zeros(c, sd), OK),
-                   Variant("inf", _with(rv, 1, np.inf), OK)]
+            vs += [
+                Variant("negative", _with(rv, 0, -1.0), rule=forward_spec),
+                Variant("zero", np.zeros(c, sd), OK),
+                Variant("inf", _with(rv, 1, np.inf), OK),
+            ]
         for v in vs:
             if v.label == "none":  # fine where the other one is absent too
                 v.rule = lambda a, o=other: (ERROR, (o,)) if a.get(o) is not None else (OK, ())
@@ -401,52 +493,128 @@ def forward_mutations(base):
     buffer[1::2] = 1.0
     shared = np.ones(c + 1, sd)
     out += [
-        _alias("is_running_var", ERROR, ("running_var",), running_mean=lambda a: pair["running_mean"].copy(),
-               running_var=lambda a: a["running_mean"]),
+        _alias(
+            "is_running_var",
+            ERROR,
+            ("running_var",),
+            running_mean=lambda a: pair["running_mean"].copy(),
+            running_var=lambda a: a["running_mean"],
+        ),
         _alias("overlaps_running_var", ERROR, ("running_var",), running_mean=shared[:c], running_var=shared[1:]),
         _alias("interleaved_with_running_var", OK, running_mean=buffer[0::2], running_var=buffer[1::2]),
-        _alias("is_weight", ERROR, weight=lambda a: a.get("weight", w),
-               running_mean=lambda a: a.get("weight", w), running_var=lambda a: a.get("running_var", rv)),
-        _alias("is_bias", ERROR, bias=lambda a: a.get("bias", b), running_mean=lambda a: a.get("bias", b),
-               running_var=lambda a: a.get("running_var", rv)),
-        Mutation("running_var", "view_of_weight", _set(weight=w.copy(), running_mean=rm.copy(),
-                                                       running_var=lambda a: a["weight"][:]), ERROR),
+        _alias(
+            "is_weight",
+            ERROR,
+            weight=lambda a: a.get("weight", w),
+            running_mean=lambda a: a.get("weight", w),
+            running_var=lambda a: a.get("running_var", rv),
+        ),
+        _alias(
+            "is_bias",
+            ERROR,
+            bias=lambda a: a.get("bias", b),
+            running_mean=lambda a: a.get("bias", b),
+            running_var=lambda a: a.get("running_var", rv),
+        ),
+        Mutation(
+            "running_var",
+            "view_of_weight",
+            _set(weight=w.copy(), running_mean=rm.copy(), running_var=lambda a: a["weight"][:]),
+            ERROR,
+        ),
     ]
     if x.flags.c_contiguous and x.dtype == sd:
-        out += [_alias("view_of_x", ERROR, running_mean=lambda a: _flat(a["x"], c),
-                       running_var=lambda a: a.get("running_var", rv)),
-                Mutation("running_var", "view_of_residual",
-                         _set(residual=lambda a: a.get("residual", like_x(0, x, 4)),
-                              running_mean=lambda a: a.get("running_mean", rm),
-                              running_var=lambda a: _flat(a["residual"], c)), ERROR)]
-    out += [Mutation("weight", "is_bias", _set(weight=lambda a: a.get("bias", b), bias=lambda a: a.get("bias", b)), OK),
-            Mutation("residual", "is_x", _set(residual=lambda a: a["x"]), OK)]
-    out += [replace(name, v) for name in ("training", "momentum", "eps", "activation", "backend")
-            for v in OPTION_VARIANTS[name]]
-    out += [replace("eps", Variant("zero", 0.0, rule=forward_spec)), replace("eps", Variant("tiny", 1e-30, OK)),
-            replace("training", Variant("flip", not base["training"], rule=forward_spec)),
-            replace("activation", Variant("relu", "relu", OK)), replace("activation", Variant("none", None, OK))]
+        out += [
+            _alias(
+                "view_of_x",
+                ERROR,
+                running_mean=lambda a: _flat(a["x"], c),
+                running_var=lambda a: a.get("running_var", rv),
+            ),
+            Mutation(
+                "running_var",
+                "view_of_residual",
+                _set(
+                    residual=lambda a: a.get("residual", like_x(0, x, 4)),
+                    running_mean=lambda a: a.get("running_mean", rm),
+                    running_var=lambda a: _flat(a["residual"], c),
+                ),
+                ERROR,
+            ),
+        ]
+    out += [
+        Mutation("weight", "is_bias", _set(weight=lambda a: a.get("bias", b), bias=lambda a: a.get("bias", b)), OK),
+        Mutation("residual", "is_x", _set(residual=lambda a: a["x"]), OK),
+    ]
+    out += [
+        replace(name, v)
+        for name in ("training", "momentum", "eps", "activation", "backend")
+        for v in OPTION_VARIANTS[name]
+    ]
+    out += [
+        replace("eps", Variant("zero", 0.0, rule=forward_spec)),
+        replace("eps", Variant("tiny", 1e-30, OK)),
+        replace("training", Variant("flip", not base["training"], rule=forward_spec)),
+        replace("activation", Variant("relu", "relu", OK)),
+        replace("activation", Variant("none", None, OK)),
+    ]
     out += [replace("axis", v) for v in axis_variants(axis, x.ndim)]
-    out += [replace("residual", v) for v in input_variants(base.get("residual", like_x(0, x, 4)), required=False,
-                                                           same_dtype_as=x.dtype, names=("x",))]
+    out += [
+        replace("residual", v)
+        for v in input_variants(
+            base.get("residual", like_x(0, x, 4)), required=False, same_dtype_as=x.dtype, names=("x",)
+        )
+    ]
     batch = x.shape[0]
     vbs = [Variant(f"divisor_{k}", k, rule=forward_spec) for k in range(1, batch + 1) if batch % k == 0]
-    vbs += [Variant("np_int", np.int64(batch), rule=forward_spec), Variant("zero", 0), Variant("negative", -2),
-            Variant("non_divisor", batch + 1, rule=forward_spec), Variant("bool", True), Variant("float", 2.0),
-            Variant("str", "2"), Variant("list", [2]), Variant("huge", 10 ** 400),
-            Variant("none", None, rule=forward_spec)]
+    vbs += [
+        Variant("np_int", np.int64(batch), rule=forward_spec),
+        Variant("zero", 0),
+        Variant("negative", -2),
+        Variant("non_divisor", batch + 1, rule=forward_spec),
+        Variant("bool", True),
+        Variant("float", 2.0),
+        Variant("str", "2"),
+        Variant("list", [2]),
+        Variant("huge", 10**400),
+        Variant("none", None, rule=forward_spec),
+    ]
     out += [replace("virtual_batch_size", v) for v in vbs]
-    pairs = [(1.0, 0.0), (3.0, 5.0), (math.inf, math.inf), [1.5, 0.5], np.array([2.0, 1.0]), (np.float32(3), 1),
-             (Fraction(3, 2), 0)]
+    pairs = [
+        (1.0, 0.0),
+        (3.0, 5.0),
+        (math.inf, math.inf),
+        [1.5, 0.5],
+        np.array([2.0, 1.0]),
+        (np.float32(3), 1),
+        (Fraction(3, 2), 0),
+    ]
     out += [replace("renorm", Variant(f"pair_{i}", p, rule=forward_spec)) for i, p in enumerate(pairs)]
-    out += [replace("renorm", Variant(label, value)) for label, value in (
-        ("rmax_below_one", (0.5, 1.0)), ("dmax_negative", (1.0, -1.0)), ("nan", (math.nan, 0.0)), ("one", (1.0,)),
-        ("three", (1.0, 2.0, 3.0)), ("str", "ab"), ("dict", {1.0: 2.0, 3.0: 4.0}), ("set", {3.0, 5.0}),
-        ("scalar", 3.0), ("0d_array", np.array(1.0)), ("2d_array", np.ones((2, 2))), ("bool", (True, 1.0)),
-        ("huge", (10 ** 400, 1.0)), ("none_inside", (None, 1.0)), ("str_inside", ("3", 1.0)))]
+    out += [
+        replace("renorm", Variant(label, value))
+        for label, value in (
+            ("rmax_below_one", (0.5, 1.0)),
+            ("dmax_negative", (1.0, -1.0)),
+            ("nan", (math.nan, 0.0)),
+            ("one", (1.0,)),
+            ("three", (1.0, 2.0, 3.0)),
+            ("str", "ab"),
+            ("dict", {1.0: 2.0, 3.0: 4.0}),
+            ("set", {3.0, 5.0}),
+            ("scalar", 3.0),
+            ("0d_array", np.array(1.0)),
+            ("2d_array", np.ones((2, 2))),
+            ("bool", (True, 1.0)),
+            ("huge", (10**400, 1.0)),
+            ("none_inside", (None, 1.0)),
+            ("str_inside", ("3", 1.0)),
+        )
+    ]
     out += [replace("process_group", Variant("one_process", Collective(), rule=synced_spec))]
-    out += [replace("process_group", Variant(label, value)) for label, value in
-            (("object", object()), ("str", "world"), ("int", 0))]
+    out += [
+        replace("process_group", Variant(label, value))
+        for label, value in (("object", object()), ("str", "world"), ("int", 0))
+    ]
     return out
 
 
@@ -463,8 +631,10 @@ def _with(v, i, value):
 FORWARD_SWEEP = (
     ("float32 NCL training", forward_base(0, (4, 3, 5), 1, np.float32)),
     ("float64 NC eval relu+residual", forward_base(1, (6, 3), 1, np.float64, training=False, fused="relu_residual")),
-    ("float32 NLC ghost, no parameters", forward_base(2, (4, 2, 3), -1, np.float32, params=False, running=False,
-                                                      fused="ghost")),
+    (
+        "float32 NLC ghost, no parameters",
+        forward_base(2, (4, 2, 3), -1, np.float32, params=False, running=False, fused="ghost"),
+    ),
     ("float32 NCHW renorm", forward_base(3, (2, 3, 2, 2), 1, np.float32, fused="renorm", momentum=0.37)),
 )
 
@@ -486,10 +656,19 @@ def forward_bases(draw):
         fused = None
     if fused == "renorm" and not (training and running):
         fused = None
-    return forward_base(draw(st.integers(0, 2 ** 16), label="seed"), shape, axis, dtype, kind,
-                        params=draw(st.booleans(), label="params"), running=running, training=training,
-                        momentum=draw(st.sampled_from((0.1, 0.0, 1.0, 0.37)), label="momentum"),
-                        eps=draw(st.sampled_from((1e-5, 1e-3)), label="eps"), fused=fused)
+    return forward_base(
+        draw(st.integers(0, 2**16), label="seed"),
+        shape,
+        axis,
+        dtype,
+        kind,
+        params=draw(st.booleans(), label="params"),
+        running=running,
+        training=training,
+        momentum=draw(st.sampled_from((0.1, 0.0, 1.0, 0.37)), label="momentum"),
+        eps=draw(st.sampled_from((1e-5, 1e-3)), label="eps"),
+        fused=fused,
+    )
 
 
 @settings(max_examples=800, **EXPLORE)
@@ -523,7 +702,7 @@ def oracle_backward_from_saved(dy, x, weight, saved, axis, y):
     invstd = np.asarray(saved.invstd, np.float64).reshape(groups, c)
     dx, dweight, dbias = [], 0.0, 0.0
     for i in range(groups):
-        gx, gg = x64[i * k:(i + 1) * k], g[i * k:(i + 1) * k]
+        gx, gg = x64[i * k : (i + 1) * k], g[i * k : (i + 1) * k]
         a, bw, bb = oracle_backward(gg, gx, w_eff, mean[i], invstd[i], bool(saved.batch_stats), axis)
         dx.append(a)
         dweight, dbias = dweight + bw, dbias + bb
@@ -544,7 +723,8 @@ def verify_backward(result, args):
     assert dx.dtype == x.dtype and dx.shape == x.shape and dweight.dtype == sd and dbias.dtype == sd
     with np.errstate(all="ignore"):
         e_dx, e_dw, e_db, g, groups, w_eff, mean, invstd = oracle_backward_from_saved(
-            dy, x, None if w is None else host(w), saved, axis, host(args.get("y")))
+            dy, x, None if w is None else host(w), saved, axis, host(args.get("y"))
+        )
         tol = stats_tol(x.dtype)
         xs = np.where(np.isfinite(x), x, 0)
         k = x.shape[0] // groups
@@ -552,8 +732,7 @@ def verify_backward(result, args):
         for i in range(groups):
             # eval's dx does not depend on the mean, so a NaN or Inf one must not make the tolerance NaN
             m = mean[i] if saved.batch_stats else np.where(np.isfinite(mean[i]), mean[i], 0)
-            a, bw, bb = backward_scales(xs[i * k:(i + 1) * k], g[i * k:(i + 1) * k], m, invstd[i], w_eff,
-                                        axis, tol)
+            a, bw, bb = backward_scales(xs[i * k : (i + 1) * k], g[i * k : (i + 1) * k], m, invstd[i], w_eff, axis, tol)
             s_dx.append(a)
             s_dw, s_db = s_dw + bw, s_db + bb
         if saved.r is not None:
@@ -562,8 +741,9 @@ def verify_backward(result, args):
         assert_close(dweight, e_dw, tol, scale=s_dw, what="dweight")
         assert_close(dbias, e_db, tol, scale=s_db, what="dbias")
         if saved.residual:  # the masked dy, rounded to x's dtype: exact
-            assert np.array_equal(host(result[3]).astype(np.float64), g.astype(x.dtype).astype(np.float64),
-                                  equal_nan=True)
+            assert np.array_equal(
+                host(result[3]).astype(np.float64), g.astype(x.dtype).astype(np.float64), equal_nan=True
+            )
 
 
 def check_backward(args, expect, names, what):
@@ -584,10 +764,12 @@ def backward_base(forward_args, seed=0):
 
 def _saved(**fields):
     """A mutation of saved: each field set to a value, or to f(saved, args)."""
+
     def apply(args):
         saved = args["saved"]
         new = {k: (v(saved, args) if callable(v) else v) for k, v in fields.items()}
         return {**args, "saved": saved._replace(**new)}
+
     return apply
 
 
@@ -620,14 +802,32 @@ def backward_mutations(base):
         out.append(replace("y", v))
     out += [replace("backend", v) for v in OPTION_VARIANTS["backend"]]
     # the Saved itself
-    out += [Mutation("saved", label, _set(saved=value), ERROR) for label, value in
-            (("tuple", tuple(saved)), ("none", None), ("dict", saved._asdict()), ("list", list(saved)),
-             ("str", "saved"))]
+    out += [
+        Mutation("saved", label, _set(saved=value), ERROR)
+        for label, value in (
+            ("tuple", tuple(saved)),
+            ("none", None),
+            ("dict", saved._asdict()),
+            ("list", list(saved)),
+            ("str", "saved"),
+        )
+    ]
     for field in ("mean", "invstd"):
         stat = getattr(saved, field)
         for v in vector_variants(stat[0] if ghost else stat, sdtype=sd):
-            if v.label in ("none", "python_float", "0d", "row", "column", "long", "short", "empty", "matrix",
-                           "zero_stride", "array_like"):
+            if v.label in (
+                "none",
+                "python_float",
+                "0d",
+                "row",
+                "column",
+                "long",
+                "short",
+                "empty",
+                "matrix",
+                "zero_stride",
+                "array_like",
+            ):
                 continue
             value = v.value
             if ghost and isinstance(value, np.ndarray) and value.shape == (c,):
@@ -637,34 +837,45 @@ def backward_mutations(base):
             if v.label == "torch":
                 v.expect = EITHER  # forward puts NumPy arrays in a Saved; a tensor may be taken or refused
             out.append(_saved_mutation(f"{field}_{v.label}", v.expect, rule=None, **{field: value}))
-        out += [_saved_mutation(f"{field}_{label}", ERROR, **{field: value}) for label, value in (
-            ("none", None), ("short", stat[..., :-1]), ("2d", stat.reshape(1, -1)[:, :, None]))]
+        out += [
+            _saved_mutation(f"{field}_{label}", ERROR, **{field: value})
+            for label, value in (("none", None), ("short", stat[..., :-1]), ("2d", stat.reshape(1, -1)[:, :, None]))
+        ]
         if ghost:
             out.append(_saved_mutation(f"{field}_flat", ERROR, **{field: stat.reshape(-1)}))
         # a NaN mean: eval's dx stays finite (test_fix_eval_backward_is_finite_where_x_or_the_mean_is_not)
-        out.append(_saved_mutation(f"{field}_nan", OK,
-                                   **{field: _with(stat.reshape(-1), 0, np.nan).reshape(stat.shape)}))
+        out.append(
+            _saved_mutation(f"{field}_nan", OK, **{field: _with(stat.reshape(-1), 0, np.nan).reshape(stat.shape)})
+        )
     out.append(_saved_mutation("invstd_zero", OK, invstd=np.zeros_like(saved.invstd)))
     out.append(_saved_mutation("batch_stats_flipped", OK, batch_stats=not saved.batch_stats))
     out += [
         _saved_mutation("batch_stats_np", OK, batch_stats=np.bool_(saved.batch_stats)),
-        _saved_mutation("batch_stats_int", batch_stats=1), _saved_mutation("batch_stats_str", batch_stats="no"),
+        _saved_mutation("batch_stats_int", batch_stats=1),
+        _saved_mutation("batch_stats_str", batch_stats="no"),
         _saved_mutation("count_changed", OK, count=saved.count + 1),
-        _saved_mutation("count_negative", count=-1), _saved_mutation("count_float", count=float(saved.count)),
+        _saved_mutation("count_negative", count=-1),
+        _saved_mutation("count_float", count=float(saved.count)),
         _saved_mutation("count_bool", count=True),
-        _saved_mutation("shape_changed", shape=(x.shape[0] + 1,) + x.shape[1:]),
+        _saved_mutation("shape_changed", shape=(x.shape[0] + 1, *x.shape[1:])),
         _saved_mutation("shape_list", shape=list(x.shape)),
         _saved_mutation("shape_negative", shape=(-1, *x.shape[1:])),
         _saved_mutation("shape_none", shape=None),
-        _saved_mutation("axis_negative", axis=ax - x.ndim), _saved_mutation("axis_float", axis=float(ax)),
-        _saved_mutation("axis_none", axis=None), _saved_mutation("axis_other", axis=(ax + 1) % x.ndim),
-        _saved_mutation("activation_gelu", activation="gelu"), _saved_mutation("activation_bytes", activation=b"relu"),
+        _saved_mutation("axis_negative", axis=ax - x.ndim),
+        _saved_mutation("axis_float", axis=float(ax)),
+        _saved_mutation("axis_none", axis=None),
+        _saved_mutation("axis_other", axis=(ax + 1) % x.ndim),
+        _saved_mutation("activation_gelu", activation="gelu"),
+        _saved_mutation("activation_bytes", activation=b"relu"),
         _saved_mutation("residual_flipped", OK, residual=not saved.residual),
-        _saved_mutation("residual_str", residual="yes"), _saved_mutation("residual_int", residual=1),
-        _saved_mutation("vbs_zero", virtual_batch_size=0), _saved_mutation("vbs_bool", virtual_batch_size=True),
+        _saved_mutation("residual_str", residual="yes"),
+        _saved_mutation("residual_int", residual=1),
+        _saved_mutation("vbs_zero", virtual_batch_size=0),
+        _saved_mutation("vbs_bool", virtual_batch_size=True),
         _saved_mutation("vbs_float", virtual_batch_size=2.0),
         _saved_mutation("vbs_non_divisor", virtual_batch_size=x.shape[0] + 1),
-        _saved_mutation("r_only", r=np.ones(c, sd), d=None), _saved_mutation("d_only", r=None, d=np.zeros(c, sd)),
+        _saved_mutation("r_only", r=np.ones(c, sd), d=None),
+        _saved_mutation("d_only", r=None, d=np.zeros(c, sd)),
         _saved_mutation("r_list", r=[1.0] * c, d=np.zeros(c, sd)),
         _saved_mutation("r_other_float", r=np.ones(c, other_float_of(sd)), d=np.zeros(c, sd)),
         _saved_mutation("r_short", r=np.ones(c - 1, sd), d=np.zeros(c - 1, sd)),
@@ -676,11 +887,16 @@ def backward_mutations(base):
     else:
         out.append(Mutation("saved", "activation_added", _saved(activation="relu"), ERROR, ("y",)))
     if ghost:
-        out += [_saved_mutation("vbs_removed", virtual_batch_size=None),
-                _saved_mutation("r_with_ghost_batches", r=np.ones(c, sd), d=np.zeros(c, sd))]
+        out += [
+            _saved_mutation("vbs_removed", virtual_batch_size=None),
+            _saved_mutation("r_with_ghost_batches", r=np.ones(c, sd), d=np.zeros(c, sd)),
+        ]
     else:
-        out.append(_saved_mutation("vbs_whole_batch", OK if ax != 0 and saved.r is None else ERROR,
-                                   virtual_batch_size=x.shape[0]))
+        out.append(
+            _saved_mutation(
+                "vbs_whole_batch", OK if ax != 0 and saved.r is None else ERROR, virtual_batch_size=x.shape[0]
+            )
+        )
         if x.shape[0] % 2 == 0:
             out.append(_saved_mutation("vbs_added", virtual_batch_size=x.shape[0] // 2))
         if saved.r is None:
@@ -690,14 +906,22 @@ def backward_mutations(base):
     return out
 
 
-BACKWARD_SWEEP = tuple((label, backward_base(args)) for label, args in (
-    ("float32 NCL training", forward_base(0, (4, 3, 5), 1, np.float32)),
-    ("float64 NC eval relu+residual", forward_base(1, (6, 3), 1, np.float64, training=False, fused="relu_residual")),
-    ("float32 NLC ghost relu, no parameters", forward_base(2, (4, 2, 3), -1, np.float32, params=False, running=False,
-                                                           fused="ghost")),
-    ("float32 NCHW renorm", forward_base(3, (2, 3, 2, 2), 1, np.float32, fused="renorm")),
-    ("float32 CN training relu", forward_base(4, (3, 4), 0, np.float32, fused="relu")),
-))
+BACKWARD_SWEEP = tuple(
+    (label, backward_base(args))
+    for label, args in (
+        ("float32 NCL training", forward_base(0, (4, 3, 5), 1, np.float32)),
+        (
+            "float64 NC eval relu+residual",
+            forward_base(1, (6, 3), 1, np.float64, training=False, fused="relu_residual"),
+        ),
+        (
+            "float32 NLC ghost relu, no parameters",
+            forward_base(2, (4, 2, 3), -1, np.float32, params=False, running=False, fused="ghost"),
+        ),
+        ("float32 NCHW renorm", forward_base(3, (2, 3, 2, 2), 1, np.float32, fused="renorm")),
+        ("float32 CN training relu", forward_base(4, (3, 4), 0, np.float32, fused="relu")),
+    )
+)
 
 
 def test_backward_every_variant():
@@ -711,7 +935,7 @@ def test_backward_explored(data):
     expect, _ = forward_spec(forward_args)
     if expect != OK:
         return
-    base = backward_base(forward_args, seed=data.draw(st.integers(0, 2 ** 16), label="dy seed"))
+    base = backward_base(forward_args, seed=data.draw(st.integers(0, 2**16), label="dy seed"))
     explore(data, base, backward_mutations(base), check_backward)
 
 
@@ -754,8 +978,11 @@ def moments_mutations(base):
             v.expect, v.rule = OK, None
     xs += [Variant(f"dtype_{np.dtype(dt).name}", x.astype(dt), OK) for dt in (np.float16, BFLOAT16)]
     at = ax + 1 if axis >= 0 else ax
-    xs += [Variant("empty_channels", np.take(x, [], axis=ax)), Variant("one_sample", x[:1], rule=moments_spec),
-           Variant("extra_dims", np.expand_dims(x, (at, at + 1)), OK)]
+    xs += [
+        Variant("empty_channels", np.take(x, [], axis=ax)),
+        Variant("one_sample", x[:1], rule=moments_spec),
+        Variant("extra_dims", np.expand_dims(x, (at, at + 1)), OK),
+    ]
     out = [replace("x", v) for v in xs]
     out += [replace("axis", v) for v in axis_variants(axis, x.ndim)]
     out += [replace("backend", v) for v in OPTION_VARIANTS["backend"]]
@@ -797,8 +1024,10 @@ def verify_normalize(result, args):
 
 def check_normalize(args, expect, names, what):
     kwargs = {k: args[k] for k in ("eps", "axis", "backend") if k in args}
-    call = lambda: fastbn.normalize(args["x"], args["mean"], args["var"], args.get("weight"), args.get("bias"),  # noqa
-                                    **kwargs)
+
+    def call():
+        return fastbn.normalize(args["x"], args["mean"], args["var"], args.get("weight"), args.get("bias"), **kwargs)
+
     run_check(call, args, expect, names, what, lambda r: verify_normalize(r, args))
 
 
@@ -818,13 +1047,17 @@ def normalize_mutations(base):
     c, sd = x.shape[ax], stats_dtype(x.dtype)
     w, b, rm, rv = parameters(0, x, axis)
     xs = [v for v in input_variants(x) if v.label != "other_float"]
-    xs += [Variant(f"dtype_{np.dtype(dt).name}", x.astype(dt), rule=normalize_spec)
-           for dt in (np.float16, BFLOAT16, other_float_of(sd))]
+    xs += [
+        Variant(f"dtype_{np.dtype(dt).name}", x.astype(dt), rule=normalize_spec)
+        for dt in (np.float16, BFLOAT16, other_float_of(sd))
+    ]
     at = ax + 1 if axis >= 0 else ax
-    xs += [Variant("empty_channels", np.take(x, [], axis=ax), ERROR, ("mean", "var", "weight", "bias")),
-           Variant("one_sample", x[:1], rule=normalize_spec),
-           Variant("more_channels", np.concatenate([x, x], axis=ax), rule=normalize_spec),
-           Variant("extra_dims", np.expand_dims(x, (at, at + 1)), OK)]
+    xs += [
+        Variant("empty_channels", np.take(x, [], axis=ax), ERROR, ("mean", "var", "weight", "bias")),
+        Variant("one_sample", x[:1], rule=normalize_spec),
+        Variant("more_channels", np.concatenate([x, x], axis=ax), rule=normalize_spec),
+        Variant("extra_dims", np.expand_dims(x, (at, at + 1)), OK),
+    ]
     out = [replace("x", v) for v in xs]
     for name, good, required in (("mean", rm, True), ("var", rv, True), ("weight", w, False), ("bias", b, False)):
         vs = vector_variants(base.get(name, good), required=required, sdtype=sd)
@@ -832,11 +1065,19 @@ def normalize_mutations(base):
         if name != "var":
             vs.append(Variant("inf", _with(good, 1, np.inf), OK))
         out += [replace(name, v) for v in vs]
-    out += [replace("var", Variant(label, value, rule=normalize_spec)) for label, value in (
-        ("negative", _with(rv, 0, -1.0)), ("negative_zero", np.full(c, -0.0, sd)), ("zero", np.zeros(c, sd)),
-        ("inf", _with(rv, 1, np.inf)))]
-    out += [Mutation("mean", "is_var", _set(mean=lambda a: a["var"]), OK),
-            Mutation("weight", "is_mean", _set(weight=lambda a: a["mean"]), OK)]
+    out += [
+        replace("var", Variant(label, value, rule=normalize_spec))
+        for label, value in (
+            ("negative", _with(rv, 0, -1.0)),
+            ("negative_zero", np.full(c, -0.0, sd)),
+            ("zero", np.zeros(c, sd)),
+            ("inf", _with(rv, 1, np.inf)),
+        )
+    ]
+    out += [
+        Mutation("mean", "is_var", _set(mean=lambda a: a["var"]), OK),
+        Mutation("weight", "is_mean", _set(weight=lambda a: a["mean"]), OK),
+    ]
     out += [replace("eps", v) for v in OPTION_VARIANTS["eps"]]
     out += [replace("eps", Variant("zero", 0.0)), replace("eps", Variant("tiny", 1e-30, OK))]
     out += [replace("axis", v) for v in axis_variants(axis, x.ndim)]
@@ -847,28 +1088,39 @@ def normalize_mutations(base):
 @st.composite
 def array_bases(draw, make):
     shape, axis = draw(st.sampled_from(SHAPES), label="shape, axis")
-    return make(draw(st.integers(0, 2 ** 16), label="seed"), shape, axis, draw(st.sampled_from(DTYPES), label="dtype"),
-                draw(st.sampled_from(VALUE_KINDS), label="values"))
+    return make(
+        draw(st.integers(0, 2**16), label="seed"),
+        shape,
+        axis,
+        draw(st.sampled_from(DTYPES), label="dtype"),
+        draw(st.sampled_from(VALUE_KINDS), label="values"),
+    )
 
 
 def test_moments_every_variant():
-    bases = (("float32 NCL", dict(x=make_x(0, (4, 3, 5), 1, np.float32), axis=1)),
-             ("float64 NLC with NaN", dict(x=make_x(1, (4, 2, 3), -1, np.float64, "nan"), axis=-1)))
+    bases = (
+        ("float32 NCL", dict(x=make_x(0, (4, 3, 5), 1, np.float32), axis=1)),
+        ("float64 NLC with NaN", dict(x=make_x(1, (4, 2, 3), -1, np.float64, "nan"), axis=-1)),
+    )
     sweep(bases, moments_mutations, check_moments, at_least=2 * 40)
 
 
 @settings(max_examples=150, **EXPLORE)
 @given(st.data())
 def test_moments_explored(data):
-    base = data.draw(array_bases(lambda seed, shape, axis, dtype, kind: dict(x=make_x(seed, shape, axis, dtype, kind),
-                                                                             axis=axis)), label="base")
+    base = data.draw(
+        array_bases(lambda seed, shape, axis, dtype, kind: dict(x=make_x(seed, shape, axis, dtype, kind), axis=axis)),
+        label="base",
+    )
     explore(data, base, moments_mutations(base), check_moments)
 
 
 def test_normalize_every_variant():
-    bases = (("float32 NCL", normalize_base(0, (4, 3, 5), 1, np.float32)),
-             ("float64 NC no parameters", normalize_base(1, (6, 3), 1, np.float64, params=False)),
-             ("float32 NLC", normalize_base(2, (4, 2, 3), -1, np.float32, "constant")))
+    bases = (
+        ("float32 NCL", normalize_base(0, (4, 3, 5), 1, np.float32)),
+        ("float64 NC no parameters", normalize_base(1, (6, 3), 1, np.float64, params=False)),
+        ("float32 NLC", normalize_base(2, (4, 2, 3), -1, np.float32, "constant")),
+    )
     sweep(bases, normalize_mutations, check_normalize, at_least=3 * 150)
 
 
@@ -932,9 +1184,14 @@ def fold_base(seed, shape, axis, dtype, params=True):
     rng = np.random.default_rng([seed, 7])
     lw = rng.normal(size=shape).astype(dtype)
     c, sd = shape[axis], stats_dtype(dtype)
-    args = dict(layer_weight=lw, layer_bias=rng.normal(size=c).astype(dtype),
-                running_mean=rng.normal(size=c).astype(sd),
-                running_var=rng.uniform(0.1, 4.0, c).astype(sd), axis=axis, eps=1e-5)
+    args = dict(
+        layer_weight=lw,
+        layer_bias=rng.normal(size=c).astype(dtype),
+        running_mean=rng.normal(size=c).astype(sd),
+        running_var=rng.uniform(0.1, 4.0, c).astype(sd),
+        axis=axis,
+        eps=1e-5,
+    )
     if params:
         args.update(weight=rng.uniform(-2, 2, c).astype(sd), bias=rng.normal(size=c).astype(sd))
     return args
@@ -946,11 +1203,15 @@ def fold_mutations(base):
     ax = channel_axis(lw.ndim, axis)
     c, sd = lw.shape[ax], stats_dtype(lw.dtype)
     xs = [v for v in input_variants(lw, names=()) if v.label not in ("other_float", "empty_batch")]
-    xs += [Variant(f"dtype_{np.dtype(dt).name}", lw.astype(dt), rule=fold_spec)
-           for dt in (np.float16, BFLOAT16, other_float_of(lw.dtype))]
-    xs += [Variant("empty_channels", np.take(lw, [], axis=ax), ERROR, FOLD_ARGS),
-           Variant("more_channels", np.concatenate([lw, lw], axis=ax), rule=fold_spec),
-           Variant("empty_input_axis", np.take(lw, [], axis=(ax + 1) % lw.ndim), EITHER)]
+    xs += [
+        Variant(f"dtype_{np.dtype(dt).name}", lw.astype(dt), rule=fold_spec)
+        for dt in (np.float16, BFLOAT16, other_float_of(lw.dtype))
+    ]
+    xs += [
+        Variant("empty_channels", np.take(lw, [], axis=ax), ERROR, FOLD_ARGS),
+        Variant("more_channels", np.concatenate([lw, lw], axis=ax), rule=fold_spec),
+        Variant("empty_input_axis", np.take(lw, [], axis=(ax + 1) % lw.ndim), EITHER),
+    ]
     out = [replace("layer_weight", v) for v in xs]
     for name in FOLD_ARGS[1:]:
         good = base.get(name)
@@ -962,11 +1223,14 @@ def fold_mutations(base):
                 v.expect = EITHER  # never written by fold, but refused like forward's may be
         vs.append(Variant("nan", _with(good, 0, np.nan), OK))
         out += [replace(name, v) for v in vs]
-    out += [replace("running_var", Variant(label, value, rule=fold_spec)) for label, value in (
-        ("negative", _with(base["running_var"], 0, -1.0)), ("zero", np.zeros(c, sd)))]
-    out += [Mutation("running_mean", "is_running_var", _set(running_mean=lambda a: a["running_var"]), OK),
-            Mutation("layer_bias", "is_running_mean", _set(layer_bias=lambda a: a["running_mean"]),
-                     rule=fold_spec)]
+    out += [
+        replace("running_var", Variant(label, value, rule=fold_spec))
+        for label, value in (("negative", _with(base["running_var"], 0, -1.0)), ("zero", np.zeros(c, sd)))
+    ]
+    out += [
+        Mutation("running_mean", "is_running_var", _set(running_mean=lambda a: a["running_var"]), OK),
+        Mutation("layer_bias", "is_running_mean", _set(layer_bias=lambda a: a["running_mean"]), rule=fold_spec),
+    ]
     out += [replace("eps", v) for v in OPTION_VARIANTS["eps"]]
     out += [replace("eps", Variant("zero", 0.0))]
     out += [replace("axis", v) for v in axis_variants(axis, lw.ndim)]
@@ -978,9 +1242,11 @@ FOLD_SHAPES = (((4, 3), 0), ((3, 2, 2, 2), 0), ((2, 3, 2), 1), ((3, 4), -1))
 
 
 def test_fold_every_variant():
-    bases = (("float32 dense", fold_base(0, (4, 3), 0, np.float32)),
-             ("float64 conv, no affine", fold_base(1, (3, 2, 2, 2), 0, np.float64, params=False)),
-             ("float32 transposed conv", fold_base(2, (2, 3, 2), 1, np.float32)))
+    bases = (
+        ("float32 dense", fold_base(0, (4, 3), 0, np.float32)),
+        ("float64 conv, no affine", fold_base(1, (3, 2, 2, 2), 0, np.float64, params=False)),
+        ("float32 transposed conv", fold_base(2, (2, 3, 2), 1, np.float32)),
+    )
     sweep(bases, fold_mutations, check_fold, at_least=3 * 150)
 
 
@@ -988,8 +1254,13 @@ def test_fold_every_variant():
 @given(st.data())
 def test_fold_explored(data):
     shape, axis = data.draw(st.sampled_from(FOLD_SHAPES), label="shape, axis")
-    base = fold_base(data.draw(st.integers(0, 2 ** 16), label="seed"), shape, axis,
-                     data.draw(st.sampled_from(DTYPES), label="dtype"), params=data.draw(st.booleans(), label="affine"))
+    base = fold_base(
+        data.draw(st.integers(0, 2**16), label="seed"),
+        shape,
+        axis,
+        data.draw(st.sampled_from(DTYPES), label="dtype"),
+        params=data.draw(st.booleans(), label="affine"),
+    )
     explore(data, base, fold_mutations(base), check_fold)
 
 
@@ -1005,14 +1276,25 @@ def layer_state(bn):
 
 def layer_ctor_variants():
     """(kwargs, expect, names): the constructor's arguments."""
-    good = [({}, OK), (dict(momentum=None), OK), (dict(affine=False), OK), (dict(track_running_stats=False), OK),
-            (dict(dtype=np.float64), OK), (dict(dtype="float64"), OK), (dict(num_features=np.int64(3)), OK),
-            (dict(axis=-1), OK), (dict(axis=np.int64(1)), OK), (dict(affine=np.bool_(True)), OK),
-            (dict(process_group=Collective()), OK), (dict(eps=1e-3), OK), (dict(momentum=1.0), OK)]
-    bad = [dict(num_features=v) for v in (0, -1, 2.5, True, "3", None, 10 ** 400, [3])]
+    good = [
+        ({}, OK),
+        (dict(momentum=None), OK),
+        (dict(affine=False), OK),
+        (dict(track_running_stats=False), OK),
+        (dict(dtype=np.float64), OK),
+        (dict(dtype="float64"), OK),
+        (dict(num_features=np.int64(3)), OK),
+        (dict(axis=-1), OK),
+        (dict(axis=np.int64(1)), OK),
+        (dict(affine=np.bool_(True)), OK),
+        (dict(process_group=Collective()), OK),
+        (dict(eps=1e-3), OK),
+        (dict(momentum=1.0), OK),
+    ]
+    bad = [dict(num_features=v) for v in (0, -1, 2.5, True, "3", None, 10**400, [3])]
     bad += [dict(axis=v) for v in (1.0, None, True, "1")]
-    bad += [dict(eps=v) for v in (0.0, -1e-5, math.nan, math.inf, "1e-5", None, True, 10 ** 400)]
-    bad += [dict(momentum=v) for v in (-0.1, 1.5, math.nan, "0.1", True, 10 ** 400)]
+    bad += [dict(eps=v) for v in (0.0, -1e-5, math.nan, math.inf, "1e-5", None, True, 10**400)]
+    bad += [dict(momentum=v) for v in (-0.1, 1.5, math.nan, "0.1", True, 10**400)]
     bad += [dict(affine=v) for v in (1, None, "yes")] + [dict(track_running_stats=v) for v in (0, "no")]
     bad += [dict(dtype=v) for v in (np.float16, BFLOAT16, np.int32, object, "foo", {"a": 1}, "f4,f4")]
     bad += [dict(process_group=v) for v in (object(), "world")]
@@ -1027,18 +1309,29 @@ def layer_forward_variants(bn, x):
     index[bn.axis] = slice(None)
     one = accepted[tuple(index)]  # one value per channel
     training_tracks = bn.training
-    out = [("good", accepted, OK), ("readonly", readonly(accepted), OK), ("noncontiguous", noncontiguous(accepted), OK),
-           ("negative_stride", negative_stride(accepted), OK), ("nan", _nan_at(accepted), OK),
-           ("one_sample", one, ERROR if training_tracks else OK),
-           ("list", accepted.tolist(), ERROR), ("none", None, ERROR), ("str", "x", ERROR),
-           ("other_float", accepted.astype(other_float_of(sd)), ERROR), ("int", accepted.astype(np.int32), ERROR),
-           ("wrong_channels", np.concatenate([accepted, accepted], axis=bn.axis), ERROR),
-           ("rank1", accepted.reshape(-1), ERROR), ("masked", masked(accepted), ERROR)]
+    out = [
+        ("good", accepted, OK),
+        ("readonly", readonly(accepted), OK),
+        ("noncontiguous", noncontiguous(accepted), OK),
+        ("negative_stride", negative_stride(accepted), OK),
+        ("nan", _nan_at(accepted), OK),
+        ("one_sample", one, ERROR if training_tracks else OK),
+        ("list", accepted.tolist(), ERROR),
+        ("none", None, ERROR),
+        ("str", "x", ERROR),
+        ("other_float", accepted.astype(other_float_of(sd)), ERROR),
+        ("int", accepted.astype(np.int32), ERROR),
+        ("wrong_channels", np.concatenate([accepted, accepted], axis=bn.axis), ERROR),
+        ("rank1", accepted.reshape(-1), ERROR),
+        ("masked", masked(accepted), ERROR),
+    ]
     if sd == np.float32:
         out += [("float16", accepted.astype(np.float16), OK), ("bfloat16", accepted.astype(BFLOAT16), OK)]
     if torch is not None:
-        out += [("torch", to_torch(accepted), OK), ("torch_requires_grad", to_torch(accepted).requires_grad_(True),
-                                                    ERROR)]
+        out += [
+            ("torch", to_torch(accepted), OK),
+            ("torch_requires_grad", to_torch(accepted).requires_grad_(True), ERROR),
+        ]
     return [(label, value, expect, ("axis",) if label == "rank1" else ()) for label, value, expect in out]
 
 
@@ -1053,18 +1346,22 @@ def layer_attribute_variants(bn):
     sd = bn.dtype
     out = []
     if bn.track_running_stats:
-        out += [("running_mean", "readonly", readonly(bn.running_mean), ERROR),
-                ("running_mean", "other_float", bn.running_mean.astype(other_float_of(sd)), ERROR),
-                ("running_var", "noncontiguous", noncontiguous(bn.running_var), OK),
-                ("running_var", "zero_stride", zero_stride(bn.running_var), ERROR),
-                ]
+        out += [
+            ("running_mean", "readonly", readonly(bn.running_mean), ERROR),
+            ("running_mean", "other_float", bn.running_mean.astype(other_float_of(sd)), ERROR),
+            ("running_var", "noncontiguous", noncontiguous(bn.running_var), OK),
+            ("running_var", "zero_stride", zero_stride(bn.running_var), ERROR),
+        ]
         if bn.affine:
             out.append(("running_mean", "shares_weight", bn.weight, ERROR))
         if torch is not None:
             out.append(("running_var", "torch", to_torch(bn.running_var), OK))
     if bn.affine:
-        out += [("weight", "other_float", bn.weight.astype(other_float_of(sd)), ERROR), ("weight", "none", None, OK),
-                ("bias", "short", bn.bias[:-1], ERROR)]
+        out += [
+            ("weight", "other_float", bn.weight.astype(other_float_of(sd)), ERROR),
+            ("weight", "none", None, OK),
+            ("bias", "short", bn.bias[:-1], ERROR),
+        ]
     out += [("momentum", "bad", 2.0, ERROR), ("eps", "bad", -1.0, ERROR)]
     return out
 
@@ -1077,20 +1374,34 @@ def _layer_oracle(bn, x, before):
     if momentum is None:
         momentum = 1.0 / (count + 1) if (bn.training and tracking) else 0.0
     with np.errstate(all="ignore"):
-        return oracle_forward_extended(x, w, b, running_mean=rm if tracking else None,
-                                       running_var=rv if tracking else None, training=bn.training,
-                                       momentum=momentum, eps=bn.eps, axis=bn.axis)
+        return oracle_forward_extended(
+            x,
+            w,
+            b,
+            running_mean=rm if tracking else None,
+            running_var=rv if tracking else None,
+            training=bn.training,
+            momentum=momentum,
+            eps=bn.eps,
+            axis=bn.axis,
+        )
 
 
 def check_layer_forward(bn, label, value, expect, names):
     holders = {k: getattr(bn, k) for k in ("running_mean", "running_var")}
-    before = tuple(None if getattr(bn, k) is None else np.array(host(getattr(bn, k)), np.float64)
-                   for k in ("weight", "bias", "running_mean", "running_var")) + (bn.num_batches_tracked,)
+    before = (
+        *tuple(
+            None if getattr(bn, k) is None else np.array(host(getattr(bn, k)), np.float64)
+            for k in ("weight", "bias", "running_mean", "running_var")
+        ),
+        bn.num_batches_tracked,
+    )
     state = layer_state(bn)
     with np.errstate(all="ignore"):
         guarded = {k: getattr(bn, k) for k in LAYER_STATE if getattr(bn, k) is not None}
-    ok, y = outcome(lambda: bn(value), expect=expect, names=("x",) + names, guarded=guarded,
-                    what=f"layer forward {label}")
+    ok, y = outcome(
+        lambda: bn(value), expect=expect, names=("x", *names), guarded=guarded, what=f"layer forward {label}"
+    )
     if not ok:
         assert layer_state(bn)[1:] == state[1:], "the batch counter, the mode or the kept input changed"
         return
@@ -1099,8 +1410,9 @@ def check_layer_forward(bn, label, value, expect, names):
     o = _layer_oracle(bn, x, before)
     y = host(y)
     with np.errstate(all="ignore"):
-        scale = y_scale(np.where(np.isfinite(x), x, 0), o.mean, o.invstd, before[0], before[1],
-                        bn.axis, stats_tol(x.dtype))
+        scale = y_scale(
+            np.where(np.isfinite(x), x, 0), o.mean, o.invstd, before[0], before[1], bn.axis, stats_tol(x.dtype)
+        )
         assert_close(y, o.y, output_tol(x.dtype), scale=scale, what="layer y")
     if bn.training and bn.track_running_stats:
         assert bn.num_batches_tracked == before[4] + 1
@@ -1108,8 +1420,9 @@ def check_layer_forward(bn, label, value, expect, names):
             holder = holders[k]
             finite = np.isfinite(new)
             kept = host(holder)  # the update is in the memory the layer held before (a torch tensor too)
-            assert_close(kept[finite], new[finite], stats_tol(x.dtype), scale=np.abs(new[finite]) + 1,
-                         what=f"layer {k} in place")
+            assert_close(
+                kept[finite], new[finite], stats_tol(x.dtype), scale=np.abs(new[finite]) + 1, what=f"layer {k} in place"
+            )
     else:
         assert bn.num_batches_tracked == before[4]
 
@@ -1118,20 +1431,29 @@ def check_layer_backward(bn, label, value, expect):
     state = layer_state(bn)
     guarded = {k: getattr(bn, k) for k in LAYER_STATE if getattr(bn, k) is not None}
     if bn._cache is None:  # documented: backward before any forward is a RuntimeError
-        with pytest.raises(RuntimeError, match="^backward: call forward"):
+        with pytest.raises(RuntimeError, match=r"^backward: call forward"):
             bn.backward(value)
         return
-    ok, dx = outcome(lambda: bn.backward(value), expect=expect, names=("dy",), guarded=guarded,
-                     what=f"layer backward {label}")
+    ok, dx = outcome(
+        lambda: bn.backward(value), expect=expect, names=("dy",), guarded=guarded, what=f"layer backward {label}"
+    )
     if not ok:
         assert layer_state(bn)[1:] == state[1:]
         return
     x, saved = bn._cache
-    expected = oracle_backward_from_saved(host(value), host(x), None if bn.weight is None else host(bn.weight), saved,
-                                          bn.axis % host(x).ndim, None)
+    expected = oracle_backward_from_saved(
+        host(value), host(x), None if bn.weight is None else host(bn.weight), saved, bn.axis % host(x).ndim, None
+    )
     with np.errstate(all="ignore"):
-        dxs, _, _ = backward_scales(np.where(np.isfinite(host(x)), host(x), 0), host(value), expected[6][0],
-                                    expected[7][0], expected[5], bn.axis % host(x).ndim, stats_tol(host(x).dtype))
+        dxs, _, _ = backward_scales(
+            np.where(np.isfinite(host(x)), host(x), 0),
+            host(value),
+            expected[6][0],
+            expected[7][0],
+            expected[5],
+            bn.axis % host(x).ndim,
+            stats_tol(host(x).dtype),
+        )
         assert_close(host(dx), expected[0], output_tol(host(x).dtype), scale=dxs, what="layer dx")
     if bn.affine:
         assert bn.grad_weight is not None and bn.grad_bias is not None
@@ -1142,8 +1464,12 @@ def layer_programs(draw):
     variants = layer_ctor_variants()
     good = [v for v in variants if v[1] == OK]
     kwargs, expect, _ = draw(st.sampled_from(good) | st.sampled_from(variants), label="constructor")
-    steps = draw(st.lists(st.sampled_from(("forward", "forward", "backward", "train", "eval", "attribute")),
-                          min_size=1, max_size=6), label="steps")
+    steps = draw(
+        st.lists(
+            st.sampled_from(("forward", "forward", "backward", "train", "eval", "attribute")), min_size=1, max_size=6
+        ),
+        label="steps",
+    )
     return kwargs, expect, steps
 
 
@@ -1152,14 +1478,15 @@ def layer_programs(draw):
 def test_layer_explored(program, data):
     kwargs, expect, steps = program
     kwargs = {"num_features": 3, **kwargs}
-    ok, bn = outcome(lambda: fastbn.BatchNorm(**kwargs), expect=expect, names=tuple(kwargs), guarded={},
-                     what=f"BatchNorm({kwargs})")
+    ok, bn = outcome(
+        lambda: fastbn.BatchNorm(**kwargs), expect=expect, names=tuple(kwargs), guarded={}, what=f"BatchNorm({kwargs})"
+    )
     if not ok:
         return
     if bn.num_features != 3:
         return
     shape, axis = ((4, 3, 5), 1) if bn.axis in (1, -2) else ((4, 2, 3), -1)
-    x = make_x(data.draw(st.integers(0, 2 ** 16), label="seed"), shape, axis, np.float32)
+    x = make_x(data.draw(st.integers(0, 2**16), label="seed"), shape, axis, np.float32)
     last_dy_shape = None
     for step in steps:
         if step == "forward":
@@ -1169,14 +1496,25 @@ def test_layer_explored(program, data):
                 last_dy_shape = host(bn._cache[0]).shape
         elif step == "backward":
             shape_now = last_dy_shape or x.shape
-            dy = np.random.default_rng(1).normal(size=shape_now).astype(
-                np.float64 if bn.dtype == np.float64 else np.float32)
+            dy = (
+                np.random.default_rng(1)
+                .normal(size=shape_now)
+                .astype(np.float64 if bn.dtype == np.float64 else np.float32)
+            )
             if bn._cache is not None:
                 dy = dy.astype(host(bn._cache[0]).dtype)
-            variants = [("good", dy, OK), ("readonly", readonly(dy), OK), ("short", dy[:-1] if dy.shape[0] > 1 else
-                                                                           dy.reshape(-1), ERROR),
-                        ("other_float", dy.astype(other_float_of(dy.dtype)) if dy.dtype != np.float16 else
-                         dy.astype(np.float32), ERROR), ("list", dy.tolist(), EITHER), ("none", None, ERROR)]
+            variants = [
+                ("good", dy, OK),
+                ("readonly", readonly(dy), OK),
+                ("short", dy[:-1] if dy.shape[0] > 1 else dy.reshape(-1), ERROR),
+                (
+                    "other_float",
+                    dy.astype(other_float_of(dy.dtype)) if dy.dtype != np.float16 else dy.astype(np.float32),
+                    ERROR,
+                ),
+                ("list", dy.tolist(), EITHER),
+                ("none", None, ERROR),
+            ]
             label, value, e = data.draw(st.sampled_from(variants), label="dy")
             check_layer_backward(bn, label, value, e)
         elif step in ("train", "eval"):
@@ -1184,8 +1522,13 @@ def test_layer_explored(program, data):
             good = isinstance(mode, (bool, np.bool_))
             training = bn.training
             call = bn.eval if step == "eval" else (lambda mode=mode: bn.train(mode))
-            done, result = outcome(call, expect=OK if step == "eval" or good else ERROR, names=("mode",), guarded={},
-                                   what=f"{step}({mode!r})")
+            done, result = outcome(
+                call,
+                expect=OK if step == "eval" or good else ERROR,
+                names=("mode",),
+                guarded={},
+                what=f"{step}({mode!r})",
+            )
             if done:
                 assert result is bn and bn.training == (False if step == "eval" else bool(mode))
             else:
@@ -1195,8 +1538,9 @@ def test_layer_explored(program, data):
             attr, label, value, e = data.draw(st.sampled_from(options), label="attribute")
             original = getattr(bn, attr)
             setattr(bn, attr, value)
-            check_layer_forward(bn, f"after {attr}={label}", x.astype(np.float64 if bn.dtype == np.float64 else
-                                                                     np.float32), e, (attr,))
+            check_layer_forward(
+                bn, f"after {attr}={label}", x.astype(np.float64 if bn.dtype == np.float64 else np.float32), e, (attr,)
+            )
             setattr(bn, attr, original)
             bn._cache = None  # the meddled call's input is not the next backward's business
 
@@ -1227,8 +1571,16 @@ def test_layer_every_variant():
             for label, value, e, names in layer_forward_variants(bn, x):
                 s.run(f"{kwargs} training={training} forward {label}", check_layer_forward, bn, label, value, e, names)
             for attr, label, value, e in layer_attribute_variants(bn):
-                s.run(f"{kwargs} training={training} {attr}={label}", _meddle, bn, attr, label, value,
-                      x.astype(bn.dtype), e)
+                s.run(
+                    f"{kwargs} training={training} {attr}={label}",
+                    _meddle,
+                    bn,
+                    attr,
+                    label,
+                    value,
+                    x.astype(bn.dtype),
+                    e,
+                )
     s.done(at_least=150)
 
 
@@ -1324,8 +1676,12 @@ def _extreme_checks(label, dtype, values, failures):
         invstd = 1.0 / np.sqrt(var64 + eps)
         # y is normalised with the mean rounded to the stats dtype (saved.mean): that rounding is allowed for
         rounding = np.abs(w.astype(np.float64)) * invstd * np.abs(e_mean) * np.finfo(sd).eps / 2
-        y_allowed = output_tol(dtype).rtol * np.abs(e_y) + output_tol(dtype).atol * y_scale(
-            centred, mean_c, invstd, w, b, 1, tol) + output_tol(dtype).floor + rounding
+        y_allowed = (
+            output_tol(dtype).rtol * np.abs(e_y)
+            + output_tol(dtype).atol * y_scale(centred, mean_c, invstd, w, b, 1, tol)
+            + output_tol(dtype).floor
+            + rounding
+        )
     rm, rv = np.zeros(2, sd), np.ones(2, sd)
     got = run("forward (training)", lambda: fastbn.forward(x, w, b, running_mean=rm, running_var=rv, momentum=0.5))
     if got is not None:
@@ -1366,8 +1722,9 @@ def test_extreme_values_against_exact_arithmetic():
             y, saved = fastbn.forward(x)
         for what, got in (("moments mean", mean), ("saved.mean", saved.mean)):
             if not np.array_equal(np.asarray(got, np.float64)[:3], expected_mean[:3], equal_nan=True):
-                failures.append(f"{np.dtype(dtype).name} +-Inf channels: {what} = {got[:3]}, "
-                                f"expected {expected_mean[:3]}")
+                failures.append(
+                    f"{np.dtype(dtype).name} +-Inf channels: {what} = {got[:3]}, expected {expected_mean[:3]}"
+                )
         if not (np.isnan(var[:3]).all() and np.isnan(y[:, :3]).all() and np.isfinite(y[:, 3]).all()):
             failures.append(f"{np.dtype(dtype).name} +-Inf channels: var {var}, y {y}")
     assert not failures, f"{len(failures)} extreme-value results are wrong:\n" + "\n".join(failures)
@@ -1378,8 +1735,10 @@ def _batch(dtype=np.float32, shape=(4, 3, 5)):
     return make_x(0, shape, 1, dtype)
 
 
-LIST_MESSAGE = (r"^{}: a Python (list|tuple) was converted to a float64 array \(NumPy's default\), "
-                r"but \w+(\.\w+)? is float32")
+LIST_MESSAGE = (
+    r"^{}: a Python (list|tuple) was converted to a float64 array \(NumPy's default\), "
+    r"but \w+(\.\w+)? is float32"
+)
 
 
 def test_fix_a_list_input_is_blamed_not_the_float32_arrays_beside_it():
@@ -1390,8 +1749,10 @@ def test_fix_a_list_input_is_blamed_not_the_float32_arrays_beside_it():
     _, saved = fastbn.forward(x, w, b)
     calls = {
         "forward": ("x", lambda: fastbn.forward(x.tolist(), w, b)),
-        "forward, running stats only": ("x", lambda: fastbn.forward(x.tolist(), running_mean=rm.copy(),
-                                                                   running_var=rv.copy())),
+        "forward, running stats only": (
+            "x",
+            lambda: fastbn.forward(x.tolist(), running_mean=rm.copy(), running_var=rv.copy()),
+        ),
         "forward, residual only": ("x", lambda: fastbn.forward(nested_tuple(x), residual=x)),
         "normalize": ("x", lambda: fastbn.normalize(x.tolist(), rm, rv)),
         "fold": ("layer_weight", lambda: fastbn.fold(x[:, :, 0].T.tolist(), None, rm, rv, w, b)),
@@ -1418,7 +1779,7 @@ def test_fix_numbers_too_large_for_a_float_are_value_errors():
     """fastbn/_options.py:_as_float (check_eps, check_momentum, check_renorm): float(10**400) raised OverflowError."""
     x = _batch()
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    huge = 10 ** 400
+    huge = 10**400
     cases = [
         ("eps", lambda: fastbn.forward(x, eps=huge)),
         ("eps", lambda: fastbn.normalize(x, rm, rv, eps=huge)),
@@ -1458,8 +1819,13 @@ def test_fix_tampered_saved_fields_are_named_as_fields_of_saved():
         (TypeError, "^saved.mean: is a masked array", dict(mean=np.ma.masked_array(saved.mean))),
     ]
     if torch is not None:
-        cases.append((TypeError, "^saved.mean: expected an array of dtype float32, got Tensor",
-                      dict(mean=torch.from_numpy(saved.mean))))
+        cases.append(
+            (
+                TypeError,
+                "^saved.mean: expected an array of dtype float32, got Tensor",
+                dict(mean=torch.from_numpy(saved.mean)),
+            )
+        )
     for exc, message, fields in cases:
         with pytest.raises(exc, match=message):
             fastbn.backward(np.ones_like(x), x, None, saved._replace(**fields))
@@ -1486,15 +1852,18 @@ def test_fix_saved_combinations_that_forward_never_makes_are_refused():
     crashed inside Numba; renorm's r and d with ghost batches were taken although forward never combines them."""
     x = _batch()
     y, saved = fastbn.forward(x, activation="relu", residual=x)
-    for fields in (dict(process_group=Collective()), dict(process_group=Collective(), residual=False),
-                   dict(process_group=Collective(), activation=None)):
-        with pytest.raises(TypeError, match="^saved.process_group: expected None together with saved"):
+    for fields in (
+        dict(process_group=Collective()),
+        dict(process_group=Collective(), residual=False),
+        dict(process_group=Collective(), activation=None),
+    ):
+        with pytest.raises(TypeError, match=r"^saved.process_group: expected None together with saved"):
             fastbn.backward(np.ones_like(x), x, None, saved._replace(**fields), y=y)
     _, ghost = fastbn.forward(x, virtual_batch_size=2)
-    with pytest.raises(TypeError, match="^saved.process_group: expected None together with saved.virtual_batch_size"):
+    with pytest.raises(TypeError, match=r"^saved.process_group: expected None together with saved.virtual_batch_size"):
         fastbn.backward(np.ones_like(x), x, None, ghost._replace(process_group=Collective()))
     r, d = np.ones(3, np.float32), np.zeros(3, np.float32)
-    with pytest.raises(TypeError, match="^saved.r: expected None with ghost batches"):
+    with pytest.raises(TypeError, match=r"^saved.r: expected None with ghost batches"):
         fastbn.backward(np.ones_like(x), x, None, ghost._replace(r=r, d=d))
     _, plain = fastbn.forward(x)  # a process group of one on a plain Saved is synchronised batch norm: fine
     synced = fastbn.backward(np.ones_like(x), x, None, plain._replace(process_group=Collective()))
@@ -1503,8 +1872,8 @@ def test_fix_saved_combinations_that_forward_never_makes_are_refused():
 
 def test_fix_layer_num_features_beyond_any_array_is_named():
     """fastbn/layer.py:_check_num_features: 10**400 channels reached np.ones, whose ValueError named nothing."""
-    for value in (10 ** 400, 2 ** 63, np.iinfo(np.intp).max):
-        with pytest.raises(ValueError, match="^num_features: expected a positive integer"):
+    for value in (10**400, 2**63, np.iinfo(np.intp).max):
+        with pytest.raises(ValueError, match=r"^num_features: expected a positive integer"):
             fastbn.BatchNorm(value)
 
 
@@ -1540,8 +1909,9 @@ def test_float32_scale_overflow_gives_what_pytorch_gives(case):
     b = np.full(3, 0.5, np.float32)
     eps = 1e-300 if case == "tiny eps" else 1e-5
     y, _ = _no_runtime_warning(lambda: fastbn.forward(x, w, b, eps=eps))
-    expected = torch.nn.functional.batch_norm(torch.from_numpy(x), None, None, torch.from_numpy(w),
-                                              torch.from_numpy(b), training=True, eps=eps).numpy()
+    expected = torch.nn.functional.batch_norm(
+        torch.from_numpy(x), None, None, torch.from_numpy(w), torch.from_numpy(b), training=True, eps=eps
+    ).numpy()
     np.testing.assert_array_equal(y, expected)
 
 
@@ -1550,8 +1920,9 @@ def test_fix_host_arithmetic_does_not_warn(case):
     """IEEE results on the host (1/0 with eps = 0, 1/sqrt(tiny) cast to float32) without a RuntimeWarning."""
     x, z = _batch(), np.zeros(3, np.float32)
     calls = {
-        "eval eps=0 zero variance": lambda: fastbn.forward(x, running_mean=z.copy(), running_var=z.copy(),
-                                                           training=False, eps=0.0),
+        "eval eps=0 zero variance": lambda: fastbn.forward(
+            x, running_mean=z.copy(), running_var=z.copy(), training=False, eps=0.0
+        ),
         "normalize tiny eps": lambda: fastbn.normalize(x, z, z, eps=1e-300),
         "fold tiny eps": lambda: fastbn.fold(np.ones((3, 2), np.float32), None, z, z, None, None, eps=1e-300),
     }
@@ -1566,7 +1937,7 @@ def test_fix_a_broken_collective_in_backward_is_named(returned):
 
     x = _batch()
     _, saved = fastbn.forward(x, process_group=Collective())
-    with pytest.raises((TypeError, ValueError), match="^(saved.)?process_group: "):
+    with pytest.raises((TypeError, ValueError), match=r"^(saved.)?process_group: "):
         fastbn.backward(np.ones_like(x), x, None, saved._replace(process_group=Broken()))
 
 

@@ -24,6 +24,7 @@ import pytest
 
 import fastbn
 from fastbn.backends.cpu import alloc as _alloc
+
 from oracle import oracle_backward, oracle_forward
 from strategies import BFLOAT16
 
@@ -302,8 +303,18 @@ def test_public_empty_cache():
     assert "empty_cache" in fastbn.__all__
 
 
-@pytest.mark.parametrize("text, expected", [("0", 0), ("12345", 12345), ("64M", 64 * MiB), ("1g", 1 << 30),
-                                            ("512MiB", 512 * MiB), ("1.5G", 3 << 29), ("8k", 8192)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0", 0),
+        ("12345", 12345),
+        ("64M", 64 * MiB),
+        ("1g", 1 << 30),
+        ("512MiB", 512 * MiB),
+        ("1.5G", 3 << 29),
+        ("8k", 8192),
+    ],
+)
 def test_parse_bytes(text, expected):
     assert _alloc.parse_bytes(text) == expected
 
@@ -333,8 +344,10 @@ print(_alloc.POOL.cap, _alloc.default_cap(), a.flags.owndata)
 """
 
 
-@pytest.mark.parametrize("value, cap, owndata", [("0", "0", True), ("64M", str(64 * MiB), False),
-                                                 (None, "default", False), ("junk", "default", False)])
+@pytest.mark.parametrize(
+    "value, cap, owndata",
+    [("0", "0", True), ("64M", str(64 * MiB), False), (None, "default", False), ("junk", "default", False)],
+)
 def test_environment_variable(value, cap, owndata):
     env = dict(os.environ)
     env.pop(_alloc.ENV_VAR, None)
@@ -372,7 +385,7 @@ def test_concurrent_threads_never_share_live_memory():
     def worker(seed):
         try:
             work(seed)
-        except Exception as error:  # noqa: BLE001 - reported by the main thread
+        except Exception as error:
             errors.append(repr(error))
 
     def work(seed):

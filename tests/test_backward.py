@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastbn
+
 from oracle import oracle_backward, oracle_forward, oracle_moments, per_channel, reduce_axes
 from strategies import (
     EPSILONS,
@@ -29,8 +30,17 @@ def test_backward_matches_oracle(inp, data):
     case, p = inp.case, inp.params
     x = case.x
     rm, rv = inp.running_copies()
-    y, saved = fastbn.forward(x, p.weight, p.bias, running_mean=rm, running_var=rv, training=inp.training,
-                              momentum=inp.momentum, eps=inp.eps, axis=case.axis)
+    _y, saved = fastbn.forward(
+        x,
+        p.weight,
+        p.bias,
+        running_mean=rm,
+        running_var=rv,
+        training=inp.training,
+        momentum=inp.momentum,
+        eps=inp.eps,
+        axis=case.axis,
+    )
     # dy gets a layout of its own: it need not share x's strides
     dy = like(case, case.rng(2).standard_normal(x.shape), layout=data.draw(layouts(x.ndim), label="dy layout"))
     x_before, dy_before = x.copy(), dy.copy()
@@ -39,8 +49,16 @@ def test_backward_matches_oracle(inp, data):
 
     dx, dweight, dbias = fastbn.backward(dy, x, p.weight, saved, axis=axis)
 
-    o = oracle_forward(x, p.weight, p.bias, running_mean=p.running_mean, running_var=p.running_var,
-                       training=inp.training, eps=inp.eps, axis=case.axis)
+    o = oracle_forward(
+        x,
+        p.weight,
+        p.bias,
+        running_mean=p.running_mean,
+        running_var=p.running_var,
+        training=inp.training,
+        eps=inp.eps,
+        axis=case.axis,
+    )
     e_dx, e_dweight, e_dbias = oracle_backward(dy, x, p.weight, o.mean, o.invstd, o.batch_stats, case.axis)
 
     assert isinstance(dx, np.ndarray) and dx.dtype == case.dtype and dx.shape == x.shape
@@ -75,9 +93,18 @@ def _numerical_gradients(forward, R, x, weight, bias, h_x):
 
 
 @given(
-    cases(dtypes=(np.float64,), max_elems=40, allow_large=False, max_rank=4, offset_ratios=(0.0, 1.0, 5.0),
-          scale_exponents=(-1, 1)),
-    st.booleans(), st.booleans(), st.booleans(), st.sampled_from(EPSILONS),
+    cases(
+        dtypes=(np.float64,),
+        max_elems=40,
+        allow_large=False,
+        max_rank=4,
+        offset_ratios=(0.0, 1.0, 5.0),
+        scale_exponents=(-1, 1),
+    ),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from(EPSILONS),
 )
 def test_backward_matches_finite_differences(case, training, running, has_weight, eps):
     """float64: backward is the gradient of forward, d/dx sum(y * R) for a random R."""
@@ -85,31 +112,48 @@ def test_backward_matches_finite_differences(case, training, running, has_weight
     x = case.x
     R = case.rng(3).standard_normal(x.shape)
     rm, rv = (None, None) if not running else (p.running_mean.copy(), p.running_var.copy())
-    _, saved = fastbn.forward(x, p.weight, p.bias, running_mean=rm, running_var=rv, training=training, eps=eps,
-                              axis=case.axis)
+    _, saved = fastbn.forward(
+        x, p.weight, p.bias, running_mean=rm, running_var=rv, training=training, eps=eps, axis=case.axis
+    )
     dx, dweight, dbias = fastbn.backward(R, x, p.weight, saved, axis=case.axis)
 
     def forward(xv, wv, bv):
-        return oracle_forward(xv, wv, bv, running_mean=p.running_mean, running_var=p.running_var,
-                              training=training, eps=eps, axis=case.axis).y
+        return oracle_forward(
+            xv,
+            wv,
+            bv,
+            running_mean=p.running_mean,
+            running_var=p.running_var,
+            training=training,
+            eps=eps,
+            axis=case.axis,
+        ).y
 
     # The step is 1e-5 of each channel's sqrt(var + eps), the scale on which y curves: a fixed
     # step is too coarse for a channel whose few values happen to lie close together.
     _, var = oracle_moments(x, case.axis)
     h_x = np.broadcast_to(per_channel(1e-5 * np.sqrt(var + eps), x.ndim, case.axis), x.shape)
     weight = np.ones(case.channels) if p.weight is None else p.weight.astype(np.float64)
-    fd_dx, fd_dweight, fd_dbias = _numerical_gradients(forward, R, np.array(x, np.float64), weight,
-                                                       p.bias.copy(), h_x)
+    fd_dx, fd_dweight, fd_dbias = _numerical_gradients(forward, R, np.array(x, np.float64), weight, p.bias.copy(), h_x)
 
     # Per-channel scales: the size each gradient would have without cancellation, so that a
     # gradient that cancels to ~0 (e.g. two elements per channel) is compared at the precision
     # of its terms.
-    o = oracle_forward(x, p.weight, p.bias, running_mean=p.running_mean, running_var=p.running_var,
-                       training=training, eps=eps, axis=case.axis)
+    o = oracle_forward(
+        x,
+        p.weight,
+        p.bias,
+        running_mean=p.running_mean,
+        running_var=p.running_var,
+        training=training,
+        eps=eps,
+        axis=case.axis,
+    )
     nd, axes = x.ndim, reduce_axes(x.ndim, case.axis)
     y_hat = np.abs((x - per_channel(o.mean, nd, case.axis)) * per_channel(o.invstd, nd, case.axis))
-    dx_scale = (np.max(np.abs(R), axis=axes) * o.invstd * np.abs(weight) * (1 + np.max(y_hat, axis=axes)))
+    dx_scale = np.max(np.abs(R), axis=axes) * o.invstd * np.abs(weight) * (1 + np.max(y_hat, axis=axes))
     assert_close(dx, fd_dx, FD_TOL, scale=per_channel(dx_scale, nd, case.axis), what="dx vs finite differences")
-    assert_close(dweight, fd_dweight, FD_TOL, scale=np.sum(np.abs(R) * y_hat, axis=axes),
-                 what="dweight vs finite differences")
+    assert_close(
+        dweight, fd_dweight, FD_TOL, scale=np.sum(np.abs(R) * y_hat, axis=axes), what="dweight vs finite differences"
+    )
     assert_close(dbias, fd_dbias, FD_TOL, scale=np.sum(np.abs(R), axis=axes), what="dbias vs finite differences")

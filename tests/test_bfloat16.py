@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_fused import _ghost_split, _oracle, _run_forward, _y_allowed_scale, fused_options
 
 import fastbn
 from fastbn.backends.cpu.loops import cast_to, load
 from fastbn.layer import BatchNorm
+
 from oracle import oracle_backward, oracle_backward_extended, oracle_forward, oracle_moments, oracle_normalize
 from strategies import (
     BFLOAT16,
@@ -42,7 +44,6 @@ from strategies import (
     var_scale,
     y_scale,
 )
-from test_fused import _ghost_split, _oracle, _run_forward, _y_allowed_scale, fused_options
 
 OUT_TOL = output_tol(BFLOAT16)
 ST_TOL = stats_tol(BFLOAT16)  # float32's: statistics of bfloat16 input are float32
@@ -91,9 +92,29 @@ def test_rounding_matches_ml_dtypes_bit_for_bit():
     the tie, all ones), subnormals, overflow to Inf, NaNs of every kind, and random bits."""
     high = np.arange(1 << 16, dtype=np.uint32) << 16
     low = np.array([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
-    special = [0x00000000, 0x80000000, 0x00000001, 0x00008000, 0x00018000, 0x007FFFFF, 0x00800000,
-               0x3F808000, 0x3F818000, 0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000,
-               0xFF800000, 0x7F800001, 0x7F80FFFF, 0x7FC00000, 0x7FFFFFFF, 0xFF800001, 0xFFFFFFFF]
+    special = [
+        0x00000000,
+        0x80000000,
+        0x00000001,
+        0x00008000,
+        0x00018000,
+        0x007FFFFF,
+        0x00800000,
+        0x3F808000,
+        0x3F818000,
+        0x7F7F7FFF,
+        0x7F7F8000,
+        0x7F7FFFFF,
+        0xFF7FFFFF,
+        0x7F800000,
+        0xFF800000,
+        0x7F800001,
+        0x7F80FFFF,
+        0x7FC00000,
+        0x7FFFFFFF,
+        0xFF800001,
+        0xFFFFFFFF,
+    ]
     random = np.random.default_rng(0).integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32)
     values = _bits_to_float32(np.concatenate([(high[:, None] | low).ravel(), special, random]))
     got = np.empty(values.size, np.int16)
@@ -101,12 +122,22 @@ def test_rounding_matches_ml_dtypes_bit_for_bit():
     with np.errstate(invalid="ignore", over="ignore"):
         expected = values.astype(BFLOAT16).view(np.int16)
     wrong = np.flatnonzero(got != expected)
-    assert wrong.size == 0, [(hex(values.view(np.uint32)[i]), hex(got.view(np.uint16)[i]),
-                              hex(expected.view(np.uint16)[i])) for i in wrong[:5]]
+    assert wrong.size == 0, [
+        (hex(values.view(np.uint32)[i]), hex(got.view(np.uint16)[i]), hex(expected.view(np.uint16)[i]))
+        for i in wrong[:5]
+    ]
     # The cases spelled out: a tie rounds to the even neighbour, just past the largest finite
     # value is Inf, and a NaN whose payload lies in the dropped half is still a NaN.
-    for word, result in ((0x3F808000, 0x3F80), (0x3F818000, 0x3F82), (0x7F7F7FFF, 0x7F7F), (0x7F7F8000, 0x7F80),
-                         (0x00008000, 0x0000), (0x00018000, 0x0002), (0x7F800001, 0x7FC0), (0xFF800001, 0xFFC0)):
+    for word, result in (
+        (0x3F808000, 0x3F80),
+        (0x3F818000, 0x3F82),
+        (0x7F7F7FFF, 0x7F7F),
+        (0x7F7F8000, 0x7F80),
+        (0x00008000, 0x0000),
+        (0x00018000, 0x0002),
+        (0x7F800001, 0x7FC0),
+        (0xFF800001, 0xFFC0),
+    ):
         out = np.empty(1, np.int16)
         _narrow(_bits_to_float32([word]), out)
         assert out.view(np.uint16)[0] == result, hex(word)
@@ -130,8 +161,13 @@ def test_forward_matches_oracle(inp, data):
     scale_mean = np.stack([mean_scale(xg, m, case.axis) for xg, m, _ in groups]).reshape(o.mean.shape)
     assert_close(saved.mean, o.mean, ST_TOL, scale=scale_mean, what="saved.mean")
     if len(groups) == 1:
-        assert_close(saved.invstd, o.invstd, ST_TOL, scale=invstd_scale(case.x, o.mean, o.invstd, case.axis, ST_TOL),
-                     what="saved.invstd")
+        assert_close(
+            saved.invstd,
+            o.invstd,
+            ST_TOL,
+            scale=invstd_scale(case.x, o.mean, o.invstd, case.axis, ST_TOL),
+            what="saved.invstd",
+        )
     if o.r is not None:
         k = (np.abs(o.mean) + np.abs(p.running_mean)) * o.invstd
         assert_close(saved.r, o.r, ST_TOL, scale=np.abs(o.r) * (1 + k), what="r")
@@ -140,11 +176,13 @@ def test_forward_matches_oracle(inp, data):
         assert rm.dtype == F32 and rv.dtype == F32
         m, n = inp.momentum, case.count // len(groups)
         spread = np.stack([mean_scale(xg, mm, case.axis) for xg, mm, _ in groups]).max(0)
-        group_var = np.stack([var_scale(xg, mm, 1.0 / inv**2 - inp.eps, case.axis, ST_TOL)
-                              for xg, mm, inv in groups]).max(0)
+        group_var = np.stack(
+            [var_scale(xg, mm, 1.0 / inv**2 - inp.eps, case.axis, ST_TOL) for xg, mm, inv in groups]
+        ).max(0)
         assert_close(rm, o.running_mean, ST_TOL, scale=np.abs(p.running_mean) + m * spread, what="running_mean")
-        assert_close(rv, o.running_var, ST_TOL, scale=np.abs(p.running_var) + m * n / (n - 1) * group_var,
-                     what="running_var")
+        assert_close(
+            rv, o.running_var, ST_TOL, scale=np.abs(p.running_var) + m * n / (n - 1) * group_var, what="running_var"
+        )
     elif p.running_mean is not None:
         assert rm.tobytes() == p.running_mean.tobytes() and rv.tobytes() == p.running_var.tobytes()
     assert np.array_equal(case.x, x_before, equal_nan=True)
@@ -182,8 +220,18 @@ def test_backward_matches_oracle(inp, data):
     out = fastbn.backward(dy, case.x, p.weight, saved, axis=case.axis, y=y if relu else None)
     o = _oracle(inp, options)
     e_dx, e_dweight, e_dbias, e_dres = oracle_backward_extended(
-        dy, case.x, p.weight, o.mean, o.invstd, o.batch_stats, case.axis, y=y if relu else None, r=o.r, d=o.d,
-        virtual_batch_size=options.get("virtual_batch_size"))
+        dy,
+        case.x,
+        p.weight,
+        o.mean,
+        o.invstd,
+        o.batch_stats,
+        case.axis,
+        y=y if relu else None,
+        r=o.r,
+        d=o.d,
+        virtual_batch_size=options.get("virtual_batch_size"),
+    )
     dx, dweight, dbias = out[:3]
     g = np.where(np.asarray(y, np.float64) > 0, np.asarray(dy, np.float64), 0.0) if relu else np.asarray(dy, float)
     w = np.ones(case.channels) if p.weight is None else p.weight.astype(np.float64)
@@ -223,9 +271,13 @@ def test_dx_sums_to_zero_per_channel(inp):
 # ---------------------------------------------------- layouts, deterministic ---
 # Both kernel layouts and the copies: NCHW (SLAB), NHWC with axis=-1 and a channels-last view
 # with axis=1 (ROWS), a transposed and a strided (negative step) view.
-LAYOUT_CASES = [((6, 5, 7, 9), 1, ("contiguous", ())), ((6, 7, 9, 5), -1, ("contiguous", ())),
-                ((6, 5, 7, 9), 1, ("channels_last", ())), ((6, 5, 7, 9), 1, ("transposed", (2, 0, 3, 1))),
-                ((6, 5, 7, 9), 1, ("strided", (3, -2)))]
+LAYOUT_CASES = [
+    ((6, 5, 7, 9), 1, ("contiguous", ())),
+    ((6, 7, 9, 5), -1, ("contiguous", ())),
+    ((6, 5, 7, 9), 1, ("channels_last", ())),
+    ((6, 5, 7, 9), 1, ("transposed", (2, 0, 3, 1))),
+    ((6, 5, 7, 9), 1, ("strided", (3, -2))),
+]
 assert {kind for _, _, (kind, _) in LAYOUT_CASES} == set(LAYOUTS)
 
 
@@ -260,9 +312,9 @@ def test_float32_parameters_only_and_dtype_messages_name_bfloat16():
     x = np.ones((4, 3), BFLOAT16)
     with pytest.raises(TypeError, match=r"^weight: expected dtype float32 \(to match the input\), got bfloat16"):
         fastbn.forward(x, np.ones(3, BFLOAT16))
-    with pytest.raises(TypeError, match="^x: expected dtype float16, bfloat16, float32 or float64, got int16"):
+    with pytest.raises(TypeError, match=r"^x: expected dtype float16, bfloat16, float32 or float64, got int16"):
         fastbn.forward(x.view(np.int16))
-    with pytest.raises(TypeError, match="^dy: expected the dtype of x"):
+    with pytest.raises(TypeError, match=r"^dy: expected the dtype of x"):
         fastbn.backward(np.ones((4, 3), np.float16), x, None, fastbn.forward(x)[1])
 
 
@@ -292,8 +344,11 @@ def test_torch_bfloat16_tensors_are_viewed_not_copied(memory_format):
     assert array.strides == tuple(2 * s for s in t.stride())
     assert np.array_equal(array.astype(np.float32), t.float().numpy())
     # an output fastbn allocates goes back as a bfloat16 tensor over the same memory
-    out = np.moveaxis(alloc.empty((2, 4, 5, 3), BFLOAT16), -1, 1) if memory_format == "channels_last" else \
-        alloc.empty((2, 3, 4, 5), BFLOAT16)
+    out = (
+        np.moveaxis(alloc.empty((2, 4, 5, 3), BFLOAT16), -1, 1)
+        if memory_format == "channels_last"
+        else alloc.empty((2, 3, 4, 5), BFLOAT16)
+    )
     restored = views.restorer(t)(out)
     assert restored.dtype == torch.bfloat16 and restored.data_ptr() == out.ctypes.data
     assert restored.stride() == t.stride()
@@ -320,15 +375,17 @@ def test_torch_bfloat16_matches_torch_batch_norm(memory_format, training):
     assert y.is_contiguous(memory_format=fmt) and saved.mean.dtype == F32  # saved stays NumPy
 
     x64 = x.double().numpy()
-    o = oracle_forward(x64, w.numpy(), b.numpy(), running_mean=rm0.numpy(), running_var=rv0.numpy(),
-                       training=training, momentum=0.2)
+    o = oracle_forward(
+        x64, w.numpy(), b.numpy(), running_mean=rm0.numpy(), running_var=rv0.numpy(), training=training, momentum=0.2
+    )
     allowed = allowed_error(o.y, OUT_TOL, y_scale(x64, o.mean, o.invstd, w.numpy(), b.numpy(), 1, ST_TOL))
     assert_within(y.double().numpy(), o.y, allowed, "fastbn's y vs the oracle")
     assert_within(expected.double().numpy(), o.y, allowed, "torch's y vs the oracle")
     assert_within(y.double().numpy(), expected.double().numpy(), 2 * allowed, "fastbn's y vs torch's")
     for mine, theirs, what in ((rm, trm, "running_mean"), (rv, trv, "running_var")):
-        assert_close(mine.numpy(), theirs.numpy().astype(np.float64), ST_TOL, scale=np.abs(theirs.numpy()) + 1,
-                     what=what)
+        assert_close(
+            mine.numpy(), theirs.numpy().astype(np.float64), ST_TOL, scale=np.abs(theirs.numpy()) + 1, what=what
+        )
 
     # backward against torch's autograd on the same tensors
     dy = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32)).to(torch.bfloat16, memory_format=fmt)
@@ -340,8 +397,10 @@ def test_torch_bfloat16_matches_torch_batch_norm(memory_format, training):
     dx_scale, dw_scale, db_scale = backward_scales(x64, dy.double().numpy(), o.mean, o.invstd, w.numpy(), 1, ST_TOL)
     for got, what in ((dx, "fastbn's dx"), (tx.grad, "torch's dx")):
         assert_close(got.double().numpy(), e_dx, OUT_TOL, scale=dx_scale, what=what)
-    for got, theirs, e, scale, what in ((dweight, tw.grad, e_dw, dw_scale, "dweight"), (dbias, tb.grad, e_db, db_scale,
-                                                                                         "dbias")):
+    for got, theirs, e, scale, what in (
+        (dweight, tw.grad, e_dw, dw_scale, "dweight"),
+        (dbias, tb.grad, e_db, db_scale, "dbias"),
+    ):
         assert_close(got.numpy(), e, ST_TOL, scale=scale, what=what)
         assert_close(theirs.numpy(), e, ST_TOL, scale=scale, what=f"torch's {what}")
 
@@ -368,7 +427,7 @@ def test_jax_bfloat16_arrays():
     assert isinstance(y, jax.Array) and y.dtype == jnp.bfloat16 and saved.mean.dtype == F32
     o = oracle_forward(x_np)
     assert_close(np.asarray(y), o.y, OUT_TOL, scale=y_scale(x_np, o.mean, o.invstd, None, None, 1, ST_TOL), what="y")
-    y2, (mean, var) = batch_norm(x, running_mean=jnp.zeros(3), running_var=jnp.ones(3))
+    y2, (mean, _var) = batch_norm(x, running_mean=jnp.zeros(3), running_var=jnp.ones(3))
     assert y2.dtype == jnp.bfloat16 and mean.dtype == F32
     assert np.array_equal(np.asarray(y2), np.asarray(y))
     grad = jax.grad(lambda x: jnp.sum(batch_norm(x)[0].astype(jnp.float32) ** 3))(x)
@@ -385,7 +444,7 @@ def test_layer_takes_bfloat16_numpy_and_torch_input():
     assert_close(y, o.y, OUT_TOL, scale=y_scale(x, o.mean, o.invstd, None, None, 1, ST_TOL), what="layer y")
     dx = bn.backward(np.ones_like(y))
     assert dx.dtype == BFLOAT16 and bn.grad_weight.dtype == F32
-    with pytest.raises(ValueError, match="^dtype: bfloat16 parameters are not supported"):
+    with pytest.raises(ValueError, match=r"^dtype: bfloat16 parameters are not supported"):
         BatchNorm(4, dtype=BFLOAT16)
     with pytest.raises(TypeError, match="takes float16, bfloat16 or float32 input, got int32"):
         bn(x.astype(np.int32))
@@ -397,7 +456,7 @@ def test_layer_takes_bfloat16_numpy_and_torch_input():
 def test_output_tolerance_is_the_derived_bound():
     """The tolerance is the rounding bound itself (half a bfloat16 ulp), not a looser number, and it
     is attained: rounding float32 values to bfloat16 costs up to it and never more."""
-    assert OUT_TOL == Tol(rtol=2.0**-8, atol=ST_TOL.atol * (1 + 2.0**-8), floor=2.0**-134)
+    assert Tol(rtol=2.0**-8, atol=ST_TOL.atol * (1 + 2.0**-8), floor=2.0**-134) == OUT_TOL
     values = np.random.default_rng(8).uniform(1.0, 2.0, 1 << 16).astype(np.float32)
     error = np.abs(values.astype(BFLOAT16).astype(np.float64) - values) / values
     assert error.max() <= 2.0**-8 and error.max() > 0.99 * 2.0**-8

@@ -32,8 +32,7 @@ SIMULATOR_PARTS = {
 @pytest.mark.parametrize("part", sorted(SIMULATOR_PARTS))
 def test_gpu_tests_pass_under_the_cuda_simulator(part):
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    command = [sys.executable, "-m", "pytest", *SIMULATOR_PARTS[part], "-q", "-p", "no:cacheprovider",
-               "-p", "no:xdist"]
+    command = [sys.executable, "-m", "pytest", *SIMULATOR_PARTS[part], "-q", "-p", "no:cacheprovider", "-p", "no:xdist"]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     summary = output.strip().splitlines()[-1] if output.strip() else ""
@@ -86,14 +85,17 @@ _WITHOUT_NUMBA_CUDA = textwrap.dedent(
 def test_cpu_use_needs_no_cuda_package():
     """``import fastbn`` and every CPU call work when numba.cuda cannot be imported; a GPU
     array then gets a clear error."""
-    proc = subprocess.run([sys.executable, "-c", _WITHOUT_NUMBA_CUDA], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_NUMBA_CUDA], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
 def test_cpu_use_imports_no_cuda_package():
-    script = ("import sys, numpy as np, fastbn; fastbn.forward(np.ones((4, 3), np.float32)); "
-              "print(sorted(m for m in sys.modules if m == 'numba.cuda' or m.startswith(('numba.cuda.', 'cuda.'))))")
+    script = (
+        "import sys, numpy as np, fastbn; fastbn.forward(np.ones((4, 3), np.float32)); "
+        "print(sorted(m for m in sys.modules if m == 'numba.cuda' or m.startswith(('numba.cuda.', 'cuda.'))))"
+    )
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout

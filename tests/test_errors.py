@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fastbn
+
 from strategies import BFLOAT16, stats_dtype
 
 DTYPES = [np.float16, BFLOAT16, np.float32, np.float64]
@@ -97,17 +98,34 @@ FORWARD_ERRORS = [
     ("only-running_var", ValueError, "running_(mean|var)", _set(running_mean=None)),
     ("empty-batch", ValueError, "x", _set(x=lambda a: a["x"][:0])),
     ("empty-batch-eval", ValueError, "x", _set(x=lambda a: a["x"][:, :, :0], training=False)),
-    ("no-channels", ValueError, "x", _set(x=lambda a: a["x"][:, :0], weight=None, bias=None,
-                                         running_mean=lambda a: a["running_mean"][:0],
-                                         running_var=lambda a: a["running_var"][:0])),
+    (
+        "no-channels",
+        ValueError,
+        "x",
+        _set(
+            x=lambda a: a["x"][:, :0],
+            weight=None,
+            bias=None,
+            running_mean=lambda a: a["running_mean"][:0],
+            running_var=lambda a: a["running_var"][:0],
+        ),
+    ),
     ("one-value-NC", ValueError, ONE_VALUE, _set(x=lambda a: a["x"][:1, :, 0])),
     ("one-value-NCHW", ValueError, ONE_VALUE, _set(x=lambda a: a["x"][:1, :, :1, None])),
-    ("one-value-channels-last", ValueError, ONE_VALUE,
-     _set(x=lambda a: np.ascontiguousarray(a["x"][:1, :, :1].transpose(0, 2, 1)), axis=-1)),
+    (
+        "one-value-channels-last",
+        ValueError,
+        ONE_VALUE,
+        _set(x=lambda a: np.ascontiguousarray(a["x"][:1, :, :1].transpose(0, 2, 1)), axis=-1),
+    ),
     ("one-value-axis0", ValueError, ONE_VALUE, _set(x=lambda a: a["x"][:1, :, 0].T, axis=0)),
     ("eps-zero", ValueError, "eps", _set(eps=0.0)),
-    ("eps-zero-batch-stats-in-eval", ValueError, "eps", _set(eps=0.0, training=False, running_mean=None,
-                                                             running_var=None)),
+    (
+        "eps-zero-batch-stats-in-eval",
+        ValueError,
+        "eps",
+        _set(eps=0.0, training=False, running_mean=None, running_var=None),
+    ),
     ("eps-negative", ValueError, "eps", _set(eps=-1e-5)),
     ("eps-nan", ValueError, "eps", _set(eps=float("nan"))),
     ("eps-inf", ValueError, "eps", _set(eps=float("inf"))),
@@ -119,17 +137,24 @@ FORWARD_ERRORS = [
     ("activation-unknown", ValueError, "activation", _set(activation="gelu")),
     ("activation-callable", TypeError, "activation", _set(activation=lambda a: max)),
     ("residual-shape", ValueError, "residual", _set(residual=lambda a: a["x"][:, :, :4])),
-    ("residual-dtype", TypeError, "residual",
-     _set(residual=lambda a: a["x"].astype(np.float64 if a["x"].dtype != np.float64 else np.float32))),
+    (
+        "residual-dtype",
+        TypeError,
+        "residual",
+        _set(residual=lambda a: a["x"].astype(np.float64 if a["x"].dtype != np.float64 else np.float32)),
+    ),
     ("residual-str", TypeError, "residual", _set(residual="z")),
     ("virtual_batch_size-not-divisor", ValueError, "virtual_batch_size", _set(virtual_batch_size=3)),
     ("virtual_batch_size-zero", ValueError, "virtual_batch_size", _set(virtual_batch_size=0)),
     ("virtual_batch_size-float", TypeError, "virtual_batch_size", _set(virtual_batch_size=2.0)),
     ("virtual_batch_size-bool", TypeError, "virtual_batch_size", _set(virtual_batch_size=True)),
-    ("virtual_batch_size-channel-axis-0", ValueError, "virtual_batch_size",
-     _set(x=lambda a: np.ascontiguousarray(a["x"].transpose(1, 0, 2)), axis=0, virtual_batch_size=1)),
-    ("virtual_batch_size-one-value", ValueError, ONE_VALUE,
-     _set(x=lambda a: a["x"][:, :, :1], virtual_batch_size=1)),
+    (
+        "virtual_batch_size-channel-axis-0",
+        ValueError,
+        "virtual_batch_size",
+        _set(x=lambda a: np.ascontiguousarray(a["x"].transpose(1, 0, 2)), axis=0, virtual_batch_size=1),
+    ),
+    ("virtual_batch_size-one-value", ValueError, ONE_VALUE, _set(x=lambda a: a["x"][:, :, :1], virtual_batch_size=1)),
     ("renorm-rmax-below-one", ValueError, "renorm", _set(renorm=(0.5, 1.0))),
     ("renorm-dmax-negative", ValueError, "renorm", _set(renorm=(2.0, -1.0))),
     ("renorm-nan", ValueError, "renorm", _set(renorm=(float("nan"), 1.0))),
@@ -138,8 +163,12 @@ FORWARD_ERRORS = [
     ("renorm-str", TypeError, "renorm", _set(renorm="35")),
     ("renorm-without-running", ValueError, "renorm", _set(renorm=(3.0, 5.0), running_mean=None, running_var=None)),
     ("renorm-with-ghost", ValueError, "renorm", _set(renorm=(3.0, 5.0), virtual_batch_size=2)),
-    ("process_group-with-activation", ValueError, "activation",
-     _set(process_group=lambda a: _OneProcess(), activation="relu")),
+    (
+        "process_group-with-activation",
+        ValueError,
+        "activation",
+        _set(process_group=lambda a: _OneProcess(), activation="relu"),
+    ),
 ]
 
 
@@ -184,13 +213,21 @@ def test_the_good_arguments_are_accepted(dtype):
     args = good_forward_args(dtype)
     x = args.pop("x")
     fastbn.forward(x, args.pop("weight"), args.pop("bias"), **args)
-    for change in (_set(momentum=0.0), _set(momentum=1.0), _set(axis=-2), _set(eps=1e-30),
-                   _set(x=lambda a: a["x"][:1, :, 0], training=False),
-                   _set(activation="relu", residual=lambda a: a["x"].copy()), _set(virtual_batch_size=2),
-                   _set(virtual_batch_size=4), _set(virtual_batch_size=1, x=lambda a: a["x"][:, :, :2]),
-                   _set(renorm=(1, 0)), _set(renorm=[float("inf"), float("inf")]),
-                   _set(renorm=(3.0, 5.0), training=False, running_mean=None, running_var=None),
-                   _set(eps=0.0, training=False)):
+    for change in (
+        _set(momentum=0.0),
+        _set(momentum=1.0),
+        _set(axis=-2),
+        _set(eps=1e-30),
+        _set(x=lambda a: a["x"][:1, :, 0], training=False),
+        _set(activation="relu", residual=lambda a: a["x"].copy()),
+        _set(virtual_batch_size=2),
+        _set(virtual_batch_size=4),
+        _set(virtual_batch_size=1, x=lambda a: a["x"][:, :, :2]),
+        _set(renorm=(1, 0)),
+        _set(renorm=[float("inf"), float("inf")]),
+        _set(renorm=(3.0, 5.0), training=False, running_mean=None, running_var=None),
+        _set(eps=0.0, training=False),
+    ):
         args = change(good_forward_args(dtype))
         x = args.pop("x")
         y, _ = fastbn.forward(x, args.pop("weight"), args.pop("bias"), **args)
@@ -208,19 +245,23 @@ def _forward_for_backward(dtype, axis=1, shape=(4, C, 5)):
 
 def _saved_from(shape, axis):
     """A Saved from forward on another input (of `shape`, channel axis `axis`)."""
+
     def change(a):
         other = np.random.default_rng(3).standard_normal(shape).astype(a["x"].dtype)
         return {**a, "saved": fastbn.forward(other, axis=axis)[1]}
+
     return change
 
 
 def _square_saved_from_axis(axis):
     """x of shape (4, C, C) and a Saved from forward on that very x but with channel axis
     `axis`: same shape, same C, only the axis differs from backward's axis=1."""
+
     def change(a):
         x = np.random.default_rng(3).standard_normal((4, C, C)).astype(a["x"].dtype)
         dy = np.ones_like(x)
         return {**a, "x": x, "dy": dy, "saved": fastbn.forward(x, axis=axis)[1], "axis": 1}
+
     return change
 
 
@@ -228,8 +269,12 @@ BACKWARD_ERRORS = [
     ("dy-shape", ValueError, "dy", _set(dy=lambda a: a["dy"][:, :, :4])),
     ("dy-transposed-shape", ValueError, "dy", _set(dy=lambda a: a["dy"].transpose(0, 2, 1))),
     # not in the list of the brief, but fastbn.backward documents dy as "same shape and dtype as x"
-    ("dy-dtype", TypeError, "dy", _set(dy=lambda a: a["dy"].astype(np.float64 if a["dy"].dtype != np.float64
-                                                                     else np.float32))),
+    (
+        "dy-dtype",
+        TypeError,
+        "dy",
+        _set(dy=lambda a: a["dy"].astype(np.float64 if a["dy"].dtype != np.float64 else np.float32)),
+    ),
     ("dy-int", TypeError, "dy", _set(dy=lambda a: a["dy"].astype(np.int32))),
     ("x-int", TypeError, "x", _set(x=lambda a: a["x"].astype(np.int64))),
     ("x-1d", ValueError, "x", _set(x=lambda a: a["x"][0, 0], dy=lambda a: a["dy"][0, 0], axis=0)),
@@ -244,20 +289,42 @@ BACKWARD_ERRORS = [
     ("saved-other-C", ValueError, "saved", _saved_from((4, C + 1, 5), 1)),
     ("saved-other-axis", ValueError, "saved", _square_saved_from_axis(2)),
     ("saved-mean-short", ValueError, "saved", _set(saved=lambda a: a["saved"]._replace(mean=a["saved"].mean[:-1]))),
-    ("saved-invstd-long", ValueError, "saved",
-     _set(saved=lambda a: a["saved"]._replace(invstd=np.resize(a["saved"].invstd, C + 1)))),
+    (
+        "saved-invstd-long",
+        ValueError,
+        "saved",
+        _set(saved=lambda a: a["saved"]._replace(invstd=np.resize(a["saved"].invstd, C + 1))),
+    ),
     ("relu-without-y", ValueError, "y", _set(saved=lambda a: a["saved"]._replace(activation="relu"))),
-    ("relu-y-shape", ValueError, "y", _set(saved=lambda a: a["saved"]._replace(activation="relu"),
-                                           y=lambda a: a["x"][:2])),
-    ("relu-y-dtype", TypeError, "y", _set(saved=lambda a: a["saved"]._replace(activation="relu"),
-                                          y=lambda a: a["x"].astype(np.int32))),
-    ("ghost-saved-mean-shape", ValueError, "saved",
-     _set(saved=lambda a: a["saved"]._replace(virtual_batch_size=2))),
-    ("ghost-not-divisor", ValueError, "virtual_batch_size",
-     _set(saved=lambda a: a["saved"]._replace(virtual_batch_size=3))),
-    ("renorm-r-shape", ValueError, "saved",
-     _set(saved=lambda a: a["saved"]._replace(r=np.ones(C + 1, a["saved"].mean.dtype),
-                                              d=np.zeros(C + 1, a["saved"].mean.dtype)))),
+    (
+        "relu-y-shape",
+        ValueError,
+        "y",
+        _set(saved=lambda a: a["saved"]._replace(activation="relu"), y=lambda a: a["x"][:2]),
+    ),
+    (
+        "relu-y-dtype",
+        TypeError,
+        "y",
+        _set(saved=lambda a: a["saved"]._replace(activation="relu"), y=lambda a: a["x"].astype(np.int32)),
+    ),
+    ("ghost-saved-mean-shape", ValueError, "saved", _set(saved=lambda a: a["saved"]._replace(virtual_batch_size=2))),
+    (
+        "ghost-not-divisor",
+        ValueError,
+        "virtual_batch_size",
+        _set(saved=lambda a: a["saved"]._replace(virtual_batch_size=3)),
+    ),
+    (
+        "renorm-r-shape",
+        ValueError,
+        "saved",
+        _set(
+            saved=lambda a: a["saved"]._replace(
+                r=np.ones(C + 1, a["saved"].mean.dtype), d=np.zeros(C + 1, a["saved"].mean.dtype)
+            )
+        ),
+    ),
 ]
 
 
@@ -301,8 +368,15 @@ def test_moments_rejects(case):
 
 def good_normalize_args(dtype):
     args = good_forward_args(dtype)
-    return dict(x=args["x"], mean=args["running_mean"], var=args["running_var"], weight=args["weight"],
-                bias=args["bias"], eps=1e-5, axis=1)
+    return dict(
+        x=args["x"],
+        mean=args["running_mean"],
+        var=args["running_var"],
+        weight=args["weight"],
+        bias=args["bias"],
+        eps=1e-5,
+        axis=1,
+    )
 
 
 NORMALIZE_ERRORS = [
@@ -328,27 +402,39 @@ def test_normalize_rejects(case, dtype):
     _, exc, argument, change = case
     args = change(good_normalize_args(dtype))
     with pytest.raises(exc, match=names(argument)):
-        fastbn.normalize(args.pop("x"), args.pop("mean"), args.pop("var"), args.pop("weight"), args.pop("bias"),
-                         **args)
+        fastbn.normalize(args.pop("x"), args.pop("mean"), args.pop("var"), args.pop("weight"), args.pop("bias"), **args)
 
 
 # --------------------------------------------------------------------------- fold
 def good_fold_args(dtype):
     rng = np.random.default_rng(0)
     sd = stats_dtype(dtype)
-    return dict(layer_weight=rng.standard_normal((C, 4, 3, 3)).astype(dtype),
-                layer_bias=rng.standard_normal(C).astype(dtype),
-                running_mean=rng.normal(size=C).astype(sd), running_var=rng.uniform(0.5, 2.0, C).astype(sd),
-                weight=rng.uniform(0.5, 2.0, C).astype(sd), bias=rng.normal(size=C).astype(sd), eps=1e-5, axis=0)
+    return dict(
+        layer_weight=rng.standard_normal((C, 4, 3, 3)).astype(dtype),
+        layer_bias=rng.standard_normal(C).astype(dtype),
+        running_mean=rng.normal(size=C).astype(sd),
+        running_var=rng.uniform(0.5, 2.0, C).astype(sd),
+        weight=rng.uniform(0.5, 2.0, C).astype(sd),
+        bias=rng.normal(size=C).astype(sd),
+        eps=1e-5,
+        axis=0,
+    )
 
 
 FOLD_ERRORS = [
     ("layer_weight-int", TypeError, "layer_weight", _set(layer_weight=lambda a: a["layer_weight"].astype(np.int32))),
     ("layer_weight-1d", ValueError, "layer_weight", _set(layer_weight=lambda a: a["layer_weight"][:, 0, 0, 0])),
     ("layer_bias-shape", ValueError, "layer_bias", _reshape("layer_bias", lambda c: (c + 1,))),
-    ("layer_bias-dtype", TypeError, "layer_bias",
-     _set(layer_bias=lambda a: a["layer_bias"].astype(np.float64 if a["layer_bias"].dtype != np.float64
-                                                      else np.float32))),
+    (
+        "layer_bias-dtype",
+        TypeError,
+        "layer_bias",
+        _set(
+            layer_bias=lambda a: a["layer_bias"].astype(
+                np.float64 if a["layer_bias"].dtype != np.float64 else np.float32
+            )
+        ),
+    ),
     ("running_mean-missing", TypeError, "running_mean", _set(running_mean=None)),
     ("running_var-shape", ValueError, "running_var", _reshape("running_var", lambda c: (c - 1,))),
     ("weight-dtype", TypeError, "weight", _retype("weight")),
@@ -373,8 +459,12 @@ def test_fold_rejects(case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_fold_accepts_the_good_arguments_and_their_near_misses(dtype):
-    for change in (_set(), _set(layer_bias=None), _set(weight=None, bias=None),
-                   _set(layer_weight=lambda a: np.ascontiguousarray(np.moveaxis(a["layer_weight"], 0, -1)), axis=-1)):
+    for change in (
+        _set(),
+        _set(layer_bias=None),
+        _set(weight=None, bias=None),
+        _set(layer_weight=lambda a: np.ascontiguousarray(np.moveaxis(a["layer_weight"], 0, -1)), axis=-1),
+    ):
         args = change(good_fold_args(dtype))
         folded_weight, folded_bias = fastbn.fold(**args)
         assert folded_weight.shape == args["layer_weight"].shape and folded_bias.shape == (C,)

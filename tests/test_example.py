@@ -27,7 +27,11 @@ def run_example(out, *args, timeout=300):
     env["MPLBACKEND"] = "Agg"
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args, "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -85,12 +85,17 @@ def _env(**extra):
 
 def run_child(code, timeout=120, **env):
     """Run PRELUDE + code in a fresh interpreter; return its RESULT, failing on a crash, hang or error."""
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], capture_output=True,
-                          text=True, env=_env(**env), timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=_env(**env),
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"no result\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 WARM = """
@@ -206,8 +211,9 @@ def test_a_cache_directory_made_read_only_mid_run_warns_once_and_kernels_run_unc
     assert out["after"] == out["before"], "nothing may be written once the directory is read-only"
     assert out["compiled"]["update_running"] == 1 and out["caches"]["update_running"] == "NullCache", out
     # forward_coefficients runs in the streamed plan (SMALL's here); the same holds for it
-    assert out["caches"]["forward_coefficients"] == ("NullCache" if out["compiled"]["forward_coefficients"]
-                                                     else "_FallbackCache"), out
+    assert out["caches"]["forward_coefficients"] == (
+        "NullCache" if out["compiled"]["forward_coefficients"] else "_FallbackCache"
+    ), out
     assert out["caches"]["normalize_slab"] == "_FallbackCache", out  # saved before the fault
 
 
@@ -270,11 +276,16 @@ def test_corrupt_cache_files_of_each_kind_warn_once_give_correct_results_and_hea
     failures = {}
     for kind, (_, warnings_expected) in CORRUPTIONS.items():
         got, healed = first[kind], second[kind]
-        if not (len(got["messages"]) == warnings_expected and got["misses"] == 1 and got["hits"] == 0
-                and got["digest"] == got["digest_again"] == expected):
+        if not (
+            len(got["messages"]) == warnings_expected
+            and got["misses"] == 1
+            and got["hits"] == 0
+            and got["digest"] == got["digest_again"] == expected
+        ):
             failures[kind] = ("corrupt run", got)
-        elif not (healed["messages"] == [] and healed["hits"] == 1 and healed["misses"] == 0
-                  and healed["digest"] == expected):
+        elif not (
+            healed["messages"] == [] and healed["hits"] == 1 and healed["misses"] == 0 and healed["digest"] == expected
+        ):
             failures[kind] = ("next process", healed)
     assert not failures, failures
 
@@ -341,8 +352,7 @@ def test_memory_exhaustion_is_a_memory_error_with_running_statistics_unchanged(w
     MemoryError (no crash), the running statistics are bit-for-bit untouched, a smaller call works under
     the limit, and the big one once it is lifted.  (glibc's mmap threshold is fixed so that freed scratch
     is unmapped rather than kept in its heap, where the limit would never see the next allocation.)"""
-    out = run_child(MEMORY, NUMBA_CACHE_DIR=str(warm.cache), MALLOC_MMAP_THRESHOLD_="131072",
-                    FASTBN_POOL_BYTES="1G")
+    out = run_child(MEMORY, NUMBA_CACHE_DIR=str(warm.cache), MALLOC_MMAP_THRESHOLD_="131072", FASTBN_POOL_BYTES="1G")
     output, scratch = out["output"], out["scratch"]
     assert output["raised"] == "MemoryError" and output["file"] == "alloc.py", output
     assert scratch["raised"] == "MemoryError" and scratch["where"] == "_launch", scratch  # inside a kernel
@@ -530,8 +540,14 @@ def test_forks_while_threads_run_kernels(warm, layer):
     unsafe: a child that runs a kernel is killed; when other code started it unasked, fastbn warns once."""
     forks = {"tbb": 60, "workqueue": 20}.get(layer, 3)
     chosen = {"tbb": None, "workqueue": "workqueue", "omp": "omp", "omp-started-elsewhere": None}[layer]
-    out = run_child(FORKS, timeout=300, NUMBA_CACHE_DIR=str(warm.cache), NUMBA_THREADING_LAYER=chosen,
-                    FAULTS_LAYER=layer, FAULTS_FORKS=str(forks))
+    out = run_child(
+        FORKS,
+        timeout=300,
+        NUMBA_CACHE_DIR=str(warm.cache),
+        NUMBA_THREADING_LAYER=chosen,
+        FAULTS_LAYER=layer,
+        FAULTS_FORKS=str(forks),
+    )
     if layer.startswith("omp") and out["layer"] != "omp":
         pytest.skip(f"Numba started {out['layer']!r} here, not GNU OpenMP")
     assert out["thread_errors"] == 0 and out["thread_calls"] > 0, out

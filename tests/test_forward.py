@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastbn
+
 from oracle import oracle_forward, oracle_moments, oracle_normalize
 from strategies import (
     EPSILONS,
@@ -34,10 +35,28 @@ def test_forward_matches_oracle(inp):
     bias_before = None if p.bias is None else p.bias.copy()
     rm, rv = inp.running_copies()
 
-    y, saved = fastbn.forward(x, p.weight, p.bias, running_mean=rm, running_var=rv, training=inp.training,
-                              momentum=inp.momentum, eps=inp.eps, axis=case.axis)
-    o = oracle_forward(x, p.weight, p.bias, running_mean=p.running_mean, running_var=p.running_var,
-                       training=inp.training, momentum=inp.momentum, eps=inp.eps, axis=case.axis)
+    y, saved = fastbn.forward(
+        x,
+        p.weight,
+        p.bias,
+        running_mean=rm,
+        running_var=rv,
+        training=inp.training,
+        momentum=inp.momentum,
+        eps=inp.eps,
+        axis=case.axis,
+    )
+    o = oracle_forward(
+        x,
+        p.weight,
+        p.bias,
+        running_mean=p.running_mean,
+        running_var=p.running_var,
+        training=inp.training,
+        momentum=inp.momentum,
+        eps=inp.eps,
+        axis=case.axis,
+    )
     out_tol, st_tol = output_tol(case.dtype), stats_tol(case.dtype)
 
     # y: x's dtype and shape, values within the conditioning-scaled tolerance.
@@ -52,8 +71,9 @@ def test_forward_matches_oracle(inp):
         arr = getattr(saved, name)
         assert arr.dtype == case.sdtype and arr.shape == (case.channels,), (name, arr.dtype, arr.shape)
     assert_close(saved.mean, o.mean, st_tol, scale=mean_scale(x, o.mean, case.axis), what="saved.mean")
-    assert_close(saved.invstd, o.invstd, st_tol, scale=invstd_scale(x, o.mean, o.invstd, case.axis, st_tol),
-                 what="saved.invstd")
+    assert_close(
+        saved.invstd, o.invstd, st_tol, scale=invstd_scale(x, o.mean, o.invstd, case.axis, st_tol), what="saved.invstd"
+    )
 
     # running stats: updated in place in training, bit-for-bit untouched otherwise.
     if p.running_mean is not None:
@@ -61,11 +81,20 @@ def test_forward_matches_oracle(inp):
         if inp.training:
             m, n = inp.momentum, case.count
             mean, var = oracle_moments(x, case.axis)
-            assert_close(rm, o.running_mean, st_tol,
-                         scale=np.abs(p.running_mean) + m * mean_scale(x, mean, case.axis), what="running_mean")
-            assert_close(rv, o.running_var, st_tol,
-                         scale=np.abs(p.running_var) + m * n / (n - 1) * var_scale(x, mean, var, case.axis, st_tol),
-                         what="running_var")
+            assert_close(
+                rm,
+                o.running_mean,
+                st_tol,
+                scale=np.abs(p.running_mean) + m * mean_scale(x, mean, case.axis),
+                what="running_mean",
+            )
+            assert_close(
+                rv,
+                o.running_var,
+                st_tol,
+                scale=np.abs(p.running_var) + m * n / (n - 1) * var_scale(x, mean, var, case.axis, st_tol),
+                what="running_var",
+            )
         else:
             assert rm.tobytes() == p.running_mean.tobytes() and rv.tobytes() == p.running_var.tobytes()
 
@@ -107,8 +136,9 @@ def test_normalize_of_moments_equals_training_forward(inp):
     """The halves compose to the whole: normalize(x, *moments(x)) == forward(x) in training."""
     case, p = inp.case, inp.params
     rm, rv = inp.running_copies()
-    y, saved = fastbn.forward(case.x, p.weight, p.bias, running_mean=rm, running_var=rv, eps=inp.eps,
-                              momentum=inp.momentum, axis=case.axis)
+    y, saved = fastbn.forward(
+        case.x, p.weight, p.bias, running_mean=rm, running_var=rv, eps=inp.eps, momentum=inp.momentum, axis=case.axis
+    )
     mean, var = fastbn.moments(case.x, axis=case.axis)
     y2 = fastbn.normalize(case.x, mean, var, p.weight, p.bias, eps=inp.eps, axis=case.axis)
     o = oracle_forward(case.x, p.weight, p.bias, eps=inp.eps, axis=case.axis)
@@ -116,8 +146,13 @@ def test_normalize_of_moments_equals_training_forward(inp):
     # each is within one tolerance of the oracle, so within two of each other
     scale = 2 * y_scale(case.x, o.mean, o.invstd, p.weight, p.bias, case.axis, st_tol)
     assert_close(y2, y, output_tol(case.dtype), scale=scale, what="normalize(moments) vs forward y")
-    assert_close(mean, saved.mean, st_tol, scale=2 * mean_scale(case.x, o.mean, case.axis),
-                 what="moments mean vs saved.mean")
-    assert_close(1.0 / np.sqrt(var.astype(np.float64) + inp.eps), saved.invstd, st_tol,
-                 scale=2 * invstd_scale(case.x, o.mean, o.invstd, case.axis, st_tol),
-                 what="moments var vs saved.invstd")
+    assert_close(
+        mean, saved.mean, st_tol, scale=2 * mean_scale(case.x, o.mean, case.axis), what="moments mean vs saved.mean"
+    )
+    assert_close(
+        1.0 / np.sqrt(var.astype(np.float64) + inp.eps),
+        saved.invstd,
+        st_tol,
+        scale=2 * invstd_scale(case.x, o.mean, o.invstd, case.axis, st_tol),
+        what="moments var vs saved.invstd",
+    )

@@ -15,14 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastbn
+
 from oracle import (
-    channel_axis,
     oracle_backward_extended,
     oracle_fold,
     oracle_forward_extended,
     oracle_moments,
     per_channel,
-    reduce_axes,
 )
 from strategies import (
     BFLOAT16,
@@ -69,16 +68,35 @@ def fused_options(draw, inp, *, allow_renorm=True, allow_ghost=True):
 
 def _oracle(inp, options):
     case, p = inp.case, inp.params
-    return oracle_forward_extended(case.x, p.weight, p.bias, running_mean=p.running_mean,
-                                   running_var=p.running_var, training=inp.training, momentum=inp.momentum,
-                                   eps=inp.eps, axis=case.axis, **options)
+    return oracle_forward_extended(
+        case.x,
+        p.weight,
+        p.bias,
+        running_mean=p.running_mean,
+        running_var=p.running_var,
+        training=inp.training,
+        momentum=inp.momentum,
+        eps=inp.eps,
+        axis=case.axis,
+        **options,
+    )
 
 
 def _run_forward(inp, options):
     case, p = inp.case, inp.params
     rm, rv = inp.running_copies()
-    y, saved = fastbn.forward(case.x, p.weight, p.bias, running_mean=rm, running_var=rv, training=inp.training,
-                              momentum=inp.momentum, eps=inp.eps, axis=case.axis, **options)
+    y, saved = fastbn.forward(
+        case.x,
+        p.weight,
+        p.bias,
+        running_mean=rm,
+        running_var=rv,
+        training=inp.training,
+        momentum=inp.momentum,
+        eps=inp.eps,
+        axis=case.axis,
+        **options,
+    )
     return y, saved, rm, rv
 
 
@@ -87,7 +105,7 @@ def _ghost_split(a, options, o):
     k = options.get("virtual_batch_size")
     if k is None or not o.batch_stats:
         return [(np.asarray(a), o.mean, o.invstd)]
-    return [(np.asarray(a)[g * k:(g + 1) * k], o.mean[g], o.invstd[g]) for g in range(o.mean.shape[0])]
+    return [(np.asarray(a)[g * k : (g + 1) * k], o.mean[g], o.invstd[g]) for g in range(o.mean.shape[0])]
 
 
 def _y_allowed_scale(inp, options, o):
@@ -99,7 +117,9 @@ def _y_allowed_scale(inp, options, o):
     b = np.zeros(case.channels) if p.bias is None else p.bias.astype(np.float64)
     if o.r is not None:
         w, b = o.r * w, np.abs(o.d * w) + np.abs(b)
-    parts = [y_scale(xg, mean, invstd, w, b, case.axis, st_tol) for xg, mean, invstd in _ghost_split(case.x, options, o)]
+    parts = [
+        y_scale(xg, mean, invstd, w, b, case.axis, st_tol) for xg, mean, invstd in _ghost_split(case.x, options, o)
+    ]
     scale = np.concatenate(parts, axis=0)
     if "residual" in options:
         scale = scale + np.abs(np.asarray(options["residual"], np.float64))
@@ -146,11 +166,13 @@ def test_fused_forward_matches_oracle(inp, data):
         n = case.count // len(groups)
         spread = np.stack([mean_scale(xg, mm, case.axis) for xg, mm, _ in groups]).max(0)
         # the scale of one group's biased variance (as in test_forward), largest over the groups
-        group_var = np.stack([var_scale(xg, mm, 1.0 / inv**2 - inp.eps, case.axis, st_tol)
-                              for xg, mm, inv in groups]).max(0)
+        group_var = np.stack(
+            [var_scale(xg, mm, 1.0 / inv**2 - inp.eps, case.axis, st_tol) for xg, mm, inv in groups]
+        ).max(0)
         assert_close(rm, o.running_mean, st_tol, scale=np.abs(p.running_mean) + m * spread, what="running_mean")
-        assert_close(rv, o.running_var, st_tol, scale=np.abs(p.running_var) + m * n / (n - 1) * group_var,
-                     what="running_var")
+        assert_close(
+            rv, o.running_var, st_tol, scale=np.abs(p.running_var) + m * n / (n - 1) * group_var, what="running_var"
+        )
     elif p.running_mean is not None:
         assert rm.tobytes() == p.running_mean.tobytes() and rv.tobytes() == p.running_var.tobytes()
     assert np.array_equal(case.x, x_before, equal_nan=True)
@@ -169,8 +191,18 @@ def test_fused_backward_matches_oracle(inp, data):
     out = fastbn.backward(dy, case.x, p.weight, saved, axis=case.axis, y=y if relu else None)
     o = _oracle(inp, options)
     e_dx, e_dweight, e_dbias, e_dres = oracle_backward_extended(
-        dy, case.x, p.weight, o.mean, o.invstd, o.batch_stats, case.axis, y=y if relu else None, r=o.r, d=o.d,
-        virtual_batch_size=options.get("virtual_batch_size"))
+        dy,
+        case.x,
+        p.weight,
+        o.mean,
+        o.invstd,
+        o.batch_stats,
+        case.axis,
+        y=y if relu else None,
+        r=o.r,
+        d=o.d,
+        virtual_batch_size=options.get("virtual_batch_size"),
+    )
 
     assert len(out) == (4 if "residual" in options else 3)
     dx, dweight, dbias = out[:3]
@@ -200,8 +232,9 @@ def test_fused_backward_matches_oracle(inp, data):
 def test_relu_backward_needs_the_output_and_ignores_it_otherwise(inp, data):
     case, p = inp.case, inp.params
     rm, rv = inp.running_copies()
-    y, saved = fastbn.forward(case.x, p.weight, p.bias, running_mean=rm, running_var=rv, axis=case.axis,
-                              activation="relu")
+    y, saved = fastbn.forward(
+        case.x, p.weight, p.bias, running_mean=rm, running_var=rv, axis=case.axis, activation="relu"
+    )
     dy = np.ones_like(case.x)
     with pytest.raises(ValueError, match=r"^y: forward applied activation='relu'"):
         fastbn.backward(dy, case.x, p.weight, saved, axis=case.axis)
@@ -231,9 +264,18 @@ def _finite_differences(loss, arrays, steps):
 
 
 @settings(max_examples=15)
-@given(cases(dtypes=(np.float64,), max_elems=48, allow_large=False, max_rank=3, offset_ratios=(0.0, 1.0),
-             scale_exponents=(0, 0)),
-       st.sampled_from(("relu", "residual", "ghost", "renorm")), st.sampled_from(EPSILONS))
+@given(
+    cases(
+        dtypes=(np.float64,),
+        max_elems=48,
+        allow_large=False,
+        max_rank=3,
+        offset_ratios=(0.0, 1.0),
+        scale_exponents=(0, 0),
+    ),
+    st.sampled_from(("relu", "residual", "ghost", "renorm")),
+    st.sampled_from(EPSILONS),
+)
 def test_oracle_backward_is_the_gradient_of_oracle_forward(case, variant, eps):
     """float64 finite differences of the oracle's extended forward agree with its backward."""
     p = make_params(case)
@@ -257,13 +299,15 @@ def test_oracle_backward_is_the_gradient_of_oracle_forward(case, variant, eps):
 
     def forward(xv, wv, bv, zv):
         opts = dict(options, residual=zv) if "residual" in options else options
-        return oracle_forward_extended(xv, wv, bv, running_mean=p.running_mean, running_var=p.running_var,
-                                       eps=eps, axis=case.axis, **opts)
+        return oracle_forward_extended(
+            xv, wv, bv, running_mean=p.running_mean, running_var=p.running_var, eps=eps, axis=case.axis, **opts
+        )
 
     o = forward(x, w, b, z)
     if variant == "relu":
-        pre = oracle_forward_extended(x, w, b, running_mean=p.running_mean, running_var=p.running_var, eps=eps,
-                                      axis=case.axis).y
+        pre = oracle_forward_extended(
+            x, w, b, running_mean=p.running_mean, running_var=p.running_var, eps=eps, axis=case.axis
+        ).y
         if np.min(np.abs(pre)) < 1e-3:
             return  # a kink within reach of the step: the central difference is meaningless there
     _, var = oracle_moments(x, case.axis)
@@ -277,17 +321,27 @@ def test_oracle_backward_is_the_gradient_of_oracle_forward(case, variant, eps):
         def loss(xv, wv, bv, zv):
             mean, var_ = oracle_moments(xv, case.axis)
             x_hat = (xv - per_channel(mean, nd, case.axis)) / per_channel(np.sqrt(var_ + eps), nd, case.axis)
-            y = (x_hat * per_channel(r, nd, case.axis) + per_channel(d, nd, case.axis)) * per_channel(wv, nd,
-                                                                                                      case.axis)
+            y = (x_hat * per_channel(r, nd, case.axis) + per_channel(d, nd, case.axis)) * per_channel(wv, nd, case.axis)
             return np.sum((y + per_channel(bv, nd, case.axis)) * R)
     else:
+
         def loss(xv, wv, bv, zv):
             return np.sum(forward(xv, wv, bv, zv).y * R)
 
     fd = _finite_differences(loss, [x, w, b, z], [h_x, h_c, h_c, np.full(x.shape, 1e-5)])
-    got = oracle_backward_extended(R, x, w, o.mean, o.invstd, True, case.axis,
-                                   y=o.y if variant == "relu" else None, r=o.r, d=o.d,
-                                   virtual_batch_size=options.get("virtual_batch_size"))
+    got = oracle_backward_extended(
+        R,
+        x,
+        w,
+        o.mean,
+        o.invstd,
+        True,
+        case.axis,
+        y=o.y if variant == "relu" else None,
+        r=o.r,
+        d=o.d,
+        virtual_batch_size=options.get("virtual_batch_size"),
+    )
     names = ("dx", "dweight", "dbias", "dresidual")
     for name, analytic, numeric in zip(names, got, fd):
         if name == "dresidual" and variant != "residual":
@@ -316,8 +370,8 @@ def test_ghost_batches_equal_separate_calls_bit_for_bit():
         x = rng.standard_normal(shape).astype(np.float32) * 3 + 1
         y, saved = fastbn.forward(x, axis=axis, virtual_batch_size=4)
         for g in range(shape[0] // 4):
-            yg, sg = fastbn.forward(x[4 * g:4 * g + 4], axis=axis)
-            assert np.array_equal(y[4 * g:4 * g + 4], yg)
+            yg, sg = fastbn.forward(x[4 * g : 4 * g + 4], axis=axis)
+            assert np.array_equal(y[4 * g : 4 * g + 4], yg)
             assert np.array_equal(saved.mean[g], sg.mean) and np.array_equal(saved.invstd[g], sg.invstd)
 
 
@@ -339,8 +393,7 @@ def test_renorm_uses_running_stats_before_the_update():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((32, 4)) * 2 + 3
     rm, rv = np.zeros(4), np.ones(4)
-    _, saved = fastbn.forward(x, running_mean=rm, running_var=rv, momentum=1.0, renorm=(math.inf, math.inf),
-                              eps=1e-5)
+    _, saved = fastbn.forward(x, running_mean=rm, running_var=rv, momentum=1.0, renorm=(math.inf, math.inf), eps=1e-5)
     mean, var = x.mean(0), x.var(0)
     assert np.allclose(saved.r, np.sqrt(var + 1e-5) / np.sqrt(1 + 1e-5), rtol=1e-12)
     assert np.allclose(saved.d, mean / np.sqrt(1 + 1e-5), rtol=1e-12)
@@ -366,8 +419,9 @@ def test_fused_variants_on_the_fused_and_streamed_plans_agree_bit_for_bit(dtype)
     results = []
     for force in ("fused", "streamed"):
         forward_plan = plan.choose("forward_train", layout, xv.shape, xv.itemsize, override={"strategy": force})
-        backward_plan = plan.choose("backward_train", layout, xv.shape, xv.itemsize, masked=True,
-                                    override={"strategy": force})
+        backward_plan = plan.choose(
+            "backward_train", layout, xv.shape, xv.itemsize, masked=True, override={"strategy": force}
+        )
         assert forward_plan.strategy == backward_plan.strategy == force
         if force == "fused":  # the fused plan exists for this shape without being forced past the budget
             assert plan.slab_group(xv.shape, xv.itemsize, 3, plan.fuse_bytes(plan.machine())) > 0
@@ -375,9 +429,17 @@ def test_fused_variants_on_the_fused_and_streamed_plans_agree_bit_for_bit(dtype)
         stats = ops.forward_train_into(forward_plan, xv, ones, zeros, 1e-5, y.reshape(xv.shape), zv, True)
         mv = views.readonly(y.reshape(xv.shape))
         dx, dres = np.zeros_like(x), np.zeros_like(x)
-        sums = ops.backward_train_into(backward_plan, views.readonly(dy.reshape(xv.shape)), xv,
-                                       stats[0].astype(dtype), stats[2].astype(dtype), ones,
-                                       dx.reshape(xv.shape), mv, dres.reshape(xv.shape))
+        sums = ops.backward_train_into(
+            backward_plan,
+            views.readonly(dy.reshape(xv.shape)),
+            xv,
+            stats[0].astype(dtype),
+            stats[2].astype(dtype),
+            ones,
+            dx.reshape(xv.shape),
+            mv,
+            dres.reshape(xv.shape),
+        )
         results.append((y, dx, dres, *stats[:3], *sums))
     for a, b in zip(*results):
         assert np.array_equal(a, b)
@@ -408,8 +470,12 @@ def layers(draw):
     rng = np.random.default_rng(seed)
     kind = draw(st.sampled_from(("dense", "conv", "conv_transpose", "keras_dense")))
     out, inp = draw(st.integers(1, 16)), draw(st.integers(1, 16))
-    shape, axis = {"dense": ((out, inp), 0), "conv": ((out, inp, 3, 3), 0),
-                   "conv_transpose": ((inp, out, 2, 2), 1), "keras_dense": ((inp, out), -1)}[kind]
+    shape, axis = {
+        "dense": ((out, inp), 0),
+        "conv": ((out, inp, 3, 3), 0),
+        "conv_transpose": ((inp, out, 2, 2), 1),
+        "keras_dense": ((inp, out), -1),
+    }[kind]
     w = rng.standard_normal(shape).astype(dtype)
     bias = rng.standard_normal(out).astype(dtype) if draw(st.booleans()) else None
     return w, bias, axis, dtype, rng
@@ -425,8 +491,9 @@ def test_fold_matches_oracle(layer, affine, eps):
     w = rng.uniform(-2, 2, channels).astype(sd) if affine else None
     b = rng.standard_normal(channels).astype(sd) if affine else None
     fw, fb = fastbn.fold(lw, lb, rm, rv, w, b, eps, axis=axis)
-    ew, eb = oracle_fold(lw, lb, rm, rv, np.ones(channels) if w is None else w, np.zeros(channels) if b is None else b,
-                         eps, axis=axis)
+    ew, eb = oracle_fold(
+        lw, lb, rm, rv, np.ones(channels) if w is None else w, np.zeros(channels) if b is None else b, eps, axis=axis
+    )
     assert fw.dtype == dtype and fw.shape == lw.shape and fb.dtype == dtype and fb.shape == (channels,)
     tol = TOLERANCES[dtype]
     assert_close(fw, ew, tol, scale=np.abs(ew), what="folded weight")

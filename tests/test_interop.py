@@ -35,8 +35,17 @@ def numpy_reference(x, dy, axis=1):
     y, saved = fastbn.forward(x, running_mean=rm, running_var=rv, axis=axis)
     dx, dweight, dbias = fastbn.backward(dy, x, None, saved, axis=axis)
     mean, var = fastbn.moments(x, axis=axis)
-    return dict(y=y, dx=dx, dweight=dweight, dbias=dbias, mean=mean, var=var,
-                normalized=fastbn.normalize(x, mean, var, axis=axis), running_mean=rm, running_var=rv)
+    return dict(
+        y=y,
+        dx=dx,
+        dweight=dweight,
+        dbias=dbias,
+        mean=mean,
+        var=var,
+        normalized=fastbn.normalize(x, mean, var, axis=axis),
+        running_mean=rm,
+        running_var=rv,
+    )
 
 
 def run_calls(x, dy, rm, rv, axis=1):
@@ -44,8 +53,15 @@ def run_calls(x, dy, rm, rv, axis=1):
     y, saved = fastbn.forward(x, running_mean=rm, running_var=rv, axis=axis)
     dx, dweight, dbias = fastbn.backward(dy, x, None, saved, axis=axis)
     mean, var = fastbn.moments(x, axis=axis)
-    return dict(y=y, dx=dx, dweight=dweight, dbias=dbias, mean=mean, var=var,
-                normalized=fastbn.normalize(x, mean, var, axis=axis))
+    return dict(
+        y=y,
+        dx=dx,
+        dweight=dweight,
+        dbias=dbias,
+        mean=mean,
+        var=var,
+        normalized=fastbn.normalize(x, mean, var, axis=axis),
+    )
 
 
 # ------------------------------------------------------- no framework imported ---
@@ -60,8 +76,11 @@ FRAMEWORK_CALLS = {
 def test_calls_import_no_framework_the_caller_did_not(caller):
     if caller != "numpy":
         pytest.importorskip(caller)
-    script = FRAMEWORK_CALLS[caller] + "\n" + textwrap.dedent(
-        """
+    script = (
+        FRAMEWORK_CALLS[caller]
+        + "\n"
+        + textwrap.dedent(
+            """
         import sys
         import numpy as np
         import fastbn
@@ -74,7 +93,8 @@ def test_calls_import_no_framework_the_caller_did_not(caller):
                                                    "jax": ("jax", "jaxlib")}[CALLER], type(y)
         print(sorted(m for m in ("torch", "jax", "jaxlib", "cupy", "tensorflow") if m in sys.modules))
         """
-    ).replace("CALLER", repr(caller))
+        ).replace("CALLER", repr(caller))
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     expected = {"numpy": [], "torch": ["torch"], "jax": ["jax", "jaxlib"]}[caller]
@@ -129,9 +149,9 @@ def test_array_and_dlpack_objects_give_numpy():
 
 
 def test_unreadable_arguments_name_themselves():
-    with pytest.raises(TypeError, match="^x: "):
+    with pytest.raises(TypeError, match=r"^x: "):
         fastbn.forward("not an array")
-    with pytest.raises(TypeError, match="^weight: "):
+    with pytest.raises(TypeError, match=r"^weight: "):
         fastbn.forward(batch(), {"a": 1})
 
 
@@ -214,7 +234,7 @@ def test_torch_mixed_with_numpy():
 def test_torch_half_input_keeps_float_statistics():
     torch = pytest.importorskip("torch")
     x = torch.from_numpy(batch(10, dtype=np.float16))
-    y, saved = fastbn.forward(x, torch.ones(3), torch.zeros(3), running_mean=torch.zeros(3), running_var=torch.ones(3))
+    y, _saved = fastbn.forward(x, torch.ones(3), torch.zeros(3), running_mean=torch.zeros(3), running_var=torch.ones(3))
     assert y.dtype == torch.float16
     mean, var = fastbn.moments(x)
     assert mean.dtype == torch.float32 and var.dtype == torch.float32
@@ -245,18 +265,18 @@ def test_torch_unsupported_tensors_are_clear_errors():
     x = torch.from_numpy(batch(11))
     with pytest.raises(TypeError, match=r"^running_mean: expected dtype float32 \(to match the input\), got bfloat16"):
         fastbn.forward(x, running_mean=torch.zeros(3, dtype=torch.bfloat16), running_var=torch.ones(3))
-    with pytest.raises(ValueError, match="^x: is a torch tensor on device 'meta'"):
+    with pytest.raises(ValueError, match=r"^x: is a torch tensor on device 'meta'"):
         fastbn.forward(torch.empty(4, 3, device="meta"))
-    with pytest.raises(ValueError, match="^running_var: must not be an expanded"):
+    with pytest.raises(ValueError, match=r"^running_var: must not be an expanded"):
         fastbn.forward(x, running_mean=torch.zeros(3), running_var=torch.ones(1).expand(3))
-    with pytest.raises(TypeError, match="^x: expected dtype float16, bfloat16, float32 or float64, got int64"):
+    with pytest.raises(TypeError, match=r"^x: expected dtype float16, bfloat16, float32 or float64, got int64"):
         fastbn.forward(torch.ones(4, 3, dtype=torch.int64))
 
 
 def test_torch_error_leaves_running_stats_untouched():
     torch = pytest.importorskip("torch")
     rm, rv = torch.zeros(3), torch.ones(3)
-    with pytest.raises(TypeError, match="^weight: "):
+    with pytest.raises(TypeError, match=r"^weight: "):
         fastbn.forward(torch.from_numpy(batch(12)), torch.ones(3, dtype=torch.float64), running_mean=rm, running_var=rv)
     assert rm.eq(0).all() and rv.eq(1).all()
 
@@ -302,7 +322,7 @@ def test_jax_running_stats_and_tracers_are_clear_errors():
     import jax.numpy as jnp
 
     x = jnp.asarray(batch(17))
-    with pytest.raises(ValueError, match="^running_mean: is a JAX array, which is immutable.*fastbn.jax"):
+    with pytest.raises(ValueError, match=r"^running_mean: is a JAX array, which is immutable.*fastbn.jax"):
         fastbn.forward(x, running_mean=jnp.zeros(3), running_var=jnp.ones(3))
-    with pytest.raises(TypeError, match="^x: is a traced JAX value.*fastbn.jax.batch_norm"):
+    with pytest.raises(TypeError, match=r"^x: is a traced JAX value.*fastbn.jax.batch_norm"):
         jax.jit(lambda a: fastbn.forward(a)[0])(x)

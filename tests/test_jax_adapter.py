@@ -17,8 +17,12 @@ from fastbn.jax import batch_norm  # noqa: E402
 # outputs and of reductions over <= 1e3 elements (data of mean 2, spread 3).  float16: y is
 # rounded to half at the end (2^-11 relative), on values up to ~5.  bfloat16: the same, rounded
 # to bfloat16 (2^-8 relative; both sides round, so two of bfloat16's ulps of 2^-7).
-TOL = {np.dtype(np.float64): dict(rtol=1e-10, atol=1e-10), np.dtype(np.float32): dict(rtol=2e-5, atol=2e-5),
-       np.dtype(np.float16): dict(rtol=2e-3, atol=2e-3), np.dtype(jnp.bfloat16): dict(rtol=2**-6, atol=2**-6)}
+TOL = {
+    np.dtype(np.float64): dict(rtol=1e-10, atol=1e-10),
+    np.dtype(np.float32): dict(rtol=2e-5, atol=2e-5),
+    np.dtype(np.float16): dict(rtol=2e-3, atol=2e-3),
+    np.dtype(jnp.bfloat16): dict(rtol=2**-6, atol=2**-6),
+}
 
 
 def reference(x, weight, bias, running_mean, running_var, training, momentum, eps, axis):
@@ -43,8 +47,10 @@ def reference(x, weight, bias, running_mean, running_var, training, momentum, ep
     if running_mean is None:
         running = None
     elif training:
-        running = ((1 - momentum) * running_mean + momentum * mean,
-                   (1 - momentum) * running_var + momentum * var * count / (count - 1))
+        running = (
+            (1 - momentum) * running_mean + momentum * mean,
+            (1 - momentum) * running_var + momentum * var * count / (count - 1),
+        )
     else:
         running = (running_mean, running_var)
     return y.astype(x.dtype), running
@@ -65,8 +71,9 @@ def make_inputs(shape, dtype, axis, seed=0):
 def assert_close(got, expected, dtype, what):
     got, expected = np.asarray(got), np.asarray(expected)
     assert got.dtype == expected.dtype and got.shape == expected.shape, what
-    np.testing.assert_allclose(got.astype(np.float64), expected.astype(np.float64), **TOL[np.dtype(dtype)],
-                               err_msg=what)
+    np.testing.assert_allclose(
+        got.astype(np.float64), expected.astype(np.float64), **TOL[np.dtype(dtype)], err_msg=what
+    )
 
 
 def x64(dtype):
@@ -87,8 +94,9 @@ CASES = [
 
 # float16 and bfloat16 on two cases only (training on rows, eval on a slab): each new dtype,
 # layout and mode compiles kernels, and the cases above already cover the flags.
-VALUE_CASES = [case + (dtype,) for dtype in (np.float32, np.float64) for case in CASES] + [
-    CASES[i] + (dtype,) for dtype in (np.float16, jnp.bfloat16) for i in (0, 5)]
+VALUE_CASES = [(*case, dtype) for dtype in (np.float32, np.float64) for case in CASES] + [
+    CASES[i] + (dtype,) for dtype in (np.float16, jnp.bfloat16) for i in (0, 5)
+]
 
 
 @pytest.mark.parametrize("shape, axis, training, running, affine, dtype", VALUE_CASES)
@@ -158,8 +166,14 @@ def test_gradients_match_jax_numpy(shape, axis, training, running, through_runni
         stats_dtype = x.dtype if dtype == np.float64 else jnp.float32
         y_weights = jnp.asarray(rng.normal(size=shape), dtype=stats_dtype)
         channels = x.shape[axis]
-        running_weights = (jnp.asarray(rng.normal(size=channels), dtype=stats_dtype),
-                           jnp.asarray(rng.normal(size=channels), dtype=stats_dtype)) if through_running else None
+        running_weights = (
+            (
+                jnp.asarray(rng.normal(size=channels), dtype=stats_dtype),
+                jnp.asarray(rng.normal(size=channels), dtype=stats_dtype),
+            )
+            if through_running
+            else None
+        )
         settings = dict(training=training, momentum=0.3, eps=1e-4, axis=axis)
         argnums = (0, 1, 2, 3, 4) if running else (0, 1, 2)
         args = (x, weight, bias, rm, rv)
@@ -169,14 +183,22 @@ def test_gradients_match_jax_numpy(shape, axis, training, running, through_runni
         for g, e, name in zip(got, expected, names):
             # Gradients are sums over the batch: compare relative to their largest entry.
             scale = float(np.max(np.abs(np.asarray(e, dtype=np.float64)))) or 1.0
-            np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(e, np.float64),
-                                       rtol=TOL[np.dtype(dtype)]["rtol"],
-                                       atol=TOL[np.dtype(dtype)]["atol"] * max(scale, 1.0), err_msg=name)
+            np.testing.assert_allclose(
+                np.asarray(g, np.float64),
+                np.asarray(e, np.float64),
+                rtol=TOL[np.dtype(dtype)]["rtol"],
+                atol=TOL[np.dtype(dtype)]["atol"] * max(scale, 1.0),
+                err_msg=name,
+            )
         # And the value of the loss itself.
         value = jax.jit(loss_of(ours, settings, y_weights, running_weights))(*args)
         expected_value = loss_of(reference, settings, y_weights, running_weights)(*args)
-        np.testing.assert_allclose(float(value), float(expected_value), rtol=TOL[np.dtype(dtype)]["rtol"] * 10,
-                                   atol=TOL[np.dtype(dtype)]["atol"] * 10)
+        np.testing.assert_allclose(
+            float(value),
+            float(expected_value),
+            rtol=TOL[np.dtype(dtype)]["rtol"] * 10,
+            atol=TOL[np.dtype(dtype)]["atol"] * 10,
+        )
 
 
 def test_float16_input_keeps_float32_statistics():
@@ -202,7 +224,7 @@ def test_numpy_inputs_are_accepted_and_left_alone():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(8, 3)).astype(np.float32)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    y, (new_mean, new_var) = batch_norm(x, running_mean=rm, running_var=rv)
+    y, (new_mean, _new_var) = batch_norm(x, running_mean=rm, running_var=rv)
     assert isinstance(y, jax.Array) and isinstance(new_mean, jax.Array)
     assert np.all(rm == 0) and np.all(rv == 1)
     np.testing.assert_allclose(np.asarray(new_mean), 0.1 * x.mean(0), rtol=1e-5, atol=1e-7)
@@ -211,19 +233,19 @@ def test_numpy_inputs_are_accepted_and_left_alone():
 def test_errors_are_raised_when_tracing():
     x, weight, _, rm, rv = make_inputs((8, 3), np.float32, 1)
     jitted = jax.jit(lambda x, w: batch_norm(x, w))
-    with pytest.raises(ValueError, match="^weight: expected shape"):
+    with pytest.raises(ValueError, match=r"^weight: expected shape"):
         jitted(x, weight[:2])
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
         jax.jit(lambda x: batch_norm(x))(x[:1])
     with pytest.raises(ValueError, match="must be given together"):
         batch_norm(x, running_mean=rm)
-    with pytest.raises(TypeError, match="^running_var: expected dtype float32"):
+    with pytest.raises(TypeError, match=r"^running_var: expected dtype float32"):
         batch_norm(x, running_mean=rm, running_var=rv.astype(jnp.int32))
-    with pytest.raises(TypeError, match="^x: expected dtype float16, bfloat16, float32 or float64"):
+    with pytest.raises(TypeError, match=r"^x: expected dtype float16, bfloat16, float32 or float64"):
         batch_norm(x.astype(jnp.int32))
-    with pytest.raises(TypeError, match="^momentum: "):
+    with pytest.raises(TypeError, match=r"^momentum: "):
         jax.jit(lambda x, m: batch_norm(x, momentum=m))(x, 0.1)
-    with pytest.raises(TypeError, match="^training: "):
+    with pytest.raises(TypeError, match=r"^training: "):
         jax.jit(lambda x, t: batch_norm(x, training=t))(x, True)
     # Eval with one value per channel is fine.
     y, _ = batch_norm(x[:1], running_mean=rm, running_var=rv, training=False)

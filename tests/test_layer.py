@@ -81,8 +81,7 @@ def test_defaults():
     assert bn.num_batches_tracked == 0
     assert bn.grad_weight is None and bn.grad_bias is None
     assert repr(bn) == (
-        "BatchNorm(4, axis=1, eps=1e-05, momentum=0.1, affine=True, "
-        "track_running_stats=True, dtype=float32)"
+        "BatchNorm(4, axis=1, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, dtype=float32)"
     )
 
 
@@ -482,8 +481,13 @@ def test_load_numpy_dict_with_torch_keys():
 def test_load_plain_python_values():
     bn = BatchNorm(2, dtype=np.float64)
     bn.load_state_dict(
-        {"weight": [2.0, 3.0], "bias": [0, 1], "running_mean": [0.0, 0.0],
-         "running_var": [1.0, 1.0], "num_batches_tracked": 5}
+        {
+            "weight": [2.0, 3.0],
+            "bias": [0, 1],
+            "running_mean": [0.0, 0.0],
+            "running_var": [1.0, 1.0],
+            "num_batches_tracked": 5,
+        }
     )
     np.testing.assert_array_equal(bn.weight, [2.0, 3.0])
     assert bn.num_batches_tracked == 5

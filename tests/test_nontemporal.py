@@ -30,9 +30,9 @@ def test_stream_copy_writes_exactly_the_destination_at_every_offset(dtype):
         for n in LENGTHS:
             buffer = np.full(offset + n + per_line + 1, 7, dtype)
             src = rng.integers(100, 1000, n + 3).astype(dtype)  # longer than dst: only len(dst) is copied
-            _copy(buffer[offset:offset + n], src)
-            assert np.array_equal(buffer[offset:offset + n], src[:n]), (offset, n)
-            assert (buffer[:offset] == 7).all() and (buffer[offset + n:] == 7).all(), (offset, n)
+            _copy(buffer[offset : offset + n], src)
+            assert np.array_equal(buffer[offset : offset + n], src[:n]), (offset, n)
+            assert (buffer[:offset] == 7).all() and (buffer[offset + n :] == 7).all(), (offset, n)
 
 
 def test_stream_copy_on_an_address_that_is_not_element_aligned():
@@ -81,18 +81,31 @@ def _run(shape, axis, dtype, options, nontemporal):
         options["residual"] = rng.standard_normal(shape).astype(dtype)
     else:
         options.pop("residual", None)
-    running = {} if "virtual_batch_size" in options else {
-        "running_mean": np.zeros(channels, params), "running_var": np.ones(channels, params)}
-    y, saved = fastbn.forward(x, weight, bias, training=True, axis=axis, backend="cpu", **running, **options,
-                              **forced)
+    running = (
+        {}
+        if "virtual_batch_size" in options
+        else {"running_mean": np.zeros(channels, params), "running_var": np.ones(channels, params)}
+    )
+    y, saved = fastbn.forward(x, weight, bias, training=True, axis=axis, backend="cpu", **running, **options, **forced)
     dy = rng.standard_normal(shape).astype(dtype)
-    grads = fastbn.backward(dy, x, weight, saved, axis=axis, backend="cpu",
-                            y=y if options.get("activation") else None, **forced)
+    grads = fastbn.backward(
+        dy, x, weight, saved, axis=axis, backend="cpu", y=y if options.get("activation") else None, **forced
+    )
     outputs = [y, *grads]
     if "virtual_batch_size" not in options:
-        outputs.append(fastbn.forward(x, weight, bias, training=False, axis=axis, backend="cpu", **running,
-                                      **{k: v for k, v in options.items() if k != "virtual_batch_size"},
-                                      **forced)[0])
+        outputs.append(
+            fastbn.forward(
+                x,
+                weight,
+                bias,
+                training=False,
+                axis=axis,
+                backend="cpu",
+                **running,
+                **{k: v for k, v in options.items() if k != "virtual_batch_size"},
+                **forced,
+            )[0]
+        )
     return outputs
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fastbn
+
 from oracle import oracle_backward, oracle_forward, oracle_moments, reduce_axes
 from strategies import (
     BFLOAT16,
@@ -159,8 +160,9 @@ _ORACLE_ON_NONFINITE = pytest.mark.filterwarnings("ignore:invalid value encounte
 
 @_ORACLE_ON_NONFINITE
 @pytest.mark.parametrize("layout", sorted(NONFINITE_SHAPES))
-@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32, np.float64],
-                         ids=["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize(
+    "dtype", [np.float16, BFLOAT16, np.float32, np.float64], ids=["float16", "bfloat16", "float32", "float64"]
+)
 def test_nan_and_inf_stay_in_their_channel_in_training(dtype, layout):
     x, axis = _nonfinite_input(dtype, layout)
     C = x.shape[axis]
@@ -189,9 +191,13 @@ def test_nan_and_inf_stay_in_their_channel_in_training(dtype, layout):
     assert np.isnan(rv[bad]).all() and not np.isfinite(rm[bad]).any()
     # every other channel exactly as without the bad values
     assert np.isfinite(y_by_channel[finite]).all()
-    assert_close(np.moveaxis(y, axis, 0)[finite], np.moveaxis(o.y, axis, 0)[finite], output_tol(dtype),
-                 scale=np.moveaxis(y_scale(x, o.mean, o.invstd, weight, bias, axis, tol), axis, 0)[finite],
-                 what="y of the finite channels")
+    assert_close(
+        np.moveaxis(y, axis, 0)[finite],
+        np.moveaxis(o.y, axis, 0)[finite],
+        output_tol(dtype),
+        scale=np.moveaxis(y_scale(x, o.mean, o.invstd, weight, bias, axis, tol), axis, 0)[finite],
+        what="y of the finite channels",
+    )
     assert_close(saved.mean[finite], e_mean[finite], tol, scale=mean_scale(x, e_mean, axis)[finite], what="mean")
     assert_close(rm[finite], o.running_mean[finite], tol, scale=np.abs(rm0[finite]) + 1, what="running_mean")
     assert_close(rv[finite], o.running_var[finite], tol, scale=np.abs(rv0[finite]) + 1, what="running_var")
@@ -205,16 +211,22 @@ def test_nan_and_inf_stay_in_their_channel_in_training(dtype, layout):
     assert np.isnan(dx_by_channel[bad]).all() and np.isnan(dweight[bad]).all()
     assert np.isfinite(dx_by_channel[finite]).all() and np.isfinite(dweight[finite]).all()
     dx_scale, dw_scale, db_scale = backward_scales(x, dy, o.mean, o.invstd, weight, axis, tol)
-    assert_close(dx_by_channel[finite], np.moveaxis(e_dx, axis, 0)[finite], output_tol(dtype),
-                 scale=np.moveaxis(dx_scale, axis, 0)[finite], what="dx of the finite channels")
+    assert_close(
+        dx_by_channel[finite],
+        np.moveaxis(e_dx, axis, 0)[finite],
+        output_tol(dtype),
+        scale=np.moveaxis(dx_scale, axis, 0)[finite],
+        what="dx of the finite channels",
+    )
     assert_close(dweight[finite], e_dweight[finite], tol, scale=dw_scale[finite], what="dweight")
     assert_close(dbias, e_dbias, tol, scale=db_scale, what="dbias (finite in every channel)")
 
 
 @_ORACLE_ON_NONFINITE
 @pytest.mark.parametrize("layout", sorted(NONFINITE_SHAPES))
-@pytest.mark.parametrize("dtype", [np.float16, BFLOAT16, np.float32, np.float64],
-                         ids=["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize(
+    "dtype", [np.float16, BFLOAT16, np.float32, np.float64], ids=["float16", "bfloat16", "float32", "float64"]
+)
 def test_nan_and_inf_stay_in_their_element_in_eval(dtype, layout):
     """In eval mode the normalisation is elementwise: only the NaN/Inf elements themselves
     are non-finite (NaN stays NaN, +-Inf stays infinite), the rest is exact."""
@@ -261,9 +273,11 @@ EXTREME_IDS = ["slab-fused", "slab-streamed", "rows"]
 
 
 @pytest.mark.parametrize("shape, axis, plan", EXTREME_CASES, ids=EXTREME_IDS)
-@pytest.mark.parametrize("dtype, value", [(np.float64, 1e200), (np.float64, -1.7e308), (np.float32, 3e38),
-                                          (np.float64, 1e-300)],
-                         ids=["f64-1e200", "f64-near-max", "f32-near-max", "f64-tiny"])
+@pytest.mark.parametrize(
+    "dtype, value",
+    [(np.float64, 1e200), (np.float64, -1.7e308), (np.float32, 3e38), (np.float64, 1e-300)],
+    ids=["f64-1e200", "f64-near-max", "f32-near-max", "f64-tiny"],
+)
 def test_a_constant_channel_of_any_magnitude_has_variance_zero(shape, axis, plan, dtype, value):
     """Statistics on x minus a per-channel pivot: a constant channel gets variance exactly 0 and its
     value as the mean.  Without the pivot a float64 channel of 1e200s gave inf: its float64 mean is
@@ -276,8 +290,9 @@ def test_a_constant_channel_of_any_magnitude_has_variance_zero(shape, axis, plan
     assert (var[constant] == 0).all() and (mean[constant] == dtype(value)).all(), (mean, var)
     running_mean, running_var = np.zeros(3, dtype), np.ones(3, dtype)
     weight, bias = np.full(3, 2.0, dtype), np.full(3, 0.5, dtype)
-    y, saved = fastbn.forward(x, weight, bias, running_mean=running_mean, running_var=running_var, axis=axis,
-                              _plan=plan)
+    y, _saved = fastbn.forward(
+        x, weight, bias, running_mean=running_mean, running_var=running_var, axis=axis, _plan=plan
+    )
     y_by_channel = np.moveaxis(y, axis, 0)
     assert (y_by_channel[constant] == dtype(0.5)).all()
     assert np.isfinite(running_var).all() and (running_var[constant] == dtype(0.9)).all()
@@ -294,8 +309,9 @@ def _exact_moments(values):
 
 
 @pytest.mark.parametrize("shape, axis, plan", EXTREME_CASES, ids=EXTREME_IDS)
-@pytest.mark.parametrize("low, high", [(0.0, 1e154), (-3e153, 2e153), (1e300, -1e300)],
-                         ids=["0..1e154", "-3e153..2e153", "+-1e300"])
+@pytest.mark.parametrize(
+    "low, high", [(0.0, 1e154), (-3e153, 2e153), (1e300, -1e300)], ids=["0..1e154", "-3e153..2e153", "+-1e300"]
+)
 def test_squared_deviations_that_overflow_float64_give_the_finite_variance(shape, axis, plan, low, high):
     """Half the elements low, half high: the variance ((high - low) / 2)^2 is finite for the first two
     pairs, though every piece's sum of squared deviations overflows float64 (those channels are
@@ -354,8 +370,11 @@ def test_the_synchronised_merge_cannot_overflow_where_the_variance_is_finite():
     assert merge_moments(rows, 1)[1][0] == np.inf
 
 
-@pytest.mark.parametrize("shape, axis", [((64, 8, 32, 32), 1), ((64, 32, 32, 8), -1), ((3, 4, 5000), 1)],
-                         ids=["NCHW", "NHWC", "NCL-long-runs"])
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((64, 8, 32, 32), 1), ((64, 32, 32, 8), -1), ((3, 4, 5000), 1)],
+    ids=["NCHW", "NHWC", "NCL-long-runs"],
+)
 def test_float64_statistics_within_the_derived_bound(shape, axis):
     """The bound derived in fastbn/backends/cpu/reductions.py ("error bound"), checked against
     80-bit long double sums: |var - exact| <= (s + 3 P + 2) u var + (s u R)^2 and |mean - exact| <=
@@ -372,7 +391,7 @@ def test_float64_statistics_within_the_derived_bound(shape, axis):
     wide = by_channel.astype(np.longdouble)
     e_mean = wide.mean(axis=1)
     e_var = ((wide - e_mean[:, None]) ** 2).mean(axis=1)
-    u = 2.0 ** -53
+    u = 2.0**-53
     n = by_channel.shape[1]
     s = max(MAX_PIECE, BLOCK_ELEMENTS)
     pieces = n  # at most one piece per element: a loose P

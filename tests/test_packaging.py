@@ -37,8 +37,14 @@ SKIPPED_SUFFIXES = (".pyc", ".pyo", ".nbi", ".nbc")
 def _python(code, *, hidden=(), cwd=None, env=None, timeout=120):
     """Run ``code`` in a fresh interpreter in which the modules ``hidden`` cannot be imported."""
     prelude = f"import sys\nfor _name in {list(hidden)!r}:\n    sys.modules[_name] = None\n"
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=cwd or ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ------------------------------------------------------------- version ---
@@ -53,13 +59,19 @@ def test_version_is_single_sourced(tmp_path):
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fastbn.__version__"}
     tree = ast.parse((ROOT / "fastbn" / "__init__.py").read_text())
-    literals = [node.value.value for node in tree.body if isinstance(node, ast.Assign)
-                and [getattr(t, "id", None) for t in node.targets] == ["__version__"]
-                and isinstance(node.value, ast.Constant)]
+    literals = [
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and [getattr(t, "id", None) for t in node.targets] == ["__version__"]
+        and isinstance(node.value, ast.Constant)
+    ]
     assert literals == [fastbn.__version__]
     # Run outside the source tree, whose fastbn.egg-info (left by a build) would answer first.
-    proc = _python("import importlib.metadata, fastbn\n"
-                   "print(importlib.metadata.version('fastbn'), fastbn.__version__)", cwd=tmp_path)
+    proc = _python(
+        "import importlib.metadata, fastbn\nprint(importlib.metadata.version('fastbn'), fastbn.__version__)",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     installed, source = proc.stdout.split()
     assert installed == source == fastbn.__version__, "the installed metadata is stale: pip install -e ."
@@ -93,6 +105,7 @@ def _source_files(root):
 
 def _copy_source(destination):
     """The source tree without build and cache output (a build writes fastbn.egg-info into it)."""
+
     def ignore(directory, names):
         return [n for n in names if n in SKIPPED_DIRS or n.endswith(".egg-info") or n.endswith(SKIPPED_SUFFIXES)]
 
@@ -116,8 +129,9 @@ def test_sdist_carries_the_test_suite(tmp_path):
     source, out = tmp_path / "source", tmp_path / "dist"
     _copy_source(source)
     out.mkdir()
-    proc = subprocess.run([sys.executable, "-c", _BUILD_SDIST, str(out)], cwd=source, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BUILD_SDIST, str(out)], cwd=source, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["warnings"] == [], report["warnings"]
@@ -135,8 +149,13 @@ def test_sdist_carries_the_test_suite(tmp_path):
     local = {p.stem: p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")}
     for path in [p for p in members if p.startswith("tests/") and p.endswith(".py")]:
         for node in ast.walk(ast.parse((ROOT / path).read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             for name in names:
                 top = (name or "").partition(".")[0]
                 assert top not in local or local[top] in members, (path, name)
@@ -187,16 +206,23 @@ _TRAIN_MLP = str(ROOT / "examples" / "train_mlp.py")
 _TRAIN_DP = str(ROOT / "examples" / "train_data_parallel.py")
 
 
-@pytest.mark.parametrize("hidden, code, extra", [
-    (["jax"], IMPORT.format(module="fastbn.jax"), "jax"),
-    (["torch"], IMPORT.format(module="fastbn.torch"), "torch"),
-    (["numba_cuda"], IMPORT.format(module="fastbn.backends.cuda.ops"), "cuda"),
-    (["mpi4py"], EXAMPLE.format(script=_TRAIN_DP, call="namespace['main']([])"), "mpi"),
-    (["tqdm"], EXAMPLE.format(script=_TRAIN_MLP, call="namespace['main'](['--out', 'OUT'])"), "examples"),
-    (["sklearn"], EXAMPLE.format(script=_TRAIN_MLP, call="namespace['main'](['--out', 'OUT'])"), "examples"),
-    (["matplotlib"], EXAMPLE.format(script=_TRAIN_MLP, call="namespace['plot_curves']({}, [], 1, 'x.png')"),
-     "examples"),
-], ids=["jax", "torch", "numba-cuda", "mpi4py", "tqdm", "scikit-learn", "matplotlib"])
+@pytest.mark.parametrize(
+    "hidden, code, extra",
+    [
+        (["jax"], IMPORT.format(module="fastbn.jax"), "jax"),
+        (["torch"], IMPORT.format(module="fastbn.torch"), "torch"),
+        (["numba_cuda"], IMPORT.format(module="fastbn.backends.cuda.ops"), "cuda"),
+        (["mpi4py"], EXAMPLE.format(script=_TRAIN_DP, call="namespace['main']([])"), "mpi"),
+        (["tqdm"], EXAMPLE.format(script=_TRAIN_MLP, call="namespace['main'](['--out', 'OUT'])"), "examples"),
+        (["sklearn"], EXAMPLE.format(script=_TRAIN_MLP, call="namespace['main'](['--out', 'OUT'])"), "examples"),
+        (
+            ["matplotlib"],
+            EXAMPLE.format(script=_TRAIN_MLP, call="namespace['plot_curves']({}, [], 1, 'x.png')"),
+            "examples",
+        ),
+    ],
+    ids=["jax", "torch", "numba-cuda", "mpi4py", "tqdm", "scikit-learn", "matplotlib"],
+)
 def test_a_missing_dependency_names_its_extra(tmp_path, hidden, code, extra):
     """Importing a part whose optional dependency is missing is a ModuleNotFoundError naming the extra."""
     proc = _python(code.replace("'OUT'", repr(str(tmp_path / "out"))), hidden=hidden, cwd=tmp_path)
@@ -212,11 +238,15 @@ def test_gpu_array_without_numba_cuda_names_the_extra():
     assert "numba-cuda" in proc.stdout and "pip install 'fastbn[cuda]'" in proc.stdout, proc.stdout
 
 
-@pytest.mark.parametrize("hidden, argv, extra", [
-    (["numba_cuda"], ["ptx", "--cc", "8.0", "--jobs", "1"], "cuda"),
-    (["torch"], ["bench-torch"], "torch"),
-    (["torch"], ["torch-suite", "--pytorch-src", "SRC"], "torch"),
-], ids=["ptx", "bench-torch", "torch-suite"])
+@pytest.mark.parametrize(
+    "hidden, argv, extra",
+    [
+        (["numba_cuda"], ["ptx", "--cc", "8.0", "--jobs", "1"], "cuda"),
+        (["torch"], ["bench-torch"], "torch"),
+        (["torch"], ["torch-suite", "--pytorch-src", "SRC"], "torch"),
+    ],
+    ids=["ptx", "bench-torch", "torch-suite"],
+)
 def test_a_command_without_its_dependency_names_the_extra(tmp_path, hidden, argv, extra):
     """``python -m fastbn`` (and ``fastbn``) commands exit with status 2 and name the extra to install."""
     (tmp_path / "test").mkdir()
@@ -256,8 +286,11 @@ def test_bench_charts_without_matplotlib_name_the_extra(monkeypatch, capsys):
 
 def test_benchmarks_without_pytest_benchmark_name_the_extra():
     env = dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
-    proc = _python("import pytest\nsys.exit(pytest.main(['-p', 'no:cacheprovider', '--collect-only', '-q', "
-                   "'bench']))", hidden=["pytest_benchmark"], env=env)
+    proc = _python(
+        "import pytest\nsys.exit(pytest.main(['-p', 'no:cacheprovider', '--collect-only', '-q', 'bench']))",
+        hidden=["pytest_benchmark"],
+        env=env,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, output
     assert "pip install 'fastbn[bench]'" in output, output

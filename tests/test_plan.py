@@ -52,28 +52,39 @@ def test_plan_table(arguments, expected):
 
 
 def test_overrides_force_fields_and_bad_ones_name_the_argument():
-    forced = plan.choose("forward_train", SLAB, (64, 16, 4096), 4, out_fresh=True,
-                         override={"strategy": "fused", "nontemporal": False}, facts=FACTS)
+    forced = plan.choose(
+        "forward_train",
+        SLAB,
+        (64, 16, 4096),
+        4,
+        out_fresh=True,
+        override={"strategy": "fused", "nontemporal": False},
+        facts=FACTS,
+    )
     assert (forced.strategy, forced.group, forced.nontemporal) == ("fused", 1, False)
-    with pytest.raises(ValueError, match="^_plan: unknown plan field"):
+    with pytest.raises(ValueError, match=r"^_plan: unknown plan field"):
         plan.choose("moments", SLAB, (4, 3, 5), 4, override={"speed": "max"})
-    with pytest.raises(ValueError, match="^_plan: .*has no fused plan"):
+    with pytest.raises(ValueError, match=r"^_plan: .*has no fused plan"):
         plan.choose("forward_train", ROWS, (100, 8), 4, override={"strategy": "fused"})
-    with pytest.raises(ValueError, match="^_plan: nontemporal must be"):
+    with pytest.raises(ValueError, match=r"^_plan: nontemporal must be"):
         fastbn.forward(np.ones((4, 3), np.float32), _plan={"nontemporal": "yes"})
 
 
 def test_machine_facts_from_sysfs_and_the_fallbacks(tmp_path):
-    for index, (level, kind, size, shared) in enumerate([(1, "Data", "48K", "0"), (1, "Instruction", "32K", "0"),
-                                                         (2, "Unified", "2048K", "0"),
-                                                         (3, "Unified", "105M", "0-55")]):
+    for index, (level, kind, size, shared) in enumerate(
+        [
+            (1, "Data", "48K", "0"),
+            (1, "Instruction", "32K", "0"),
+            (2, "Unified", "2048K", "0"),
+            (3, "Unified", "105M", "0-55"),
+        ]
+    ):
         folder = tmp_path / f"index{index}"
         folder.mkdir()
         for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
             (folder / name).write_text(f"{value}\n")
     facts = read(str(tmp_path))
-    assert (facts.l1d_bytes, facts.l2_bytes, facts.l3_bytes, facts.l3_sharers) == (48 << 10, 2 << 20, 105 << 20,
-                                                                                  56)
+    assert (facts.l1d_bytes, facts.l2_bytes, facts.l3_bytes, facts.l3_sharers) == (48 << 10, 2 << 20, 105 << 20, 56)
     assert facts.guessed == ()
     missing = read(str(tmp_path / "nowhere"))
     assert missing.guessed == ("L1", "L2", "L3") and missing.l3_bytes == 8 << 20
@@ -91,14 +102,21 @@ def _run_logged(call):
 def _printed_plans(text):
     """The plans ``python -m fastbn plan`` printed, as {(operation, first line): kernels line}."""
     lines = text.splitlines()
-    return [(lines[i].strip(), lines[i + 1].strip()) for i in range(len(lines) - 1)
-            if lines[i + 1].strip().startswith("kernels:")]
+    return [
+        (lines[i].strip(), lines[i + 1].strip())
+        for i in range(len(lines) - 1)
+        if lines[i + 1].strip().startswith("kernels:")
+    ]
 
 
 # Shapes whose outputs come from the pool (>= 1 MiB, so a first call and a call in a loop can plan
 # differently) and small ones, in both layouts.
-PLAN_CASES = [((64, 16, 32, 32), 1, np.float32), ((4, 5, 6), 1, np.float64), ((64, 16, 16, 40), -1, np.float32),
-              ((3000, 1), 1, np.float16)]
+PLAN_CASES = [
+    ((64, 16, 32, 32), 1, np.float32),
+    ((4, 5, 6), 1, np.float64),
+    ((64, 16, 16, 40), -1, np.float32),
+    ((3000, 1), 1, np.float16),
+]
 
 
 @pytest.mark.parametrize("dims, axis, dtype", PLAN_CASES)
@@ -106,8 +124,12 @@ def test_printed_plan_is_what_the_kernels_ran(dims, axis, dtype):
     """`python -m fastbn plan` prints, for each call, the plan the public function then runs: the same
     plan value, and the kernels it names are the kernels launched, in order."""
     label = "x".join(map(str, dims)) + (f"@{axis}" if axis != 1 else "")
-    printed = subprocess.run([sys.executable, "-m", "fastbn", "plan", label, np.dtype(dtype).name],
-                             capture_output=True, text=True, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "fastbn", "plan", label, np.dtype(dtype).name],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     printed_plans = _printed_plans(printed)
     x = np.random.default_rng(0).standard_normal(dims).astype(dtype)
     params = np.float64 if dtype == np.float64 else np.float32
@@ -130,7 +152,7 @@ def test_printed_plan_is_what_the_kernels_ran(dims, axis, dtype):
             assert tuple(name for name, _ in log) == ran.kernels()
             seen.append(ran)
         y, saved = fastbn.forward(x, running_mean=rm, running_var=rv, axis=axis)
-        grads, log = _run_logged(lambda: fastbn.backward(np.ones_like(x), x, None, saved, axis=axis))
+        grads, log = _run_logged(lambda: fastbn.backward(np.ones_like(x), x, None, saved, axis=axis))  # noqa: B023 - called at once, in this iteration
         del y, grads
         (ran,) = {id(p): p for _, p in log}.values()
         assert tuple(name for name, _ in log) == ran.kernels()

@@ -9,6 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import fastbn
+
 from oracle import oracle_forward, oracle_moments, per_channel, reduce_axes
 from strategies import (
     allowed_error,
@@ -88,8 +89,11 @@ def test_training_output_invariant_under_positive_affine_map(inp, data):
     k2 = conditioning(x2, o2.mean, o2.invstd, case.axis)
     y_hat = (case.x - per_channel(o1.mean, nd, case.axis)) * per_channel(o1.invstd, nd, case.axis)
     rounding = 4 * unit_roundoff(case.dtype) * per_channel(k2 * w, nd, case.axis) * (1 + np.abs(y_hat))
-    allowed = (_y_allowed(case, o1.y, o1.mean, o1.invstd, p.weight, p.bias)
-               + _y_allowed(case, o2.y, o2.mean, o2.invstd, p.weight, p.bias) + rounding)
+    allowed = (
+        _y_allowed(case, o1.y, o1.mean, o1.invstd, p.weight, p.bias)
+        + _y_allowed(case, o2.y, o2.mean, o2.invstd, p.weight, p.bias)
+        + rounding
+    )
     assert_within(y2, y1.astype(np.float64), allowed, f"y(a*x + b) vs y(x), a={a:g}")
 
 
@@ -100,8 +104,9 @@ def test_dx_sums_to_zero_per_channel_with_unit_weight(inp, explicit_ones, data):
     assume(inp.training or p.running_mean is None)  # batch statistics are used
     weight = np.ones(case.channels, case.sdtype) if explicit_ones else None
     rm, rv = inp.running_copies()
-    _, saved = fastbn.forward(case.x, weight, p.bias, running_mean=rm, running_var=rv, training=inp.training,
-                              eps=inp.eps, axis=case.axis)
+    _, saved = fastbn.forward(
+        case.x, weight, p.bias, running_mean=rm, running_var=rv, training=inp.training, eps=inp.eps, axis=case.axis
+    )
     dy = like(case, case.rng(2).standard_normal(case.x.shape), layout=data.draw(layouts(case.x.ndim)))
     dx, _, _ = fastbn.backward(dy, case.x, weight, saved, axis=case.axis)
     o = oracle_forward(case.x, eps=inp.eps, axis=case.axis)
@@ -110,8 +115,7 @@ def test_dx_sums_to_zero_per_channel_with_unit_weight(inp, explicit_ones, data):
     axes = reduce_axes(case.x.ndim, case.axis)
     # the sum can be off by the sum of the errors allowed to its terms
     allowed = np.sum(allowed_error(dx, output_tol(case.dtype), dx_scale), axis=axes)
-    assert_within(np.sum(dx.astype(np.float64), axis=axes), np.zeros(case.channels), allowed,
-                  "per-channel sum of dx")
+    assert_within(np.sum(dx.astype(np.float64), axis=axes), np.zeros(case.channels), allowed, "per-channel sum of dx")
 
 
 @given(cases())
@@ -145,8 +149,9 @@ def test_momentum_extremes(inp, momentum):
     mean and unbiased variance."""
     case, p = inp.case, inp.params
     rm, rv = inp.running_copies()
-    fastbn.forward(case.x, p.weight, p.bias, running_mean=rm, running_var=rv, momentum=momentum, eps=inp.eps,
-                   axis=case.axis)
+    fastbn.forward(
+        case.x, p.weight, p.bias, running_mean=rm, running_var=rv, momentum=momentum, eps=inp.eps, axis=case.axis
+    )
     if momentum == 0.0:
         assert rm.tobytes() == p.running_mean.tobytes() and rv.tobytes() == p.running_var.tobytes()
     else:
@@ -154,8 +159,13 @@ def test_momentum_extremes(inp, momentum):
         mean, var = oracle_moments(case.x, case.axis)
         n = case.count
         assert_close(rm, mean, tol, scale=mean_scale(case.x, mean, case.axis), what="running_mean (momentum 1)")
-        assert_close(rv, var * n / (n - 1), tol, scale=n / (n - 1) * var_scale(case.x, mean, var, case.axis, tol),
-                     what="running_var (momentum 1) = unbiased batch variance")
+        assert_close(
+            rv,
+            var * n / (n - 1),
+            tol,
+            scale=n / (n - 1) * var_scale(case.x, mean, var, case.axis, tol),
+            what="running_var (momentum 1) = unbiased batch variance",
+        )
 
 
 @given(forward_inputs(running=False))
@@ -167,8 +177,12 @@ def test_eval_without_running_stats_uses_batch_statistics(inp):
     y_eval, s_eval = fastbn.forward(case.x, p.weight, p.bias, training=False, eps=inp.eps, axis=case.axis)
     assert bool(s_eval.batch_stats) and bool(s_train.batch_stats)
     o = oracle_forward(case.x, p.weight, p.bias, eps=inp.eps, axis=case.axis)
-    assert_within(y_eval, y_train.astype(np.float64), 2 * _y_allowed(case, o.y, o.mean, o.invstd, p.weight, p.bias),
-                  "y(training=False, no running stats) vs y(training=True)")
+    assert_within(
+        y_eval,
+        y_train.astype(np.float64),
+        2 * _y_allowed(case, o.y, o.mean, o.invstd, p.weight, p.bias),
+        "y(training=False, no running stats) vs y(training=True)",
+    )
 
 
 @given(forward_inputs())
@@ -181,14 +195,19 @@ def test_missing_weight_and_bias_mean_one_and_zero(inp):
     y1, s1 = fastbn.forward(case.x, None, None, running_mean=rm1, running_var=rv1, **kwargs)
     y2, s2 = fastbn.forward(case.x, ones, zeros, running_mean=rm2, running_var=rv2, **kwargs)
     o = oracle_forward(case.x, running_mean=p.running_mean, running_var=p.running_var, **kwargs)
-    assert_within(y1, y2.astype(np.float64), 2 * _y_allowed(case, o.y, o.mean, o.invstd, None, None),
-                  "y(weight=None, bias=None) vs y(ones, zeros)")
+    assert_within(
+        y1,
+        y2.astype(np.float64),
+        2 * _y_allowed(case, o.y, o.mean, o.invstd, None, None),
+        "y(weight=None, bias=None) vs y(ones, zeros)",
+    )
     dy = like(case, case.rng(2).standard_normal(case.x.shape))
     g1 = fastbn.backward(dy, case.x, None, s1, axis=case.axis)
     g2 = fastbn.backward(dy, case.x, ones, s2, axis=case.axis)
-    dx_scale, dw_scale, db_scale = backward_scales(case.x, dy, o.mean, o.invstd, None, case.axis,
-                                                   stats_tol(case.dtype))
-    for name, a, b, tol, scale in (("dx", g1[0], g2[0], output_tol(case.dtype), dx_scale),
-                                   ("dweight", g1[1], g2[1], stats_tol(case.dtype), dw_scale),
-                                   ("dbias", g1[2], g2[2], stats_tol(case.dtype), db_scale)):
+    dx_scale, dw_scale, db_scale = backward_scales(case.x, dy, o.mean, o.invstd, None, case.axis, stats_tol(case.dtype))
+    for name, a, b, tol, scale in (
+        ("dx", g1[0], g2[0], output_tol(case.dtype), dx_scale),
+        ("dweight", g1[1], g2[1], stats_tol(case.dtype), dw_scale),
+        ("dbias", g1[2], g2[2], stats_tol(case.dtype), db_scale),
+    ):
         assert_within(a, b.astype(np.float64), 2 * allowed_error(b, tol, scale), f"{name}(weight=None) vs {name}(ones)")

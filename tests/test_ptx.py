@@ -21,8 +21,10 @@ from fastbn.tools import cuda12, ptx
 
 ROOT = Path(__file__).resolve().parent.parent
 CCS = ("7.0", "8.0", "9.0")
-LINE = re.compile(r"^(?P<kernel>\w+)\s+(?P<dtype>float\d+)\s+cc (?P<cc>\d+\.\d+)\s+(?P<status>ok|unsupported|FAILED)\s+"
-                  r"CUDA (?P<toolkit>\d+\.\d+)\b(?P<rest>.*)$")
+LINE = re.compile(
+    r"^(?P<kernel>\w+)\s+(?P<dtype>float\d+)\s+cc (?P<cc>\d+\.\d+)\s+(?P<status>ok|unsupported|FAILED)\s+"
+    r"CUDA (?P<toolkit>\d+\.\d+)\b(?P<rest>.*)$"
+)
 RESOURCES = re.compile(r"registers +\d+ +spills \d+/\d+ B")
 
 
@@ -42,8 +44,9 @@ def test_ptx_command_compiles_every_kernel_for_every_dtype():
     assert proc.returncode == 0, f"{' '.join(command)} exited with {proc.returncode}:\n{output}"
     lines = [m.groupdict() for m in map(LINE.match, proc.stdout.splitlines()) if m]
     seen = [(line["kernel"], line["dtype"], line["cc"]) for line in lines]
-    expected = [(kernel, dtype.name, cc) for cc in CCS for dtype in FLOAT_DTYPES
-                for kernel, _, _ in plan.signatures(dtype)]
+    expected = [
+        (kernel, dtype.name, cc) for cc in CCS for dtype in FLOAT_DTYPES for kernel, _, _ in plan.signatures(dtype)
+    ]
     assert sorted(seen) == sorted(expected), output  # exactly one line per kernel, dtype and cc
     from fastbn.backends.cuda import target
 
@@ -75,7 +78,7 @@ def test_without_cuda12_a_dropped_cc_is_unsupported(monkeypatch):
     monkeypatch.setattr(cuda12, "locate", lambda: (None, f"install {cuda12.DISTRIBUTION} (test)"))
     results = ptx.compile_cc((7, 0))
     assert len(results) == sum(len(plan.signatures(dtype)) for dtype in FLOAT_DTYPES)
-    for kernel, dtype, status, detail, seconds, toolkit in results:
+    for kernel, dtype, status, detail, seconds, _toolkit in results:
         assert status == "unsupported" and seconds == 0.0, (kernel, dtype, status, detail)
         assert "not a target of this toolkit" in detail and f"install {cuda12.DISTRIBUTION}" in detail, detail
 
@@ -84,8 +87,14 @@ def test_cuda12_child_needs_the_forced_cc():
     """The CUDA 12 child refuses to start unless its environment forces the compute capability it compiles for."""
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_FORCE_CUDA_CC"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "fastbn.tools.cuda12", "7.0"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbn.tools.cuda12", "7.0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "NUMBA_FORCE_CUDA_CC must be 7.0" in proc.stderr, proc.stderr
 
 
@@ -129,8 +138,9 @@ def test_without_numba_cuda_the_command_says_what_to_install(monkeypatch):
     """Without numba-cuda, ``from numba import cuda`` still finds Numba's own deprecated CUDA target, on
     which the kernels fail mid-compilation; the command asks for numba-cuda first and names the extra."""
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "numba_cuda" else find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name == "numba_cuda" else find_spec(name, *args)
+    )
     out = io.StringIO()
     assert ptx.main(["8.0"], jobs=1, out=out) == 2
     assert "numba-cuda is not installed" in out.getvalue() and "pip install 'fastbn[cuda]'" in out.getvalue()

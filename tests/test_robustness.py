@@ -47,7 +47,7 @@ def test_zero_stride_running_statistics_are_refused():
     broadcast = np.lib.stride_tricks.as_strided(base, shape=(C,), strides=(0,))
     assert broadcast.flags.writeable
     running_var = np.ones(C, np.float32)
-    with pytest.raises(ValueError, match="^running_mean: has stride 0"):
+    with pytest.raises(ValueError, match=r"^running_mean: has stride 0"):
         fastbn.forward(_batch(), running_mean=broadcast, running_var=running_var)
     assert base[0] == 0 and np.array_equal(running_var, np.ones(C, np.float32))
 
@@ -71,13 +71,13 @@ def test_interleaved_views_of_one_buffer_are_separate_memory():
     """Views that interleave without sharing an element are fine (the check is exact, not by bounds)."""
     buffer = np.zeros(2 * C, np.float32)
     buffer[1::2] = 1
-    y, _ = fastbn.forward(_batch(), running_mean=buffer[0::2], running_var=buffer[1::2], momentum=1.0)
+    _y, _ = fastbn.forward(_batch(), running_mean=buffer[0::2], running_var=buffer[1::2], momentum=1.0)
     assert np.allclose(buffer[0::2], _batch().mean(axis=(0, 2)), atol=1e-6)
 
 
 def test_masked_arrays_are_refused_rather_than_their_mask_ignored():
     x = np.ma.masked_array(_batch(), mask=np.zeros((4, C, 5), bool))
-    with pytest.raises(TypeError, match="^x: is a masked array"):
+    with pytest.raises(TypeError, match=r"^x: is a masked array"):
         fastbn.forward(x)
 
 
@@ -92,7 +92,7 @@ def test_matrix_input_is_its_plain_array():
 @pytest.mark.parametrize("renorm", [{1.0: 2.0, 3.0: 4.0}, {3.0, 5.0}], ids=["dict", "set"])
 def test_renorm_must_be_a_pair(renorm):
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
-    with pytest.raises(TypeError, match="^renorm: expected a pair"):
+    with pytest.raises(TypeError, match=r"^renorm: expected a pair"):
         fastbn.forward(_batch(), running_mean=rm, running_var=rv, renorm=renorm)
     assert np.array_equal(rm, np.zeros(C)) and np.array_equal(rv, np.ones(C))
 
@@ -125,8 +125,9 @@ print(ok, len(messages), len(fused.forward_train_slab.stats.cache_hits))
 
 def _probe(cache, extra="pass"):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
-    proc = subprocess.run([sys.executable, "-c", _CACHE_PROBE.format(extra=extra)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CACHE_PROBE.format(extra=extra)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()
 
@@ -146,8 +147,10 @@ def test_a_cache_directory_that_disappears_mid_run_warns_once(tmp_path):
     """The cache directory is replaced by a file after the first kernels were cached; the next kernels (float64)
     cannot be cached, and run anyway."""
     cache = tmp_path / "cache"
-    extra = ("shutil.rmtree(os.environ['NUMBA_CACHE_DIR']); open(os.environ['NUMBA_CACHE_DIR'], 'w').close(); "
-             "y64, _ = fastbn.forward(x); ok = ok and bool(np.allclose(y64.mean(axis=(0, 2)), 0, atol=1e-12))")
+    extra = (
+        "shutil.rmtree(os.environ['NUMBA_CACHE_DIR']); open(os.environ['NUMBA_CACHE_DIR'], 'w').close(); "
+        "y64, _ = fastbn.forward(x); ok = ok and bool(np.allclose(y64.mean(axis=(0, 2)), 0, atol=1e-12))"
+    )
     assert _probe(cache, extra) == ["True", "1", "0"]
 
 
@@ -180,8 +183,9 @@ def test_an_openmp_layer_started_by_other_code_is_reported(chosen):
     env.pop("NUMBA_THREADING_LAYER", None)
     if chosen:
         env["NUMBA_THREADING_LAYER"] = chosen
-    proc = subprocess.run([sys.executable, "-c", _OTHER_PARALLEL_CODE_FIRST], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _OTHER_PARALLEL_CODE_FIRST], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     layer, warned = proc.stdout.split()
     if layer != "omp":
@@ -219,15 +223,15 @@ def test_a_layer_shared_by_threads_loses_no_update():
 def test_negative_variances_are_refused_where_they_are_read():
     x = _batch()
     mean, var = np.zeros(C, np.float32), np.array([1.0, -0.5, 1.0], np.float32)
-    with pytest.raises(ValueError, match="^var: expected non-negative variances, got -0.5 for channel 1"):
+    with pytest.raises(ValueError, match=r"^var: expected non-negative variances, got -0.5 for channel 1"):
         fastbn.normalize(x, mean, var)
     running_mean, running_var = mean.copy(), var.copy()
-    with pytest.raises(ValueError, match="^running_var: expected non-negative"):
+    with pytest.raises(ValueError, match=r"^running_var: expected non-negative"):
         fastbn.forward(x, running_mean=running_mean, running_var=running_var, training=False)
-    with pytest.raises(ValueError, match="^running_var: expected non-negative"):
+    with pytest.raises(ValueError, match=r"^running_var: expected non-negative"):
         fastbn.forward(x, running_mean=running_mean, running_var=running_var, renorm=(3.0, 5.0))
     assert np.array_equal(running_mean, mean) and np.array_equal(running_var, var)
-    with pytest.raises(ValueError, match="^running_var: expected non-negative"):
+    with pytest.raises(ValueError, match=r"^running_var: expected non-negative"):
         fastbn.fold(np.ones((C, 2), np.float32), None, mean, var, None, None)
     # training without renorm never reads the running variance: it is overwritten, as in PyTorch
     fastbn.forward(x, running_mean=running_mean, running_var=running_var, momentum=1.0)
@@ -236,13 +240,16 @@ def test_negative_variances_are_refused_where_they_are_read():
     assert np.isnan(fastbn.normalize(x, mean, nan_var)[:, 1]).all()
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("shape", None, "^saved.shape: expected a tuple of sizes"),
-    ("batch_stats", "no", "^saved.batch_stats: expected True or False"),
-    ("activation", "gelu", "^saved.activation: expected None or 'relu'"),
-    ("count", -1, "^saved.count: expected a non-negative integer"),
-    ("r", np.ones(C, np.float32), "^saved.d: expected renorm's r and d together"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("shape", None, "^saved.shape: expected a tuple of sizes"),
+        ("batch_stats", "no", "^saved.batch_stats: expected True or False"),
+        ("activation", "gelu", "^saved.activation: expected None or 'relu'"),
+        ("count", -1, "^saved.count: expected a non-negative integer"),
+        ("r", np.ones(C, np.float32), "^saved.d: expected renorm's r and d together"),
+    ],
+)
 def test_a_tampered_saved_is_refused(field, value, message):
     x = _batch()
     _, saved = fastbn.forward(x)

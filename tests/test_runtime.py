@@ -14,10 +14,7 @@ import sys
 import textwrap
 import threading
 
-import numpy as np
 import pytest
-
-import fastbn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,8 +81,15 @@ def test_default_threading_layer_is_tbb_when_tbb_is_installed():
         pytest.fail("the tbb wheel is a dependency of fastbn on this platform and must be installed")
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     out = subprocess.run(
-        [sys.executable, "-c", "import fastbn, numpy as np; fastbn.moments(np.ones((4, 2))); print(fastbn.threading_layer())"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-c",
+            "import fastbn, numpy as np; fastbn.moments(np.ones((4, 2))); print(fastbn.threading_layer())",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "tbb"
@@ -104,7 +108,7 @@ def test_concurrent_threads_match_sequential():
             for repeat in range(3):
                 seed = (index + repeat) % 4
                 results[(index, repeat)] = (seed, workload(seed))
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
@@ -119,7 +123,9 @@ def test_concurrent_threads_match_sequential():
             assert got.tobytes() == want.tobytes()
 
 
-FORK_CHILD = WORKLOAD + """
+FORK_CHILD = (
+    WORKLOAD
+    + """
 import multiprocessing as mp, sys
 from concurrent.futures import ProcessPoolExecutor
 
@@ -138,6 +144,7 @@ if __name__ == "__main__":
     import fastbn
     print(fastbn.threading_layer(), "ok")
 """
+)
 
 
 @pytest.mark.parametrize("layer", ["default", "workqueue"])
@@ -249,8 +256,7 @@ def test_read_only_install_and_cache_breaks_nothing(tmp_path):
     }
     try:
         out = run_python(
-            CACHE_PROBE
-            + "print(fastbn.__file__)\nprint(cpu.forward_train_slab._cache.__class__.__name__)",
+            CACHE_PROBE + "print(fastbn.__file__)\nprint(cpu.forward_train_slab._cache.__class__.__name__)",
             env,
             prefix,
             cwd=tmp_path,  # not the repository, whose fastbn/ would shadow the copy

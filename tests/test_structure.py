@@ -33,7 +33,9 @@ def _imports(path, name, modules):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
                 targets.add(submodule if submodule in modules else base)
@@ -49,9 +51,9 @@ def test_no_import_cycle():
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join([*trail[trail.index(nxt) :], nxt]))
             if nxt not in state:
-                visit(nxt, trail + [nxt])
+                visit(nxt, [*trail, nxt])
         state[node] = "done"
 
     for name in sorted(graph):
@@ -74,10 +76,12 @@ def test_modules_are_at_most_700_lines():
 
 
 def test_a_call_imports_no_tool():
-    code = ("import sys, numpy as np, fastbn\n"
-            "y, saved = fastbn.forward(np.ones((4, 3), np.float32))\n"
-            "fastbn.backward(np.ones((4, 3), np.float32), np.ones((4, 3), np.float32), None, saved)\n"
-            "print(sorted(m for m in sys.modules if m.startswith('fastbn.tools')))\n")
+    code = (
+        "import sys, numpy as np, fastbn\n"
+        "y, saved = fastbn.forward(np.ones((4, 3), np.float32))\n"
+        "fastbn.backward(np.ones((4, 3), np.float32), np.ones((4, 3), np.float32), None, saved)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('fastbn.tools')))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -101,8 +105,9 @@ def test_cpu_backend_implements_the_protocols_with_their_signatures():
         for name in methods:
             expected = inspect.signature(getattr(protocol, name))
             got = inspect.signature(getattr(implementation, name))
-            assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == \
-                [(p.name, p.kind, p.default) for p in expected.parameters.values()], name
+            assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == [
+                (p.name, p.kind, p.default) for p in expected.parameters.values()
+            ], name
 
 
 def test_kernel_cache_is_keyed_on_every_backend_source():

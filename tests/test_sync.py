@@ -48,8 +48,12 @@ class ThreadGroup:
 def test_merge_moments_matches_two_pass_over_the_concatenation():
     rng = np.random.default_rng(1)
     parts = [rng.standard_normal((n, 3)) * 5 + 1e4 for n in (7, 0, 1, 40)]
-    rows = [np.concatenate(([len(p)], p.mean(0) if len(p) else np.zeros(3),
-                            ((p - p.mean(0)) ** 2).mean(0) if len(p) else np.zeros(3))) for p in parts]
+    rows = [
+        np.concatenate(
+            ([len(p)], p.mean(0) if len(p) else np.zeros(3), ((p - p.mean(0)) ** 2).mean(0) if len(p) else np.zeros(3))
+        )
+        for p in parts
+    ]
     count, mean, var = merge_moments(np.stack(rows), 3)
     whole = np.concatenate(parts)
     assert count == len(whole)
@@ -74,8 +78,9 @@ def test_thread_group_matches_single_process(dtype):
     def run(rank):
         part = slice(edges[rank], edges[rank + 1])
         rm_local, rv_local = np.zeros(3, dtype), np.ones(3, dtype)
-        y, saved = fastbn.forward(x[part], w, b, running_mean=rm_local, running_var=rv_local,
-                                  process_group=group.member(rank))
+        y, saved = fastbn.forward(
+            x[part], w, b, running_mean=rm_local, running_var=rv_local, process_group=group.member(rank)
+        )
         results[rank] = (y, *fastbn.backward(dy[part], x[part], w, saved), rm_local, rv_local, saved.count)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
@@ -133,16 +138,21 @@ def _mpiexec():
 
 @pytest.mark.parametrize("size", [2, 3])
 def test_mpiexec(size):
-    proc = subprocess.run([_mpiexec(), "-n", str(size), sys.executable, WORKER, "mpi"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [_mpiexec(), "-n", str(size), sys.executable, WORKER, "mpi"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(re.findall(r"rank \d+ of \d+ ok", proc.stdout)) == [f"rank {r} of {size} ok" for r in range(size)]
 
 
 def test_mpi_peer_death_ends_the_job():
     start = time.monotonic()
-    proc = subprocess.run([_mpiexec(), "-n", "2", sys.executable, WORKER, "mpi", "--die-rank", "1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [_mpiexec(), "-n", "2", sys.executable, WORKER, "mpi", "--die-rank", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert time.monotonic() - start < 120
 
@@ -158,10 +168,23 @@ def _launch_torch(size, *extra, timeout=60, engine="torch"):
     port = _free_port()
     procs = []
     for rank in range(size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), FASTBN_TEST_TIMEOUT=str(timeout))
-        procs.append(subprocess.Popen([sys.executable, WORKER, engine, *extra], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            FASTBN_TEST_TIMEOUT=str(timeout),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, WORKER, engine, *extra],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for proc in procs:
@@ -200,8 +223,9 @@ def test_torch_distributed_peer_death_raises_within_the_timeout():
 
 def test_data_parallel_example_matches_single_process_training():
     example = os.path.join(os.path.dirname(HERE), "examples", "train_data_parallel.py")
-    proc = subprocess.run([_mpiexec(), "-n", "3", sys.executable, example, "--epochs", "3"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [_mpiexec(), "-n", "3", sys.executable, example, "--epochs", "3"], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     losses = [float(v) for v in re.findall(r"mean training loss (\S+)", proc.stdout)]
     differences = [float(v) for v in re.findall(r"single-process training (\S+)", proc.stdout)]

@@ -14,8 +14,11 @@ from torch import nn  # noqa: E402
 import fastbn.torch as fbt  # noqa: E402
 
 # float32: a few ulps of each output, reductions over <= 1e3 elements; float64: exact formulas.
-TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.float32: dict(rtol=2e-5, atol=2e-5),
-       torch.float64: dict(rtol=1e-12, atol=1e-12)}
+TOL = {
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+}
 
 
 def stats_dtype(dtype):
@@ -74,8 +77,14 @@ def test_batch_norm_matches_torch_functional(shape, dtype, channels_last, traini
         y = fn(x, running_mean, running_var, w, b, training=training, momentum=0.3, eps=1e-4)
         dy = make_input(shape, dtype, channels_last, seed=2)
         y.backward(dy)
-        outputs[name] = dict(y=y, dx=x.grad, dweight=None if w is None else w.grad,
-                             dbias=None if b is None else b.grad, running_mean=running_mean, running_var=running_var)
+        outputs[name] = dict(
+            y=y,
+            dx=x.grad,
+            dweight=None if w is None else w.grad,
+            dbias=None if b is None else b.grad,
+            running_mean=running_mean,
+            running_var=running_var,
+        )
     ours, ref = outputs["fastbn"], outputs["torch"]
     for key, expected in ref.items():
         got = ours[key]
@@ -83,8 +92,12 @@ def test_batch_norm_matches_torch_functional(shape, dtype, channels_last, traini
             assert got is None, key
             continue
         assert got.dtype == expected.dtype and got.shape == expected.shape, key
-        torch.testing.assert_close(got, expected, **TOL[got.dtype if key in ("y", "dx") else stats_dtype(dtype)],
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            got,
+            expected,
+            **TOL[got.dtype if key in ("y", "dx") else stats_dtype(dtype)],
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
     # Memory format: output and input gradient keep the input's.
     if channels_last:
         memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
@@ -156,8 +169,12 @@ def test_half_input_with_half_parameters_matches_torch():
     torch.testing.assert_close(ys[1], ys[0], **TOL[torch.float16])
     torch.testing.assert_close(ours.running_mean, ref.running_mean, **TOL[torch.float16])
     torch.testing.assert_close(ours.running_var, ref.running_var, **TOL[torch.float16])
-    for got, expected in ((ys[1], ys[2]), (xs[1].grad, xs[2].grad), (ours.weight.grad, exact.weight.grad),
-                          (ours.bias.grad, exact.bias.grad)):
+    for got, expected in (
+        (ys[1], ys[2]),
+        (xs[1].grad, xs[2].grad),
+        (ours.weight.grad, exact.weight.grad),
+        (ours.bias.grad, exact.bias.grad),
+    ):
         scale = expected.abs().max().item()
         torch.testing.assert_close(got.double(), expected.detach(), rtol=2e-3, atol=2e-3 * scale)
 
@@ -170,7 +187,7 @@ def test_functional_errors_match_torch():
             fn(x, rm.bfloat16(), rv.bfloat16(), training=True)
         with pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 4"):
             fn(x, torch.zeros(4), torch.ones(4), training=True)
-        with pytest.raises(RuntimeError, match="running_mean .*must be defined in evaluation mode"):
+        with pytest.raises(RuntimeError, match=r"running_mean .*must be defined in evaluation mode"):
             fn(x, None, None, training=False)
         with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
             fn(x[:1], rm, rv, training=True)
@@ -178,8 +195,11 @@ def test_functional_errors_match_torch():
 
 
 # ------------------------------------------------------------------ modules ---
-MODULES = [(nn.BatchNorm1d, fbt.BatchNorm1d, (6, 4, 5)), (nn.BatchNorm2d, fbt.BatchNorm2d, (6, 4, 3, 5)),
-           (nn.BatchNorm3d, fbt.BatchNorm3d, (3, 4, 2, 3, 5))]
+MODULES = [
+    (nn.BatchNorm1d, fbt.BatchNorm1d, (6, 4, 5)),
+    (nn.BatchNorm2d, fbt.BatchNorm2d, (6, 4, 3, 5)),
+    (nn.BatchNorm3d, fbt.BatchNorm3d, (3, 4, 2, 3, 5)),
+]
 CONSTRUCTOR_KWARGS = [
     {},
     dict(eps=1e-3, momentum=None),
@@ -281,10 +301,15 @@ class Custom(nn.BatchNorm2d):
 def test_convert_swaps_every_batchnorm_keeping_state():
     shared = nn.BatchNorm2d(4)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 1), shared, nn.ReLU(),
+        nn.Conv2d(3, 4, 1),
+        shared,
+        nn.ReLU(),
         nn.Sequential(nn.Conv2d(4, 4, 1), shared, Custom(4)),
-        nn.Flatten(), nn.Linear(4 * 3 * 3, 5), nn.BatchNorm1d(5, affine=False, momentum=None),
-        nn.Unflatten(1, (5, 1, 1, 1)), nn.BatchNorm3d(5, eps=1e-3),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 5),
+        nn.BatchNorm1d(5, affine=False, momentum=None),
+        nn.Unflatten(1, (5, 1, 1, 1)),
+        nn.BatchNorm3d(5, eps=1e-3),
     )
     for step in range(2):
         model(make_input((4, 3, 3, 3), seed=step))
@@ -312,7 +337,7 @@ def test_convert_swaps_every_batchnorm_keeping_state():
     # A batch-norm module on its own is replaced and returned.
     single = fbt.convert(nn.BatchNorm1d(2))
     assert type(single) is fbt.BatchNorm1d
-    with pytest.raises(TypeError, match="^module: "):
+    with pytest.raises(TypeError, match=r"^module: "):
         fbt.convert("model")
 
 
@@ -320,9 +345,14 @@ def test_convert_swaps_every_batchnorm_keeping_state():
 def make_cnn(batch_norm_cls, momentum):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), batch_norm_cls(8, momentum=momentum), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), batch_norm_cls(8, momentum=momentum), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 6 * 6, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        batch_norm_cls(8, momentum=momentum),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        batch_norm_cls(8, momentum=momentum),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 5),
     )
 
 
@@ -346,8 +376,12 @@ def test_cnn_training_matches_torch(momentum, memory_format):
             optimizer.step()
             losses.append(loss.item())
         model.eval()
-        runs[name] = dict(losses=losses, state=model.state_dict(), model=model,
-                          eval_output=model(batches[0][0].to(memory_format=memory_format)))
+        runs[name] = dict(
+            losses=losses,
+            state=model.state_dict(),
+            model=model,
+            eval_output=model(batches[0][0].to(memory_format=memory_format)),
+        )
     ref, ours = runs["torch"], runs["fastbn"]
     assert isinstance(ours["model"][1], fbt.BatchNorm2d) and not isinstance(ref["model"][1], fbt.BatchNorm2d)
     np.testing.assert_allclose(ours["losses"], ref["losses"], rtol=1e-5, atol=1e-6)

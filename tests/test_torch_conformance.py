@@ -52,10 +52,11 @@ hypothesis.settings.register_profile("fastbn-suite-before-torch-testing", parent
 hypothesis.settings.load_profile("fastbn-suite-before-torch-testing")
 
 DEVICE = "cpu"
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2 * 2.0 ** -7, torch.float16: 2 * 2.0 ** -10}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2 * 2.0**-7, torch.float16: 2 * 2.0**-10}
 
-MODULE_INFOS = {info.name: info for info in module_db if info.name in ("nn.BatchNorm1d", "nn.BatchNorm2d",
-                                                                       "nn.BatchNorm3d")}
+MODULE_INFOS = {
+    info.name: info for info in module_db if info.name in ("nn.BatchNorm1d", "nn.BatchNorm2d", "nn.BatchNorm3d")
+}
 OPINFO = next(op for op in op_db if op.name == "nn.functional.batch_norm" and op.variant_test_name == "")
 OP_DTYPES = sorted(OPINFO.supported_dtypes(DEVICE), key=str)
 
@@ -69,19 +70,26 @@ def assert_matches(actual, expected, what, dtype=None):
     expected, actual = expected.detach(), actual.detach()
     finite = expected[torch.isfinite(expected)] if expected.is_floating_point() else expected
     scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, equal_nan=True,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual, expected, rtol=tol, atol=tol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
 
 
 # --- module_db: BatchNorm1d/2d/3d ---------------------------------------------------------------
+
 
 def module_inputs(info, dtype, training):
     return info.module_inputs_func(info, device=DEVICE, dtype=dtype, requires_grad=True, training=training)
 
 
 MODULE_CASES = [
-    pytest.param(name, index, dtype, training,
-                 id=f"{name[3:]}-{module_input.desc or 'default'}-{str(dtype)[6:]}-{'train' if training else 'eval'}")
+    pytest.param(
+        name,
+        index,
+        dtype,
+        training,
+        id=f"{name[3:]}-{module_input.desc or 'default'}-{str(dtype)[6:]}-{'train' if training else 'eval'}",
+    )
     for name, info in MODULE_INFOS.items()
     for dtype in (torch.float32, torch.float64)
     for training in (True, False)
@@ -126,16 +134,21 @@ def test_module_db_entry_matches_torch(name, index, dtype, training):
     for label, module in (("torch", reference), ("fastbn", fast)):
         inputs = [x.clone().requires_grad_(True) for x in (first, second)]
         results = []
-        for step, x in enumerate(inputs):
+        for x in inputs:
             results.append(module(x))
             results.append({k: (None if v is None else v.clone()) for k, v in _state(module).items()})
         loss = sum((out * grad).sum() for out, grad in zip(results[::2], grads))
         loss.backward()
-        outputs[label] = results, [x.grad for x in inputs], {
-            p: getattr(module, p).grad if getattr(module, p, None) is not None else None for p in ("weight", "bias")}
+        outputs[label] = (
+            results,
+            [x.grad for x in inputs],
+            {p: getattr(module, p).grad if getattr(module, p, None) is not None else None for p in ("weight", "bias")},
+        )
 
-    (ref_results, ref_input_grads, ref_param_grads), (results, input_grads, param_grads) = \
-        outputs["torch"], outputs["fastbn"]
+    (ref_results, ref_input_grads, ref_param_grads), (results, input_grads, param_grads) = (
+        outputs["torch"],
+        outputs["fastbn"],
+    )
     for step in range(2):
         assert_matches(results[2 * step], ref_results[2 * step], f"output of forward {step + 1}")
         for key, ref_value in ref_results[2 * step + 1].items():
@@ -147,10 +160,12 @@ def test_module_db_entry_matches_torch(name, index, dtype, training):
 
 MODULE_ERROR_CASES = [
     pytest.param(name, dtype, index, id=f"{name[3:]}-{str(dtype)[6:]}-{index}")
-    for name, info in MODULE_INFOS.items() if info.module_error_inputs_func is not None
+    for name, info in MODULE_INFOS.items()
+    if info.module_error_inputs_func is not None
     for dtype in (torch.float32, torch.float64)
-    for index, _ in enumerate(info.module_error_inputs_func(info, device=DEVICE, dtype=dtype,
-                                                            requires_grad=False, training=True))
+    for index, _ in enumerate(
+        info.module_error_inputs_func(info, device=DEVICE, dtype=dtype, requires_grad=False, training=True)
+    )
 ]
 
 
@@ -162,8 +177,9 @@ def test_module_db_error_input_raises_like_torch(name, dtype, index):
     reports the bad ``eps`` (a ValueError) before it would look at the mixed dtypes.
     """
     info = MODULE_INFOS[name]
-    error_input = info.module_error_inputs_func(info, device=DEVICE, dtype=dtype, requires_grad=False,
-                                                training=True)[index]
+    error_input = info.module_error_inputs_func(info, device=DEVICE, dtype=dtype, requires_grad=False, training=True)[
+        index
+    ]
     module_input = error_input.module_error_input
     args, kwargs = module_input.constructor_input.args, module_input.constructor_input.kwargs
     for cls in (info.module_cls, getattr(fbt, info.module_cls.__name__)):
@@ -178,6 +194,7 @@ def test_module_db_error_input_raises_like_torch(name, dtype, index):
 
 # --- op_db: nn.functional.batch_norm --------------------------------------------------------------
 
+
 def samples(dtype, requires_grad=True):
     torch.manual_seed(0)  # make_tensor draws from the global generator
     return list(OPINFO.sample_inputs(DEVICE, dtype, requires_grad=requires_grad))
@@ -188,17 +205,23 @@ def _describe(sample):
     return shape + "".join(f"-{k}={v}" for k, v in sample.kwargs.items())
 
 
-OP_CASES = [pytest.param(dtype, index, id=f"{str(dtype)[6:]}-{index}-{_describe(sample)}")
-            for dtype in OP_DTYPES for index, sample in enumerate(samples(dtype, requires_grad=False))]
+OP_CASES = [
+    pytest.param(dtype, index, id=f"{str(dtype)[6:]}-{index}-{_describe(sample)}")
+    for dtype in OP_DTYPES
+    for index, sample in enumerate(samples(dtype, requires_grad=False))
+]
 F64_CASES = [case for case in OP_CASES if case.values[0] == torch.float64]
-F64_STATS_CASES = [case for case in F64_CASES
-                   if samples(torch.float64, requires_grad=False)[case.values[1]].args[0] is not None]
+F64_STATS_CASES = [
+    case for case in F64_CASES if samples(torch.float64, requires_grad=False)[case.values[1]].args[0] is not None
+]
 
 
 def _clone_args(sample):
     """Fresh leaves for one call: (input, args, the tensors that take gradients)."""
+
     def clone(t):
         return None if t is None else t.detach().clone().requires_grad_(t.requires_grad)
+
     x = clone(sample.input)
     args = [clone(a) for a in sample.args]
     return x, args, [t for t in [x, *args] if t is not None and t.requires_grad]
@@ -213,7 +236,7 @@ def _run(function, sample, grad_seed=None):
         if grad_seed is not None and leaves:
             grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
             grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
-    except Exception as exc:  # noqa: BLE001 -- compared with torch's below
+    except Exception as exc:
         return exc
     return out, args[:2], grads
 
@@ -222,7 +245,8 @@ def _assert_same_failure(fast, reference, what):
     if isinstance(reference, Exception):
         assert isinstance(fast, type(reference)), (
             f"{what}: torch raises {type(reference).__name__} ({reference}); fastbn "
-            + (f"raises {type(fast).__name__} ({fast})" if isinstance(fast, Exception) else "does not raise"))
+            + (f"raises {type(fast).__name__} ({fast})" if isinstance(fast, Exception) else "does not raise")
+        )
         return True
     if isinstance(fast, Exception):
         raise AssertionError(f"{what}: torch succeeds, fastbn raises {type(fast).__name__}: {fast}") from fast
@@ -254,8 +278,10 @@ def test_opinfo_sample_forward_ad_matches_torch(dtype, index):
         x, args, leaves = _clone_args(sample)
         positions = [i for i, t in enumerate([x, *args]) if t is not None and t.requires_grad]
         primals = tuple(t.detach() for t in leaves)
-        tangents = tuple(torch.randn(t.shape, generator=torch.Generator().manual_seed(index + i), dtype=t.dtype)
-                         for i, t in enumerate(primals))
+        tangents = tuple(
+            torch.randn(t.shape, generator=torch.Generator().manual_seed(index + i), dtype=t.dtype)
+            for i, t in enumerate(primals)
+        )
 
         def call(*differentiable):
             full = [x.detach(), *[None if a is None else a.detach() for a in args]]
@@ -264,9 +290,10 @@ def test_opinfo_sample_forward_ad_matches_torch(dtype, index):
             # the running statistics are the sample's (cloned) tensors: updated in place
             full[1:3] = args[:2]
             return function(full[0], *full[1:], **sample.kwargs)
+
         try:
             return torch.func.jvp(call, primals, tangents), args[:2]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return exc
 
     reference, fast = jvp(F.batch_norm), jvp(fbt.batch_norm)
@@ -293,11 +320,13 @@ def test_opinfo_sample_double_backward_matches_torch(dtype, index):
             grad_out.requires_grad_(True)
             grads = torch.autograd.grad(out, leaves, grad_out, create_graph=True, allow_unused=True)
             used = [(g, t) for g, t in zip(grads, leaves) if g is not None]
-            vs = [torch.randn(g.shape, generator=torch.Generator().manual_seed(7 + i), dtype=dtype)
-                  for i, (g, _) in enumerate(used)]
+            vs = [
+                torch.randn(g.shape, generator=torch.Generator().manual_seed(7 + i), dtype=dtype)
+                for i, (g, _) in enumerate(used)
+            ]
             total = sum((g * v).sum() for (g, _), v in zip(used, vs))
             return torch.autograd.grad(total, [*leaves, grad_out], allow_unused=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return exc
 
     reference, fast = gradgrad(F.batch_norm), gradgrad(fbt.batch_norm)
@@ -321,7 +350,7 @@ def test_opinfo_sample_vmap_matches_torch(dtype, index):
         xs = torch.stack([x, 2 * x + 1])
         try:
             return torch.func.vmap(lambda xi: function(xi, *args, **sample.kwargs))(xs), args[:2]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return exc
 
     reference, fast = batched(F.batch_norm), batched(fbt.batch_norm)
@@ -342,7 +371,7 @@ def test_opinfo_sample_neg_view_matches_torch(dtype, index):
         x, args, _ = _clone_args(sample)
         try:
             return function(torch._neg_view(-x), *args, **sample.kwargs), args[:2]
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             return exc
 
     reference, fast = call(F.batch_norm), call(fbt.batch_norm)
@@ -369,17 +398,21 @@ def test_opinfo_sample_forward_ad_through_running_stats_like_torch(dtype, index)
             dual_mean = fwAD.make_dual(args[0], torch.ones_like(args[0]))
             try:
                 return function(dual_x, dual_mean, *args[1:], **sample.kwargs)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 return exc
 
     reference, fast = call(F.batch_norm), call(fbt.batch_norm)
     _assert_same_failure(fast, reference, "forward AD through running_mean")
 
 
-ERROR_CASES = ([pytest.param(index, id=str(index)) for index, _ in enumerate(OPINFO.error_inputs(DEVICE))]
-               if OPINFO.error_inputs_func is not None else [])
+ERROR_CASES = (
+    [pytest.param(index, id=str(index)) for index, _ in enumerate(OPINFO.error_inputs(DEVICE))]
+    if OPINFO.error_inputs_func is not None
+    else []
+)
 
 if ERROR_CASES:  # torch 2.13's OpInfo has no error_inputs; a later torch's would be checked here
+
     @pytest.mark.parametrize("index", ERROR_CASES)
     def test_opinfo_error_input_raises_like_torch(index):
         error_input = list(OPINFO.error_inputs(DEVICE))[index]

@@ -64,8 +64,20 @@ def test_opcheck(training, relu, residual, vbs, renorm, has_running):
     assert set(result.values()) == {"SUCCESS"}, result
     y, mean, invstd, r, d, _, _ = _ops.forward_op(*args)
     batch_stats = training or rm is None
-    backward_args = (torch.randn_like(y), x.detach(), weight.detach(), mean, invstd, r, d, y if relu else None,
-                     batch_stats, residual, vbs, 1e-5)
+    backward_args = (
+        torch.randn_like(y),
+        x.detach(),
+        weight.detach(),
+        mean,
+        invstd,
+        r,
+        d,
+        y if relu else None,
+        batch_stats,
+        residual,
+        vbs,
+        1e-5,
+    )
     result = torch.library.opcheck(_ops.backward_op, backward_args)
     assert set(result.values()) == {"SUCCESS"}, result
 
@@ -94,11 +106,12 @@ def test_second_derivatives_match_torch():
     x, weight = randn(5, 3, 2), randn(3, seed=1)
     rm, rv = running(3)
     for training in (True, False):
+
         def ours(v, w):
-            return fbt.batch_norm(v, rm, rv, w, None, training, 0.0).pow(3).sum()
+            return fbt.batch_norm(v, rm, rv, w, None, training, 0.0).pow(3).sum()  # noqa: B023 - called within this iteration
 
         def theirs(v, w):
-            return F.batch_norm(v, rm, rv, w, None, training, 0.0).pow(3).sum()
+            return F.batch_norm(v, rm, rv, w, None, training, 0.0).pow(3).sum()  # noqa: B023 - called within this iteration
 
         for transform in (torch.func.hessian, lambda f: torch.func.jacrev(torch.func.jacrev(f))):
             torch.testing.assert_close(transform(ours)(x, weight), transform(theirs)(x, weight), **F64)
@@ -121,8 +134,9 @@ def test_renorm_gradient_treats_r_and_d_as_constants():
     expected = ((x - mean) / sigma * r + d) * weight.view(1, 3, 1)
     torch.testing.assert_close(y, expected, **F64)
     dy = randn(6, 3, 2, seed=4)
-    torch.testing.assert_close(torch.autograd.grad(y, (x, weight), dy), torch.autograd.grad(expected, (x, weight), dy),
-                               **F64)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, (x, weight), dy), torch.autograd.grad(expected, (x, weight), dy), **F64
+    )
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -130,10 +144,12 @@ def test_jvp_matches_torch(training):
     x, tx = randn(6, 3, 4), randn(6, 3, 4, seed=1)
     weight, tw = randn(3, seed=2), randn(3, seed=3)
     rm, rv = running(3)
-    ours = torch.func.jvp(lambda v, w: fbt.batch_norm(v, rm.clone(), rv.clone(), w, None, training), (x, weight),
-                          (tx, tw))
-    theirs = torch.func.jvp(lambda v, w: F.batch_norm(v, rm.clone(), rv.clone(), w, None, training), (x, weight),
-                            (tx, tw))
+    ours = torch.func.jvp(
+        lambda v, w: fbt.batch_norm(v, rm.clone(), rv.clone(), w, None, training), (x, weight), (tx, tw)
+    )
+    theirs = torch.func.jvp(
+        lambda v, w: F.batch_norm(v, rm.clone(), rv.clone(), w, None, training), (x, weight), (tx, tw)
+    )
     torch.testing.assert_close(ours, theirs, **F64)
     expected = torch.func.jvp(lambda v: F.batch_norm(v, rm.clone(), rv.clone(), weight, None, training), (x,), (tx,))
     with fwAD.dual_level():
@@ -144,7 +160,7 @@ def test_jvp_matches_torch(training):
 def test_vmap_is_a_batch_of_batch_norms():
     xs = randn(5, 4, 3, 2)
     for options in ({}, dict(virtual_batch_size=2), dict(activation="relu")):
-        got = torch.func.vmap(lambda v: fbt.batch_norm(v, None, None, training=True, **options))(xs)
+        got = torch.func.vmap(lambda v: fbt.batch_norm(v, None, None, training=True, **options))(xs)  # noqa: B023 - called within this iteration
         expected = torch.stack([fbt.batch_norm(v, None, None, training=True, **options) for v in xs])
         torch.testing.assert_close(got, expected, **F64)
     # Batched running statistics are updated, each its own; unbatched ones cannot be (as torch).
@@ -157,13 +173,16 @@ def test_vmap_is_a_batch_of_batch_norms():
     rm, rv = running(3)
     for fn in (F.batch_norm, fbt.batch_norm):
         with pytest.raises(RuntimeError):
-            torch.func.vmap(lambda v: fn(v, rm, rv, training=True))(xs)
+            torch.func.vmap(lambda v: fn(v, rm, rv, training=True))(xs)  # noqa: B023 - called within this iteration
     # Eval with shared running statistics, and jacrev (a vmap over the backward).
     got = torch.func.vmap(lambda v: fbt.batch_norm(v, rm, rv, training=False))(xs)
     torch.testing.assert_close(got, torch.stack([F.batch_norm(v, rm, rv, training=False) for v in xs]), **F64)
     x = xs[0]
-    torch.testing.assert_close(torch.func.jacrev(lambda v: fbt.batch_norm(v, None, None, training=True))(x),
-                               torch.func.jacrev(lambda v: F.batch_norm(v, None, None, training=True))(x), **F64)
+    torch.testing.assert_close(
+        torch.func.jacrev(lambda v: fbt.batch_norm(v, None, None, training=True))(x),
+        torch.func.jacrev(lambda v: F.batch_norm(v, None, None, training=True))(x),
+        **F64,
+    )
     grads = torch.func.vmap(torch.func.grad(lambda v: fbt.batch_norm(v, None, None, training=True).pow(3).sum()))(xs)
     expected = torch.func.vmap(torch.func.grad(lambda v: F.batch_norm(v, None, None, training=True).pow(3).sum()))(xs)
     torch.testing.assert_close(grads, expected, **F64)
@@ -203,7 +222,7 @@ def test_momentum_outside_unit_interval_and_zero_eps_in_eval_as_torch():
 def _torch_error(call):
     try:
         call()
-    except Exception as error:  # noqa: BLE001 - the type is what is compared
+    except Exception as error:
         return error
     return None
 
@@ -258,13 +277,13 @@ def test_bfloat16_module_and_autocast_as_torch():
         y_ours, y_theirs = ours(xb), theirs(xb)
         assert y_ours.dtype == torch.bfloat16 and y_ours.is_contiguous(memory_format=mf)
         # Both compute in float32 and round the output once: at most an ulp of bfloat16 apart.
-        torch.testing.assert_close(y_ours.float(), y_theirs.float(), rtol=2 ** -7, atol=2 ** -7)
+        torch.testing.assert_close(y_ours.float(), y_theirs.float(), rtol=2**-7, atol=2**-7)
     torch.testing.assert_close(ours.running_var, theirs.running_var, **F32)
     conv = nn.Conv2d(3, 3, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ours, y_theirs = ours(conv(x)), theirs(conv(x))
     assert y_ours.dtype == y_theirs.dtype == torch.bfloat16
-    torch.testing.assert_close(y_ours.float(), y_theirs.float(), rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(y_ours.float(), y_theirs.float(), rtol=2**-7, atol=2**-7)
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-3, atol=1e-3)
 
 
@@ -277,8 +296,9 @@ def test_fused_forms_match_torch_compositions():
     expected = torch.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, True) + z)
     torch.testing.assert_close(y, expected, **F64)
     dy = randn(4, 3, 5, seed=4)
-    torch.testing.assert_close(torch.autograd.grad(y, (x, z, w, b), dy), torch.autograd.grad(expected, (x, z, w, b), dy),
-                               **F64)
+    torch.testing.assert_close(
+        torch.autograd.grad(y, (x, z, w, b), dy), torch.autograd.grad(expected, (x, z, w, b), dy), **F64
+    )
     # Ghost batches: each group of 2 samples normalised on its own; running stats from the group averages.
     rm1, rv1 = rm.clone(), rv.clone()
     y = fbt.batch_norm(x, rm1, rv1, w, b, True, virtual_batch_size=2)
@@ -321,8 +341,9 @@ def test_revert_gives_torch_modules_sharing_state():
     plain = fbt.revert(block)
     assert isinstance(plain, fbt.TorchBatchNormAddReLU) and type(plain.bn) is nn.BatchNorm2d
     block.eval(), plain.eval()
-    torch.testing.assert_close(plain(h, z), torch.relu(F.batch_norm(h, block.running_mean, block.running_var,
-                                                                    block.weight, block.bias) + z))
+    torch.testing.assert_close(
+        plain(h, z), torch.relu(F.batch_norm(h, block.running_mean, block.running_var, block.weight, block.bias) + z)
+    )
     assert y_block.shape == h.shape
     # Round trip through convert, and a refusal that leaves everything as it was.
     again = fbt.convert(reverted)
@@ -336,8 +357,17 @@ def test_revert_gives_torch_modules_sharing_state():
 # --------------------------------------------------------- compile, export ---
 def _small_cnn(block):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), block(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                         block(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        block(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        block(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 def _train(model, x, target, compiled, autocast, steps=10):
@@ -391,8 +421,9 @@ def test_compile_backends_dynamic_shapes_and_export():
             y_eager = fn(x, w, z)
             torch.testing.assert_close(y, y_eager, **F32)
             torch.testing.assert_close(after, rm, **F32)
-            torch.testing.assert_close(torch.autograd.grad(y.sum(), (x, w)), torch.autograd.grad(y_eager.sum(), (x, w)),
-                                       **F32)
+            torch.testing.assert_close(
+                torch.autograd.grad(y.sum(), (x, w)), torch.autograd.grad(y_eager.sum(), (x, w)), **F32
+            )
     model = nn.Sequential(nn.Conv2d(3, 4, 1), fbt.BatchNorm2d(4), nn.ReLU())
     x = torch.randn(2, 3, 4, 4)
     for training in (True, False):

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from fastbn.tools import torch_suite  # noqa: E402
 
-FAKE_TEST_NN = '''
+FAKE_TEST_NN = """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ def test_batch_norm_broken_on_torch():
 
 def test_unrelated():
     raise AssertionError("deselected by -k, never run")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,25 @@ def report(tmp_path_factory):
     (root / "test" / "test_nn.py").write_text(FAKE_TEST_NN)
     (root / "version.txt").write_text("0.0.0-fake\n")
     out = root / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "fastbn", "torch-suite", "--pytorch-src", str(root), "--out", str(out),
-                           "--target", "test/test_nn.py::batchnorm or batch_norm",
-                           "--target", "test/absent.py::batchnorm"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastbn",
+            "torch-suite",
+            "--pytorch-src",
+            str(root),
+            "--out",
+            str(out),
+            "--target",
+            "test/test_nn.py::batchnorm or batch_norm",
+            "--target",
+            "test/absent.py::batchnorm",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return proc, json.loads(out.read_text())
 
 
@@ -87,8 +102,9 @@ def test_json_report_counts_and_groups(report):
 
 
 def test_usage_errors(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastbn", "torch-suite", "--pytorch-src", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbn", "torch-suite", "--pytorch-src", str(tmp_path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "test_nn.py not found" in proc.stdout
     with pytest.raises(ValueError, match="FILE::EXPR"):
         torch_suite.parse_targets(["test/test_nn.py"])
@@ -104,7 +120,9 @@ def test_outcomes_from_phase_records():
     assert torch_suite._outcome([phase("setup", "passed"), phase("call", "skipped", True, "x")]) == ("xfailed", "x")
     assert torch_suite._outcome([phase("setup", "passed"), phase("call", "passed", True)])[0] == "xpassed"
     assert torch_suite._outcome([])[0] == "not run"
-    groups = torch_suite.compare({"a": ("passed", ""), "b": ("failed", "m"), "c": ("passed", "")},
-                                 {"a": ("passed", ""), "b": ("passed", ""), "c": ("skipped", "s")})
+    groups = torch_suite.compare(
+        {"a": ("passed", ""), "b": ("failed", "m"), "c": ("passed", "")},
+        {"a": ("passed", ""), "b": ("passed", ""), "c": ("skipped", "s")},
+    )
     assert groups["fixed_by_swap"] == {"b": "m"} and groups["skipped_swapped"] == {"c": "skipped: s"}
     assert not groups["swapped_only_failures"]

@@ -27,7 +27,8 @@ path, :mod:`fastbn._sync`) are float64 NumPy vectors on the host.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 __all__ = ["BACKENDS", "Backend", "SyncPieces", "load"]
 
@@ -43,19 +44,32 @@ class SyncPieces(Protocol):
     def local_moments(self, x: Any, axis: int) -> tuple[Any, Any]:
         """This process's float64 host ``(mean, biased var)``; zeros for an empty x."""
 
-    def normalize_with_stats(self, x: Any, axis: int, dtype: Any, mean64: Any, var64: Any, weight: Any,
-                             bias: Any, eps: float) -> tuple[Any, Any, Any]:
+    def normalize_with_stats(
+        self, x: Any, axis: int, dtype: Any, mean64: Any, var64: Any, weight: Any, bias: Any, eps: float
+    ) -> tuple[Any, Any, Any]:
         """Normalise with given float64 statistics: ``(y, mean, invstd)`` in ``dtype``."""
 
-    def update_running(self, running_mean: Any, running_var: Any, mean64: Any, var64: Any, momentum: float,
-                       count: int) -> None:
+    def update_running(
+        self, running_mean: Any, running_var: Any, mean64: Any, var64: Any, momentum: float, count: int
+    ) -> None:
         """PyTorch's running-statistics update, in place, over ``count`` elements per channel."""
 
     def backward_sums(self, dy: Any, x: Any, axis: int, mean: Any) -> tuple[Any, Any]:
         """This process's float64 host ``(sum_dy, dotp)``; zeros for an empty x."""
 
-    def backward_dx(self, dy: Any, x: Any, axis: int, dtype: Any, weight: Any, mean: Any, invstd: Any,
-                    sum_dy64: Any, dotp64: Any, count: int) -> Any:
+    def backward_dx(
+        self,
+        dy: Any,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        mean: Any,
+        invstd: Any,
+        sum_dy64: Any,
+        dotp64: Any,
+        count: int,
+    ) -> Any:
         """The training-formula dx from per-channel sums over ``count`` elements."""
 
 
@@ -84,31 +98,93 @@ class Backend(Protocol):
         """The host array ``array`` where this backend computes: itself on the CPU, a device copy on CUDA."""
 
     # -- the public operations -----------------------------------------------
-    def forward_batch(self, x: Any, axis: int, dtype: Any, weight: Any, bias: Any, eps: float,
-                      running_mean: Any, running_var: Any, momentum: float, update: bool, *,
-                      relu: bool = False, residual: Any = None, renorm: tuple[float, float] | None = None,
-                      groups: int = 1, plan: Mapping[str, Any] | None = None) -> tuple[Any, Any, Any, Any, Any]:
+    def forward_batch(
+        self,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        running_mean: Any,
+        running_var: Any,
+        momentum: float,
+        update: bool,
+        *,
+        relu: bool = False,
+        residual: Any = None,
+        renorm: tuple[float, float] | None = None,
+        groups: int = 1,
+        plan: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, Any, Any, Any, Any]:
         """Normalise with batch statistics, update the running ones if ``update``: ``(y, mean, invstd, r, d)``."""
 
-    def forward_eval(self, x: Any, axis: int, dtype: Any, weight: Any, bias: Any, eps: float,
-                     running_mean: Any, running_var: Any, *, relu: bool = False, residual: Any = None,
-                     plan: Mapping[str, Any] | None = None) -> tuple[Any, Any, Any]:
+    def forward_eval(
+        self,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        running_mean: Any,
+        running_var: Any,
+        *,
+        relu: bool = False,
+        residual: Any = None,
+        plan: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, Any, Any]:
         """Normalise with the running statistics: ``(y, mean, invstd)``."""
 
-    def normalize(self, x: Any, axis: int, dtype: Any, mean: Any, var: Any, weight: Any, bias: Any,
-                  eps: float, *, plan: Mapping[str, Any] | None = None) -> Any:
+    def normalize(
+        self,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        mean: Any,
+        var: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        *,
+        plan: Mapping[str, Any] | None = None,
+    ) -> Any:
         """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel."""
 
     def moments(self, x: Any, axis: int, dtype: Any, *, plan: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
         """Per-channel mean and biased variance, in ``dtype``."""
 
-    def backward(self, dy: Any, x: Any, axis: int, dtype: Any, weight: Any, mean: Any, invstd: Any,
-                 batch_stats: bool, *, y: Any = None, dresidual: bool = False, r: Any = None, d: Any = None,
-                 groups: int = 1, plan: Mapping[str, Any] | None = None) -> tuple[Any, Any, Any, Any]:
+    def backward(
+        self,
+        dy: Any,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        mean: Any,
+        invstd: Any,
+        batch_stats: bool,
+        *,
+        y: Any = None,
+        dresidual: bool = False,
+        r: Any = None,
+        d: Any = None,
+        groups: int = 1,
+        plan: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, Any, Any, Any]:
         """Gradients ``(dx, dweight, dbias, dresidual)``; the training formula if ``batch_stats``."""
 
-    def fold(self, layer_weight: Any, layer_bias: Any, running_mean: Any, running_var: Any, weight: Any,
-             bias: Any, eps: float, axis: int) -> tuple[Any, Any]:
+    def fold(
+        self,
+        layer_weight: Any,
+        layer_bias: Any,
+        running_mean: Any,
+        running_var: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        axis: int,
+    ) -> tuple[Any, Any]:
         """Eval-mode batch norm folded into the layer before it: ``(folded_weight, folded_bias)``."""
 
 

@@ -25,11 +25,14 @@ import os
 #: is the namespace ``torch.nn`` re-exports and the one ``module_db`` names its tests after
 #: (``common_modules.MODULE_CLASS_NAMES``): swapped there too, the swapped tests keep torch's
 #: names (``..._nn_BatchNorm2d_...``) and any skip keyed on them.
-SWAPPED = tuple(
-    (namespace, name, name)
-    for name in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
-    for namespace in ("torch.nn", "torch.nn.modules")
-) + (("torch.nn.functional", "batch_norm", "batch_norm"),)
+SWAPPED = (
+    *tuple(
+        (namespace, name, name)
+        for name in ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
+        for namespace in ("torch.nn", "torch.nn.modules")
+    ),
+    ("torch.nn.functional", "batch_norm", "batch_norm"),
+)
 
 
 def install_swap():
@@ -50,9 +53,6 @@ def install_swap():
     :mod:`fastbn.tools.torch_suite`.
     """
     import importlib
-
-    import torch.nn
-    import torch.nn.functional
 
     import fastbn.torch as fastbn_torch
 

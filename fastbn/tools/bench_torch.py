@@ -108,8 +108,7 @@ def run(args):
         theirs_s = _time(theirs, args.rounds, args.seconds)
         ours_text = "refused" if ours_s is None else f"{1e6 * ours_s:.1f}"
         ratio = "-" if ours_s is None else f"{theirs_s / ours_s:.2f}x"
-        lines.append(f"| {name} | {shape} | {dtype} | {memory_format} | {ours_text} | {1e6 * theirs_s:.1f} | "
-                     f"{ratio} |")
+        lines.append(f"| {name} | {shape} | {dtype} | {memory_format} | {ours_text} | {1e6 * theirs_s:.1f} | {ratio} |")
     lines += ["", "Measured by `python -m fastbn bench-torch`."]
     text = "\n".join(lines)
     print(text)

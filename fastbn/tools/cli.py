@@ -102,13 +102,17 @@ def demo(args):
     print(f"forward: max |y - numpy float64| = {error:.2e}")
     print(f"per-channel output mean ~ bias: {np.allclose(y.mean(axis=(0, 2, 3)), bias, atol=1e-4)}")
     print(f"running_mean[:3] = {running_mean[:3]}, running_var[:3] = {running_var[:3]}")
-    print(f"backward: |dweight| = {np.linalg.norm(dweight):.3f}, |dbias| = {np.linalg.norm(dbias):.3f}, "
-          f"per-channel sum of dx ~ 0: {np.allclose(dx.sum(axis=(0, 2, 3)), 0, atol=1e-2)}")
+    print(
+        f"backward: |dweight| = {np.linalg.norm(dweight):.3f}, |dbias| = {np.linalg.norm(dbias):.3f}, "
+        f"per-channel sum of dx ~ 0: {np.allclose(dx.sum(axis=(0, 2, 3)), 0, atol=1e-2)}"
+    )
     forward_ms = _median_ms(lambda: fastbn.forward(x, weight, bias), args.repeats)
     backward_ms = _median_ms(lambda: fastbn.backward(dy, x, weight, saved), args.repeats)
     numpy_ms = _median_ms(lambda: _numpy_batch_norm(x, weight, bias, 1e-5), args.repeats)
-    print(f"median of {args.repeats}: fastbn forward {forward_ms:.2f} ms, backward {backward_ms:.2f} ms; "
-          f"NumPy forward {numpy_ms:.2f} ms ({numpy_ms / forward_ms:.1f}x slower)")
+    print(
+        f"median of {args.repeats}: fastbn forward {forward_ms:.2f} ms, backward {backward_ms:.2f} ms; "
+        f"NumPy forward {numpy_ms:.2f} ms ({numpy_ms / forward_ms:.1f}x slower)"
+    )
     return 0 if error < 1e-3 else 1
 
 
@@ -189,8 +193,16 @@ def main(argv=None):
     )
     for module in (ptx, bench, bench_fused, bench_torch, plan, torch_suite):
         module.add_parser(commands)
-    runs = {"demo": demo, "startup": startup, "ptx": ptx.run, "bench": bench.run, "bench-fused": bench_fused.run,
-            "bench-torch": bench_torch.run, "plan": plan.run, "torch-suite": torch_suite.run}
+    runs = {
+        "demo": demo,
+        "startup": startup,
+        "ptx": ptx.run,
+        "bench": bench.run,
+        "bench-fused": bench_fused.run,
+        "bench-torch": bench_torch.run,
+        "plan": plan.run,
+        "torch-suite": torch_suite.run,
+    }
     readme.add_parser(commands)
     runs["readme"] = readme.run
     precompile.add_parser(commands)

@@ -137,7 +137,7 @@ def ptxas_targets(ptxas):
     """
     text = subprocess.run([ptxas, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
     start = text.find("--gpu-name")
-    block = text[start:text.find("Default value", start)] if start >= 0 else ""
+    block = text[start : text.find("Default value", start)] if start >= 0 else ""
     ccs = sorted({(int(digits[:-1]), int(digits[-1])) for digits in re.findall(r"'sm_(\d+)'", block)})
     if not ccs:
         raise ValueError("no sm_XY value under --gpu-name in ptxas --help")
@@ -196,7 +196,7 @@ def compile_in_subprocess(cc, timeout=900):
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_MARKER):
-            return [tuple(result) for result in json.loads(line[len(_MARKER):])]
+            return [tuple(result) for result in json.loads(line[len(_MARKER) :])]
     tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
     raise RuntimeError(f"the CUDA 12 compiler process exited with {proc.returncode}: {tail}")
 

@@ -106,11 +106,19 @@ def compile_kernels(cc, assembler, toolkit):
             try:
                 ptx = target.compile_ptx(dispatcher.py_func, argtypes, cc)
                 report = assembler(ptx, cc)
-            except Exception as exc:  # noqa: BLE001 - every failure is reported, then counted
+            except Exception as exc:
                 first_line = (str(exc).strip().splitlines() or [""])[0]
                 status = "unsupported" if type(exc).__name__ == "CCSupportError" else "FAILED"
-                results.append((kernel, dtype.name, status, f"{type(exc).__name__}: {first_line}",
-                                time.perf_counter() - start, toolkit))
+                results.append(
+                    (
+                        kernel,
+                        dtype.name,
+                        status,
+                        f"{type(exc).__name__}: {first_line}",
+                        time.perf_counter() - start,
+                        toolkit,
+                    )
+                )
                 continue
             results.append((kernel, dtype.name, "ok", report, time.perf_counter() - start, toolkit))
     return results

@@ -46,8 +46,17 @@ def plans(dims, axis, dtype, *, relu=False):
     nbytes = math.prod(dims) * dtype.itemsize
     found = []
     for label, operation in OPERATIONS:
-        chosen = [cpu_plan.choose(operation, layout, shape, dtype.itemsize, masked=relu and "backward" in operation,
-                                  out_fresh=alloc.expected_fresh(nbytes, recycled)) for recycled in (False, True)]
+        chosen = [
+            cpu_plan.choose(
+                operation,
+                layout,
+                shape,
+                dtype.itemsize,
+                masked=relu and "backward" in operation,
+                out_fresh=alloc.expected_fresh(nbytes, recycled),
+            )
+            for recycled in (False, True)
+        ]
         found.append((label, *chosen))
     return found
 
@@ -60,27 +69,38 @@ def report(dims, axis, dtype, *, relu=False):
     facts = machine()
     dtype = np.dtype(dtype)
     label = "x".join(map(str, dims)) + (f"@{axis}" if axis != 1 else "")
-    lines = [f"Input {label} {dtype.name}, C-contiguous, channel axis {axis}"
-             f"{', ReLU before backward' if relu else ''}.",
-             f"Machine: {facts.describe()}.",
-             f"Fused budget {cpu_plan.fuse_bytes(facts) / 2**20:.1f} MiB per task (two thirds of a core's "
-             f"share of cache); non-temporal stores from {cpu_plan.nontemporal_bytes(facts) / 2**20:.1f} MiB of "
-             "output (the L3).", ""]
+    lines = [
+        f"Input {label} {dtype.name}, C-contiguous, channel axis {axis}{', ReLU before backward' if relu else ''}.",
+        f"Machine: {facts.describe()}.",
+        f"Fused budget {cpu_plan.fuse_bytes(facts) / 2**20:.1f} MiB per task (two thirds of a core's "
+        f"share of cache); non-temporal stores from {cpu_plan.nontemporal_bytes(facts) / 2**20:.1f} MiB of "
+        "output (the L3).",
+        "",
+    ]
     for name, first, recycled in plans(dims, axis, dtype, relu=relu):
         if first == recycled:
             lines += [f"{name}:", first.describe(), ""]
         else:
-            lines += [f"{name}, first call (fresh output memory):", first.describe(),
-                      f"{name}, in a loop (recycled output memory):", recycled.describe(), ""]
+            lines += [
+                f"{name}, first call (fresh output memory):",
+                first.describe(),
+                f"{name}, in a loop (recycled output memory):",
+                recycled.describe(),
+                "",
+            ]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def add_parser(commands):
     """Add the ``plan`` subcommand to ``python -m fastbn``'s subparsers."""
-    parser = commands.add_parser("plan", help="print the CPU plan for an input shape and dtype, and why",
-                                 description=__doc__.split("\n\n")[0])
-    parser.add_argument("shape", help="sizes joined by 'x', optionally '@axis' for the channel axis "
-                                      "(default 1), e.g. 64x64x56x56 or 64x56x56x64@-1")
+    parser = commands.add_parser(
+        "plan", help="print the CPU plan for an input shape and dtype, and why", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "shape",
+        help="sizes joined by 'x', optionally '@axis' for the channel axis "
+        "(default 1), e.g. 64x64x56x56 or 64x56x56x64@-1",
+    )
     parser.add_argument("dtype", nargs="?", default="float32", choices=("float16", "float32", "float64"))
     parser.add_argument("--relu", action="store_true", help="backward behind a fused ReLU (reads forward's output)")
     return parser

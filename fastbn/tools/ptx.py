@@ -114,7 +114,7 @@ def compile_cc(cc):
         start = time.perf_counter()
         try:
             return cuda12.compile_in_subprocess(cc)
-        except Exception as exc:  # noqa: BLE001 - reported on every line, then counted
+        except Exception as exc:
             reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
             seconds = time.perf_counter() - start
             return [(kernel, dtype, "FAILED", reason, seconds, fallback.name) for kernel, dtype in kernels]
@@ -133,8 +133,10 @@ def format_line(cc, kernel, dtype, status, detail, seconds, toolkit):
         return f"{head} {detail}"
     if detail is None:
         return f"{head} registers n/a (nvJitLink not installed)  {seconds:5.2f} s"
-    return (f"{head} registers {detail['registers']:3d}  spills {detail['spill_stores']}/{detail['spill_loads']} B "
-            f"(stores/loads)  smem {detail['shared']:5d} B  {seconds:5.2f} s")
+    return (
+        f"{head} registers {detail['registers']:3d}  spills {detail['spill_stores']}/{detail['spill_loads']} B "
+        f"(stores/loads)  smem {detail['shared']:5d} B  {seconds:5.2f} s"
+    )
 
 
 def _toolkits_line(ccs):
@@ -142,8 +144,9 @@ def _toolkits_line(ccs):
     from fastbn.backends.cuda import target
 
     supported = target.supported_ccs()
-    line = (f"fastbn GPU kernels on {target.NAME}, no GPU used: CUDA {target.toolkit_version()} NVVM "
-            f"and ptxas (nvJitLink)")
+    line = (
+        f"fastbn GPU kernels on {target.NAME}, no GPU used: CUDA {target.toolkit_version()} NVVM and ptxas (nvJitLink)"
+    )
     if supported is None:
         return line
     line += f" for {_span(supported)}"
@@ -152,8 +155,10 @@ def _toolkits_line(ccs):
     fallback, missing = cuda12.locate()
     if fallback is None:
         return f"{line}; no CUDA 12 compiler for the others: {missing}"
-    return (f"{line}; {fallback.name} NVVM and ptxas ({cuda12.DISTRIBUTION}, in a process of their own) "
-            f"for the others ({fallback.name} targets {_span(fallback.ccs)})")
+    return (
+        f"{line}; {fallback.name} NVVM and ptxas ({cuda12.DISTRIBUTION}, in a process of their own) "
+        f"for the others ({fallback.name} targets {_span(fallback.ccs)})"
+    )
 
 
 def main(ccs, *, strict=False, jobs=None, out=None):
@@ -195,8 +200,11 @@ def main(ccs, *, strict=False, jobs=None, out=None):
             counts[result[2]] += 1
             print(format_line(cc, *result), file=out)
     total = sum(counts.values())
-    print(f"{total} kernel x dtype x cc: {counts['ok']} compiled, {counts['unsupported']} unsupported by the "
-          f"installed toolkits, {counts['FAILED']} failed ({time.perf_counter() - start:.1f} s)", file=out)
+    print(
+        f"{total} kernel x dtype x cc: {counts['ok']} compiled, {counts['unsupported']} unsupported by the "
+        f"installed toolkits, {counts['FAILED']} failed ({time.perf_counter() - start:.1f} s)",
+        file=out,
+    )
     if counts["FAILED"] or counts["ok"] == 0 or (strict and counts["unsupported"]):
         return 1
     return 0
@@ -205,10 +213,16 @@ def main(ccs, *, strict=False, jobs=None, out=None):
 def add_parser(commands):
     """Add the ``ptx`` subcommand to ``python -m fastbn``'s subparsers."""
     parser = commands.add_parser("ptx", help="compile every GPU kernel to PTX and SASS with NVVM (no GPU needed)")
-    parser.add_argument("--cc", nargs="+", default=["7.5", "8.0", "9.0"], metavar="X.Y",
-                        help="compute capabilities (default: 7.5 8.0 9.0)")
-    parser.add_argument("--strict", action="store_true",
-                        help="also fail on a compute capability that no installed toolkit targets")
+    parser.add_argument(
+        "--cc",
+        nargs="+",
+        default=["7.5", "8.0", "9.0"],
+        metavar="X.Y",
+        help="compute capabilities (default: 7.5 8.0 9.0)",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="also fail on a compute capability that no installed toolkit targets"
+    )
     parser.add_argument("--jobs", type=int, default=None, help="parallel processes (default: CPUs, at most one per cc)")
     return parser
 

@@ -101,7 +101,14 @@ DEFAULT_TARGETS = (
 REQUIRED = "test/test_nn.py"
 PLUGIN = "fastbn.tools._torch_suite_plugin"
 PASS, FAIL, ERROR, SKIP, XFAIL, XPASS, MISSING = (
-    "passed", "failed", "error", "skipped", "xfailed", "xpassed", "not run")
+    "passed",
+    "failed",
+    "error",
+    "skipped",
+    "xfailed",
+    "xpassed",
+    "not run",
+)
 BROKEN = (FAIL, ERROR, XPASS, MISSING)
 
 
@@ -119,22 +126,36 @@ def add_parser(commands):
         The new subcommand's parser.
     """
     parser = commands.add_parser(
-        "torch-suite", help="run PyTorch's batch-norm tests on torch and with fastbn swapped in",
-        description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pytorch-src", required=True, metavar="DIR",
-                        help="root of a PyTorch source checkout (needs DIR/test/test_nn.py)")
-    parser.add_argument("--out", metavar="FILE",
-                        help="also write the report to FILE: JSON if it ends in .json, else the text report")
-    parser.add_argument("--target", action="append", metavar="FILE::EXPR",
-                        help="a test file (relative to DIR) and its -k expression; repeat to replace the default list")
-    parser.add_argument("--mode", choices=("both", "plain", "swapped"), default="both",
-                        help="which runs to make (default both; one alone reports only its counts)")
-    parser.add_argument("--timeout", type=float, default=7200.0,
-                        help="seconds allowed to each pytest run (default 7200)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="pytest-xdist workers per run (default 1: no xdist)")
-    parser.add_argument("--keep", metavar="DIR",
-                        help="keep the raw JSON-lines results and pytest outputs in DIR")
+        "torch-suite",
+        help="run PyTorch's batch-norm tests on torch and with fastbn swapped in",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument(
+        "--pytorch-src",
+        required=True,
+        metavar="DIR",
+        help="root of a PyTorch source checkout (needs DIR/test/test_nn.py)",
+    )
+    parser.add_argument(
+        "--out", metavar="FILE", help="also write the report to FILE: JSON if it ends in .json, else the text report"
+    )
+    parser.add_argument(
+        "--target",
+        action="append",
+        metavar="FILE::EXPR",
+        help="a test file (relative to DIR) and its -k expression; repeat to replace the default list",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("both", "plain", "swapped"),
+        default="both",
+        help="which runs to make (default both; one alone reports only its counts)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=7200.0, help="seconds allowed to each pytest run (default 7200)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="pytest-xdist workers per run (default 1: no xdist)")
+    parser.add_argument("--keep", metavar="DIR", help="keep the raw JSON-lines results and pytest outputs in DIR")
     return parser
 
 
@@ -184,8 +205,9 @@ def source_version(root):
     if version_file.is_file():
         parts.append(version_file.read_text().strip())
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=30).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     if re.fullmatch(r"[0-9a-f]{40}", commit):
@@ -238,16 +260,41 @@ def run_pytest(root, test_file, expression, swap, workdir, timeout, workers=1):
     ini.write_text("[pytest]\n")  # keeps the checkout's own pytest.ini (and its addopts) out
     results.unlink(missing_ok=True)
     test_dir = root / "test"
-    command = [sys.executable, "-m", "pytest", str(root / test_file), "-k", expression,
-               "-p", PLUGIN, "-p", "no:cacheprovider", "--noconftest", "-c", str(ini),
-               "--rootdir", str(test_dir), "-q", "-rN", "--tb=line", "-W", "ignore"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(root / test_file),
+        "-k",
+        expression,
+        "-p",
+        PLUGIN,
+        "-p",
+        "no:cacheprovider",
+        "--noconftest",
+        "-c",
+        str(ini),
+        "--rootdir",
+        str(test_dir),
+        "-q",
+        "-rN",
+        "--tb=line",
+        "-W",
+        "ignore",
+    ]
     if workers > 1:
         command += ["-n", str(workers)]
     start = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
         try:
-            returncode = subprocess.run(command, cwd=test_dir, env=_environment(swap, results), stdout=out,
-                                        stderr=subprocess.STDOUT, timeout=timeout).returncode
+            returncode = subprocess.run(
+                command,
+                cwd=test_dir,
+                env=_environment(swap, results),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            ).returncode
         except subprocess.TimeoutExpired:
             returncode = "timeout"
     seconds = time.perf_counter() - start
@@ -255,8 +302,13 @@ def run_pytest(root, test_file, expression, swap, workdir, timeout, workers=1):
     tests = {nodeid: _outcome(phases.get(nodeid, [])) for nodeid in selected}
     for nodeid, records in phases.items():  # xdist: ids reported though listed by a worker only
         tests.setdefault(nodeid, _outcome(records))
-    return {"tests": tests, "collect_errors": collect_errors, "returncode": returncode,
-            "seconds": seconds, "log": str(log)}
+    return {
+        "tests": tests,
+        "collect_errors": collect_errors,
+        "returncode": returncode,
+        "seconds": seconds,
+        "log": str(log),
+    }
 
 
 def _read_results(path):
@@ -311,8 +363,10 @@ def compare(plain, swapped):
         ``broken_on_torch``: {id: first line} of the tests not passing on
         torch (excluded from the comparison).
     """
-    groups = {name: {} for name in ("swapped_only_failures", "skipped_swapped", "xfail_changed",
-                                     "fixed_by_swap", "broken_on_torch")}
+    groups = {
+        name: {}
+        for name in ("swapped_only_failures", "skipped_swapped", "xfail_changed", "fixed_by_swap", "broken_on_torch")
+    }
     for nodeid, (outcome, message) in plain.items():
         other, other_message = swapped.get(nodeid, (MISSING, "not collected in the swapped run"))
         if outcome in BROKEN:
@@ -364,8 +418,10 @@ def run(args):
         print(f"python -m fastbn torch-suite: error: {exc}")
         return 2
     if not (root / REQUIRED).is_file():
-        print(f"python -m fastbn torch-suite: error: {root / REQUIRED} not found "
-              "(--pytorch-src must be the root of a PyTorch source checkout)")
+        print(
+            f"python -m fastbn torch-suite: error: {root / REQUIRED} not found "
+            "(--pytorch-src must be the root of a PyTorch source checkout)"
+        )
         return 2
     with tempfile.TemporaryDirectory(prefix="fastbn-torch-suite-") as scratch:
         workdir = Path(args.keep).resolve() if args.keep else Path(scratch)
@@ -409,13 +465,19 @@ def suite(root, targets, mode, workdir, timeout, workers=1):
         raise missing_dependency("the torch-suite command", "PyTorch", "torch", exc) from exc
 
     import fastbn
-
     from fastbn.tools._torch_suite_plugin import SWAPPED
 
-    report = {"pytorch_src": str(root), "source_version": source_version(root), "torch": torch.__version__,
-              "torch_git": getattr(torch.version, "git_version", None), "fastbn": fastbn.__version__,
-              "python": sys.version.split()[0], "mode": mode,
-              "swapped": [f"{m}.{a} -> fastbn.torch.{r}" for m, a, r in SWAPPED], "targets": []}
+    report = {
+        "pytorch_src": str(root),
+        "source_version": source_version(root),
+        "torch": torch.__version__,
+        "torch_git": getattr(torch.version, "git_version", None),
+        "fastbn": fastbn.__version__,
+        "python": sys.version.split()[0],
+        "mode": mode,
+        "swapped": [f"{m}.{a} -> fastbn.torch.{r}" for m, a, r in SWAPPED],
+        "targets": [],
+    }
     totals = Counter()
     for test_file, expression in targets:
         entry = {"file": test_file, "k": expression}
@@ -424,11 +486,15 @@ def suite(root, targets, mode, workdir, timeout, workers=1):
             entry["absent"] = True
             continue
         runs = {}
-        for name in (("plain", "swapped") if mode == "both" else (mode,)):
+        for name in ("plain", "swapped") if mode == "both" else (mode,):
             result = run_pytest(root, test_file, expression, name == "swapped", workdir, timeout, workers)
             runs[name] = result
-            entry[name] = {"counts": _counts(result["tests"]), "returncode": result["returncode"],
-                           "seconds": round(result["seconds"], 1), "collect_errors": result["collect_errors"]}
+            entry[name] = {
+                "counts": _counts(result["tests"]),
+                "returncode": result["returncode"],
+                "seconds": round(result["seconds"], 1),
+                "collect_errors": result["collect_errors"],
+            }
             totals[f"{name}_collected"] += len(result["tests"])
             totals[f"{name}_passed"] += entry[name]["counts"][PASS]
             totals[f"{name}_seconds"] += result["seconds"]
@@ -453,10 +519,12 @@ def format_report(report):
     -------
     str
     """
-    lines = [f"PyTorch test sources: {report['pytorch_src']} (version: {report['source_version']})",
-             f"torch {report['torch']} (git {report['torch_git']}), fastbn {report['fastbn']}, "
-             f"Python {report['python']}",
-             "swapped: " + "; ".join(report["swapped"]), ""]
+    lines = [
+        f"PyTorch test sources: {report['pytorch_src']} (version: {report['source_version']})",
+        f"torch {report['torch']} (git {report['torch_git']}), fastbn {report['fastbn']}, Python {report['python']}",
+        "swapped: " + "; ".join(report["swapped"]),
+        "",
+    ]
     for entry in report["targets"]:
         head = f"{entry['file']}  -k {entry['k']!r}"
         if entry.get("absent"):
@@ -470,11 +538,13 @@ def format_report(report):
                 lines.append(f"  {name:8} {counts}  [{run_entry['seconds']} s, exit {run_entry['returncode']}]")
                 for nodeid, message in run_entry["collect_errors"].items():
                     lines.append(f"    collection error {nodeid}: {message}")
-        for group, title in (("swapped_only_failures", "pass on torch, fail swapped"),
-                             ("skipped_swapped", "pass on torch, skipped swapped"),
-                             ("xfail_changed", "expected failure on torch, not swapped"),
-                             ("fixed_by_swap", "fail on torch, pass swapped"),
-                             ("broken_on_torch", "not passing on torch (excluded)")):
+        for group, title in (
+            ("swapped_only_failures", "pass on torch, fail swapped"),
+            ("skipped_swapped", "pass on torch, skipped swapped"),
+            ("xfail_changed", "expected failure on torch, not swapped"),
+            ("fixed_by_swap", "fail on torch, pass swapped"),
+            ("broken_on_torch", "not passing on torch (excluded)"),
+        ):
             members = entry.get(group)
             if members:
                 lines.append(f"  {title}: {len(members)}")

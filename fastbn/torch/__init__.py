@@ -60,7 +60,21 @@ from fastbn.torch._modules import (
 )
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAddReLU1d", "BatchNormAddReLU2d", "BatchNormAddReLU3d",
-    "BatchNormError", "BatchNormIndexError", "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "BatchNormTypeError",
-    "SyncBatchNorm", "TorchBatchNormAddReLU", "batch_norm", "convert", "revert",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormAddReLU1d",
+    "BatchNormAddReLU2d",
+    "BatchNormAddReLU3d",
+    "BatchNormError",
+    "BatchNormIndexError",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
+    "BatchNormTypeError",
+    "SyncBatchNorm",
+    "TorchBatchNormAddReLU",
+    "batch_norm",
+    "convert",
+    "revert",
 ]

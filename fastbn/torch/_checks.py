@@ -18,8 +18,15 @@ import numbers
 import torch
 import torch.autograd.forward_ad as fwAD
 
-__all__ = ["BatchNormError", "BatchNormIndexError", "BatchNormTypeError", "channels_of", "check_arguments",
-           "check_not_dual", "parameter_dtypes"]
+__all__ = [
+    "BatchNormError",
+    "BatchNormIndexError",
+    "BatchNormTypeError",
+    "channels_of",
+    "check_arguments",
+    "check_not_dual",
+    "parameter_dtypes",
+]
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCED = (torch.float16, torch.bfloat16)
@@ -80,7 +87,8 @@ def _check_dtypes(input, parameters):
             raise BatchNormTypeError(
                 f"{name}: mixed dtype (CPU): all inputs must share same datatype; got {value.dtype} for "
                 f"{input.dtype} input (expected all of running_mean, running_var, weight, bias in "
-                f"{' or all in '.join(str(t) for t in allowed)})")
+                f"{' or all in '.join(str(t) for t in allowed)})"
+            )
 
 
 def check_arguments(input, running_mean, running_var, weight, bias, residual, training, momentum, eps):
@@ -100,12 +108,12 @@ def check_arguments(input, running_mean, running_var, weight, bias, residual, tr
     BatchNormIndexError
         Non-empty 1-D input, which torch cannot index a channel of.
     """
-    parameters = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                  ("bias", bias))
-    _check_types(input, parameters + (("residual", residual),))
+    parameters = (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))
+    _check_types(input, (*parameters, ("residual", residual)))
     if training and math.prod(input.shape[:1] + input.shape[2:]) == 1:
         raise BatchNormError(
-            f"input: Expected more than 1 value per channel when training, got input size {input.size()}")
+            f"input: Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
     _check_scalars(training, momentum, eps)
     if not training and running_mean is None:
         raise BatchNormError("running_mean: running_mean must be defined in evaluation mode")
@@ -117,15 +125,21 @@ def check_arguments(input, running_mean, running_var, weight, bias, residual, tr
         if value is not None and value.numel() != channels:
             raise BatchNormError(f"{name} should contain {channels} elements not {value.numel()}")
     if input.dim() < 2 and input.numel() > 0:
-        raise BatchNormIndexError(f"input: Dimension out of range (expected to be in range of [-1, 0], but got 1): "
-                                  f"batch norm needs the channels at dimension 1 (got {input.dim()}D input)")
-    for name, value in parameters + (("residual", residual),):
+        raise BatchNormIndexError(
+            f"input: Dimension out of range (expected to be in range of [-1, 0], but got 1): "
+            f"batch norm needs the channels at dimension 1 (got {input.dim()}D input)"
+        )
+    for name, value in (*parameters, ("residual", residual)):
         if value is not None and value.device != input.device:
-            raise BatchNormError(f"{name}: is on {value.device}, but input is on {input.device}; expected all "
-                                 "tensors to be on the same device")
+            raise BatchNormError(
+                f"{name}: is on {value.device}, but input is on {input.device}; expected all "
+                "tensors to be on the same device"
+            )
     if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
-        raise BatchNormError(f"residual: expected input's shape {tuple(input.shape)} and dtype {input.dtype}, got "
-                             f"{tuple(residual.shape)} and {residual.dtype}")
+        raise BatchNormError(
+            f"residual: expected input's shape {tuple(input.shape)} and dtype {input.dtype}, got "
+            f"{tuple(residual.shape)} and {residual.dtype}"
+        )
     if input.numel() > 0:
         _check_dtypes(input, parameters)
 
@@ -145,8 +159,12 @@ def check_not_dual(input, running_mean, running_var, training):
         if value is None:
             continue
         if value.requires_grad and torch.is_grad_enabled():
-            raise BatchNormError(f"{name}: The function 'batch_norm' is not differentiable with respect to argument "
-                                 f"'{name}'. This input cannot have requires_grad True.")
+            raise BatchNormError(
+                f"{name}: The function 'batch_norm' is not differentiable with respect to argument "
+                f"'{name}'. This input cannot have requires_grad True."
+            )
         if dual_input and fwAD.unpack_dual(value).tangent is not None:
-            raise BatchNormError(f"{name}: batch_norm is not differentiable wrt running_mean and running_var, "
-                                 "they cannot have forward grad defined")
+            raise BatchNormError(
+                f"{name}: batch_norm is not differentiable wrt running_mean and running_var, "
+                "they cannot have forward grad defined"
+            )

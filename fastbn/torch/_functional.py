@@ -17,7 +17,7 @@ from fastbn import _options
 from fastbn.torch import _ops, _reference
 from fastbn.torch._checks import REDUCED, BatchNormError, BatchNormTypeError, check_arguments, check_not_dual
 
-__all__ = ["batch_norm", "TorchErrors"]
+__all__ = ["TorchErrors", "batch_norm"]
 
 
 class TorchErrors:
@@ -74,8 +74,21 @@ class _BatchNorm(torch.autograd.Function):
         input, weight, saved_mean, saved_invstd, r, d, y = ctx.saved_tensors
         batch_stats, _residual, _vbs, _eps = ctx.options
         groups = saved_mean.shape[0] if saved_mean.dim() == 2 else 1
-        t_y = _reference.tangent(input, t_input, weight, t_weight, t_bias, t_residual, saved_mean, saved_invstd,
-                                 r, d, y, batch_stats=batch_stats, groups=groups)
+        t_y = _reference.tangent(
+            input,
+            t_input,
+            weight,
+            t_weight,
+            t_bias,
+            t_residual,
+            saved_mean,
+            saved_invstd,
+            r,
+            d,
+            y,
+            batch_stats=batch_stats,
+            groups=groups,
+        )
         return t_y, None, None, None, None, None, None
 
 
@@ -124,8 +137,21 @@ def _widen(tensor):
     return tensor.float() if tensor is not None and tensor.dtype in REDUCED else tensor
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
-               *, activation=None, residual=None, virtual_batch_size=None, renorm=None):
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    activation=None,
+    residual=None,
+    virtual_batch_size=None,
+    renorm=None,
+):
     """Batch normalization over dimension 1, like ``torch.nn.functional.batch_norm``, plus fastbn's fused forms.
 
     Parameters
@@ -251,6 +277,7 @@ def _at_level_of(value, buffer):
         if functorch.is_batchedtensor(value):
             raise BatchNormError(
                 "running_mean: Batch norm got a batched tensor as input while the running_mean or running_var, "
-                "which will be updated in place, were not batched; vmap over them too, or leave them None")
+                "which will be updated in place, were not batched; vmap over them too, or leave them None"
+            )
         value = functorch.get_unwrapped(value)
     return value

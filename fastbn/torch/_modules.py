@@ -16,8 +16,18 @@ import fastbn
 from fastbn.torch._functional import TorchErrors, _fused_options, _widen, batch_norm
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAddReLU1d", "BatchNormAddReLU2d", "BatchNormAddReLU3d",
-    "BatchNormReLU1d", "BatchNormReLU2d", "BatchNormReLU3d", "SyncBatchNorm", "TorchBatchNormAddReLU", "convert",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormAddReLU1d",
+    "BatchNormAddReLU2d",
+    "BatchNormAddReLU3d",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
+    "SyncBatchNorm",
+    "TorchBatchNormAddReLU",
+    "convert",
     "revert",
 ]
 
@@ -42,9 +52,19 @@ class _SyncFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running, momentum, eps, process_group):
         running_mean, running_var = running
-        y, saved = fastbn.forward(input.detach(), weight, bias, running_mean=running_mean,
-                                  running_var=running_var, training=True, momentum=momentum, eps=eps, axis=1,
-                                  process_group=process_group, _any_momentum=True)
+        y, saved = fastbn.forward(
+            input.detach(),
+            weight,
+            bias,
+            running_mean=running_mean,
+            running_var=running_var,
+            training=True,
+            momentum=momentum,
+            eps=eps,
+            axis=1,
+            process_group=process_group,
+            _any_momentum=True,
+        )
         if running_mean is not None:
             _bump_version(running_mean)
             _bump_version(running_var)
@@ -58,8 +78,15 @@ class _SyncFunction(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         dx, dweight, dbias = fastbn.backward(grad_output.detach(), input.detach(), weight, ctx.fastbn_saved, axis=1)
         need = ctx.needs_input_grad
-        return (dx if need[0] else None, dweight if need[1] else None, dbias if need[2] else None,
-                None, None, None, None)
+        return (
+            dx if need[0] else None,
+            dweight if need[1] else None,
+            dbias if need[2] else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 @torch.compiler.disable
@@ -111,13 +138,22 @@ class _FastbnForward:
         running_var = self.running_var if use_buffers else None
         group = self._sync_group(batch_stats)
         if group is not None:
-            output = _synchronised(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
-                                   group)
+            output = _synchronised(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group)
         else:
-            output = batch_norm(input, running_mean, running_var, self.weight, self.bias, batch_stats, momentum,
-                                self.eps, activation=self.activation, residual=residual,
-                                virtual_batch_size=self.virtual_batch_size,
-                                renorm=self.renorm if running_mean is not None else None)
+            output = batch_norm(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                batch_stats,
+                momentum,
+                self.eps,
+                activation=self.activation,
+                residual=residual,
+                virtual_batch_size=self.virtual_batch_size,
+                renorm=self.renorm if running_mean is not None else None,
+            )
         if update:
             self.num_batches_tracked.add_(1)
         return output
@@ -341,8 +377,11 @@ class TorchBatchNormAddReLU(torch.nn.Module):
         return torch.relu(self.bn(input) + residual)
 
 
-_TORCH_CLASSES = ((BatchNorm1d, torch.nn.BatchNorm1d), (BatchNorm2d, torch.nn.BatchNorm2d),
-                  (BatchNorm3d, torch.nn.BatchNorm3d))
+_TORCH_CLASSES = (
+    (BatchNorm1d, torch.nn.BatchNorm1d),
+    (BatchNorm2d, torch.nn.BatchNorm2d),
+    (BatchNorm3d, torch.nn.BatchNorm3d),
+)
 
 
 def _reverted(module):
@@ -395,8 +434,10 @@ def revert(module):
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     for name, sub in module.named_modules(remove_duplicate=True):
         if isinstance(sub, _Options) and (sub.virtual_batch_size is not None or sub.renorm is not None):
-            raise ValueError(f"module: {name or type(sub).__name__} uses ghost batches or renorm, which torch has "
-                             "no module for; nothing was reverted")
+            raise ValueError(
+                f"module: {name or type(sub).__name__} uses ghost batches or renorm, which torch has "
+                "no module for; nothing was reverted"
+            )
     return _swap(module, {}, _reverted)
 
 

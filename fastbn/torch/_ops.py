@@ -27,8 +27,6 @@ renorm an optional ``(rmax, dmax)`` pair of floats.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -37,8 +35,7 @@ from fastbn.torch import _reference
 
 Tensor = torch.Tensor
 
-__all__ = ["backward_op", "forward_op", "gradients", "plain", "run_forward", "stat_shape", "tracked",
-           "write_running"]
+__all__ = ["backward_op", "forward_op", "gradients", "plain", "run_forward", "stat_shape", "tracked", "write_running"]
 
 
 def stat_shape(input, virtual_batch_size, batch_stats):
@@ -87,8 +84,23 @@ def tracked(*tensors):
     return False
 
 
-def run_forward(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu,
-                virtual_batch_size, rmax, dmax, *, in_place=False):
+def run_forward(
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    residual,
+    training,
+    momentum,
+    eps,
+    relu,
+    virtual_batch_size,
+    rmax,
+    dmax,
+    *,
+    in_place=False,
+):
     """:func:`forward_op`'s computation; with ``in_place`` the running statistics are updated where they are.
 
     ``in_place`` serves eager calls on plain tensors, which skip the operator:
@@ -110,9 +122,20 @@ def run_forward(input, weight, bias, running_mean, running_var, residual, traini
         zeros = input.new_zeros(stat_shape(input, virtual_batch_size, batch_stats), dtype=dtype)
         return torch.empty_like(input), zeros, zeros.clone(), fresh(), fresh(), new_mean, new_var
     y, saved = fastbn.forward(
-        input, weight, bias, running_mean=running_mean, running_var=running_var, training=training,
-        momentum=momentum, eps=eps, axis=1, activation="relu" if relu else None, residual=residual,
-        virtual_batch_size=virtual_batch_size, renorm=None if rmax is None else (rmax, dmax), _any_momentum=True,
+        input,
+        weight,
+        bias,
+        running_mean=running_mean,
+        running_var=running_var,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        axis=1,
+        activation="relu" if relu else None,
+        residual=residual,
+        virtual_batch_size=virtual_batch_size,
+        renorm=None if rmax is None else (rmax, dmax),
+        _any_momentum=True,
     )
     if update and in_place:
         for buffer in (running_mean, running_var):
@@ -120,8 +143,15 @@ def run_forward(input, weight, bias, running_mean, running_var, residual, traini
                 torch.autograd.graph.increment_version(buffer)
     r = fresh() if saved.r is None else _as_tensor(saved.r, input)
     d = fresh() if saved.d is None else _as_tensor(saved.d, input)
-    return (_as_tensor(y, input), _as_tensor(saved.mean, input), _as_tensor(saved.invstd, input), r, d, new_mean,
-            new_var)
+    return (
+        _as_tensor(y, input),
+        _as_tensor(saved.mean, input),
+        _as_tensor(saved.invstd, input),
+        r,
+        d,
+        new_mean,
+        new_var,
+    )
 
 
 _EMPTY = {}
@@ -139,18 +169,18 @@ def _shared_empty(like, dtype):
 @torch.library.custom_op("fastbn::batch_norm", mutates_args=())
 def forward_op(
     input: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    residual: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    residual: Tensor | None,
     training: bool,
     momentum: float,
     eps: float,
     relu: bool,
-    virtual_batch_size: Optional[int],
-    rmax: Optional[float],
-    dmax: Optional[float],
+    virtual_batch_size: int | None,
+    rmax: float | None,
+    dmax: float | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Batch norm over dimension 1: ``(output, saved_mean, saved_invstd, r, d, new_running_mean, new_running_var)``.
 
@@ -161,13 +191,39 @@ def forward_op(
     fastbn's kernels into copies.  An empty input gives an empty output and
     running statistics unchanged, as in torch; its saved statistics are zeros.
     """
-    return run_forward(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu,
-                       virtual_batch_size, rmax, dmax)
+    return run_forward(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        residual,
+        training,
+        momentum,
+        eps,
+        relu,
+        virtual_batch_size,
+        rmax,
+        dmax,
+    )
 
 
 @forward_op.register_fake
-def _forward_fake(input, weight, bias, running_mean, running_var, residual, training, momentum, eps, relu,
-                  virtual_batch_size, rmax, dmax):
+def _forward_fake(
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    residual,
+    training,
+    momentum,
+    eps,
+    relu,
+    virtual_batch_size,
+    rmax,
+    dmax,
+):
     batch_stats = training or running_mean is None
     dtype = _reference.stats_dtype(input.dtype)
     stats = input.new_empty(stat_shape(input, virtual_batch_size, batch_stats), dtype=dtype)
@@ -176,24 +232,30 @@ def _forward_fake(input, weight, bias, running_mean, running_var, residual, trai
     channels = input.shape[1] if renorm else 0
     running = input.shape[1] if update else 0
     running_dtype = running_mean.dtype if update else dtype
-    return (torch.empty_like(input), stats, torch.empty_like(stats), input.new_empty(channels, dtype=dtype),
-            input.new_empty(channels, dtype=dtype), input.new_empty(running, dtype=running_dtype),
-            input.new_empty(running, dtype=running_dtype))
+    return (
+        torch.empty_like(input),
+        stats,
+        torch.empty_like(stats),
+        input.new_empty(channels, dtype=dtype),
+        input.new_empty(channels, dtype=dtype),
+        input.new_empty(running, dtype=running_dtype),
+        input.new_empty(running, dtype=running_dtype),
+    )
 
 
 @torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
 def backward_op(
     grad_out: Tensor,
     input: Tensor,
-    weight: Optional[Tensor],
+    weight: Tensor | None,
     saved_mean: Tensor,
     saved_invstd: Tensor,
     r: Tensor,
     d: Tensor,
-    output: Optional[Tensor],
+    output: Tensor | None,
     batch_stats: bool,
     residual: bool,
-    virtual_batch_size: Optional[int],
+    virtual_batch_size: int | None,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias, dresidual)`` of :func:`forward_op`, by :func:`fastbn.backward`.
@@ -202,12 +264,14 @@ def backward_op(
     else None; ``dresidual`` is empty without a residual.  ``eps`` is not
     needed here, only by this operator's own derivative (double backward).
     """
-    return _run_backward(grad_out, input, weight, saved_mean, saved_invstd, r, d, output, batch_stats, residual,
-                         virtual_batch_size, eps)
+    return _run_backward(
+        grad_out, input, weight, saved_mean, saved_invstd, r, d, output, batch_stats, residual, virtual_batch_size, eps
+    )
 
 
-def _run_backward(grad_out, input, weight, saved_mean, saved_invstd, r, d, output, batch_stats, residual,
-                  virtual_batch_size, eps):
+def _run_backward(
+    grad_out, input, weight, saved_mean, saved_invstd, r, d, output, batch_stats, residual, virtual_batch_size, eps
+):
     dtype = _reference.stats_dtype(input.dtype)
     channels = input.shape[1]
     if input.numel() == 0:
@@ -216,11 +280,18 @@ def _run_backward(grad_out, input, weight, saved_mean, saved_invstd, r, d, outpu
         return torch.empty_like(input), zeros, zeros.clone(), dres
     groups = saved_mean.shape[0] if saved_mean.dim() == 2 else 1
     saved = fastbn.Saved(
-        mean=_host_or_device(saved_mean), invstd=_host_or_device(saved_invstd), batch_stats=batch_stats,
-        count=input.numel() // channels // groups, shape=tuple(input.shape), axis=1, process_group=None,
-        activation=None if output is None else "relu", residual=residual,
+        mean=_host_or_device(saved_mean),
+        invstd=_host_or_device(saved_invstd),
+        batch_stats=batch_stats,
+        count=input.numel() // channels // groups,
+        shape=tuple(input.shape),
+        axis=1,
+        process_group=None,
+        activation=None if output is None else "relu",
+        residual=residual,
         virtual_batch_size=virtual_batch_size if groups > 1 else None,
-        r=_host_or_device(r) if r.numel() else None, d=_host_or_device(d) if d.numel() else None,
+        r=_host_or_device(r) if r.numel() else None,
+        d=_host_or_device(d) if d.numel() else None,
     )
     grads = fastbn.backward(grad_out, input, weight, saved, axis=1, y=output)
     dx, dweight, dbias = (_as_tensor(g, input) for g in grads[:3])
@@ -229,8 +300,9 @@ def _run_backward(grad_out, input, weight, saved_mean, saved_invstd, r, d, outpu
 
 
 @backward_op.register_fake
-def _backward_fake(grad_out, input, weight, saved_mean, saved_invstd, r, d, output, batch_stats, residual,
-                   virtual_batch_size, eps):
+def _backward_fake(
+    grad_out, input, weight, saved_mean, saved_invstd, r, d, output, batch_stats, residual, virtual_batch_size, eps
+):
     dtype = _reference.stats_dtype(input.dtype)
     channels = input.shape[1]
     dres = torch.empty_like(input) if residual else input.new_empty(0)
@@ -239,8 +311,21 @@ def _backward_fake(grad_out, input, weight, saved_mean, saved_invstd, r, d, outp
 
 # ----------------------------------------------------------------- autograd ---
 def _setup_forward(ctx, inputs, output):
-    (input, weight, _bias, running_mean, _running_var, residual, training, _momentum, eps, relu,
-     virtual_batch_size, _rmax, _dmax) = inputs
+    (
+        input,
+        weight,
+        _bias,
+        running_mean,
+        _running_var,
+        residual,
+        training,
+        _momentum,
+        eps,
+        relu,
+        virtual_batch_size,
+        _rmax,
+        _dmax,
+    ) = inputs
     y, saved_mean, saved_invstd, r, d, _new_mean, _new_var = output
     ctx.save_for_backward(input, weight, saved_mean, saved_invstd, r, d, y if relu else None)
     ctx.options = (training or running_mean is None, residual is not None, virtual_batch_size, eps)
@@ -271,8 +356,12 @@ def gradients(ctx, grad_y, residual_index=5):
         grads = _Backward.apply(grad_y, input, weight, saved_mean, saved_invstd, r, d, y, *options)
     dx, dweight, dbias, dres = grads
     need = ctx.needs_input_grad
-    return (dx if need[0] else None, dweight if need[1] and weight is not None else None,
-            dbias if need[2] else None, dres if residual and need[residual_index] else None)
+    return (
+        dx if need[0] else None,
+        dweight if need[1] and weight is not None else None,
+        dbias if need[2] else None,
+        dres if residual and need[residual_index] else None,
+    )
 
 
 def _backward(ctx, grad_y, *_grad_statistics):
@@ -281,8 +370,9 @@ def _backward(ctx, grad_y, *_grad_statistics):
 
 
 def _setup_backward(ctx, inputs, output):
-    (grad_out, input, weight, saved_mean, saved_invstd, r, d, y, batch_stats, residual, virtual_batch_size,
-     eps) = inputs
+    (grad_out, input, weight, saved_mean, saved_invstd, r, d, y, batch_stats, residual, virtual_batch_size, eps) = (
+        inputs
+    )
     ctx.save_for_backward(grad_out, input, weight, saved_mean, saved_invstd, r, d, y)
     ctx.options = (batch_stats, residual, virtual_batch_size, eps)
 
@@ -300,8 +390,19 @@ def _first_order(saved, options):
 
     def first_order(grad_out, input, weight):
         dx, dweight, dbias, dres = _reference.backward(
-            grad_out, input, weight, saved_mean, saved_invstd, r, d, y, batch_stats=batch_stats, eps=eps,
-            groups=groups, residual=residual)
+            grad_out,
+            input,
+            weight,
+            saved_mean,
+            saved_invstd,
+            r,
+            d,
+            y,
+            batch_stats=batch_stats,
+            eps=eps,
+            groups=groups,
+            residual=residual,
+        )
         return dx, dweight, dbias, (dres if residual else torch.zeros_like(dx))
 
     return first_order
@@ -328,14 +429,15 @@ def _second_order(saved, options, grads):
     cotangents = _zeros_for_missing(grads, input)
     if weight is None:
         _, vjp = torch.func.vjp(lambda g, x: first_order(g, x, None), grad_out, input)
-        return vjp(cotangents) + (None,)
+        return (*vjp(cotangents), None)
     _, vjp = torch.func.vjp(first_order, grad_out, input, weight)
     return vjp(cotangents)
 
 
 def _double_backward(ctx, grad_dx, grad_dweight, grad_dbias, grad_dres):
-    g_grad_out, g_input, g_weight = _second_order(ctx.saved_tensors, ctx.options,
-                                                  (grad_dx, grad_dweight, grad_dbias, grad_dres))
+    g_grad_out, g_input, g_weight = _second_order(
+        ctx.saved_tensors, ctx.options, (grad_dx, grad_dweight, grad_dbias, grad_dres)
+    )
     return g_grad_out, g_input, g_weight, None, None, None, None, None, None, None, None, None
 
 
@@ -379,8 +481,9 @@ class _Backward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_dx, grad_dweight, grad_dbias, grad_dres):
-        g_grad_out, g_input, g_weight = _second_order(ctx.saved_tensors, ctx.options,
-                                                      (grad_dx, grad_dweight, grad_dbias, grad_dres))
+        g_grad_out, g_input, g_weight = _second_order(
+            ctx.saved_tensors, ctx.options, (grad_dx, grad_dweight, grad_dbias, grad_dres)
+        )
         return g_grad_out, g_input, g_weight, None, None, None, None, None, None, None, None, None
 
     @staticmethod
@@ -396,7 +499,7 @@ class _Backward(torch.autograd.Function):
             t_weight = torch.zeros_like(weight) if t_weight is None else t_weight
             tangents = _jvp_by_vjp(first_order, (grad_out, input, weight), (t_grad_out, t_input, t_weight))
         residual = ctx.options[1]
-        return tangents[:3] + (tangents[3] if residual else None,)
+        return (*tangents[:3], tangents[3] if residual else None)
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_forward)
@@ -408,7 +511,7 @@ class _EagerBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_out, input, weight, saved_mean, saved_invstd, r, d, y, *options):
-        inputs = (grad_out, input, weight, saved_mean, saved_invstd, r, d, y) + options
+        inputs = (grad_out, input, weight, saved_mean, saved_invstd, r, d, y, *options)
         output = _run_backward(*inputs)
         _Backward.setup_context(ctx, inputs, output)
         return output
@@ -427,7 +530,7 @@ class _EagerBackward(torch.autograd.Function):
 def _batched_first(tensor, dim, size):
     """``tensor`` with the vmapped dimension first (broadcast there if it has none)."""
     if dim is None:
-        return tensor.unsqueeze(0).expand((size,) + tuple(tensor.shape))
+        return tensor.unsqueeze(0).expand((size, *tuple(tensor.shape)))
     return tensor.movedim(dim, 0)
 
 
@@ -436,7 +539,7 @@ def _fold_data(tensor, dim, size):
     if tensor is None:
         return None
     folded = _batched_first(tensor, dim, size).movedim(0, 1)
-    return folded.reshape((folded.shape[0], -1) + tuple(folded.shape[3:]))
+    return folded.reshape((folded.shape[0], -1, *tuple(folded.shape[3:])))
 
 
 def _fold_channels(tensor, dim, size):
@@ -451,7 +554,7 @@ def _fold_channels(tensor, dim, size):
 
 
 def _unfold_data(tensor, size):
-    return tensor.reshape((tensor.shape[0], size, tensor.shape[1] // size) + tuple(tensor.shape[2:])), 1
+    return tensor.reshape((tensor.shape[0], size, tensor.shape[1] // size, *tuple(tensor.shape[2:]))), 1
 
 
 def _unfold_channels(tensor, size):
@@ -467,9 +570,16 @@ def _forward_vmap(info, in_dims, input, weight, bias, running_mean, running_var,
     size = info.batch_size
     dims = iter(in_dims)
     input, weight, bias, running_mean, running_var, residual = (
-        fold(value, next(dims), size) for fold, value in (
-            (_fold_data, input), (_fold_channels, weight), (_fold_channels, bias), (_fold_channels, running_mean),
-            (_fold_channels, running_var), (_fold_data, residual)))
+        fold(value, next(dims), size)
+        for fold, value in (
+            (_fold_data, input),
+            (_fold_channels, weight),
+            (_fold_channels, bias),
+            (_fold_channels, running_mean),
+            (_fold_channels, running_var),
+            (_fold_data, residual),
+        )
+    )
     outputs = forward_op(input, weight, bias, running_mean, running_var, residual, *options)
     unfolded = [_unfold_data(outputs[0], size)] + [_unfold_channels(t, size) for t in outputs[1:]]
     for position, running_dim in ((5, in_dims[3]), (6, in_dims[4])):
@@ -487,12 +597,25 @@ def _backward_vmap(info, in_dims, grad_out, input, weight, saved_mean, saved_inv
     size = info.batch_size
     dims = iter(in_dims)
     grad_out, input, weight, saved_mean, saved_invstd, r, d, output = (
-        fold(value, next(dims), size) for fold, value in (
-            (_fold_data, grad_out), (_fold_data, input), (_fold_channels, weight), (_fold_channels, saved_mean),
-            (_fold_channels, saved_invstd), (_fold_channels, r), (_fold_channels, d), (_fold_data, output)))
+        fold(value, next(dims), size)
+        for fold, value in (
+            (_fold_data, grad_out),
+            (_fold_data, input),
+            (_fold_channels, weight),
+            (_fold_channels, saved_mean),
+            (_fold_channels, saved_invstd),
+            (_fold_channels, r),
+            (_fold_channels, d),
+            (_fold_data, output),
+        )
+    )
     dx, dweight, dbias, dres = backward_op(grad_out, input, weight, saved_mean, saved_invstd, r, d, output, *options)
-    unfolded = [_unfold_data(dx, size), _unfold_channels(dweight, size), _unfold_channels(dbias, size),
-                _unfold_data(dres, size) if dres.numel() else (dres, None)]
+    unfolded = [
+        _unfold_data(dx, size),
+        _unfold_channels(dweight, size),
+        _unfold_channels(dbias, size),
+        _unfold_data(dres, size) if dres.numel() else (dres, None),
+    ]
     return tuple(t for t, _ in unfolded), tuple(d for _, d in unfolded)
 
 
@@ -520,12 +643,15 @@ def _write_running_fake(running_mean, running_var, new_mean, new_var):
 def _write_running_vmap(info, in_dims, running_mean, running_var, new_mean, new_var):
     size = info.batch_size
     targets = []
-    for buffer, buffer_dim, value, value_dim in ((running_mean, in_dims[0], new_mean, in_dims[2]),
-                                                 (running_var, in_dims[1], new_var, in_dims[3])):
+    for buffer, buffer_dim, value, value_dim in (
+        (running_mean, in_dims[0], new_mean, in_dims[2]),
+        (running_var, in_dims[1], new_var, in_dims[3]),
+    ):
         if buffer_dim is None and value_dim is not None:
             raise RuntimeError(
                 "running_mean: Batch norm got a batched tensor as input while the running_mean or running_var, "
-                "which will be updated in place, were not batched; vmap over them too, or leave them None")
+                "which will be updated in place, were not batched; vmap over them too, or leave them None"
+            )
         if buffer_dim is None:
             targets.append((buffer, value))
         else:

@@ -34,12 +34,12 @@ def _channel(vector, ndim):
 
 def _grouped(tensor, groups):
     """``(N, C, ...)`` as ``(G, N / G, C, ...)``: one slice per ghost batch."""
-    return tensor.reshape((groups, tensor.shape[0] // groups) + tuple(tensor.shape[1:]))
+    return tensor.reshape((groups, tensor.shape[0] // groups, *tuple(tensor.shape[1:])))
 
 
 def _group_dims(ndim):
     """The dimensions of a grouped ``(G, n, C, ...)`` tensor that statistics reduce over."""
-    return [1] + list(range(3, ndim + 1))
+    return [1, *list(range(3, ndim + 1))]
 
 
 def _group_stats(xg, saved_mean, saved_invstd, batch_stats, eps):
@@ -53,7 +53,7 @@ def _group_stats(xg, saved_mean, saved_invstd, batch_stats, eps):
 
 def _sum_channels(tensor):
     """Sum a grouped ``(G, n, C, ...)`` tensor to ``(C,)``."""
-    return tensor.sum(dim=[0] + _group_dims(tensor.dim() - 1))
+    return tensor.sum(dim=[0, *_group_dims(tensor.dim() - 1)])
 
 
 def _factors(r, d, ndim):
@@ -64,8 +64,7 @@ def _factors(r, d, ndim):
     return r.reshape(shape), d.reshape(shape)
 
 
-def backward(grad_out, x, weight, saved_mean, saved_invstd, r, d, output, *, batch_stats, eps, groups,
-             residual):
+def backward(grad_out, x, weight, saved_mean, saved_invstd, r, d, output, *, batch_stats, eps, groups, residual):
     """The gradients ``(dx, dweight, dbias, dresidual)`` of batch norm, in torch.
 
     Parameters
@@ -129,8 +128,7 @@ def backward(grad_out, x, weight, saved_mean, saved_invstd, r, d, output, *, bat
     return dx, _sum_channels(gg * scaled), _sum_channels(gg), dres
 
 
-def tangent(x, tx, weight, tweight, tbias, tresidual, saved_mean, saved_invstd, r, d, output, *, batch_stats,
-            groups):
+def tangent(x, tx, weight, tweight, tbias, tresidual, saved_mean, saved_invstd, r, d, output, *, batch_stats, groups):
     """The forward-mode derivative (jvp) of the output, given the inputs' tangents (None for zero).
 
     With the notation of :func:`backward`, in training (per ghost batch)

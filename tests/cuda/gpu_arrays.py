@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastbn.backends.cuda import target
+
 from strategies import cases, forward_inputs
 
 

@@ -15,6 +15,7 @@ import fastbn
 from fastbn.backends import Backend, load
 from fastbn.backends.cuda import plan, target, views
 from fastbn.backends.cuda.ops import BACKEND
+
 from gpu_arrays import SimGPUArray, gpu, host, numba_device
 from oracle import oracle_backward, oracle_forward, oracle_moments
 from strategies import (
@@ -138,13 +139,18 @@ def test_running_stats_of_numba_device_arrays_are_updated_in_place(dtype):
     x = rng.normal(2.0, 1.5, (6, 3, 4)).astype(dtype)
     rm0, rv0 = rng.normal(size=3).astype(sd), rng.uniform(0.5, 2, 3).astype(sd)
     rm, rv = numba_device(rm0), numba_device(rv0)
-    y, saved = fastbn.forward(numba_device(x), running_mean=rm, running_var=rv, momentum=0.3)
+    y, _saved = fastbn.forward(numba_device(x), running_mean=rm, running_var=rv, momentum=0.3)
     assert target.is_device_array(y)
     o = oracle_forward(x, running_mean=rm0, running_var=rv0, momentum=0.3)
     tol = stats_tol(dtype)
     assert_close(host(rm), o.running_mean, tol, scale=np.abs(rm0) + mean_scale(x, o.mean, 1), what="running_mean")
-    assert_close(host(rv), o.running_var, tol, scale=np.abs(rv0) + 2 * var_scale(x, o.mean, 1 / o.invstd**2, 1, tol),
-                 what="running_var")
+    assert_close(
+        host(rv),
+        o.running_var,
+        tol,
+        scale=np.abs(rv0) + 2 * var_scale(x, o.mean, 1 / o.invstd**2, 1, tol),
+        what="running_var",
+    )
 
 
 def test_eval_saves_a_copy_of_the_running_mean():
@@ -181,6 +187,7 @@ def test_extreme_values(layout, small_launches):
     when the pivot itself (the first element) is inf; float32 values 1e19 apart (variance 2.5e37, finite
     in float32, though a block's sum of squared deviations would overflow float32) keep a finite
     variance, since the summaries are variances, not sums of squares."""
+
     def moments(x):
         data = x if layout == "slab" else np.ascontiguousarray(np.moveaxis(x, 1, -1))
         mean, var = fastbn.moments(gpu(data), axis=1 if layout == "slab" else -1)
@@ -245,8 +252,13 @@ def test_no_host_transfers(monkeypatch):
 def test_numba_device_arrays_stay_numba_device_arrays():
     x = np.random.default_rng(10).normal(size=(4, 2, 3)).astype(np.float32)
     y, saved = fastbn.forward(numba_device(x))
-    results = [y, saved.mean, saved.invstd, *fastbn.moments(numba_device(x)),
-               *fastbn.backward(numba_device(x), numba_device(x), None, saved)]
+    results = [
+        y,
+        saved.mean,
+        saved.invstd,
+        *fastbn.moments(numba_device(x)),
+        *fastbn.backward(numba_device(x), numba_device(x), None, saved),
+    ]
     assert all(target.is_device_array(r) for r in results)
 
 
@@ -265,12 +277,12 @@ def test_results_come_back_as_the_callers_framework(framework, monkeypatch):
     monkeypatch.setitem(sys.modules, framework, stub)
 
     x = np.random.default_rng(11).normal(size=(4, 2, 3)).astype(np.float32)
-    y, saved = fastbn.forward(foreign_type(x))
+    y, _saved = fastbn.forward(foreign_type(x))
     assert y[0] == ("tensor" if framework == "torch" else "cupy")
     assert target.is_device_array(y[1])  # converted from the backend's own device array
     if framework == "torch":
         assert y[2] == "cuda:1"
-    mean, var = fastbn.moments(foreign_type(x))
+    _mean, _var = fastbn.moments(foreign_type(x))
     assert len(calls) == 3
 
 
@@ -282,7 +294,7 @@ def test_restorer_imports_no_framework():
 
 # -------------------------------------------------------------- conversion ---
 def test_to_device_names_the_argument():
-    with pytest.raises(TypeError, match="^weight: expected a GPU array"):
+    with pytest.raises(TypeError, match=r"^weight: expected a GPU array"):
         BACKEND.to_backend(np.zeros(3), "weight")
 
     class Grad:
@@ -290,14 +302,14 @@ def test_to_device_names_the_argument():
         def __cuda_array_interface__(self):  # what a torch tensor that requires grad does
             raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
 
-    with pytest.raises(TypeError, match="^running_mean: cannot be used as a GPU array"):
+    with pytest.raises(TypeError, match=r"^running_mean: cannot be used as a GPU array"):
         BACKEND.to_backend(Grad(), "running_mean")
 
 
 def test_saved_statistics_must_be_on_the_device(launches):
     x = np.random.default_rng(12).normal(size=(4, 2, 3)).astype(np.float32)
     _, host_saved = fastbn.forward(x)
-    with pytest.raises(TypeError, match="^saved.mean: expected a GPU array"):
+    with pytest.raises(TypeError, match=r"^saved.mean: expected a GPU array"):
         fastbn.backward(gpu(np.ones_like(x)), gpu(x), None, host_saved)
     assert launches == []
 
@@ -305,13 +317,13 @@ def test_saved_statistics_must_be_on_the_device(launches):
 def test_backend_argument(launches):
     x = np.random.default_rng(13).normal(size=(4, 2, 3)).astype(np.float32)
     assert target.is_device_array(fastbn.forward(gpu(x), backend="cuda")[0])
-    with pytest.raises(ValueError, match="^x: is a GPU array but this call runs on the CPU"):
+    with pytest.raises(ValueError, match=r"^x: is a GPU array but this call runs on the CPU"):
         fastbn.forward(gpu(x), backend="cpu")
-    with pytest.raises(ValueError, match="^x: is a host array but this call runs on the GPU"):
+    with pytest.raises(ValueError, match=r"^x: is a host array but this call runs on the GPU"):
         fastbn.moments(x, backend="cuda")
-    with pytest.raises(ValueError, match="^weight: is a host array but this call runs on the GPU"):
+    with pytest.raises(ValueError, match=r"^weight: is a host array but this call runs on the GPU"):
         fastbn.forward(gpu(x), np.ones(2, np.float32))
-    with pytest.raises(ValueError, match="^running_var: is a host array"):
+    with pytest.raises(ValueError, match=r"^running_var: is a host array"):
         fastbn.forward(gpu(x), running_mean=gpu(np.zeros(2, np.float32)), running_var=np.ones(2, np.float32))
     names = _launched(launches)
     assert names.count("normalize") == 1, names  # only the first call ran
@@ -332,8 +344,9 @@ def test_backend_implements_the_protocol_with_its_signatures():
     for name in methods:
         expected = inspect.signature(getattr(Backend, name))
         got = inspect.signature(getattr(type(BACKEND), name))
-        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == \
-            [(p.name, p.kind, p.default) for p in expected.parameters.values()], name
+        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == [
+            (p.name, p.kind, p.default) for p in expected.parameters.values()
+        ], name
 
 
 class _OneProcess:
@@ -349,9 +362,13 @@ class _OneProcess:
 def test_synchronised_batch_norm_is_refused_before_any_launch(launches):
     """The CUDA backend has no synchronised pieces (sync is None): process_group is refused first."""
     running = np.zeros(2, np.float32)
-    with pytest.raises(ValueError, match="^process_group: not supported on the cuda backend yet$"):
-        fastbn.forward(gpu(np.ones((4, 2, 3), np.float32)), running_mean=gpu(running), running_var=gpu(running + 1),
-                       process_group=_OneProcess())
+    with pytest.raises(ValueError, match=r"^process_group: not supported on the cuda backend yet$"):
+        fastbn.forward(
+            gpu(np.ones((4, 2, 3), np.float32)),
+            running_mean=gpu(running),
+            running_var=gpu(running + 1),
+            process_group=_OneProcess(),
+        )
     assert launches == []
 
 
@@ -363,13 +380,14 @@ def test_bfloat16_is_refused_before_any_launch(launches):
     x = np.ones((4, 2, 3), BFLOAT16)
     running = np.zeros(2, np.float32)
     for array in (gpu(x), numba_device(x)):
-        with pytest.raises(TypeError, match="^x: bfloat16 is not supported on the CUDA backend"):
+        with pytest.raises(TypeError, match=r"^x: bfloat16 is not supported on the CUDA backend"):
             fastbn.forward(array, running_mean=gpu(running), running_var=gpu(running + 1))
-        with pytest.raises(TypeError, match="^dy: bfloat16 is not supported on the CUDA backend"):
+        with pytest.raises(TypeError, match=r"^dy: bfloat16 is not supported on the CUDA backend"):
             fastbn.backward(array, gpu(np.ones((4, 2, 3), np.float32)), None, None)
-    with pytest.raises(TypeError, match="^running_var: bfloat16 is not supported on the CUDA backend"):
-        fastbn.forward(gpu(np.ones((4, 2, 3), np.float32)), running_mean=gpu(running),
-                       running_var=gpu(running.astype(BFLOAT16)))
+    with pytest.raises(TypeError, match=r"^running_var: bfloat16 is not supported on the CUDA backend"):
+        fastbn.forward(
+            gpu(np.ones((4, 2, 3), np.float32)), running_mean=gpu(running), running_var=gpu(running.astype(BFLOAT16))
+        )
     assert launches == []
     assert running.tobytes() == np.zeros(2, np.float32).tobytes()
 
@@ -385,7 +403,7 @@ def test_plan_override_is_refused(launches):
         lambda: BACKEND.backward(x, x, 1, dtype, None, x[0, :, 0], x[0, :, 0], True, plan={}),
     ]
     for call in calls:
-        with pytest.raises(ValueError, match="^_plan: only the CPU backend takes a plan override$"):
+        with pytest.raises(ValueError, match=r"^_plan: only the CPU backend takes a plan override$"):
             call()
     assert launches == []
 
@@ -440,26 +458,37 @@ def _error_cases():
         if dtype_id == "bfloat16":  # refused as a whole on the GPU (test_bfloat16_is_refused_before_any_launch)
             continue
         for case_id, exc, argument, change in errors.FORWARD_ERRORS:
+
             def call(change=change, dtype=dtype):
                 args = change(errors.good_forward_args(dtype))
                 return fastbn.forward, (args.pop("x"), args.pop("weight"), args.pop("bias")), args
+
             yield pytest.param(call, exc, argument, id=f"forward-{case_id}-{dtype_id}")
         for case_id, exc, argument, change in errors.BACKWARD_ERRORS:
+
             def call(change=change, dtype=dtype):
                 args = change(errors._forward_for_backward(dtype))
-                return (fastbn.backward, (args["dy"], args["x"], args["weight"], args["saved"]),
-                        dict(axis=args["axis"], y=args.get("y")))
+                return (
+                    fastbn.backward,
+                    (args["dy"], args["x"], args["weight"], args["saved"]),
+                    dict(axis=args["axis"], y=args.get("y")),
+                )
+
             yield pytest.param(call, exc, argument, id=f"backward-{case_id}-{dtype_id}")
         for case_id, exc, argument, change in errors.NORMALIZE_ERRORS:
+
             def call(change=change, dtype=dtype):
                 args = change(errors.good_normalize_args(dtype))
                 positional = tuple(args.pop(key) for key in ("x", "mean", "var", "weight", "bias"))
                 return fastbn.normalize, positional, args
+
             yield pytest.param(call, exc, argument, id=f"normalize-{case_id}-{dtype_id}")
     for case_id, exc, argument, kwargs in errors.MOMENTS_ERRORS:
+
         def call(kwargs=kwargs):
             kwargs = dict(kwargs)
             return fastbn.moments, (kwargs.pop("x"),), kwargs
+
         yield pytest.param(call, exc, argument, id=f"moments-{case_id}")
 
 
@@ -482,6 +511,6 @@ def test_bad_input_is_rejected_before_any_kernel(make_call, exc, argument, launc
 def test_running_stats_sharing_memory_are_rejected(launches):
     x = np.random.default_rng(15).normal(size=(4, 2, 3)).astype(np.float32)
     stats = np.ones(2, np.float32)
-    with pytest.raises(ValueError, match="^running_var: must not share memory with running_mean"):
+    with pytest.raises(ValueError, match=r"^running_var: must not share memory with running_mean"):
         fastbn.forward(gpu(x), running_mean=gpu(stats), running_var=gpu(stats))
     assert launches == []

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 import fastbn
 from fastbn.backends.cuda import plan, target, views
 from fastbn.backends.cuda.ops import BACKEND
+
 from gpu_arrays import gpu, host, small_forward_inputs
-from oracle import channel_axis, oracle_backward_extended, oracle_forward_extended
+from oracle import oracle_backward_extended, oracle_forward_extended
 from strategies import (
     ForwardInputs,
     assert_close,
@@ -113,20 +114,43 @@ def run_forward(f, rm, rv):
     x, w, b = dev(case.x, "x"), dev(p.weight, "weight"), dev(p.bias, "bias")
     rm, rv, z = dev(rm, "running_mean"), dev(rv, "running_var"), dev(f.residual, "residual")
     if f.batch_stats:
-        return BACKEND.forward_batch(x, case.channel, case.sdtype, w, b, inp.eps, rm, rv, inp.momentum,
-                                     update=inp.training and rm is not None, relu=f.relu, residual=z,
-                                     renorm=f.renorm, groups=f.groups)
-    y, mean, invstd = BACKEND.forward_eval(x, case.channel, case.sdtype, w, b, inp.eps, rm, rv, relu=f.relu,
-                                           residual=z)
+        return BACKEND.forward_batch(
+            x,
+            case.channel,
+            case.sdtype,
+            w,
+            b,
+            inp.eps,
+            rm,
+            rv,
+            inp.momentum,
+            update=inp.training and rm is not None,
+            relu=f.relu,
+            residual=z,
+            renorm=f.renorm,
+            groups=f.groups,
+        )
+    y, mean, invstd = BACKEND.forward_eval(x, case.channel, case.sdtype, w, b, inp.eps, rm, rv, relu=f.relu, residual=z)
     return y, mean, invstd, None, None
 
 
 def run_oracle(f):
     inp, p = f.inp, f.inp.params
-    return oracle_forward_extended(inp.case.x, p.weight, p.bias, running_mean=p.running_mean,
-                                   running_var=p.running_var, training=inp.training, momentum=inp.momentum,
-                                   eps=inp.eps, axis=inp.case.axis, activation="relu" if f.relu else None,
-                                   residual=f.residual, virtual_batch_size=f.virtual_batch_size, renorm=f.renorm)
+    return oracle_forward_extended(
+        inp.case.x,
+        p.weight,
+        p.bias,
+        running_mean=p.running_mean,
+        running_var=p.running_var,
+        training=inp.training,
+        momentum=inp.momentum,
+        eps=inp.eps,
+        axis=inp.case.axis,
+        activation="relu" if f.relu else None,
+        residual=f.residual,
+        virtual_batch_size=f.virtual_batch_size,
+        renorm=f.renorm,
+    )
 
 
 # ---------------------------------------------------------- tolerance scales ---
@@ -161,8 +185,13 @@ def forward_y_scale(f, o, tol):
     case = f.inp.case
     weight, bias = _renorm_coefficients(f, o)
     means, invstds = _per_group(o, f.groups, case.channels)
-    scale = np.concatenate([y_scale(xg, m, i, weight, bias, case.axis, tol)
-                            for xg, m, i in zip(_group_rows(case.x, f.groups), means, invstds)], axis=0)
+    scale = np.concatenate(
+        [
+            y_scale(xg, m, i, weight, bias, case.axis, tol)
+            for xg, m, i in zip(_group_rows(case.x, f.groups), means, invstds)
+        ],
+        axis=0,
+    )
     if f.residual is not None:
         scale = scale + np.abs(f.residual.astype(np.float64))
     return scale
@@ -190,8 +219,13 @@ def check_forward(f, result, rm, rv):
     got_invstd = host(invstd).reshape(f.groups, case.channels)
     for g, xg in enumerate(_group_rows(case.x, f.groups)):
         assert_close(got_mean[g], means[g], st_tol, scale=mean_scale(xg, means[g], case.axis), what=f"mean[{g}]")
-        assert_close(got_invstd[g], invstds[g], st_tol, scale=invstd_scale(xg, means[g], invstds[g], case.axis, st_tol),
-                     what=f"invstd[{g}]")
+        assert_close(
+            got_invstd[g],
+            invstds[g],
+            st_tol,
+            scale=invstd_scale(xg, means[g], invstds[g], case.axis, st_tol),
+            what=f"invstd[{g}]",
+        )
 
     if f.renorm is None:
         assert r is None and d is None
@@ -200,24 +234,29 @@ def check_forward(f, result, rm, rv):
         sigma_running = np.sqrt(p.running_var.astype(np.float64) + inp.eps)
         k_rel = invstd_scale(case.x, o.mean, o.invstd, case.axis, st_tol) / o.invstd  # invstd's relative error
         assert_close(host(r), o.r, st_tol, scale=o.r * k_rel, what="r")
-        assert_close(host(d), o.d, st_tol, scale=mean_scale(case.x, o.mean, case.axis) / sigma_running + np.abs(o.d),
-                     what="d")
+        assert_close(
+            host(d), o.d, st_tol, scale=mean_scale(case.x, o.mean, case.axis) / sigma_running + np.abs(o.d), what="d"
+        )
         rmax, dmax = f.renorm
         assert (host(r) >= np.float32(1 / rmax) * (1 - 1e-6)).all() and (host(r) <= rmax).all()
         assert (np.abs(host(d)) <= dmax).all()
-        note_case(f"renorm: r clipped {bool(np.any(np.abs(np.log(o.r)) >= np.log(rmax)))}, "
-              f"d clipped {bool(np.any(np.abs(o.d) >= dmax))}")
+        note_case(
+            f"renorm: r clipped {bool(np.any(np.abs(np.log(o.r)) >= np.log(rmax)))}, "
+            f"d clipped {bool(np.any(np.abs(o.d) >= dmax))}"
+        )
 
     if p.running_mean is not None:
         if inp.training:
             m, n = inp.momentum, case.count // f.groups
             groups = list(zip(_group_rows(case.x, f.groups), means, invstds))
             m_scale = np.max([mean_scale(xg, mg, case.axis) for xg, mg, _ in groups], axis=0)
-            v_scale = np.max([var_scale(xg, mg, 1 / ig**2 - inp.eps, case.axis, st_tol) for xg, mg, ig in groups],
-                             axis=0)
+            v_scale = np.max(
+                [var_scale(xg, mg, 1 / ig**2 - inp.eps, case.axis, st_tol) for xg, mg, ig in groups], axis=0
+            )
             assert_close(rm, o.running_mean, st_tol, scale=np.abs(p.running_mean) + m * m_scale, what="running_mean")
-            assert_close(rv, o.running_var, st_tol, scale=np.abs(p.running_var) + m * n / (n - 1) * v_scale,
-                         what="running_var")
+            assert_close(
+                rv, o.running_var, st_tol, scale=np.abs(p.running_var) + m * n / (n - 1) * v_scale, what="running_var"
+            )
         else:
             assert rm.tobytes() == p.running_mean.tobytes() and rv.tobytes() == p.running_var.tobytes()
     return o
@@ -228,15 +267,27 @@ def check_backward(f, o, y_host, dy, r_host, d_host, result):
     case, p = f.inp.case, f.inp.params
     dx, dweight, dbias, dres = result
     e_dx, e_dweight, e_dbias, e_g = oracle_backward_extended(
-        dy, case.x, p.weight, o.mean, o.invstd, o.batch_stats, case.axis, y=y_host if f.relu else None,
-        r=r_host, d=d_host, virtual_batch_size=f.virtual_batch_size)
+        dy,
+        case.x,
+        p.weight,
+        o.mean,
+        o.invstd,
+        o.batch_stats,
+        case.axis,
+        y=y_host if f.relu else None,
+        r=r_host,
+        d=d_host,
+        virtual_batch_size=f.virtual_batch_size,
+    )
     st_tol = stats_tol(case.dtype)
     w = np.ones(case.channels) if p.weight is None else p.weight.astype(np.float64)
     if r_host is not None:
         w = r_host * w
     means, invstds = _per_group(o, f.groups, case.channels)
-    scales = [backward_scales(xg, gg, m, i, w, case.axis, st_tol)
-              for xg, gg, m, i in zip(_group_rows(case.x, f.groups), _group_rows(e_g, f.groups), means, invstds)]
+    scales = [
+        backward_scales(xg, gg, m, i, w, case.axis, st_tol)
+        for xg, gg, m, i in zip(_group_rows(case.x, f.groups), _group_rows(e_g, f.groups), means, invstds)
+    ]
     dx_scale = np.concatenate([s[0] for s in scales], axis=0)
     dweight_scale = sum(s[1] for s in scales)
     dbias_scale = sum(s[2] for s in scales)
@@ -263,18 +314,41 @@ def run_backward(f, result, dy):
     """The backend's backward as the API calls it after this forward."""
     case, p = f.inp.case, f.inp.params
     y, mean, invstd, r, d = result
-    return BACKEND.backward(dev(dy, "dy"), dev(case.x, "x"), case.channel, case.sdtype, dev(p.weight, "weight"),
-                            mean, invstd, f.batch_stats, y=y if f.relu else None,
-                            dresidual=f.residual is not None, r=r, d=d, groups=f.groups)
+    return BACKEND.backward(
+        dev(dy, "dy"),
+        dev(case.x, "x"),
+        case.channel,
+        case.sdtype,
+        dev(p.weight, "weight"),
+        mean,
+        invstd,
+        f.batch_stats,
+        y=y if f.relu else None,
+        dresidual=f.residual is not None,
+        r=r,
+        d=d,
+        groups=f.groups,
+    )
 
 
 def api_forward(f, rm, rv):
     """fastbn.forward with GPU arrays and the options' public names; returns the backend's five results."""
     inp, p, case = f.inp, f.inp.params, f.inp.case
-    y, saved = fastbn.forward(gpu(case.x), gpu(p.weight), gpu(p.bias), running_mean=gpu(rm), running_var=gpu(rv),
-                              training=inp.training, momentum=inp.momentum, eps=inp.eps, axis=case.axis,
-                              activation="relu" if f.relu else None, residual=gpu(f.residual),
-                              virtual_batch_size=f.virtual_batch_size, renorm=f.renorm)
+    y, saved = fastbn.forward(
+        gpu(case.x),
+        gpu(p.weight),
+        gpu(p.bias),
+        running_mean=gpu(rm),
+        running_var=gpu(rv),
+        training=inp.training,
+        momentum=inp.momentum,
+        eps=inp.eps,
+        axis=case.axis,
+        activation="relu" if f.relu else None,
+        residual=gpu(f.residual),
+        virtual_batch_size=f.virtual_batch_size,
+        renorm=f.renorm,
+    )
     assert target.is_device_array(y)
     assert saved.count == case.count // f.groups and saved.residual == (f.residual is not None)
     assert saved.virtual_batch_size == f.virtual_batch_size and bool(saved.batch_stats) == f.batch_stats
@@ -285,8 +359,9 @@ def api_forward(f, rm, rv):
 def api_backward(f, result, dy):
     """fastbn.backward after api_forward: 4 values with a residual, 3 without (then dres is None)."""
     case, p = f.inp.case, f.inp.params
-    out = fastbn.backward(gpu(dy), gpu(case.x), gpu(p.weight), api_forward.saved, axis=case.axis,
-                          y=result[0] if f.relu else None)
+    out = fastbn.backward(
+        gpu(dy), gpu(case.x), gpu(p.weight), api_forward.saved, axis=case.axis, y=result[0] if f.relu else None
+    )
     assert len(out) == (3 if f.residual is None else 4)
     return (*out, None) if f.residual is None else out
 
@@ -298,8 +373,10 @@ def forward_backward(f, dy_layout, forward=run_forward, backward=run_backward):
     through fastbn's public functions (api_forward, api_backward).
     """
     case = f.inp.case
-    note_case(f"G={f.groups} relu={f.relu} residual={f.residual is not None} renorm={f.renorm is not None} "
-              f"batch_stats={f.batch_stats}")
+    note_case(
+        f"G={f.groups} relu={f.relu} residual={f.residual is not None} renorm={f.renorm is not None} "
+        f"batch_stats={f.batch_stats}"
+    )
     x_before = case.x.copy()
     rm, rv = f.inp.running_copies()
     result = forward(f, rm, rv)
@@ -350,8 +427,19 @@ def test_renorm_matches_oracle(f, data):
 
 
 # ------------------------------------------------- launch paths, fixed cases ---
-def _fixed(shape, axis, dtype=np.float32, layout=("contiguous", ()), *, relu=False, residual=False, groups=1,
-           renorm=None, training=True, seed=0):
+def _fixed(
+    shape,
+    axis,
+    dtype=np.float32,
+    layout=("contiguous", ()),
+    *,
+    relu=False,
+    residual=False,
+    groups=1,
+    renorm=None,
+    training=True,
+    seed=0,
+):
     """A FusedInputs for one fixed case (weight, bias and running statistics given)."""
     from strategies import Case, channel_values
 
@@ -372,8 +460,11 @@ PATHS = [
 ]
 
 
-@pytest.mark.parametrize("shape, axis, groups, kernel, block", PATHS,
-                         ids=["slab", "slab-G3", "slab-long-rows-G4", "rows-small-C-G2", "rows-two-tiles-G3"])
+@pytest.mark.parametrize(
+    "shape, axis, groups, kernel, block",
+    PATHS,
+    ids=["slab", "slab-G3", "slab-long-rows-G4", "rows-small-C-G2", "rows-two-tiles-G3"],
+)
 def test_multi_block_and_multi_launch_reductions(shape, axis, groups, kernel, block, small_launches, launches):
     """Two warps per block, several blocks per channel and group, several launches for the groups."""
     small_launches.THREADS_PER_BLOCK = 64
@@ -407,14 +498,16 @@ def test_nan_propagates_through_relu_and_blocks_the_gradient():
     an Inf dy there included."""
     x = np.random.default_rng(1).normal(size=(6, 3, 4)).astype(np.float32)
     x[2, 1, 3] = np.nan
-    y, mean, invstd, _, _ = BACKEND.forward_batch(dev(x), 1, np.dtype(np.float32), None, None, 1e-5, None, None,
-                                                  0.1, False, relu=True)
+    y, mean, invstd, _, _ = BACKEND.forward_batch(
+        dev(x), 1, np.dtype(np.float32), None, None, 1e-5, None, None, 0.1, False, relu=True
+    )
     y_host = host(y)
     assert np.isnan(y_host[:, 1]).all() and (y_host[:, [0, 2]] >= 0).all() and (y_host[:, [0, 2]] == 0).any()
     dy = np.ones_like(x)
     dy[y_host == 0] = np.inf
-    dx, dweight, dbias, dres = BACKEND.backward(dev(dy), dev(x), 1, np.dtype(np.float32), None, mean, invstd, True,
-                                                y=y, dresidual=True)
+    dx, dweight, dbias, dres = BACKEND.backward(
+        dev(dy), dev(x), 1, np.dtype(np.float32), None, mean, invstd, True, y=y, dresidual=True
+    )
     dres = host(dres)
     np.testing.assert_array_equal(dres, np.where(y_host > 0, dy, 0))
     np.testing.assert_array_equal(host(dbias), (y_host > 0).sum(axis=(0, 2)).astype(np.float32))
@@ -424,10 +517,12 @@ def test_nan_propagates_through_relu_and_blocks_the_gradient():
 def test_dresidual_without_relu_is_a_copy_of_dy_in_xs_layout():
     x = np.moveaxis(np.random.default_rng(2).normal(size=(4, 5, 3)).astype(np.float32), -1, 1)  # channels-last
     dy = np.asfortranarray(np.random.default_rng(3).normal(size=x.shape).astype(np.float32))
-    _, mean, invstd, _, _ = BACKEND.forward_batch(dev(x), 1, np.dtype(np.float32), None, None, 1e-5, None, None,
-                                                  0.1, False)
-    dx, _, _, dres = BACKEND.backward(dev(dy), dev(x), 1, np.dtype(np.float32), None, mean, invstd, True,
-                                      dresidual=True)
+    _, mean, invstd, _, _ = BACKEND.forward_batch(
+        dev(x), 1, np.dtype(np.float32), None, None, 1e-5, None, None, 0.1, False
+    )
+    dx, _, _, dres = BACKEND.backward(
+        dev(dy), dev(x), 1, np.dtype(np.float32), None, mean, invstd, True, dresidual=True
+    )
     np.testing.assert_array_equal(host(dres), dy)
     assert views.byte_strides(dres) == views.byte_strides(dx) == x.strides
 
@@ -437,15 +532,29 @@ def test_every_fused_launch_has_a_signature_that_ptx_compiles(launches):
     """Every option variant is launched, each with argument types listed in fastbn.backends.cuda.plan.signatures."""
     # (relu, residual, groups, renorm, training): each of the four elementwise variants both ways,
     # ghost batches, renormalization and eval once.
-    options = [(False, False, 1, None, True), (True, False, 2, None, True), (False, True, 1, (2.0, 1.0), True),
-               (True, True, 1, None, True), (True, True, 1, None, False)]
+    options = [
+        (False, False, 1, None, True),
+        (True, False, 2, None, True),
+        (False, True, 1, (2.0, 1.0), True),
+        (True, True, 1, None, True),
+        (True, True, 1, None, False),
+    ]
     for dtype in (np.float16, np.float32, np.float64):
         compiled = {(name, argtypes) for name, _, argtypes in plan.signatures(dtype)}
         for layout, unused in ((("contiguous", ()), "rows"), (("channels_last", ()), "slab")):
             del launches[:]
             for relu, residual, groups, renorm, training in options:
-                f = _fixed((4, 2, 3), 1, dtype, layout, relu=relu, residual=residual, groups=groups, renorm=renorm,
-                           training=training)
+                f = _fixed(
+                    (4, 2, 3),
+                    1,
+                    dtype,
+                    layout,
+                    relu=relu,
+                    residual=residual,
+                    groups=groups,
+                    renorm=renorm,
+                    training=training,
+                )
                 result = run_forward(f, *f.inp.running_copies())
                 run_backward(f, result, f.inp.case.x)
             for name, _, _, args in launches:
@@ -465,8 +574,10 @@ def test_no_host_transfers(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a host <-> device copy inside fastbn")
 
-    cases = [_fixed((4, 3, 5), 1, relu=True, residual=True, groups=2),
-             _fixed((4, 3, 5), 1, relu=True, residual=True, renorm=(2.0, 1.0))]
+    cases = [
+        _fixed((4, 3, 5), 1, relu=True, residual=True, groups=2),
+        _fixed((4, 3, 5), 1, relu=True, residual=True, renorm=(2.0, 1.0)),
+    ]
     inputs = []
     for f in cases:
         rm, rv = f.inp.running_copies()
@@ -493,8 +604,9 @@ def test_gpu_matches_the_cpu_backend(options):
     results = []
     for to in (lambda a: a, gpu):
         rm, rv = np.array([0.5, 1.0, 1.5], np.float32), np.array([2.0, 3.0, 5.0], np.float32)
-        y, saved = fastbn.forward(to(x), to(w), to(b), running_mean=to(rm), running_var=to(rv),
-                                  activation="relu", residual=to(z), **options)
+        y, saved = fastbn.forward(
+            to(x), to(w), to(b), running_mean=to(rm), running_var=to(rv), activation="relu", residual=to(z), **options
+        )
         grads = fastbn.backward(to(dy), to(x), to(w), saved, y=y)
         arrays = [y, saved.mean, saved.invstd, *grads] + ([saved.r, saved.d] if "renorm" in options else [])
         results.append([rm, rv] + [a if isinstance(a, np.ndarray) else host(a) for a in arrays])

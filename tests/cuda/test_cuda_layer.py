@@ -6,6 +6,7 @@ import numpy as np
 
 from fastbn import BatchNorm
 from fastbn.backends.cuda import target
+
 from gpu_arrays import gpu, host
 
 
@@ -15,7 +16,7 @@ def test_layer_on_gpu_input_matches_the_cpu_layer():
     for layer in (cpu, dev):
         layer.weight[:] = [0.5, 1.0, 2.0]
         layer.bias[:] = [0.0, -1.0, 1.0]
-    for step in range(2):
+    for _step in range(2):
         x = (rng.standard_normal((4, 3, 2)) * 2 + 3).astype(np.float32)
         dy = rng.standard_normal(x.shape).astype(np.float32)
         y_cpu, y_dev = cpu(x), dev(gpu(x))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import fastbn
 from fastbn.backends.cuda import target
+
 from gpu_arrays import gpu, host, small_cases, small_forward_inputs
 from oracle import oracle_backward, oracle_forward, oracle_moments, oracle_normalize
 from strategies import (
@@ -44,24 +45,48 @@ def test_forward_matches_oracle(inp):
     x_before = x.copy()
     rm, rv = inp.running_copies()
 
-    y, saved = fastbn.forward(gpu(x), gpu(p.weight), gpu(p.bias), running_mean=gpu(rm), running_var=gpu(rv),
-                              training=inp.training, momentum=inp.momentum, eps=inp.eps, axis=case.axis)
-    o = oracle_forward(x, p.weight, p.bias, running_mean=p.running_mean, running_var=p.running_var,
-                       training=inp.training, momentum=inp.momentum, eps=inp.eps, axis=case.axis)
+    y, saved = fastbn.forward(
+        gpu(x),
+        gpu(p.weight),
+        gpu(p.bias),
+        running_mean=gpu(rm),
+        running_var=gpu(rv),
+        training=inp.training,
+        momentum=inp.momentum,
+        eps=inp.eps,
+        axis=case.axis,
+    )
+    o = oracle_forward(
+        x,
+        p.weight,
+        p.bias,
+        running_mean=p.running_mean,
+        running_var=p.running_var,
+        training=inp.training,
+        momentum=inp.momentum,
+        eps=inp.eps,
+        axis=case.axis,
+    )
     out_tol, st_tol = output_tol(case.dtype), stats_tol(case.dtype)
 
     y_host = host(y)
     assert y_host.dtype == case.dtype and y_host.shape == x.shape
-    assert_close(y_host, o.y, out_tol, scale=y_scale(x, o.mean, o.invstd, p.weight, p.bias, case.axis, st_tol),
-                 what="y")
+    assert_close(
+        y_host, o.y, out_tol, scale=y_scale(x, o.mean, o.invstd, p.weight, p.bias, case.axis, st_tol), what="y"
+    )
     assert bool(saved.batch_stats) == o.batch_stats and saved.count == case.count and saved.axis == case.channel
     for name in ("mean", "invstd"):
         arr = getattr(saved, name)
         assert target.is_device_array(arr), (name, type(arr))
         assert arr.dtype == case.sdtype and tuple(arr.shape) == (case.channels,), name
     assert_close(host(saved.mean), o.mean, st_tol, scale=mean_scale(x, o.mean, case.axis), what="saved.mean")
-    assert_close(host(saved.invstd), o.invstd, st_tol,
-                 scale=invstd_scale(x, o.mean, o.invstd, case.axis, st_tol), what="saved.invstd")
+    assert_close(
+        host(saved.invstd),
+        o.invstd,
+        st_tol,
+        scale=invstd_scale(x, o.mean, o.invstd, case.axis, st_tol),
+        what="saved.invstd",
+    )
 
     # Running statistics: updated in place (they were handed over as GPU
     # arrays over rm and rv's memory) in training, untouched otherwise.
@@ -69,11 +94,20 @@ def test_forward_matches_oracle(inp):
         if inp.training:
             m, n = inp.momentum, case.count
             mean, var = oracle_moments(x, case.axis)
-            assert_close(rm, o.running_mean, st_tol,
-                         scale=np.abs(p.running_mean) + m * mean_scale(x, mean, case.axis), what="running_mean")
-            assert_close(rv, o.running_var, st_tol,
-                         scale=np.abs(p.running_var) + m * n / (n - 1) * var_scale(x, mean, var, case.axis, st_tol),
-                         what="running_var")
+            assert_close(
+                rm,
+                o.running_mean,
+                st_tol,
+                scale=np.abs(p.running_mean) + m * mean_scale(x, mean, case.axis),
+                what="running_mean",
+            )
+            assert_close(
+                rv,
+                o.running_var,
+                st_tol,
+                scale=np.abs(p.running_var) + m * n / (n - 1) * var_scale(x, mean, var, case.axis, st_tol),
+                what="running_var",
+            )
         else:
             assert rm.tobytes() == p.running_mean.tobytes() and rv.tobytes() == p.running_var.tobytes()
     assert np.array_equal(x, x_before, equal_nan=True)
@@ -113,13 +147,30 @@ def test_backward_matches_oracle(inp, data):
     case, p = inp.case, inp.params
     x = case.x
     rm, rv = inp.running_copies()
-    _, saved = fastbn.forward(gpu(x), gpu(p.weight), gpu(p.bias), running_mean=gpu(rm), running_var=gpu(rv),
-                              training=inp.training, momentum=inp.momentum, eps=inp.eps, axis=case.axis)
+    _, saved = fastbn.forward(
+        gpu(x),
+        gpu(p.weight),
+        gpu(p.bias),
+        running_mean=gpu(rm),
+        running_var=gpu(rv),
+        training=inp.training,
+        momentum=inp.momentum,
+        eps=inp.eps,
+        axis=case.axis,
+    )
     dy = like(case, case.rng(2).standard_normal(x.shape), layout=data.draw(layouts(x.ndim), label="dy layout"))
     dx, dweight, dbias = fastbn.backward(gpu(dy), gpu(x), gpu(p.weight), saved, axis=case.axis)
 
-    o = oracle_forward(x, p.weight, p.bias, running_mean=p.running_mean, running_var=p.running_var,
-                       training=inp.training, eps=inp.eps, axis=case.axis)
+    o = oracle_forward(
+        x,
+        p.weight,
+        p.bias,
+        running_mean=p.running_mean,
+        running_var=p.running_var,
+        training=inp.training,
+        eps=inp.eps,
+        axis=case.axis,
+    )
     e_dx, e_dweight, e_dbias = oracle_backward(dy, x, p.weight, o.mean, o.invstd, o.batch_stats, case.axis)
     st_tol = stats_tol(case.dtype)
     dx_scale, dweight_scale, dbias_scale = backward_scales(x, dy, o.mean, o.invstd, p.weight, case.axis, st_tol)

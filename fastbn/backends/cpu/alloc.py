@@ -168,8 +168,11 @@ def cap_from_environment():
     try:
         return parse_bytes(text)
     except ValueError:
-        warnings.warn(f"fastbn: ignoring {ENV_VAR}={text!r} (not a byte count); using the default cap",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"fastbn: ignoring {ENV_VAR}={text!r} (not a byte count); using the default cap",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return default_cap()
 
 
@@ -325,8 +328,14 @@ class Pool:
         self._reap()
         with self._lock:
             evicted = self._file_returned()
-            result = {"cap": self.cap, "free_bytes": self._free_bytes, "free_blocks": len(self._by_size),
-                      "live_blocks": len(self._live), "hits": self.hits, "misses": self.misses}
+            result = {
+                "cap": self.cap,
+                "free_bytes": self._free_bytes,
+                "free_blocks": len(self._by_size),
+                "live_blocks": len(self._live),
+                "hits": self.hits,
+                "misses": self.misses,
+            }
         evicted.clear()
         self._settle()
         return result
@@ -453,8 +462,7 @@ def _after_fork_child():
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
-                        after_in_child=_after_fork_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)
 
 #: The pool behind :func:`empty`; its cap comes from ``FASTBN_POOL_BYTES``.
 POOL = Pool(cap_from_environment() if _MAP_FLAGS and hasattr(mmap.mmap, "madvise") else 0)

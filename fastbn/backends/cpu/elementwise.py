@@ -48,15 +48,22 @@ def _slab_stream_affine(x, z, mean, scale, shift, floor, offset, n, c0, c1, y_fl
         i = 0
         while i < L:
             take = min(L - i, step - filled)
-            run_affine(x[n, c, i:i + take], part(z, (n, c, slice(i, i + take))), scratch[filled:filled + take],
-                        mean[c - offset], scale[c - offset], shift[c - offset], floor)
+            run_affine(
+                x[n, c, i : i + take],
+                part(z, (n, c, slice(i, i + take))),
+                scratch[filled : filled + take],
+                mean[c - offset],
+                scale[c - offset],
+                shift[c - offset],
+                floor,
+            )
             filled += take
             i += take
             if filled == step:
-                stream_copy(y_flat[start:start + step], scratch)
+                stream_copy(y_flat[start : start + step], scratch)
                 start += step
                 filled = 0
-    stream_copy(y_flat[start:start + filled], scratch[:filled])
+    stream_copy(y_flat[start : start + filled], scratch[:filled])
 
 
 def emit_affine(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
@@ -66,14 +73,18 @@ def emit_affine(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
 @overload(emit_affine, inline="always")
 def _emit_affine_impl(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
     if isinstance(scratch, types.NoneType):
+
         def impl(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
             for c in range(c0, c1):
-                run_affine(x[n, c], part(z, (n, c)), y[n, c], mean[c - offset], scale[c - offset],
-                            shift[c - offset], floor)
+                run_affine(
+                    x[n, c], part(z, (n, c)), y[n, c], mean[c - offset], scale[c - offset], shift[c - offset], floor
+                )
+
         return impl
 
     def impl(x, z, mean, scale, shift, floor, offset, n, c0, c1, y, scratch):
         _slab_stream_affine(x, z, mean, scale, shift, floor, offset, n, c0, c1, y.reshape(-1), scratch)
+
     return impl
 
 
@@ -88,17 +99,25 @@ def _slab_stream_dx(dy, m, x, mean, mean_dy, k, scale, offset, n, c0, c1, dx_fla
         i = 0
         while i < L:
             take = min(L - i, step - filled)
-            run_dx(dy[n, c, i:i + take], part(m, (n, c, slice(i, i + take))), x[n, c, i:i + take],
-                    scratch[filled:filled + take], part(dres_scratch, slice(filled, filled + take)),
-                    mean[c - offset], mean_dy[c - offset], k[c - offset], scale[c - offset])
+            run_dx(
+                dy[n, c, i : i + take],
+                part(m, (n, c, slice(i, i + take))),
+                x[n, c, i : i + take],
+                scratch[filled : filled + take],
+                part(dres_scratch, slice(filled, filled + take)),
+                mean[c - offset],
+                mean_dy[c - offset],
+                k[c - offset],
+                scale[c - offset],
+            )
             filled += take
             i += take
             if filled == step:
-                stream_copy(dx_flat[start:start + step], scratch)
+                stream_copy(dx_flat[start : start + step], scratch)
                 stream_out(part(dres_flat, slice(start, start + step)), dres_scratch)
                 start += step
                 filled = 0
-    stream_copy(dx_flat[start:start + filled], scratch[:filled])
+    stream_copy(dx_flat[start : start + filled], scratch[:filled])
     stream_out(part(dres_flat, slice(start, start + filled)), part(dres_scratch, slice(0, filled)))
 
 
@@ -109,15 +128,28 @@ def emit_dx(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx, scra
 @overload(emit_dx, inline="always")
 def _emit_dx_impl(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx, scratch, dres_scratch):
     if isinstance(scratch, types.NoneType):
+
         def impl(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx, scratch, dres_scratch):
             for c in range(c0, c1):
-                run_dx(dy[n, c], part(m, (n, c)), x[n, c], dx[n, c], part(dres, (n, c)), mean[c - offset],
-                        mean_dy[c - offset], k[c - offset], scale[c - offset])
+                run_dx(
+                    dy[n, c],
+                    part(m, (n, c)),
+                    x[n, c],
+                    dx[n, c],
+                    part(dres, (n, c)),
+                    mean[c - offset],
+                    mean_dy[c - offset],
+                    k[c - offset],
+                    scale[c - offset],
+                )
+
         return impl
 
     def impl(dy, m, x, dres, mean, mean_dy, k, scale, offset, n, c0, c1, dx, scratch, dres_scratch):
-        _slab_stream_dx(dy, m, x, mean, mean_dy, k, scale, offset, n, c0, c1, dx.reshape(-1), flat(dres), scratch,
-                        dres_scratch)
+        _slab_stream_dx(
+            dy, m, x, mean, mean_dy, k, scale, offset, n, c0, c1, dx.reshape(-1), flat(dres), scratch, dres_scratch
+        )
+
     return impl
 
 
@@ -128,8 +160,8 @@ def _rows_stream_affine(x, z, mean, scale, shift, floor, r0, r1, y_flat, scratch
     for s in range(r0, r1, step):
         e = min(r1, s + step)
         for r in range(e - s):
-            cols_affine(x[s + r], part(z, s + r), scratch[r * C:(r + 1) * C], mean, scale, shift, floor)
-        stream_copy(y_flat[s * C:e * C], scratch)
+            cols_affine(x[s + r], part(z, s + r), scratch[r * C : (r + 1) * C], mean, scale, shift, floor)
+        stream_copy(y_flat[s * C : e * C], scratch)
 
 
 def emit_rows_affine(x, z, mean, scale, shift, floor, r0, r1, y, scratch):
@@ -139,12 +171,15 @@ def emit_rows_affine(x, z, mean, scale, shift, floor, r0, r1, y, scratch):
 @overload(emit_rows_affine, inline="always")
 def _emit_rows_affine_impl(x, z, mean, scale, shift, floor, r0, r1, y, scratch):
     if isinstance(scratch, types.NoneType):
+
         def impl(x, z, mean, scale, shift, floor, r0, r1, y, scratch):
             for r in range(r0, r1):
                 cols_affine(x[r], part(z, r), y[r], mean, scale, shift, floor)
+
         return impl
     return lambda x, z, mean, scale, shift, floor, r0, r1, y, scratch: _rows_stream_affine(
-        x, z, mean, scale, shift, floor, r0, r1, y.reshape(-1), scratch)
+        x, z, mean, scale, shift, floor, r0, r1, y.reshape(-1), scratch
+    )
 
 
 @elementwise
@@ -154,9 +189,18 @@ def _rows_stream_dx(dy, m, x, mean, mean_dy, k, scale, r0, r1, dx_flat, dres_fla
     for s in range(r0, r1, step):
         e = min(r1, s + step)
         for r in range(e - s):
-            cols_dx(dy[s + r], part(m, s + r), x[s + r], scratch[r * C:(r + 1) * C],
-                     part(dres_scratch, slice(r * C, (r + 1) * C)), mean, mean_dy, k, scale)
-        stream_copy(dx_flat[s * C:e * C], scratch)
+            cols_dx(
+                dy[s + r],
+                part(m, s + r),
+                x[s + r],
+                scratch[r * C : (r + 1) * C],
+                part(dres_scratch, slice(r * C, (r + 1) * C)),
+                mean,
+                mean_dy,
+                k,
+                scale,
+            )
+        stream_copy(dx_flat[s * C : e * C], scratch)
         stream_out(part(dres_flat, slice(s * C, e * C)), dres_scratch)
 
 
@@ -167,12 +211,15 @@ def emit_rows_dx(dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scratch, d
 @overload(emit_rows_dx, inline="always")
 def _emit_rows_dx_impl(dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scratch, dres_scratch):
     if isinstance(scratch, types.NoneType):
+
         def impl(dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scratch, dres_scratch):
             for r in range(r0, r1):
                 cols_dx(dy[r], part(m, r), x[r], dx[r], part(dres, r), mean, mean_dy, k, scale)
+
         return impl
     return lambda dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scratch, dres_scratch: _rows_stream_dx(
-        dy, m, x, mean, mean_dy, k, scale, r0, r1, dx.reshape(-1), flat(dres), scratch, dres_scratch)
+        dy, m, x, mean, mean_dy, k, scale, r0, r1, dx.reshape(-1), flat(dres), scratch, dres_scratch
+    )
 
 
 @kernel
@@ -186,8 +233,7 @@ def normalize_slab(x, z, mean, scale, shift, floor, y, group, nt):
     for t in prange(N * tasks):
         n = t // tasks
         c0 = (t - n * tasks) * group
-        emit_affine(x, z, mean, scale, shift, floor, 0, n, c0, min(C, c0 + group), y,
-                     scratch_for(nt, y, STREAM_CHUNK))
+        emit_affine(x, z, mean, scale, shift, floor, 0, n, c0, min(C, c0 + group), y, scratch_for(nt, y, STREAM_CHUNK))
 
 
 @kernel
@@ -202,8 +248,23 @@ def backward_elementwise_slab(dy, m, x, dres, mean, mean_dy, k, scale, dx, group
     for t in prange(N * tasks):
         n = t // tasks
         c0 = (t - n * tasks) * group
-        emit_dx(dy, m, x, dres, mean, mean_dy, k, scale, 0, n, c0, min(C, c0 + group), dx,
-                 scratch_for(nt, dx, STREAM_CHUNK), scratch_for(nt, dres, STREAM_CHUNK))
+        emit_dx(
+            dy,
+            m,
+            x,
+            dres,
+            mean,
+            mean_dy,
+            k,
+            scale,
+            0,
+            n,
+            c0,
+            min(C, c0 + group),
+            dx,
+            scratch_for(nt, dx, STREAM_CHUNK),
+            scratch_for(nt, dres, STREAM_CHUNK),
+        )
 
 
 @kernel
@@ -213,8 +274,9 @@ def normalize_rows(x, z, mean, scale, shift, floor, y, nt):
     rows, nblocks = row_block(M, C)
     for b in prange(nblocks):
         r0 = b * rows
-        emit_rows_affine(x, z, mean, scale, shift, floor, r0, min(M, r0 + rows), y,
-                          scratch_for(nt, y, STREAM_CHUNK // C * C + C))
+        emit_rows_affine(
+            x, z, mean, scale, shift, floor, r0, min(M, r0 + rows), y, scratch_for(nt, y, STREAM_CHUNK // C * C + C)
+        )
 
 
 @kernel
@@ -225,5 +287,18 @@ def backward_elementwise_rows(dy, m, x, dres, mean, mean_dy, k, scale, dx, nt):
     for b in prange(nblocks):
         r0 = b * rows
         size = STREAM_CHUNK // C * C + C
-        emit_rows_dx(dy, m, x, dres, mean, mean_dy, k, scale, r0, min(M, r0 + rows), dx, scratch_for(nt, dx, size),
-                      scratch_for(nt, dres, size))
+        emit_rows_dx(
+            dy,
+            m,
+            x,
+            dres,
+            mean,
+            mean_dy,
+            k,
+            scale,
+            r0,
+            min(M, r0 + rows),
+            dx,
+            scratch_for(nt, dx, size),
+            scratch_for(nt, dres, size),
+        )

@@ -17,14 +17,33 @@ from numba import prange
 from fastbn.backends.cpu.elementwise import emit_affine, emit_dx
 from fastbn.backends.cpu.jit import kernel
 from fastbn.backends.cpu.loops import scratch_for
-from fastbn.backends.cpu.numerics import add_piece, channel_forward_coefficients, channel_backward_coefficients
+from fastbn.backends.cpu.numerics import add_piece, channel_backward_coefficients, channel_forward_coefficients
 from fastbn.backends.cpu.plan import STREAM_CHUNK
 from fastbn.backends.cpu.reductions import piece_grad_sums, slab_group_stats, slab_piece, slab_pieces
 
 
 @kernel
-def forward_train_slab(x, z, group, weight, bias, eps, floor, ren_mean, ren_var, renorm, rmax, dmax, y, nt,
-                       mean_out, var_out, invstd_out, r_out, d_out):
+def forward_train_slab(
+    x,
+    z,
+    group,
+    weight,
+    bias,
+    eps,
+    floor,
+    ren_mean,
+    ren_var,
+    renorm,
+    rmax,
+    dmax,
+    y,
+    nt,
+    mean_out,
+    var_out,
+    invstd_out,
+    r_out,
+    d_out,
+):
     """Fused training forward: a group's statistics, then its output, from cache.
 
     ``y = max((x - mean) * scale + shift + z, floor)``: ``z`` (the residual)
@@ -73,8 +92,7 @@ def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, nt, sum
         for p in range(npieces):
             n0, n1, i0, i1 = slab_piece(p, N, L, runs, per_row)
             for j in range(w):
-                piece_dy[j], piece_dotp[j] = piece_grad_sums(dy, m, x, c0 + j, n0, n1, i0, i1,
-                                                              np.float64(mean[c0 + j]))
+                piece_dy[j], piece_dotp[j] = piece_grad_sums(dy, m, x, c0 + j, n0, n1, i0, i1, np.float64(mean[c0 + j]))
             add_piece(sum_dy, piece_dy)
             add_piece(dotp, piece_dotp)
         mean_dy = np.empty_like(weight[c0:c1])
@@ -83,7 +101,9 @@ def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, nt, sum
         for j in range(w):
             sum_dy_out[c0 + j] = sum_dy[j]
             dotp_out[c0 + j] = dotp[j]
-            mean_dy[j], k[j], scale[j] = channel_backward_coefficients(sum_dy[j], dotp[j], invstd[c0 + j], weight[c0 + j], count)
+            mean_dy[j], k[j], scale[j] = channel_backward_coefficients(
+                sum_dy[j], dotp[j], invstd[c0 + j], weight[c0 + j], count
+            )
         scratch = scratch_for(nt, dx, STREAM_CHUNK)
         dres_scratch = scratch_for(nt, dres, STREAM_CHUNK)
         for n in range(N):

@@ -25,6 +25,7 @@ fact               why the plan needs it                           fallback
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -55,8 +56,10 @@ class Machine:
     def describe(self) -> str:
         """One line naming the CPU, its cores and its caches."""
         guessed = f" (guessed: {', '.join(self.guessed)})" if self.guessed else ""
-        return (f"{self.model}, {self.cores} cores; L1d {self.l1d_bytes >> 10} KiB, L2 {self.l2_bytes >> 10} KiB "
-                f"per core, L3 {self.l3_bytes >> 20} MiB shared by {self.l3_sharers} CPUs{guessed}")
+        return (
+            f"{self.model}, {self.cores} cores; L1d {self.l1d_bytes >> 10} KiB, L2 {self.l2_bytes >> 10} KiB "
+            f"per core, L3 {self.l3_bytes >> 20} MiB shared by {self.l3_sharers} CPUs{guessed}"
+        )
 
 
 def parse_size(text: str) -> int:
@@ -126,10 +129,8 @@ def _cores() -> int:
 def memory_bytes() -> int | None:
     """Physical memory, or the cgroup's memory limit if smaller; None if unknown."""
     sizes = []
-    try:
+    with contextlib.suppress(AttributeError, ValueError, OSError):
         sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        pass
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
             text = _read(path)
@@ -157,8 +158,15 @@ def read(root: str = _CACHE_ROOT) -> Machine:
     l1d, _ = cache(1, ("Data", "Unified"), 32 << 10)
     l2, _ = cache(2, ("Unified", "Data"), 512 << 10)
     l3, sharers = cache(3, ("Unified",), 8 << 20)
-    return Machine(model=_model(), cores=cores, l1d_bytes=l1d, l2_bytes=l2, l3_bytes=l3,
-                   l3_sharers=sharers or cores, guessed=tuple(guessed))
+    return Machine(
+        model=_model(),
+        cores=cores,
+        l1d_bytes=l1d,
+        l2_bytes=l2,
+        l3_bytes=l3,
+        l3_sharers=sharers or cores,
+        guessed=tuple(guessed),
+    )
 
 
 @functools.cache

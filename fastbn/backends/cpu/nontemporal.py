@@ -58,10 +58,10 @@ def _store_vector(typingctx, dst, i, src, j):
         dst_data = context.make_array(signature.args[0])(context, builder, args[0]).data
         src_data = context.make_array(signature.args[2])(context, builder, args[2]).data
         vector = ir.VectorType(ir.IntType(64), _VECTOR_BYTES // 8).as_pointer()
-        value = builder.load(builder.bitcast(builder.gep(src_data, [args[3]]), vector),
-                             align=signature.args[2].dtype.bitwidth // 8)
-        store = builder.store(value, builder.bitcast(builder.gep(dst_data, [args[1]]), vector),
-                              align=_VECTOR_BYTES)
+        value = builder.load(
+            builder.bitcast(builder.gep(src_data, [args[3]]), vector), align=signature.args[2].dtype.bitwidth // 8
+        )
+        store = builder.store(value, builder.bitcast(builder.gep(dst_data, [args[1]]), vector), align=_VECTOR_BYTES)
         store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
         return context.get_dummy_value()
 

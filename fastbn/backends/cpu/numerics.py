@@ -92,8 +92,24 @@ def channel_forward_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var
 
 
 @kernel(parallel=False)
-def forward_coefficients(mean, var, eps, weight, bias, ren_mean, ren_var, renorm, rmax, dmax,
-                         invstd_out, r_out, d_out, used_mean_out, scale_out, shift_out):
+def forward_coefficients(
+    mean,
+    var,
+    eps,
+    weight,
+    bias,
+    ren_mean,
+    ren_var,
+    renorm,
+    rmax,
+    dmax,
+    invstd_out,
+    r_out,
+    d_out,
+    used_mean_out,
+    scale_out,
+    shift_out,
+):
     """:func:`channel_forward_coefficients` for every channel, for the streamed strategies."""
     for c in range(mean.shape[0]):
         invstd_out[c], r_out[c], d_out[c], used_mean_out[c], scale_out[c], shift_out[c] = channel_forward_coefficients(
@@ -111,16 +127,20 @@ def channel_backward_coefficients(sum_dy, dotp, invstd, weight, count):
     and the elementwise helpers are), so both strategies get the same bits.
     """
     istd = np.float64(invstd)
-    return (cast_to(weight, sum_dy / count), cast_to(weight, dotp * istd * istd / count),
-            cast_to(weight, istd * np.float64(weight)))
+    return (
+        cast_to(weight, sum_dy / count),
+        cast_to(weight, dotp * istd * istd / count),
+        cast_to(weight, istd * np.float64(weight)),
+    )
 
 
 @kernel(parallel=False)
 def backward_coefficients(sum_dy, dotp, invstd, weight, count, mean_dy_out, k_out, scale_out):
     """:func:`channel_backward_coefficients` for every channel, for the streamed strategies."""
     for c in range(sum_dy.shape[0]):
-        mean_dy_out[c], k_out[c], scale_out[c] = channel_backward_coefficients(sum_dy[c], dotp[c], invstd[c],
-                                                                         weight[c], count)
+        mean_dy_out[c], k_out[c], scale_out[c] = channel_backward_coefficients(
+            sum_dy[c], dotp[c], invstd[c], weight[c], count
+        )
 
 
 # ------------------------------------------------------- running stats ---
@@ -129,9 +149,7 @@ def update_running(running_mean, running_var, mean, var, momentum, count):
     """PyTorch's update: unbiased variance into running_var, in place."""
     correction = count / (count - 1.0)
     for c in prange(running_mean.shape[0]):
-        running_mean[c] = cast_to(
-            running_mean, (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c]
-        )
+        running_mean[c] = cast_to(running_mean, (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c])
         running_var[c] = cast_to(
             running_var, (1.0 - momentum) * np.float64(running_var[c]) + momentum * var[c] * correction
         )

@@ -26,7 +26,7 @@ from fastbn.backends.cpu import elementwise, fused, numerics, reductions, views
 from fastbn.backends.cpu import plan as cpu_plan
 from fastbn.backends.cpu.threads import kernel_guard
 
-__all__ = ["BACKEND", "CpuBackend", "CpuSyncPieces", "LAUNCH_LOG"]
+__all__ = ["BACKEND", "LAUNCH_LOG", "CpuBackend", "CpuSyncPieces"]
 
 #: Tests set this to a list to record every kernel launch as ``(kernel name, plan)``.
 LAUNCH_LOG = None
@@ -112,14 +112,53 @@ def forward_train_into(plan, x, weight, bias, eps, y, z=None, relu=False, renorm
     if plan.strategy == "streamed":
         mean, var = stats(plan, x)
         used_mean, scale, shift = (np.empty(channels, dtype) for _ in range(3))
-        _launch(numerics.forward_coefficients, plan, mean, var, eps, weight, bias, ren_mean, ren_var,
-                renorm is not None, rmax, dmax, invstd, r, d, used_mean, scale, shift)
+        _launch(
+            numerics.forward_coefficients,
+            plan,
+            mean,
+            var,
+            eps,
+            weight,
+            bias,
+            ren_mean,
+            ren_var,
+            renorm is not None,
+            rmax,
+            dmax,
+            invstd,
+            r,
+            d,
+            used_mean,
+            scale,
+            shift,
+        )
         normalize_into(plan, x, used_mean, scale, shift, y, z, relu)
         return mean, var, invstd, r, d
     mean = np.empty(channels)
     var = np.empty(channels)
-    _launch(fused.forward_train_slab, plan, x, z, plan.group, weight, bias, eps, _floor(dtype, relu), ren_mean,
-            ren_var, renorm is not None, rmax, dmax, y, _nt(plan, y), mean, var, invstd, r, d)
+    _launch(
+        fused.forward_train_slab,
+        plan,
+        x,
+        z,
+        plan.group,
+        weight,
+        bias,
+        eps,
+        _floor(dtype, relu),
+        ren_mean,
+        ren_var,
+        renorm is not None,
+        rmax,
+        dmax,
+        y,
+        _nt(plan, y),
+        mean,
+        var,
+        invstd,
+        r,
+        d,
+    )
     return mean, var, invstd, r, d
 
 
@@ -142,11 +181,23 @@ def backward_elementwise_into(plan, dy, x, mean, mean_dy, k, scale, dx, m=None, 
     """Write ``dx = (g - mean_dy - (x - mean) * k) * scale``, and ``dres = g`` unless None (g as above)."""
     dy, m, x, dres, dx = plan.view(dy), plan.view(m), plan.view(x), plan.view(dres), plan.view(dx)
     if plan.layout == ROWS:
-        _launch(elementwise.backward_elementwise_rows, plan, dy, m, x, dres, mean, mean_dy, k, scale, dx,
-                _nt(plan, dx))
+        _launch(elementwise.backward_elementwise_rows, plan, dy, m, x, dres, mean, mean_dy, k, scale, dx, _nt(plan, dx))
     else:
-        _launch(elementwise.backward_elementwise_slab, plan, dy, m, x, dres, mean, mean_dy, k, scale, dx,
-                plan.run_group, _nt(plan, dx))
+        _launch(
+            elementwise.backward_elementwise_slab,
+            plan,
+            dy,
+            m,
+            x,
+            dres,
+            mean,
+            mean_dy,
+            k,
+            scale,
+            dx,
+            plan.run_group,
+            _nt(plan, dx),
+        )
 
 
 def backward_train_into(plan, dy, x, mean, invstd, weight, dx, m=None, dres=None):
@@ -162,8 +213,22 @@ def backward_train_into(plan, dy, x, mean, invstd, weight, dx, m=None, dres=None
     channels = x.shape[1]
     sum_dy = np.empty(channels)
     dotp = np.empty(channels)
-    _launch(fused.backward_train_slab, plan, dy, m, x, dres, plan.group, mean, invstd, weight, dx, _nt(plan, dx),
-            sum_dy, dotp)
+    _launch(
+        fused.backward_train_slab,
+        plan,
+        dy,
+        m,
+        x,
+        dres,
+        plan.group,
+        mean,
+        invstd,
+        weight,
+        dx,
+        _nt(plan, dx),
+        sum_dy,
+        dotp,
+    )
     return sum_dy, dotp
 
 
@@ -196,12 +261,12 @@ def _group_views(views_, groups):
     if groups == 1:
         return [views_]
     size = next(v for v in views_ if v is not None).shape[0] // groups
-    return [[None if v is None else v[g * size:(g + 1) * size] for v in views_] for g in range(groups)]
+    return [[None if v is None else v[g * size : (g + 1) * size] for v in views_] for g in range(groups)]
 
 
 def _group_shape(view, groups):
     """The kernel shape of one ghost batch of ``view``."""
-    return (view.shape[0] // groups,) + tuple(view.shape[1:])
+    return (view.shape[0] // groups, *tuple(view.shape[1:]))
 
 
 def _optional_view(layout, array, axis):
@@ -214,8 +279,16 @@ def _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu=False, resi
     layout, x_view = views.channel_view(x, axis)
     y, y_view, fresh = views.empty_like_layout(layout, x, axis)
     plan = cpu_plan.choose("normalize", layout, x_view.shape, x_view.itemsize, out_fresh=fresh, override=override)
-    normalize_into(plan, x_view, np.ascontiguousarray(mean), _scale(invstd, weight), bias, y_view,
-                   _optional_view(layout, residual, axis), relu)
+    normalize_into(
+        plan,
+        x_view,
+        np.ascontiguousarray(mean),
+        _scale(invstd, weight),
+        bias,
+        y_view,
+        _optional_view(layout, residual, axis),
+        relu,
+    )
     return y
 
 
@@ -250,8 +323,9 @@ class CpuSyncPieces(SyncPieces):
             return np.zeros(channels), np.zeros(channels)
         layout, x_view = views.channel_view(x, axis)
         chosen = cpu_plan.choose("backward_sums", layout, x_view.shape, x_view.itemsize)
-        return backward_reduce(chosen, views.readonly(views.same_view(layout, dy, axis)), x_view,
-                               np.ascontiguousarray(mean))
+        return backward_reduce(
+            chosen, views.readonly(views.same_view(layout, dy, axis)), x_view, np.ascontiguousarray(mean)
+        )
 
     @_ieee
     def backward_dx(self, dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, count):
@@ -263,9 +337,14 @@ class CpuSyncPieces(SyncPieces):
         dx, dx_view, fresh = views.empty_like_layout(layout, x, axis)
         chosen = cpu_plan.choose("backward_dx", layout, x_view.shape, x_view.itemsize, out_fresh=fresh)
         backward_elementwise_into(
-            chosen, views.readonly(views.same_view(layout, dy, axis)), x_view, np.ascontiguousarray(mean),
-            (sum_dy64 / count).astype(dtype), (dotp64 * istd * istd / count).astype(dtype),
-            _scale(invstd, weight), dx_view,
+            chosen,
+            views.readonly(views.same_view(layout, dy, axis)),
+            x_view,
+            np.ascontiguousarray(mean),
+            (sum_dy64 / count).astype(dtype),
+            (dotp64 * istd * istd / count).astype(dtype),
+            _scale(invstd, weight),
+            dx_view,
         )
         return dx
 
@@ -286,8 +365,25 @@ class CpuBackend(Backend):
         return array
 
     @_ieee
-    def forward_batch(self, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update, *,
-                      relu=False, residual=None, renorm=None, groups=1, plan=None):
+    def forward_batch(
+        self,
+        x,
+        axis,
+        dtype,
+        weight,
+        bias,
+        eps,
+        running_mean,
+        running_var,
+        momentum,
+        update,
+        *,
+        relu=False,
+        residual=None,
+        renorm=None,
+        groups=1,
+        plan=None,
+    ):
         """Normalise with batch statistics; update running stats if ``update``.
 
         With ghost batches (``groups > 1``), the running statistics are
@@ -301,12 +397,23 @@ class CpuBackend(Backend):
         layout, x_view = views.channel_view(x, axis)
         z_view = _optional_view(layout, residual, axis)
         y, y_view, fresh = views.empty_like_layout(layout, x, axis)
-        chosen = cpu_plan.choose("forward_train", layout, _group_shape(x_view, groups), x_view.itemsize,
-                                 out_fresh=fresh, override=plan)
-        ren = None if renorm is None else (np.ascontiguousarray(running_mean), np.ascontiguousarray(running_var),
-                                           float(renorm[0]), float(renorm[1]))
-        results = [forward_train_into(chosen, xg, weight, bias, eps, yg, zg, relu, ren)
-                   for xg, zg, yg in _group_views([x_view, z_view, y_view], groups)]
+        chosen = cpu_plan.choose(
+            "forward_train", layout, _group_shape(x_view, groups), x_view.itemsize, out_fresh=fresh, override=plan
+        )
+        ren = (
+            None
+            if renorm is None
+            else (
+                np.ascontiguousarray(running_mean),
+                np.ascontiguousarray(running_var),
+                float(renorm[0]),
+                float(renorm[1]),
+            )
+        )
+        results = [
+            forward_train_into(chosen, xg, weight, bias, eps, yg, zg, relu, ren)
+            for xg, zg, yg in _group_views([x_view, z_view, y_view], groups)
+        ]
         mean64, var64, invstd64, r, d = (np.stack(parts) for parts in zip(*results))
         if update:
             count = x.size // channels // groups
@@ -317,8 +424,9 @@ class CpuBackend(Backend):
         return y, mean64.astype(dtype), invstd64.astype(dtype), r, d
 
     @_ieee
-    def forward_eval(self, x, axis, dtype, weight, bias, eps, running_mean, running_var, *, relu=False,
-                     residual=None, plan=None):
+    def forward_eval(
+        self, x, axis, dtype, weight, bias, eps, running_mean, running_var, *, relu=False, residual=None, plan=None
+    ):
         # A copy, so that later updates of running_mean cannot change `saved`.
         mean = np.array(running_mean, dtype=dtype, order="C")
         invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(dtype)
@@ -338,8 +446,24 @@ class CpuBackend(Backend):
         return mean.astype(dtype), var.astype(dtype)
 
     @_ieee
-    def backward(self, dy, x, axis, dtype, weight, mean, invstd, batch_stats, *, y=None, dresidual=False, r=None,
-                 d=None, groups=1, plan=None):
+    def backward(
+        self,
+        dy,
+        x,
+        axis,
+        dtype,
+        weight,
+        mean,
+        invstd,
+        batch_stats,
+        *,
+        y=None,
+        dresidual=False,
+        r=None,
+        d=None,
+        groups=1,
+        plan=None,
+    ):
         """Gradients; ``y`` (forward's ReLU output) masks dy in both passes, r and d are renorm's constants.
 
         With batch renormalization dx is the training formula with weight
@@ -358,9 +482,15 @@ class CpuBackend(Backend):
         m_view = _optional_view(layout, y, axis)
         dx, dx_view, fresh = views.empty_like_layout(layout, x, axis)
         dres, dres_view, _ = views.empty_like_layout(layout, x, axis) if dresidual else (None, None, False)
-        chosen = cpu_plan.choose("backward_train" if batch_stats else "backward_eval", layout,
-                                 _group_shape(x_view, groups), x_view.itemsize, out_fresh=fresh,
-                                 masked=y is not None, override=plan)
+        chosen = cpu_plan.choose(
+            "backward_train" if batch_stats else "backward_eval",
+            layout,
+            _group_shape(x_view, groups),
+            x_view.itemsize,
+            out_fresh=fresh,
+            masked=y is not None,
+            override=plan,
+        )
         sum_dy = np.zeros(channels)
         dweight = np.zeros(channels)
         zeros = np.zeros(channels, dtype)
@@ -372,8 +502,9 @@ class CpuBackend(Backend):
             else:
                 # Eval: the statistics are constants, so dx = g * invstd * weight.
                 group_dy, dotp = backward_reduce(chosen, dyg, xg, mean[g], mg)
-                backward_elementwise_into(chosen, dyg, xg, mean[g], zeros, zeros, _scale(invstd[g], weight), dxg,
-                                          mg, dresg)
+                backward_elementwise_into(
+                    chosen, dyg, xg, mean[g], zeros, zeros, _scale(invstd[g], weight), dxg, mg, dresg
+                )
             sum_dy += group_dy
             dweight += dotp * invstd[g].astype(np.float64)
         if r is not None:
@@ -395,7 +526,8 @@ class CpuBackend(Backend):
         shape = [1] * layer_weight.ndim
         shape[axis] = channels
         folded_weight = (layer_weight.astype(np.float64, order="K") * scale.reshape(shape)).astype(
-            layer_weight.dtype, order="K")
+            layer_weight.dtype, order="K"
+        )
         c = np.zeros(channels) if layer_bias is None else layer_bias.astype(np.float64)
         folded_bias = scale * (c - running_mean.astype(np.float64))
         if bias is not None:

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastbn._layout import ROWS, SLAB
 from fastbn.backends.cpu.machine import Machine, machine
@@ -74,8 +75,15 @@ MIN_TASKS = 8
 TASK_BYTES = 64 << 10
 
 #: What :func:`choose` plans, and the kernels each runs (see :meth:`Plan.kernels`).
-OPERATIONS = ("moments", "normalize", "forward_train", "backward_train", "backward_eval", "backward_sums",
-              "backward_dx")
+OPERATIONS = (
+    "moments",
+    "normalize",
+    "forward_train",
+    "backward_train",
+    "backward_eval",
+    "backward_sums",
+    "backward_dx",
+)
 
 _OVERRIDES = {"strategy": ("fused", "streamed"), "nontemporal": (True, False)}
 
@@ -214,10 +222,12 @@ class Plan:
     def describe(self) -> str:
         """The plan in a few lines: layout, strategy, kernels and reasons."""
         shape = "x".join(str(n) for n in self.shape)
-        lines = [f"{self.operation}: {self.layout} ({shape}), {self.strategy}"
-                 + (f", {self.group} channel(s) per task" if self.group else "")
-                 + (", non-temporal stores" if self.nontemporal else ""),
-                 "  kernels: " + ", ".join(self.kernels())]
+        lines = [
+            f"{self.operation}: {self.layout} ({shape}), {self.strategy}"
+            + (f", {self.group} channel(s) per task" if self.group else "")
+            + (", non-temporal stores" if self.nontemporal else ""),
+            "  kernels: " + ", ".join(self.kernels()),
+        ]
         lines += [f"  - {reason}" for reason in self.reasons]
         return "\n".join(lines)
 
@@ -240,8 +250,9 @@ def _tensors(operation: str, masked: bool) -> int:
     return 1 if operation != "backward_train" else (3 if masked else 2)
 
 
-def _strategy(operation: str, shape: Sequence[int], itemsize: int, out_fresh: bool, masked: bool,
-              budget: int) -> tuple[str, int, list[str]]:
+def _strategy(
+    operation: str, shape: Sequence[int], itemsize: int, out_fresh: bool, masked: bool, budget: int
+) -> tuple[str, int, list[str]]:
     """The SLAB strategy and fused group, with the reasons (see the module docstring)."""
     N, C, L = shape
     fusable = operation in ("moments", "forward_train", "backward_train")
@@ -251,32 +262,66 @@ def _strategy(operation: str, shape: Sequence[int], itemsize: int, out_fresh: bo
     channel = N * L * itemsize * tensors
     group = slab_group(shape, itemsize, tensors, budget)
     if group == 0:
-        return "streamed", 0, [f"a channel's working set ({_kib(channel)}) exceeds the fused budget "
-                               f"({_kib(budget)}: two thirds of a core's share of cache)"]
+        return (
+            "streamed",
+            0,
+            [
+                f"a channel's working set ({_kib(channel)}) exceeds the fused budget "
+                f"({_kib(budget)}: two thirds of a core's share of cache)"
+            ],
+        )
     fused_tasks = (C + group - 1) // group
     streamed_tasks = slab_pieces(N, L)[2]
     if min(fused_tasks, streamed_tasks) < MIN_TASKS:
         if fused_tasks >= streamed_tasks:
-            return "fused", group, [f"few pieces ({streamed_tasks}): the fused plan's {fused_tasks} tasks "
-                                    "keep more cores busy"]
-        return "streamed", 0, [f"few channels ({C}): the streamed plan's {streamed_tasks} pieces keep more "
-                               "cores busy"]
+            return (
+                "fused",
+                group,
+                [f"few pieces ({streamed_tasks}): the fused plan's {fused_tasks} tasks keep more cores busy"],
+            )
+        return "streamed", 0, [f"few channels ({C}): the streamed plan's {streamed_tasks} pieces keep more cores busy"]
     if operation == "moments":
         return "streamed", 0, ["statistics alone stream (measured as fast or faster than fused)"]
     if L * itemsize < FUSE_RUN_BYTES:
-        return "streamed", 0, [f"runs of {_kib(L * itemsize)} are under {_kib(FUSE_RUN_BYTES)}: fused tasks "
-                               "would read and write scattered pieces of a few KiB"]
+        return (
+            "streamed",
+            0,
+            [
+                f"runs of {_kib(L * itemsize)} are under {_kib(FUSE_RUN_BYTES)}: fused tasks "
+                "would read and write scattered pieces of a few KiB"
+            ],
+        )
     if out_fresh:
-        return "streamed", 0, ["the output is freshly mapped: the OS zeroes it page by page, so writing it "
-                               "in memory order saves DRAM traffic"]
-    return "fused", group, [f"a channel's working set ({_kib(channel)}) fits the fused budget ({_kib(budget)}), "
-                            f"its runs are {_kib(L * itemsize)} and the output is memory in use: one read of "
-                            "the input from DRAM"]
+        return (
+            "streamed",
+            0,
+            [
+                "the output is freshly mapped: the OS zeroes it page by page, so writing it "
+                "in memory order saves DRAM traffic"
+            ],
+        )
+    return (
+        "fused",
+        group,
+        [
+            f"a channel's working set ({_kib(channel)}) fits the fused budget ({_kib(budget)}), "
+            f"its runs are {_kib(L * itemsize)} and the output is memory in use: one read of "
+            "the input from DRAM"
+        ],
+    )
 
 
-def choose(operation: str, layout: str, shape: Sequence[int], itemsize: int, *, out_fresh: bool = False,
-           masked: bool = False, override: Mapping[str, Any] | None = None,
-           facts: Machine | None = None) -> Plan:
+def choose(
+    operation: str,
+    layout: str,
+    shape: Sequence[int],
+    itemsize: int,
+    *,
+    out_fresh: bool = False,
+    masked: bool = False,
+    override: Mapping[str, Any] | None = None,
+    facts: Machine | None = None,
+) -> Plan:
     """The plan for one operation on a kernel view.
 
     Parameters
@@ -316,28 +361,46 @@ def choose(operation: str, layout: str, shape: Sequence[int], itemsize: int, *, 
         layout, shape = SLAB, (1, 1, shape[0])
         reasons.append("one channel: its elements are one contiguous run, streamed as a SLAB")
     if layout == ROWS:
-        strategy, group, why = "streamed", 0, ["channels are contiguous: blocks of rows, vectorised across "
-                                               "channels, merged with Chan's formula"]
+        strategy, group, why = (
+            "streamed",
+            0,
+            ["channels are contiguous: blocks of rows, vectorised across channels, merged with Chan's formula"],
+        )
     else:
         strategy, group, why = _strategy(operation, shape, itemsize, out_fresh, masked, fuse_bytes(facts))
     reasons += why
     if "strategy" in forced and forced["strategy"] != strategy:
-        if forced["strategy"] == "fused" and (layout == ROWS or operation not in ("moments", "forward_train",
-                                                                                  "backward_train")):
+        if forced["strategy"] == "fused" and (
+            layout == ROWS or operation not in ("moments", "forward_train", "backward_train")
+        ):
             raise ValueError(f"_plan: {operation} on a {layout} view has no fused plan")
         strategy = forced["strategy"]
-        group = (slab_group(shape, itemsize, _tensors(operation, masked), fuse_bytes(facts)) or 1) if strategy == "fused" else 0
+        group = (
+            (slab_group(shape, itemsize, _tensors(operation, masked), fuse_bytes(facts)) or 1)
+            if strategy == "fused"
+            else 0
+        )
         reasons.append(f"strategy forced to {strategy} (_plan)")
     writes = operation not in ("moments", "backward_sums")
     out_bytes = math.prod(shape) * itemsize if writes else 0
     threshold = nontemporal_bytes(facts)
     nontemporal = writes and out_bytes >= threshold
     if writes:
-        reasons.append(f"output {_kib(out_bytes)} {'>=' if nontemporal else '<'} {_kib(threshold)} (the L3): "
-                       f"{'non-temporal stores' if nontemporal else 'ordinary stores, left in cache'}")
+        reasons.append(
+            f"output {_kib(out_bytes)} {'>=' if nontemporal else '<'} {_kib(threshold)} (the L3): "
+            f"{'non-temporal stores' if nontemporal else 'ordinary stores, left in cache'}"
+        )
     if "nontemporal" in forced and forced["nontemporal"] != nontemporal:
         nontemporal = forced["nontemporal"]
         reasons.append(f"non-temporal stores forced {'on' if nontemporal else 'off'} (_plan)")
-    return Plan(operation=operation, layout=layout, shape=shape, itemsize=int(itemsize), strategy=strategy,
-                group=group, run_group=run_group(shape, itemsize) if layout == SLAB else 1,
-                nontemporal=bool(nontemporal), reasons=tuple(reasons))
+    return Plan(
+        operation=operation,
+        layout=layout,
+        shape=shape,
+        itemsize=int(itemsize),
+        strategy=strategy,
+        group=group,
+        run_group=run_group(shape, itemsize) if layout == SLAB else 1,
+        nontemporal=bool(nontemporal),
+        reasons=tuple(reasons),
+    )

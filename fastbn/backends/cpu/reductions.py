@@ -21,13 +21,13 @@ from numba import prange
 
 from fastbn.backends.cpu.jit import exact, inline, kernel
 from fastbn.backends.cpu.loops import (
-    load,
     cols_grad_sums,
     cols_grad_sums2,
     cols_sum,
     cols_sum2,
     cols_sum_sq_dev,
     cols_sum_sq_dev2,
+    load,
     part,
     row_block,
     run_grad_sums,
@@ -35,8 +35,8 @@ from fastbn.backends.cpu.loops import (
     run_sum_widen,
 )
 from fastbn.backends.cpu.numerics import add_piece, merge_piece
-from fastbn.backends.cpu.plan import MAX_CHUNKS, slab_pieces as _plain_slab_pieces
-
+from fastbn.backends.cpu.plan import MAX_CHUNKS
+from fastbn.backends.cpu.plan import slab_pieces as _plain_slab_pieces
 
 # ------------------------------------------------------------ SLAB pieces ---
 # Every SLAB reduction is defined on the same fixed pieces, so that the fused
@@ -101,8 +101,8 @@ def slab_piece(p, N, L, runs, per_row):
 # do.  That path is taken only for such channels (NaN and Inf input among
 # them, where it gives torch's mean: +inf for a channel holding +inf).
 
-_DOWN = 2.0 ** -600
-_UP = 2.0 ** 600
+_DOWN = 2.0**-600
+_UP = 2.0**600
 
 
 @inline
@@ -160,7 +160,7 @@ def piece_stats(x, c, n0, n1, i0, i1, pivot, scratch):
     width = i1 - i0
     total = 0.0
     for n in range(n1 - n0):
-        total += run_sum_widen(x[n0 + n, c, i0:i1], scratch[n * width:(n + 1) * width], pivot)
+        total += run_sum_widen(x[n0 + n, c, i0:i1], scratch[n * width : (n + 1) * width], pivot)
     size = (n1 - n0) * width
     mean = total / size
     return mean, run_sum_sq_dev(scratch[:size], mean)
@@ -171,8 +171,9 @@ def piece_grad_sums(dy, m, x, c, n0, n1, i0, i1, mean):
     sum_dy = 0.0
     dotp = 0.0
     for n in range(n1 - n0):
-        run_dy, run_dotp = run_grad_sums(dy[n0 + n, c, i0:i1], part(m, (n0 + n, c, slice(i0, i1))),
-                                          x[n0 + n, c, i0:i1], mean)
+        run_dy, run_dotp = run_grad_sums(
+            dy[n0 + n, c, i0:i1], part(m, (n0 + n, c, slice(i0, i1))), x[n0 + n, c, i0:i1], mean
+        )
         sum_dy += run_dy
         dotp += run_dotp
     return sum_dy, dotp
@@ -353,8 +354,9 @@ def backward_reduce_rows(dy, m, x, mean, sum_dy_out, dotp_out):
         r_hi = min(M, ((k + 1) * nblocks // nchunks) * rows)
         for r in range((r_hi - r_lo) // 2):
             a = r_lo + 2 * r
-            cols_grad_sums2(dy[a], part(m, a), x[a], dy[a + 1], part(m, a + 1), x[a + 1], mean, partial_sum_dy[k],
-                             partial_dotp[k])
+            cols_grad_sums2(
+                dy[a], part(m, a), x[a], dy[a + 1], part(m, a + 1), x[a + 1], mean, partial_sum_dy[k], partial_dotp[k]
+            )
         if (r_hi - r_lo) % 2:
             cols_grad_sums(dy[r_hi - 1], part(m, r_hi - 1), x[r_hi - 1], mean, partial_sum_dy[k], partial_dotp[k])
     for c in prange(C):

@@ -71,6 +71,7 @@ _needs_lock = False
 # concurrent; ``with`` on a lock is safe against a signal handler's exception
 # (the lock is taken and released in C), which a counter would not be.
 
+
 class _LaunchSlot:
     """One thread's launch lock; the registry below holds it weakly, so it goes with its thread."""
 
@@ -129,8 +130,7 @@ def _after_fork_in_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                        after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def _libtbb_candidates() -> list[str]:
@@ -218,7 +218,9 @@ def configure() -> str:
                 "code before fastbn's first kernel; a process forked after a parallel kernel has run will be "
                 "killed. Call fastbn.threading_layer() before any other Numba parallel code (fastbn then starts "
                 "the fork-safe 'tbb' layer), or set NUMBA_THREADING_LAYER=tbb.",
-                RuntimeWarning, stacklevel=3)
+                RuntimeWarning,
+                stacklevel=3,
+            )
         _needs_lock = layer == "workqueue"
         _layer = layer
         return layer

@@ -92,7 +92,7 @@ def _jax_to_numpy(array, name):
             f"{name}: is a traced JAX value (inside jax.jit, jax.grad, ...); fastbn.forward and "
             "friends need concrete arrays, use fastbn.jax.batch_norm under JAX transformations"
         ) from None
-    except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+    except Exception as exc:
         raise TypeError(f"{name}: this JAX array cannot be read as a NumPy array ({exc})") from None
 
 
@@ -100,13 +100,13 @@ def _from_dlpack(obj):
     """np.from_dlpack(obj) for a host DLPack exporter, or None to fall back to np.asarray."""
     try:
         device_type = obj.__dlpack_device__()[0]
-    except Exception:  # noqa: BLE001 - a broken or partial protocol: fall back
+    except Exception:
         return None
     if device_type != _DLPACK_CPU:
         return None
     try:
         return np.from_dlpack(obj)
-    except Exception:  # noqa: BLE001 - e.g. a dtype NumPy lacks: let np.asarray try
+    except Exception:
         return None
 
 
@@ -140,8 +140,10 @@ def to_host(obj, name):
         return None
     if isinstance(obj, np.ndarray):
         if isinstance(obj, np.ma.MaskedArray):
-            raise TypeError(f"{name}: is a masked array, whose mask fastbn would ignore; pass a plain array "
-                            "(e.g. array.filled(value)), or the unmasked values")
+            raise TypeError(
+                f"{name}: is a masked array, whose mask fastbn would ignore; pass a plain array "
+                "(e.g. array.filled(value)), or the unmasked values"
+            )
         # np.matrix and other subclasses: a plain view of the same memory.
         return obj if type(obj) is np.ndarray else obj.view(np.ndarray)
     kind = framework_of(obj)
@@ -162,11 +164,13 @@ def to_host(obj, name):
             return array
     if name in _UPDATED_IN_PLACE:
         # np.asarray may copy a list, a tuple or an __array__ object: the update would go into the copy.
-        raise TypeError(f"{name}: expected a NumPy array or a CPU torch tensor, which fastbn updates in place, "
-                        f"got {type(obj).__name__} (converting it would update a copy and lose the update)")
+        raise TypeError(
+            f"{name}: expected a NumPy array or a CPU torch tensor, which fastbn updates in place, "
+            f"got {type(obj).__name__} (converting it would update a copy and lose the update)"
+        )
     try:
         return np.asarray(obj)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+    except Exception as exc:
         raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
 
 
@@ -186,7 +190,7 @@ def _jax_restorer(like):
         # A committed array pins its results to its device; an uncommitted
         # one leaves JAX free to place them, as for any new array.
         device = next(iter(like.devices())) if getattr(like, "committed", False) else None
-    except Exception:  # noqa: BLE001 - no single device (sharded): default placement
+    except Exception:
         device = None
 
     def restore(array):
@@ -315,7 +319,7 @@ def empty_like_layout(layout, x, axis):
         Whether the memory is freshly mapped (the plan writes it in memory order).
     """
     if layout == ROWS:
-        moved_shape = x.shape[:axis] + x.shape[axis + 1:] + (x.shape[axis],)
+        moved_shape = x.shape[:axis] + x.shape[axis + 1 :] + (x.shape[axis],)
         moved, fresh = alloc.allocate(moved_shape, x.dtype)
         out = np.moveaxis(moved, -1, axis)
     else:

@@ -258,9 +258,30 @@ def stats_merge(partial_count, partial_mean, partial_m2, pivot, mean_out, var_ou
 
 
 @kernel
-def forward_coefficients(partial_count, partial_mean, partial_m2, pivot, eps, weight, has_weight, bias, has_bias,
-                         renorm, running_mean, running_var, rmax, dmax, r_out, d_out,
-                         mean64, var64, saved_mean, saved_invstd, scale, shift):
+def forward_coefficients(
+    partial_count,
+    partial_mean,
+    partial_m2,
+    pivot,
+    eps,
+    weight,
+    has_weight,
+    bias,
+    has_bias,
+    renorm,
+    running_mean,
+    running_var,
+    rmax,
+    dmax,
+    r_out,
+    d_out,
+    mean64,
+    var64,
+    saved_mean,
+    saved_invstd,
+    scale,
+    shift,
+):
     """Training forward's per-channel step: statistics, saved values and normalize's coefficients.
 
     Per group g (virtual channel g C + c): the group's mean and invstd, and
@@ -317,8 +338,23 @@ def normalize_coefficients(mean, var, eps, weight, has_weight, bias, has_bias, s
 
 
 @kernel
-def backward_coefficients(partial_sum_dy, partial_dotp, invstd, weight, has_weight, count, batch_stats,
-                          renorm, r, d, dweight, dbias, mean_dy, k, scale):
+def backward_coefficients(
+    partial_sum_dy,
+    partial_dotp,
+    invstd,
+    weight,
+    has_weight,
+    count,
+    batch_stats,
+    renorm,
+    r,
+    d,
+    dweight,
+    dbias,
+    mean_dy,
+    k,
+    scale,
+):
     """Per-channel sums from the partials, then dweight, dbias and backward_elementwise's coefficients.
 
     Per group g (virtual channel g C + c, ``count`` elements each): sum_dy,

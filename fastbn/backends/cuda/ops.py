@@ -34,6 +34,7 @@ from fastbn.backends.cuda import plan as launch
 
 __all__ = ["BACKEND", "CudaBackend"]
 
+
 def _check_no_plan(plan):
     if plan is not None:
         raise ValueError("_plan: only the CPU backend takes a plan override")
@@ -49,10 +50,12 @@ def _statistics(layout, x_flat, groups=1):
     slots = groups * layout.channels
     reduction = launch.ReductionPlan(layout.rows, layout.outer, layout.channels, layout.inner, groups)
     workspace = target.device_array((3 * reduction.splits + 1) * slots, np.float64)
-    partial_count, partial_mean, partial_m2, pivot = views.split(workspace, slots, reduction.splits,
-                                                                 reduction.splits, reduction.splits, 1)
-    launch.stats(reduction, layout.rows, x_flat, layout.channels, layout.inner, partial_count, partial_mean,
-                 partial_m2, pivot)
+    partial_count, partial_mean, partial_m2, pivot = views.split(
+        workspace, slots, reduction.splits, reduction.splits, reduction.splits, 1
+    )
+    launch.stats(
+        reduction, layout.rows, x_flat, layout.channels, layout.inner, partial_count, partial_mean, partial_m2, pivot
+    )
     return partial_count, partial_mean, partial_m2, pivot
 
 
@@ -67,11 +70,35 @@ def _normalize_given(x, axis, dtype, mean, var, weight, bias, eps, relu=False, r
     saved_mean, saved_invstd, scale, shift = views.split(coefficients, channels, 1, 1, 1, 1)
     weight, has_weight = _parameter(weight, scale)
     bias, has_bias = _parameter(bias, shift)
-    launch.launch_per_channel(numerics.normalize_coefficients, channels, mean, var, float(eps), weight, has_weight,
-                              bias, has_bias, saved_mean, saved_invstd, scale, shift)
+    launch.launch_per_channel(
+        numerics.normalize_coefficients,
+        channels,
+        mean,
+        var,
+        float(eps),
+        weight,
+        has_weight,
+        bias,
+        has_bias,
+        saved_mean,
+        saved_invstd,
+        scale,
+        shift,
+    )
     y, y_flat = layout.empty(x.dtype)
-    launch.normalize_flat(x_flat, z_flat, channels, layout.inner, 1, saved_mean, scale, shift, y_flat, relu=relu,
-                          residual=residual is not None)
+    launch.normalize_flat(
+        x_flat,
+        z_flat,
+        channels,
+        layout.inner,
+        1,
+        saved_mean,
+        scale,
+        shift,
+        y_flat,
+        relu=relu,
+        residual=residual is not None,
+    )
     return y, saved_mean, saved_invstd
 
 
@@ -98,8 +125,25 @@ class CudaBackend(Backend):
         return device
 
     # -- the public operations -----------------------------------------------
-    def forward_batch(self, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update, *,
-                      relu=False, residual=None, renorm=None, groups=1, plan=None):
+    def forward_batch(
+        self,
+        x,
+        axis,
+        dtype,
+        weight,
+        bias,
+        eps,
+        running_mean,
+        running_var,
+        momentum,
+        update,
+        *,
+        relu=False,
+        residual=None,
+        renorm=None,
+        groups=1,
+        plan=None,
+    ):
         """Normalise with batch statistics; update running stats (in place, on the device) if ``update``.
 
         Parameters
@@ -140,8 +184,9 @@ class CudaBackend(Backend):
         mean64, var64 = views.split(scratch, channels, 1, 1)
         renorm_counts = () if renorm is None else (1, 1)
         coefficients = target.device_array((4 * groups + len(renorm_counts)) * channels, dtype)
-        saved_mean, saved_invstd, scale, shift, *renorm_out = views.split(coefficients, channels, groups, groups,
-                                                                          groups, groups, *renorm_counts)
+        saved_mean, saved_invstd, scale, shift, *renorm_out = views.split(
+            coefficients, channels, groups, groups, groups, groups, *renorm_counts
+        )
         weight, has_weight = _parameter(weight, scale)
         bias, has_bias = _parameter(bias, shift)
         if renorm is None:
@@ -152,20 +197,54 @@ class CudaBackend(Backend):
         else:
             r, d = renorm_out
             renorm_args = (True, running_mean, running_var, float(renorm[0]), float(renorm[1]), r, d)
-        launch.launch_per_channel(numerics.forward_coefficients, channels, *partials, float(eps), weight,
-                                  has_weight, bias, has_bias, *renorm_args, mean64, var64, saved_mean, saved_invstd,
-                                  scale, shift)
+        launch.launch_per_channel(
+            numerics.forward_coefficients,
+            channels,
+            *partials,
+            float(eps),
+            weight,
+            has_weight,
+            bias,
+            has_bias,
+            *renorm_args,
+            mean64,
+            var64,
+            saved_mean,
+            saved_invstd,
+            scale,
+            shift,
+        )
         if update:
             count = layout.outer * layout.inner // groups
-            launch.launch_per_channel(numerics.update_running, channels, running_mean, running_var, mean64, var64,
-                                      float(momentum), count / (count - 1.0))
+            launch.launch_per_channel(
+                numerics.update_running,
+                channels,
+                running_mean,
+                running_var,
+                mean64,
+                var64,
+                float(momentum),
+                count / (count - 1.0),
+            )
         y, y_flat = layout.empty(x.dtype)
-        launch.normalize_flat(x_flat, z_flat, channels, layout.inner, groups, saved_mean, scale, shift, y_flat,
-                              relu=relu, residual=residual is not None)
+        launch.normalize_flat(
+            x_flat,
+            z_flat,
+            channels,
+            layout.inner,
+            groups,
+            saved_mean,
+            scale,
+            shift,
+            y_flat,
+            relu=relu,
+            residual=residual is not None,
+        )
         return y, views.grouped(saved_mean, groups, channels), views.grouped(saved_invstd, groups, channels), r, d
 
-    def forward_eval(self, x, axis, dtype, weight, bias, eps, running_mean, running_var, *, relu=False,
-                     residual=None, plan=None):
+    def forward_eval(
+        self, x, axis, dtype, weight, bias, eps, running_mean, running_var, *, relu=False, residual=None, plan=None
+    ):
         """Normalise with the running statistics; returns ``(y, mean, invstd)``.
 
         ``relu`` and ``residual`` as in :meth:`forward_batch`.  ``mean`` is a
@@ -190,8 +269,24 @@ class CudaBackend(Backend):
         launch.launch_per_channel(numerics.stats_merge, channels, *partials, mean, var)
         return mean, var
 
-    def backward(self, dy, x, axis, dtype, weight, mean, invstd, batch_stats, *, y=None, dresidual=False, r=None,
-                 d=None, groups=1, plan=None):
+    def backward(
+        self,
+        dy,
+        x,
+        axis,
+        dtype,
+        weight,
+        mean,
+        invstd,
+        batch_stats,
+        *,
+        y=None,
+        dresidual=False,
+        r=None,
+        d=None,
+        groups=1,
+        plan=None,
+    ):
         """Gradients ``(dx, dweight, dbias, dres)``; the training formula if ``batch_stats``.
 
         Parameters
@@ -238,20 +333,60 @@ class CudaBackend(Backend):
         reduction = launch.ReductionPlan(layout.rows, layout.outer, channels, layout.inner, groups)
         workspace = target.device_array(2 * reduction.splits * slots, np.float64)
         partial_sum_dy, partial_dotp = views.split(workspace, slots, reduction.splits, reduction.splits)
-        launch.backward_reduce(reduction, layout.rows, dy_flat, x_flat, y_flat, mean, channels, layout.inner,
-                               partial_sum_dy, partial_dotp, masked=y is not None)
+        launch.backward_reduce(
+            reduction,
+            layout.rows,
+            dy_flat,
+            x_flat,
+            y_flat,
+            mean,
+            channels,
+            layout.inner,
+            partial_sum_dy,
+            partial_dotp,
+            masked=y is not None,
+        )
         out = target.device_array((2 + 3 * groups) * channels, dtype)
         dweight, dbias, mean_dy, k, scale = views.split(out, channels, 1, 1, groups, groups, groups)
         weight, has_weight = _parameter(weight, scale)
         renorm = r is not None
-        launch.launch_per_channel(numerics.backward_coefficients, channels, partial_sum_dy, partial_dotp, invstd,
-                                  weight, has_weight, layout.outer * layout.inner // groups, bool(batch_stats),
-                                  renorm, r if renorm else scale, d if renorm else scale, dweight, dbias, mean_dy, k,
-                                  scale)
+        launch.launch_per_channel(
+            numerics.backward_coefficients,
+            channels,
+            partial_sum_dy,
+            partial_dotp,
+            invstd,
+            weight,
+            has_weight,
+            layout.outer * layout.inner // groups,
+            bool(batch_stats),
+            renorm,
+            r if renorm else scale,
+            d if renorm else scale,
+            dweight,
+            dbias,
+            mean_dy,
+            k,
+            scale,
+        )
         dx, dx_flat = layout.empty(x.dtype)
         dres, dres_flat = layout.empty(x.dtype) if dresidual else (None, dx_flat)  # not written without dresidual
-        launch.backward_elementwise_flat(dy_flat, x_flat, y_flat, channels, layout.inner, groups, mean, mean_dy, k,
-                                         scale, dx_flat, dres_flat, masked=y is not None, write_dres=dresidual)
+        launch.backward_elementwise_flat(
+            dy_flat,
+            x_flat,
+            y_flat,
+            channels,
+            layout.inner,
+            groups,
+            mean,
+            mean_dy,
+            k,
+            scale,
+            dx_flat,
+            dres_flat,
+            masked=y is not None,
+            write_dres=dresidual,
+        )
         return dx, dweight, dbias, dres
 
     def fold(self, layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
@@ -264,8 +399,9 @@ class CudaBackend(Backend):
         """
         channels = layer_weight.shape[axis]
         dtype = np.dtype(running_var.dtype)
-        folded_weight = _normalize_given(layer_weight, axis, dtype, target.device_zeros(channels, dtype),
-                                         running_var, weight, None, eps)[0]
+        folded_weight = _normalize_given(
+            layer_weight, axis, dtype, target.device_zeros(channels, dtype), running_var, weight, None, eps
+        )[0]
         if layer_bias is None:
             layer_bias = target.device_zeros(channels, layer_weight.dtype)
         as_row = target.view(layer_bias, (1, channels), (0, np.dtype(layer_bias.dtype).itemsize))

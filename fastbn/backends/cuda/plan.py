@@ -154,8 +154,10 @@ class ReductionPlan:
         self.grid = (columns, self.splits, self._per_launch)
 
     def __repr__(self):
-        return (f"ReductionPlan(grid={self.grid}, block={self.block}, splits={self.splits}, chunk={self.chunk}, "
-                f"groups={self.groups})")
+        return (
+            f"ReductionPlan(grid={self.grid}, block={self.block}, splits={self.splits}, chunk={self.chunk}, "
+            f"groups={self.groups})"
+        )
 
     def launches(self):
         """The launches that cover every group: ``(grid, first_group)`` pairs."""
@@ -170,15 +172,41 @@ def stats(plan, layout_is_rows, x, channels, inner, partial_count, partial_mean,
     group_size = x.size // plan.groups
     for grid, first in plan.launches():
         if layout_is_rows:
-            _launch(stats_rows, grid, plan.block, x, channels, group_size, first, plan.chunk, partial_count,
-                    partial_mean, partial_m2, pivot)
+            _launch(
+                stats_rows,
+                grid,
+                plan.block,
+                x,
+                channels,
+                group_size,
+                first,
+                plan.chunk,
+                partial_count,
+                partial_mean,
+                partial_m2,
+                pivot,
+            )
         else:
-            _launch(stats_slab, grid, plan.block, x, channels, inner, group_size, first, plan.chunk, partial_count,
-                    partial_mean, partial_m2, pivot)
+            _launch(
+                stats_slab,
+                grid,
+                plan.block,
+                x,
+                channels,
+                inner,
+                group_size,
+                first,
+                plan.chunk,
+                partial_count,
+                partial_mean,
+                partial_m2,
+                pivot,
+            )
 
 
-def backward_reduce(plan, layout_is_rows, dy, x, y, mean, channels, inner, partial_sum_dy, partial_dotp, *,
-                    masked=False):
+def backward_reduce(
+    plan, layout_is_rows, dy, x, y, mean, channels, inner, partial_sum_dy, partial_dotp, *, masked=False
+):
     """Launch the backward reduction: per-block partial sum_dy and dotp (float64), per group and channel.
 
     With ``masked`` the gradient is dy where y > 0, else 0; otherwise ``y`` is
@@ -188,11 +216,38 @@ def backward_reduce(plan, layout_is_rows, dy, x, y, mean, channels, inner, parti
     group_size = x.size // plan.groups
     for grid, first in plan.launches():
         if layout_is_rows:
-            _launch(reduce_rows, grid, plan.block, dy, x, y, mean, channels, group_size, first, plan.chunk,
-                    partial_sum_dy, partial_dotp)
+            _launch(
+                reduce_rows,
+                grid,
+                plan.block,
+                dy,
+                x,
+                y,
+                mean,
+                channels,
+                group_size,
+                first,
+                plan.chunk,
+                partial_sum_dy,
+                partial_dotp,
+            )
         else:
-            _launch(reduce_slab, grid, plan.block, dy, x, y, mean, channels, inner, group_size, first, plan.chunk,
-                    partial_sum_dy, partial_dotp)
+            _launch(
+                reduce_slab,
+                grid,
+                plan.block,
+                dy,
+                x,
+                y,
+                mean,
+                channels,
+                inner,
+                group_size,
+                first,
+                plan.chunk,
+                partial_sum_dy,
+                partial_dotp,
+            )
 
 
 def normalize_flat(x, z, channels, inner, groups, mean, scale, shift, y, *, relu=False, residual=False):
@@ -205,8 +260,9 @@ def normalize_flat(x, z, channels, inner, groups, mean, scale, shift, y, *, relu
     _launch(normalize, *_elementwise_grid(x.size), x, z, channels, inner, x.size // groups, mean, scale, shift, y)
 
 
-def backward_elementwise_flat(dy, x, y, channels, inner, groups, mean, mean_dy, k, scale, dx, dres, *, masked=False,
-                              write_dres=False):
+def backward_elementwise_flat(
+    dy, x, y, channels, inner, groups, mean, mean_dy, k, scale, dx, dres, *, masked=False, write_dres=False
+):
     """Launch dx = (g - mean_dy - (x - mean) * k) * scale over flat arrays; dres = g if ``write_dres``.
 
     g is dy, or with ``masked`` dy where y > 0 and 0 elsewhere.  ``y`` and
@@ -214,8 +270,22 @@ def backward_elementwise_flat(dy, x, y, channels, inner, groups, mean, mean_dy, 
     the type).
     """
     backward_elementwise = backward_elementwise_kernel(accumulator(x.dtype), bool(masked), bool(write_dres))
-    _launch(backward_elementwise, *_elementwise_grid(x.size), dy, x, y, channels, inner, x.size // groups, mean,
-            mean_dy, k, scale, dx, dres)
+    _launch(
+        backward_elementwise,
+        *_elementwise_grid(x.size),
+        dy,
+        x,
+        y,
+        channels,
+        inner,
+        x.size // groups,
+        mean,
+        mean_dy,
+        k,
+        scale,
+        dx,
+        dres,
+    )
 
 
 def gather_flat(source, start, shape, strides, destination):
@@ -258,12 +328,39 @@ def signatures(dtype):
         (stats_slab, (data, i64, i64, i64, i64, i64, f64, f64, f64, f64)),
         (stats_rows, (data, i64, i64, i64, i64, f64, f64, f64, f64)),
         (stats_merge, (f64, f64, f64, f64, stat, stat)),
-        (forward_coefficients, (f64, f64, f64, f64, real, stat, flag, stat, flag, flag, stat, stat, real, real,
-                                stat, stat, f64, f64, stat, stat, stat, stat)),
+        (
+            forward_coefficients,
+            (
+                f64,
+                f64,
+                f64,
+                f64,
+                real,
+                stat,
+                flag,
+                stat,
+                flag,
+                flag,
+                stat,
+                stat,
+                real,
+                real,
+                stat,
+                stat,
+                f64,
+                f64,
+                stat,
+                stat,
+                stat,
+                stat,
+            ),
+        ),
         (normalize_coefficients, (stat, stat, real, stat, flag, stat, flag, stat, stat, stat, stat)),
         (update_running, (stat, stat, f64, f64, real, real)),
-        (backward_coefficients, (f64, f64, stat, stat, flag, i64, flag, flag, stat, stat, stat, stat, stat, stat,
-                                 stat)),
+        (
+            backward_coefficients,
+            (f64, f64, stat, stat, flag, i64, flag, flag, stat, stat, stat, stat, stat, stat, stat),
+        ),
         (gather, (data, i64, index_tuple, index_tuple, data)),
     ]
     for masked in _FLAGS:
@@ -275,6 +372,10 @@ def signatures(dtype):
             table.append((normalize_kernel(acc, relu, residual), (data, data, i64, i64, i64, stat, stat, stat, data)))
     for write_dres in _FLAGS:
         for masked in _FLAGS:
-            table.append((backward_elementwise_kernel(acc, masked, write_dres),
-                          (data, data, data, i64, i64, i64, stat, stat, stat, stat, data, data)))
+            table.append(
+                (
+                    backward_elementwise_kernel(acc, masked, write_dres),
+                    (data, data, data, i64, i64, i64, stat, stat, stat, stat, data, data),
+                )
+            )
     return [(_name(dispatcher), dispatcher, argtypes) for dispatcher, argtypes in table]

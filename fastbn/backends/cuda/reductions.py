@@ -98,8 +98,9 @@ def stats_kernels(acc):
     welford_add, block_welford = numerics.welford_add, numerics.block_welford
 
     @kernel
-    def stats_slab(x, channels, inner, group_size, first_group, chunk, partial_count, partial_mean, partial_m2,
-                   pivot_out):
+    def stats_slab(
+        x, channels, inner, group_size, first_group, chunk, partial_count, partial_mean, partial_m2, pivot_out
+    ):
         """Per-block (count, mean - pivot, var) of an (outer, C, inner) x: channel blockIdx.x, split
         blockIdx.y, group first_group + blockIdx.z (group_size elements each)."""
         shared_count = cuda.shared.array(MAX_THREADS, np.int64)
@@ -138,8 +139,9 @@ def stats_kernels(acc):
                 pivot_out[slot] = pivot
 
     @kernel
-    def stats_rows(x, channels, group_size, first_group, rows_per_split, partial_count, partial_mean, partial_m2,
-                   pivot_out):
+    def stats_rows(
+        x, channels, group_size, first_group, rows_per_split, partial_count, partial_mean, partial_m2, pivot_out
+    ):
         """Per-block (count, mean - pivot, var) of a (rows, C) x; threadIdx.x walks channels, threadIdx.y
         rows, blockIdx.z groups."""
         shared_count = cuda.shared.array(MAX_THREADS, np.int64)
@@ -209,8 +211,9 @@ def backward_reduce_kernels(acc, masked):
     suffix = "_masked" if masked else ""
 
     @named_kernel("backward_reduce_slab" + suffix)
-    def backward_reduce_slab(dy, x, y, mean, channels, inner, group_size, first_group, chunk, partial_sum_dy,
-                             partial_dotp):
+    def backward_reduce_slab(
+        dy, x, y, mean, channels, inner, group_size, first_group, chunk, partial_sum_dy, partial_dotp
+    ):
         """Per-block sum(g) and sum((x - mean) * g) of channel blockIdx.x, split blockIdx.y, group
         first_group + blockIdx.z; g is dy, masked by y > 0 if ``masked``."""
         shared_sum_dy = cuda.shared.array(MAX_THREADS, acc)
@@ -239,8 +242,9 @@ def backward_reduce_kernels(acc, masked):
             partial_dotp[split * mean.size + slot] = dotp
 
     @named_kernel("backward_reduce_rows" + suffix)
-    def backward_reduce_rows(dy, x, y, mean, channels, group_size, first_group, rows_per_split, partial_sum_dy,
-                             partial_dotp):
+    def backward_reduce_rows(
+        dy, x, y, mean, channels, group_size, first_group, rows_per_split, partial_sum_dy, partial_dotp
+    ):
         """Per-block sum(g) and sum((x - mean) * g) of (rows, C) views, blockIdx.z the group."""
         shared_sum_dy = cuda.shared.array(MAX_THREADS, acc)
         shared_dotp = cuda.shared.array(MAX_THREADS, acc)

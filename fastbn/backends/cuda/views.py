@@ -26,8 +26,7 @@ from fastbn._frameworks import framework_of
 from fastbn.backends.cuda import target
 from fastbn.backends.cuda.plan import GATHER_RANK, gather_flat
 
-__all__ = ["FlatAccess", "Layout", "byte_strides", "grouped", "restorer", "split", "to_device",
-           "vector"]
+__all__ = ["FlatAccess", "Layout", "byte_strides", "grouped", "restorer", "split", "to_device", "vector"]
 
 
 # ------------------------------------------------------------ conversion ---
@@ -53,13 +52,15 @@ def to_device(obj, name):
     # Before reading the interface: its typestr for bfloat16 is an opaque "<V2"
     # (torch refuses to export one at all), and no CUDA kernel converts it.
     if str(getattr(obj, "dtype", "")).rpartition(".")[2] == "bfloat16":
-        raise TypeError(f"{name}: bfloat16 is not supported on the CUDA backend (its kernels take float16, "
-                        "float32 or float64); convert it (e.g. to float16 or float32), or pass host arrays "
-                        "to run on the CPU, which takes bfloat16")
+        raise TypeError(
+            f"{name}: bfloat16 is not supported on the CUDA backend (its kernels take float16, "
+            "float32 or float64); convert it (e.g. to float16 or float32), or pass host arrays "
+            "to run on the CPU, which takes bfloat16"
+        )
     try:
         if target.is_device_array(obj) or hasattr(obj, "__cuda_array_interface__"):
             return target.as_device_array(obj)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the argument's name
+    except Exception as exc:
         raise TypeError(f"{name}: cannot be used as a GPU array ({type(exc).__name__}: {exc})") from None
     raise TypeError(
         f"{name}: expected a GPU array (an object exposing __cuda_array_interface__), got {type(obj).__name__}"
@@ -236,6 +237,6 @@ def split(buffer, channels, *counts):
     pieces = []
     start = 0
     for count in counts:
-        pieces.append(buffer[start:start + count * channels])
+        pieces.append(buffer[start : start + count * channels])
         start += count * channels
     return pieces
