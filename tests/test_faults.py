@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from capabilities import DROP_FILE_CAPABILITIES
+
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork, setrlimit and capabilities as on Linux")
 
 # Shapes (N, C, H, W) float32.  All take the streamed SLAB plan here (fewer kernels to compile);
@@ -133,7 +135,8 @@ def _copy_cache(warm, destination, remove=()):
 
 
 # ---------------------------------------------------- cache: read-only mid-run ---
-READ_ONLY_MID_RUN = """
+READ_ONLY_MID_RUN = (
+    """
 import ctypes
 from fastbn.backends.cpu import elementwise, numerics
 cache = os.environ["NUMBA_CACHE_DIR"]
@@ -141,21 +144,9 @@ cache = os.environ["NUMBA_CACHE_DIR"]
 def listing():
     return sorted(os.path.relpath(os.path.join(d, f), cache) for d, _, fs in os.walk(cache) for f in fs)
 
-def drop_file_capabilities():
-    # Root ignores permission bits through CAP_DAC_OVERRIDE; without it (and its two relatives) the
-    # kernel applies the owner's bits to uid 0 too.  Capabilities are per thread: this one does the I/O.
-    libc = ctypes.CDLL(None, use_errno=True)
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-    header, data = Header(0x20080522, 0), (Data * 2)()
-    if libc.capget(ctypes.byref(header), data) != 0:
-        raise OSError(ctypes.get_errno(), "capget")
-    keep = ~((1 << 1) | (1 << 2) | (1 << 3)) & 0xFFFFFFFF  # DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER
-    data[0].effective &= keep; data[0].permitted &= keep; data[0].inheritable &= keep
-    if libc.capset(ctypes.byref(header), data) != 0:
-        raise OSError(ctypes.get_errno(), "capset")
+"""
+    + DROP_FILE_CAPABILITIES
+    + """
 
 x = batch(SMALL)
 with warnings.catch_warnings(record=True) as caught:
@@ -189,6 +180,7 @@ report(warned_before=warned_before, messages=cache_warnings(caught), digest=dige
        compiled={k.py_func.__name__: len(k.stats.cache_misses)
                  for k in (numerics.forward_coefficients, numerics.update_running)})
 """
+)
 
 
 def test_a_cache_directory_made_read_only_mid_run_warns_once_and_kernels_run_uncached(warm, tmp_path):

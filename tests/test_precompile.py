@@ -25,6 +25,8 @@ import pytest
 from fastbn.backends.cpu import jit
 from fastbn.tools import cli, precompile
 
+from capabilities import DROP_FILE_CAPABILITIES
+
 
 def _add_one(x, out):
     for i in range(x.size):
@@ -142,23 +144,13 @@ def test_a_numba_cache_dir_that_is_not_a_directory_warns_where_the_cache_went(tm
 
 
 # A read-only install and home directory, NUMBA_CACHE_DIR unset: Numba finds no cache directory at all.
-READ_ONLY_INSTALL = r"""
+READ_ONLY_INSTALL = (
+    r"""
 import ctypes, json, logging, os, sys, warnings
 
-def drop_file_capabilities():
-    # As tests/test_faults.py does: root ignores permission bits through CAP_DAC_OVERRIDE (and relatives).
-    libc = ctypes.CDLL(None, use_errno=True)
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-    header, data = Header(0x20080522, 0), (Data * 2)()
-    if libc.capget(ctypes.byref(header), data) != 0:
-        raise OSError(ctypes.get_errno(), "capget")
-    keep = ~((1 << 1) | (1 << 2) | (1 << 3)) & 0xFFFFFFFF  # DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER
-    data[0].effective &= keep; data[0].permitted &= keep; data[0].inheritable &= keep
-    if libc.capset(ctypes.byref(header), data) != 0:
-        raise OSError(ctypes.get_errno(), "capset")
+"""
+    + DROP_FILE_CAPABILITIES
+    + r"""
 
 if os.geteuid() == 0:
     drop_file_capabilities()
@@ -189,6 +181,7 @@ print("RESULT " + json.dumps({
     "fastbn": fastbn.__file__, "cache": type(numerics.update_running._cache).__name__, "reasons": Collect.reasons,
     "warnings": [(w.category.__name__, str(w.message), w.filename) for w in caught]}))
 """
+)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="capabilities as on Linux")
