@@ -14,11 +14,14 @@ untouched.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn import _dispatch, _options, _sync
+from fastbn._saved import check_saved_fields
+from fastbn._typing import ArrayT, BackendName, OptionalArray, Plan, SupportsArray
 from fastbn._validate import (
     check_axis,
     check_channel_vector,
@@ -69,42 +72,48 @@ class Saved(NamedTuple):
     r, d : numpy.ndarray or None
         Batch renormalization's per-channel correction, constants for
         backward; None without it.
+
+    Examples
+    --------
+    >>> _, saved = fastbn.forward(np.arange(8, dtype=np.float32).reshape(4, 2))
+    >>> saved.mean, saved.count, saved.batch_stats
+    (array([3., 4.], dtype=float32), 4, True)
     """
 
-    mean: np.ndarray
-    invstd: np.ndarray
+    mean: SupportsArray  # per-channel: NumPy arrays from the CPU backend, Numba device arrays from the CUDA one
+    invstd: SupportsArray
     batch_stats: bool
-    count: int
-    shape: tuple
+    count: int  # type: ignore[assignment]  # the field shadows tuple.count, as documented
+    shape: tuple[int, ...]
     axis: int
     process_group: object = None
-    activation: str = None
+    activation: str | None = None
     residual: bool = False
-    virtual_batch_size: int = None
-    r: np.ndarray = None
-    d: np.ndarray = None
+    virtual_batch_size: int | None = None
+    r: SupportsArray | None = None
+    d: SupportsArray | None = None
 
 
 def forward(
-    x,
-    weight=None,
-    bias=None,
+    x: ArrayT,
+    weight: OptionalArray = None,
+    bias: OptionalArray = None,
     *,
-    running_mean=None,
-    running_var=None,
-    training=True,
-    momentum=0.1,
-    eps=1e-5,
-    axis=1,
-    backend=None,
-    process_group=None,
-    activation=None,
-    residual=None,
-    virtual_batch_size=None,
-    renorm=None,
-    _plan=None,
-    _any_momentum=False,
-):
+    running_mean: OptionalArray = None,
+    running_var: OptionalArray = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    backend: BackendName = None,
+    process_group: object = None,
+    activation: Literal["relu"] | None = None,
+    residual: OptionalArray = None,
+    virtual_batch_size: int | None = None,
+    renorm: tuple[float, float] | None = None,
+    _plan: Plan = None,
+    _any_momentum: bool = False,
+) -> tuple[ArrayT, Saved]:
     """Batch-normalise ``x`` over every axis but the channel axis.
 
     Follows ``torch.nn.functional.batch_norm``: in training, normalise with
@@ -205,6 +214,14 @@ def forward(
     NaN or Inf in a channel of ``x`` make that channel's statistics and output
     NaN (and its running statistics, in training), as in PyTorch; other
     channels are unaffected.
+
+    Examples
+    --------
+    >>> x = np.arange(8, dtype=np.float32).reshape(4, 2)  # (N, C): 4 samples, 2 channels
+    >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    >>> y, saved = fastbn.forward(x, running_mean=rm, running_var=rv)
+    >>> np.round(y[:, 0], 3), np.round(rm, 3)
+    (array([-1.342, -0.447,  0.447,  1.342], dtype=float32), array([0.3, 0.4], dtype=float32))
     """
     given = x
     ops, restore, (x, weight, bias, running_mean, running_var, residual) = _dispatch.prepare(
@@ -267,6 +284,7 @@ def forward(
 
     update = opts.training and has_running
     if batch_stats and opts.collectives is not None:
+        assert ops.sync is not None  # checked above
         y, mean, invstd, count = _sync.forward(
             ops.sync,
             opts.collectives,
@@ -323,49 +341,17 @@ def forward(
     )
 
 
-def _check_saved_fields(saved):
-    """The scalar fields of ``saved`` have the types forward gives them (a tampered Saved is refused)."""
-
-    def bad(field, expected):
-        value = getattr(saved, field)
-        return TypeError(f"saved.{field}: expected {expected}, as fastbn.forward returns it, got {value!r}")
-
-    if not isinstance(saved.batch_stats, (bool, np.bool_)):
-        raise bad("batch_stats", "True or False")
-    if not isinstance(saved.residual, (bool, np.bool_)):
-        raise bad("residual", "True or False")
-    if not (isinstance(saved.shape, tuple) and all(isinstance(n, (int, np.integer)) and n >= 0 for n in saved.shape)):
-        raise bad("shape", "a tuple of sizes")
-    if isinstance(saved.axis, (bool, np.bool_)) or not isinstance(saved.axis, (int, np.integer)):
-        raise bad("axis", "an integer")
-    if isinstance(saved.count, (bool, np.bool_)) or not isinstance(saved.count, (int, np.integer)) or saved.count < 0:
-        raise bad("count", "a non-negative integer")
-    if saved.activation not in _options.ACTIVATIONS:
-        raise bad("activation", "None or 'relu'")
-    if (saved.r is None) != (saved.d is None):
-        raise bad("d" if saved.d is None else "r", "renorm's r and d together, or neither")
-    vbs = saved.virtual_batch_size
-    if vbs is not None and (isinstance(vbs, (bool, np.bool_)) or not isinstance(vbs, (int, np.integer)) or vbs < 1):
-        raise bad("virtual_batch_size", "None or a positive integer")
-    if vbs is not None and saved.r is not None:
-        raise bad("r", "None with ghost batches (forward does not combine renorm and virtual_batch_size)")
-    if saved.process_group is not None:
-        try:
-            _sync.adapt(saved.process_group)
-        except TypeError as exc:
-            raise TypeError(f"saved.process_group: {str(exc).partition(': ')[2]}") from None
-        # forward refuses these with a process group; the synchronised backward would ignore them
-        for field, given in (
-            ("activation", saved.activation is not None),
-            ("residual", bool(saved.residual)),
-            ("virtual_batch_size", vbs is not None),
-            ("r", saved.r is not None),
-        ):
-            if given:
-                raise bad("process_group", f"None together with saved.{field} (forward does not combine them)")
-
-
-def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
+def backward(
+    dy: ArrayT,
+    x: ArrayT,
+    weight: OptionalArray,
+    saved: Saved,
+    *,
+    axis: int = 1,
+    backend: BackendName = None,
+    y: OptionalArray = None,
+    _plan: Plan = None,
+) -> tuple[ArrayT, ...]:
     """Gradients of :func:`forward` with respect to x, weight and bias (and the residual).
 
     Parameters
@@ -388,10 +374,7 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
         the gradient passes where ``y > 0`` (as PyTorch's ReLU backward).
         Ignored otherwise.
     _plan : mapping, optional
-        Private, for tests: CPU plan fields to force, ``{"strategy":
-        "fused" | "streamed", "nontemporal": bool}`` (see
-        :func:`fastbn.backends.cpu.plan.choose`).  A plan never changes a
-        result; the CUDA backend refuses it.
+        Private, for tests: CPU plan fields to force, as for :func:`forward`.
 
     Returns
     -------
@@ -417,6 +400,13 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
     with weight ``r * weight``, ``dweight = r * dotp * invstd + d * sum_dy``.
     With ghost batches, each group gets its own formula and statistics, and
     dweight and dbias are summed over the groups.
+
+    Examples
+    --------
+    >>> x = np.arange(8, dtype=np.float32).reshape(4, 2)  # (N, C): 4 samples, 2 channels
+    >>> dx, dweight, dbias = fastbn.backward(np.ones_like(x), x, None, fastbn.forward(x)[1])
+    >>> bool(np.allclose(dx, 0, atol=1e-6)), dbias
+    (True, array([4., 4.], dtype=float32))
     """
     given_dy, given_x = dy, x
     ops, restore, (dy, x, weight, y) = _dispatch.prepare(backend, [("dy", dy), ("x", x), ("weight", weight), ("y", y)])
@@ -428,7 +418,7 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
     axis = check_axis(axis, len(x.shape))
     if not isinstance(saved, Saved):
         raise TypeError(f"saved: expected the fastbn.Saved returned by fastbn.forward, got {type(saved).__name__}")
-    _check_saved_fields(saved)
+    check_saved_fields(saved)
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy: expected the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
     if dy.dtype != x.dtype:
@@ -463,6 +453,7 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
     if synced:
         if _plan is not None:
             raise ValueError("_plan: not supported together with process_group")
+        assert ops.sync is not None  # a synchronised forward ran on this backend
         dx, dweight, dbias = _sync.backward(
             ops.sync,
             _sync.adapt(saved.process_group),
@@ -497,7 +488,7 @@ def backward(dy, x, weight, saved, *, axis=1, backend=None, y=None, _plan=None):
     return restore(dx), restore(dweight), restore(dbias)
 
 
-def moments(x, axis=1, *, backend=None, _plan=None):
+def moments(x: ArrayT, axis: int = 1, *, backend: BackendName = None, _plan: Plan = None) -> tuple[ArrayT, ArrayT]:
     """Per-channel mean and biased variance (``tf.nn.moments`` over all other axes).
 
     Parameters
@@ -510,10 +501,7 @@ def moments(x, axis=1, *, backend=None, _plan=None):
     backend : {None, "cpu", "cuda"}, default None
         Where to run; None follows ``x``.
     _plan : mapping, optional
-        Private, for tests: CPU plan fields to force, ``{"strategy":
-        "fused" | "streamed", "nontemporal": bool}`` (see
-        :func:`fastbn.backends.cpu.plan.choose`).  A plan never changes a
-        result; the CUDA backend refuses it.
+        Private, for tests: CPU plan fields to force, as for :func:`forward`.
 
     Returns
     -------
@@ -521,6 +509,11 @@ def moments(x, axis=1, *, backend=None, _plan=None):
         Shape ``(C,)``, float32 for float16/bfloat16/float32 input, float64
         for float64.
         Two-pass / Chan-merge scheme, accumulated as in :func:`forward`.
+
+    Examples
+    --------
+    >>> fastbn.moments(np.arange(8, dtype=np.float32).reshape(4, 2))
+    (array([3., 4.], dtype=float32), array([5., 5.], dtype=float32))
     """
     ops, restore, (x,) = _dispatch.prepare(backend, [("x", x)])
     x = check_x(x)
@@ -530,7 +523,18 @@ def moments(x, axis=1, *, backend=None, _plan=None):
     return restore(mean), restore(var)
 
 
-def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend=None, _plan=None):
+def normalize(
+    x: ArrayT,
+    mean: npt.ArrayLike,
+    var: npt.ArrayLike,
+    weight: OptionalArray = None,
+    bias: OptionalArray = None,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+    backend: BackendName = None,
+    _plan: Plan = None,
+) -> ArrayT:
     """Normalise with given statistics (``tf.nn.batch_normalization``).
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias``, per channel.
@@ -551,15 +555,18 @@ def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend
     backend : {None, "cpu", "cuda"}, default None
         Where to run; None follows ``x``.
     _plan : mapping, optional
-        Private, for tests: CPU plan fields to force, ``{"strategy":
-        "fused" | "streamed", "nontemporal": bool}`` (see
-        :func:`fastbn.backends.cpu.plan.choose`).  A plan never changes a
-        result; the CUDA backend refuses it.
+        Private, for tests: CPU plan fields to force, as for :func:`forward`.
 
     Returns
     -------
     numpy.ndarray
         Same shape and dtype as ``x``.
+
+    Examples
+    --------
+    >>> x = np.arange(8, dtype=np.float32).reshape(4, 2)  # (N, C): 4 samples, 2 channels
+    >>> np.round(fastbn.normalize(x, *fastbn.moments(x))[:, 1], 3)
+    array([-1.342, -0.447,  0.447,  1.342], dtype=float32)
     """
     given = x
     ops, restore, (x, mean, var, weight, bias) = _dispatch.prepare(
@@ -575,10 +582,22 @@ def normalize(x, mean, var, weight=None, bias=None, *, eps=1e-5, axis=1, backend
         if value is not None or name in ("mean", "var"):
             check_channel_vector(value, name, channels, dtype)
     check_variance(var, "var")
-    return restore(ops.normalize(x, axis, dtype, mean, var, weight, bias, eps, plan=_plan))
+    y: ArrayT = restore(ops.normalize(x, axis, dtype, mean, var, weight, bias, eps, plan=_plan))
+    return y
 
 
-def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps=1e-5, axis=0, *, backend=None):
+def fold(
+    layer_weight: ArrayT,
+    layer_bias: OptionalArray,
+    running_mean: npt.ArrayLike,
+    running_var: npt.ArrayLike,
+    weight: OptionalArray,
+    bias: OptionalArray,
+    eps: float = 1e-5,
+    axis: int = 0,
+    *,
+    backend: BackendName = None,
+) -> tuple[ArrayT, ArrayT]:
     """Fold eval-mode batch norm into the dense or convolution layer before it.
 
     For a layer ``u = W x + c`` followed by eval-mode batch norm
@@ -623,6 +642,13 @@ def fold(layer_weight, layer_bias, running_mean, running_var, weight, bias, eps=
     Notes
     -----
     Computed in float64 (on the CPU) and rounded once to the layer's dtype.
+
+    Examples
+    --------
+    >>> w, c = np.ones((2, 3), np.float32), np.zeros(2, np.float32)  # a dense layer, 3 in, 2 out
+    >>> w, c = fastbn.fold(w, c, np.array([1, 2], np.float32), np.array([4, 1], np.float32), None, None)
+    >>> np.round(w[:, 0], 3), np.round(c, 3)
+    (array([0.5, 1. ], dtype=float32), array([-0.5, -2. ], dtype=float32))
     """
     given = layer_weight
     ops, restore, (layer_weight, layer_bias, running_mean, running_var, weight, bias) = _dispatch.prepare(

@@ -24,7 +24,9 @@ def backend_for(obj: Any) -> backends.Backend:
     return backends.load("cuda" if is_device_array(obj) else "cpu")
 
 
-def prepare(backend: str | None, arrays: Sequence[tuple[str, Any]]) -> tuple[backends.Backend, Callable, list]:
+def prepare(
+    backend: str | None, arrays: Sequence[tuple[str, Any]]
+) -> tuple[backends.Backend, Callable[[Any], Any], list[Any]]:
     """Choose the backend and convert the call's arrays for it.
 
     Parameters

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import numpy as np
 
@@ -80,9 +80,13 @@ def check_eps(eps: Any, *, allow_zero: bool = False) -> float:
     eps = _as_float(eps, "eps", "a positive finite float")
     if not (math.isfinite(eps) and (eps > 0 or (allow_zero and eps == 0))):
         raise ValueError(f"eps: expected a positive finite float, got {eps}")
-    return eps
+    return float(eps)
 
 
+@overload
+def check_momentum(momentum: Any, *, allow_none: Literal[False] = False, any_finite: bool = False) -> float: ...
+@overload
+def check_momentum(momentum: Any, *, allow_none: bool, any_finite: bool = False) -> float | None: ...
 def check_momentum(momentum: Any, *, allow_none: bool = False, any_finite: bool = False) -> float | None:
     """Return ``momentum`` as a float in [0, 1] (or None, where ``allow_none``: the layer's cumulative average).
 
@@ -95,10 +99,10 @@ def check_momentum(momentum: Any, *, allow_none: bool = False, any_finite: bool 
         raise TypeError(f"momentum: expected a float in [0, 1], got {type(momentum).__name__}")
     momentum = _as_float(momentum, "momentum", "a float in [0, 1]" if not any_finite else "a finite float")
     if any_finite and math.isfinite(momentum):
-        return momentum
+        return float(momentum)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum: expected a float in [0, 1], got {momentum}")
-    return momentum
+    return float(momentum)
 
 
 def check_activation(activation: Any) -> str | None:
@@ -119,7 +123,7 @@ def check_virtual_batch_size(value: Any) -> int | None:
     value = int(value)
     if value < 1:
         raise ValueError(f"virtual_batch_size: expected a positive integer, got {value}")
-    return value
+    return int(value)
 
 
 def check_renorm(renorm: Any) -> tuple[float, float] | None:

@@ -30,39 +30,61 @@ when a peer's connection drops and otherwise after the ``timeout`` given to
 from __future__ import annotations
 
 import sys
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from fastbn._frameworks import process_group_kind
+from fastbn._typing import Float64Array
+
+if TYPE_CHECKING:
+    from fastbn.backends import SyncPieces
 
 __all__ = ["Collectives", "adapt", "merge_moments"]
 
 
 @runtime_checkable
 class Collectives(Protocol):
-    """What fastbn needs from a process group; implement it for any engine."""
+    """What fastbn needs from a process group; implement it for any engine.
 
-    def allgather(self, vector: np.ndarray) -> np.ndarray:
+    Examples
+    --------
+    A single process is a group of one:
+
+    >>> class Alone:
+    ...     def allgather(self, vector):
+    ...         return vector[None]
+    ...
+    ...     def allreduce_sum(self, vector):
+    ...         return vector
+    >>> isinstance(Alone(), fastbn.Collectives)
+    True
+    >>> x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    >>> y, saved = fastbn.forward(x, process_group=Alone())
+    >>> bool(np.allclose(y, fastbn.forward(x)[0]))
+    True
+    """
+
+    def allgather(self, vector: Float64Array) -> Float64Array:
         """Return every process's ``vector`` stacked as rows, in rank order."""
 
-    def allreduce_sum(self, vector: np.ndarray) -> np.ndarray:
+    def allreduce_sum(self, vector: Float64Array) -> Float64Array:
         """Return the element-wise sum of ``vector`` over all processes."""
 
 
 class _MPICollectives:
     """mpi4py communicator: buffer-based Allgather / Allreduce (no pickling)."""
 
-    def __init__(self, comm):
+    def __init__(self, comm: Any) -> None:
         self.comm = comm
 
-    def allgather(self, vector):
+    def allgather(self, vector: np.ndarray) -> np.ndarray:
         vector = np.ascontiguousarray(vector, dtype=np.float64)
         out = np.empty((self.comm.Get_size(), vector.size), np.float64)
         self.comm.Allgather(vector, out)
         return out
 
-    def allreduce_sum(self, vector):
+    def allreduce_sum(self, vector: np.ndarray) -> np.ndarray:
         vector = np.ascontiguousarray(vector, dtype=np.float64)
         out = np.empty_like(vector)
         self.comm.Allreduce(vector, out, op=sys.modules["mpi4py.MPI"].SUM)
@@ -72,24 +94,24 @@ class _MPICollectives:
 class _TorchCollectives:
     """torch.distributed process group, with CPU tensors (gloo; MPI backend too)."""
 
-    def __init__(self, group):
+    def __init__(self, group: Any) -> None:
         self.group = group
-        self.torch = sys.modules["torch"]
-        self.dist = self.torch.distributed
+        self.torch: Any = sys.modules["torch"]
+        self.dist: Any = self.torch.distributed
 
-    def allgather(self, vector):
+    def allgather(self, vector: np.ndarray) -> np.ndarray:
         tensor = self.torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float64))
         rows = [self.torch.empty_like(tensor) for _ in range(self.dist.get_world_size(self.group))]
         self.dist.all_gather(rows, tensor, group=self.group)
         return np.stack([row.numpy() for row in rows])
 
-    def allreduce_sum(self, vector):
+    def allreduce_sum(self, vector: np.ndarray) -> np.ndarray:
         tensor = self.torch.from_numpy(np.array(vector, dtype=np.float64))
         self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM, group=self.group)
-        return tensor.numpy()
+        return np.asarray(tensor.numpy())
 
 
-def adapt(process_group):
+def adapt(process_group: Any) -> Collectives:
     """Return :class:`Collectives` for ``process_group``, or raise TypeError.
 
     Parameters
@@ -112,7 +134,7 @@ def adapt(process_group):
     )
 
 
-def merge_moments(gathered, channels):
+def merge_moments(gathered: Any, channels: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Merge all-gathered per-process ``[count, mean..., var...]`` rows with Chan's formula.
 
     Parameters
@@ -170,8 +192,20 @@ def merge_moments(gathered, channels):
 
 
 def forward(
-    pieces, collectives, x, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, training, update
-):
+    pieces: SyncPieces,
+    collectives: Collectives,
+    x: Any,
+    axis: int,
+    dtype: np.dtype,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    running_mean: Any,
+    running_var: Any,
+    momentum: float,
+    training: bool,
+    update: bool,
+) -> tuple[Any, Any, Any, int]:
     """Synchronised training forward; returns ``(y, mean, invstd, global_count)``.
 
     One all-gather of ``[count, mean (C), var (C)]``; then every process
@@ -194,7 +228,18 @@ def forward(
     return y, mean, invstd, total
 
 
-def backward(pieces, collectives, dy, x, axis, dtype, weight, mean, invstd, total):
+def backward(
+    pieces: SyncPieces,
+    collectives: Collectives,
+    dy: Any,
+    x: Any,
+    axis: int,
+    dtype: np.dtype,
+    weight: Any,
+    mean: Any,
+    invstd: Any,
+    total: int,
+) -> tuple[Any, Any, Any]:
     """Synchronised training backward; returns ``(dx, dweight, dbias)``.
 
     One all-reduce of ``[sum_dy (C), dotp (C)]``.  dweight and dbias are this

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import TypeVar
 
 import numpy as np
 
 from fastbn._layout import c_strides
+
+_T = TypeVar("_T")
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -59,7 +62,7 @@ def _is_array(value):
     return hasattr(value, "dtype") and hasattr(value, "shape")
 
 
-def check_x(x, name="x"):
+def check_x(x: _T, name: str = "x") -> _T:
     """Check that ``x`` is a float16, bfloat16, float32 or float64 array of rank >= 2 and return it.
 
     ``x`` is a NumPy array or a GPU array (anything with ``dtype`` and

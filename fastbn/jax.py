@@ -12,7 +12,7 @@ Importing this module imports jax; ``import fastbn`` alone never does.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple, overload
 
 from fastbn._frameworks import missing_dependency
 
@@ -21,6 +21,7 @@ try:
 except ModuleNotFoundError as exc:
     raise missing_dependency("fastbn.jax", "JAX", "jax", exc) from exc
 import jax.numpy as jnp
+import jax.typing
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
@@ -45,26 +46,28 @@ class _Static(NamedTuple):
     momentum: float
     eps: float
     axis: int  # non-negative
-    count: int  # elements per channel
+    count: int  # type: ignore[assignment]  # elements per channel (shadows tuple.count)
     has_running: bool
     has_bias: bool
 
     @property
-    def batch_stats(self):
+    def batch_stats(self) -> bool:
         return self.training or not self.has_running
 
     @property
-    def updates_running(self):
+    def updates_running(self) -> bool:
         return self.training and self.has_running
 
 
-def _host(array):
+def _host(array: Any) -> Any:
     # Callbacks receive jax arrays; fastbn then reads read-only views of their
     # host buffers and returns NumPy, which JAX copies into its own buffers.
     return None if array is None else np.asarray(array)
 
 
-def _forward_on_host(static, x, weight, bias, running_mean, running_var):
+def _forward_on_host(
+    static: _Static, x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any
+) -> tuple[Any, ...]:
     x, weight, bias = _host(x), _host(weight), _host(bias)
     if static.has_running:
         # fastbn updates running statistics in place and JAX buffers are
@@ -85,16 +88,18 @@ def _forward_on_host(static, x, weight, bias, running_mean, running_var):
     return (y, saved.mean, saved.invstd, *running)
 
 
-def _backward_on_host(static, dy, x, weight, mean, invstd):
+def _backward_on_host(static: _Static, dy: Any, x: Any, weight: Any, mean: Any, invstd: Any) -> tuple[Any, ...]:
     dy, x, weight = _host(dy), _host(x), _host(weight)
     saved = fastbn.Saved(_host(mean), _host(invstd), static.batch_stats, static.count, x.shape, static.axis)
     return fastbn.backward(dy, x, weight, saved, axis=static.axis)
 
 
-def _forward(static, x, weight, bias, running_mean, running_var):
+def _forward(
+    static: _Static, x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any
+) -> tuple[Any, Any, Any, tuple[Any, ...] | None]:
     """Run the forward callback; returns (y, mean, invstd, new running pair or None)."""
     stat = jax.ShapeDtypeStruct((x.shape[static.axis],), stats_dtype(x.dtype))
-    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat)
+    shapes: tuple[jax.ShapeDtypeStruct, ...] = (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat)
     if static.updates_running:
         shapes += (stat, stat)
     # "sequential": under vmap each mapped slice is its own batch, which is
@@ -120,12 +125,16 @@ def _forward(static, x, weight, bias, running_mean, running_var):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _batch_norm(static, x, weight, bias, running_mean, running_var):
+def _batch_norm(
+    static: _Static, x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any
+) -> tuple[Any, tuple[Any, ...] | None]:
     y, _, _, running = _forward(static, x, weight, bias, running_mean, running_var)
     return y, running
 
 
-def _batch_norm_fwd(static, x, weight, bias, running_mean, running_var):
+def _batch_norm_fwd(
+    static: _Static, x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any
+) -> tuple[tuple[Any, tuple[Any, ...] | None], tuple[Any, Any, Any, Any]]:
     # symbolic_zeros=True: each array argument arrives as CustomVJPPrimal.
     x, weight, bias, running_mean, running_var = jax.tree_util.tree_map(
         lambda primal: primal.value, (x, weight, bias, running_mean, running_var)
@@ -134,17 +143,17 @@ def _batch_norm_fwd(static, x, weight, bias, running_mean, running_var):
     return (y, running), (x, weight, mean, invstd)
 
 
-def _per_channel(values, ndim, axis):
+def _per_channel(values: Any, ndim: int, axis: int) -> Any:
     shape = [1] * ndim
     shape[axis] = -1
     return values.reshape(shape)
 
 
-def _is_zero(cotangent):
+def _is_zero(cotangent: Any) -> bool:
     return cotangent is None or isinstance(cotangent, SymbolicZero)
 
 
-def _batch_norm_bwd(static, residuals, cotangents):
+def _batch_norm_bwd(static: _Static, residuals: tuple[Any, ...], cotangents: tuple[Any, Any]) -> tuple[Any, ...]:
     x, weight, mean, invstd = residuals
     dy, running_cotangents = cotangents
     dtype = mean.dtype
@@ -207,22 +216,26 @@ def _batch_norm_bwd(static, residuals, cotangents):
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd, symbolic_zeros=True)
 
 
-def _as_jax(value):
+@overload
+def _as_jax(value: None) -> None: ...
+@overload
+def _as_jax(value: jax.typing.ArrayLike) -> jax.Array: ...
+def _as_jax(value: jax.typing.ArrayLike | None) -> jax.Array | None:
     return None if value is None else jnp.asarray(value)
 
 
 def batch_norm(
-    x,
-    weight=None,
-    bias=None,
+    x: jax.typing.ArrayLike,
+    weight: jax.typing.ArrayLike | None = None,
+    bias: jax.typing.ArrayLike | None = None,
     *,
-    running_mean=None,
-    running_var=None,
-    training=True,
-    momentum=0.1,
-    eps=1e-5,
-    axis=1,
-):
+    running_mean: jax.typing.ArrayLike | None = None,
+    running_var: jax.typing.ArrayLike | None = None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Batch normalization with PyTorch's semantics, as a pure JAX function.
 
     Parameters
@@ -282,6 +295,8 @@ def batch_norm(
     >>> x = jnp.arange(12.0).reshape(4, 3)
     >>> y, (mean, var) = batch_norm(x, running_mean=jnp.zeros(3), running_var=jnp.ones(3))
     >>> grad = jax.grad(lambda x: batch_norm(x)[0][:, 0].sum())(x)
+    >>> y.shape, grad.shape, [round(float(v), 3) for v in mean]
+    ((4, 3), (4, 3), [0.45, 0.55, 0.65])
     """
     x, weight, bias = _as_jax(x), _as_jax(weight), _as_jax(bias)
     running_mean, running_var = _as_jax(running_mean), _as_jax(running_var)

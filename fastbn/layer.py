@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import operator
 import threading
+from collections.abc import Mapping
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn import _dispatch
+from fastbn._api import Saved
 from fastbn._api import backward as _backward
 from fastbn._api import forward as _forward
 from fastbn._frameworks import framework_of
 from fastbn._options import check_eps, check_flag, check_momentum, check_process_group
+from fastbn._typing import ArrayT, StateArray, SupportsArray
 
 __all__ = ["BatchNorm"]
 
@@ -35,7 +40,15 @@ _STAT_KEYS = ("running_mean", "running_var")
 _COUNT_KEY = "num_batches_tracked"
 
 
-def _check_num_features(value):
+class StateDictKeyError(KeyError, ValueError):
+    """A ``state_dict`` with missing or unexpected keys: both a KeyError and a ValueError."""
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument (quotes and escapes); this is a sentence.
+        return str(self.args[0]) if self.args else ""
+
+
+def _check_num_features(value: Any) -> int:
     if isinstance(value, (bool, np.bool_)):
         raise TypeError("num_features: expected a positive integer, got bool")
     try:
@@ -46,10 +59,10 @@ def _check_num_features(value):
         raise ValueError(f"num_features: expected a positive integer, got {value}")
     if value > np.iinfo(np.intp).max // 8:  # no array of float64 this long can exist
         raise ValueError("num_features: expected a positive integer, got one larger than any array can hold")
-    return value
+    return int(value)
 
 
-def _check_axis(value):
+def _check_axis(value: Any) -> int:
     # The rank of the input is unknown until forward, so only the type is
     # checked here; the range is checked against each input.
     if isinstance(value, (bool, np.bool_)):
@@ -60,9 +73,9 @@ def _check_axis(value):
         raise TypeError(f"axis: expected an integer, got {type(value).__name__}") from None
 
 
-def _check_dtype(value):
+def _check_dtype(value: Any) -> np.dtype:
     try:
-        dtype = np.dtype(value)
+        dtype: np.dtype = np.dtype(value)
     except TypeError:
         raise TypeError(f"dtype: expected float32 or float64, got {value!r}") from None
     if dtype == np.float16 or dtype.name == "bfloat16":
@@ -77,7 +90,7 @@ def _check_dtype(value):
     return dtype
 
 
-def _to_numpy(value):
+def _to_numpy(value: Any) -> Any:
     """Host NumPy copy of a checkpoint entry: array, torch tensor, device array or number."""
     kind = framework_of(value)
     if kind == "torch":
@@ -94,14 +107,14 @@ def _to_numpy(value):
     return np.asarray(value)
 
 
-def _to_host(array):
+def _to_host(array: Any) -> Any:
     """NumPy copy of one of the layer's own arrays, wherever it lives."""
     if isinstance(array, np.ndarray):
         return array.copy()
     return _to_numpy(array).copy()
 
 
-def _copy_into(dst, src):
+def _copy_into(dst: Any, src: Any) -> None:
     """Overwrite ``dst`` in place, so references held elsewhere (an optimizer's) stay valid."""
     kind = framework_of(dst)
     if kind == "numpy":
@@ -203,16 +216,16 @@ class BatchNorm:
 
     def __init__(
         self,
-        num_features,
+        num_features: int,
         *,
-        axis=1,
-        eps=1e-5,
-        momentum=0.1,
-        affine=True,
-        track_running_stats=True,
-        dtype=np.float32,
-        process_group=None,
-    ):
+        axis: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        dtype: npt.DTypeLike = np.float32,
+        process_group: object = None,
+    ) -> None:
         self.num_features = _check_num_features(num_features)
         check_process_group(process_group)  # a TypeError now rather than at the first batch
         self.process_group = process_group
@@ -225,6 +238,12 @@ class BatchNorm:
         self.training = True
 
         c = self.num_features
+        # NumPy arrays; Numba device arrays once a CUDA input has moved them (see _follow).
+        self.weight: Any
+        self.bias: Any
+        self.running_mean: Any
+        self.running_var: Any
+        self.num_batches_tracked: int | None
         if self.affine:
             self.weight = np.ones(c, dtype=self.dtype)
             self.bias = np.zeros(c, dtype=self.dtype)
@@ -239,16 +258,16 @@ class BatchNorm:
             self.running_mean = None
             self.running_var = None
             self.num_batches_tracked = None
-        self.grad_weight = None
-        self.grad_bias = None
+        self.grad_weight: Any = None
+        self.grad_bias: Any = None
         # (x, saved) of the last forward: what backward needs.
-        self._cache = None
+        self._cache: tuple[SupportsArray, Saved] | None = None
         # Held by forward and backward: their state changes (running statistics, the batch counter, the
         # input kept for backward) are one step each, also when threads share the layer.
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------- modes ---
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> BatchNorm:
         """Switch to training mode (or to eval mode with ``mode=False``).
 
         Parameters
@@ -264,7 +283,7 @@ class BatchNorm:
         self.training = check_flag(mode, "mode")
         return self
 
-    def eval(self):
+    def eval(self) -> BatchNorm:
         """Switch to eval mode: normalize with the running statistics.
 
         Returns
@@ -275,7 +294,7 @@ class BatchNorm:
         return self.train(False)
 
     # ----------------------------------------------------------- compute ---
-    def _check_input(self, x):
+    def _check_input(self, x: Any) -> None:
         # Only attributes every array type has (host and device arrays alike):
         # the functional API does the rest of the checking.
         if not (hasattr(x, "shape") and hasattr(x, "dtype")):
@@ -306,7 +325,7 @@ class BatchNorm:
                 )
             )
 
-    def forward(self, x):
+    def forward(self, x: ArrayT) -> ArrayT:
         """Normalize ``x`` and keep what :meth:`backward` needs.
 
         Parameters
@@ -345,21 +364,22 @@ class BatchNorm:
         with self._lock:
             return self._forward(x)
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         del state["_lock"]  # locks do not pickle or copy; each copy gets its own
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
 
-    def _forward(self, x):
+    def _forward(self, x: ArrayT) -> ArrayT:
         self._check_input(x)
         self._follow(_dispatch.backend_for(x))
         tracking = self.track_running_stats
         count = self.num_batches_tracked
         if self.training and tracking:
+            assert count is not None  # tracking
             count += 1
             momentum = 1.0 / count if self.momentum is None else self.momentum
         else:
@@ -382,7 +402,7 @@ class BatchNorm:
         self._cache = (x, saved)
         return y
 
-    def _follow(self, backend):
+    def _follow(self, backend: Any) -> None:
         """Move parameters and running statistics to where ``backend`` computes (a copy, once)."""
         names = ("weight", "bias", "running_mean", "running_var")
         for name in names:
@@ -395,11 +415,11 @@ class BatchNorm:
             elif backend.name != "cpu" and on_host:
                 setattr(self, name, backend.from_host(array))
 
-    def __call__(self, x):
+    def __call__(self, x: ArrayT) -> ArrayT:
         """Same as :meth:`forward`."""
         return self.forward(x)
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayT) -> ArrayT:
         """Gradient of the loss with respect to the input of the last forward.
 
         Parameters
@@ -431,10 +451,10 @@ class BatchNorm:
             if self.affine:
                 self.grad_weight = grad_weight
                 self.grad_bias = grad_bias
-            return dx
+            return cast(ArrayT, dx)  # backward returns dy's kind of array
 
     # --------------------------------------------------------- optimizer ---
-    def parameters(self):
+    def parameters(self) -> list[Any]:
         """The trainable arrays, to be updated in place by an optimizer.
 
         Returns
@@ -445,7 +465,7 @@ class BatchNorm:
         """
         return [self.weight, self.bias] if self.affine else []
 
-    def gradients(self):
+    def gradients(self) -> list[Any]:
         """Gradients of the last :meth:`backward`, paired with :meth:`parameters`.
 
         Returns
@@ -472,29 +492,29 @@ class BatchNorm:
         return [self.grad_weight, self.grad_bias]
 
     # ------------------------------------------------------------- state ---
-    def reset_running_stats(self):
+    def reset_running_stats(self) -> None:
         """Reset running statistics to mean 0, variance 1 and the counter to 0, in place."""
         if self.track_running_stats:
             _copy_into(self.running_mean, np.zeros(self.num_features, dtype=self.dtype))
             _copy_into(self.running_var, np.ones(self.num_features, dtype=self.dtype))
             self.num_batches_tracked = 0
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         """Reset the running statistics and set ``weight`` to 1 and ``bias`` to 0, in place."""
         self.reset_running_stats()
         if self.affine:
             _copy_into(self.weight, np.ones(self.num_features, dtype=self.dtype))
             _copy_into(self.bias, np.zeros(self.num_features, dtype=self.dtype))
 
-    def _expected_keys(self):
-        keys = []
+    def _expected_keys(self) -> list[str]:
+        keys: list[str] = []
         if self.affine:
             keys += _PARAM_KEYS
         if self.track_running_stats:
             keys += (*_STAT_KEYS, _COUNT_KEY)
         return keys
 
-    def state_dict(self, *, prefix=""):
+    def state_dict(self, *, prefix: str = "") -> dict[str, StateArray]:
         """The layer's state under PyTorch's keys, as NumPy copies.
 
         Parameters
@@ -512,7 +532,7 @@ class BatchNorm:
             ``torch.as_tensor`` on each value gives a dict that
             ``torch.nn.BatchNorm*d.load_state_dict`` accepts.
         """
-        state = {}
+        state: dict[str, StateArray] = {}
         for key in self._expected_keys():
             if key == _COUNT_KEY:
                 state[prefix + key] = np.array(self.num_batches_tracked, dtype=np.int64)
@@ -520,7 +540,9 @@ class BatchNorm:
                 state[prefix + key] = _to_host(getattr(self, key))
         return state
 
-    def load_state_dict(self, state_dict, *, strict=True, prefix=""):
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], *, strict: bool = True, prefix: str = ""
+    ) -> tuple[list[str], list[str]]:
         """Copy parameters and statistics from a PyTorch-style state dict, in place.
 
         Parameters
@@ -545,8 +567,10 @@ class BatchNorm:
 
         Raises
         ------
-        KeyError
-            If ``strict`` and keys are missing or unexpected.
+        StateDictKeyError
+            If ``strict`` and keys are missing or unexpected: a KeyError, as
+            a mapping's missing key is, and a ValueError, as every other bad
+            argument of fastbn is.
         ValueError
             If a value has the wrong shape or is not a real number.
         TypeError
@@ -571,10 +595,10 @@ class BatchNorm:
         missing = [prefix + k for k in expected if k not in ours and k != _COUNT_KEY]
         unexpected = [ours[k] for k in ours if k not in expected]
         if strict and (missing or unexpected):
-            raise KeyError(f"state_dict: missing keys {missing}, unexpected keys {unexpected} for {self!r}")
+            raise StateDictKeyError(f"state_dict: missing keys {missing}, unexpected keys {unexpected} for {self!r}")
 
         # Convert and check everything first, so a bad entry changes nothing.
-        new = {}
+        new: dict[str, Any] = {}
         for key in expected:
             if key not in ours:
                 continue
@@ -601,7 +625,7 @@ class BatchNorm:
                 _copy_into(getattr(self, key), value)
         return missing, unexpected
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "

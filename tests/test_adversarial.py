@@ -1806,7 +1806,7 @@ def test_fix_renorm_arrays_other_than_a_pair_are_named():
 
 
 def test_fix_tampered_saved_fields_are_named_as_fields_of_saved():
-    """fastbn/_api.py:_check_saved_fields and _validate.check_channel_vector: a bad virtual_batch_size or
+    """fastbn/_saved.py:check_saved_fields and _validate.check_channel_vector: a bad virtual_batch_size or
     process_group in a Saved was blamed on forward's arguments of those names; a torch tensor in it raised NumPy's
     "Cannot interpret 'torch.float32' as a data type"; a masked array in it had its mask ignored."""
     x = _batch()
@@ -1847,7 +1847,7 @@ def test_fix_tampered_ghost_statistics_are_checked_like_the_others():
 
 
 def test_fix_saved_combinations_that_forward_never_makes_are_refused():
-    """fastbn/_api.py:_check_saved_fields: a Saved with a process group and a ReLU or residual was differentiated
+    """fastbn/_saved.py:check_saved_fields: a Saved with a process group and a ReLU or residual was differentiated
     by the synchronised backward, which ignores both (a silently wrong dx, and no dresidual); with ghost batches it
     crashed inside Numba; renorm's r and d with ghost batches were taken although forward never combines them."""
     x = _batch()

@@ -654,3 +654,13 @@ def test_torch_batchnorm2d_forward_backward(training):
     np.testing.assert_allclose(bn.running_mean, ref.running_mean.numpy(), **tol)
     np.testing.assert_allclose(bn.running_var, ref.running_var.numpy(), **tol)
     assert bn.num_batches_tracked == int(ref.num_batches_tracked)
+
+
+def test_a_state_dict_with_missing_keys_is_a_value_error_too():
+    """Every bad argument of fastbn is a TypeError or ValueError; a state_dict's missing or unexpected
+    keys are a KeyError (as a mapping's are) that is also a ValueError, with a readable message."""
+    state = fastbn.BatchNorm(3).state_dict()
+    del state["running_var"]
+    with pytest.raises(ValueError, match=r"^state_dict: missing keys \['running_var'\]") as caught:
+        fastbn.BatchNorm(3).load_state_dict(state)
+    assert isinstance(caught.value, KeyError)

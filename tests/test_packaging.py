@@ -30,7 +30,18 @@ TREES = ("tests", "examples", "bench", "docs")
 #: ... and these files (test_readme.py reads the README and .ci/run).
 FILES = ("LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", ".ci/run")
 #: Build and cache output that is not source.
-SKIPPED_DIRS = {"__pycache__", ".git", ".venv", ".hypothesis", ".benchmarks", ".pytest_cache", "build", "dist", "out"}
+SKIPPED_DIRS = {
+    "__pycache__",
+    ".git",
+    ".venv",
+    ".hypothesis",
+    ".benchmarks",
+    ".pytest_cache",
+    "build",
+    "dist",
+    "out",
+    "_build",
+}
 SKIPPED_SUFFIXES = (".pyc", ".pyo", ".nbi", ".nbc")
 
 

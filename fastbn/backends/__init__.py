@@ -201,4 +201,5 @@ def load(name: str) -> Backend:
         module = importlib.import_module(f"fastbn.backends.{name}.ops")
     except ImportError as exc:
         raise ValueError(f"backend: the {name.upper()} backend is not available ({exc})") from None
-    return module.BACKEND
+    backend: Backend = module.BACKEND
+    return backend

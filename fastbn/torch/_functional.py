@@ -11,6 +11,9 @@ node with its registered autograd, and never looks inside.
 
 from __future__ import annotations
 
+from types import TracebackType
+from typing import Any, Literal
+
 import torch
 
 from fastbn import _options
@@ -23,10 +26,12 @@ __all__ = ["TorchErrors", "batch_norm"]
 class TorchErrors:
     """Re-raise fastbn's ``ValueError``/``TypeError`` as the classes that are also torch's ``RuntimeError``."""
 
-    def __enter__(self):
+    def __enter__(self) -> TorchErrors:
         return self
 
-    def __exit__(self, kind, value, traceback):
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> Literal[False]:
         if kind is not None and not isinstance(value, (BatchNormError, BatchNormTypeError)):
             if issubclass(kind, TypeError):
                 raise BatchNormTypeError(str(value)) from value
@@ -47,14 +52,14 @@ class _BatchNorm(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias, running, residual, options):
+    def forward(input: Any, weight: Any, bias: Any, running: Any, residual: Any, options: Any) -> Any:
         running_mean, running_var = running
         if _ops.plain(input, weight, bias, running_mean, running_var, residual):
             return _ops.run_forward(input, weight, bias, running_mean, running_var, residual, *options, in_place=True)
         return _ops.forward_op(input, weight, bias, running_mean, running_var, residual, *options)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         input, weight, _bias, running, residual, options = inputs
         training, _momentum, eps, relu, virtual_batch_size, _rmax, _dmax = options
         y, saved_mean, saved_invstd, r, d, new_mean, new_var = output
@@ -65,12 +70,14 @@ class _BatchNorm(torch.autograd.Function):
         ctx.options = (training or running[0] is None, residual is not None, virtual_batch_size, eps)
 
     @staticmethod
-    def backward(ctx, grad_y, *_grad_statistics):
+    def backward(ctx: Any, grad_y: Any, *_grad_statistics: Any) -> Any:
         dx, dweight, dbias, dres = _ops.gradients(ctx, grad_y, residual_index=4)
         return dx, dweight, dbias, None, dres, None
 
     @staticmethod
-    def jvp(ctx, t_input, t_weight, t_bias, _t_running, t_residual, _t_options):
+    def jvp(
+        ctx: Any, t_input: Any, t_weight: Any, t_bias: Any, _t_running: Any, t_residual: Any, _t_options: Any
+    ) -> Any:
         input, weight, saved_mean, saved_invstd, r, d, y = ctx.saved_tensors
         batch_stats, _residual, _vbs, _eps = ctx.options
         groups = saved_mean.shape[0] if saved_mean.dim() == 2 else 1
@@ -104,8 +111,9 @@ class _EagerBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running, residual, options):
-        outputs = _ops.run_forward(input, weight, bias, *running, residual, *options, in_place=True)
+    def forward(ctx: Any, input: Any, weight: Any, bias: Any, running: Any, residual: Any, options: Any) -> Any:
+        # mypy cannot tell that *options (seven values) stops before the keyword-only in_place.
+        outputs = _ops.run_forward(input, weight, bias, *running, residual, *options, in_place=True)  # type: ignore[misc]
         y, saved_mean, saved_invstd, r, d, _, _ = outputs
         saved = (input, weight, saved_mean, saved_invstd, r, d, y if options[3] else None)
         ctx.save_for_backward(*saved)
@@ -114,15 +122,17 @@ class _EagerBatchNorm(torch.autograd.Function):
         return y  # the running statistics are updated in place already
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx: Any, grad_y: Any) -> Any:
         return _BatchNorm.backward(ctx, grad_y)
 
     @staticmethod
-    def jvp(ctx, *tangents):
+    def jvp(ctx: Any, *tangents: Any) -> Any:
         return _BatchNorm.jvp(ctx, *tangents)[0]
 
 
-def _fused_options(activation, virtual_batch_size, renorm):
+def _fused_options(
+    activation: Any, virtual_batch_size: Any, renorm: Any
+) -> tuple[bool, int | None, float | None, float | None]:
     """The fused forms' options checked by fastbn's own rules: ``(relu, virtual_batch_size, rmax, dmax)``."""
     with TorchErrors():
         relu = _options.check_activation(activation) == "relu"
@@ -132,26 +142,26 @@ def _fused_options(activation, virtual_batch_size, renorm):
     return relu, virtual_batch_size, rmax, dmax
 
 
-def _widen(tensor):
+def _widen(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """float16/bfloat16 parameters as float32, differentiably (the gradient comes back in their dtype)."""
     return tensor.float() if tensor is not None and tensor.dtype in REDUCED else tensor
 
 
 def batch_norm(
-    input,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
     *,
-    activation=None,
-    residual=None,
-    virtual_batch_size=None,
-    renorm=None,
-):
+    activation: Literal["relu"] | None = None,
+    residual: torch.Tensor | None = None,
+    virtual_batch_size: int | None = None,
+    renorm: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """Batch normalization over dimension 1, like ``torch.nn.functional.batch_norm``, plus fastbn's fused forms.
 
     Parameters
@@ -208,6 +218,19 @@ def batch_norm(
     BatchNormTypeError
         (a TypeError and a RuntimeError) for a non-tensor or a dtype torch's
         CPU batch norm refuses ("mixed dtype").
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> x = torch.arange(8.0).reshape(4, 2)
+    >>> running_mean, running_var = torch.zeros(2), torch.ones(2)
+    >>> y = fastbn.torch.batch_norm(x, running_mean, running_var, training=True)
+    >>> y[:, 0].round(decimals=3), running_mean
+    (tensor([-1.3420, -0.4470,  0.4470,  1.3420]), tensor([0.3000, 0.4000]))
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> fastbn.torch.batch_norm(x, None, None, w, training=True, activation="relu").sum().backward()
+    >>> w.grad.round(decimals=3)
+    tensor([1.7890, 1.7890])
     """
     check_arguments(input, running_mean, running_var, weight, bias, residual, training, momentum, eps)
     check_not_dual(input, running_mean, running_var, training)
@@ -219,17 +242,20 @@ def batch_norm(
     options = (bool(training), float(momentum), float(eps), relu, virtual_batch_size, rmax, dmax)
     with TorchErrors():
         if torch.compiler.is_compiling():
-            outputs = _ops.forward_op(input, weight, bias, *running, residual, *options)
+            outputs: tuple[torch.Tensor, ...] = _ops.forward_op(input, weight, bias, *running, residual, *options)
         elif _ops.plain(input, weight, bias, *running, residual):
             if _ops.tracked(input, weight, bias, residual):
-                output = _EagerBatchNorm.apply(input, weight, bias, running, residual, options)
+                # torch.autograd.Function.apply is unannotated.
+                output: torch.Tensor = _EagerBatchNorm.apply(  # type: ignore[no-untyped-call]
+                    input, weight, bias, running, residual, options
+                )
             else:  # nothing to differentiate: no autograd node at all
                 output = _ops.run_forward(input, weight, bias, *running, residual, *options, in_place=True)[0]
             if training and running[0] is not running_mean:  # float32 copies of float16 buffers
                 _ops.write_running(running_mean, running_var, *running)
             return output
         else:
-            outputs = _BatchNorm.apply(input, weight, bias, running, residual, options)
+            outputs = _BatchNorm.apply(input, weight, bias, running, residual, options)  # type: ignore[no-untyped-call]
     if training and running_mean is not None:
         # In place, as torch updates its buffers: versions bump, views see it.
         # Eager calls on plain tensors updated them in place already (and
@@ -240,7 +266,13 @@ def batch_norm(
     return outputs[0]
 
 
-def _empty_batch(input, weight, bias, residual, relu):
+def _empty_batch(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
     """An empty batch, as torch computes it: no statistics, running statistics untouched.
 
     ``input * weight + bias`` on no elements, in torch operations, so that the
@@ -260,7 +292,7 @@ def _empty_batch(input, weight, bias, residual, relu):
     return torch.relu(output) if relu else output
 
 
-def _at_level_of(value, buffer):
+def _at_level_of(value: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """The new running statistic ``value`` unwrapped down to the functorch level of ``buffer``.
 
     Under ``torch.func.grad``/``jvp`` the result is wrapped for

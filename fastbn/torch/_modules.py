@@ -9,11 +9,22 @@ operator).  :func:`convert` swaps torch's modules for these and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
 import torch
 from torch.autograd.function import once_differentiable
 
 import fastbn
 from fastbn.torch._functional import TorchErrors, _fused_options, _widen, batch_norm
+
+if TYPE_CHECKING:
+    # The mixins below are only ever mixed into torch's batch norm classes, whose attributes they use.
+    _TorchBatchNorm = torch.nn.modules.batchnorm._BatchNorm
+else:
+    _TorchBatchNorm = object
+
+_ModuleT = TypeVar("_ModuleT", bound=torch.nn.Module)
 
 __all__ = [
     "BatchNorm1d",
@@ -32,7 +43,7 @@ __all__ = [
 ]
 
 
-def _bump_version(tensor):
+def _bump_version(tensor: torch.Tensor) -> None:
     # fastbn writes running statistics through a view torch cannot see, so
     # tell autograd, as torch's own in-place update would: a graph that saved
     # the old values then fails loudly instead of using the new ones.
@@ -50,7 +61,9 @@ class _SyncFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running, momentum, eps, process_group):
+    def forward(
+        ctx: Any, input: Any, weight: Any, bias: Any, running: Any, momentum: float, eps: float, process_group: Any
+    ) -> Any:
         running_mean, running_var = running
         y, saved = fastbn.forward(
             input.detach(),
@@ -74,7 +87,7 @@ class _SyncFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx: Any, grad_output: Any) -> Any:
         input, weight = ctx.saved_tensors
         dx, dweight, dbias = fastbn.backward(grad_output.detach(), input.detach(), weight, ctx.fastbn_saved, axis=1)
         need = ctx.needs_input_grad
@@ -89,21 +102,34 @@ class _SyncFunction(torch.autograd.Function):
         )
 
 
-@torch.compiler.disable
-def _synchronised(input, running_mean, running_var, weight, bias, momentum, eps, process_group):
+@torch.compiler.disable  # type: ignore[untyped-decorator]  # unannotated in torch
+def _synchronised(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    process_group: Any,
+) -> torch.Tensor:
     """Synchronised batch norm in training; float16/bfloat16 parameters and buffers widened as in batch_norm."""
     weight, bias = _widen(weight), _widen(bias)
-    running = (_widen(running_mean), _widen(running_var))
+    running: tuple[Any, Any] = (_widen(running_mean), _widen(running_var))
     with TorchErrors():
-        output = _SyncFunction.apply(input, weight, bias, running, momentum, eps, process_group)
+        # torch.autograd.Function.apply is unannotated.
+        output: torch.Tensor = _SyncFunction.apply(  # type: ignore[no-untyped-call]
+            input, weight, bias, running, momentum, eps, process_group
+        )
     if running_mean is not None and running[0] is not running_mean:
+        assert running_var is not None  # both or neither: torch's buffers
         with torch.no_grad():
             running_mean.copy_(running[0])
             running_var.copy_(running[1])
     return output
 
 
-class _FastbnForward:
+class _FastbnForward(_TorchBatchNorm):
     """The forward of fastbn's BatchNorm modules, mixed into torch's classes.
 
     It follows torch's ``_BatchNorm.forward``: momentum None is a cumulative
@@ -113,22 +139,22 @@ class _FastbnForward:
     went through, so a rejected batch leaves every buffer untouched.
     """
 
-    activation = None
-    virtual_batch_size = None
-    renorm = None
+    activation: Literal["relu"] | None = None
+    virtual_batch_size: int | None = None
+    renorm: tuple[float, float] | None = None
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Normalise ``input`` (see :func:`fastbn.torch.batch_norm`); updates the buffers in training."""
         return self._normalize(input, None)
 
-    def _normalize(self, input, residual):
-        self._check_input_dim(input)
+    def _normalize(self, input: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        self._check_input_dim(input)  # type: ignore[no-untyped-call]  # unannotated in torch
         update = self.training and self.track_running_stats and self.num_batches_tracked is not None
         if self.momentum is not None:
             momentum = self.momentum
         elif update:
             # float() of a CUDA counter synchronises, as in torch itself.
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)  # type: ignore[arg-type]  # update: a tensor
         else:
             momentum = 0.0  # no update happens
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -138,7 +164,9 @@ class _FastbnForward:
         running_var = self.running_var if use_buffers else None
         group = self._sync_group(batch_stats)
         if group is not None:
-            output = _synchronised(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group)
+            output: torch.Tensor = _synchronised(
+                input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group
+            )
         else:
             output = batch_norm(
                 input,
@@ -155,10 +183,10 @@ class _FastbnForward:
                 renorm=self.renorm if running_mean is not None else None,
             )
         if update:
-            self.num_batches_tracked.add_(1)
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]  # update: a tensor
         return output
 
-    def _sync_group(self, batch_stats):
+    def _sync_group(self, batch_stats: bool) -> Any:
         """The process group to synchronise statistics over, or None."""
         return None
 
@@ -166,15 +194,21 @@ class _FastbnForward:
 class _Options(_FastbnForward):
     """fastbn's options as keyword-only constructor arguments of the BatchNorm modules."""
 
-    def __init__(self, *args, virtual_batch_size=None, renorm=None, **kwargs):
+    def __init__(
+        self,
+        *args: Any,
+        virtual_batch_size: int | None = None,
+        renorm: tuple[float, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         # torch's arguments (num_features, eps, momentum, affine,
         # track_running_stats, device, dtype, bias) go to torch unchanged.
         super().__init__(*args, **kwargs)
         _, self.virtual_batch_size, rmax, dmax = _fused_options(None, virtual_batch_size, renorm)
-        self.renorm = None if rmax is None else (rmax, dmax)
+        self.renorm = None if rmax is None or dmax is None else (rmax, dmax)
 
-    def extra_repr(self):
-        text = super().extra_repr()
+    def extra_repr(self) -> str:
+        text: str = super().extra_repr()  # type: ignore[no-untyped-call]  # unannotated in torch
         if self.virtual_batch_size is not None:
             text += f", virtual_batch_size={self.virtual_batch_size}"
         if self.renorm is not None:
@@ -218,6 +252,14 @@ class BatchNorm1d(_Options, torch.nn.BatchNorm1d):
     (``fullgraph=True`` too), ``torch.export``, ``torch.func`` and autocast.
     One difference from torch: a batch rejected in training does not advance
     ``num_batches_tracked``.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> bn = fastbn.torch.BatchNorm1d(2)
+    >>> y = bn(torch.arange(8.0).reshape(4, 2))
+    >>> isinstance(bn, torch.nn.BatchNorm1d), y[:, 0].detach().round(decimals=3), bn.running_mean
+    (True, tensor([-1.3420, -0.4470,  0.4470,  1.3420]), tensor([0.3000, 0.4000]))
     """
 
 
@@ -227,6 +269,14 @@ class BatchNorm2d(_Options, torch.nn.BatchNorm2d):
     Both memory formats run without a copy: contiguous (NCHW) and
     channels_last (NHWC), whose output is channels_last too.  Parameters as
     for :class:`BatchNorm1d`.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> x = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    >>> y = fastbn.torch.BatchNorm2d(3)(x)
+    >>> y.shape, y.is_contiguous(memory_format=torch.channels_last)
+    (torch.Size([2, 3, 4, 4]), True)
     """
 
 
@@ -234,15 +284,31 @@ class BatchNorm3d(_Options, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on fastbn's kernels, for ``(N, C, D, H, W)`` input.
 
     Parameters as for :class:`BatchNorm1d`; channels_last_3d is supported.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> fastbn.torch.BatchNorm3d(3)(torch.randn(2, 3, 2, 2, 2)).shape
+    torch.Size([2, 3, 2, 2, 2])
     """
 
 
-def _fused_doc(n, what):
+def _fused_doc(n: str, what: str) -> str:
+    shape = {"1d": "4, 3", "2d": "2, 3, 2, 2", "3d": "2, 3, 2, 2, 2"}[n]
+    kind, args = ("AddReLU", "x, torch.ones_like(x)") if "residual" in what else ("ReLU", "x")
     return f"""``BatchNorm{n}`` followed by {what}, in one pass over the data.
 
     Parameters as for :class:`BatchNorm{n}`; the state (and ``state_dict``) is
     that of a ``torch.nn.BatchNorm{n}``.  :func:`revert` turns it into torch
     modules computing the same.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> x = torch.randn({shape})
+    >>> y = fastbn.torch.BatchNorm{kind}{n}(3)({args})
+    >>> y.shape, bool((y >= 0).all())
+    (torch.Size([{shape}]), True)
     """
 
 
@@ -261,36 +327,39 @@ class BatchNormReLU3d(BatchNorm3d):
     activation = "relu"
 
 
-class _AddReLU:
+class _AddReLU(_TorchBatchNorm):
     """``forward(input, residual)``: ``relu(BN(input) + residual)``, the end of a residual block."""
 
     activation = "relu"
+    _normalize: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # _FastbnForward's
 
-    def forward(self, input, residual):
+    # Two inputs where torch's forward takes one: the fused module's interface, on purpose.
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """``relu(BN(input) + residual)``; ``residual`` has input's shape and dtype and gets a gradient."""
         return self._normalize(input, residual)
 
 
-class BatchNormAddReLU1d(_AddReLU, BatchNorm1d):
+# The ignores: forward(input, residual) differs from BatchNorm1d's, on purpose (see _AddReLU).
+class BatchNormAddReLU1d(_AddReLU, BatchNorm1d):  # type: ignore[misc]
     __doc__ = _fused_doc("1d", "a residual add and a ReLU: ``forward(x, z)`` is ``relu(BN(x) + z)``")
 
 
-class BatchNormAddReLU2d(_AddReLU, BatchNorm2d):
+class BatchNormAddReLU2d(_AddReLU, BatchNorm2d):  # type: ignore[misc]
     __doc__ = _fused_doc("2d", "a residual add and a ReLU: ``forward(x, z)`` is ``relu(BN(x) + z)``")
 
 
-class BatchNormAddReLU3d(_AddReLU, BatchNorm3d):
+class BatchNormAddReLU3d(_AddReLU, BatchNorm3d):  # type: ignore[misc]
     __doc__ = _fused_doc("3d", "a residual add and a ReLU: ``forward(x, z)`` is ``relu(BN(x) + z)``")
 
 
-_REPLACEMENTS = {
+_REPLACEMENTS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
 }
 
 
-def _replace(module, cls):
+def _replace(module: Any, cls: type[_ModuleT]) -> _ModuleT:
     # Built on the meta device (nothing allocated), then given the very
     # tensors of the old module: an optimizer holding them keeps working.
     new = cls(
@@ -304,14 +373,14 @@ def _replace(module, cls):
     )
     for name, parameter in module.named_parameters(recurse=False):
         new.register_parameter(name, parameter)
-    non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+    non_persistent: set[str] = getattr(module, "_non_persistent_buffers_set", set())
     for name, buffer in module.named_buffers(recurse=False):
         new.register_buffer(name, buffer, persistent=name not in non_persistent)
     new.train(module.training)
     return new
 
 
-def convert(module):
+def convert(module: torch.nn.Module) -> torch.nn.Module:
     """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` for fastbn's.
 
     Parameters
@@ -335,18 +404,30 @@ def convert(module):
     left alone.  A module reached through several parents is replaced by one
     shared replacement.  Hooks registered on a replaced module are not
     carried over.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    >>> model = fastbn.torch.convert(model)
+    >>> type(model[1]).__module__, isinstance(model[1], torch.nn.BatchNorm1d)
+    ('fastbn.torch._modules', True)
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
     return _swap(module, {}, _converted)
 
 
-def _converted(module):
+def _converted(module: torch.nn.Module) -> torch.nn.Module:
     cls = _REPLACEMENTS.get(type(module))
     return module if cls is None else _replace(module, cls)
 
 
-def _swap(module, done, replacement):
+def _swap(
+    module: torch.nn.Module,
+    done: dict[int, torch.nn.Module],
+    replacement: Callable[[torch.nn.Module], torch.nn.Module],
+) -> torch.nn.Module:
     """``module`` with ``replacement(m)`` in place of each submodule ``m`` (each replaced once)."""
     if id(module) in done:
         return done[id(module)]
@@ -366,13 +447,20 @@ class TorchBatchNormAddReLU(torch.nn.Module):
     ----------
     bn : torch.nn.modules.batchnorm._BatchNorm
         The batch norm (torch's own), kept as the child ``bn``.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> m = fastbn.torch.revert(fastbn.torch.BatchNormAddReLU1d(3))
+    >>> type(m).__name__, type(m.bn) is torch.nn.BatchNorm1d
+    ('TorchBatchNormAddReLU', True)
     """
 
-    def __init__(self, bn):
+    def __init__(self, bn: torch.nn.Module) -> None:
         super().__init__()
         self.bn = bn
 
-    def forward(self, input, residual):
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``relu(bn(input) + residual)``."""
         return torch.relu(self.bn(input) + residual)
 
@@ -384,7 +472,7 @@ _TORCH_CLASSES = (
 )
 
 
-def _reverted(module):
+def _reverted(module: torch.nn.Module) -> torch.nn.Module:
     if isinstance(module, SyncBatchNorm):
         new = _replace(module, torch.nn.SyncBatchNorm)
         new.process_group = module.process_group
@@ -400,7 +488,7 @@ def _reverted(module):
     return module
 
 
-def revert(module):
+def revert(module: torch.nn.Module) -> torch.nn.Module:
     """Swap fastbn's modules in ``module`` back for torch's, for ONNX, TorchScript or a machine without fastbn.
 
     Parameters
@@ -429,6 +517,14 @@ def revert(module):
     The fused modules' state moves under a child (``0.`` in the Sequential,
     ``bn.`` in :class:`TorchBatchNormAddReLU`), so their ``state_dict`` keys
     change; plain batch norms keep theirs.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), fastbn.torch.BatchNormReLU1d(3))
+    >>> model = fastbn.torch.revert(model)
+    >>> [type(m).__name__ for m in model[1]]
+    ['BatchNorm1d', 'ReLU']
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
@@ -460,13 +556,23 @@ class SyncBatchNorm(_FastbnForward, torch.nn.SyncBatchNorm):
     invstd (no precision lost), and takes processes with an empty batch.
     ``dweight`` and ``dbias`` are each process's contributions, which the
     usual data-parallel gradient all-reduce sums.
+
+    Examples
+    --------
+    Without an initialised process group it is a plain batch norm:
+
+    >>> import torch, fastbn.torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    >>> model = fastbn.torch.SyncBatchNorm.convert_sync_batchnorm(model)
+    >>> type(model[1]).__name__, model(torch.randn(8, 4)).shape
+    ('SyncBatchNorm', torch.Size([8, 3]))
     """
 
-    def _check_input_dim(self, input):
+    def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def _sync_group(self, batch_stats):
+    def _sync_group(self, batch_stats: bool) -> Any:
         dist = torch.distributed
         if not (batch_stats and self.training and dist.is_available() and dist.is_initialized()):
             return None
@@ -474,7 +580,7 @@ class SyncBatchNorm(_FastbnForward, torch.nn.SyncBatchNorm):
         return group if dist.get_world_size(group) > 1 else None
 
     @classmethod
-    def convert_sync_batchnorm(cls, module, process_group=None):
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group: Any = None) -> torch.nn.Module:
         """Replace every batch norm in ``module`` (torch's or fastbn's) with this class.
 
         Parameters

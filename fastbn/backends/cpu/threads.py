@@ -235,6 +235,11 @@ def threading_layer() -> str:
         ``"tbb"`` after a normal install; ``"workqueue"`` (with launches
         serialised by a lock) when TBB could not be loaded; whatever the user
         forced through ``NUMBA_THREADING_LAYER`` otherwise.
+
+    Examples
+    --------
+    >>> fastbn.threading_layer() in ("tbb", "workqueue", "omp")
+    True
     """
     return configure()
 

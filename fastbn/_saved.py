@@ -1,0 +1,54 @@
+"""The check :func:`fastbn.backward` runs on the ``saved`` it is given (kept apart from fastbn._api for its length)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fastbn import _options, _sync
+
+
+def check_saved_fields(saved: Any) -> None:
+    """The scalar fields of ``saved`` have the types forward gives them (a tampered Saved is refused).
+
+    ``saved`` is a :class:`fastbn.Saved`, typed Any here: fastbn._api, which defines it, imports this module.
+    """
+
+    def bad(field: str, expected: str) -> TypeError:
+        value = getattr(saved, field)
+        return TypeError(f"saved.{field}: expected {expected}, as fastbn.forward returns it, got {value!r}")
+
+    if not isinstance(saved.batch_stats, (bool, np.bool_)):
+        raise bad("batch_stats", "True or False")
+    if not isinstance(saved.residual, (bool, np.bool_)):
+        raise bad("residual", "True or False")
+    if not (isinstance(saved.shape, tuple) and all(isinstance(n, (int, np.integer)) and n >= 0 for n in saved.shape)):
+        raise bad("shape", "a tuple of sizes")
+    if isinstance(saved.axis, (bool, np.bool_)) or not isinstance(saved.axis, (int, np.integer)):
+        raise bad("axis", "an integer")
+    if isinstance(saved.count, (bool, np.bool_)) or not isinstance(saved.count, (int, np.integer)) or saved.count < 0:
+        raise bad("count", "a non-negative integer")
+    if saved.activation not in _options.ACTIVATIONS:
+        raise bad("activation", "None or 'relu'")
+    if (saved.r is None) != (saved.d is None):
+        raise bad("d" if saved.d is None else "r", "renorm's r and d together, or neither")
+    vbs = saved.virtual_batch_size
+    if vbs is not None and (isinstance(vbs, (bool, np.bool_)) or not isinstance(vbs, (int, np.integer)) or vbs < 1):
+        raise bad("virtual_batch_size", "None or a positive integer")
+    if vbs is not None and saved.r is not None:
+        raise bad("r", "None with ghost batches (forward does not combine renorm and virtual_batch_size)")
+    if saved.process_group is not None:
+        try:
+            _sync.adapt(saved.process_group)
+        except TypeError as exc:
+            raise TypeError(f"saved.process_group: {str(exc).partition(': ')[2]}") from None
+        # forward refuses these with a process group; the synchronised backward would ignore them
+        for field, given in (
+            ("activation", saved.activation is not None),
+            ("residual", bool(saved.residual)),
+            ("virtual_batch_size", vbs is not None),
+            ("r", saved.r is not None),
+        ):
+            if given:
+                raise bad("process_group", f"None together with saved.{field} (forward does not combine them)")
