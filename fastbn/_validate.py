@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -26,10 +25,10 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 FLOAT_NAMES = "float16, bfloat16, float32 or float64"
 
 
-_IS_BFLOAT16: dict[Any, bool] = {}
+_IS_BFLOAT16 = {}
 
 
-def is_bfloat16(dtype: Any) -> bool:
+def is_bfloat16(dtype):
     """Whether ``dtype`` is bfloat16 (ml_dtypes' NumPy dtype, which JAX uses too).
 
     Recognised by name, so that ``import fastbn`` need not import ml_dtypes:
@@ -43,7 +42,7 @@ def is_bfloat16(dtype: Any) -> bool:
     return known
 
 
-def stats_dtype(dtype: Any) -> np.dtype[Any]:
+def stats_dtype(dtype):
     """The dtype of statistics and parameters for input of ``dtype``.
 
     float16 and bfloat16 input keep float32 statistics and parameters (as
@@ -53,13 +52,13 @@ def stats_dtype(dtype: Any) -> np.dtype[Any]:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def _describe(value: object) -> str:
+def _describe(value):
     if isinstance(value, np.ndarray):
         return f"an array of dtype {value.dtype} and shape {value.shape}"
     return f"{type(value).__name__}"
 
 
-def _is_array(value: object) -> bool:
+def _is_array(value):
     return hasattr(value, "dtype") and hasattr(value, "shape")
 
 
@@ -71,29 +70,28 @@ def check_x(x: _T, name: str = "x") -> _T:
     """
     if not _is_array(x):
         raise TypeError(f"{name}: expected a {FLOAT_NAMES} array, got {_describe(x)}")
-    array: Any = x
-    dtype = np.dtype(array.dtype)
+    dtype = np.dtype(x.dtype)
     if dtype not in FLOAT_DTYPES and not is_bfloat16(dtype):
-        raise TypeError(f"{name}: expected dtype {FLOAT_NAMES}, got {array.dtype}")
-    if len(array.shape) < 2:
-        raise ValueError(f"{name}: expected at least 2 dimensions (batch and channel), got shape {tuple(array.shape)}")
+        raise TypeError(f"{name}: expected dtype {FLOAT_NAMES}, got {x.dtype}")
+    if len(x.shape) < 2:
+        raise ValueError(f"{name}: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}")
     return x
 
 
-def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+def check_axis(axis, ndim, name="axis"):
     """Return ``axis`` normalised to ``0 <= axis < ndim``, or raise."""
     if isinstance(axis, (bool, np.bool_)):
         raise TypeError(f"{name}: expected an integer, got bool")
     try:
-        index = operator.index(axis)
+        axis = operator.index(axis)
     except TypeError:
         raise TypeError(f"{name}: expected an integer, got {type(axis).__name__}") from None
-    if not -ndim <= index < ndim:
-        raise ValueError(f"{name}: {index} is out of range for an array of {ndim} dimensions")
-    return index % ndim
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name}: {axis} is out of range for an array of {ndim} dimensions")
+    return axis % ndim
 
 
-def check_channels(x: Any, axis: int, name: str = "x", allow_empty: bool = False) -> tuple[int, int]:
+def check_channels(x, axis, name="x", allow_empty=False):
     """Return (C, elements per channel); reject arrays with no elements.
 
     ``allow_empty`` admits a batch of zero elements: in synchronised batch
@@ -109,7 +107,7 @@ def check_channels(x: Any, axis: int, name: str = "x", allow_empty: bool = False
     return channels, count
 
 
-def _read_only(value: Any) -> bool:
+def _read_only(value):
     """Whether a host array's flags, or a device array's CUDA array interface, mark it read-only."""
     if isinstance(value, np.ndarray):
         return not value.flags.writeable
@@ -117,24 +115,21 @@ def _read_only(value: Any) -> bool:
     return bool(interface and interface["data"][1])
 
 
-def _dtype_of(value: Any, name: str, expected: object) -> np.dtype[Any]:
+def _dtype_of(value, name, expected):
     """``np.dtype(value.dtype)``, or a TypeError naming the argument where NumPy cannot read it.
 
     Arrays reach the checks converted by the backend, except the fields of a
     ``Saved``, which may hold anything (a torch tensor's dtype is no NumPy dtype).
     """
     try:
-        dtype: np.dtype[Any] = np.dtype(value.dtype)
-        return dtype
+        return np.dtype(value.dtype)
     except TypeError:
         raise TypeError(
             f"{name}: expected an array of dtype {expected}, got {type(value).__name__} of dtype {value.dtype}"
         ) from None
 
 
-def check_channel_vector(
-    value: Any, name: str, channels: int, dtype: Any, *, writable: bool = False, rows: int | None = None
-) -> Any:
+def check_channel_vector(value, name, channels, dtype, *, writable=False, rows=None):
     """Check a per-channel array: ndarray, shape (C,), exactly ``dtype``.
 
     ``rows``: a ``(rows, C)`` array instead, one row per ghost batch (a ``Saved``'s statistics).
@@ -154,7 +149,7 @@ def check_channel_vector(
     return value
 
 
-def _strides(array: Any) -> tuple[int, ...]:
+def _strides(array):
     """Byte strides of a host or device array (C order when its interface leaves them out)."""
     if isinstance(array, np.ndarray):
         return array.strides
@@ -163,7 +158,7 @@ def _strides(array: Any) -> tuple[int, ...]:
     return c_strides(tuple(array.shape), np.dtype(array.dtype).itemsize) if strides is None else tuple(strides)
 
 
-def _byte_span(array: Any) -> tuple[int, int]:
+def _byte_span(array):
     """The bytes ``[low, high)`` a device array touches (from its CUDA array interface)."""
     interface = array.__cuda_array_interface__
     low = high = interface["data"][0]
@@ -173,7 +168,7 @@ def _byte_span(array: Any) -> tuple[int, int]:
     return low, high + np.dtype(array.dtype).itemsize
 
 
-def _overlap(a: Any, b: Any) -> bool:
+def _overlap(a, b):
     """Whether two arrays of the same kind (both host or both device) share memory."""
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         return np.may_share_memory(a, b) and np.shares_memory(a, b)
@@ -185,9 +180,7 @@ def _overlap(a: Any, b: Any) -> bool:
     return False
 
 
-def check_running(
-    running_mean: Any, running_var: Any, channels: int, dtype: Any, others: Sequence[tuple[str, Any]] = ()
-) -> bool:
+def check_running(running_mean, running_var, channels, dtype, others=()):
     """Check the running-statistics pair; return True if it was given.
 
     fastbn writes them in place, so each must be the caller's own writable
@@ -221,7 +214,7 @@ def check_running(
     return True
 
 
-def check_variance(value: Any, name: str) -> Any:
+def check_variance(value, name):
     """Refuse negative variances (``var`` of normalize, the running variance read in eval, renorm and fold).
 
     ``sqrt(var + eps)`` of a negative variance is NaN, silently.  NaN itself
@@ -234,7 +227,7 @@ def check_variance(value: Any, name: str) -> Any:
     return value
 
 
-def sequence_conversion(original: object, converted: Any, name: str, others: Iterable[tuple[str, Any]]) -> None:
+def sequence_conversion(original, converted, name, others):
     """Name ``name`` when NumPy turned a Python list or tuple into float64 beside float32 arrays.
 
     ``np.asarray`` makes a nested list of floats float64, whatever dtype its
@@ -260,7 +253,7 @@ def sequence_conversion(original: object, converted: Any, name: str, others: Ite
             )
 
 
-def check_like_x(value: Any, name: str, x: Any) -> Any:
+def check_like_x(value, name, x):
     """Check an array that must match ``x`` in shape and dtype (residual, forward's output)."""
     if not _is_array(value):
         raise TypeError(

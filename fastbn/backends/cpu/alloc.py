@@ -82,11 +82,8 @@ import os
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable
-from typing import Any, SupportsIndex, cast
 
 import numpy as np
-import numpy.typing as npt
 
 from fastbn.backends.cpu.machine import memory_bytes
 
@@ -128,7 +125,7 @@ _HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 # ------------------------------------------------------------ the cap ---
-def default_cap() -> int:
+def default_cap():
     """The cap on free bytes when ``FASTBN_POOL_BYTES`` is not set.
 
     Returns
@@ -143,7 +140,7 @@ def default_cap() -> int:
     return DEFAULT_CAP if memory is None else min(DEFAULT_CAP, memory // 8)
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text):
     """Parse ``FASTBN_POOL_BYTES``: an integer, optionally with a K, M or G suffix (powers of 1024).
 
     Raises
@@ -163,7 +160,7 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-def cap_from_environment() -> int:
+def cap_from_environment():
     """The cap from ``FASTBN_POOL_BYTES``, or :func:`default_cap` (with a warning if it is malformed)."""
     text = os.environ.get(ENV_VAR)
     if text is None or not text.strip():
@@ -185,7 +182,7 @@ class _Block:
 
     __slots__ = ("address", "mapping", "offset", "size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size):
         mapping = mmap.mmap(-1, size, flags=_MAP_FLAGS)
         address = _address(mapping)
         offset = -address % GRANULE
@@ -202,7 +199,7 @@ class _Block:
         self.mapping, self.offset, self.size, self.address = mapping, offset, size, address + offset
 
 
-def _address(mapping: mmap.mmap) -> int:
+def _address(mapping):
     """Start address of an mmap object, without keeping a buffer export on it."""
     probe = ctypes.c_char.from_buffer(mapping)
     try:
@@ -211,11 +208,10 @@ def _address(mapping: mmap.mmap) -> int:
         del probe
 
 
-class _Ref(weakref.ref["ctypes.Array[ctypes.c_char]"]):
+class _Ref(weakref.ref):
     """Weak reference to a handed-out ctypes buffer, remembering its block."""
 
     __slots__ = ("block",)
-    block: _Block
 
 
 class Pool:
@@ -233,24 +229,24 @@ class Pool:
     for tests.  See the module docstring for the design.
     """
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap):
         self.cap = int(cap)
         self._lock = threading.RLock()
         self._reset()
-        self._live: dict[int, _Ref] = {}  # id(_Ref) -> _Ref, for handed-out blocks
+        self._live = {}  # id(_Ref) -> _Ref, for handed-out blocks
         self.hits = self.misses = 0
         _POOLS.add(self)
 
-    def _reset(self) -> None:
+    def _reset(self):
         """Empty the free structures (under the lock, or in a fresh fork child)."""
-        self._by_size: list[tuple[int, int, _Block]] = []  # sorted (size, stamp, block)
-        self._lru: dict[int, tuple[int, _Block]] = {}  # stamp -> (size, block), oldest returned first
+        self._by_size = []  # sorted (size, stamp, block)
+        self._lru = {}  # stamp -> (size, block), oldest returned first
         self._free_bytes = 0
-        self._returned: collections.deque[_Block] = collections.deque()  # blocks back from the dead, not yet filed
+        self._returned = collections.deque()  # blocks back from the dead, not yet filed
         self._clock = itertools.count()
 
     # ------------------------------------------------------------ public
-    def empty(self, shape: SupportsIndex | Iterable[SupportsIndex], dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
+    def empty(self, shape, dtype=float):
         """An uninitialised C-contiguous array, from the pool if it is large enough.
 
         Parameters
@@ -269,9 +265,7 @@ class Pool:
         """
         return self.allocate(shape, dtype)[0]
 
-    def allocate(
-        self, shape: SupportsIndex | Iterable[SupportsIndex], dtype: npt.DTypeLike = float
-    ) -> tuple[npt.NDArray[Any], bool]:
+    def allocate(self, shape, dtype=float):
         """:meth:`empty`, and whether the memory is freshly mapped.
 
         Returns
@@ -288,15 +282,12 @@ class Pool:
             :func:`fastbn.backends.cpu.plan.choose`).
         """
         dtype = np.dtype(dtype)
-        dims: tuple[int, ...]
         try:
-            dims = tuple(map(operator.index, cast("Iterable[SupportsIndex]", shape)))
+            shape = tuple(map(operator.index, shape))
         except TypeError:
-            dims = (operator.index(cast(SupportsIndex, shape)),)
-        shape = dims
-        nbytes = math.prod(dims) * dtype.itemsize
-        # RLock._is_owned exists at run time but is not in typeshed.
-        if self.cap <= 0 or nbytes < THRESHOLD or dtype.hasobject or self._lock._is_owned():  # type: ignore[attr-defined]
+            shape = (operator.index(shape),)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.cap <= 0 or nbytes < THRESHOLD or dtype.hasobject or self._lock._is_owned():
             # (The last: called from a finalizer that ran inside this thread's locked code.)
             return np.empty(shape, dtype), nbytes >= FRESH_BYTES
         size = -(-nbytes // GRANULE) * GRANULE
@@ -318,10 +309,9 @@ class Pool:
         ref = _Ref(buffer, self._on_death)
         ref.block = block
         self._live[id(ref)] = ref
-        # A ctypes array exports the buffer protocol, which NumPy's stubs do not list.
-        return np.ndarray(shape, dtype, buffer=cast(Any, buffer)), fresh
+        return np.ndarray(shape, dtype, buffer=buffer), fresh
 
-    def empty_cache(self) -> int:
+    def empty_cache(self):
         """Unmap every free block; returns the bytes released (live arrays are untouched)."""
         self._reap()
         with self._lock:
@@ -333,7 +323,7 @@ class Pool:
         self._settle()
         return released
 
-    def stats(self) -> dict[str, int]:
+    def stats(self):
         """Counters: free bytes and blocks, live blocks, hits and misses (for tests and tuning)."""
         self._reap()
         with self._lock:
@@ -351,7 +341,7 @@ class Pool:
         return result
 
     # ----------------------------------------------------------- private
-    def _take(self, size: int) -> _Block | None:
+    def _take(self, size):
         """Remove and return the best free block for ``size`` bytes, or None (lock held)."""
         try:
             index = bisect.bisect_left(self._by_size, (size,))
@@ -370,14 +360,14 @@ class Pool:
             self._repair()
             raise
 
-    def _file_returned(self) -> list[_Block]:
+    def _file_returned(self):
         """File queued blocks as free; remove and return those beyond the cap (lock held).
 
         The caller drops the returned blocks after releasing the lock; each
         mapping is unmapped when its last reference goes, which is after the
         last buffer export of it (a dying array's ctypes object) is released.
         """
-        evicted: list[_Block] = []
+        evicted = []
         try:
             while self._returned:
                 block = self._returned.popleft()
@@ -396,7 +386,7 @@ class Pool:
             raise
         return evicted
 
-    def _repair(self) -> None:
+    def _repair(self):
         """Rebuild the size index and the byte count from the LRU map (lock held).
 
         Called when an exception (a signal handler's) interrupted a change of
@@ -406,18 +396,16 @@ class Pool:
         self._by_size = sorted((size, stamp, block) for stamp, (size, block) in self._lru.items())
         self._free_bytes = sum(size for size, _, _ in self._by_size)
 
-    def _reap(self) -> None:
+    def _reap(self):
         """Queue the blocks of dead arrays whose weak-reference callback was cut short (by a signal handler)."""
         for key, ref in list(self._live.items()):
             if ref() is None and self._live.pop(key, None) is not None:
                 self._returned.append(ref.block)
 
-    def _settle(self) -> None:
+    def _settle(self):
         """File queued blocks if nobody holds the lock (whoever holds it files them)."""
         while self._returned:
-            # a block died inside this thread's own locked code
-            # RLock._is_owned exists at run time but is not in typeshed.
-            if self._lock._is_owned():  # type: ignore[attr-defined]
+            if self._lock._is_owned():  # a block died inside this thread's own locked code
                 return
             try:
                 if not self._lock.acquire(blocking=False):
@@ -430,46 +418,45 @@ class Pool:
                 # A signal handler may raise right after acquire() returns,
                 # before the try: the lock was free above, so if this thread
                 # holds it now, it took it here.
-                # RLock._is_owned exists at run time but is not in typeshed.
-                if self._lock._is_owned():  # type: ignore[attr-defined]
+                if self._lock._is_owned():
                     self._lock.release()
                 raise
             evicted.clear()  # unmapping happens here, outside the lock
 
-    def _on_death(self, ref: _Ref) -> None:
+    def _on_death(self, ref):
         """Weak-reference callback: the ctypes buffer, hence every array on it, is gone."""
         if self._live.pop(id(ref), None) is None:
             return
         self._returned.append(ref.block)
         self._settle()
 
-    def _before_fork(self) -> None:
+    def _before_fork(self):
         self._lock.acquire()
 
-    def _after_fork_parent(self) -> None:
+    def _after_fork_parent(self):
         self._lock.release()
 
-    def _after_fork_child(self) -> None:
+    def _after_fork_child(self):
         # The parent's free blocks are copy-on-write copies here: drop them
         # (unmapping them in this process only), and start with a new lock.
         self._lock = threading.RLock()
         self._reset()
 
 
-_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
+_POOLS = weakref.WeakSet()
 
 
-def _before_fork() -> None:
+def _before_fork():
     for pool in list(_POOLS):
         pool._before_fork()
 
 
-def _after_fork_parent() -> None:
+def _after_fork_parent():
     for pool in list(_POOLS):
         pool._after_fork_parent()
 
 
-def _after_fork_child() -> None:
+def _after_fork_child():
     for pool in list(_POOLS):
         pool._after_fork_child()
 
@@ -481,19 +468,17 @@ if hasattr(os, "register_at_fork"):
 POOL = Pool(cap_from_environment() if _MAP_FLAGS and hasattr(mmap.mmap, "madvise") else 0)
 
 
-def empty(shape: SupportsIndex | Iterable[SupportsIndex], dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
+def empty(shape, dtype=float):
     """``np.empty(shape, dtype)``, with large arrays' memory recycled: :meth:`Pool.empty` on :data:`POOL`."""
     return POOL.empty(shape, dtype)
 
 
-def allocate(
-    shape: SupportsIndex | Iterable[SupportsIndex], dtype: npt.DTypeLike = float
-) -> tuple[npt.NDArray[Any], bool]:
+def allocate(shape, dtype=float):
     """:meth:`Pool.allocate` on :data:`POOL`: an output array and whether its memory is freshly mapped."""
     return POOL.allocate(shape, dtype)
 
 
-def expected_fresh(nbytes: int, recycled: bool) -> bool:
+def expected_fresh(nbytes, recycled):
     """Whether :func:`allocate` would hand out fresh memory for ``nbytes``, on a first or a recycled call.
 
     ``recycled`` means a same-sized output of an earlier call has died, so

@@ -128,7 +128,7 @@ def _cores() -> int:
 
 def memory_bytes() -> int | None:
     """Physical memory, or the cgroup's memory limit if smaller; None if unknown."""
-    sizes: list[int] = []
+    sizes = []
     with contextlib.suppress(AttributeError, ValueError, OSError):
         sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
@@ -145,7 +145,7 @@ def memory_bytes() -> int | None:
 def read(root: str = _CACHE_ROOT) -> Machine:
     """Read the machine's facts (:func:`machine` caches this); ``root`` is the sysfs cache folder."""
     caches = _caches(root)
-    guessed: list[str] = []
+    guessed = []
 
     def cache(level: int, kinds: tuple[str, ...], fallback: int) -> tuple[int, int | None]:
         for kind in kinds:
