@@ -441,6 +441,12 @@ class Pool:
         # (unmapping them in this process only), and start with a new lock.
         self._lock = threading.RLock()
         self._reset()
+        # Arrays that died with the parent's other threads (whose frames the child frees) were the
+        # parent's, as its free blocks are: drop their blocks too, rather than let stats() or the next
+        # call file them (their weak-reference callbacks did not run to the end in the fork).
+        for key, ref in list(self._live.items()):
+            if ref() is None:
+                self._live.pop(key, None)
 
 
 _POOLS = weakref.WeakSet()
