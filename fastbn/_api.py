@@ -14,12 +14,14 @@ untouched.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from fastbn import _dispatch, _options, _sync
+from fastbn import _dispatch, _options, _sync, _weights
 from fastbn._saved import check_saved_fields
 from fastbn._typing import ArrayT, BackendName, OptionalArray, Plan, SupportsArray
 from fastbn._validate import (
@@ -72,6 +74,12 @@ class Saved(NamedTuple):
     r, d : numpy.ndarray or None
         Batch renormalization's per-channel correction, constants for
         backward; None without it.
+    weights : numpy.ndarray or None
+        The statistics' weights (a mask as 0/1), x's shape in the statistics
+        dtype, when forward was given ``weights`` or ``mask`` and used batch
+        statistics; None otherwise.
+    weight_sum : numpy.ndarray or None
+        Their per-channel sum ``W``, float64, with ``weights``.
 
     Examples
     --------
@@ -92,6 +100,8 @@ class Saved(NamedTuple):
     virtual_batch_size: int | None = None
     r: SupportsArray | None = None
     d: SupportsArray | None = None
+    weights: SupportsArray | None = None
+    weight_sum: SupportsArray | None = None
 
 
 def forward(
@@ -111,6 +121,8 @@ def forward(
     residual: OptionalArray = None,
     virtual_batch_size: int | None = None,
     renorm: tuple[float, float] | None = None,
+    weights: npt.ArrayLike | None = None,
+    mask: npt.ArrayLike | None = None,
     _plan: Plan = None,
     _any_momentum: bool = False,
 ) -> tuple[ArrayT, Saved]:
@@ -181,6 +193,19 @@ def forward(
         weight + bias``.  ``rmax >= 1``, ``dmax >= 0``; ``(1, 0)`` is plain
         batch norm, ``inf`` disables a clip.  No effect in eval mode; not
         combined with ``virtual_batch_size``.
+    weights : numpy.ndarray, optional
+        Statistics over weighted positions: finite non-negative weights
+        broadcastable to x, as for :func:`moments` (``mean = sum(w x) /
+        sum(w)``, biased ``var = sum(w (x - mean)^2) / sum(w)``, 0 and 0 where
+        ``sum(w)`` is 0); the output is normalised everywhere.  The running
+        variance takes the unbiased ``var * W / (W - 1)`` with ``W = sum(w)``
+        per channel; a channel with ``W <= 1`` keeps its running statistics.
+        Used only where batch statistics are; CPU only; not combined with
+        ``process_group``, ``virtual_batch_size`` or ``renorm`` yet.
+    mask : numpy.ndarray of bool, optional
+        Positions that count in the statistics (True), as Keras's and Flax's
+        ``mask``: broadcastable to x, or x's shape without the channel axis.
+        The same as ``weights=mask``.
     _plan : mapping, optional
         Private, for tests: CPU plan fields to force, ``{"strategy":
         "fused" | "streamed", "nontemporal": bool}`` (see
@@ -224,7 +249,7 @@ def forward(
     (array([-1.342, -0.447,  0.447,  1.342], dtype=float32), array([0.3, 0.4], dtype=float32))
     """
     given = x
-    ops, restore, (x, weight, bias, running_mean, running_var, residual) = _dispatch.prepare(
+    ops, restore, (x, weight, bias, running_mean, running_var, residual, weights, mask) = _dispatch.prepare(
         backend,
         [
             ("x", x),
@@ -233,6 +258,8 @@ def forward(
             ("running_mean", running_mean),
             ("running_var", running_var),
             ("residual", residual),
+            ("weights", weights),
+            ("mask", mask),
         ],
     )
     x = check_x(x)
@@ -246,6 +273,8 @@ def forward(
             ("running_mean", running_mean),
             ("running_var", running_var),
             ("residual", residual),
+            ("weights", weights),
+            ("mask", mask),
         ),
     )
     axis = check_axis(axis, len(x.shape))
@@ -262,7 +291,7 @@ def forward(
         process_group=process_group,
         any_momentum=_any_momentum,
     )
-    channels, count = check_channels(x, axis, allow_empty=opts.collectives is not None)
+    channels, count = check_channels(x, axis, allow_empty=True)
     dtype = stats_dtype(x.dtype)
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None:
@@ -282,7 +311,56 @@ def forward(
     if opts.collectives is not None and _plan is not None:
         raise ValueError("_plan: not supported together with process_group")
 
+    w = _weights.check_weights(weights, mask, tuple(x.shape), axis, dtype) if batch_stats else None
+    if w is not None:
+        named = "weights" if weights is not None else "mask"
+        if ops.name != "cpu":
+            raise ValueError(f"{named}: not supported on the {ops.name} backend yet")
+        for option, given_ in (
+            ("process_group", opts.collectives is not None),
+            ("virtual_batch_size", groups > 1),
+            ("renorm", opts.renorm is not None),
+        ):
+            if given_:
+                raise ValueError(f"{named}: not supported together with {option} yet")
+
     update = opts.training and has_running
+    if count == 0 and opts.collectives is None:
+        # An empty batch, as PyTorch: an empty output, the running statistics left alone.
+        nan = ops.from_host(np.full(channels, np.nan, dtype))
+        empty = ops.from_host(np.empty(tuple(x.shape), x.dtype))
+        return restore(empty), Saved(
+            nan, nan, batch_stats, 0, tuple(x.shape), axis, None, opts.activation, residual is not None
+        )
+    if w is not None:
+        y, mean, invstd, wsum = ops.weighted_forward(
+            x,
+            w,
+            axis,
+            dtype,
+            weight,
+            bias,
+            opts.eps,
+            running_mean,
+            running_var,
+            opts.momentum,
+            update,
+            relu=opts.activation == "relu",
+            residual=residual,
+        )
+        return restore(y), Saved(
+            mean,
+            invstd,
+            True,
+            count,
+            tuple(x.shape),
+            axis,
+            None,
+            opts.activation,
+            residual is not None,
+            weights=w,
+            weight_sum=wsum,
+        )
     if batch_stats and opts.collectives is not None:
         assert ops.sync is not None  # checked above
         y, mean, invstd, count = _sync.forward(
@@ -424,7 +502,7 @@ def backward(
     if dy.dtype != x.dtype:
         raise TypeError(f"dy: expected the dtype of x ({x.dtype}), got {dy.dtype}")
     synced = saved.process_group is not None and saved.batch_stats
-    channels, _ = check_channels(x, axis, allow_empty=synced)
+    channels, count = check_channels(x, axis, allow_empty=True)
     if tuple(saved.shape) != tuple(x.shape) or saved.axis != axis:
         raise ValueError(
             f"saved: came from forward on shape {tuple(saved.shape)} with channel axis {saved.axis}, "
@@ -450,6 +528,47 @@ def backward(
     else:
         y = None
 
+    weighted = saved.weights is not None and saved.batch_stats
+    if weighted:
+        if not isinstance(saved.weights, np.ndarray) or tuple(saved.weights.shape) != tuple(x.shape):
+            raise TypeError(
+                f"saved.weights: expected an array of x's shape {tuple(x.shape)}, as fastbn.forward keeps them"
+            )
+        if np.dtype(saved.weights.dtype) != dtype:
+            raise TypeError(
+                f"saved.weights: expected dtype {dtype}, as fastbn.forward keeps them, got {saved.weights.dtype}"
+            )
+        check_channel_vector(saved.weight_sum, "saved.weight_sum", channels, np.dtype(np.float64))
+
+    if count == 0 and not synced:
+        # An empty batch: nothing flows back; the parameter gradients are sums over no elements.
+        zeros = ops.from_host(np.zeros(channels, dtype))
+        dx = ops.from_host(np.empty(tuple(x.shape), x.dtype))
+        if saved.residual:
+            return (
+                restore(dx),
+                restore(zeros),
+                restore(zeros),
+                restore(ops.from_host(np.empty(tuple(x.shape), x.dtype))),
+            )
+        return restore(dx), restore(zeros), restore(zeros)
+    if weighted:
+        dx, dweight, dbias, dresidual = ops.weighted_backward(
+            dy,
+            x,
+            saved.weights,
+            saved.weight_sum,
+            axis,
+            dtype,
+            weight,
+            saved.mean,
+            saved.invstd,
+            y=y,
+            dresidual=saved.residual,
+        )
+        if saved.residual:
+            return restore(dx), restore(dweight), restore(dbias), restore(dresidual)
+        return restore(dx), restore(dweight), restore(dbias)
     if synced:
         if _plan is not None:
             raise ValueError("_plan: not supported together with process_group")
@@ -488,16 +607,49 @@ def backward(
     return restore(dx), restore(dweight), restore(dbias)
 
 
-def moments(x: ArrayT, axis: int = 1, *, backend: BackendName = None, _plan: Plan = None) -> tuple[ArrayT, ArrayT]:
-    """Per-channel mean and biased variance (``tf.nn.moments`` over all other axes).
+def moments(
+    x: ArrayT,
+    axis: int | None = None,
+    *,
+    axes: int | Sequence[int] | None = None,
+    keepdims: bool = False,
+    weights: npt.ArrayLike | None = None,
+    mask: npt.ArrayLike | None = None,
+    backend: BackendName = None,
+    _plan: Plan = None,
+) -> tuple[ArrayT, ArrayT]:
+    """Mean and biased variance per channel, or over named axes (``tf.nn.moments``).
+
+    Two forms: name the channel axis (``axis``, fastbn's and PyTorch's form:
+    one statistic per channel, over every other axis), or the reduction axes
+    (``axes``, TensorFlow's form: every axis not named is kept).
 
     Parameters
     ----------
     x : numpy.ndarray
         Input of dtype float16, bfloat16 (CPU only), float32 or float64 and
-        rank >= 2.
-    axis : int, default 1
-        The channel axis.
+        rank >= 1 (rank >= 2 with ``axis``).
+    axis : int, optional
+        The channel axis; default 1 when ``axes`` is not given.
+    axes : int or sequence of int, optional
+        The axes to reduce over, as ``tf.nn.moments(x, axes)``; not together
+        with ``axis``.  ``axes=[0, 1, 2]`` on NHWC input is ``axis=-1``.
+        Several kept axes (``axes=[0]`` on ``(N, H, W, C)`` gives ``(H, W, C)``
+        statistics) run on the CPU only; the input is then reordered first,
+        a copy unless the kept axes are already the innermost ones.
+    keepdims : bool, default False
+        Return results of x's rank, with the reduced axes of size 1, ready to
+        broadcast against ``x`` (and to pass to :func:`normalize`).
+    weights : numpy.ndarray, optional
+        Finite non-negative weights broadcastable to x (frequency weights,
+        ``tf.nn.weighted_moments``): ``mean = sum(w x) / sum(w)``, ``var =
+        sum(w (x - mean)^2) / sum(w)``.  Where ``sum(w)`` is 0, mean and
+        variance are 0, as TensorFlow and Keras give.  CPU only.
+    mask : numpy.ndarray of bool, optional
+        Positions that count (True) and those left out; broadcastable to x
+        or, with ``axis``, of x's shape without the channel axis (Keras's
+        mask of a ``(N, T, C)`` sequence batch is ``(N, T)``).  The same as
+        ``weights=mask``.  CPU only.
     backend : {None, "cpu", "cuda"}, default None
         Where to run; None follows ``x``.
     _plan : mapping, optional
@@ -506,20 +658,71 @@ def moments(x: ArrayT, axis: int = 1, *, backend: BackendName = None, _plan: Pla
     Returns
     -------
     mean, var : numpy.ndarray
-        Shape ``(C,)``, float32 for float16/bfloat16/float32 input, float64
-        for float64.
-        Two-pass / Chan-merge scheme, accumulated as in :func:`forward`.
+        Shape ``(C,)`` (or the kept axes' shape; x's rank with ``keepdims``),
+        float32 for float16/bfloat16/float32 input, float64 for float64.  An
+        empty batch gives NaN, as NumPy and TensorFlow do.
+
+    Notes
+    -----
+    Two passes, or per block and merged with Chan's formula, on values
+    shifted by a per-channel pivot: never E[x^2] - E[x]^2.  The weighted
+    kernels' error bound is derived in :mod:`fastbn.backends.cpu.weighted`.
+    TensorFlow returns float16 statistics for float16 input; fastbn keeps
+    them in float32.
 
     Examples
     --------
     >>> fastbn.moments(np.arange(8, dtype=np.float32).reshape(4, 2))
     (array([3., 4.], dtype=float32), array([5., 5.], dtype=float32))
+    >>> x = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    >>> fastbn.moments(x, axes=[0, 2], keepdims=True)[0].shape
+    (1, 2, 1)
+    >>> fastbn.moments(np.float32([[1], [3], [100]]), mask=np.array([True, True, False]), axis=1)
+    (array([2.], dtype=float32), array([1.], dtype=float32))
     """
-    ops, restore, (x,) = _dispatch.prepare(backend, [("x", x)])
-    x = check_x(x)
-    axis = check_axis(axis, len(x.shape))
-    check_channels(x, axis)
-    mean, var = ops.moments(x, axis, stats_dtype(x.dtype), plan=_plan)
+    given = x
+    ops, restore, (x, weights, mask) = _dispatch.prepare(backend, [("x", x), ("weights", weights), ("mask", mask)])
+    x = check_x(x, min_rank=1 if axes is not None else 2)
+    keepdims = _options.check_flag(keepdims, "keepdims")
+    sequence_conversion(given, x, "x", (("weights", weights), ("mask", mask)))
+    ndim = len(x.shape)
+    shape = tuple(x.shape)
+    dtype = stats_dtype(x.dtype)
+    if axes is not None:
+        if axis is not None:
+            raise ValueError("axis, axes: give the channel axis or the reduction axes, not both")
+        reduced = _weights.reduction_axes(axes, ndim)
+        kept = tuple(i for i in range(ndim) if i not in reduced)
+        if len(kept) == 1:
+            axis, reduced = kept[0], ()
+    else:
+        axis = check_axis(1 if axis is None else axis, ndim)
+        reduced = ()
+    if axis is not None:
+        reduced = tuple(i for i in range(ndim) if i != axis)
+        check_channels(x, axis, allow_empty=True)
+    out_shape = _weights.kept_shape(shape, reduced, keepdims)
+    w = _weights.check_weights(weights, mask, shape, axis, dtype)
+    if (w is not None or axis is None) and ops.name != "cpu":
+        raise ValueError(
+            f"{'weights' if weights is not None else 'mask' if mask is not None else 'axes'}: "
+            f"not supported on the {ops.name} backend yet (weights, masks and several kept axes run on the CPU)"
+        )
+    if axis is None:  # several kept axes (or none): one channel per kept position
+        x2, channel_axis = _weights.as_rows(x, reduced), 1
+        w2 = None if w is None else _weights.as_rows(w, reduced)
+    else:
+        x2, channel_axis, w2 = x, axis, w
+    count = math.prod(x2.shape) // x2.shape[channel_axis] if x2.shape[channel_axis] else 0
+    if w2 is not None:
+        _, mean64, var64 = ops.weighted_moments(x2, w2, channel_axis)
+        mean, var = mean64.astype(dtype), var64.astype(dtype)
+    elif count == 0:
+        mean = var = ops.from_host(np.full(x2.shape[channel_axis], np.nan, dtype))
+    else:
+        mean, var = ops.moments(x2, channel_axis, dtype, plan=_plan)
+    if out_shape != (x2.shape[channel_axis],):
+        mean, var = mean.reshape(out_shape), var.reshape(out_shape)
     return restore(mean), restore(var)
 
 
@@ -531,7 +734,7 @@ def normalize(
     bias: OptionalArray = None,
     *,
     eps: float = 1e-5,
-    axis: int = 1,
+    axis: int | None = None,
     backend: BackendName = None,
     _plan: Plan = None,
 ) -> ArrayT:
@@ -545,13 +748,19 @@ def normalize(
         Input of dtype float16, bfloat16 (CPU only), float32 or float64 and
         rank >= 2.
     mean, var : numpy.ndarray
-        Per-channel statistics, shape ``(C,)``, in the statistics dtype.
+        Per-channel statistics: shape ``(C,)`` (per channel whatever the
+        channel axis), or any shape that broadcasts to x and varies only along
+        the channel axis, as TensorFlow and Keras take them: ``(1, 1, 1, C)``
+        for NHWC, ``(1, C, 1, 1)`` for NCHW, :func:`moments`' ``keepdims``
+        results, a scalar.  Any floating dtype; rounded to the statistics
+        dtype (float32 for float16/bfloat16/float32 input, float64 for
+        float64).  On CUDA, exactly ``(C,)`` in the statistics dtype.
     weight, bias : numpy.ndarray, optional
-        Per-channel scale and shift, default 1 and 0.
+        Per-channel scale and shift, shaped as ``mean``; default 1 and 0.
     eps : float, default 1e-5
         Positive, added to ``var``.
-    axis : int, default 1
-        The channel axis.
+    axis : int, optional
+        The channel axis, default 1; -1 for channels-last.
     backend : {None, "cpu", "cuda"}, default None
         Where to run; None follows ``x``.
     _plan : mapping, optional
@@ -574,14 +783,25 @@ def normalize(
     )
     x = check_x(x)
     sequence_conversion(given, x, "x", (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)))
-    axis = check_axis(axis, len(x.shape))
+    axis = check_axis(1 if axis is None else axis, len(x.shape))
     eps = _options.check_eps(eps)
-    channels, _ = check_channels(x, axis)
+    channels, count = check_channels(x, axis, allow_empty=True)
     dtype = stats_dtype(x.dtype)
-    for name, value in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
-        if value is not None or name in ("mean", "var"):
+    params = {"mean": mean, "var": var, "weight": weight, "bias": bias}
+    for name, value in params.items():
+        if value is None and name in ("mean", "var"):
+            raise TypeError(f"{name}: expected an array of shape ({channels},), got None")
+        if value is None:
+            continue
+        if ops.name == "cpu":
+            params[name] = _weights.channel_parameter(value, name, tuple(x.shape), axis, dtype)
+        else:
             check_channel_vector(value, name, channels, dtype)
+    mean, var, weight, bias = params.values()
     check_variance(var, "var")
+    if count == 0:
+        empty: ArrayT = restore(ops.from_host(np.empty(tuple(x.shape), x.dtype)))
+        return empty
     y: ArrayT = restore(ops.normalize(x, axis, dtype, mean, var, weight, bias, eps, plan=_plan))
     return y
 

@@ -154,7 +154,7 @@ def ghost_groups(virtual_batch_size: int | None, shape: tuple[int, ...], axis: i
 
     Ghost batches are groups of consecutive samples along axis 0, the batch
     axis, so the channel axis must be another one and the size must divide
-    the batch.
+    the batch.  An empty batch counts as one (empty) group.
     """
     virtual_batch_size = check_virtual_batch_size(virtual_batch_size)
     if virtual_batch_size is None:
@@ -166,7 +166,7 @@ def ghost_groups(virtual_batch_size: int | None, shape: tuple[int, ...], axis: i
         raise ValueError(
             f"virtual_batch_size: {virtual_batch_size} does not divide the batch size {batch} (axis 0 of shape {shape})"
         )
-    return batch // virtual_batch_size
+    return max(1, batch // virtual_batch_size)  # an empty batch is one empty group
 
 
 class Options(NamedTuple):

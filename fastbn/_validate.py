@@ -62,8 +62,8 @@ def _is_array(value):
     return hasattr(value, "dtype") and hasattr(value, "shape")
 
 
-def check_x(x: _T, name: str = "x") -> _T:
-    """Check that ``x`` is a float16, bfloat16, float32 or float64 array of rank >= 2 and return it.
+def check_x(x: _T, name: str = "x", min_rank: int = 2) -> _T:
+    """Check that ``x`` is a float16, bfloat16, float32 or float64 array of rank >= ``min_rank`` and return it.
 
     ``x`` is a NumPy array or a GPU array (anything with ``dtype`` and
     ``shape``), already converted by the dispatcher.
@@ -73,8 +73,9 @@ def check_x(x: _T, name: str = "x") -> _T:
     dtype = np.dtype(x.dtype)
     if dtype not in FLOAT_DTYPES and not is_bfloat16(dtype):
         raise TypeError(f"{name}: expected dtype {FLOAT_NAMES}, got {x.dtype}")
-    if len(x.shape) < 2:
-        raise ValueError(f"{name}: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}")
+    if len(x.shape) < min_rank:
+        what = "2 dimensions (batch and channel)" if min_rank == 2 else f"{min_rank} dimension"
+        raise ValueError(f"{name}: expected at least {what}, got shape {tuple(x.shape)}")
     return x
 
 

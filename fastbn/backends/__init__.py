@@ -174,6 +174,49 @@ class Backend(Protocol):
     ) -> tuple[Any, Any, Any, Any]:
         """Gradients ``(dx, dweight, dbias, dresidual)``; the training formula if ``batch_stats``."""
 
+    # Weights and masks (CPU only so far: the public functions refuse them on other backends first).
+    def weighted_moments(self, x: Any, w: Any, axis: int) -> tuple[Any, Any, Any]:
+        """Float64 ``(W, mean, var)`` per channel under weights ``w`` of x's shape."""
+        raise NotImplementedError
+
+    def weighted_forward(
+        self,
+        x: Any,
+        w: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        running_mean: Any,
+        running_var: Any,
+        momentum: float,
+        update: bool,
+        *,
+        relu: bool,
+        residual: Any,
+    ) -> tuple[Any, Any, Any, Any]:
+        """Normalise everywhere with the weighted statistics: ``(y, mean, invstd, W)``."""
+        raise NotImplementedError
+
+    def weighted_backward(
+        self,
+        dy: Any,
+        x: Any,
+        w: Any,
+        wsum: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        mean: Any,
+        invstd: Any,
+        *,
+        y: Any = None,
+        dresidual: bool = False,
+    ) -> tuple[Any, Any, Any, Any]:
+        """Training-mode gradients under weights ``w``: ``(dx, dweight, dbias, dresidual)``."""
+        raise NotImplementedError
+
     def fold(
         self,
         layer_weight: Any,

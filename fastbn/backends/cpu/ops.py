@@ -22,7 +22,7 @@ import numpy as np
 
 from fastbn._layout import ROWS
 from fastbn.backends import Backend, SyncPieces
-from fastbn.backends.cpu import elementwise, fused, numerics, reductions, views
+from fastbn.backends.cpu import elementwise, fused, numerics, reductions, views, weighted
 from fastbn.backends.cpu import plan as cpu_plan
 from fastbn.backends.cpu.threads import kernel_guard
 
@@ -510,6 +510,72 @@ class CpuBackend(Backend):
         if r is not None:
             dweight = dweight * r.astype(np.float64) + d.astype(np.float64) * sum_dy
         return dx, dweight.astype(dtype), sum_dy.astype(dtype), dres
+
+    @_ieee
+    def weighted_moments(self, x, w, axis):
+        """Float64 ``(W, mean, var)`` per channel under weights ``w`` (x's shape, kernel dtype float32/float64)."""
+        layout, x_view = views.channel_view(x, axis)
+        w_view = views.readonly(views.same_view(layout, w, axis))
+        with kernel_guard():
+            if layout == ROWS:
+                return weighted.weighted_stats_rows(x_view, w_view, weighted.rows_per_task(x_view.shape[1]))
+            return weighted.weighted_stats_slab(x_view, w_view)
+
+    @_ieee
+    def weighted_forward(
+        self, x, w, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update, *, relu, residual
+    ):
+        """Normalise everywhere with the statistics under weights ``w``; returns y, mean, invstd and W.
+
+        The running variance takes the unbiased weighted variance ``var * W / (W - 1)``; a channel with
+        ``W <= 1`` carries no such estimate and keeps its running statistics.
+        """
+        wsum, mean64, var64 = self.weighted_moments(x, w, axis)
+        invstd64 = 1.0 / np.sqrt(var64 + eps)
+        mean, invstd = mean64.astype(dtype), invstd64.astype(dtype)
+        y = _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu, residual)
+        if update:
+            learn = wsum > 1
+            unbiased = var64 * np.where(learn, wsum, 2.0) / np.where(learn, wsum - 1.0, 1.0)
+            m = float(momentum)
+            new_mean = (1.0 - m) * running_mean.astype(np.float64) + m * mean64
+            new_var = (1.0 - m) * running_var.astype(np.float64) + m * unbiased
+            running_mean[learn] = new_mean[learn].astype(running_mean.dtype)
+            running_var[learn] = new_var[learn].astype(running_var.dtype)
+        return y, mean, invstd, wsum
+
+    @_ieee
+    def weighted_backward(self, dy, x, w, wsum, axis, dtype, weight, mean, invstd, *, y=None, dresidual=False):
+        """Training-mode gradients under weights ``w`` (see :mod:`fastbn.backends.cpu.weighted`)."""
+        channels = x.shape[axis]
+        weight, _ = _parameters(weight, None, channels, dtype)
+        layout, x_view = views.channel_view(x, axis)
+        dy_view = views.readonly(views.same_view(layout, dy, axis))
+        w_view = views.readonly(views.same_view(layout, w, axis))
+        m_view = _optional_view(layout, y, axis)
+        dx, dx_view, fresh = views.empty_like_layout(layout, x, axis)
+        dres, dres_view, _ = views.empty_like_layout(layout, x, axis) if dresidual else (None, None, False)
+        chosen = cpu_plan.choose(
+            "backward_train", layout, x_view.shape, x_view.itemsize, out_fresh=fresh, masked=y is not None
+        )
+        mean = np.ascontiguousarray(mean)
+        sum_dy, dotp = backward_reduce(chosen, dy_view, x_view, mean, m_view)
+        s = invstd.astype(np.float64)
+        some = wsum > 0
+        safe = np.where(some, wsum, 1.0)
+        a = np.where(some, sum_dy / safe, 0.0)
+        b = np.where(some, s * s * dotp / safe, 0.0)
+        scale = s * weight.astype(np.float64)
+        if y is not None:
+            # The ReLU's mask: dx is computed from g = dy where forward's output is > 0 (the sums above
+            # take the mask from m_view).  Applied on the caller's arrays, whose dtype compares as numbers.
+            dy_view = views.readonly(views.same_view(layout, np.where(y > 0, dy, np.zeros((), dy.dtype)), axis))
+        if dres_view is not None:
+            dres_view[...] = dy_view
+        kernel_ = weighted.weighted_dx_rows if layout == ROWS else weighted.weighted_dx_slab
+        with kernel_guard():
+            kernel_(dy_view, x_view, w_view, mean.astype(np.float64), a, b, scale, dx_view)
+        return dx, (dotp * s).astype(dtype), sum_dy.astype(dtype), dres
 
     @_ieee
     def fold(self, layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
