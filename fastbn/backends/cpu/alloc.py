@@ -79,6 +79,7 @@ import math
 import mmap
 import operator
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -423,9 +424,13 @@ class Pool:
                 raise
             evicted.clear()  # unmapping happens here, outside the lock
 
-    def _on_death(self, ref):
-        """Weak-reference callback: the ctypes buffer, hence every array on it, is gone."""
-        if self._live.pop(id(ref), None) is None:
+    def _on_death(self, ref, _finalizing=sys.is_finalizing):
+        """Weak-reference callback: the ctypes buffer, hence every array on it, is gone.
+
+        At interpreter exit, arrays die after the module globals this code uses (``bisect``) may have
+        been cleared; nothing needs filing then (``_finalizing`` is bound early for that reason).
+        """
+        if _finalizing() or self._live.pop(id(ref), None) is None:
             return
         self._returned.append(ref.block)
         self._settle()
