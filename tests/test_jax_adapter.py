@@ -1,6 +1,9 @@
-"""fastbn.jax.batch_norm against a pure jax.numpy implementation of the same formulas, in value
-and in gradient (with respect to every array argument), eagerly and under jit, grad and vmap.
-Skips only when jax is missing."""
+"""fastbn.jax against pure jax.numpy implementations of the same formulas: batch_norm in value and
+gradient (with respect to every array argument), eagerly and under jit, grad and vmap, and in
+second derivatives (Hessian-vector products, reverse over reverse, against forward over reverse
+and jax.hessian of the reference, float64); moments (channel axis or reduction axes, keepdims,
+weights, masks) and normalize (broadcastable parameters) in value, gradient and Hessian-vector
+products; merge_moments on uneven parts.  Skips only when jax is missing."""
 
 from __future__ import annotations
 
@@ -250,3 +253,326 @@ def test_errors_are_raised_when_tracing():
     # Eval with one value per channel is fine.
     y, _ = batch_norm(x[:1], running_mean=rm, running_var=rv, training=False)
     assert y.shape == (1, 3)
+
+
+# --- second derivatives of batch_norm ------------------------------------------------------------
+
+from fastbn.jax import merge_moments, moments, normalize  # noqa: E402
+
+
+def hvp_reverse(loss, args, vectors):
+    """Hessian-vector product by reverse over reverse (custom_vjp has no forward mode), jitted."""
+    argnums = tuple(range(len(args)))
+    grad = jax.grad(loss, argnums=argnums)
+
+    def directional(*a):
+        return sum(jnp.vdot(g, v) for g, v in zip(grad(*a), vectors))
+
+    return jax.jit(jax.grad(directional, argnums=argnums))(*args)
+
+
+def hvp_forward(loss, args, vectors):
+    """The same product by forward over reverse, for the plain jax.numpy references (jitted:
+    one compilation is cheaper than dispatching each of their many small operations)."""
+    argnums = tuple(range(len(args)))
+    return jax.jit(lambda *a: jax.jvp(jax.grad(loss, argnums=argnums), a, tuple(vectors))[1])(*args)
+
+
+def assert_hvp_close(got, expected, names):
+    for g, e, name in zip(got, expected, names):
+        g, e = np.asarray(g, np.float64), np.asarray(e, np.float64)
+        scale = max(float(np.max(np.abs(e))), 1.0)
+        np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-10 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_is_twice_differentiable(training):
+    # The loss is non-linear in y and in the running statistics, so every block of the Hessian
+    # (x with x, x with weight, the running statistics with x ...) is exercised.
+    with jax.enable_x64(True):
+        x, weight, bias, rm, rv = make_inputs((6, 3, 4), np.float64, 1, seed=7)
+        rng = np.random.default_rng(8)
+        y_weights = jnp.asarray(rng.normal(size=x.shape))
+        r_weights = jnp.asarray(rng.normal(size=(2, 3)))
+
+        def loss_of(fn, y_weights=y_weights):
+            def loss(x, weight, bias, rm, rv):
+                y, running = fn(x, weight, bias, rm, rv)
+                return (
+                    jnp.sum(jnp.sin(y) * y_weights)
+                    + jnp.sum(running[0] ** 2 * r_weights[0])
+                    + jnp.sum(running[1] ** 2 * r_weights[1])
+                )
+
+            return loss
+
+        settings = dict(training=training, momentum=0.3, eps=1e-4, axis=1)
+        args = (x, weight, bias, rm, rv)
+        vectors = tuple(jnp.asarray(rng.normal(size=a.shape)) for a in args)
+        got = jax.jit(lambda *a: hvp_reverse(loss_of(ours_with(settings)), a, vectors))(*args)
+        expected = hvp_forward(loss_of(lambda *a: reference(*a, **settings)), args, vectors)
+        assert_hvp_close(got, expected, ("x", "weight", "bias", "running_mean", "running_var"))
+        # And the full Hessian in x against jax.hessian of the reference, on a small case.
+        small, small_weights = x[:3, :, :2], y_weights[:3, :, :2]
+        f = lambda x: loss_of(ours_with(settings), small_weights)(x, weight, bias, rm, rv)  # noqa: E731
+        g = lambda x: loss_of(lambda *a: reference(*a, **settings), small_weights)(x, weight, bias, rm, rv)  # noqa: E731
+        np.testing.assert_allclose(
+            np.asarray(jax.jit(jax.jacrev(jax.jacrev(f)))(small)),
+            np.asarray(jax.jit(jax.hessian(g))(small)),
+            rtol=1e-9,
+            atol=1e-10,
+        )
+
+
+def ours_with(settings):
+    return lambda x, weight, bias, rm, rv: ours(x, weight, bias, rm, rv, **settings)
+
+
+def test_batch_norm_hessian_without_affine_or_running_statistics_channels_last():
+    with jax.enable_x64(True):
+        x, _, _, _, _ = make_inputs((5, 2, 3), np.float64, -1, seed=9)
+        v = jnp.asarray(np.random.default_rng(10).normal(size=x.shape))
+
+        def loss_of(fn):
+            return lambda x: jnp.sum(fn(x) ** 3)
+
+        ours_loss = loss_of(lambda x: batch_norm(x, axis=-1)[0])
+        ref_loss = loss_of(lambda x: reference(x, None, None, None, None, True, 0.1, 1e-5, -1)[0])
+        got = hvp_reverse(ours_loss, (x,), (v,))
+        expected = hvp_forward(ref_loss, (x,), (v,))
+        assert_hvp_close(got, expected, ("x",))
+
+
+# --- moments --------------------------------------------------------------------------------------
+
+
+def reference_moments(x, reduce, keepdims, weights):
+    stats = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    xs = x.astype(stats)
+    w = jnp.ones_like(xs) if weights is None else jnp.broadcast_to(weights, x.shape).astype(stats)
+    total = jnp.sum(w, axis=reduce, keepdims=True)
+    mean = jnp.sum(w * xs, axis=reduce, keepdims=True) / total
+    var = jnp.sum(w * (xs - mean) ** 2, axis=reduce, keepdims=True) / total
+    if not keepdims:
+        mean, var = jnp.squeeze(mean, reduce), jnp.squeeze(var, reduce)
+    return mean, var
+
+
+MOMENT_CASES = [
+    # shape, call arguments, reduction axes of the reference, weights shape (None: unweighted)
+    ((6, 3), dict(), (0,), None),
+    ((2, 3, 4, 5), dict(axes=(0, 2), keepdims=True), (0, 2), None),
+    ((4, 3, 5), dict(axes=0), (0,), None),  # two kept axes (H, W): one (3 * 5)-channel axis
+    ((3, 4, 5), dict(axes=1), (1,), None),  # kept axes 0 and 2: transposed first
+    ((7,), dict(axes=[0]), (0,), None),
+    ((6, 3, 4), dict(axis=-1), (0, 1), (6, 3, 1)),  # weights broadcast over the channels
+    ((6, 3, 4), dict(axes=(0, 2), keepdims=True), (0, 2), (6, 3, 4)),
+]
+
+
+@pytest.mark.parametrize("shape, kwargs, reduce, weights_shape", MOMENT_CASES)
+def test_moments_values_and_gradients_match_jax_numpy(shape, kwargs, reduce, weights_shape):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(11)
+        x = jnp.asarray(rng.normal(2.0, 3.0, shape))
+        weights = None if weights_shape is None else jnp.asarray(rng.uniform(0.0, 2.0, weights_shape))
+        keepdims = kwargs.get("keepdims", False)
+        mean, var = jax.jit(lambda x, w: moments(x, weights=w, **kwargs))(x, weights)
+        ref_mean, ref_var = reference_moments(x, reduce, keepdims, weights)
+        assert mean.shape == ref_mean.shape and mean.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(mean), np.asarray(ref_mean), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(var), np.asarray(ref_var), rtol=1e-12, atol=1e-12)
+
+        c_mean = jnp.asarray(rng.normal(size=mean.shape))
+        c_var = jnp.asarray(rng.normal(size=mean.shape))
+
+        def loss_of(fn):
+            def loss(x, w):
+                m, v = fn(x, w)
+                return jnp.sum(jnp.sin(m) * c_mean) + jnp.sum(v**2 * c_var)
+
+            return loss
+
+        ours_loss = loss_of(lambda x, w: moments(x, weights=w, **kwargs))
+        ref_loss = loss_of(lambda x, w: reference_moments(x, reduce, keepdims, w))
+        if weights is None:
+            got = jax.jit(jax.grad(ours_loss))(x, None)
+            want = jax.jit(jax.grad(ref_loss))(x, None)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-12)
+            v = jnp.asarray(rng.normal(size=shape))
+            got = hvp_reverse(lambda x: ours_loss(x, None), (x,), (v,))
+            expected = hvp_forward(lambda x: ref_loss(x, None), (x,), (v,))
+            assert_hvp_close(got, expected, ("x",))
+        else:
+            got = jax.jit(jax.grad(ours_loss, argnums=(0, 1)))(x, weights)
+            expected = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(x, weights)
+            for g, e, name in zip(got, expected, ("x", "weights")):
+                assert g.shape == e.shape, name
+                np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-10, atol=1e-12, err_msg=name)
+            vectors = (jnp.asarray(rng.normal(size=shape)), jnp.asarray(rng.normal(size=weights_shape)))
+            got = hvp_reverse(ours_loss, (x, weights), vectors)
+            expected = hvp_forward(ref_loss, (x, weights), vectors)
+            assert_hvp_close(got, expected, ("x", "weights"))
+
+
+def test_moments_mask_float32_vmap_and_edge_cases():
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.normal(size=(5, 4, 3)).astype(np.float32))
+    mask = jnp.asarray(rng.uniform(size=(5, 4)) < 0.6).at[0, 0].set(True)
+    # Keras's mask: x's shape without the channel axis.
+    mean, var = moments(x, axis=-1, mask=mask)
+    ref_mean, ref_var = reference_moments(x, (0, 1), False, mask[..., None].astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(ref_mean), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(var), np.asarray(ref_var), rtol=1e-5, atol=1e-6)
+    assert mean.dtype == jnp.float32
+    # float16 input: float32 statistics.
+    m16, _ = moments(x.astype(jnp.float16), axis=-1)
+    assert m16.dtype == jnp.float32
+    # vmap: each slice on its own.
+    mapped = jax.vmap(lambda s: moments(s, axes=0)[1])(x)
+    for i in range(x.shape[0]):
+        np.testing.assert_allclose(np.asarray(mapped[i]), np.var(np.asarray(x[i], np.float64), axis=0), rtol=1e-5)
+    # Zero total weight: 0 and 0 (TensorFlow's divide_no_nan); an empty batch: NaN.
+    m0, v0 = moments(x, axes=(0, 1), weights=jnp.zeros((5, 4, 3)).at[:, :, 1].set(1.0))
+    assert float(m0[0]) == 0.0 and float(v0[0]) == 0.0 and float(v0[1]) > 0
+    me, ve = moments(jnp.zeros((0, 3), jnp.float32), axes=0)
+    assert me.shape == (3,) and np.isnan(np.asarray(me)).all() and np.isnan(np.asarray(ve)).all()
+    # Traced weights cannot be checked when tracing: a negative one gives NaN, not a runtime error.
+    mn, vn = jax.jit(lambda w: moments(x, axes=(0, 1), weights=w))(jnp.ones(3).at[1].set(-1.0))
+    assert np.isnan(np.asarray(mn)).all() and np.isnan(np.asarray(vn)).all()
+
+
+def test_moments_errors_at_trace_time():
+    x = jnp.zeros((4, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"^axis, axes: "):
+        moments(x, 1, axes=0)
+    with pytest.raises(ValueError, match=r"^axes: 2 is out of range"):
+        jax.jit(lambda x: moments(x, axes=[0, 2]))(x)
+    with pytest.raises(ValueError, match=r"^axes: repeated"):
+        moments(x, axes=[0, -2])
+    with pytest.raises(TypeError, match=r"^axes: "):
+        moments(x, axes=0.5)
+    with pytest.raises(ValueError, match=r"^weights: shape \(5,\) does not broadcast"):
+        moments(x, axes=0, weights=jnp.ones(5))
+    with pytest.raises(TypeError, match=r"^mask: expected a bool array"):
+        moments(x, axes=0, mask=jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"^weights, mask: "):
+        moments(x, axes=0, weights=jnp.ones(3), mask=jnp.ones(3, bool))
+    with pytest.raises(TypeError, match=r"^x: expected dtype"):
+        moments(x.astype(jnp.int32), axes=0)
+    with pytest.raises(TypeError, match=r"^keepdims: "):
+        moments(x, axes=0, keepdims=1)
+
+
+# --- normalize ------------------------------------------------------------------------------------
+
+
+def reference_normalize(x, mean, var, weight, bias, eps, axis):
+    stats = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    shape = [1] * x.ndim
+    shape[axis] = -1
+
+    def per_channel(p):
+        return jnp.broadcast_to(p.reshape(-1), (x.shape[axis],)).astype(stats).reshape(shape)
+
+    y = (x.astype(stats) - per_channel(mean)) / jnp.sqrt(per_channel(var) + eps)
+    if weight is not None:
+        y = y * per_channel(weight)
+    if bias is not None:
+        y = y + per_channel(bias)
+    return y.astype(x.dtype)
+
+
+NORMALIZE_CASES = [
+    # shape, parameter shape, axis given to normalize (None: inferred), the channel axis, affine
+    ((6, 3), (3,), None, 1, True),
+    ((2, 4, 3, 3), (1, 1, 1, 3), None, 3, True),  # NHWC, broadcastable parameters, inferred axis
+    ((2, 3, 4, 5), (3, 1, 1), None, 1, False),  # NCHW with (C, 1, 1) parameters
+    ((5, 2, 3), (1, 1, 3), -1, 2, True),
+]
+
+
+@pytest.mark.parametrize("shape, param_shape, axis, channel_axis, affine", NORMALIZE_CASES)
+def test_normalize_values_and_gradients_match_jax_numpy(shape, param_shape, axis, channel_axis, affine):
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(13)
+        x = jnp.asarray(rng.normal(2.0, 3.0, shape))
+        mean = jnp.asarray(rng.normal(2.0, 1.0, param_shape))
+        var = jnp.asarray(rng.uniform(4.0, 9.0, param_shape))
+        weight = jnp.asarray(rng.uniform(0.5, 2.0, param_shape)) if affine else None
+        bias = jnp.asarray(rng.normal(size=param_shape)) if affine else None
+        y = jax.jit(lambda *a: normalize(*a, eps=1e-3, axis=axis))(x, mean, var, weight, bias)
+        expected = reference_normalize(x, mean, var, weight, bias, 1e-3, channel_axis)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        np.testing.assert_allclose(np.asarray(y), np.asarray(expected), rtol=1e-12, atol=1e-12)
+
+        y_weights = jnp.asarray(rng.normal(size=shape))
+        args = (x, mean, var) + ((weight, bias) if affine else ())
+
+        def loss_of(fn):
+            return lambda *a: jnp.sum(jnp.sin(fn(*a)) * y_weights)
+
+        ours_loss = loss_of(lambda *a: normalize(*a, eps=1e-3, axis=axis))
+        ref_loss = loss_of(lambda *a: reference_normalize(*(*a, None, None)[:5], 1e-3, channel_axis))
+        argnums = tuple(range(len(args)))
+        got = jax.jit(jax.grad(ours_loss, argnums=argnums))(*args)
+        want = jax.grad(ref_loss, argnums=argnums)(*args)
+        names = ("x", "mean", "var", "weight", "bias")
+        for g, e, name in zip(got, want, names):
+            assert g.shape == e.shape, name  # broadcast parameters: gradients of their own shape
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-10, atol=1e-10, err_msg=name)
+        vectors = tuple(jnp.asarray(rng.normal(size=a.shape)) for a in args)
+        assert_hvp_close(hvp_reverse(ours_loss, args, vectors), hvp_forward(ref_loss, args, vectors), names)
+
+
+def test_normalize_float16_parameters_of_any_float_dtype_and_errors():
+    rng = np.random.default_rng(14)
+    x = jnp.asarray(rng.normal(size=(8, 3)).astype(np.float16))
+    mean = jnp.asarray(rng.normal(size=3).astype(np.float16))
+    var = jnp.asarray(rng.uniform(1, 2, 3).astype(np.float16))
+    y = normalize(x, mean, var)
+    assert y.dtype == jnp.float16
+    expected = reference_normalize(x, mean, var, None, None, 1e-5, 1)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(expected, np.float32), rtol=2e-3, atol=2e-3)
+    gm = jax.grad(lambda m: jnp.sum(normalize(x, m, var).astype(jnp.float32)))(mean)
+    assert gm.dtype == jnp.float16 and gm.shape == (3,)
+    with pytest.raises(ValueError, match=r"^mean: expected shape \(3,\)"):
+        normalize(x, mean[:2], var)
+    with pytest.raises(ValueError, match=r"^var: expected shape \(3,\) or a shape broadcastable"):
+        normalize(x, mean, jnp.ones((8, 3)), axis=1)
+    with pytest.raises(ValueError, match=r"^mean, var: vary along axes"):
+        normalize(jnp.zeros((2, 3, 4)), jnp.ones((3, 1)), jnp.ones((1, 4)))
+    with pytest.raises(TypeError, match=r"^weight: expected a float array"):
+        normalize(x, mean, var, jnp.ones(3, jnp.int32))
+    with pytest.raises(ValueError, match=r"^eps: "):
+        jax.jit(lambda x: normalize(x, mean, var, eps=0.0))(x)
+
+
+# --- merging moments -----------------------------------------------------------------------------
+
+
+def test_merge_moments_is_exact_for_uneven_parts_and_differentiable():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(15)
+        sizes = (1, 0, 12)
+        parts = [jnp.asarray(rng.normal(3.0, 2.0, (n, 4))) for n in sizes]
+        whole = jnp.concatenate(parts)
+
+        def merged(parts):
+            stats = [moments(p, axes=0) if p.shape[0] else (jnp.full(4, jnp.nan), jnp.full(4, jnp.nan)) for p in parts]
+            counts = jnp.asarray([p.shape[0] for p in parts])
+            return merge_moments(counts, jnp.stack([s[0] for s in stats]), jnp.stack([s[1] for s in stats]))
+
+        count, mean, var = merged(parts)
+        assert float(count[0]) == sum(sizes)
+        np.testing.assert_allclose(np.asarray(mean), np.mean(np.asarray(whole), 0), rtol=1e-13)
+        np.testing.assert_allclose(np.asarray(var), np.var(np.asarray(whole), 0), rtol=1e-13)
+        # An equal-weight mean of the parts' means (what pmean does) is not the whole's mean here.
+        naive = np.mean([np.asarray(p).mean(0) for p in parts if p.shape[0]], axis=0)
+        assert np.max(np.abs(naive - np.asarray(mean))) > 1e-3
+        c = jnp.asarray(rng.normal(size=4))
+        got = jax.jit(jax.grad(lambda ps: jnp.sum(merged(ps)[2] * c) + jnp.sum(merged(ps)[1] ** 2)))(parts)
+        want = jax.grad(lambda w: jnp.sum(jnp.var(w, 0) * c) + jnp.sum(jnp.mean(w, 0) ** 2))(whole)
+        offsets = np.cumsum((0, *sizes))
+        for g, lo, hi in zip(got, offsets[:-1], offsets[1:]):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(want[lo:hi]), rtol=1e-11, atol=1e-12)
