@@ -12,6 +12,11 @@
 * :func:`convert` swaps every ``torch.nn.BatchNorm*d`` in a model for these;
   :func:`revert` swaps fastbn's back for torch's (ONNX, TorchScript, a
   machine without fastbn).
+* :func:`moments` and :func:`normalize` are ``tf.nn.moments`` (reduction
+  axes, ``keepdim``, ``weights``, ``mask``) and ``tf.nn.batch_normalization``
+  (broadcast parameter shapes) on torch tensors, differentiable twice in every
+  tensor, as the custom operators ``torch.ops.fastbn.moments`` and
+  ``torch.ops.fastbn.normalize`` (:mod:`fastbn.torch._stats`).
 * :class:`SyncBatchNorm` is a drop-in ``torch.nn.SyncBatchNorm`` (with
   ``convert_sync_batchnorm``): statistics of the global batch over a
   torch.distributed process group.  It runs on CPU tensors (gloo) too.
@@ -58,6 +63,7 @@ from fastbn.torch._modules import (
     convert,
     revert,
 )
+from fastbn.torch._stats import moments, normalize
 
 __all__ = [
     "BatchNorm1d",
@@ -76,5 +82,7 @@ __all__ = [
     "TorchBatchNormAddReLU",
     "batch_norm",
     "convert",
+    "moments",
+    "normalize",
     "revert",
 ]
