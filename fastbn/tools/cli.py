@@ -30,6 +30,10 @@
 ``readme``
     Splice the committed report fragments into README.md's generated
     sections; ``--check`` only compares (fastbn/tools/readme.py).
+``conventions``
+    How PyTorch's, Keras's, Flax's and TensorFlow's batch-norm conventions map
+    onto fastbn's, as a Markdown table (:mod:`fastbn.conventions`); ``--out``
+    writes it (docs/conventions.md, the README's Semantics table).
 ``precompile``
     Fill the CPU kernels' disk cache ahead of the first call, for the chosen
     dtypes, layouts, operations and fused forms, in parallel processes
@@ -172,6 +176,20 @@ def startup(args):
     return 0
 
 
+def conventions(args):
+    """Print the conventions table (:func:`fastbn.conventions.table`), or write it to ``--out``."""
+    from fastbn.conventions import table
+
+    text = table()
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        print(f"Wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv=None):
     """Entry point of ``python -m fastbn`` and of the ``fastbn`` command; returns the process exit code."""
     from fastbn.tools import bench, bench_fused, bench_torch, plan, precompile, ptx, readme, torch_suite
@@ -205,6 +223,9 @@ def main(argv=None):
     }
     readme.add_parser(commands)
     runs["readme"] = readme.run
+    conventions_parser = commands.add_parser("conventions", help="how each framework's conventions map onto fastbn's")
+    conventions_parser.add_argument("--out", help="write the Markdown table here (docs/conventions.md for the README)")
+    runs["conventions"] = conventions
     precompile.add_parser(commands)
     runs["precompile"] = precompile.run
     args = parser.parse_args(argv)

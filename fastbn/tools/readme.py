@@ -5,14 +5,16 @@ markers, ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``, and
 is a verbatim copy of a committed fragment file that the measuring command
 writes.  Edit the command or rerun it, never the README between markers:
 
-==========  ==================================  ================================================
-NAME        fragment                            written by
-==========  ==================================  ================================================
-bench       bench/results/README_snippet.md     ``python -m fastbn bench --out bench/results``
-startup     bench/results/startup.md            ``python -m fastbn startup``
-mlp         docs/train_mlp_results.md           ``python examples/train_mlp.py --summary
-                                                docs/train_mlp_results.md``
-==========  ==================================  ================================================
+============  ==================================  ================================================
+NAME          fragment                            written by
+============  ==================================  ================================================
+bench         bench/results/README_snippet.md     ``python -m fastbn bench --out bench/results``
+startup       bench/results/startup.md            ``python -m fastbn startup``
+mlp           docs/train_mlp_results.md           ``python examples/train_mlp.py --summary
+                                                  docs/train_mlp_results.md``
+conventions   docs/conventions.md                 ``python -m fastbn conventions --out
+                                                  docs/conventions.md``
+============  ==================================  ================================================
 
 ``python -m fastbn readme`` rewrites each marked section from its fragment;
 ``--check`` changes nothing and exits with status 1, naming the sections,
@@ -43,6 +45,7 @@ FRAGMENTS = {
     "bench": Fragment("bench/results/README_snippet.md", "python -m fastbn bench --out bench/results"),
     "startup": Fragment("bench/results/startup.md", "python -m fastbn startup"),
     "mlp": Fragment("docs/train_mlp_results.md", "python examples/train_mlp.py --summary docs/train_mlp_results.md"),
+    "conventions": Fragment("docs/conventions.md", "python -m fastbn conventions --out docs/conventions.md"),
 }
 
 _SECTION = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
