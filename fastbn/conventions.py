@@ -30,6 +30,11 @@ __all__ = ["FRAMEWORKS", "Framework", "table"]
 class Framework:
     """One framework's batch-norm conventions.
 
+    Examples
+    --------
+    >>> FRAMEWORKS["flax"].update, FRAMEWORKS["flax"].unbiased_running_var
+    ('new = m·old + (1 - m)·batch', False)
+
     Attributes
     ----------
     title : str
@@ -75,6 +80,11 @@ class Framework:
         """fastbn's (PyTorch's) momentum for this framework's ``momentum``: ``1 - m`` for a decay.
 
         Rounded to 12 digits, so that 0.99 maps to 0.01 and not 0.010000000000000009.
+
+        Examples
+        --------
+        >>> FRAMEWORKS["flax"].torch_momentum(0.9), FRAMEWORKS["tensorflow"].torch_momentum(0.3)
+        (0.1, 0.3)
         """
         return round(1.0 - momentum, 12) if self.decay else float(momentum)
 
@@ -141,7 +151,13 @@ FRAMEWORKS: dict[str, Framework] = {
 
 
 def table() -> str:
-    """The conventions as a Markdown table, one column per framework (the README's Semantics table)."""
+    """The conventions as a Markdown table, one column per framework (the README's Semantics table).
+
+    Examples
+    --------
+    >>> print(table().splitlines()[3])
+    | running-statistics update | new = (1 - m)·old + m·batch | new = m·old + (1 - m)·batch | ...
+    """
     columns = list(FRAMEWORKS.values())
     rows = [
         ("fastbn's drop-in", [f.fastbn for f in columns]),

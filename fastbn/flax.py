@@ -4,33 +4,33 @@ The module takes ``flax.linen.BatchNorm``'s arguments, with their defaults
 and meanings, and keeps its variables exactly as Flax does: ``params``
 ``{'scale', 'bias'}`` and ``batch_stats`` ``{'mean', 'var'}``, of the feature
 shape, so variables (checkpoints) of one load into the other and training
-code carries over unchanged.  How Flax's conventions map onto fastbn's:
+code carries over unchanged.    How Flax's conventions map onto fastbn's:
 
-============================  ===============================================
-Flax                          fastbn
-============================  ===============================================
-``axis`` (int or tuple)       the channel axis; several feature axes are
-                              flattened into one channel axis (a reshape, or
-                              a transpose where they are not adjacent) and
-                              restored afterwards
-``use_running_average=False`` ``training=True``: batch statistics
-``use_running_average=True``  ``training=False`` with the running statistics
-``momentum=0.99``             PyTorch's ``momentum=0.01``: the update
-                              ``ra = momentum * ra + (1 - momentum) * batch``
-                              is Flax's, done here in jax.numpy
-``batch_stats['var']``        the BIASED batch variance (Flax's); fastbn's own
-                              running variance is the unbiased one
-``epsilon``                   ``eps``
-``scale``, ``bias``           ``weight``, ``bias``
-``use_fast_variance``         accepted and ignored: fastbn never computes
-                              ``E[x^2] - E[x]^2`` (two passes, or blocks
-                              merged with Chan's formula)
-``axis_name``                 local fastbn moments, ``lax.all_gather`` of
-                              ``(count, mean, var)`` and an exact merge
-                              (:func:`fastbn.jax.merge_moments`), where Flax
-                              averages ``E[x]`` and ``E[x^2]`` with equal
-                              weights
-============================  ===============================================
+==============================  ===============================================
+Flax                            fastbn
+==============================  ===============================================
+``axis`` (int or tuple)         the channel axis; several feature axes are
+                                flattened into one channel axis (a reshape, or
+                                a transpose where they are not adjacent) and
+                                restored afterwards
+``use_running_average=False``   ``training=True``: batch statistics
+``use_running_average=True``    ``training=False`` with the running statistics
+``momentum=0.99``               PyTorch's ``momentum=0.01``: the update
+                                ``ra = momentum * ra + (1 - momentum) * batch``
+                                is Flax's, done here in jax.numpy
+``batch_stats['var']``          the BIASED batch variance (Flax's); fastbn's own
+                                running variance is the unbiased one
+``epsilon``                     ``eps``
+``scale``, ``bias``             ``weight``, ``bias``
+``use_fast_variance``           accepted and ignored: fastbn never computes
+                                ``E[x^2] - E[x]^2`` (two passes, or blocks
+                                merged with Chan's formula)
+``axis_name``                   local fastbn moments, ``lax.all_gather`` of
+                                ``(count, mean, var)`` and an exact merge
+                                (:func:`fastbn.jax.merge_moments`), where Flax
+                                averages ``E[x]`` and ``E[x^2]`` with equal
+                                weights
+==============================  ===============================================
 
 Importing this module imports flax; ``import fastbn`` alone never does.
 """

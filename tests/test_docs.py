@@ -31,10 +31,19 @@ MODULES = {
     "fastbn.torch._functional": "torch",
     "fastbn.torch._modules": "torch",
     "fastbn.jax": "jax",
+    "fastbn.torch._stats": "torch",
+    "fastbn.flax": "flax",
+    "fastbn.conventions": None,
 }
 
 # The public packages whose __all__ lists the documented names; exceptions are documented without examples.
-PUBLIC = {"fastbn": None, "fastbn.torch": "torch", "fastbn.jax": "jax"}
+PUBLIC = {
+    "fastbn": None,
+    "fastbn.torch": "torch",
+    "fastbn.jax": "jax",
+    "fastbn.flax": "flax",
+    "fastbn.conventions": None,
+}
 
 FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
 
