@@ -17,7 +17,8 @@ from a process group.
 compiles nothing.  Kernels compile on first use and are cached on disk.
 """
 
-from fastbn._api import Saved, backward, fold, forward, moments, normalize
+from fastbn._api import Saved, backward, forward
+from fastbn._steps import fold, moments, normalize
 from fastbn._sync import Collectives
 from fastbn.backends.cpu.alloc import empty_cache
 from fastbn.backends.cpu.threads import threading_layer

@@ -51,9 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import dtypes, initializers
 
+from fastbn._jax_stats import _flat, _to3
 from fastbn._validate import stats_dtype
 from fastbn.conventions import FRAMEWORKS
-from fastbn.jax import _flat, _to3, batch_norm, merge_moments, moments, normalize
+from fastbn.jax import batch_norm, merge_moments, moments, normalize
 
 __all__ = ["BatchNorm"]
 
@@ -79,7 +80,7 @@ def _feature_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
 
 
 def _restore(y3: Any, flat: Any, shape: tuple[int, ...]) -> Any:
-    """Undo :func:`fastbn.jax._to3`: back to x's shape (and order)."""
+    """Undo :func:`fastbn._jax_stats._to3`: back to x's shape (and order)."""
     if flat.perm is None:
         return y3.reshape(shape)
     permuted = tuple(shape[i] for i in flat.perm)
