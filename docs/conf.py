@@ -9,10 +9,14 @@ only if torch and JAX are installed, and mocked otherwise.
 """
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# fastbn.keras imports keras, which imports its backend: JAX, quietly (TensorFlow logs to stderr at import).
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import fastbn
 
@@ -24,7 +28,7 @@ release = version = fastbn.__version__
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.viewcode", "numpydoc"]
 
 # Optional frameworks: documented from their docstrings even where they are not installed.
-autodoc_mock_imports = [name for name in ("torch", "jax") if importlib.util.find_spec(name) is None]
+autodoc_mock_imports = [name for name in ("torch", "jax", "flax", "keras") if importlib.util.find_spec(name) is None]
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"  # numpydoc's Parameters sections already give the types
 

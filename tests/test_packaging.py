@@ -222,6 +222,8 @@ _TRAIN_DP = str(ROOT / "examples" / "train_data_parallel.py")
     [
         (["jax"], IMPORT.format(module="fastbn.jax"), "jax"),
         (["torch"], IMPORT.format(module="fastbn.torch"), "torch"),
+        (["flax"], IMPORT.format(module="fastbn.flax"), "flax"),
+        (["keras"], IMPORT.format(module="fastbn.keras"), "keras"),
         (["numba_cuda"], IMPORT.format(module="fastbn.backends.cuda.ops"), "cuda"),
         (["mpi4py"], EXAMPLE.format(script=_TRAIN_DP, call="namespace['main']([])"), "mpi"),
         (["tqdm"], EXAMPLE.format(script=_TRAIN_MLP, call="namespace['main'](['--out', 'OUT'])"), "examples"),
@@ -232,7 +234,7 @@ _TRAIN_DP = str(ROOT / "examples" / "train_data_parallel.py")
             "examples",
         ),
     ],
-    ids=["jax", "torch", "numba-cuda", "mpi4py", "tqdm", "scikit-learn", "matplotlib"],
+    ids=["jax", "torch", "flax", "keras", "numba-cuda", "mpi4py", "tqdm", "scikit-learn", "matplotlib"],
 )
 def test_a_missing_dependency_names_its_extra(tmp_path, hidden, code, extra):
     """Importing a part whose optional dependency is missing is a ModuleNotFoundError naming the extra."""

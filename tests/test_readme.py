@@ -178,6 +178,15 @@ def _run_child(code, block, **env):
     return proc.stdout
 
 
+# The Keras block's check, run in its child: the model trained, the weights moved into Keras's layer.
+_KERAS_EPILOGUE = """
+assert len(history.history["loss"]) == 2 and all(np.isfinite(history.history["loss"]))
+for ours, theirs in zip(model.layers[1].get_weights(), their_layer.get_weights()):
+    assert np.array_equal(ours, theirs)
+assert not np.allclose(model.layers[1].get_weights()[2], 0)  # the moving mean was updated
+"""
+
+
 # ------------------------------------------------------ what a block made ---
 def _check_use(ns):
     x, y, dx = ns["x"], ns["y"], ns["dx"]
@@ -204,6 +213,22 @@ def _check_jax(ns):
     assert ns["dx"].shape == ns["x"].shape and ns["new_mean"].shape == (16,)
 
 
+def _check_tf_style(ns):
+    h, seq, mask = ns["h"], ns["seq"], ns["mask"]
+    assert np.allclose(ns["batch_mean"], h.mean(0), atol=1e-6) and np.allclose(ns["batch_var"], h.var(0), atol=1e-5)
+    assert ns["bn"].shape == h.shape and ns["mean"].shape == (3,)
+    assert np.allclose(ns["mean"], seq[mask].mean(0), atol=1e-6)
+    assert ns["dx"].shape == seq.shape
+    w = np.broadcast_to(ns["w"], h.shape)
+    assert np.allclose(ns["weighted_mean"], (w * h).sum(0) / w.sum(0), atol=1e-5)
+
+
+def _check_flax(ns):
+    x = ns["x"]
+    assert ns["y"].shape == ns["y_eval"].shape == x.shape and ns["hvp"].shape == x.shape
+    assert set(ns["updates"]["batch_stats"]) == {"mean", "var"}
+
+
 def _check_layer(ns):
     assert ns["dx"].shape == ns["x"].shape
     assert set(ns["state"]) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
@@ -216,6 +241,8 @@ CHECKS = {
     "PyTorch": _check_torch,
     "JAX": _check_jax,
     "A layer for custom trainers": _check_layer,
+    "TensorFlow-style: reduction axes, broadcast parameters, weights and masks": _check_tf_style,
+    "Flax": _check_flax,
 }
 
 
@@ -234,6 +261,8 @@ def test_python_block_runs(block):
         assert "numba-cuda (simulator)" in _run_child(code, block, NUMBA_ENABLE_CUDASIM="1")
     elif "mpi4py" in modules:
         _run_child(block.code, block)
+    elif "keras" in modules:  # Keras fixes its backend at import: a child process, on JAX
+        _run_child(block.code + _KERAS_EPILOGUE, block, KERAS_BACKEND="jax")
     else:
         namespace = {"__name__": "__readme__"}
         exec(compile(block.code, f"README.md:{block.line}", "exec"), namespace)
