@@ -219,7 +219,10 @@ def forward(
     # Checked on the global count, which every process sees alike, so all
     # processes raise together and none is left waiting in a collective.
     if total == 0:
-        raise ValueError("x: empty batch on every process")
+        # Empty on every process (all see it alike): as without a group, an empty output and the
+        # running statistics left alone.
+        nan = np.full(channels, np.nan, dtype)
+        return np.empty(tuple(x.shape), x.dtype), nan, nan.copy(), 0
     if training and total == 1:
         raise ValueError("x: Expected more than 1 value per channel when training, got 1 over all processes")
     y, mean, invstd = pieces.normalize_with_stats(x, axis, dtype, mean64, var64, weight, bias, eps)
@@ -247,6 +250,8 @@ def backward(
     data-parallel gradient all-reduce sums them.
     """
     channels = x.shape[axis]
+    if total == 0:  # every process was empty in forward (it returned before any collective; so here)
+        return np.empty(tuple(x.shape), x.dtype), np.zeros(channels, dtype), np.zeros(channels, dtype)
     sum_dy, dotp = pieces.backward_sums(dy, x, axis, mean)
     returned = collectives.allreduce_sum(np.concatenate((sum_dy, dotp)))
     try:

@@ -122,8 +122,9 @@ def channel_parameter(value: Any, name: str, shape: tuple[int, ...], axis: int, 
     array = np.asarray(value)
     if array.dtype.kind != "f" and str(array.dtype) != "bfloat16":
         raise TypeError(f"{name}: expected a floating array, got dtype {array.dtype}")
-    if array.shape == (channels,):
-        return np.ascontiguousarray(array, dtype=dtype)
+    with np.errstate(over="ignore"):  # beyond the statistics dtype's range rounds to +-inf, as a cast does
+        if array.shape == (channels,):
+            return np.ascontiguousarray(array, dtype=dtype)
     padded = (1,) * (len(shape) - array.ndim) + tuple(array.shape)
     fits = array.ndim <= len(shape) and all(n == 1 or (i == axis and n == channels) for i, n in enumerate(padded))
     if not fits:
@@ -132,7 +133,8 @@ def channel_parameter(value: Any, name: str, shape: tuple[int, ...], axis: int, 
             f"the channel axis {axis}, got {array.shape}"
         )
     per_channel = array.reshape(padded[axis]) if padded[axis] == channels else np.full(channels, array.reshape(()))
-    return np.ascontiguousarray(per_channel, dtype=dtype)
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(per_channel, dtype=dtype)
 
 
 def kept_shape(shape: tuple[int, ...], reduced: tuple[int, ...], keepdims: bool) -> tuple[int, ...]:
@@ -147,5 +149,3 @@ def as_rows(array: Any, reduced: tuple[int, ...]) -> Any:
     kept = [i for i in range(array.ndim) if i not in reduced]
     moved = np.moveaxis(array, kept, list(range(array.ndim - len(kept), array.ndim)))
     return moved.reshape(math.prod(array.shape[i] for i in reduced), math.prod(array.shape[i] for i in kept))
-
-

@@ -334,11 +334,18 @@ def _float64_only(names=()):
     return rule
 
 
-def input_variants(a, *, required=True, names=(), same_dtype_as=None):
+def _expecting(expect, names=()):
+    """Variant keywords for ``expect``: an expectation (OK, ERROR, EITHER), or a rule deciding it from the call."""
+    return dict(rule=expect) if callable(expect) else dict(expect=expect, names=names)
+
+
+def input_variants(a, *, required=True, names=(), same_dtype_as=None, empty_batch=ERROR):
     """Variants of an x-shaped array that fastbn only reads (x, dy, y, residual, layer_weight).
 
     ``same_dtype_as``: the dtype the argument must have (residual, dy and y must match x), None for x
-    itself; ``names``: other arguments an error may name (a mismatch can be blamed on either side).
+    itself; ``names``: other arguments an error may name (a mismatch can be blamed on either side);
+    ``empty_batch``: what ``a[:0]`` must give, an expectation or a rule (an empty batch is valid input
+    of forward, moments and normalize, but where axis 0 is the channel axis it has no channels).
     """
     out = [Variant(label, make(a), OK) for label, make in READ_LAYOUTS.items()]
     out += [Variant(label, make(a), OK) for label, make in ND_LAYOUTS.items()]
@@ -363,7 +370,7 @@ def input_variants(a, *, required=True, names=(), same_dtype_as=None):
     out.append(Variant("structured", structured(a), ERROR, names))
     out += [Variant(dt, _retyped(a, dt), ERROR, names) for dt in BAD_DTYPES]
     out.append(Variant("other_float", a.astype(other_float(a.dtype)), ERROR, names))
-    out.append(Variant("empty_batch", np.asarray(a)[:0], ERROR, names))
+    out.append(Variant("empty_batch", np.asarray(a)[:0], **_expecting(empty_batch, names)))
     out.append(Variant("ragged_list", [[1.0, 2.0], [3.0]], ERROR, names))
     if same_dtype_as is not None:
         out.append(
@@ -373,8 +380,14 @@ def input_variants(a, *, required=True, names=(), same_dtype_as=None):
     return out
 
 
-def vector_variants(v, *, required=False, names=(), sdtype=None):
-    """Variants of a per-channel vector that fastbn only reads (weight, bias, mean, var, fold's arguments)."""
+def vector_variants(v, *, required=False, names=(), sdtype=None, rule=None):
+    """Variants of a per-channel vector that fastbn only reads (weight, bias, mean, var, fold's arguments).
+
+    The fixed expectations are those of a strict parameter: exactly ``(C,)`` in ``sdtype`` (forward's,
+    backward's and fold's).  ``rule``: a parameter that takes more (normalize's: any floating dtype, any
+    shape broadcasting along the channel axis); every variant the strict rule refuses, a ragged list
+    besides, is then decided by ``rule`` from the whole call (``None`` for an optional one stays fine).
+    """
     sdtype = np.dtype(sdtype or v.dtype)
     c = v.shape[0]
     out = [Variant(label, make(v), OK) for label, make in READ_LAYOUTS.items()]
@@ -400,6 +413,11 @@ def vector_variants(v, *, required=False, names=(), sdtype=None):
     out.append(Variant("column", v.reshape(c, 1), ERROR, names))
     out.append(Variant("0d", v[0], ERROR, names))
     out.append(Variant("python_float", 1.0, ERROR, names))
+    if rule is not None:
+        out.append(Variant("ragged_list", [[1.0, 2.0], [3.0]], ERROR, names))
+        for variant in out:
+            if variant.expect == ERROR and variant.label != "none":
+                variant.rule = rule
     return out
 
 
@@ -505,8 +523,12 @@ OPTION_VARIANTS = {
 }
 
 
-def axis_variants(axis, ndim):
-    """The channel axis: the same axis the other way round is fine, anything else is refused."""
+def axis_variants(axis, ndim, none=ERROR):
+    """The channel axis: the same axis the other way round is fine, anything else is refused.
+
+    ``none``: what ``axis=None`` must give, an expectation or a rule (moments and normalize take it
+    for their default channel axis 1; forward, backward and fold refuse it).
+    """
     other = axis - ndim if axis >= 0 else axis + ndim
     return [
         Variant("other_sign", other, OK),
@@ -516,7 +538,7 @@ def axis_variants(axis, ndim):
         Variant("too_negative", -ndim - 1),
         Variant("float", float(axis)),
         Variant("str", str(axis)),
-        Variant("none", None),
+        Variant("none", None, **_expecting(none)),
         Variant("bool", True),
         Variant("huge", 10**400),
         Variant("list", [axis]),

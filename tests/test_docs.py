@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The modules that define the public names, each with the frameworks it needs.
 MODULES = {
     "fastbn._api": None,
+    "fastbn._steps": None,
     "fastbn.layer": None,
     "fastbn._sync": None,
     "fastbn.backends.cpu.alloc": None,
@@ -31,8 +32,10 @@ MODULES = {
     "fastbn.torch._functional": "torch",
     "fastbn.torch._modules": "torch",
     "fastbn.jax": "jax",
+    "fastbn._jax_stats": "jax",
     "fastbn.torch._stats": "torch",
     "fastbn.flax": "flax",
+    "fastbn.keras": "keras",
     "fastbn.conventions": None,
 }
 
@@ -42,6 +45,7 @@ PUBLIC = {
     "fastbn.torch": "torch",
     "fastbn.jax": "jax",
     "fastbn.flax": "flax",
+    "fastbn.keras": "keras",
     "fastbn.conventions": None,
 }
 

@@ -3,12 +3,15 @@ statistics left bit-for-bit untouched whenever they were passed."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 import fastbn
 
-from strategies import BFLOAT16, stats_dtype
+from oracle import oracle_normalize
+from strategies import BFLOAT16, assert_close, output_tol, stats_dtype, stats_tol, y_scale
 
 DTYPES = [np.float16, BFLOAT16, np.float32, np.float64]
 DTYPE_IDS = ["float16", "bfloat16", "float32", "float64"]
@@ -96,8 +99,6 @@ FORWARD_ERRORS = [
     ("running_var-read-only", ValueError, "running_var", _set(running_var=lambda a: _read_only(a["running_var"]))),
     ("only-running_mean", ValueError, "running_(mean|var)", _set(running_var=None)),
     ("only-running_var", ValueError, "running_(mean|var)", _set(running_mean=None)),
-    ("empty-batch", ValueError, "x", _set(x=lambda a: a["x"][:0])),
-    ("empty-batch-eval", ValueError, "x", _set(x=lambda a: a["x"][:, :, :0], training=False)),
     (
         "no-channels",
         ValueError,
@@ -110,6 +111,21 @@ FORWARD_ERRORS = [
             running_var=lambda a: a["running_var"][:0],
         ),
     ),
+    (  # an empty batch is fine, but not one without channels
+        "no-channels-empty-batch",
+        ValueError,
+        "x",
+        _set(
+            x=lambda a: a["x"][:0, :0],
+            weight=None,
+            bias=None,
+            running_mean=lambda a: a["running_mean"][:0],
+            running_var=lambda a: a["running_var"][:0],
+        ),
+    ),
+    ("empty-batch-eps-zero", ValueError, "eps", _set(x=lambda a: a["x"][:0], eps=0.0)),
+    ("empty-batch-residual-shape", ValueError, "residual", _set(x=lambda a: a["x"][:0], residual=lambda a: a["x"])),
+    ("empty-batch-weight-short", ValueError, "weight", _set(x=lambda a: a["x"][:0], weight=lambda a: a["weight"][:-1])),
     ("one-value-NC", ValueError, ONE_VALUE, _set(x=lambda a: a["x"][:1, :, 0])),
     ("one-value-NCHW", ValueError, ONE_VALUE, _set(x=lambda a: a["x"][:1, :, :1, None])),
     (
@@ -203,6 +219,54 @@ def test_forward_rejects(case, dtype):
     with pytest.raises(exc, match=pattern):
         fastbn.forward(x, args.pop("weight"), args.pop("bias"), **args)
     _assert_unchanged(snapshot)
+
+
+# (id, change to the good arguments): empty batches, accepted as in PyTorch and TensorFlow (they used to be refused)
+FORWARD_EMPTY = [
+    ("empty-batch", _set(x=lambda a: a["x"][:0])),
+    ("empty-batch-eval", _set(x=lambda a: a["x"][:, :, :0], training=False)),
+    ("empty-batch-no-running", _set(x=lambda a: a["x"][:0], running_mean=None, running_var=None)),
+    ("empty-batch-eval-no-running", _set(x=lambda a: a["x"][:0], training=False, running_mean=None, running_var=None)),
+    ("empty-batch-momentum-one", _set(x=lambda a: a["x"][:0], momentum=1.0)),
+    ("empty-batch-no-parameters", _set(x=lambda a: a["x"][:0], weight=None, bias=None)),
+    ("empty-batch-channels-last", _set(x=lambda a: np.ascontiguousarray(a["x"][:0].transpose(0, 2, 1)), axis=-1)),
+    ("empty-batch-channel-axis-0", _set(x=lambda a: np.ascontiguousarray(a["x"][:0].transpose(1, 0, 2)), axis=0)),
+    ("empty-batch-ghost", _set(x=lambda a: a["x"][:0], virtual_batch_size=2)),  # one empty group
+    ("empty-length-ghost", _set(x=lambda a: a["x"][:, :, :0], virtual_batch_size=2)),
+    ("empty-batch-renorm", _set(x=lambda a: a["x"][:0], renorm=(3.0, 5.0))),
+    (
+        "empty-batch-relu-residual",
+        _set(x=lambda a: a["x"][:0], activation="relu", residual=lambda a: a["x"][:0].copy()),
+    ),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", FORWARD_EMPTY, ids=[c[0] for c in FORWARD_EMPTY])
+def test_forward_accepts_an_empty_batch(case, dtype):
+    """An empty output of x's shape and dtype, NaN statistics in the Saved (a mean over no elements), the
+    running statistics bit-for-bit as they were, in training too; backward then gives an empty dx (and
+    dresidual) and zero dweight and dbias (sums over no elements)."""
+    _, change = case
+    args = change(good_forward_args(dtype))
+    snapshot = _snapshot(args["running_mean"], args["running_var"])
+    x, weight = args.pop("x"), args.pop("weight")
+    axis = args["axis"]
+    y, saved = fastbn.forward(x, weight, args.pop("bias"), **args)
+    assert type(y) is np.ndarray and y.shape == x.shape and y.dtype == x.dtype
+    _assert_unchanged(snapshot)
+    sd, channels = stats_dtype(dtype), x.shape[axis]
+    for stat in (saved.mean, saved.invstd):
+        assert stat.dtype == sd and stat.shape == (channels,) and np.isnan(stat).all(), stat
+    assert saved.batch_stats == (args["training"] or args["running_mean"] is None)
+    grads = fastbn.backward(
+        np.ones_like(x), x, weight, saved, axis=axis, y=y if args.get("activation") == "relu" else None
+    )
+    assert len(grads) == (3 if args.get("residual") is None else 4)
+    for dx in (grads[0], *grads[3:]):  # dx, dresidual
+        assert dx.shape == x.shape and dx.dtype == x.dtype
+    for g in grads[1:3]:  # dweight, dbias
+        assert g.shape == (channels,) and g.dtype == sd and not g.any(), g
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -355,7 +419,8 @@ MOMENTS_ERRORS = [
     ("axis-out-of-range", ValueError, "axis", dict(x=np.ones((4, C)), axis=2)),
     ("axis-too-negative", ValueError, "axis", dict(x=np.ones((4, C)), axis=-3)),
     ("axis-str", TypeError, "axis", dict(x=np.ones((4, C)), axis="0")),
-    ("empty", ValueError, "x", dict(x=np.ones((0, C)))),
+    ("no-channels", ValueError, "x", dict(x=np.ones((4, 0)))),
+    ("no-channels-empty-batch", ValueError, "x", dict(x=np.ones((0, 0)))),
 ]
 
 
@@ -364,6 +429,28 @@ def test_moments_rejects(case):
     _, exc, argument, kwargs = case
     with pytest.raises(exc, match=names(argument)):
         fastbn.moments(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "shape, axis", [((0, C), 1), ((0, C), None), ((4, C, 0), 1), ((C, 0), 0), ((0, 2, C), -1)], ids=str
+)
+def test_moments_of_an_empty_batch_are_nan(shape, axis, dtype):
+    """An empty batch (used to be refused): NaN mean and variance per channel, as NumPy and TensorFlow give."""
+    mean, var = fastbn.moments(np.ones(shape, dtype), axis=axis)
+    for stat in (mean, var):
+        assert stat.dtype == stats_dtype(dtype) and stat.shape == (shape[1 if axis is None else axis],)
+        assert np.isnan(stat).all(), stat
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_axis_none_is_the_default_channel_axis_1(dtype):
+    """moments and normalize take axis=None for their default channel axis, 1 (it used to be refused)."""
+    args = good_normalize_args(dtype)
+    x, params = args["x"], [args[k] for k in ("mean", "var", "weight", "bias")]
+    for a, b in zip(fastbn.moments(x, axis=None), fastbn.moments(x, axis=1)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fastbn.normalize(x, *params, axis=None), fastbn.normalize(x, *params, axis=1))
 
 
 def good_normalize_args(dtype):
@@ -379,20 +466,25 @@ def good_normalize_args(dtype):
     )
 
 
+# x is (4, C, 5) with channel axis 1: parameters are (C,), or broadcast to x varying along axis 1 only
 NORMALIZE_ERRORS = [
     ("x-int", TypeError, "x", _set(x=lambda a: a["x"].astype(np.int16))),
     ("x-1d", ValueError, "x", _set(x=lambda a: a["x"][0, 0], axis=0)),
     ("axis-out-of-range", ValueError, "axis", _set(axis=-4)),
+    ("no-channels", ValueError, "x", _set(x=lambda a: a["x"][:, :0])),
     ("mean-shape", ValueError, "mean", _reshape("mean", lambda c: (c + 1,))),
-    ("mean-dtype", TypeError, "mean", _retype("mean")),
-    ("var-shape", ValueError, "var", _reshape("var", lambda c: (c, 1))),
-    ("var-dtype", TypeError, "var", _retype("var")),
+    ("mean-int", TypeError, "mean", _retype("mean", np.int64)),
+    ("var-shape", ValueError, "var", _reshape("var", lambda c: (c, 2))),  # varies along the last axis too
+    ("var-bool", TypeError, "var", _set(var=lambda a: a["var"] > 0)),
+    ("var-negative", ValueError, "var", _set(var=lambda a: -a["var"])),
     ("weight-shape", ValueError, "weight", _reshape("weight", lambda c: (c - 1,))),
-    ("weight-dtype", TypeError, "weight", _retype("weight")),
-    ("bias-dtype", TypeError, "bias", _retype("bias", np.float16)),
+    ("weight-row", ValueError, "weight", _reshape("weight", lambda c: (1, c))),  # C on the last axis, not axis 1
+    ("weight-complex", TypeError, "weight", _retype("weight", np.complex64)),
+    ("bias-int", TypeError, "bias", _retype("bias", np.int32)),
+    ("bias-more-axes-than-x", ValueError, "bias", _reshape("bias", lambda c: (1, c, 1, 1))),
     ("eps-zero", ValueError, "eps", _set(eps=0.0)),
     ("eps-nan", ValueError, "eps", _set(eps=float("nan"))),
-    ("empty", ValueError, "x", _set(x=lambda a: a["x"][:0])),
+    ("empty-batch-mean-shape", ValueError, "mean", _set(x=lambda a: a["x"][:0], mean=lambda a: a["mean"][:-1])),
 ]
 
 
@@ -403,6 +495,63 @@ def test_normalize_rejects(case, dtype):
     args = change(good_normalize_args(dtype))
     with pytest.raises(exc, match=names(argument)):
         fastbn.normalize(args.pop("x"), args.pop("mean"), args.pop("var"), args.pop("weight"), args.pop("bias"), **args)
+
+
+def _matrix(a):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.asmatrix(a)
+
+
+def _all_parameters(f):
+    return lambda a: {**a, **{k: f(a[k]) for k in ("mean", "var", "weight", "bias")}}
+
+
+# (id, change to the good arguments): what normalize now accepts (as TensorFlow and Keras do) and used to refuse
+NORMALIZE_ACCEPTED = [
+    ("mean-other-float", _retype("mean")),
+    ("var-other-float", _retype("var")),
+    ("weight-other-float", _retype("weight")),
+    ("bias-float16", _retype("bias", np.float16)),
+    ("mean-bfloat16", _retype("mean", BFLOAT16)),
+    ("var-column", _reshape("var", lambda c: (c, 1))),  # (C, 1) of (N, C, L): along axis 1
+    ("keepdims", _all_parameters(lambda p: p.reshape(1, -1, 1))),
+    ("lists", _all_parameters(lambda p: p.tolist())),
+    ("scalars", _set(mean=0.5, var=np.float16(2.0), weight=np.array(1.5), bias=[0.25])),
+    (
+        "channels-last-row",
+        lambda a: _all_parameters(lambda p: p.reshape(1, -1))(
+            {**a, "x": np.ascontiguousarray(a["x"].transpose(0, 2, 1)), "axis": -1}
+        ),
+    ),
+    ("nc-matrix-row", _set(x=lambda a: a["x"][:, :, 0], weight=lambda a: _matrix(a["weight"]))),
+    ("empty-batch", _set(x=lambda a: a["x"][:0])),
+    ("empty-length", _set(x=lambda a: a["x"][:, :, :0], mean=lambda a: a["mean"].reshape(-1, 1))),
+    ("axis-none", _set(axis=None)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", NORMALIZE_ACCEPTED, ids=[c[0] for c in NORMALIZE_ACCEPTED])
+def test_normalize_accepts(case, dtype):
+    """Any floating parameters, rounded to the stats dtype; shapes that broadcast along the channel axis; empty
+    batches (an empty output); axis=None for axis 1: the result is the oracle's for the per-channel values."""
+    _, change = case
+    args = change(good_normalize_args(dtype))
+    x, params = args.pop("x"), [args.pop(k) for k in ("mean", "var", "weight", "bias")]
+    y = fastbn.normalize(x, *params, **args)
+    assert type(y) is np.ndarray and y.shape == x.shape and y.dtype == x.dtype
+    if x.size == 0:
+        return
+    axis = 1 if args["axis"] is None else args["axis"]
+    sd, channels = stats_dtype(dtype), x.shape[axis]
+    # each case's parameter holds one value or C, in channel order: as (C,), rounded to the stats dtype
+    mean, var, w, b = (np.broadcast_to(np.asarray(p, np.float64).reshape(-1), (channels,)).astype(sd) for p in params)
+    eps = args["eps"]
+    expected = oracle_normalize(x, mean, var, w, b, eps=eps, axis=axis)
+    invstd = 1.0 / np.sqrt(var.astype(np.float64) + eps)
+    scale = y_scale(x, mean, invstd, w, b, axis, stats_tol(dtype))
+    assert_close(y, expected, output_tol(dtype), scale=scale, what="y")
 
 
 # --------------------------------------------------------------------------- fold

@@ -293,3 +293,27 @@ def test_normalize_refuses_parameters_that_vary_off_the_channel_axis():
         fastbn.normalize(x, np.ones((1, 5, 3), np.float32), np.ones(3, np.float32), axis=-1)
     with pytest.raises(TypeError, match="var: expected a floating array"):
         fastbn.normalize(x, np.ones(3, np.float32), np.ones(3, np.int64), axis=-1)
+
+
+class _OneProcess:
+    """A process group of one (fastbn.Collectives): what a one-process run of data-parallel training has."""
+
+    def allgather(self, vector):
+        return [np.asarray(vector)]
+
+    def allreduce_sum(self, vector):
+        return np.asarray(vector)
+
+
+def test_an_empty_batch_on_every_process_is_an_empty_batch():
+    # As without a process group: an empty output, the running statistics left alone, zero gradients.
+    x = np.zeros((0, 3), np.float32)
+    rm, rv = np.full(3, 0.5, np.float32), np.full(3, 2.0, np.float32)
+    y, saved = fastbn.forward(x, running_mean=rm, running_var=rv, process_group=_OneProcess())
+    assert y.shape == x.shape and saved.count == 0
+    np.testing.assert_array_equal(rm, 0.5)
+    np.testing.assert_array_equal(rv, 2.0)
+    dx, dweight, dbias = fastbn.backward(x, x, None, saved)
+    assert dx.shape == x.shape and not np.shares_memory(dweight, dbias)
+    np.testing.assert_array_equal(dweight, 0)
+    np.testing.assert_array_equal(dbias, 0)
