@@ -1,21 +1,27 @@
-"""CPU benchmarks: fastbn against NumPy, PyTorch and the memory roofline (see conftest.py for the command).
+"""CPU benchmarks: fastbn against its peers and the memory roofline (see conftest.py for the command).
 
 The matrix, the inputs and the implementations come from fastbn/tools/cases.py, the
 same table ``python -m fastbn bench`` reports from, so the two never disagree
-about what is measured.  Each fastbn benchmark records in ``extra_info`` the
-minimal DRAM traffic of its operation (in tensor passes and bytes) so that
-GB/s and the fraction of the roofline can be read off the copy benchmark of the
-same group.
+about what is measured: fastbn and each peer (NumPy, PyTorch, JAX, Flax,
+TensorFlow; a peer not installed is skipped, with the reason), the default
+shapes including one per layout beyond the last-level cache.  Each benchmark
+records in ``extra_info`` the minimal traffic of its operation (in tensor
+passes and bytes) so that GB/s and the fraction of the roofline can be read
+off the copy benchmarks of the same group: the three copies of
+fastbn/tools/roofline.py (one-thread ``np.copyto``, all-core ordinary and
+non-temporal stores), whose fastest is the roofline.
 """
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
-from fastbn.backends.cpu.machine import machine
-from fastbn.tools import bench, cases
+from fastbn.backends.cpu.machine import machine, memory_bytes
+from fastbn.tools import bench, cases, peers
 
-SHAPES = [cases.parse_shape(spec) for spec in cases.DEFAULT_SHAPES]
+SHAPES = cases.default_shapes(machine().l3_bytes, memory_bytes())
 CASES = cases.build_cases(cases.OPERATIONS, SHAPES, cases.DTYPES)
 ROUNDS = 15
 WARMUP = 3
@@ -41,12 +47,16 @@ def case(request):
     return request.param
 
 
-@pytest.mark.parametrize("library", ["fastbn", "numpy", "torch"])
+@pytest.mark.parametrize("library", ["fastbn", *cases.PEERS])
 def test_operation(benchmark, case, library):
-    if library == "torch":
-        pytest.importorskip("torch")
+    if library != "fastbn":
+        installed, why = peers.status(library)
+        if not installed:
+            pytest.skip(f"{cases.LIBRARY_NAMES[library]} is absent: {why}")
     data = _data(case)
     function = cases.LIBRARIES[library](case.operation, data)
+    if function is None:
+        pytest.skip(f"{cases.LIBRARY_NAMES[library]} has no counterpart of {case.operation}")
     benchmark.group = _group(case)
     benchmark.pedantic(function, rounds=ROUNDS, warmup_rounds=WARMUP)
     passes = cases.minimal_passes(case, machine().core_cache_bytes)
@@ -55,16 +65,22 @@ def test_operation(benchmark, case, library):
     )
 
 
-def test_roofline_copy(benchmark, case):
-    """np.copyto into an existing array: the bandwidth the roofline is measured at (read + write)."""
+@pytest.mark.parametrize("kernel", range(3), ids=["np.copyto", "prange-copy", "non-temporal-copy"])
+def test_roofline_copy(benchmark, case, kernel):
+    """The three copies of fastbn/tools/roofline.py on the tensor: the fastest is the roofline (read + write)."""
     import numpy as np
 
+    from fastbn.tools import roofline
+
     data = _data(case)
+    src, dst = data.x.reshape(-1).view(np.uint8), data.copy_target.reshape(-1).view(np.uint8)
+    copies = (np.copyto, roofline.parallel_copy, roofline.parallel_stream_copy)
+    function = functools.partial(copies[kernel], dst, src)
     benchmark.group = _group(case)
-    benchmark.pedantic(np.copyto, args=(data.copy_target, data.x), rounds=ROUNDS, warmup_rounds=WARMUP)
+    benchmark.pedantic(function, rounds=ROUNDS, warmup_rounds=WARMUP)
     passes = cases.minimal_passes(case, machine().core_cache_bytes)
-    # roofline time = passes / 2 * this benchmark's time (a copy moves 2 tensor passes)
-    benchmark.extra_info.update({"library": "np.copyto", "copy_passes": 2, "operation_min_passes": passes})
+    # roofline time = passes / 2 * the fastest copy's time (a copy moves 2 tensor passes)
+    benchmark.extra_info.update({"library": roofline.COPIES[kernel], "copy_passes": 2, "operation_min_passes": passes})
 
 
 def test_compile_time(benchmark):

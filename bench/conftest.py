@@ -1,13 +1,14 @@
 """pytest configuration for the benchmarks in bench/ (not part of the default test run).
 
-Run the CPU benchmarks (fastbn, NumPy, PyTorch and the np.copyto roofline, every
-operation and shape of the performance matrix) with::
+Run the CPU benchmarks (fastbn, its peers -- NumPy, PyTorch, JAX, Flax and
+TensorFlow, each skipped with the reason when absent -- and the roofline's three
+copies, every operation and shape of the performance matrix) with::
 
     python -m pytest bench --benchmark-only -p no:cacheprovider
 
 and compare the groups in pytest-benchmark's table (``--benchmark-group-by=group``
 is the default here: one group per operation, shape and dtype).  Select a part
-with ``-k``, e.g. ``-k "forward_train and 64x64x56x56"``.  PyTorch is optional:
+with ``-k``, e.g. ``-k "forward_train and 64x64x56x56"``.  Every peer is optional:
 without it, its benchmarks are skipped.  bench/bench_gpu.py (CUDA) skips itself
 on a machine without a GPU.
 

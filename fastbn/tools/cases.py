@@ -114,6 +114,34 @@ _LAYOUT_NAMES = {
 }
 
 
+def beyond_cache_shapes(l3_bytes, memory=None, factor=4):
+    """One NCHW and one NHWC shape whose float32 tensor is ``factor`` times the last-level cache, or more.
+
+    ``(N, 64, 56, 56)`` and ``(N, 56, 56, 64)`` with N a multiple of 8, so
+    that the fastest any call can be is set by DRAM, not by cache, on this
+    machine; at most a 48th of ``memory`` (bytes, when known) per tensor,
+    since the benchmark holds a dozen tensor-sized arrays at once (inputs,
+    outputs, the peers' copies) and other processes share the machine.
+    """
+    per_image = 64 * 56 * 56 * 4
+    target = factor * int(l3_bytes)
+    if memory:
+        target = min(target, int(memory) // 48)
+    images = -(-target // per_image)  # rounded up
+    batch = max(8, -(-images // 8) * 8)
+    return [Shape((batch, 64, 56, 56), 1), Shape((batch, 56, 56, 64), -1)]
+
+
+def default_shapes(l3_bytes, memory=None):
+    """:data:`DEFAULT_SHAPES`, and each shape of :func:`beyond_cache_shapes` whose layout has none as large."""
+    shapes = [parse_shape(spec) for spec in DEFAULT_SHAPES]
+    for extra in beyond_cache_shapes(l3_bytes, memory):
+        big = math.prod(extra.dims) * 4
+        if not any(s.channels_last == extra.channels_last and math.prod(s.dims) * 4 >= big for s in shapes):
+            shapes.append(extra)
+    return shapes
+
+
 def describe_shape(dims, axis=1):
     """A shape as a report writes it: ``64x56x56x64 NHWC``, or ``8x4x6, channels on axis 0``.
 
@@ -334,7 +362,38 @@ def _torch_callable(operation, data):
     raise ValueError(operation)
 
 
-LIBRARIES = {"fastbn": _fastbn_callable, "numpy": _numpy_callable, "torch": _torch_callable}
+def _peer(name):
+    """The factory of a peer of :mod:`fastbn.tools.peers`, imported when first called."""
+
+    def factory(operation, data):
+        from fastbn.tools import peers
+
+        return peers.FACTORIES[name](operation, data)
+
+    return factory
+
+
+LIBRARIES = {
+    "fastbn": _fastbn_callable,
+    "numpy": _numpy_callable,
+    "torch": _torch_callable,
+    "jax": _peer("jax"),
+    "flax": _peer("flax"),
+    "tensorflow": _peer("tensorflow"),
+}
+
+#: fastbn's peers, in the order the report lists them; a factory may return None (no counterpart).
+PEERS = ("numpy", "torch", "jax", "flax", "tensorflow")
+
+#: The names people read.
+LIBRARY_NAMES = {
+    "fastbn": "fastbn",
+    "numpy": "NumPy",
+    "torch": "PyTorch",
+    "jax": "JAX",
+    "flax": "Flax",
+    "tensorflow": "TensorFlow",
+}
 
 
 def reused_output_callable(operation, data):

@@ -11,8 +11,18 @@ import sys
 
 import numpy as np
 
-from fastbn.tools.cases import MB, describe_label
-from fastbn.tools.report import _NAMES, _shape_cell, _sweep_name, chart_machine
+from fastbn.tools.cases import LIBRARY_NAMES, PEERS, describe_label
+from fastbn.tools.report import _NAMES, _shape_cell, _sweep_name, chart_machine, sweep_columns
+
+#: One colour per library, the same in every chart.
+COLORS = {
+    "fastbn": "#1f77b4",
+    "torch": "#d62728",
+    "numpy": "#7f7f7f",
+    "jax": "#2ca02c",
+    "flax": "#bcbd22",
+    "tensorflow": "#ff7f0e",
+}
 
 
 # ---------------------------------------------------------------- charts ---
@@ -47,11 +57,11 @@ def write_charts(out_dir, results, libraries, sizes, threads, info=None):
     # or the label, however few rows there are.
     fig, ax = plt.subplots(figsize=(9, 0.55 * len(results) + 2.6), layout="constrained")
     positions = np.arange(len(results))
-    series = [("fastbn", "fastbn_ms", "#1f77b4")]
-    if "torch" in libraries:
-        series.append(("PyTorch", "torch_ms", "#d62728"))
-    if "numpy" in libraries:
-        series.append(("NumPy", "numpy_ms", "#7f7f7f"))
+    series = [
+        (LIBRARY_NAMES[name], f"{name}_ms", COLORS[name])
+        for name in ("fastbn", *PEERS)
+        if name in libraries and any(r.get(f"{name}_ms") for r in results)
+    ]
     height = 0.8 / len(series)
     for k, (name, key, color) in enumerate(series):
         values = [r.get(key, np.nan) for r in results]
@@ -63,7 +73,7 @@ def write_charts(out_dir, results, libraries, sizes, threads, info=None):
         s=300,
         color="black",
         zorder=3,
-        label="roofline (minimal DRAM traffic)",
+        label="roofline (minimal traffic at the best copy bandwidth)",
     )
     ax.scatter(
         [r["roofline_alloc_ms"] for r in results],
@@ -79,14 +89,14 @@ def write_charts(out_dir, results, libraries, sizes, threads, info=None):
     ax.set_xscale("log")
     _plain_log_ticks(ax.xaxis)
     ax.set_xlabel("time per call, ms (median; log scale; shorter is faster)")
-    title = "Batch norm on the CPU: fastbn, PyTorch, NumPy and the memory roofline"
+    title = "Batch norm on the CPU: fastbn, its peers and the memory roofline"
     fig.suptitle(title + (f"\n{machine_text}" if machine_text else ""), fontsize=9)
     fig.legend(fontsize=8, loc="outside lower center", ncol=3)
     ax.grid(axis="x", alpha=0.3, which="both")
     path = os.path.join(out_dir, "bench.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    charts.append(("fastbn, PyTorch and NumPy against the roofline", path))
+    charts.append(("fastbn and its peers against the roofline", path))
 
     if sizes or threads:
         panels = [p for p in (sizes, threads) if p]
@@ -96,28 +106,29 @@ def write_charts(out_dir, results, libraries, sizes, threads, info=None):
         if sizes:
             ax = axes[panel]
             panel += 1
-            megabytes = np.array([p["bytes"] / MB for p in sizes])
-            for name in [k for k in sizes[0] if k not in ("channels", "bytes")]:
-                style = "--" if name.startswith("torch") or name == "copy" else "-"
+            kilobytes = np.array([p["bytes"] / 1e3 for p in sizes])
+            for name in sweep_columns(sizes):
+                library = name.split(" ")[0]
                 ax.plot(
-                    megabytes,
-                    [p[name] for p in sizes],
-                    style,
+                    kilobytes,
+                    [p.get(name, np.nan) for p in sizes],
+                    "--" if "+" in name else "-",
                     marker="o",
                     markersize=3,
-                    label=_sweep_name(name) + (" (roofline pace)" if name == "copy" else ""),
+                    color=COLORS.get(library),
+                    label=_sweep_name(name),
                 )
-            reference = np.array([megabytes[0], megabytes[-1]])
-            ref_time = sizes[-1]["forward_train"] * reference / megabytes[-1]
-            ax.plot(reference, ref_time, ":", color="black", label="linear growth")
+            if info and info.get("l3_bytes"):
+                ax.axvline(info["l3_bytes"] / 1e3, color="black", alpha=0.4, linewidth=1)
+                ax.text(info["l3_bytes"] / 1e3, ax.get_ylim()[1], " LLC", fontsize=7, va="top")
             ax.set_xscale("log")
             ax.set_yscale("log")
             _plain_log_ticks(ax.xaxis)
             _plain_log_ticks(ax.yaxis)
-            ax.set_xlabel("tensor size, MB (float32 80xCx56x56 NCHW; log scale)")
+            ax.set_xlabel("tensor size, KB (float32 Nx64; log scale)")
             ax.set_ylabel("time per call, ms (median; log scale)")
-            ax.set_title("Time against tensor size", fontsize=10)
-            ax.legend(fontsize=7)
+            ax.set_title("Per-call time against tensor size (solid: forward; dashed: forward + backward)", fontsize=9)
+            ax.legend(fontsize=6, ncol=2)
             ax.grid(alpha=0.3, which="both")
         if threads:
             ax = axes[panel]
