@@ -160,3 +160,106 @@ def test_printed_plan_is_what_the_kernels_ran(dims, axis, dtype):
     for ran in seen:
         first, kernels = ran.describe().splitlines()[:2]
         assert (first.strip(), kernels.strip()) in printed_plans, (ran.describe(), printed)
+
+
+# ------------------------------------------------ machine constants from the machine (issue 17, item 6) ---
+def _fake_machine(root, caches, flags):
+    """A sysfs cache folder with ``caches`` ((level, type, size, shared_cpu_list) each) and a cpuinfo with ``flags``."""
+    sysfs = root / "cache"
+    sysfs.mkdir()
+    for index, (level, kind, size, shared) in enumerate(caches):
+        folder = sysfs / f"index{index}"
+        folder.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+            (folder / name).write_text(f"{value}\n")
+    cpuinfo = root / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Fake CPU 9000\nflags\t\t: " + " ".join(flags) + "\n\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: sse2\n"
+    )
+    return str(sysfs), str(cpuinfo)
+
+
+def test_machine_reads_extensions_vector_width_and_where_each_fact_came_from(tmp_path):
+    sysfs, cpuinfo = _fake_machine(
+        tmp_path,
+        [(1, "Data", "48K", "0"), (2, "Unified", "2048K", "0"), (3, "Unified", "64M", "0-7")],
+        ["fpu", "sse2", "avx", "avx2", "avx512f", "avx512_fp16"],
+    )
+    facts = read(sysfs, cpuinfo)
+    assert facts.model == "Fake CPU 9000"  # the first CPU's, not the last one's
+    assert facts.extensions == ("avx2", "avx512f", "avx512_fp16")
+    assert facts.vector_bytes == 64
+    assert facts.origin("l2_bytes") == f"{sysfs}/index1/size"
+    assert facts.origin("l3_sharers") == f"{sysfs}/index2/shared_cpu_list" and facts.l3_sharers == 8
+    assert facts.origin("vector_bytes").startswith(cpuinfo)
+    # without AVX-512 the stores are 32 bytes, without AVX 16; the derived constants follow the caches
+    for flags, width in ((["sse2", "avx", "avx2"], 32), (["sse2"], 16)):
+        folder = tmp_path / f"w{width}"
+        folder.mkdir()
+        assert read(*_fake_machine(folder, [(1, "Data", "32K", "0")], flags)).vector_bytes == width
+    assert plan.stream_chunk(facts) == 2048  # 48 KiB / 16 = 3072, rounded down to a power of two
+    assert plan.nontemporal_bytes(facts) == 64 << 20
+    assert plan.fuse_bytes(facts) == ((2 << 20) + (64 << 20) // 8) * 2 // 3
+
+
+def test_machine_fallbacks_are_stated_when_sysfs_and_cpuinfo_are_absent(tmp_path):
+    facts = read(str(tmp_path / "no-sysfs"), str(tmp_path / "no-cpuinfo"))
+    assert facts.guessed == ("L1", "L2", "L3")
+    assert (facts.l1d_bytes, facts.l2_bytes, facts.l3_bytes, facts.l3_sharers) == (
+        32 << 10,
+        512 << 10,
+        8 << 20,
+        facts.cores,
+    )
+    assert facts.extensions == () and facts.vector_bytes == 32
+    assert all(facts.origin(name) == "fallback" for name in ("l1d_bytes", "l3_bytes", "extensions", "vector_bytes"))
+    assert plan.stream_chunk(facts) == 2048 and plan.nontemporal_bytes(facts) == 8 << 20
+
+
+@pytest.mark.parametrize(
+    "l1d, chunk", [(16 << 10, 1024), (32 << 10, 2048), (64 << 10, 4096), (1 << 10, 512), (1 << 20, 8192)]
+)
+def test_stream_chunk_is_half_the_l1d_in_float64_within_bounds(l1d, chunk):
+    facts = Machine(model="t", cores=2, l1d_bytes=l1d, l2_bytes=1 << 20, l3_bytes=8 << 20, l3_sharers=2)
+    assert plan.stream_chunk(facts) == chunk
+
+
+def test_plan_prints_the_constants_it_resolved_and_from_where(tmp_path):
+    from fastbn.tools import plan as plan_tool
+
+    sysfs, cpuinfo = _fake_machine(tmp_path, [(1, "Data", "64K", "0"), (3, "Unified", "16M", "0-1")], ["avx", "avx2"])
+    lines = "\n".join(plan_tool.constants(read(sysfs, cpuinfo)))
+    assert f"L1d 64 KiB: {sysfs}/index0/size" in lines
+    assert "L2 512 KiB per core: fallback" in lines  # no L2 in the fake tree
+    assert f"L3 16 MiB shared by 2 CPUs: {sysfs}/index1/size" in lines
+    assert "non-temporal vector store 32 bytes: " + cpuinfo in lines and "vector extensions avx2:" in lines
+    assert "non-temporal scratch chunk 4096 elements" in lines and "non-temporal stores from 16 MiB" in lines
+    # the command prints this machine's, which are what the kernels were compiled with
+    from fastbn.backends.cpu import nontemporal
+    from fastbn.backends.cpu.machine import machine
+
+    text = plan_tool.report((8, 4, 6, 6), 1, np.float32)
+    assert "Machine constants" in text and f"non-temporal scratch chunk {plan.STREAM_CHUNK} elements" in text
+    assert plan.stream_chunk(machine()) == plan.STREAM_CHUNK and machine().vector_bytes == nontemporal._VECTOR_BYTES
+    assert f"non-temporal vector store {machine().vector_bytes} bytes" in text
+
+
+def test_stream_copy_writes_the_same_bytes_at_every_vector_width(monkeypatch):
+    """The vector width is compiled into the kernels and a kernel cached on disk keeps the width it was compiled
+    with: every width the machine can report must write the same bytes (here compiled afresh, uncached)."""
+    import numba
+
+    from fastbn.backends.cpu import nontemporal
+
+    rng = np.random.default_rng(3)
+    src = rng.standard_normal(1000).astype(np.float32)
+    for width in (16, 32, 64):
+        monkeypatch.setattr(nontemporal, "_VECTOR_BYTES", width)
+        copy = numba.njit(nontemporal.stream_copy.py_func)
+        for start, stop in ((0, 1000), (3, 517), (16, 16), (1, 2)):
+            dst = np.zeros(1000, np.float32)
+            copy(dst[start:stop], src[start:stop])
+            expected = np.zeros(1000, np.float32)
+            expected[start:stop] = src[start:stop]
+            assert np.array_equal(dst, expected), (width, start, stop)

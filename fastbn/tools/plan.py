@@ -61,6 +61,57 @@ def plans(dims, axis, dtype, *, relu=False):
     return found
 
 
+def _size(nbytes):
+    return f"{nbytes / 2**20:.3g} MiB" if nbytes >= 1 << 20 else f"{nbytes / 1024:.3g} KiB"
+
+
+def constants(facts):
+    """Lines naming every machine constant of the CPU backend: its value, and where it came from.
+
+    Three kinds (see :mod:`fastbn.backends.cpu.plan`): the machine's facts
+    and what is derived from them, each with the file it was read from or
+    ``fallback``; the numerical constants, the same on every machine because
+    they fix which elements are summed in which order (each checked against
+    this machine's caches); and the measured thresholds, which no cache size
+    sets.
+    """
+    from fastbn.backends.cpu import alloc
+    from fastbn.backends.cpu import plan as cpu_plan
+
+    def where(*facts_used):
+        return " + ".join(dict.fromkeys(facts.origin(name) for name in facts_used))
+
+    share = facts.core_cache_bytes
+    chunk = cpu_plan.stream_chunk(facts)
+    extensions = ", ".join(facts.extensions) or "none of " + "/".join(("avx2", "avx512f", "avx512_bf16", "avx512_fp16"))
+    lines = [
+        "Machine constants (value, and where it came from):",
+        f"  L1d {_size(facts.l1d_bytes)}: {where('l1d_bytes')}",
+        f"  L2 {_size(facts.l2_bytes)} per core: {where('l2_bytes')}",
+        f"  L3 {_size(facts.l3_bytes)} shared by {facts.l3_sharers} CPUs: {where('l3_bytes', 'l3_sharers')}",
+        f"  vector extensions {extensions}: {where('extensions')}",
+        f"  a core's share of cache {_size(share)}: L2 + L3 / sharers",
+        f"  fused budget {_size(cpu_plan.fuse_bytes(facts))}: two thirds of a core's share of cache",
+        f"  non-temporal stores from {_size(cpu_plan.nontemporal_bytes(facts))} of output: the L3",
+        f"  non-temporal vector store {facts.vector_bytes} bytes: {where('vector_bytes')} "
+        "(64 with avx512f, 32 with avx, else 16; fallback 32)",
+        f"  non-temporal scratch chunk {chunk} elements: half the L1d in float64, a power of two in 512..8192"
+        + ("" if chunk == cpu_plan.STREAM_CHUNK else f" (the kernels of this process have {cpu_plan.STREAM_CHUNK})"),
+        "Fixed on every machine, since they fix the order of the sums (so results agree across machines):",
+        f"  pieces of {cpu_plan.MIN_PIECE}..{cpu_plan.MAX_PIECE} elements ({_size(cpu_plan.MAX_PIECE * 4)} of float32"
+        f"{', within the L1d' if facts.l1d_bytes >= cpu_plan.MAX_PIECE * 4 else ', larger than the L1d'})",
+        f"  row blocks of {cpu_plan.BLOCK_ELEMENTS} elements ({_size(cpu_plan.BLOCK_ELEMENTS * 4)} of float32"
+        f"{', within the L2' if facts.l2_bytes >= cpu_plan.BLOCK_ELEMENTS * 4 else ', larger than the L2'}); "
+        f"at most {cpu_plan.MAX_CHUNKS} chunks of partial sums",
+        "Measured, set by no cache size:",
+        f"  runs of {_size(cpu_plan.RUN_BYTES)} for the prefetchers; fusing from runs of "
+        f"{_size(cpu_plan.FUSE_RUN_BYTES)}; at least {cpu_plan.MIN_TASKS} fused tasks; streamed tasks of "
+        f"{_size(cpu_plan.TASK_BYTES)}",
+        f"  output pool from {_size(alloc.THRESHOLD)}, in blocks of {_size(alloc.GRANULE)} (the x86-64 huge page)",
+    ]
+    return lines
+
+
 def report(dims, axis, dtype, *, relu=False):
     """The text ``python -m fastbn plan`` prints."""
     from fastbn.backends.cpu import plan as cpu_plan
@@ -75,6 +126,8 @@ def report(dims, axis, dtype, *, relu=False):
         f"Fused budget {cpu_plan.fuse_bytes(facts) / 2**20:.1f} MiB per task (two thirds of a core's "
         f"share of cache); non-temporal stores from {cpu_plan.nontemporal_bytes(facts) / 2**20:.1f} MiB of "
         "output (the L3).",
+        "",
+        *constants(facts),
         "",
     ]
     for name, first, recycled in plans(dims, axis, dtype, relu=relu):

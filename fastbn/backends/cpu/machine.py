@@ -18,7 +18,15 @@ fact               why the plan needs it                           fallback
 ``l3_bytes``       the last-level cache: larger outputs are        8 MiB
                    written around it (non-temporal stores)
 ``l3_sharers``     CPUs sharing the L3: a core's share of it       ``cores``
+``extensions``     reported: which of avx2, avx512f, avx512_bf16,  none
+                   avx512_fp16 ``/proc/cpuinfo`` lists
+``vector_bytes``   width of the non-temporal vector stores: 64     32
+                   with avx512f, 32 with avx, 16 without (from
+                   the same flags)
 =================  ==============================================  ==========
+
+Where each fact came from (a sysfs file, ``/proc/cpuinfo``, or the fallback)
+is kept in :attr:`Machine.origins`, which ``python -m fastbn plan`` prints.
 
 :func:`memory_bytes` (RAM, or the cgroup's limit) sizes the output pool's cap.
 """
@@ -33,6 +41,10 @@ import os
 __all__ = ["Machine", "machine", "memory_bytes"]
 
 _CACHE_ROOT = "/sys/devices/system/cpu/cpu0/cache"
+_CPUINFO = "/proc/cpuinfo"
+
+#: The vector extensions the report names, in this order, when ``/proc/cpuinfo`` lists them.
+EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +59,16 @@ class Machine:
     l3_sharers: int
     #: Which figures came from the fallbacks rather than from the machine.
     guessed: tuple[str, ...] = ()
+    #: Which of :data:`EXTENSIONS` the CPU has.
+    extensions: tuple[str, ...] = ()
+    #: Bytes of one vector store of the non-temporal store path.
+    vector_bytes: int = 32
+    #: ``(fact, where it was read)`` pairs: a sysfs file, ``/proc/cpuinfo``, or ``"fallback"``.
+    origins: tuple[tuple[str, str], ...] = ()
+
+    def origin(self, fact: str) -> str:
+        """Where ``fact`` (a field name) was read, or ``"fallback"``; ``"given"`` for a Machine made by hand."""
+        return dict(self.origins).get(fact, "given" if not self.origins else "fallback")
 
     @property
     def core_cache_bytes(self) -> int:
@@ -84,9 +106,9 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
-def _caches(root: str) -> dict[tuple[int, str], tuple[int, int]]:
-    """(level, type) -> (bytes, sharing CPUs) of cpu0's caches; empty where sysfs is unreadable."""
-    found: dict[tuple[int, str], tuple[int, int]] = {}
+def _caches(root: str) -> dict[tuple[int, str], tuple[int, int, str]]:
+    """(level, type) -> (bytes, sharing CPUs, index folder) of cpu0's caches; empty where sysfs is unreadable."""
+    found: dict[tuple[int, str], tuple[int, int, str]] = {}
     try:
         entries = sorted(os.listdir(root))
     except OSError:
@@ -102,21 +124,44 @@ def _caches(root: str) -> dict[tuple[int, str], tuple[int, int]]:
             sharers = count_cpus(_read(os.path.join(path, "shared_cpu_list")))
         except (OSError, ValueError):
             continue
-        found[level, kind] = (size, max(1, sharers))
+        found[level, kind] = (size, max(1, sharers), entry)
     return found
 
 
-def _model() -> str:
+def _cpuinfo(path: str) -> tuple[str | None, set[str] | None]:
+    """The model name and the flags of the first CPU in ``path`` (``/proc/cpuinfo``); None where absent."""
+    model, flags = None, None
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key in ("flags", "Features") and flags is None:
+                    flags = set(value.split())
+                if model is not None and flags is not None:
+                    break
     except OSError:
         pass
-    import platform
+    return model, flags
 
-    return platform.processor() or platform.machine() or "unknown CPU"
+
+def vector_width(flags: set[str] | None) -> int:
+    """Bytes of the widest vector store the flags allow: 64 (avx512f), 32 (avx), 16 (sse2 or none); 32 unknown.
+
+    The non-temporal store path (:mod:`fastbn.backends.cpu.nontemporal`)
+    streams a line as 64 / this many stores.  Every value is correct (a
+    store wider than the compile target's registers is split by LLVM), so a
+    kernel cached under another reading still writes the same bytes.
+    """
+    if flags is None:
+        return 32
+    if "avx512f" in flags:
+        return 64
+    if "avx" in flags:
+        return 32
+    return 16
 
 
 def _cores() -> int:
@@ -142,30 +187,53 @@ def memory_bytes() -> int | None:
     return min(sizes) if sizes else None
 
 
-def read(root: str = _CACHE_ROOT) -> Machine:
-    """Read the machine's facts (:func:`machine` caches this); ``root`` is the sysfs cache folder."""
+def read(root: str = _CACHE_ROOT, cpuinfo: str = _CPUINFO) -> Machine:
+    """Read the machine's facts (:func:`machine` caches this).
+
+    ``root`` is the sysfs cache folder (cpu0's ``cache``), ``cpuinfo`` the
+    file with the model name and flags; tests point both at fake trees.
+    """
     caches = _caches(root)
     guessed = []
+    origins = []
 
-    def cache(level: int, kinds: tuple[str, ...], fallback: int) -> tuple[int, int | None]:
+    def cache(fact: str, level: int, kinds: tuple[str, ...], fallback: int) -> tuple[int, int | None]:
         for kind in kinds:
             if (level, kind) in caches:
-                return caches[level, kind]
+                size, sharers, entry = caches[level, kind]
+                origins.append((fact, os.path.join(root, entry, "size")))
+                return size, sharers
         guessed.append(f"L{level}")
+        origins.append((fact, "fallback"))
         return fallback, None
 
     cores = _cores()
-    l1d, _ = cache(1, ("Data", "Unified"), 32 << 10)
-    l2, _ = cache(2, ("Unified", "Data"), 512 << 10)
-    l3, sharers = cache(3, ("Unified",), 8 << 20)
+    l1d, _ = cache("l1d_bytes", 1, ("Data", "Unified"), 32 << 10)
+    l2, _ = cache("l2_bytes", 2, ("Unified", "Data"), 512 << 10)
+    l3, sharers = cache("l3_bytes", 3, ("Unified",), 8 << 20)
+    if sharers is not None:
+        origins.append(("l3_sharers", dict(origins)["l3_bytes"].replace("size", "shared_cpu_list")))
+    else:
+        origins.append(("l3_sharers", "fallback"))
+    model, flags = _cpuinfo(cpuinfo)
+    origins.append(("model", cpuinfo if model is not None else "fallback"))
+    if model is None:
+        import platform
+
+        model = platform.processor() or platform.machine() or "unknown CPU"
+    origins.append(("extensions", cpuinfo if flags is not None else "fallback"))
+    origins.append(("vector_bytes", f"{cpuinfo} flags" if flags is not None else "fallback"))
     return Machine(
-        model=_model(),
+        model=model,
         cores=cores,
         l1d_bytes=l1d,
         l2_bytes=l2,
         l3_bytes=l3,
         l3_sharers=sharers or cores,
         guessed=tuple(guessed),
+        extensions=tuple(name for name in EXTENSIONS if flags and name in flags),
+        vector_bytes=vector_width(flags),
+        origins=tuple(origins),
     )
 
 

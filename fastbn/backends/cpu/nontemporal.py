@@ -12,8 +12,8 @@ LLVM's loop vectoriser refuses to vectorise a loop of non-temporal scalar
 stores (x86 requires them aligned to the vector width), so the kernels
 compute a chunk of output into a small scratch buffer with their ordinary
 loops, and :func:`stream_copy` moves it out: element stores up to the first
-64-byte boundary, 32-byte aligned non-temporal vector stores for the whole
-lines, element stores for the rest, then a store fence.
+64-byte boundary, aligned non-temporal vector stores as wide as the CPU
+allows (32 or 64 bytes) for the whole lines, element stores for the rest, then a store fence.
 
 Streaming only pays when the output does not fit in cache (the next reader
 would otherwise find it there), so the callers turn it on by output size;
@@ -29,8 +29,14 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-# Bytes of one vector store (AVX's 256 bits; SSE targets split it in two).
-_VECTOR_BYTES = 32
+from fastbn.backends.cpu.machine import machine
+
+# Bytes of one vector store: the widest the CPU's flags allow (64 with
+# AVX-512F, 32 with AVX, 16 otherwise; see machine.vector_width).  Compiled
+# into the kernels; any of these values writes the same bytes (a store wider
+# than the compile target's registers is split by LLVM), so a kernel cached
+# under another reading is still correct.
+_VECTOR_BYTES = machine().vector_bytes
 # Whole cache lines are streamed; the partial lines at either end of a
 # chunk are written with ordinary stores.
 _LINE_BYTES = 64
@@ -51,7 +57,7 @@ def _address(typingctx, array):
 
 @intrinsic
 def _store_vector(typingctx, dst, i, src, j):
-    """Non-temporal store of the 32 bytes at ``src[j:]`` to ``dst[i:]``; ``&dst[i]`` must be 32-byte aligned."""
+    """Non-temporal store of the _VECTOR_BYTES at ``src[j:]`` to ``dst[i:]``; ``&dst[i]`` must be so aligned."""
     sig = types.void(dst, i, src, j)
 
     def codegen(context, builder, signature, args):

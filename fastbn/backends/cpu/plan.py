@@ -20,9 +20,10 @@ Three kinds of constant set the plan:
   on every machine, so that a result is too;
 * **measured**: thresholds found by timing both strategies, independent of
   cache sizes (each with its reason below);
-* **from the machine**: the fused working-set budget and the non-temporal
-  threshold, derived from the cache sizes that
-  :mod:`fastbn.backends.cpu.machine` reads.
+* **from the machine**: the fused working-set budget, the non-temporal
+  threshold and the non-temporal scratch chunk, derived from the cache sizes
+  that :mod:`fastbn.backends.cpu.machine` reads (``python -m fastbn plan``
+  prints what they resolved to, and from where).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 from fastbn._layout import ROWS, SLAB
 from fastbn.backends.cpu.machine import Machine, machine
 
-__all__ = ["OPERATIONS", "Plan", "choose", "fuse_bytes", "nontemporal_bytes", "slab_pieces"]
+__all__ = ["OPERATIONS", "Plan", "choose", "fuse_bytes", "nontemporal_bytes", "slab_pieces", "stream_chunk"]
 
 # ------------------------------------------------------------- numerical ---
 # SLAB pieces: whole runs grouped until a piece has MIN_PIECE elements, or a
@@ -51,11 +52,6 @@ BLOCK_ELEMENTS = 16384
 # At most this many chunks of ROWS partial sums: a fixed number keeps the
 # reduction order independent of the thread count.
 MAX_CHUNKS = 64
-# Elements of the L1 scratch buffer a task computes non-temporal output into
-# before streaming it out (8 KiB of float32, 16 KiB of float64: within any
-# L1d of 32 KiB, the smallest this project has met).  Fixed rather than read
-# from the machine because it is compiled into the kernels.
-STREAM_CHUNK = 2048
 
 # -------------------------------------------------------------- measured ---
 # A fused task reads each outer row of its channels as one run; runs shorter
@@ -110,6 +106,25 @@ def nontemporal_bytes(facts: Machine) -> int:
     outputs, and 5-10% slower on 49 and 200 MiB ones.
     """
     return facts.l3_bytes
+
+
+def stream_chunk(facts: Machine) -> int:
+    """Elements of the L1 scratch buffer a task computes non-temporal output into before streaming it out.
+
+    One float64 chunk fills half the L1d (a sixteenth of its bytes in
+    elements), rounded down to a power of two and kept within 512..8192:
+    2048 elements (8 KiB of float32, 16 KiB of float64) on a 32 KiB L1d.
+    The value is compiled into the kernels (:data:`STREAM_CHUNK`), which take
+    the chunk from the scratch buffer's length, so a kernel cached on disk
+    under another reading of the L1d writes the same values, with chunks of
+    that other size; the values never depend on it.
+    """
+    elements = max(1, facts.l1d_bytes // 16)
+    return min(8192, max(512, 1 << (elements.bit_length() - 1)))
+
+
+#: :func:`stream_chunk` of this machine, read when the kernels are compiled.
+STREAM_CHUNK = stream_chunk(machine())
 
 
 # ------------------------------------------------------------ arithmetic ---
