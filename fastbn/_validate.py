@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,10 +26,10 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 FLOAT_NAMES = "float16, bfloat16, float32 or float64"
 
 
-_IS_BFLOAT16 = {}
+_IS_BFLOAT16: dict[Any, bool] = {}
 
 
-def is_bfloat16(dtype):
+def is_bfloat16(dtype: Any) -> bool:
     """Whether ``dtype`` is bfloat16 (ml_dtypes' NumPy dtype, which JAX uses too).
 
     Recognised by name, so that ``import fastbn`` need not import ml_dtypes:
@@ -42,7 +43,7 @@ def is_bfloat16(dtype):
     return known
 
 
-def stats_dtype(dtype):
+def stats_dtype(dtype: Any) -> np.dtype[Any]:
     """The dtype of statistics and parameters for input of ``dtype``.
 
     float16 and bfloat16 input keep float32 statistics and parameters (as
@@ -52,13 +53,13 @@ def stats_dtype(dtype):
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def _describe(value):
+def _describe(value: object) -> str:
     if isinstance(value, np.ndarray):
         return f"an array of dtype {value.dtype} and shape {value.shape}"
     return f"{type(value).__name__}"
 
 
-def _is_array(value):
+def _is_array(value: object) -> bool:
     return hasattr(value, "dtype") and hasattr(value, "shape")
 
 
@@ -70,29 +71,30 @@ def check_x(x: _T, name: str = "x", min_rank: int = 2) -> _T:
     """
     if not _is_array(x):
         raise TypeError(f"{name}: expected a {FLOAT_NAMES} array, got {_describe(x)}")
-    dtype = np.dtype(x.dtype)
+    array: Any = x
+    dtype = np.dtype(array.dtype)
     if dtype not in FLOAT_DTYPES and not is_bfloat16(dtype):
-        raise TypeError(f"{name}: expected dtype {FLOAT_NAMES}, got {x.dtype}")
-    if len(x.shape) < min_rank:
+        raise TypeError(f"{name}: expected dtype {FLOAT_NAMES}, got {array.dtype}")
+    if len(array.shape) < min_rank:
         what = "2 dimensions (batch and channel)" if min_rank == 2 else f"{min_rank} dimension"
-        raise ValueError(f"{name}: expected at least {what}, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected at least {what}, got shape {tuple(array.shape)}")
     return x
 
 
-def check_axis(axis, ndim, name="axis"):
+def check_axis(axis: Any, ndim: int, name: str = "axis") -> int:
     """Return ``axis`` normalised to ``0 <= axis < ndim``, or raise."""
     if isinstance(axis, (bool, np.bool_)):
         raise TypeError(f"{name}: expected an integer, got bool")
     try:
-        axis = operator.index(axis)
+        index = operator.index(axis)
     except TypeError:
         raise TypeError(f"{name}: expected an integer, got {type(axis).__name__}") from None
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"{name}: {axis} is out of range for an array of {ndim} dimensions")
-    return axis % ndim
+    if not -ndim <= index < ndim:
+        raise ValueError(f"{name}: {index} is out of range for an array of {ndim} dimensions")
+    return index % ndim
 
 
-def check_channels(x, axis, name="x", allow_empty=False):
+def check_channels(x: Any, axis: int, name: str = "x", allow_empty: bool = False) -> tuple[int, int]:
     """Return (C, elements per channel); reject arrays with no elements.
 
     ``allow_empty`` admits a batch of zero elements: in synchronised batch
@@ -108,7 +110,7 @@ def check_channels(x, axis, name="x", allow_empty=False):
     return channels, count
 
 
-def _read_only(value):
+def _read_only(value: Any) -> bool:
     """Whether a host array's flags, or a device array's CUDA array interface, mark it read-only."""
     if isinstance(value, np.ndarray):
         return not value.flags.writeable
@@ -116,21 +118,24 @@ def _read_only(value):
     return bool(interface and interface["data"][1])
 
 
-def _dtype_of(value, name, expected):
+def _dtype_of(value: Any, name: str, expected: object) -> np.dtype[Any]:
     """``np.dtype(value.dtype)``, or a TypeError naming the argument where NumPy cannot read it.
 
     Arrays reach the checks converted by the backend, except the fields of a
     ``Saved``, which may hold anything (a torch tensor's dtype is no NumPy dtype).
     """
     try:
-        return np.dtype(value.dtype)
+        dtype: np.dtype[Any] = np.dtype(value.dtype)
+        return dtype
     except TypeError:
         raise TypeError(
             f"{name}: expected an array of dtype {expected}, got {type(value).__name__} of dtype {value.dtype}"
         ) from None
 
 
-def check_channel_vector(value, name, channels, dtype, *, writable=False, rows=None):
+def check_channel_vector(
+    value: Any, name: str, channels: int, dtype: Any, *, writable: bool = False, rows: int | None = None
+) -> Any:
     """Check a per-channel array: ndarray, shape (C,), exactly ``dtype``.
 
     ``rows``: a ``(rows, C)`` array instead, one row per ghost batch (a ``Saved``'s statistics).
@@ -150,7 +155,7 @@ def check_channel_vector(value, name, channels, dtype, *, writable=False, rows=N
     return value
 
 
-def _strides(array):
+def _strides(array: Any) -> tuple[int, ...]:
     """Byte strides of a host or device array (C order when its interface leaves them out)."""
     if isinstance(array, np.ndarray):
         return array.strides
@@ -159,7 +164,7 @@ def _strides(array):
     return c_strides(tuple(array.shape), np.dtype(array.dtype).itemsize) if strides is None else tuple(strides)
 
 
-def _byte_span(array):
+def _byte_span(array: Any) -> tuple[int, int]:
     """The bytes ``[low, high)`` a device array touches (from its CUDA array interface)."""
     interface = array.__cuda_array_interface__
     low = high = interface["data"][0]
@@ -169,7 +174,7 @@ def _byte_span(array):
     return low, high + np.dtype(array.dtype).itemsize
 
 
-def _overlap(a, b):
+def _overlap(a: Any, b: Any) -> bool:
     """Whether two arrays of the same kind (both host or both device) share memory."""
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         return np.may_share_memory(a, b) and np.shares_memory(a, b)
@@ -181,7 +186,9 @@ def _overlap(a, b):
     return False
 
 
-def check_running(running_mean, running_var, channels, dtype, others=()):
+def check_running(
+    running_mean: Any, running_var: Any, channels: int, dtype: Any, others: Sequence[tuple[str, Any]] = ()
+) -> bool:
     """Check the running-statistics pair; return True if it was given.
 
     fastbn writes them in place, so each must be the caller's own writable
@@ -215,7 +222,7 @@ def check_running(running_mean, running_var, channels, dtype, others=()):
     return True
 
 
-def check_variance(value, name):
+def check_variance(value: Any, name: str) -> Any:
     """Refuse negative variances (``var`` of normalize, the running variance read in eval, renorm and fold).
 
     ``sqrt(var + eps)`` of a negative variance is NaN, silently.  NaN itself
@@ -228,7 +235,7 @@ def check_variance(value, name):
     return value
 
 
-def sequence_conversion(original, converted, name, others):
+def sequence_conversion(original: object, converted: Any, name: str, others: Iterable[tuple[str, Any]]) -> None:
     """Name ``name`` when NumPy turned a Python list or tuple into float64 beside float32 arrays.
 
     ``np.asarray`` makes a nested list of floats float64, whatever dtype its
@@ -254,7 +261,7 @@ def sequence_conversion(original, converted, name, others):
             )
 
 
-def check_like_x(value, name, x):
+def check_like_x(value: Any, name: str, x: Any) -> Any:
     """Check an array that must match ``x`` in shape and dtype (residual, forward's output)."""
     if not _is_array(value):
         raise TypeError(

@@ -83,8 +83,11 @@ import sys
 import threading
 import warnings
 import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, SupportsIndex, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn.backends.cpu.machine import memory_bytes
 
@@ -126,7 +129,7 @@ _HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 # ------------------------------------------------------------ the cap ---
-def default_cap():
+def default_cap() -> int:
     """The cap on free bytes when ``FASTBN_POOL_BYTES`` is not set.
 
     Returns
@@ -141,7 +144,7 @@ def default_cap():
     return DEFAULT_CAP if memory is None else min(DEFAULT_CAP, memory // 8)
 
 
-def parse_bytes(text):
+def parse_bytes(text: str) -> int:
     """Parse ``FASTBN_POOL_BYTES``: an integer, optionally with a K, M or G suffix (powers of 1024).
 
     Raises
@@ -161,7 +164,7 @@ def parse_bytes(text):
     return value
 
 
-def cap_from_environment():
+def cap_from_environment() -> int:
     """The cap from ``FASTBN_POOL_BYTES``, or :func:`default_cap` (with a warning if it is malformed)."""
     text = os.environ.get(ENV_VAR)
     if text is None or not text.strip():
@@ -183,7 +186,7 @@ class _Block:
 
     __slots__ = ("address", "mapping", "offset", "size")
 
-    def __init__(self, size):
+    def __init__(self, size: int) -> None:
         mapping = mmap.mmap(-1, size, flags=_MAP_FLAGS)
         address = _address(mapping)
         offset = -address % GRANULE
@@ -200,7 +203,7 @@ class _Block:
         self.mapping, self.offset, self.size, self.address = mapping, offset, size, address + offset
 
 
-def _address(mapping):
+def _address(mapping: mmap.mmap) -> int:
     """Start address of an mmap object, without keeping a buffer export on it."""
     probe = ctypes.c_char.from_buffer(mapping)
     try:
@@ -209,10 +212,11 @@ def _address(mapping):
         del probe
 
 
-class _Ref(weakref.ref):
+class _Ref(weakref.ref["ctypes.Array[ctypes.c_char]"]):
     """Weak reference to a handed-out ctypes buffer, remembering its block."""
 
     __slots__ = ("block",)
+    block: _Block
 
 
 class Pool:
@@ -230,24 +234,24 @@ class Pool:
     for tests.  See the module docstring for the design.
     """
 
-    def __init__(self, cap):
+    def __init__(self, cap: int) -> None:
         self.cap = int(cap)
         self._lock = threading.RLock()
         self._reset()
-        self._live = {}  # id(_Ref) -> _Ref, for handed-out blocks
+        self._live: dict[int, _Ref] = {}  # id(_Ref) -> _Ref, for handed-out blocks
         self.hits = self.misses = 0
         _POOLS.add(self)
 
-    def _reset(self):
+    def _reset(self) -> None:
         """Empty the free structures (under the lock, or in a fresh fork child)."""
-        self._by_size = []  # sorted (size, stamp, block)
-        self._lru = {}  # stamp -> (size, block), oldest returned first
+        self._by_size: list[tuple[int, int, _Block]] = []  # sorted (size, stamp, block)
+        self._lru: dict[int, tuple[int, _Block]] = {}  # stamp -> (size, block), oldest returned first
         self._free_bytes = 0
-        self._returned = collections.deque()  # blocks back from the dead, not yet filed
+        self._returned: collections.deque[_Block] = collections.deque()  # blocks back from the dead, not yet filed
         self._clock = itertools.count()
 
     # ------------------------------------------------------------ public
-    def empty(self, shape, dtype=float):
+    def empty(self, shape: SupportsIndex | Iterable[SupportsIndex], dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
         """An uninitialised C-contiguous array, from the pool if it is large enough.
 
         Parameters
@@ -266,7 +270,9 @@ class Pool:
         """
         return self.allocate(shape, dtype)[0]
 
-    def allocate(self, shape, dtype=float):
+    def allocate(
+        self, shape: SupportsIndex | Iterable[SupportsIndex], dtype: npt.DTypeLike = float
+    ) -> tuple[npt.NDArray[Any], bool]:
         """:meth:`empty`, and whether the memory is freshly mapped.
 
         Returns
@@ -283,12 +289,15 @@ class Pool:
             :func:`fastbn.backends.cpu.plan.choose`).
         """
         dtype = np.dtype(dtype)
+        dims: tuple[int, ...]
         try:
-            shape = tuple(map(operator.index, shape))
+            dims = tuple(map(operator.index, cast("Iterable[SupportsIndex]", shape)))
         except TypeError:
-            shape = (operator.index(shape),)
-        nbytes = math.prod(shape) * dtype.itemsize
-        if self.cap <= 0 or nbytes < THRESHOLD or dtype.hasobject or self._lock._is_owned():
+            dims = (operator.index(cast(SupportsIndex, shape)),)
+        shape = dims
+        nbytes = math.prod(dims) * dtype.itemsize
+        # RLock._is_owned exists at run time but is not in typeshed.
+        if self.cap <= 0 or nbytes < THRESHOLD or dtype.hasobject or self._lock._is_owned():  # type: ignore[attr-defined]
             # (The last: called from a finalizer that ran inside this thread's locked code.)
             return np.empty(shape, dtype), nbytes >= FRESH_BYTES
         size = -(-nbytes // GRANULE) * GRANULE
@@ -310,9 +319,10 @@ class Pool:
         ref = _Ref(buffer, self._on_death)
         ref.block = block
         self._live[id(ref)] = ref
-        return np.ndarray(shape, dtype, buffer=buffer), fresh
+        # A ctypes array exports the buffer protocol, which NumPy's stubs do not list.
+        return np.ndarray(shape, dtype, buffer=cast(Any, buffer)), fresh
 
-    def empty_cache(self):
+    def empty_cache(self) -> int:
         """Unmap every free block; returns the bytes released (live arrays are untouched)."""
         self._reap()
         with self._lock:
@@ -324,7 +334,7 @@ class Pool:
         self._settle()
         return released
 
-    def stats(self):
+    def stats(self) -> dict[str, int]:
         """Counters: free bytes and blocks, live blocks, hits and misses (for tests and tuning)."""
         self._reap()
         with self._lock:
@@ -342,7 +352,7 @@ class Pool:
         return result
 
     # ----------------------------------------------------------- private
-    def _take(self, size):
+    def _take(self, size: int) -> _Block | None:
         """Remove and return the best free block for ``size`` bytes, or None (lock held)."""
         try:
             index = bisect.bisect_left(self._by_size, (size,))
@@ -361,14 +371,14 @@ class Pool:
             self._repair()
             raise
 
-    def _file_returned(self):
+    def _file_returned(self) -> list[_Block]:
         """File queued blocks as free; remove and return those beyond the cap (lock held).
 
         The caller drops the returned blocks after releasing the lock; each
         mapping is unmapped when its last reference goes, which is after the
         last buffer export of it (a dying array's ctypes object) is released.
         """
-        evicted = []
+        evicted: list[_Block] = []
         try:
             while self._returned:
                 block = self._returned.popleft()
@@ -387,7 +397,7 @@ class Pool:
             raise
         return evicted
 
-    def _repair(self):
+    def _repair(self) -> None:
         """Rebuild the size index and the byte count from the LRU map (lock held).
 
         Called when an exception (a signal handler's) interrupted a change of
@@ -397,16 +407,18 @@ class Pool:
         self._by_size = sorted((size, stamp, block) for stamp, (size, block) in self._lru.items())
         self._free_bytes = sum(size for size, _, _ in self._by_size)
 
-    def _reap(self):
+    def _reap(self) -> None:
         """Queue the blocks of dead arrays whose weak-reference callback was cut short (by a signal handler)."""
         for key, ref in list(self._live.items()):
             if ref() is None and self._live.pop(key, None) is not None:
                 self._returned.append(ref.block)
 
-    def _settle(self):
+    def _settle(self) -> None:
         """File queued blocks if nobody holds the lock (whoever holds it files them)."""
         while self._returned:
-            if self._lock._is_owned():  # a block died inside this thread's own locked code
+            # a block died inside this thread's own locked code
+            # RLock._is_owned exists at run time but is not in typeshed.
+            if self._lock._is_owned():  # type: ignore[attr-defined]
                 return
             try:
                 if not self._lock.acquire(blocking=False):
@@ -419,12 +431,13 @@ class Pool:
                 # A signal handler may raise right after acquire() returns,
                 # before the try: the lock was free above, so if this thread
                 # holds it now, it took it here.
-                if self._lock._is_owned():
+                # RLock._is_owned exists at run time but is not in typeshed.
+                if self._lock._is_owned():  # type: ignore[attr-defined]
                     self._lock.release()
                 raise
             evicted.clear()  # unmapping happens here, outside the lock
 
-    def _on_death(self, ref, _finalizing=sys.is_finalizing):
+    def _on_death(self, ref: _Ref, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
         """Weak-reference callback: the ctypes buffer, hence every array on it, is gone.
 
         At interpreter exit, arrays die after the module globals this code uses (``bisect``) may have
@@ -435,13 +448,13 @@ class Pool:
         self._returned.append(ref.block)
         self._settle()
 
-    def _before_fork(self):
+    def _before_fork(self) -> None:
         self._lock.acquire()
 
-    def _after_fork_parent(self):
+    def _after_fork_parent(self) -> None:
         self._lock.release()
 
-    def _after_fork_child(self):
+    def _after_fork_child(self) -> None:
         # The parent's free blocks are copy-on-write copies here: drop them
         # (unmapping them in this process only), and start with a new lock.
         self._lock = threading.RLock()
@@ -454,20 +467,20 @@ class Pool:
                 self._live.pop(key, None)
 
 
-_POOLS = weakref.WeakSet()
+_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
-def _before_fork():
+def _before_fork() -> None:
     for pool in list(_POOLS):
         pool._before_fork()
 
 
-def _after_fork_parent():
+def _after_fork_parent() -> None:
     for pool in list(_POOLS):
         pool._after_fork_parent()
 
 
-def _after_fork_child():
+def _after_fork_child() -> None:
     for pool in list(_POOLS):
         pool._after_fork_child()
 
@@ -479,17 +492,19 @@ if hasattr(os, "register_at_fork"):
 POOL = Pool(cap_from_environment() if _MAP_FLAGS and hasattr(mmap.mmap, "madvise") else 0)
 
 
-def empty(shape, dtype=float):
+def empty(shape: SupportsIndex | Iterable[SupportsIndex], dtype: npt.DTypeLike = float) -> npt.NDArray[Any]:
     """``np.empty(shape, dtype)``, with large arrays' memory recycled: :meth:`Pool.empty` on :data:`POOL`."""
     return POOL.empty(shape, dtype)
 
 
-def allocate(shape, dtype=float):
+def allocate(
+    shape: SupportsIndex | Iterable[SupportsIndex], dtype: npt.DTypeLike = float
+) -> tuple[npt.NDArray[Any], bool]:
     """:meth:`Pool.allocate` on :data:`POOL`: an output array and whether its memory is freshly mapped."""
     return POOL.allocate(shape, dtype)
 
 
-def expected_fresh(nbytes, recycled):
+def expected_fresh(nbytes: int, recycled: bool) -> bool:
     """Whether :func:`allocate` would hand out fresh memory for ``nbytes``, on a first or a recycled call.
 
     ``recycled`` means a same-sized output of an earlier call has died, so

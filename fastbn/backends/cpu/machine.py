@@ -173,7 +173,7 @@ def _cores() -> int:
 
 def memory_bytes() -> int | None:
     """Physical memory, or the cgroup's memory limit if smaller; None if unknown."""
-    sizes = []
+    sizes: list[int] = []
     with contextlib.suppress(AttributeError, ValueError, OSError):
         sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
@@ -194,8 +194,8 @@ def read(root: str = _CACHE_ROOT, cpuinfo: str = _CPUINFO) -> Machine:
     file with the model name and flags; tests point both at fake trees.
     """
     caches = _caches(root)
-    guessed = []
-    origins = []
+    guessed: list[str] = []
+    origins: list[tuple[str, str]] = []
 
     def cache(fact: str, level: int, kinds: tuple[str, ...], fallback: int) -> tuple[int, int | None]:
         for kind in kinds:

@@ -17,8 +17,11 @@ into given outputs; the benchmark's reused-output diagnostic calls them too.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn._layout import ROWS
 from fastbn.backends import Backend, SyncPieces
@@ -26,27 +29,31 @@ from fastbn.backends.cpu import elementwise, fused, numerics, reductions, views,
 from fastbn.backends.cpu import plan as cpu_plan
 from fastbn.backends.cpu.threads import kernel_guard
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_Array = npt.NDArray[Any]
+
 __all__ = ["BACKEND", "LAUNCH_LOG", "CpuBackend", "CpuSyncPieces"]
 
 #: Tests set this to a list to record every kernel launch as ``(kernel name, plan)``.
-LAUNCH_LOG = None
+LAUNCH_LOG: list[tuple[str, cpu_plan.Plan]] | None = None
 
 
-def _ieee(method):
+def _ieee(method: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``method`` with NumPy's floating-point warnings off: its host arithmetic (invstd from a
     variance, casts of float64 statistics) follows IEEE as the kernels do, NaN and Inf included (eps=0 on
     a zero variance is an infinite invstd, a float32 variance beyond 3.4e38 is inf), as in PyTorch,
     without a RuntimeWarning for what is the documented result."""
 
     @functools.wraps(method)
-    def quiet(*args, **kwargs):
+    def quiet(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
             return method(*args, **kwargs)
 
     return quiet
 
 
-def _launch(kernel, plan, *args):
+def _launch(kernel: Any, plan: cpu_plan.Plan, *args: Any) -> None:
     """Run one compiled kernel under the threading layer's guard, logging it if asked."""
     if LAUNCH_LOG is not None:
         LAUNCH_LOG.append((kernel.py_func.__name__, plan))
@@ -54,18 +61,18 @@ def _launch(kernel, plan, *args):
         kernel(*args)
 
 
-def _nt(plan, out):
+def _nt(plan: cpu_plan.Plan, out: _Array) -> _Array | None:
     """The kernels' ``nt`` argument: a 0-length array of ``out``'s dtype selects non-temporal stores."""
     return np.empty(0, out.dtype) if plan.nontemporal else None
 
 
-def _floor(dtype, relu):
+def _floor(dtype: np.dtype[Any], relu: bool) -> Any:
     """The ``floor`` the elementwise kernels clamp to: 0 for the ReLU, -inf for no activation."""
     return np.dtype(dtype).type(0.0 if relu else -np.inf)
 
 
 # ------------------------------------------------------- running a plan ---
-def stats(plan, x):
+def stats(plan: cpu_plan.Plan, x: _Array) -> tuple[_Array, _Array]:
     """Per-channel float64 ``(mean, biased var)`` of the kernel view ``x``."""
     x = plan.view(x)
     channels = x.shape[1]
@@ -80,7 +87,16 @@ def stats(plan, x):
     return mean, var
 
 
-def normalize_into(plan, x, mean, scale, shift, y, z=None, relu=False):
+def normalize_into(
+    plan: cpu_plan.Plan,
+    x: _Array,
+    mean: _Array,
+    scale: _Array,
+    shift: _Array,
+    y: _Array,
+    z: _Array | None = None,
+    relu: bool = False,
+) -> None:
     """Write ``max((x - mean) * scale + shift + z, floor)`` into y (z optional, floor 0 with ``relu``)."""
     x, z, y = plan.view(x), plan.view(z), plan.view(y)
     floor = _floor(scale.dtype, relu)
@@ -90,7 +106,17 @@ def normalize_into(plan, x, mean, scale, shift, y, z=None, relu=False):
         _launch(elementwise.normalize_slab, plan, x, z, mean, scale, shift, floor, y, plan.run_group, _nt(plan, y))
 
 
-def forward_train_into(plan, x, weight, bias, eps, y, z=None, relu=False, renorm=None):
+def forward_train_into(
+    plan: cpu_plan.Plan,
+    x: _Array,
+    weight: _Array,
+    bias: _Array,
+    eps: float,
+    y: _Array,
+    z: _Array | None = None,
+    relu: bool = False,
+    renorm: tuple[_Array, _Array, float, float] | None = None,
+) -> tuple[_Array, _Array, _Array, _Array, _Array]:
     """Batch statistics and the (activated) output; returns float64 ``(mean, var, invstd)`` and ``(r, d)``.
 
     ``weight`` and ``bias`` are arrays in the statistics dtype (ones and zeros
@@ -162,7 +188,9 @@ def forward_train_into(plan, x, weight, bias, eps, y, z=None, relu=False, renorm
     return mean, var, invstd, r, d
 
 
-def backward_reduce(plan, dy, x, mean, m=None):
+def backward_reduce(
+    plan: cpu_plan.Plan, dy: _Array, x: _Array, mean: _Array, m: _Array | None = None
+) -> tuple[_Array, _Array]:
     """Per-channel float64 ``(sum_g, dotp)`` with ``dotp = sum((x - mean) * g)``.
 
     ``g`` is ``dy`` where the ReLU output ``m`` is > 0 and 0 elsewhere, or
@@ -177,7 +205,18 @@ def backward_reduce(plan, dy, x, mean, m=None):
     return sum_dy, dotp
 
 
-def backward_elementwise_into(plan, dy, x, mean, mean_dy, k, scale, dx, m=None, dres=None):
+def backward_elementwise_into(
+    plan: cpu_plan.Plan,
+    dy: _Array,
+    x: _Array,
+    mean: _Array,
+    mean_dy: _Array,
+    k: _Array,
+    scale: _Array,
+    dx: _Array,
+    m: _Array | None = None,
+    dres: _Array | None = None,
+) -> None:
     """Write ``dx = (g - mean_dy - (x - mean) * k) * scale``, and ``dres = g`` unless None (g as above)."""
     dy, m, x, dres, dx = plan.view(dy), plan.view(m), plan.view(x), plan.view(dres), plan.view(dx)
     if plan.layout == ROWS:
@@ -200,7 +239,17 @@ def backward_elementwise_into(plan, dy, x, mean, mean_dy, k, scale, dx, m=None, 
         )
 
 
-def backward_train_into(plan, dy, x, mean, invstd, weight, dx, m=None, dres=None):
+def backward_train_into(
+    plan: cpu_plan.Plan,
+    dy: _Array,
+    x: _Array,
+    mean: _Array,
+    invstd: _Array,
+    weight: _Array,
+    dx: _Array,
+    m: _Array | None = None,
+    dres: _Array | None = None,
+) -> tuple[_Array, _Array]:
     """Training-mode gradient: writes dx (and dres), returns float64 ``(sum_g, dotp)``; m, dres as above."""
     dy, m, x, dres, dx = plan.view(dy), plan.view(m), plan.view(x), plan.view(dres), plan.view(dx)
     if plan.strategy == "streamed":
@@ -232,26 +281,28 @@ def backward_train_into(plan, dy, x, mean, invstd, weight, dx, m=None, dres=None
     return sum_dy, dotp
 
 
-def _update_running(running_mean, running_var, mean, var, momentum, count):
+def _update_running(
+    running_mean: Any, running_var: Any, mean: _Array, var: _Array, momentum: float, count: int
+) -> None:
     """PyTorch's running-statistics update, in place, from float64 batch statistics."""
     with kernel_guard():
         numerics.update_running(running_mean, running_var, mean, var, float(momentum), float(count))
 
 
 # ------------------------------------------------------- small helpers ---
-def _parameters(weight, bias, channels, dtype):
+def _parameters(weight: Any, bias: Any, channels: int, dtype: npt.DTypeLike) -> tuple[_Array, _Array]:
     """weight and bias as contiguous arrays; ones and zeros when absent."""
     weight = np.ones(channels, dtype) if weight is None else np.ascontiguousarray(weight)
     bias = np.zeros(channels, dtype) if bias is None else np.ascontiguousarray(bias)
     return weight, bias
 
 
-def _scale(invstd, weight):
+def _scale(invstd: _Array, weight: _Array) -> _Array:
     """invstd * weight, rounded once to the statistics dtype, as every kernel does."""
     return (invstd.astype(np.float64) * weight.astype(np.float64)).astype(weight.dtype)
 
 
-def _group_views(views_, groups):
+def _group_views(views_: Sequence[Any], groups: int) -> list[Sequence[Any]]:
     """Split kernel views (None stays None) into ``groups`` equal parts along their first axis.
 
     The batch axis is the outermost of both layouts (the channel axis is never
@@ -264,17 +315,28 @@ def _group_views(views_, groups):
     return [[None if v is None else v[g * size : (g + 1) * size] for v in views_] for g in range(groups)]
 
 
-def _group_shape(view, groups):
+def _group_shape(view: _Array, groups: int) -> tuple[int, ...]:
     """The kernel shape of one ghost batch of ``view``."""
     return (view.shape[0] // groups, *tuple(view.shape[1:]))
 
 
-def _optional_view(layout, array, axis):
+def _optional_view(layout: str, array: _Array | None, axis: int) -> _Array | None:
     """A read-only kernel view of an optional input shaped like x (residual, forward output), or None."""
     return None if array is None else views.readonly(views.same_view(layout, array, axis))
 
 
-def _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu=False, residual=None, override=None):
+def _normalize_with(
+    x: _Array,
+    axis: int,
+    dtype: Any,
+    mean: _Array,
+    invstd: _Array,
+    weight: Any,
+    bias: Any,
+    relu: bool = False,
+    residual: _Array | None = None,
+    override: Mapping[str, Any] | None = None,
+) -> _Array:
     weight, bias = _parameters(weight, bias, x.shape[axis], dtype)
     layout, x_view = views.channel_view(x, axis)
     y, y_view, fresh = views.empty_like_layout(layout, x, axis)
@@ -297,7 +359,7 @@ class CpuSyncPieces(SyncPieces):
     """The CPU backend's pieces of synchronised batch norm (see :class:`fastbn.backends.SyncPieces`)."""
 
     @_ieee
-    def local_moments(self, x, axis):
+    def local_moments(self, x: Any, axis: int) -> tuple[Any, Any]:
         channels = x.shape[axis]
         if x.size == 0:
             return np.zeros(channels), np.zeros(channels)
@@ -305,7 +367,9 @@ class CpuSyncPieces(SyncPieces):
         return stats(cpu_plan.choose("moments", layout, x_view.shape, x_view.itemsize), x_view)
 
     @_ieee
-    def normalize_with_stats(self, x, axis, dtype, mean64, var64, weight, bias, eps):
+    def normalize_with_stats(
+        self, x: Any, axis: int, dtype: Any, mean64: Any, var64: Any, weight: Any, bias: Any, eps: float
+    ) -> tuple[Any, Any, Any]:
         mean = mean64.astype(dtype)
         invstd = (1.0 / np.sqrt(var64 + eps)).astype(dtype)
         if x.size == 0:
@@ -313,11 +377,13 @@ class CpuSyncPieces(SyncPieces):
         return _normalize_with(x, axis, dtype, mean, invstd, weight, bias), mean, invstd
 
     @_ieee
-    def update_running(self, running_mean, running_var, mean64, var64, momentum, count):
+    def update_running(
+        self, running_mean: Any, running_var: Any, mean64: Any, var64: Any, momentum: float, count: int
+    ) -> None:
         _update_running(running_mean, running_var, mean64, var64, momentum, count)
 
     @_ieee
-    def backward_sums(self, dy, x, axis, mean):
+    def backward_sums(self, dy: Any, x: Any, axis: int, mean: Any) -> tuple[Any, Any]:
         channels = x.shape[axis]
         if x.size == 0:
             return np.zeros(channels), np.zeros(channels)
@@ -328,7 +394,19 @@ class CpuSyncPieces(SyncPieces):
         )
 
     @_ieee
-    def backward_dx(self, dy, x, axis, dtype, weight, mean, invstd, sum_dy64, dotp64, count):
+    def backward_dx(
+        self,
+        dy: Any,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        mean: Any,
+        invstd: Any,
+        sum_dy64: Any,
+        dotp64: Any,
+        count: int,
+    ) -> Any:
         if x.size == 0:
             return np.empty(x.shape, x.dtype)
         weight, _ = _parameters(weight, None, x.shape[axis], dtype)
@@ -355,35 +433,35 @@ class CpuBackend(Backend):
     name = "cpu"
     sync = CpuSyncPieces()
 
-    def to_backend(self, obj, name):
+    def to_backend(self, obj: Any, name: str) -> Any:
         return views.to_host(obj, name)
 
-    def restorer(self, like):
+    def restorer(self, like: Any) -> Callable[[Any], Any]:
         return views.restorer(like)
 
-    def from_host(self, array):
+    def from_host(self, array: Any) -> Any:
         return array
 
     @_ieee
     def forward_batch(
         self,
-        x,
-        axis,
-        dtype,
-        weight,
-        bias,
-        eps,
-        running_mean,
-        running_var,
-        momentum,
-        update,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        running_mean: Any,
+        running_var: Any,
+        momentum: float,
+        update: bool,
         *,
-        relu=False,
-        residual=None,
-        renorm=None,
-        groups=1,
-        plan=None,
-    ):
+        relu: bool = False,
+        residual: Any = None,
+        renorm: tuple[float, float] | None = None,
+        groups: int = 1,
+        plan: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, Any, Any, Any, Any]:
         """Normalise with batch statistics; update running stats if ``update``.
 
         With ghost batches (``groups > 1``), the running statistics are
@@ -414,6 +492,8 @@ class CpuBackend(Backend):
             forward_train_into(chosen, xg, weight, bias, eps, yg, zg, relu, ren)
             for xg, zg, yg in _group_views([x_view, z_view, y_view], groups)
         ]
+        r: _Array | None
+        d: _Array | None
         mean64, var64, invstd64, r, d = (np.stack(parts) for parts in zip(*results))
         if update:
             count = x.size // channels // groups
@@ -425,8 +505,20 @@ class CpuBackend(Backend):
 
     @_ieee
     def forward_eval(
-        self, x, axis, dtype, weight, bias, eps, running_mean, running_var, *, relu=False, residual=None, plan=None
-    ):
+        self,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        running_mean: Any,
+        running_var: Any,
+        *,
+        relu: bool = False,
+        residual: Any = None,
+        plan: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, Any, Any]:
         # A copy, so that later updates of running_mean cannot change `saved`.
         mean = np.array(running_mean, dtype=dtype, order="C")
         invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(dtype)
@@ -434,12 +526,24 @@ class CpuBackend(Backend):
         return y, mean, invstd
 
     @_ieee
-    def normalize(self, x, axis, dtype, mean, var, weight, bias, eps, *, plan=None):
+    def normalize(
+        self,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        mean: Any,
+        var: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        *,
+        plan: Mapping[str, Any] | None = None,
+    ) -> Any:
         invstd = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(dtype)
         return _normalize_with(x, axis, dtype, mean, invstd, weight, bias, override=plan)
 
     @_ieee
-    def moments(self, x, axis, dtype, *, plan=None):
+    def moments(self, x: Any, axis: int, dtype: Any, *, plan: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
         layout, x_view = views.channel_view(x, axis)
         chosen = cpu_plan.choose("moments", layout, x_view.shape, x_view.itemsize, override=plan)
         mean, var = stats(chosen, x_view)
@@ -448,22 +552,22 @@ class CpuBackend(Backend):
     @_ieee
     def backward(
         self,
-        dy,
-        x,
-        axis,
-        dtype,
-        weight,
-        mean,
-        invstd,
-        batch_stats,
+        dy: Any,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        mean: Any,
+        invstd: Any,
+        batch_stats: bool,
         *,
-        y=None,
-        dresidual=False,
-        r=None,
-        d=None,
-        groups=1,
-        plan=None,
-    ):
+        y: Any = None,
+        dresidual: bool = False,
+        r: Any = None,
+        d: Any = None,
+        groups: int = 1,
+        plan: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, Any, Any, Any]:
         """Gradients; ``y`` (forward's ReLU output) masks dy in both passes, r and d are renorm's constants.
 
         With batch renormalization dx is the training formula with weight
@@ -512,19 +616,37 @@ class CpuBackend(Backend):
         return dx, dweight.astype(dtype), sum_dy.astype(dtype), dres
 
     @_ieee
-    def weighted_moments(self, x, w, axis):
+    def weighted_moments(self, x: Any, w: Any, axis: int) -> tuple[Any, Any, Any]:
         """Float64 ``(W, mean, var)`` per channel under weights ``w`` (x's shape, kernel dtype float32/float64)."""
         layout, x_view = views.channel_view(x, axis)
         w_view = views.readonly(views.same_view(layout, w, axis))
         with kernel_guard():
             if layout == ROWS:
-                return weighted.weighted_stats_rows(x_view, w_view, weighted.rows_per_task(x_view.shape[1]))
-            return weighted.weighted_stats_slab(x_view, w_view)
+                stats: tuple[Any, Any, Any] = weighted.weighted_stats_rows(
+                    x_view, w_view, weighted.rows_per_task(x_view.shape[1])
+                )
+            else:
+                stats = weighted.weighted_stats_slab(x_view, w_view)
+        return stats
 
     @_ieee
     def weighted_forward(
-        self, x, w, axis, dtype, weight, bias, eps, running_mean, running_var, momentum, update, *, relu, residual
-    ):
+        self,
+        x: Any,
+        w: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        running_mean: Any,
+        running_var: Any,
+        momentum: float,
+        update: bool,
+        *,
+        relu: bool,
+        residual: Any,
+    ) -> tuple[Any, Any, Any, Any]:
         """Normalise everywhere with the statistics under weights ``w``; returns y, mean, invstd and W.
 
         The running variance takes the unbiased weighted variance ``var * W / (W - 1)``; a channel with
@@ -545,7 +667,21 @@ class CpuBackend(Backend):
         return y, mean, invstd, wsum
 
     @_ieee
-    def weighted_backward(self, dy, x, w, wsum, axis, dtype, weight, mean, invstd, *, y=None, dresidual=False):
+    def weighted_backward(
+        self,
+        dy: Any,
+        x: Any,
+        w: Any,
+        wsum: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        mean: Any,
+        invstd: Any,
+        *,
+        y: Any = None,
+        dresidual: bool = False,
+    ) -> tuple[Any, Any, Any, Any]:
         """Training-mode gradients under weights ``w`` (see :mod:`fastbn.backends.cpu.weighted`)."""
         channels = x.shape[axis]
         weight, _ = _parameters(weight, None, channels, dtype)
@@ -578,7 +714,17 @@ class CpuBackend(Backend):
         return dx, (dotp * s).astype(dtype), sum_dy.astype(dtype), dres
 
     @_ieee
-    def fold(self, layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
+    def fold(
+        self,
+        layer_weight: Any,
+        layer_bias: Any,
+        running_mean: Any,
+        running_var: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        axis: int,
+    ) -> tuple[Any, Any]:
         """``(s * W, s * (c - mean) + bias)`` with ``s = weight * invstd``, in float64, rounded once.
 
         The folded weight keeps ``layer_weight``'s memory order.  A bfloat16

@@ -77,20 +77,21 @@ class _LaunchSlot:
 
     __slots__ = ("__weakref__", "lock")
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.RLock()
 
 
-_slots = weakref.WeakSet()  # every live thread's slot, guarded by _slots_lock
+_slots: weakref.WeakSet[_LaunchSlot] = weakref.WeakSet()  # every live thread's slot, guarded by _slots_lock
 _slots_lock = threading.RLock()
 _this_thread = threading.local()
-_taken_for_fork: list = []
+_taken_for_fork: list[threading.RLock] = []
 
 
-def _thread_launch_lock():
+def _thread_launch_lock() -> threading.RLock:
     """The calling thread's launch lock, made and registered on its first launch."""
     try:
-        return _this_thread.slot.lock
+        existing: _LaunchSlot = _this_thread.slot
+        return existing.lock
     except AttributeError:
         pass
     slot = _LaunchSlot()
@@ -114,7 +115,8 @@ def _before_fork() -> None:
 def _after_fork_in_parent() -> None:
     while _taken_for_fork:
         lock = _taken_for_fork.pop()
-        if lock._is_owned():
+        # RLock._is_owned exists at run time (C and Python RLock) but is not in typeshed.
+        if lock._is_owned():  # type: ignore[attr-defined]
             lock.release()
 
 
@@ -209,7 +211,7 @@ def configure() -> str:
                     raise
                 numba.config.THREADING_LAYER = "workqueue"
                 parallel._launch_threads()
-        layer = numba.threading_layer()
+        layer: str = numba.threading_layer()
         chosen = os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER not in ("default",)
         if started_elsewhere and layer == "omp" and not chosen:
             # Numba starts its layer once per process: it cannot be replaced now.
@@ -244,7 +246,7 @@ def threading_layer() -> str:
     return configure()
 
 
-def kernel_guard():
+def kernel_guard() -> threading.RLock:
     """Context manager to hold around a kernel launch (use it with ``with``).
 
     On ``workqueue`` it serialises launches; on every layer it keeps a fork

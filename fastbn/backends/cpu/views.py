@@ -36,8 +36,11 @@ order from the output pool (:mod:`fastbn.backends.cpu.alloc`).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn._frameworks import framework_of
 from fastbn._layout import ROWS, SLAB, fallback, kernel_shape, pattern
@@ -53,7 +56,7 @@ _UPDATED_IN_PLACE = ("running_mean", "running_var")
 _DLPACK_CPU = 1
 
 
-def _torch_to_numpy(tensor, name):
+def _torch_to_numpy(tensor: Any, name: str) -> npt.NDArray[Any]:
     torch = sys.modules["torch"]
     if tensor.device.type != "cpu":
         raise ValueError(
@@ -75,13 +78,13 @@ def _torch_to_numpy(tensor, name):
         if tensor.dtype == torch.bfloat16:
             # numpy() refuses bfloat16 (NumPy has no such dtype): reinterpret the
             # same 16 bits as int16, then as ml_dtypes' bfloat16, still a view.
-            return tensor.detach().view(torch.int16).numpy().view(_bfloat16())
-        return tensor.detach().numpy()
+            return cast(npt.NDArray[Any], tensor.detach().view(torch.int16).numpy().view(_bfloat16()))
+        return cast(npt.NDArray[Any], tensor.detach().numpy())
     except (RuntimeError, TypeError) as exc:  # sparse, quantized, conj/neg views
         raise TypeError(f"{name}: this torch tensor cannot be viewed as a NumPy array ({exc})") from None
 
 
-def _jax_to_numpy(array, name):
+def _jax_to_numpy(array: Any, name: str) -> npt.NDArray[Any]:
     jax = sys.modules["jax"]
     try:
         # A read-only view of the host buffer of a CPU array (a copy for an
@@ -96,7 +99,7 @@ def _jax_to_numpy(array, name):
         raise TypeError(f"{name}: this JAX array cannot be read as a NumPy array ({exc})") from None
 
 
-def _from_dlpack(obj):
+def _from_dlpack(obj: Any) -> npt.NDArray[Any] | None:
     """np.from_dlpack(obj) for a host DLPack exporter, or None to fall back to np.asarray."""
     try:
         device_type = obj.__dlpack_device__()[0]
@@ -110,7 +113,7 @@ def _from_dlpack(obj):
         return None
 
 
-def to_host(obj, name):
+def to_host(obj: Any, name: str) -> npt.NDArray[Any] | None:
     """Return ``obj`` as a NumPy array (``None`` stays ``None``).
 
     Parameters
@@ -174,7 +177,7 @@ def to_host(obj, name):
         raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
 
 
-def _to_torch(array):
+def _to_torch(array: npt.NDArray[Any]) -> Any:
     # from_numpy shares memory with the fresh result and keeps its strides,
     # so channels_last input gives a channels_last tensor.
     torch = sys.modules["torch"]
@@ -184,7 +187,7 @@ def _to_torch(array):
     return torch.from_numpy(array)
 
 
-def _jax_restorer(like):
+def _jax_restorer(like: Any) -> Callable[[npt.NDArray[Any]], Any]:
     jax = sys.modules["jax"]
     try:
         # A committed array pins its results to its device; an uncommitted
@@ -193,7 +196,7 @@ def _jax_restorer(like):
     except Exception:
         device = None
 
-    def restore(array):
+    def restore(array: npt.NDArray[Any]) -> Any:
         # device_put aliases a suitably aligned host buffer on the CPU backend
         # instead of copying it.
         return jax.device_put(array, device)
@@ -201,11 +204,11 @@ def _jax_restorer(like):
     return restore
 
 
-def _identity(array):
+def _identity(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return array
 
 
-def restorer(like):
+def restorer(like: Any) -> Callable[[npt.NDArray[Any]], Any]:
     """Return a function that turns NumPy results into the kind of ``like``.
 
     Parameters
@@ -233,14 +236,15 @@ def restorer(like):
 
 
 # ------------------------------------------------------------ kernel views ---
-def _bfloat16():
+def _bfloat16() -> np.dtype[Any]:
     """ml_dtypes' bfloat16 dtype, imported on first use (``import fastbn`` does not import ml_dtypes)."""
     import ml_dtypes
 
-    return np.dtype(ml_dtypes.bfloat16)
+    dtype: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+    return dtype
 
 
-def as_kernel_dtype(array):
+def as_kernel_dtype(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """``array``, float16 reinterpreted as uint16 and bfloat16 as int16: Numba's CPU target has neither.
 
     Two distinct integer types, so that the kernels' loads and stores
@@ -251,19 +255,19 @@ def as_kernel_dtype(array):
     return array.view(np.int16) if is_bfloat16(array.dtype) else array
 
 
-def readonly(array):
+def readonly(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """A read-only view of ``array``, for a kernel input.
 
     Numba compiles a separate specialisation for read-only arrays (JAX hands
     out read-only buffers); marking every kernel input read-only means one
     compilation serves NumPy, torch and JAX callers alike.
     """
-    view = array.view()
+    view: npt.NDArray[Any] = array.view()
     view.flags.writeable = False
     return view
 
 
-def channel_view(x, axis):
+def channel_view(x: npt.NDArray[Any], axis: int) -> tuple[str, npt.NDArray[Any]]:
     """View ``x`` as the kernels' 2-D ROWS or 3-D SLAB shape.
 
     Parameters
@@ -289,7 +293,7 @@ def channel_view(x, axis):
     return layout, readonly(same_view(layout, x, axis))
 
 
-def same_view(layout, a, axis):
+def same_view(layout: str, a: npt.NDArray[Any], axis: int) -> npt.NDArray[Any]:
     """View ``a`` (shaped like the array that gave ``layout``) in that layout.
 
     Used for ``dy`` in backward, which must be walked in the same order as
@@ -301,7 +305,7 @@ def same_view(layout, a, axis):
     return as_kernel_dtype(np.ascontiguousarray(in_order).reshape(shape))
 
 
-def empty_like_layout(layout, x, axis):
+def empty_like_layout(layout: str, x: npt.NDArray[Any], axis: int) -> tuple[npt.NDArray[Any], npt.NDArray[Any], bool]:
     """Allocate an output shaped like ``x``, in the memory order of ``layout``.
 
     The memory comes from the output pool (:func:`fastbn.backends.cpu.alloc.allocate`):
