@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # fastbn.keras imports keras, which imports its backend: JAX, quietly (TensorFlow logs to stderr at import).
-os.environ.setdefault("KERAS_BACKEND", "jax")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Forced, not defaulted: a test worker that imported Keras on TensorFlow may pass its environment on.
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 import fastbn
 

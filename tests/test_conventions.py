@@ -84,8 +84,8 @@ def test_flax():
     assert np.all(np.isnan(empty["batch_stats"]["mean"]))  # empty: NaN statistics
 
 
-def test_keras():
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+def test_keras(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")  # read when keras is first imported; not left behind
     keras = pytest.importorskip("keras")
     fw = FRAMEWORKS["keras"]
     defaults = {name: p.default for name, p in inspect.signature(keras.layers.BatchNormalization).parameters.items()}
@@ -101,8 +101,8 @@ def test_keras():
     assert tuple(np.asarray(layer(np.zeros((0, 3), np.float32), training=True)).shape) == (0, 3)
 
 
-def test_tensorflow():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def test_tensorflow(monkeypatch):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
     tf = pytest.importorskip("tensorflow")
     fw = FRAMEWORKS["tensorflow"]
     defaults = {name: p.default for name, p in inspect.signature(tf.compat.v1.nn.fused_batch_norm).parameters.items()}

@@ -476,6 +476,8 @@ def _error_cases():
 
             yield pytest.param(call, exc, argument, id=f"backward-{case_id}-{dtype_id}")
         for case_id, exc, argument, change in errors.NORMALIZE_ERRORS:
+            if case_id == "var-negative":  # read on the host only (test_a_negative_device_variance_gives_nan...)
+                continue
 
             def call(change=change, dtype=dtype):
                 args = change(errors.good_normalize_args(dtype))
