@@ -11,7 +11,7 @@ import pytest
 
 import fastbn
 from fastbn._layout import ROWS, SLAB
-from fastbn.backends.cpu import ops, plan
+from fastbn.backends.cpu import passes, plan
 from fastbn.backends.cpu.machine import Machine, read
 
 # A machine with round figures, so the table does not depend on the one running the tests:
@@ -91,12 +91,12 @@ def test_machine_facts_from_sysfs_and_the_fallbacks(tmp_path):
 
 
 def _run_logged(call):
-    ops.LAUNCH_LOG = []
+    passes.LAUNCH_LOG = []
     try:
         result = call()
-        return result, ops.LAUNCH_LOG
+        return result, passes.LAUNCH_LOG
     finally:
-        ops.LAUNCH_LOG = None
+        passes.LAUNCH_LOG = None
 
 
 def _printed_plans(text):

@@ -417,7 +417,7 @@ def reused_output_callable(operation, data):
         A zero-argument callable doing the operation once; None for
         ``moments``, which returns no tensor-sized output.
     """
-    from fastbn.backends.cpu import ops as cpu_ops
+    from fastbn.backends.cpu import passes as cpu_ops
     from fastbn.backends.cpu import plan as cpu_plan
     from fastbn.backends.cpu import views
 
