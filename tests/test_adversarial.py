@@ -695,7 +695,7 @@ def forward_bases(draw):
     )
 
 
-@settings(max_examples=800, **EXPLORE)
+@settings(max_examples=400, **EXPLORE)
 @given(st.data())
 def test_forward_explored(data):
     base = data.draw(forward_bases(), label="base")
@@ -960,7 +960,7 @@ def test_backward_every_variant():
     sweep(BACKWARD_SWEEP, backward_mutations, check_backward, at_least=5 * 150)
 
 
-@settings(max_examples=500, **EXPLORE)
+@settings(max_examples=250, **EXPLORE)
 @given(st.data())
 def test_backward_explored(data):
     forward_args = data.draw(forward_bases(), label="forward")
