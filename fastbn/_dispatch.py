@@ -70,7 +70,7 @@ def prepare(
                 f"{name}: is a host array but this call runs on the GPU (because {because}); "
                 "pass GPU arrays for every argument"
             )
-    ops = backends.load(target)
+    ops = backends.load(target).for_call(arrays)
     return ops, ops.restorer(first), [ops.to_backend(obj, name) for name, obj in arrays]
 
 

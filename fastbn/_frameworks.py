@@ -96,9 +96,17 @@ def framework_of(obj: Any) -> str:
 
 
 def is_device_array(obj: Any) -> bool:
-    """True for GPU arrays (Numba, CuPy, PyTorch CUDA): they expose ``__cuda_array_interface__``."""
+    """True for GPU arrays (Numba, CuPy, PyTorch CUDA): they expose ``__cuda_array_interface__``.
+
+    So do the device arrays of Numba's CUDA simulator (``cuda.to_device``
+    with ``NUMBA_ENABLE_CUDASIM=1``), which have no interface of their own:
+    they are recognised by their class, so that code debugged without a GPU
+    takes the GPU path it will take on one.
+    """
     if obj is None or isinstance(obj, np.ndarray):
         return False
+    if type(obj).__module__.startswith("numba.cuda.simulator.") and hasattr(obj, "copy_to_host"):
+        return True
     try:
         return hasattr(obj, "__cuda_array_interface__")
     except RuntimeError:

@@ -27,7 +27,7 @@ path, :mod:`fastbn._sync`) are float64 NumPy vectors on the host.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 __all__ = ["BACKENDS", "Backend", "SyncPieces", "load"]
@@ -88,6 +88,15 @@ class Backend(Protocol):
     sync: SyncPieces | None
 
     # -- the caller's arrays -------------------------------------------------
+    def for_call(self, arrays: Sequence[tuple[str, Any]]) -> Backend:
+        """This backend bound to one call on ``arrays`` (the input first): where its work runs.
+
+        The CPU backend is itself.  The CUDA backend returns one whose every
+        operation runs on the input's device and its framework's current
+        stream, with its framework's allocator
+        (:mod:`fastbn.backends.cuda.context`).
+        """
+
     def to_backend(self, obj: Any, name: str) -> Any:
         """``obj`` as this backend's array, without a copy (None stays None); errors name ``name``."""
 

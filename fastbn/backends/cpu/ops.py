@@ -210,6 +210,9 @@ class CpuBackend(Backend):
     name = "cpu"
     sync = CpuSyncPieces()
 
+    def for_call(self, arrays: Sequence[tuple[str, Any]]) -> CpuBackend:
+        return self
+
     def to_backend(self, obj: Any, name: str) -> Any:
         return views.to_host(obj, name)
 

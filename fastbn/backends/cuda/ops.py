@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastbn.backends import Backend
-from fastbn.backends.cuda import numerics, target, views
+from fastbn.backends.cuda import context, numerics, target, views
 from fastbn.backends.cuda import plan as launch
 
 __all__ = ["BACKEND", "CudaBackend"]
@@ -49,7 +49,7 @@ def _statistics(layout, x_flat, groups=1):
     """Launch the statistics reduction; return the float64 partials and pivots (per group and channel)."""
     slots = groups * layout.channels
     reduction = launch.ReductionPlan(layout.rows, layout.outer, layout.channels, layout.inner, groups)
-    workspace = target.device_array((3 * reduction.splits + 1) * slots, np.float64)
+    workspace = context.device_array((3 * reduction.splits + 1) * slots, np.float64)
     partial_count, partial_mean, partial_m2, pivot = views.split(
         workspace, slots, reduction.splits, reduction.splits, reduction.splits, 1
     )
@@ -66,7 +66,7 @@ def _normalize_given(x, axis, dtype, mean, var, weight, bias, eps, relu=False, r
     channels = layout.channels
     x_flat = layout.x_access.flat()
     z_flat = x_flat if residual_access is None else residual_access.flat()  # not read without a residual
-    coefficients = target.device_array(4 * channels, dtype)
+    coefficients = context.device_array(4 * channels, dtype)
     saved_mean, saved_invstd, scale, shift = views.split(coefficients, channels, 1, 1, 1, 1)
     weight, has_weight = _parameter(weight, scale)
     bias, has_bias = _parameter(bias, shift)
@@ -109,6 +109,14 @@ class CudaBackend(Backend):
     sync = None  # synchronised batch norm is CPU-only so far
 
     # -- the caller's arrays -------------------------------------------------
+    def for_call(self, arrays):
+        """This backend, running on the input's device and stream with its framework's allocator.
+
+        See :func:`fastbn.backends.cuda.context.for_call` (which raises
+        ValueError for an argument on another device than the input).
+        """
+        return context.Bound(self, context.for_call(arrays))
+
     def to_backend(self, obj, name):
         """``obj`` as a numba device array, without a copy (see :func:`fastbn.backends.cuda.views.to_device`)."""
         return views.to_device(obj, name)
@@ -120,8 +128,8 @@ class CudaBackend(Backend):
     def from_host(self, array):
         """A device copy of the host NumPy array ``array``."""
         array = np.ascontiguousarray(array)
-        device = target.device_array(array.shape, array.dtype)
-        device.copy_to_device(array)
+        device = context.device_array(array.shape, array.dtype)
+        device.copy_to_device(array, stream=context.launch_stream())
         return device
 
     # -- the public operations -----------------------------------------------
@@ -180,10 +188,10 @@ class CudaBackend(Backend):
         x_flat = layout.x_access.flat()
         z_flat = x_flat if residual_access is None else residual_access.flat()  # not read without a residual
         partials = _statistics(layout, x_flat, groups)
-        scratch = target.device_array(2 * channels, np.float64)
+        scratch = context.device_array(2 * channels, np.float64)
         mean64, var64 = views.split(scratch, channels, 1, 1)
         renorm_counts = () if renorm is None else (1, 1)
-        coefficients = target.device_array((4 * groups + len(renorm_counts)) * channels, dtype)
+        coefficients = context.device_array((4 * groups + len(renorm_counts)) * channels, dtype)
         saved_mean, saved_invstd, scale, shift, *renorm_out = views.split(
             coefficients, channels, groups, groups, groups, groups, *renorm_counts
         )
@@ -264,7 +272,7 @@ class CudaBackend(Backend):
         layout = views.Layout(x, axis)
         channels = layout.channels
         partials = _statistics(layout, layout.x_access.flat())
-        out = target.device_array(2 * channels, dtype)
+        out = context.device_array(2 * channels, dtype)
         mean, var = views.split(out, channels, 1, 1)
         launch.launch_per_channel(numerics.stats_merge, channels, *partials, mean, var)
         return mean, var
@@ -331,7 +339,7 @@ class CudaBackend(Backend):
         y_flat = dy_flat if y_access is None else y_access.flat()  # not read without y
         slots = groups * channels
         reduction = launch.ReductionPlan(layout.rows, layout.outer, channels, layout.inner, groups)
-        workspace = target.device_array(2 * reduction.splits * slots, np.float64)
+        workspace = context.device_array(2 * reduction.splits * slots, np.float64)
         partial_sum_dy, partial_dotp = views.split(workspace, slots, reduction.splits, reduction.splits)
         launch.backward_reduce(
             reduction,
@@ -346,7 +354,7 @@ class CudaBackend(Backend):
             partial_dotp,
             masked=y is not None,
         )
-        out = target.device_array((2 + 3 * groups) * channels, dtype)
+        out = context.device_array((2 + 3 * groups) * channels, dtype)
         dweight, dbias, mean_dy, k, scale = views.split(out, channels, 1, 1, groups, groups, groups)
         weight, has_weight = _parameter(weight, scale)
         renorm = r is not None
@@ -400,10 +408,10 @@ class CudaBackend(Backend):
         channels = layer_weight.shape[axis]
         dtype = np.dtype(running_var.dtype)
         folded_weight = _normalize_given(
-            layer_weight, axis, dtype, target.device_zeros(channels, dtype), running_var, weight, None, eps
+            layer_weight, axis, dtype, context.zeros(channels, dtype), running_var, weight, None, eps
         )[0]
         if layer_bias is None:
-            layer_bias = target.device_zeros(channels, layer_weight.dtype)
+            layer_bias = context.zeros(channels, layer_weight.dtype)
         as_row = target.view(layer_bias, (1, channels), (0, np.dtype(layer_bias.dtype).itemsize))
         folded_bias = _normalize_given(as_row, 1, dtype, running_mean, running_var, weight, bias, eps)[0]
         return folded_weight, target.view(folded_bias, (channels,), (np.dtype(folded_bias.dtype).itemsize,))

@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from fastbn.backends.cuda import context
 from fastbn.backends.cuda.elementwise import GATHER_RANK, backward_elementwise_kernel, gather, normalize_kernel
 from fastbn.backends.cuda.numerics import (
     MAX_THREADS,
@@ -70,6 +71,8 @@ MAX_GROUPS_PER_LAUNCH = 65535
 
 #: Tests set this to a list to record every launch as (kernel name, grid, block, args).
 LAUNCH_LOG = None
+#: With LAUNCH_LOG set, the stream of each launch, in the same order.
+LAUNCH_STREAMS: list = []
 
 
 # ------------------------------------------------------------- launching ---
@@ -78,9 +81,12 @@ def _name(dispatcher):
 
 
 def _launch(dispatcher, grid, block, *args):
+    """Launch on the current call's stream (:func:`fastbn.backends.cuda.context.launch_stream`)."""
+    stream = context.launch_stream()
     if LAUNCH_LOG is not None:
         LAUNCH_LOG.append((_name(dispatcher), grid, block, args))
-    dispatcher[grid, block](*args)
+        LAUNCH_STREAMS.append(stream)
+    dispatcher[grid, block, stream](*args)
 
 
 def _threads():

@@ -38,7 +38,9 @@ CPU use never imports it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import hashlib
 import importlib.util
 import logging
 import math
@@ -74,17 +76,20 @@ __all__ = [
     "cuda",
     "device_array",
     "device_function",
-    "device_zeros",
+    "device_of_pointer",
+    "host_view",
     "interface",
     "is_available",
     "is_device_array",
     "kernel",
+    "memset",
     "named_kernel",
     "shfl_down",
     "supported_ccs",
     "toolkit_version",
     "types",
     "view",
+    "wrap_allocation",
 ]
 
 #: True when Numba's CUDA simulator stands in for a GPU (kernels run as Python threads).
@@ -101,25 +106,109 @@ def is_available():
 
 
 def kernel(func):
-    """Make ``func`` a CUDA kernel, compiled lazily for each argument-type signature (logged, see below)."""
-    dispatcher = cuda.jit(func)
-    if not SIMULATOR:  # the simulator runs the Python function: nothing is compiled
-        _log_compilations(dispatcher)
+    """Make ``func`` a CUDA kernel, compiled lazily for each argument-type signature, cached on disk.
+
+    The cache is numba-cuda's (``cuda.jit(cache=True)``: next to the
+    sources or under ``NUMBA_CACHE_DIR``, as the CPU kernels'), keyed on the
+    sources of the whole CUDA backend (:func:`_stamp_with_backend_sources`);
+    a cache that fails never fails a call (:class:`_GuardedCache`).  Each
+    compilation is logged (:func:`_log_compilations`).
+    """
+    if SIMULATOR:  # the simulator runs the Python function: nothing is compiled or cached
+        return cuda.jit(func)
+    try:
+        dispatcher = cuda.jit(func, cache=True)
+    except RuntimeError as exc:  # "cannot cache function ...: no locator available" (no writable directory)
+        dispatcher = cuda.jit(func)
+        dispatcher._fastbn_uncached = f"not cached on disk ({exc})"
+    else:
+        _stamp_with_backend_sources(dispatcher)
+        dispatcher._cache = _GuardedCache(dispatcher, dispatcher._cache)
+    _log_compilations(dispatcher)
     return dispatcher
 
 
+def _backend_sources_hash():
+    """SHA-256 of every source file of the CUDA backend, in name order."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.digest()
+
+
+def _stamp_with_backend_sources(dispatcher):
+    """Key a kernel's disk cache on all of the backend's sources, not only its own file.
+
+    Numba drops a cached kernel when the kernel's own source file changes,
+    but not when a device function it inlines from another file
+    (``numerics.py`` into ``reductions.py``) does; the stale kernel would
+    then run old code.  The stamp is private to Numba's cache, so another
+    numba-cuda keeps its own (per-file) rule.
+    """
+    cache_file = getattr(dispatcher._cache, "_cache_file", None)
+    if cache_file is not None and hasattr(cache_file, "_source_stamp"):
+        cache_file._source_stamp = _backend_sources_hash()
+
+
+class _GuardedCache:
+    """A CUDA kernel's disk cache whose failures never fail a call.
+
+    A cache file that cannot be read (truncated, corrupt, from another
+    toolkit) counts as a miss, and its index is rewritten empty so the next
+    save heals it; a save that fails (a directory made read-only, a full
+    disk) turns caching off for that kernel in this process.  Both are
+    logged on ``fastbn.compile`` with the reason.
+    """
+
+    def __init__(self, dispatcher, cache):
+        self._dispatcher = dispatcher
+        self._cache = cache
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+    def load_overload(self, sig, target_context):
+        try:
+            return self._cache.load_overload(sig, target_context)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            _log.warning("CUDA kernel cache unreadable (%s: %s); compiling instead", type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                self._cache.flush()
+            return None
+
+    def save_overload(self, sig, data):
+        try:
+            self._cache.save_overload(sig, data)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            _log.warning(
+                "CUDA kernel cache not writable (%s: %s); caching is off for this kernel", type(exc).__name__, exc
+            )
+            from numba.cuda.core.caching import NullCache
+
+            self._dispatcher._cache = NullCache()
+            self._dispatcher._fastbn_uncached = f"the cache failed ({type(exc).__name__}: {exc})"
+
+
 _log = logging.getLogger("fastbn.compile")
-_NOT_CACHED = "CUDA kernels are not cached on disk (compiled once per process)"
 
 
 def _log_compilations(dispatcher):
     """Announce each compilation of ``dispatcher`` on the ``fastbn.compile`` logger, as the CPU kernels do.
 
-    The INFO lines name the kernel, the argument types and the reason (there
-    is no disk cache for them), then the time taken; each record carries
-    ``fastbn_event`` (``"compile"``, ``"compiled"``), ``fastbn_kernel`` and
-    ``fastbn_signature``.  Wraps the dispatcher's ``compile``, which Numba
-    calls only for a signature it has not compiled.
+    The INFO lines name the kernel, the argument types and the reason (not
+    in the disk cache, or why there is no cache), then the time taken; each
+    record carries ``fastbn_event`` (``"compile"``, ``"compiled"``),
+    ``fastbn_kernel`` and ``fastbn_signature``.  Wraps the dispatcher's
+    ``compile``, which Numba calls only for a signature it has not compiled
+    in this process; a kernel loaded from the disk cache logs ``compiled``
+    in far less time.
     """
     compile_ = dispatcher.compile
 
@@ -131,12 +220,13 @@ def _log_compilations(dispatcher):
         extra = {"fastbn_kernel": name, "fastbn_signature": str(sig), "fastbn_cache": None}
         arrays = [t for t in sig if isinstance(t, types.Array)]
         words = f"{arrays[0].dtype}, {arrays[0].ndim}-D" if arrays else ", ".join(str(t) for t in sig)
+        reason = getattr(dispatcher, "_fastbn_uncached", None) or "compiled, or loaded from the disk cache"
         _log.info(
             "compiling CUDA kernel %s (%s): %s",
             name,
             words,
-            _NOT_CACHED,
-            extra=dict(extra, fastbn_event="compile", fastbn_reason=_NOT_CACHED),
+            reason,
+            extra=dict(extra, fastbn_event="compile", fastbn_reason=reason),
         )
         start = time.perf_counter()
         result = compile_(sig)
@@ -184,13 +274,6 @@ def device_array(shape, dtype):
     if SIMULATOR:
         return _SimDeviceArray(np.empty(shape, dtype))
     return cuda.device_array(shape, dtype)
-
-
-def device_zeros(shape, dtype):
-    """A device array of zeros (copied from the host: for small per-channel constants only)."""
-    if SIMULATOR:
-        return _SimDeviceArray(np.zeros(shape, dtype))
-    return cuda.to_device(np.zeros(shape, dtype))
 
 
 # ------------------------------------------------------------ warp shuffle ---
@@ -281,6 +364,9 @@ else:
             low = sum(min(0, s * (n - 1)) for n, s in zip(shape, strides))
             high = sum(max(0, s * (n - 1)) for n, s in zip(shape, strides)) + dtype.itemsize
             buffer = (ctypes.c_char * (high - low)).from_address(pointer + low)
+            # The memory's owner lives as long as the buffer, which every
+            # NumPy view of this array (slices included) keeps alive.
+            buffer._fastbn_owner = owner
             array = np.ndarray(shape, dtype, buffer=buffer, offset=-low, strides=strides)
             array.flags.writeable = not readonly
         result = _SimDeviceArray(array)
@@ -304,18 +390,15 @@ def is_device_array(obj):
 def as_device_array(obj):
     """Zero-copy device array over any object exposing ``__cuda_array_interface__``.
 
-    fastbn launches on the legacy default stream, which is ordered with the
-    work of the default streams.  So an array whose interface names no stream
-    or the legacy default one (``1``), as PyTorch's and CuPy's default streams
-    do, costs no host synchronisation; any other stream is synchronised first,
-    as the CUDA Array Interface asks of a consumer.
+    Never synchronises: the call's launches are ordered after the producer's
+    stream on the device (:func:`fastbn.backends.cuda.context.for_call`).
     """
     if is_device_array(obj):
         return _SimDeviceArray(obj._ary) if SIMULATOR and not isinstance(obj, _SimDeviceArray) else obj
     desc = obj.__cuda_array_interface__
     if SIMULATOR:
         return _sim_from_interface(desc, obj)
-    return cuda.as_cuda_array(obj, sync=desc.get("stream") not in (None, 1))
+    return cuda.from_cuda_array_interface(desc, owner=obj, sync=False)
 
 
 def interface(array):
@@ -323,7 +406,7 @@ def interface(array):
     return array.__cuda_array_interface__
 
 
-def view(array, shape, strides, offset=0):
+def view(array, shape, strides, offset=0, dtype=None):
     """A zero-copy view of ``array``'s memory with new shape and byte strides.
 
     Parameters
@@ -334,13 +417,47 @@ def view(array, shape, strides, offset=0):
         The view's shape and strides in bytes (strides may be negative).
     offset : int
         Bytes from ``array``'s data pointer to the view's first element.
+    dtype : numpy dtype, optional
+        The view's element type (default: ``array``'s); the allocator hands
+        out bytes that :func:`fastbn.backends.cuda.context.device_array`
+        views as the type it was asked for.
     """
     desc = dict(array.__cuda_array_interface__)
     pointer, readonly = desc["data"]
     desc.update(shape=tuple(shape), strides=tuple(strides), data=(pointer + offset, readonly), stream=None)
+    if dtype is not None:
+        desc["typestr"] = np.dtype(dtype).str
     if SIMULATOR:
         return _sim_from_interface(desc, array)
     return cuda.as_cuda_array(_Interface(desc, array), sync=False)
+
+
+def host_view(array):
+    """Simulator only: the NumPy array that is a simulated device array's memory."""
+    return array._ary
+
+
+def memset(array, value, nbytes, stream):
+    """Set the first ``nbytes`` bytes of a device array to the byte ``value``, asynchronously on ``stream``."""
+    from numba.cuda.cudadrv import driver
+
+    driver.device_memset(array, value, nbytes, stream=stream)
+
+
+def wrap_allocation(block, size):
+    """A 1-D uint8 device array over a raw allocation of the current context (``block`` kept alive by it)."""
+    from numba.cuda.cudadrv import devicearray, driver
+
+    memory = driver.MemoryPointer(cuda.current_context(), block.device_pointer, size=size, owner=block)
+    return devicearray.DeviceNDArray(shape=(size,), strides=(1,), dtype=np.dtype(np.uint8), gpu_data=memory)
+
+
+def device_of_pointer(pointer):
+    """The ordinal of the CUDA device whose memory ``pointer`` points into (unified addressing)."""
+    from numba.cuda.cudadrv import driver
+
+    attribute = driver.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+    return int(driver.driver.cuPointerGetAttribute(attribute, driver.binding.CUdeviceptr(int(pointer))))
 
 
 # ----------------------------------------------------- compilation, no GPU ---

@@ -23,7 +23,7 @@ import numpy as np
 
 from fastbn import _layout
 from fastbn._frameworks import framework_of
-from fastbn.backends.cuda import target
+from fastbn.backends.cuda import context, target
 from fastbn.backends.cuda.plan import GATHER_RANK, gather_flat
 
 __all__ = ["FlatAccess", "Layout", "byte_strides", "grouped", "restorer", "split", "to_device", "vector"]
@@ -156,7 +156,7 @@ class FlatAccess:
         if self.contiguous:
             return target.view(self.array, (self.size,), (itemsize,))
         span = target.view(self.array, (self.high - self.low + 1,), (itemsize,), self.low * itemsize)
-        destination = target.device_array(self.size, self.array.dtype)
+        destination = context.device_array(self.size, self.array.dtype)
         gather_flat(span, -self.low, self.shape, self.element_strides, destination)
         return destination
 
@@ -207,7 +207,7 @@ class Layout:
     def empty(self, dtype):
         """An output shaped like x in this layout's memory order, and its flat view."""
         itemsize = np.dtype(dtype).itemsize
-        flat = target.device_array(math.prod(self.shape), dtype)
+        flat = context.device_array(math.prod(self.shape), dtype)
         ordered_strides = target.c_strides(tuple(self.shape[d] for d in self.order), itemsize)
         strides = [0] * len(self.shape)
         for position, d in enumerate(self.order):
