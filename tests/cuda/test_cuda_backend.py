@@ -16,7 +16,7 @@ from fastbn.backends import Backend, load
 from fastbn.backends.cuda import plan, target, views
 from fastbn.backends.cuda.ops import BACKEND
 
-from gpu_arrays import SimGPUArray, gpu, host, numba_device
+from gpu_arrays import ForeignGPUArray, forbid_transfers, gpu, host, numba_device, readonly_gpu
 from oracle import oracle_backward, oracle_forward, oracle_moments
 from strategies import (
     assert_close,
@@ -228,18 +228,11 @@ def test_a_negative_device_variance_gives_nan_in_its_channel_only():
 
 def test_no_host_transfers(monkeypatch):
     """forward, backward, moments and normalize never copy between host and device."""
-    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a host <-> device copy inside fastbn")
-
     x = np.random.default_rng(9).normal(size=(4, 3, 5)).astype(np.float32)
     dy = np.ones_like(x)
     w, b = np.ones(3, np.float32), np.zeros(3, np.float32)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    for name in ("copy_to_host", "copy_to_device"):
-        monkeypatch.setattr(FakeCUDAArray, name, forbidden)
-    monkeypatch.setattr(target.cuda, "to_device", forbidden)
+    forbid_transfers(monkeypatch)
     y, saved = fastbn.forward(gpu(x), gpu(w), gpu(b), running_mean=gpu(rm), running_var=gpu(rv))
     fastbn.backward(gpu(dy), gpu(x), gpu(w), saved)
     fastbn.moments(gpu(x))
@@ -271,7 +264,7 @@ def test_results_come_back_as_the_callers_framework(framework, monkeypatch):
         stub.as_tensor = lambda array, device: calls.append((array, device)) or ("tensor", array, device)
     else:
         stub.asarray = lambda array: calls.append((array, None)) or ("cupy", array)
-    foreign_type = type("ForeignArray", (SimGPUArray,), {"__module__": f"{framework}._core", "device": "cuda:1"})
+    foreign_type = type("ForeignArray", (ForeignGPUArray,), {"__module__": f"{framework}._core", "device": "cuda:1"})
     # The framework's array class, as fastbn._frameworks recognises it (torch.Tensor, cupy.ndarray).
     setattr(stub, "Tensor" if framework == "torch" else "ndarray", foreign_type)
     monkeypatch.setitem(sys.modules, framework, stub)
@@ -288,7 +281,7 @@ def test_results_come_back_as_the_callers_framework(framework, monkeypatch):
 
 def test_restorer_imports_no_framework():
     before = set(sys.modules)
-    restore = BACKEND.restorer(SimGPUArray(np.zeros((2, 2), np.float32)))
+    restore = BACKEND.restorer(ForeignGPUArray(np.zeros((2, 2), np.float32)))
     assert restore("anything") == "anything" and set(sys.modules) == before
 
 
@@ -445,7 +438,7 @@ def test_every_launch_has_a_signature_that_ptx_compiles(launches):
 # --------------------------------------------------------------- bad input ---
 def _to_gpu(value):
     if isinstance(value, np.ndarray):
-        return gpu(value)
+        return gpu(value) if value.flags.writeable else readonly_gpu(value)
     if isinstance(value, fastbn.Saved):
         return value._replace(mean=_to_gpu(value.mean), invstd=_to_gpu(value.invstd))
     return value
@@ -501,18 +494,51 @@ def test_bad_input_is_rejected_before_any_kernel(make_call, exc, argument, launc
     from test_errors import ONE_VALUE, names
 
     function, args, kwargs = make_call()
-    host_buffers = [a for a in (*args, *kwargs.values()) if isinstance(a, np.ndarray)]
-    before = [a.tobytes() for a in host_buffers]
+    args, kwargs = [_to_gpu(a) for a in args], {k: _to_gpu(v) for k, v in kwargs.items()}
+    device_buffers = [a for a in (*args, *kwargs.values()) if target.is_device_array(a)]
+    before = [host(a).tobytes() for a in device_buffers]
     pattern = argument if argument == ONE_VALUE else names(argument)
     with pytest.raises(exc, match=pattern):
-        function(*[_to_gpu(a) for a in args], **{k: _to_gpu(v) for k, v in kwargs.items()})
+        function(*args, **kwargs)
     assert launches == []
-    assert [a.tobytes() for a in host_buffers] == before
+    assert [host(a).tobytes() for a in device_buffers] == before
 
 
 def test_running_stats_sharing_memory_are_rejected(launches):
     x = np.random.default_rng(15).normal(size=(4, 2, 3)).astype(np.float32)
-    stats = np.ones(2, np.float32)
+    stats = gpu(np.ones(2, np.float32))
     with pytest.raises(ValueError, match=r"^running_var: must not share memory with running_mean"):
-        fastbn.forward(gpu(x), running_mean=gpu(stats), running_var=gpu(stats))
+        fastbn.forward(gpu(x), running_mean=stats, running_var=stats)
     assert launches == []
+
+
+# ------------------------------------------------ Numba's own arrays, contexts ---
+def test_numbas_own_device_arrays_take_the_gpu_path(launches):
+    """``cuda.to_device`` arrays (the simulator's have no interface of their own) run the CUDA kernels."""
+    x = np.random.default_rng(16).normal(size=(6, 2, 3)).astype(np.float32)
+    y, saved = fastbn.forward(target.cuda.to_device(x))
+    assert target.is_device_array(y) and target.is_device_array(saved.mean)
+    assert "stats_slab" in _launched(launches)
+    np.testing.assert_allclose(host(y), fastbn.forward(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_each_call_runs_in_a_context_of_its_own_and_leaves_none_behind():
+    from fastbn.backends.cuda import context
+
+    x = gpu(np.ones((4, 2), np.float32))
+    bound = BACKEND.for_call([("x", x)])
+    seen = []
+    original = BACKEND.moments
+
+    def moments(*args, **kwargs):
+        seen.append(context.current())
+        return original(*args, **kwargs)
+
+    BACKEND.moments = moments
+    try:
+        mean, _ = bound.moments(bound.to_backend(x, "x"), 1, np.float32)
+    finally:
+        del BACKEND.moments
+    assert seen and seen[0] is bound._context and seen[0].framework == "numba"
+    assert context.current() is context._DEFAULT
+    np.testing.assert_array_equal(host(mean), [1, 1])
