@@ -192,7 +192,7 @@ def conventions(args):
 
 def main(argv=None):
     """Entry point of ``python -m fastbn`` and of the ``fastbn`` command; returns the process exit code."""
-    from fastbn.tools import bench, bench_fused, bench_torch, plan, precompile, ptx, readme, torch_suite
+    from fastbn.tools import bench, bench_fused, bench_torch, gpu_check, plan, precompile, ptx, readme, torch_suite
 
     # Named as it was started: the ``fastbn`` console script or ``python -m fastbn``.
     prog = "fastbn" if os.path.basename(sys.argv[0]) == "fastbn" else "python -m fastbn"
@@ -228,6 +228,8 @@ def main(argv=None):
     runs["conventions"] = conventions
     precompile.add_parser(commands)
     runs["precompile"] = precompile.run
+    gpu_check.add_parser(commands)
+    runs["gpu-check"] = gpu_check.run
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error("--repeats: expected a positive integer")
