@@ -35,6 +35,10 @@ def run_example(out, *args, timeout=300):
     )
 
 
+# The module fixture runs once: every test here on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("example")
+
+
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("train_mlp")

@@ -23,7 +23,11 @@ import pytest
 
 from capabilities import DROP_FILE_CAPABILITIES
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork, setrlimit and capabilities as on Linux")
+# The module's warm kernel cache is built once: every test here on one pytest-xdist worker.
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="fork, setrlimit and capabilities as on Linux"),
+    pytest.mark.xdist_group("faults"),
+]
 
 # Shapes (N, C, H, W) float32.  All take the streamed SLAB plan here (fewer kernels to compile);
 # MEDIUM's output (1 MiB) comes from the output pool; BIG's (256 MiB) is written with

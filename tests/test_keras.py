@@ -34,7 +34,12 @@ CASES = [
     for check in (_worker.UNSUPPORTED_BACKEND_CHECKS if backend == "numpy" else _worker.CHECKS)
 ]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs keras")
+# One module fixture starts the backends' workers: every test here on one pytest-xdist worker, so they
+# start once, not once per worker that gets a test.
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="needs keras"),
+    pytest.mark.xdist_group("keras"),
+]
 
 
 @pytest.fixture(scope="module")

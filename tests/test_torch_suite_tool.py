@@ -50,6 +50,10 @@ def test_unrelated():
 """
 
 
+# The module fixture runs once: every test here on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("torch-suite")
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("pytorch-src")

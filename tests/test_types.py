@@ -14,6 +14,9 @@ import pytest
 
 mypy_api = pytest.importorskip("mypy.api")
 
+# One mypy run (a module fixture) serves every test: all of them on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("mypy")
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve().parent / "typing_user_script.py"
 REVEALED = re.compile(r'^(?P<path>[^:]+):(?P<line>\d+): note: Revealed type is "(?P<type>.*)"$')
