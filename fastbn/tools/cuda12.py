@@ -27,7 +27,8 @@ compiles in a child interpreter, ``python -m fastbn.tools.cuda12 X.Y``, started 
 4. checks that numba-cuda's NVVM and libdevice are this wheel's, and that
    no other libNVVM is mapped into the process, and fails otherwise;
 5. assembles each kernel's PTX with CUDA 12's ``ptxas -v`` (a subprocess),
-   whose report gives registers, spills and shared memory;
+   whose report gives registers, spills and shared memory, and whose cubin
+   gives the SASS loop count (:mod:`fastbn.tools.loops`);
 6. prints its results as one JSON line for the parent.
 
 Nothing here imports numba-cuda; the child reaches it through
@@ -145,13 +146,14 @@ def ptxas_targets(ptxas):
 
 
 def assemble(ptx, cc, ptxas):
-    """Assemble ``ptx`` for ``sm_XY`` with CUDA 12's ``ptxas -v``; return its resource report.
+    """Assemble ``ptx`` for ``sm_XY`` with CUDA 12's ``ptxas -v``; return its resource report and the cubin.
 
     Returns
     -------
-    dict
+    (dict, bytes)
         ``registers``, ``spill_stores``, ``spill_loads`` and ``shared``, as
-        :func:`fastbn.tools.nvvm.resource_report` reads them.
+        :func:`fastbn.tools.nvvm.resource_report` reads them; and the cubin
+        ptxas wrote, for the SASS loop count.
 
     Raises
     ------
@@ -162,17 +164,22 @@ def assemble(ptx, cc, ptxas):
         source = os.path.join(folder, "kernel.ptx")
         with open(source, "w") as file:
             file.write(ptx)
-        command = [ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-v", source, "-o", os.path.join(folder, "kernel.cubin")]
+        target = os.path.join(folder, "kernel.cubin")
+        command = [ptxas, f"-arch=sm_{cc[0]}{cc[1]}", "-v", source, "-o", target]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        tail = " | ".join(log.strip().splitlines()[-3:])
-        raise RuntimeError(f"ptxas exited with {proc.returncode}: {tail}")
-    return resource_report(log)
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            tail = " | ".join(log.strip().splitlines()[-3:])
+            raise RuntimeError(f"ptxas exited with {proc.returncode}: {tail}")
+        with open(target, "rb") as file:
+            cubin = file.read()
+    return resource_report(log), cubin
 
 
-def compile_in_subprocess(cc, timeout=900):
+def compile_in_subprocess(cc, timeout=900, sass=True):
     """Compile every kernel for every dtype on ``cc`` with CUDA 12, in a child interpreter.
+
+    ``sass=False`` passes ``--no-sass`` to the child: no SASS loop count.
 
     Returns
     -------
@@ -192,7 +199,7 @@ def compile_in_subprocess(cc, timeout=900):
     # the folder that holds the package, three levels above fastbn/tools/cuda12.py
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "fastbn.tools.cuda12", label]
+    command = [sys.executable, "-m", "fastbn.tools.cuda12", label, *([] if sass else ["--no-sass"])]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(_MARKER):
@@ -209,10 +216,12 @@ def _mapped_nvvms():
 
 
 def _child(argv):
-    """``python -m fastbn.tools.cuda12 X.Y``: compile for one compute capability with CUDA 12."""
+    """``python -m fastbn.tools.cuda12 X.Y [--no-sass]``: compile for one compute capability with CUDA 12."""
     global _LOADED_NVVM
+    sass = "--no-sass" not in argv
+    argv = [arg for arg in argv if arg != "--no-sass"]
     if len(argv) != 1:
-        print("usage: python -m fastbn.tools.cuda12 X.Y (started by python -m fastbn ptx)", file=sys.stderr)
+        print("usage: python -m fastbn.tools.cuda12 X.Y [--no-sass] (started by python -m fastbn ptx)", file=sys.stderr)
         return 2
     cc = parse_cc(argv[0])
     forced = os.environ.get("NUMBA_FORCE_CUDA_CC", "")
@@ -235,7 +244,7 @@ def _child(argv):
         if not paths[name] or not os.path.samefile(paths[name], getattr(toolkit, name)):
             print(f"numba-cuda took its {name} from {paths[name]}, not {getattr(toolkit, name)}", file=sys.stderr)
             return 1
-    results = compile_kernels(cc, functools.partial(assemble, ptxas=toolkit.ptxas), toolkit.name)
+    results = compile_kernels(cc, functools.partial(assemble, ptxas=toolkit.ptxas), toolkit.name, sass=sass)
     mapped = _mapped_nvvms()
     if mapped != {os.path.realpath(toolkit.nvvm)}:
         print(f"libNVVMs mapped into the CUDA 12 process: {sorted(mapped)}", file=sys.stderr)

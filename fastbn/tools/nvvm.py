@@ -8,6 +8,10 @@ what lets the two import it without importing each other.
 Nothing here imports numba-cuda at module level: :func:`compile_kernels`
 reaches it through :mod:`fastbn.backends.cuda.target` when called, which in
 the CUDA 12 child must come after that child has loaded its own libNVVM.
+
+Beside ptxas's report, every result carries the instruction counts of the
+kernel's innermost loops, from its PTX and (where ``nvdisasm`` is installed)
+its SASS: :func:`fastbn.tools.loops.summarize`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 import time
 
 from fastbn._validate import FLOAT_DTYPES
+from fastbn.tools import loops
 
 _LOG_PATTERNS = {
     "registers": re.compile(r"Used (\d+) registers"),
@@ -77,7 +82,7 @@ def kernel_names():
     return [(kernel, dtype.name) for dtype in FLOAT_DTYPES for kernel, _, _ in plan.signatures(dtype)]
 
 
-def compile_kernels(cc, assembler, toolkit):
+def compile_kernels(cc, assembler, toolkit, sass=True):
     """Compile every kernel for every dtype on ``cc`` with the NVVM of this process.
 
     Parameters
@@ -85,17 +90,23 @@ def compile_kernels(cc, assembler, toolkit):
     cc : tuple of int
         ``(major, minor)``.
     assembler : callable
-        ``assembler(ptx, cc)`` returns the resource report of the assembled
-        PTX (or None) and raises on failure.
+        ``assembler(ptx, cc)`` returns ``(report, cubin)``: the resource
+        report of the assembled PTX (or None) and the machine code (bytes, or
+        None), and raises on failure.
     toolkit : str
         Names the compiler on every result, such as ``"CUDA 13.5"``.
+    sass : bool, default True
+        Also count the loops in the SASS (nvdisasm takes about half a
+        second a kernel); False leaves the PTX count only.
 
     Returns
     -------
     list of tuple
         ``(kernel, dtype name, status, detail, seconds, toolkit)`` with status
-        ``ok`` (the detail is the report), ``unsupported`` (NVVM does not
-        target ``cc``) or ``FAILED`` (the detail is a one-line reason).
+        ``ok``, ``unsupported`` (NVVM does not target ``cc``) or ``FAILED``
+        (the detail is a one-line reason).  For ``ok`` the detail is a dict:
+        the resource report's keys where ptxas gave one, and ``loops``, the
+        loop figures of :func:`fastbn.tools.loops.summarize`.
     """
     from fastbn.backends.cuda import plan, target
 
@@ -105,7 +116,8 @@ def compile_kernels(cc, assembler, toolkit):
             start = time.perf_counter()
             try:
                 ptx = target.compile_ptx(dispatcher.py_func, argtypes, cc)
-                report = assembler(ptx, cc)
+                report, cubin = assembler(ptx, cc)
+                detail = dict(report or {}, loops=loops.summarize(ptx, cubin, sass=sass))
             except Exception as exc:
                 first_line = (str(exc).strip().splitlines() or [""])[0]
                 status = "unsupported" if type(exc).__name__ == "CCSupportError" else "FAILED"
@@ -120,5 +132,5 @@ def compile_kernels(cc, assembler, toolkit):
                     )
                 )
                 continue
-            results.append((kernel, dtype.name, "ok", report, time.perf_counter() - start, toolkit))
+            results.append((kernel, dtype.name, "ok", detail, time.perf_counter() - start, toolkit))
     return results

@@ -6,7 +6,11 @@ kernel is compiled to PTX with exactly the argument types the backend launches
 it with (:func:`fastbn.backends.cuda.plan.signatures`), then assembled to machine code by
 ptxas, which reports registers, spills and shared memory.  One line is
 printed per kernel, dtype and compute capability, naming the toolkit that
-compiled it.
+compiled it, and ending with the instructions per element of the kernel's
+innermost loops, counted in its PTX and, where ``nvdisasm`` is installed, in
+its SASS (:mod:`fastbn.tools.loops` says how).  ``--table FILE`` also writes
+these figures as a Markdown table: docs/ptx_baseline.md is one, the baseline
+that changes to the kernels are measured against.
 
 Two toolkits share the work:
 
@@ -32,13 +36,15 @@ compilation or assembly fails, or if nothing at all could be compiled.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
+import functools
 import importlib.util
 import multiprocessing
 import os
 import sys
 import time
 
-from fastbn.tools import cuda12
+from fastbn.tools import cuda12, loops
 from fastbn.tools.nvvm import compile_kernels, kernel_names, parse_cc, resource_report
 
 #: What to install for this command, as its error messages say.
@@ -46,13 +52,13 @@ INSTALL = "pip install 'fastbn[cuda]'"
 
 
 def assemble(ptx, cc):
-    """Assemble ``ptx`` for ``sm_XY`` with nvJitLink's ptxas; return its resource report.
+    """Assemble ``ptx`` for ``sm_XY`` with nvJitLink's ptxas; return its resource report and the cubin.
 
     Returns
     -------
-    dict or None
-        :func:`fastbn.tools.nvvm.resource_report`'s; None when nvJitLink is
-        not installed.
+    (dict or None, bytes or None)
+        :func:`fastbn.tools.nvvm.resource_report`'s, and the machine code
+        (for the SASS loop count); both None when nvJitLink is not installed.
 
     Raises
     ------
@@ -62,7 +68,7 @@ def assemble(ptx, cc):
     try:
         from cuda.bindings import nvjitlink
     except ImportError:
-        return None
+        return None, None
     options = [f"-arch=sm_{cc[0]}{cc[1]}", "-verbose"]
     handle = nvjitlink.create(len(options), options)
     try:
@@ -76,9 +82,11 @@ def assemble(ptx, cc):
             raise RuntimeError(f"ptxas: {exc}: {log.decode(errors='replace').strip()}") from None
         log = bytearray(nvjitlink.get_info_log_size(handle))
         nvjitlink.get_info_log(handle, log)
+        cubin = bytearray(nvjitlink.get_linked_cubin_size(handle))
+        nvjitlink.get_linked_cubin(handle, cubin)
     finally:
         nvjitlink.destroy(handle)
-    return resource_report(log.decode(errors="replace"))
+    return resource_report(log.decode(errors="replace")), bytes(cubin)
 
 
 def _span(ccs):
@@ -86,13 +94,13 @@ def _span(ccs):
     return f"cc {ccs[0][0]}.{ccs[0][1]} to {ccs[-1][0]}.{ccs[-1][1]}"
 
 
-def compile_cc(cc):
+def compile_cc(cc, sass=True):
     """Compile every kernel for every dtype on compute capability ``cc``, with the toolkit that targets it.
 
     The CUDA 13 toolkit of numba-cuda compiles in this process; a compute
     capability it does not target goes to CUDA 12's compiler in a process
     of its own (:mod:`fastbn.tools.cuda12`), when that is installed and
-    targets it.
+    targets it.  ``sass=False`` skips the SASS loop count.
 
     Returns
     -------
@@ -107,13 +115,13 @@ def compile_cc(cc):
     supported = target.supported_ccs()
     primary = f"CUDA {target.toolkit_version()}"
     if supported is None or cc in supported:
-        return compile_kernels(cc, assemble, primary)
+        return compile_kernels(cc, assemble, primary, sass=sass)
     kernels = kernel_names()
     fallback, missing = cuda12.locate()
     if fallback is not None and cc in fallback.ccs:
         start = time.perf_counter()
         try:
-            return cuda12.compile_in_subprocess(cc)
+            return cuda12.compile_in_subprocess(cc, sass=sass)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
             seconds = time.perf_counter() - start
@@ -126,17 +134,109 @@ def compile_cc(cc):
     return [(kernel, dtype, "unsupported", reason, 0.0, primary) for kernel, dtype in kernels]
 
 
+def _loops_text(detail):
+    """``PTX loop ... SASS ...``: the loop figures of one result's detail (:func:`fastbn.tools.loops.describe`)."""
+    figures = (detail or {}).get("loops")
+    if figures is None:
+        return "PTX loop n/a"
+    return f"PTX loop {loops.describe(figures['ptx'])}  SASS {loops.describe(figures['sass'])}"
+
+
 def format_line(cc, kernel, dtype, status, detail, seconds, toolkit):
-    """One output line: kernel, dtype, compute capability, status, toolkit, then resources or reason."""
+    """One output line: kernel, dtype, compute capability, status, toolkit, then resources and loops, or the reason."""
     head = f"{kernel:<24} {dtype:<8} cc {cc[0]}.{cc[1]:<3} {status:<11} {toolkit:<9}"
     if status != "ok":
         return f"{head} {detail}"
-    if detail is None:
-        return f"{head} registers n/a (nvJitLink not installed)  {seconds:5.2f} s"
+    if detail is None or "registers" not in detail:
+        return f"{head} registers n/a (nvJitLink not installed)  {seconds:5.2f} s  {_loops_text(detail)}"
     return (
         f"{head} registers {detail['registers']:3d}  spills {detail['spill_stores']}/{detail['spill_loads']} B "
-        f"(stores/loads)  smem {detail['shared']:5d} B  {seconds:5.2f} s"
+        f"(stores/loads)  smem {detail['shared']:5d} B  {seconds:5.2f} s  {_loops_text(detail)}"
     )
+
+
+def _figure(part):
+    """The hot loop's instructions per element of one half of a loop summary, for the table."""
+    if part is None or "error" in part:
+        return "n/a"
+    value = loops.per_element(part)
+    if value is not None:
+        return f"{value:.1f}"
+    return "no data loop" if part.get("loops") else "no loop"
+
+
+def _loops_cell(part):
+    """Every data loop of one half of a loop summary as ``instructions/elements``, for the table."""
+    if part is None or "error" in part:
+        return ""
+    return ", ".join(f"{lp.instructions}/{lp.elements or '?'}" for lp in loops.data_loops(part))
+
+
+def write_table(path, ccs, per_cc, command):
+    """Write the results as a Markdown table: kernel, dtype, registers, spills, PTX and SASS instructions per element.
+
+    Parameters
+    ----------
+    path : str
+        The file to write.
+    ccs : list of tuple of int
+        The compute capabilities, in the order of ``per_cc``.
+    per_cc : list of list of tuple
+        :func:`compile_cc`'s results for each.
+    command : str
+        The command line that made them, for the header.
+    """
+    from fastbn.backends.cuda import target
+
+    sass_notes = sorted(
+        {
+            result[3]["loops"]["sass"]["error"]
+            for results in per_cc
+            for result in results
+            if result[2] == "ok" and "error" in result[3].get("loops", {}).get("sass", {})
+        }
+    )
+    fallback, _ = cuda12.locate()
+    older = f"{fallback.name}'s ({cuda12.DISTRIBUTION})" if fallback is not None else "CUDA 12's (not installed)"
+    lines = [
+        "# PTX and SASS baseline of the CUDA kernels",
+        "",
+        f"Produced by `{command}` on {datetime.date.today().isoformat()}, no GPU used: "
+        f"CUDA {target.toolkit_version()} NVVM and ptxas (nvJitLink) for cc 7.5 and up, "
+        f"{older} for those CUDA 13 dropped; disassembler for SASS: {loops.disassembler_version()}.",
+        "",
+        "Instructions per element are static counts of the kernel's innermost loop that loads its first array "
+        "argument (its per-element input), divided by the elements that loop loads per iteration; of several such "
+        "loops, the one with the most elements per iteration (NVVM's unrolled body) gives the figure and every "
+        "loop is listed as instructions/elements.  `fastbn/tools/loops.py` says how loops and elements are found.",
+        "",
+    ]
+    if sass_notes:
+        lines += [f"SASS: {'; '.join(sass_notes)}.", ""]
+    for cc, results in zip(ccs, per_cc):
+        toolkits = sorted({result[5] for result in results})
+        lines += [
+            f"## cc {cc[0]}.{cc[1]} ({', '.join(toolkits)})",
+            "",
+            "| kernel | dtype | registers | spills (B, st/ld) "
+            "| PTX instr/elem | PTX loops | SASS instr/elem | SASS loops |",
+            "|---|---|---:|---:|---:|---|---:|---|",
+        ]
+        for kernel, dtype, status, detail, _seconds, _toolkit in results:
+            if status != "ok":
+                lines.append(f"| {kernel} | {dtype} | {status} | | | | | |")
+                continue
+            figures = detail.get("loops", {})
+            registers = detail.get("registers", "n/a")
+            spills = f"{detail['spill_stores']}/{detail['spill_loads']}" if "spill_stores" in detail else "n/a"
+            ptx_part, sass_part = figures.get("ptx"), figures.get("sass")
+            lines.append(
+                f"| {kernel} | {dtype} | {registers} | {spills} | {_figure(ptx_part)} | {_loops_cell(ptx_part)} "
+                f"| {_figure(sass_part)} | {_loops_cell(sass_part)} |"
+            )
+        lines.append("")
+    with open(path, "w") as file:
+        file.write("\n".join(lines))
 
 
 def _toolkits_line(ccs):
@@ -161,10 +261,15 @@ def _toolkits_line(ccs):
     )
 
 
-def main(ccs, *, strict=False, jobs=None, out=None):
-    """Compile for each compute capability in ``ccs`` (strings like "8.0"); return the exit status."""
+def main(ccs, *, strict=False, jobs=None, out=None, table=None, sass=True):
+    """Compile for each compute capability in ``ccs`` (strings like "8.0"); return the exit status.
+
+    With ``table`` (a path), also write the results there as a Markdown table (:func:`write_table`);
+    ``sass=False`` skips the SASS loop count (nvdisasm's half second a kernel).
+    """
     out = out or sys.stdout
     try:
+        labels = list(ccs)
         ccs = [parse_cc(cc) for cc in ccs]
     except ValueError as exc:
         print(exc, file=out)
@@ -187,18 +292,22 @@ def main(ccs, *, strict=False, jobs=None, out=None):
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(ccs)))
     start = time.perf_counter()
     if jobs == 1:
-        per_cc = [compile_cc(cc) for cc in ccs]
+        per_cc = [compile_cc(cc, sass=sass) for cc in ccs]
     else:
         # One process per compute capability: compilation is single-threaded
         # Python and NVVM.  "spawn" keeps the workers free of the parent's state.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            per_cc = list(pool.map(compile_cc, ccs))
+            per_cc = list(pool.map(functools.partial(compile_cc, sass=sass), ccs))
     counts = {"ok": 0, "unsupported": 0, "FAILED": 0}
     for cc, results in zip(ccs, per_cc):
         for result in results:
             counts[result[2]] += 1
             print(format_line(cc, *result), file=out)
+    if table is not None:
+        command = f"python -m fastbn ptx --cc {' '.join(labels)} --table {table}" + ("" if sass else " --no-sass")
+        write_table(table, ccs, per_cc, command)
+        print(f"wrote {table}", file=out)
     total = sum(counts.values())
     print(
         f"{total} kernel x dtype x cc: {counts['ok']} compiled, {counts['unsupported']} unsupported by the "
@@ -224,12 +333,21 @@ def add_parser(commands):
         "--strict", action="store_true", help="also fail on a compute capability that no installed toolkit targets"
     )
     parser.add_argument("--jobs", type=int, default=None, help="parallel processes (default: CPUs, at most one per cc)")
+    parser.add_argument(
+        "--table", default=None, metavar="FILE", help="also write the results as a Markdown table to FILE"
+    )
+    parser.add_argument(
+        "--no-sass",
+        dest="sass",
+        action="store_false",
+        help="skip the SASS loop count (nvdisasm, where installed, takes about half a second a kernel)",
+    )
     return parser
 
 
 def run(args):
     """Entry point for ``python -m fastbn ptx``'s parsed arguments."""
-    return main(args.cc, strict=args.strict, jobs=args.jobs)
+    return main(args.cc, strict=args.strict, jobs=args.jobs, table=args.table, sass=args.sass)
 
 
 if __name__ == "__main__":  # pragma: no cover
