@@ -19,12 +19,19 @@ with a constant shape, ``cuda.syncthreads``, ``cuda.shfl_down_sync``,
 constructors (``np.float32(v)``) as casts.  They use no extension API
 (``@intrinsic``, ``@overload``, ``@lower``), which is where the two targets
 differ (LLVM IR against MLIR).  Everything else a backend needs from the
-target goes through the functions below, so moving to numba-cuda-mlir should
-mean changing this module only.  That has not been tried: numba-cuda-mlir is
-not installed here, and three details of this module are numba-cuda's (device
-functions inlined with ``inline="always"``; the toolkit queries of
-:func:`supported_ccs` and :func:`compiler_paths`; the libdevice lookup that
-:func:`_pair_libdevice_with_nvvm` corrects).
+target goes through the functions below, so moving to numba-cuda-mlir means
+changing this module only.
+
+``FASTBN_CUDA_TARGET=numba-cuda-mlir`` (read once, when this module is first
+imported) takes numba-cuda-mlir instead (``pip install 'fastbn[mlir]'``).
+With numba-cuda-mlir 0.6 every kernel of :func:`fastbn.backends.cuda.plan.signatures`
+compiles to PTX for every dtype (``FASTBN_CUDA_TARGET=numba-cuda-mlir python -m
+fastbn ptx``; tests/test_cuda_mlir.py); it has not run on a GPU.  Its driver-level
+modules (``cudadrv``, ``core.caching``, ``cuda_paths``) are a vendored copy of
+numba-cuda's, taken through :func:`_submodule`.  Three details stay
+numba-cuda's: device functions inlined with ``inline="always"`` (accepted by
+both); the libdevice lookup that :func:`_pair_libdevice_with_nvvm` corrects
+(numba-cuda only); and the simulator, which numba-cuda-mlir does not have.
 
 This module also supplies what Numba's CUDA *simulator*
 (``NUMBA_ENABLE_CUDASIM=1``, which runs the GPU tests on machines without a
@@ -52,23 +59,51 @@ import weakref
 import numpy as np
 
 from fastbn._frameworks import missing_dependency
-
-# Without numba-cuda, ``from numba import cuda`` still finds the deprecated CUDA
-# target that Numba itself ships, on which the kernels do not compile: ask for
-# numba-cuda by name.
-if importlib.util.find_spec("numba_cuda") is None:
-    raise missing_dependency("fastbn's CUDA backend", "numba-cuda", "cuda")
-try:
-    from numba import cuda  # the CUDA target; see the module docstring before changing it
-    from numba.cuda import types
-except ImportError as exc:
-    raise missing_dependency("fastbn's CUDA backend", f"numba-cuda, which did not import ({exc})", "cuda", exc) from exc
-
 from fastbn._layout import c_strides  # re-exported: the CUDA modules take it from here
 
+#: Environment variable choosing the CUDA target: ``numba-cuda`` (the default) or ``numba-cuda-mlir``.
+TARGET_VARIABLE = "FASTBN_CUDA_TARGET"
+_TARGETS = ("numba-cuda", "numba-cuda-mlir")
+_CHOSEN = os.environ.get(TARGET_VARIABLE, "numba-cuda") or "numba-cuda"
+if _CHOSEN not in _TARGETS:
+    raise ValueError(f"{TARGET_VARIABLE}: expected one of {', '.join(_TARGETS)}, got {_CHOSEN!r}")
+MLIR = _CHOSEN == "numba-cuda-mlir"
+
+if MLIR:
+    try:
+        from numba_cuda_mlir import cuda
+    except ImportError as exc:
+        raise missing_dependency("fastbn's CUDA backend on numba-cuda-mlir", "numba-cuda-mlir", "mlir", exc) from exc
+
+    types = cuda.types
+    #: The package of the target's driver-level modules (cudadrv, core.caching, cuda_paths).
+    _PACKAGE = "numba_cuda_mlir.numba_cuda"
+else:
+    # Without numba-cuda, ``from numba import cuda`` still finds the deprecated
+    # CUDA target that Numba itself ships, on which the kernels do not compile:
+    # ask for numba-cuda by name.
+    if importlib.util.find_spec("numba_cuda") is None:
+        raise missing_dependency("fastbn's CUDA backend", "numba-cuda", "cuda")
+    try:
+        from numba import cuda  # the CUDA target; see the module docstring before changing it
+        from numba.cuda import types
+    except ImportError as exc:
+        raise missing_dependency(
+            "fastbn's CUDA backend", f"numba-cuda, which did not import ({exc})", "cuda", exc
+        ) from exc
+    _PACKAGE = "numba.cuda"
+
+
+def _submodule(name):
+    """The target's module ``name`` (e.g. ``"cudadrv.driver"``), numba-cuda's or numba-cuda-mlir's copy."""
+    return importlib.import_module(f"{_PACKAGE}.{name}")
+
+
 __all__ = [
+    "MLIR",
     "NAME",
     "SIMULATOR",
+    "TARGET_VARIABLE",
     "as_device_array",
     "c_strides",
     "compile_ptx",
@@ -94,10 +129,10 @@ __all__ = [
 
 #: True when Numba's CUDA simulator stands in for a GPU (kernels run as Python threads).
 #: numba-cuda reads NUMBA_ENABLE_CUDASIM once, when it is first imported.
-SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
+SIMULATOR = bool(getattr(cuda.config, "ENABLE_CUDASIM", False))
 
 #: Which CUDA target fastbn's kernels run on.
-NAME = "numba-cuda (simulator)" if SIMULATOR else "numba-cuda"
+NAME = "numba-cuda-mlir" if MLIR else "numba-cuda (simulator)" if SIMULATOR else "numba-cuda"
 
 
 def is_available():
@@ -190,9 +225,7 @@ class _GuardedCache:
             _log.warning(
                 "CUDA kernel cache not writable (%s: %s); caching is off for this kernel", type(exc).__name__, exc
             )
-            from numba.cuda.core.caching import NullCache
-
-            self._dispatcher._cache = NullCache()
+            self._dispatcher._cache = _submodule("core.caching").NullCache()
             self._dispatcher._fastbn_uncached = f"the cache failed ({type(exc).__name__}: {exc})"
 
 
@@ -323,7 +356,7 @@ else:
 
 # ------------------------------------------------ CUDA Array Interface I/O ---
 if not SIMULATOR:
-    from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DeviceNDArray
+    _DeviceNDArray = _submodule("cudadrv.devicearray").DeviceNDArray
 else:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeCUDAArray
 
@@ -439,23 +472,19 @@ def host_view(array):
 
 def memset(array, value, nbytes, stream):
     """Set the first ``nbytes`` bytes of a device array to the byte ``value``, asynchronously on ``stream``."""
-    from numba.cuda.cudadrv import driver
-
-    driver.device_memset(array, value, nbytes, stream=stream)
+    _submodule("cudadrv.driver").device_memset(array, value, nbytes, stream=stream)
 
 
 def wrap_allocation(block, size):
     """A 1-D uint8 device array over a raw allocation of the current context (``block`` kept alive by it)."""
-    from numba.cuda.cudadrv import devicearray, driver
-
+    devicearray, driver = _submodule("cudadrv.devicearray"), _submodule("cudadrv.driver")
     memory = driver.MemoryPointer(cuda.current_context(), block.device_pointer, size=size, owner=block)
     return devicearray.DeviceNDArray(shape=(size,), strides=(1,), dtype=np.dtype(np.uint8), gpu_data=memory)
 
 
 def device_of_pointer(pointer):
     """The ordinal of the CUDA device whose memory ``pointer`` points into (unified addressing)."""
-    from numba.cuda.cudadrv import driver
-
+    driver = _submodule("cudadrv.driver")
     attribute = driver.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
     return int(driver.driver.cuPointerGetAttribute(attribute, driver.binding.CUdeviceptr(int(pointer))))
 
@@ -467,6 +496,13 @@ def compile_ptx(func, argtypes, cc):
     Runs the target's real NVVM compiler; no GPU or driver is needed (the
     ``cu13`` extra of numba-cuda carries NVVM).
     """
+    if MLIR and not cuda.is_available():
+        # numba-cuda-mlir 0.6 asks the driver for the current device's compute
+        # capability even when ``cc`` is given (to choose the linker's
+        # target); with no GPU, tell its private cache the capability asked for.
+        import numba_cuda_mlir.tools as mlir_tools
+
+        mlir_tools._cached_cc = tuple(cc)
     ptx, _ = cuda.compile_ptx(func, tuple(argtypes), cc=tuple(cc))
     return ptx
 
@@ -482,9 +518,7 @@ def compiler_paths():
         ``nvvm`` (the libNVVM shared library) and ``libdevice`` (the bitcode
         math library linked into every kernel), absolute paths.
     """
-    from numba.cuda.cuda_paths import get_cuda_paths
-
-    paths = get_cuda_paths()
+    paths = _submodule("cuda_paths").get_cuda_paths()
     return {"nvvm": paths["nvvm"].info, "libdevice": paths["libdevice"].info}
 
 
@@ -537,15 +571,14 @@ def _pair_libdevice_with_nvvm():
     cuda_paths.get_libdevice_wheel_path = libdevice_of_loaded_nvvm
 
 
-if not SIMULATOR:
+if not SIMULATOR and not MLIR:
     _pair_libdevice_with_nvvm()
 
 
 def supported_ccs():
     """The compute capabilities the installed toolkit compiles for, or None if unknown."""
     try:
-        from numba.cuda.cudadrv import nvrtc
-
+        nvrtc = _submodule("cudadrv.nvrtc")
         return sorted(tuple(cc) for cc in nvrtc.get_supported_ccs())
     except Exception:
         return None
