@@ -37,6 +37,10 @@ def pytest_configure(config):
 
 
 def pytest_collect_file(file_path, parent):
+    # A file named on the command line (python -m pytest bench/bench_gpu.py) is collected by pytest
+    # itself; a second Module here would run every benchmark in it twice.
+    if parent.session.isinitpath(file_path):
+        return None
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
