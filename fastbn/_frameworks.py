@@ -105,6 +105,12 @@ def is_device_array(obj: Any) -> bool:
     """
     if obj is None or isinstance(obj, np.ndarray):
         return False
+    if framework_of(obj) == "torch":
+        # Asked directly: a CPU tensor's __cuda_array_interface__ raises (after formatting a message),
+        # which made this test cost microseconds per argument.
+        kind = getattr(getattr(obj, "device", None), "type", None)
+        if kind is not None:
+            return bool(kind == "cuda")
     if type(obj).__module__.startswith("numba.cuda.simulator.") and hasattr(obj, "copy_to_host"):
         return True
     try:

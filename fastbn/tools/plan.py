@@ -93,6 +93,7 @@ def constants(facts):
         f"  a core's share of cache {_size(share)}: L2 + L3 / sharers",
         f"  fused budget {_size(cpu_plan.fuse_bytes(facts))}: two thirds of a core's share of cache",
         f"  non-temporal stores from {_size(cpu_plan.nontemporal_bytes(facts))} of output: the L3",
+        f"  one thread below {_size(cpu_plan.serial_bytes(facts))} of input: one core's L2",
         f"  non-temporal vector store {facts.vector_bytes} bytes: {where('vector_bytes')} "
         "(64 with avx512f, 32 with avx, else 16; fallback 32)",
         f"  non-temporal scratch chunk {chunk} elements: half the L1d in float64, a power of two in 512..8192"

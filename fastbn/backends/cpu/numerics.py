@@ -16,7 +16,6 @@ same compiled copies, so they agree bit for bit.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
 from fastbn.backends.cpu.jit import elementwise, exact, kernel
 from fastbn.backends.cpu.loops import cast_to
@@ -144,11 +143,14 @@ def backward_coefficients(sum_dy, dotp, invstd, weight, count, mean_dy_out, k_ou
 
 
 # ------------------------------------------------------- running stats ---
-@kernel
+@kernel(parallel=False)
 def update_running(running_mean, running_var, mean, var, momentum, count):
-    """PyTorch's update: unbiased variance into running_var, in place."""
+    """PyTorch's update: unbiased variance into running_var, in place.
+
+    Serial: a few operations per channel, far less than a parallel launch costs.
+    """
     correction = count / (count - 1.0)
-    for c in prange(running_mean.shape[0]):
+    for c in range(running_mean.shape[0]):
         running_mean[c] = cast_to(running_mean, (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c])
         running_var[c] = cast_to(
             running_var, (1.0 - momentum) * np.float64(running_var[c]) + momentum * var[c] * correction

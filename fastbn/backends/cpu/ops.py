@@ -33,6 +33,7 @@ from fastbn.backends.cpu.passes import (
     backward_train_into,
     forward_train_into,
     normalize_into,
+    serial_if_small,
     stats,
 )
 from fastbn.backends.cpu.threads import kernel_guard
@@ -48,14 +49,23 @@ def _ieee(method: Callable[_P, _R]) -> Callable[_P, _R]:
     """Run ``method`` with NumPy's floating-point warnings off: its host arithmetic (invstd from a
     variance, casts of float64 statistics) follows IEEE as the kernels do, NaN and Inf included (eps=0 on
     a zero variance is an infinite invstd, a float32 variance beyond 3.4e38 is inf), as in PyTorch,
-    without a RuntimeWarning for what is the documented result."""
+    without a RuntimeWarning for what is the documented result.
+
+    And on one thread when the call's input (its first argument: x, or dy in backward) is small
+    (:func:`fastbn.backends.cpu.passes.serial_if_small`)."""
 
     @functools.wraps(method)
     def quiet(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        first = args[1] if len(args) > 1 else None
+        nbytes = first.nbytes if isinstance(first, np.ndarray) else _LARGE
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"), serial_if_small(nbytes):
             return method(*args, **kwargs)
 
     return quiet
+
+
+#: Stands for the size of an input that is not an array (never run serially on that account).
+_LARGE = 1 << 62
 
 
 def _update_running(
@@ -268,18 +278,25 @@ class CpuBackend(Backend):
                 float(renorm[1]),
             )
         )
+        r: _Array | None
+        d: _Array | None
+        if groups == 1:  # the common case, without the stacking and averaging over groups
+            mean64, var64, invstd64, r, d = forward_train_into(
+                chosen, x_view, weight, bias, eps, y_view, z_view, relu, ren
+            )
+            if update:
+                _update_running(running_mean, running_var, mean64, var64, momentum, x.size // channels)
+            if renorm is None:
+                r = d = None
+            return y, mean64.astype(dtype), invstd64.astype(dtype), r, d
         results = [
             forward_train_into(chosen, xg, weight, bias, eps, yg, zg, relu, ren)
             for xg, zg, yg in _group_views([x_view, z_view, y_view], groups)
         ]
-        r: _Array | None
-        d: _Array | None
         mean64, var64, invstd64, r, d = (np.stack(parts) for parts in zip(*results))
         if update:
             count = x.size // channels // groups
             _update_running(running_mean, running_var, mean64.mean(axis=0), var64.mean(axis=0), momentum, count)
-        if groups == 1:
-            mean64, invstd64 = mean64[0], invstd64[0]
         r, d = (None, None) if renorm is None else (r[0], d[0])
         return y, mean64.astype(dtype), invstd64.astype(dtype), r, d
 

@@ -7,15 +7,20 @@ into given outputs; the benchmark's reused-output diagnostic calls them too.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import Any
 
+import numba
 import numpy as np
 import numpy.typing as npt
 
 from fastbn._layout import ROWS
 from fastbn.backends.cpu import elementwise, fused, numerics, reductions
 from fastbn.backends.cpu import plan as cpu_plan
-from fastbn.backends.cpu.threads import kernel_guard
+from fastbn.backends.cpu.machine import machine
+from fastbn.backends.cpu.threads import configure, kernel_guard
 
 _Array = npt.NDArray[Any]
 
@@ -39,6 +44,37 @@ def _launch(kernel: Any, plan: cpu_plan.Plan, *args: Any) -> None:
         LAUNCH_LOG.append((kernel.py_func.__name__, plan))
     with kernel_guard():
         kernel(*args)
+
+
+@contextlib.contextmanager
+def serial_if_small(nbytes: int) -> Iterator[None]:
+    """Run the kernels launched inside on this thread alone if the call's input has fewer than
+    :func:`fastbn.backends.cpu.plan.serial_bytes` bytes.
+
+    A parallel launch would cost more than it saves there.  Numba's thread
+    count is per calling thread, and restored after; the results are the
+    same either way (every reduction merges in an order that does not depend
+    on the thread count).  One switch per call, not per launch: each switch
+    costs a few microseconds.
+    """
+    if nbytes >= _serial_limit():
+        yield
+        return
+    configure()  # fastbn's threading layer first: asking Numba for its thread count would start the default one
+    threads = numba.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
+@functools.cache
+def _serial_limit() -> int:
+    return cpu_plan.serial_bytes(machine())
 
 
 def _nt(plan: cpu_plan.Plan, out: _Array) -> _Array | None:

@@ -36,7 +36,16 @@ from typing import Any
 from fastbn._layout import ROWS, SLAB
 from fastbn.backends.cpu.machine import Machine, machine
 
-__all__ = ["OPERATIONS", "Plan", "choose", "fuse_bytes", "nontemporal_bytes", "slab_pieces", "stream_chunk"]
+__all__ = [
+    "OPERATIONS",
+    "Plan",
+    "choose",
+    "fuse_bytes",
+    "nontemporal_bytes",
+    "serial_bytes",
+    "slab_pieces",
+    "stream_chunk",
+]
 
 # ------------------------------------------------------------- numerical ---
 # SLAB pieces: whole runs grouped until a piece has MIN_PIECE elements, or a
@@ -106,6 +115,19 @@ def nontemporal_bytes(facts: Machine) -> int:
     outputs, and 5-10% slower on 49 and 200 MiB ones.
     """
     return facts.l3_bytes
+
+
+def serial_bytes(facts: Machine) -> int:
+    """Kernel views smaller than this many bytes run on one thread: one core's L2.
+
+    A parallel launch costs tens of microseconds whatever the size (waking
+    the pool's threads, scheduling, joining): 70 us of a 120 us forward on
+    (32, 64) float32 on the 2-core EPYC, which took 53 us on one thread.  An
+    input that fits in one core's L2 is read from there at tens of GB/s, so
+    one core passes over it in about the time a launch costs: splitting it
+    saves less than the launch takes.
+    """
+    return facts.l2_bytes
 
 
 def stream_chunk(facts: Machine) -> int:
