@@ -255,6 +255,12 @@ def test_numba_device_arrays_stay_numba_device_arrays():
     assert all(target.is_device_array(r) for r in results)
 
 
+_SIMULATOR_ONLY = pytest.mark.skipif(
+    not target.SIMULATOR, reason="a host array stands for device memory: simulator only (test_cuda_torch.py on a GPU)"
+)
+
+
+@_SIMULATOR_ONLY
 @pytest.mark.parametrize("framework", ["torch", "cupy"])
 def test_results_come_back_as_the_callers_framework(framework, monkeypatch):
     """A CuPy array gives CuPy arrays, a torch tensor gives tensors on its device: zero-copy, from sys.modules."""
@@ -279,6 +285,7 @@ def test_results_come_back_as_the_callers_framework(framework, monkeypatch):
     assert len(calls) == 3
 
 
+@_SIMULATOR_ONLY
 def test_restorer_imports_no_framework():
     before = set(sys.modules)
     restore = BACKEND.restorer(ForeignGPUArray(np.zeros((2, 2), np.float32)))

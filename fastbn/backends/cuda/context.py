@@ -78,7 +78,9 @@ class CallContext:
 
     def __enter__(self) -> CallContext:
         switch = None
-        if self.device is not None and not target.SIMULATOR and cuda.get_current_device().id != self.device:
+        # Asked of the driver, not with cuda.get_current_device(): on a thread with no current context that
+        # would create device 0's (and leave it current) even for a call on another device.
+        if self.device is not None and not target.SIMULATOR and target.current_device_ordinal() != self.device:
             switch = cuda.gpus[self.device]
             switch.__enter__()
         stack = _stack()
@@ -102,9 +104,11 @@ class CallContext:
             return target.device_array(nbytes, np.uint8)
         if self.framework == "torch":
             torch = sys.modules["torch"]
-            device = torch.device("cuda", cuda.get_current_device().id)
+            device = torch.device("cuda", self.device if self.device is not None else torch.cuda.current_device())
             tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            return cuda.from_cuda_array_interface(tensor.__cuda_array_interface__, owner=tensor, sync=False)
+            raw = cuda.from_cuda_array_interface(tensor.__cuda_array_interface__, owner=tensor, sync=False)
+            raw._fastbn_tensor = tensor  # the restorer hands out views of this tensor itself (views.restorer)
+            return raw
         if self.framework == "cupy":
             buffer = sys.modules["cupy"].empty(nbytes, dtype=np.uint8)
             return cuda.from_cuda_array_interface(buffer.__cuda_array_interface__, owner=buffer, sync=False)
@@ -167,7 +171,8 @@ def pool_of(device: int) -> StreamOrderedPool:
 
 
 def _from_pool(nbytes: int, stream: Any) -> Any:
-    pool = pool_of(cuda.get_current_device().id)
+    device = current().device
+    pool = pool_of(device if device is not None else cuda.get_current_device().id)
     block, size, release = pool.acquire(nbytes, _handle(stream))
     array = target.wrap_allocation(block, size)
     pool.release_when_collected(array, release)
@@ -192,7 +197,7 @@ def _stream_of_handle(handle: int | None) -> Any:
     """A Numba stream object for a CUstream value from a framework or an interface's ``stream`` field."""
     if target.SIMULATOR:
         return None  # the simulator runs every launch synchronously: nothing to order
-    if handle in (None, 0):
+    if not handle:  # None, 0: no stream named
         return None
     if handle == 1:
         return cuda.legacy_default_stream()
@@ -204,24 +209,36 @@ def _stream_of_handle(handle: int | None) -> Any:
 def _framework_stream(obj: Any, framework: str, device: int | None) -> Any:
     """The CUstream value of the framework's current stream for ``obj``, or the producer stream it names."""
     if framework == "torch":
-        return sys.modules["torch"].cuda.current_stream(obj.device).cuda_stream
+        # torch's 0 is the legacy default stream; Numba's handle 0 is the per-thread one when Numba is set
+        # to use per-thread default streams: name the legacy one (1) explicitly.
+        return sys.modules["torch"].cuda.current_stream(obj.device).cuda_stream or 1
     if framework == "cupy":
         cupy = sys.modules["cupy"]
         with cupy.cuda.Device(device):
             return cupy.cuda.get_current_stream().ptr
     if target.is_device_array(obj):
         return _handle(getattr(obj, "stream", 0))
-    return obj.__cuda_array_interface__.get("stream")
+    return _interface_stream(obj)
 
 
-def _producer_stream(obj: Any, framework: str) -> Any:
-    """The stream an argument's producer names, if any: the interface's field, or a Numba array's stream."""
-    if framework in ("torch", "cupy"):
-        return None  # the framework's own ordering: everything is on its current stream
+def _interface_stream(obj: Any) -> int | None:
+    """The ``stream`` field of ``obj``'s interface as an int, None when absent or 0 (Numba exports 0 too)."""
+    stream = obj.__cuda_array_interface__.get("stream")
+    return int(stream) if stream else None
+
+
+def _producer_stream(obj: Any, framework: str, first_framework: str) -> Any:
+    """The stream an argument's producer names, if any: the interface's field, or a Numba array's stream.
+
+    Arrays of the input's own framework (torch, CuPy) are ordered by that
+    framework: all its work of the call is on its current stream.
+    """
+    if framework == first_framework and framework in ("torch", "cupy"):
+        return None
     if target.is_device_array(obj):
         handle = _handle(getattr(obj, "stream", 0))
         return handle or None
-    return obj.__cuda_array_interface__.get("stream")
+    return _interface_stream(obj)
 
 
 def _device_of(obj: Any, framework: str) -> int | None:
@@ -270,15 +287,33 @@ def for_call(arrays: Sequence[tuple[str, Any]]) -> CallContext:
     with context:  # the stream objects belong to the device's context
         context.stream = _stream_of_handle(_framework_stream(first, framework, device))
         launch = _handle(context.stream)
+        first_framework = framework_of(first)
         for _, obj in arrays:
             if obj is None:
                 continue
-            producer = _producer_stream(obj, framework_of(obj))
-            if producer is not None and producer != launch and not (producer == 1 and launch == 0):
-                event = cuda.event(timing=False)
+            producer = _producer_stream(obj, framework_of(obj), first_framework)
+            if producer is not None and producer != launch and {producer, launch} != {0, 1}:
+                event = _event()
                 event.record(stream=_stream_of_handle(producer))
                 event.wait(stream=context.launch_stream())
     return context
+
+
+def _event() -> Any:
+    """This thread's event for the current device, made once and re-recorded by each call.
+
+    A new event per call would be destroyed later through Numba's deferred
+    deallocations, whose flush also frees pending device memory: a device
+    synchronisation inside a call.
+    """
+    events = getattr(_local, "events", None)
+    if events is None:
+        events = _local.events = {}
+    device = cuda.get_current_device().id
+    event = events.get(device)
+    if event is None:
+        event = events[device] = cuda.event(timing=False)
+    return event
 
 
 class Bound:

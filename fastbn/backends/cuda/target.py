@@ -54,6 +54,7 @@ import math
 import os
 import threading
 import time
+import warnings
 import weakref
 
 import numpy as np
@@ -109,6 +110,7 @@ __all__ = [
     "compile_ptx",
     "compiler_paths",
     "cuda",
+    "current_device_ordinal",
     "device_array",
     "device_function",
     "device_of_pointer",
@@ -138,6 +140,11 @@ NAME = "numba-cuda-mlir" if MLIR else "numba-cuda (simulator)" if SIMULATOR else
 def is_available():
     """True if kernels can run: a usable GPU and driver, or the simulator."""
     return SIMULATOR or bool(cuda.is_available())
+
+
+# The one-thread-per-channel kernels launch a few blocks by design (C threads): numba-cuda warns at every
+# new grid size under 128 blocks that the GPU is under-used, which says nothing about them.
+warnings.filterwarnings("ignore", message=r"Grid size .* will likely result in GPU under-utilization")
 
 
 def kernel(func):
@@ -480,6 +487,14 @@ def wrap_allocation(block, size):
     devicearray, driver = _submodule("cudadrv.devicearray"), _submodule("cudadrv.driver")
     memory = driver.MemoryPointer(cuda.current_context(), block.device_pointer, size=size, owner=block)
     return devicearray.DeviceNDArray(shape=(size,), strides=(1,), dtype=np.dtype(np.uint8), gpu_data=memory)
+
+
+def current_device_ordinal():
+    """The ordinal of the device whose context is current on this thread, or None if none is (no context made)."""
+    driver = _submodule("cudadrv.driver").driver
+    if not int(driver.cuCtxGetCurrent()):
+        return None
+    return int(driver.cuCtxGetDevice())
 
 
 def device_of_pointer(pointer):

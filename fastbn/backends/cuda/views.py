@@ -82,10 +82,54 @@ def restorer(like):
     module = sys.modules.get(framework)
     if framework == "torch" and module is not None:
         device = like.device
-        return lambda array: module.as_tensor(array, device=device)
+        return lambda array: _torch_result(module, array, device)
     if framework == "cupy" and module is not None:
         return module.asarray
-    return lambda array: array
+    # Numba arrays: bound to the call's stream, so that a later call (backward on forward's output) and
+    # any consumer of the interface's stream field are ordered after the kernels that write them.
+    stream = context.current().stream
+    if stream is None or target.SIMULATOR:
+        return lambda array: array
+    return lambda array: array.bind(stream)
+
+
+def _torch_result(torch, array, device):
+    """A fastbn result as a view of the torch tensor its memory came from (torch's caching allocator).
+
+    ``torch.as_tensor`` of the device array would wrap the memory in a tensor
+    torch does not know it allocated (``record_stream``, IPC and CUDA-graph
+    memory pools would not see it); results allocated through
+    :mod:`fastbn.backends.cuda.context` carry their tensor, so the result is
+    that tensor, viewed with the array's dtype, shape and strides.
+    """
+    owner = array
+    for _ in range(8):  # view of a view of ... the raw allocation
+        tensor = getattr(owner, "_fastbn_tensor", None)
+        if tensor is not None:
+            break
+        owner = getattr(getattr(owner, "gpu_data", None), "_owner", None)
+        owner = getattr(owner, "_owner", owner)  # target._Interface keeps the array it views
+        if owner is None:
+            break
+    else:
+        tensor = None
+    if tensor is None or not array.size:
+        return torch.as_tensor(array, device=device)
+    dtype = np.dtype(array.dtype)
+    pointer = target.interface(array)["data"][0]
+    offset = pointer - tensor.data_ptr()
+    strides = byte_strides(array)
+    if offset % dtype.itemsize or any(s % dtype.itemsize for s in strides) or tensor.numel() % dtype.itemsize:
+        return torch.as_tensor(array, device=device)
+    typed = tensor.view(_TORCH_DTYPES[dtype.name](torch))
+    return typed.as_strided(tuple(array.shape), tuple(s // dtype.itemsize for s in strides), offset // dtype.itemsize)
+
+
+_TORCH_DTYPES = {
+    "float16": lambda torch: torch.float16,
+    "float32": lambda torch: torch.float32,
+    "float64": lambda torch: torch.float64,
+}
 
 
 # --------------------------------------------------------------- layouts ---
