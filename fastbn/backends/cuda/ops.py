@@ -129,7 +129,8 @@ class CudaBackend(Backend):
         """A device copy of the host NumPy array ``array``."""
         array = np.ascontiguousarray(array)
         device = context.device_array(array.shape, array.dtype)
-        device.copy_to_device(array, stream=context.launch_stream())
+        if array.size:  # an empty batch's output: nothing to copy
+            device.copy_to_device(array, stream=context.launch_stream())
         return device
 
     # -- the public operations -----------------------------------------------
