@@ -226,7 +226,7 @@ def test_a_read_only_install_without_a_writable_home_warns_once(tmp_path):
 
 
 def test_cuda_compilations_are_logged_without_a_gpu():
-    """The CUDA target's kernels log their compilations too (no disk cache: the reason says so)."""
+    """The CUDA target's kernels log their compilations too, with the reason (here, a dispatcher without a cache)."""
     target = pytest.importorskip("fastbn.backends.cuda.target")
 
     class Dispatcher:
@@ -255,9 +255,18 @@ def test_cuda_compilations_are_logged_without_a_gpu():
         logger.setLevel(level)
     assert [r.fastbn_event for r in records] == ["compile", "compiled"]  # the second call compiled nothing
     assert records[0].getMessage() == (
-        "compiling CUDA kernel cuda._add_one (float32, 1-D): CUDA kernels are not cached on disk "
-        "(compiled once per process)"
+        "compiling CUDA kernel cuda._add_one (float32, 1-D): first use in this process (loaded from the disk cache if there)"
     )
+    dispatcher._fastbn_uncached = "not cached on disk (no writable directory)"
+    records.clear()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        dispatcher.compile((target.types.float64[:],))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert records[0].getMessage().endswith(": not cached on disk (no writable directory)")
 
 
 def test_precompile_options_and_units():

@@ -100,6 +100,10 @@ SHELL_NOT_RUN = {
     "python -m fastbn bench-fused": (
         "a benchmark of about a minute on 51 MB tensors; its report is bench/results/fused.md"
     ),
+    "python -m fastbn gpu-check": (
+        "needs a GPU (up to 8 minutes there); without one it exits with status 2 and runs nothing, which "
+        "tests/test_gpu_check.py checks"
+    ),
     'pip install -e ".[examples,mpi]"': (
         f"{_INSTALLS}; the mpiexec run of examples/train_data_parallel.py that follows is "
         "tests/test_sync.py::test_data_parallel_example_matches_single_process_training"
