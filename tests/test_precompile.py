@@ -255,7 +255,8 @@ def test_cuda_compilations_are_logged_without_a_gpu():
         logger.setLevel(level)
     assert [r.fastbn_event for r in records] == ["compile", "compiled"]  # the second call compiled nothing
     assert records[0].getMessage() == (
-        "compiling CUDA kernel cuda._add_one (float32, 1-D): first use in this process (loaded from the disk cache if there)"
+        "compiling CUDA kernel cuda._add_one (float32, 1-D): first use in this process "
+        "(loaded from the disk cache if there)"
     )
     dispatcher._fastbn_uncached = "not cached on disk (no writable directory)"
     records.clear()

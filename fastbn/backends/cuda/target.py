@@ -239,6 +239,9 @@ class _GuardedCache:
 _log = logging.getLogger("fastbn.compile")
 
 
+_FIRST_USE = "first use in this process (loaded from the disk cache if there)"
+
+
 def _log_compilations(dispatcher):
     """Announce each compilation of ``dispatcher`` on the ``fastbn.compile`` logger, as the CPU kernels do.
 
@@ -260,7 +263,7 @@ def _log_compilations(dispatcher):
         extra = {"fastbn_kernel": name, "fastbn_signature": str(sig), "fastbn_cache": None}
         arrays = [t for t in sig if isinstance(t, types.Array)]
         words = f"{arrays[0].dtype}, {arrays[0].ndim}-D" if arrays else ", ".join(str(t) for t in sig)
-        reason = getattr(dispatcher, "_fastbn_uncached", None) or "first use in this process (loaded from the disk cache if there)"
+        reason = getattr(dispatcher, "_fastbn_uncached", None) or _FIRST_USE
         _log.info(
             "compiling CUDA kernel %s (%s): %s",
             name,
