@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("numba_cuda")
 
-from fastbn.backends.cuda import plan, target  # noqa: E402
+from fastbn.backends.cuda import plan, target
 
 
 class _Codegen:
