@@ -549,3 +549,54 @@ def test_each_call_runs_in_a_context_of_its_own_and_leaves_none_behind():
     assert seen and seen[0] is bound._context and seen[0].framework == "numba"
     assert context.current() is context._DEFAULT
     np.testing.assert_array_equal(host(mean), [1, 1])
+
+
+# -------------------------------------------------- eval backward, one pass ---
+@pytest.mark.parametrize("layout", ["slab", "rows"])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("dresidual", [False, True], ids=["", "dres"])
+def test_eval_backward_is_one_fused_pass(layout, relu, dresidual, small_launches, launches):
+    """Eval-mode backward (batch_stats False) writes dx = g * invstd * weight in the reduction that sums g
+    and (x - mean) g, g masked by y > 0 behind a ReLU: no elementwise kernel, several blocks per channel,
+    and dx, dweight, dbias, dres as the formulas give them."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(2.0, 3.0, (20, 3, 7)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    axis = 1
+    if layout == "rows":  # (N, C): channels contiguous
+        x, dy, axis = np.moveaxis(x, 1, -1).reshape(-1, 3).copy(), np.moveaxis(dy, 1, -1).reshape(-1, 3).copy(), 1
+    channel_axis = axis % x.ndim
+    others = tuple(d for d in range(x.ndim) if d != channel_axis)
+    shape = [1] * x.ndim
+    shape[channel_axis] = 3
+    mean = rng.normal(size=3).astype(np.float32)
+    invstd = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, 3).astype(np.float32)
+    y = np.where(rng.random(x.shape) < 0.5, 1.0, -1.0).astype(np.float32) if relu else None
+    del launches[:]
+    dx, dweight, dbias, dres = BACKEND.backward(
+        numba_device(dy),
+        numba_device(x),
+        axis,
+        np.dtype(np.float32),
+        numba_device(weight),
+        numba_device(mean),
+        numba_device(invstd),
+        False,
+        y=None if y is None else numba_device(y),
+        dresidual=dresidual,
+    )
+    names = _launched(launches)
+    assert "backward_eval_" + layout in names and not any(name.startswith("backward_elementwise") for name in names)
+    grids = [grid for name, grid, _, _ in launches if name.startswith("backward_eval_")]
+    assert grids[0][1] > 1, grids
+    g = dy if y is None else np.where(y > 0, dy, 0).astype(np.float32)
+    scale = (invstd.astype(np.float64) * weight).astype(np.float32).reshape(shape)
+    np.testing.assert_array_equal(host(dx), g * scale)
+    np.testing.assert_allclose(host(dbias), g.astype(np.float64).sum(axis=others), rtol=1e-5, atol=1e-5)
+    dotp = ((x.astype(np.float64) - mean.reshape(shape)) * g).sum(axis=others)
+    np.testing.assert_allclose(host(dweight), dotp * invstd, rtol=1e-4, atol=1e-4)
+    if dresidual:
+        np.testing.assert_array_equal(host(dres), g)
+    else:
+        assert dres is None

@@ -2,12 +2,15 @@
 
 Precision, from an element to a channel's result:
 
-* within a block, each thread runs Welford's update over its elements of a
-  channel, in the accumulation type of :func:`accumulator` (float32 for
-  float16 and float32 input, float64 for float64), on ``x - pivot`` with a
-  per-channel pivot (see :mod:`fastbn.backends.cuda.reductions`); threads
-  are merged with Chan's formula, still in that type, through warp shuffles
-  and shared memory (:func:`device_numerics`);
+* within a block, each thread sums ``x - pivot`` and its square over runs
+  of at most ``RUN`` elements of a channel, in the accumulation type of
+  :func:`accumulator` (float32 for float16 and float32 input, float64 for
+  float64), with a per-channel pivot, and folds each run into its (count,
+  mean, variance) summary with Chan's formula (a run with an Inf, a NaN or
+  squares that overflow is read again with Welford's update, ``welford_add``;
+  see :mod:`fastbn.backends.cuda.reductions`, where the error bound is
+  derived); threads are merged with Chan's formula, still in that type,
+  through warp shuffles and shared memory (:func:`device_numerics`);
 * each block writes its (count, mean, variance) to float64 partials, and the
   one-thread-per-channel kernels below merge a channel's partials in
   float64, with the same Chan's formula compiled for float64, then round

@@ -342,6 +342,18 @@ class CudaBackend(Backend):
         reduction = launch.ReductionPlan(layout.rows, layout.outer, channels, layout.inner, groups)
         workspace = context.device_array(2 * reduction.splits * slots, np.float64)
         partial_sum_dy, partial_dotp = views.split(workspace, slots, reduction.splits, reduction.splits)
+        out = context.device_array((2 + 3 * groups) * channels, dtype)
+        dweight, dbias, mean_dy, k, scale = views.split(out, channels, 1, 1, groups, groups, groups)
+        weight, has_weight = _parameter(weight, scale)
+        renorm = r is not None
+        dx, dx_flat = layout.empty(x.dtype)
+        dres, dres_flat = layout.empty(x.dtype) if dresidual else (None, dx_flat)  # not written without dresidual
+        # Eval (constant statistics): dx = g * invstd * weight does not need the
+        # sums, so the reduction writes it as it reads dy and x, and the
+        # elementwise pass is skipped: three passes over memory, not five.
+        eval_dx = None
+        if not batch_stats:
+            eval_dx = (invstd, weight, has_weight, renorm, r if renorm else scale, dx_flat, dres_flat, dresidual)
         launch.backward_reduce(
             reduction,
             layout.rows,
@@ -354,11 +366,8 @@ class CudaBackend(Backend):
             partial_sum_dy,
             partial_dotp,
             masked=y is not None,
+            eval_dx=eval_dx,
         )
-        out = context.device_array((2 + 3 * groups) * channels, dtype)
-        dweight, dbias, mean_dy, k, scale = views.split(out, channels, 1, 1, groups, groups, groups)
-        weight, has_weight = _parameter(weight, scale)
-        renorm = r is not None
         launch.launch_per_channel(
             numerics.backward_coefficients,
             channels,
@@ -378,24 +387,23 @@ class CudaBackend(Backend):
             k,
             scale,
         )
-        dx, dx_flat = layout.empty(x.dtype)
-        dres, dres_flat = layout.empty(x.dtype) if dresidual else (None, dx_flat)  # not written without dresidual
-        launch.backward_elementwise_flat(
-            dy_flat,
-            x_flat,
-            y_flat,
-            channels,
-            layout.inner,
-            groups,
-            mean,
-            mean_dy,
-            k,
-            scale,
-            dx_flat,
-            dres_flat,
-            masked=y is not None,
-            write_dres=dresidual,
-        )
+        if batch_stats:
+            launch.backward_elementwise_flat(
+                dy_flat,
+                x_flat,
+                y_flat,
+                channels,
+                layout.inner,
+                groups,
+                mean,
+                mean_dy,
+                k,
+                scale,
+                dx_flat,
+                dres_flat,
+                masked=y is not None,
+                write_dres=dresidual,
+            )
         return dx, dweight, dbias, dres
 
     def fold(self, layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):

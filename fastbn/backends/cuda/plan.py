@@ -20,7 +20,14 @@ import math
 import numpy as np
 
 from fastbn.backends.cuda import context
-from fastbn.backends.cuda.elementwise import GATHER_RANK, backward_elementwise_kernel, gather, normalize_kernel
+from fastbn.backends.cuda.elementwise import (
+    GATHER_RANK,
+    INDEX_MASK,
+    backward_elementwise_kernel,
+    gather,
+    normalize_kernel,
+    unroll,
+)
 from fastbn.backends.cuda.numerics import (
     MAX_THREADS,
     WARP_SIZE,
@@ -31,7 +38,7 @@ from fastbn.backends.cuda.numerics import (
     stats_merge,
     update_running,
 )
-from fastbn.backends.cuda.reductions import backward_reduce_kernels, stats_kernels
+from fastbn.backends.cuda.reductions import backward_eval_kernels, backward_reduce_kernels, stats_kernels
 from fastbn.backends.cuda.target import types
 
 __all__ = [
@@ -57,13 +64,17 @@ __all__ = [
 # ----------------------------------------------------------- launch sizes ---
 #: Threads per block of every kernel; a multiple of the warp size.
 THREADS_PER_BLOCK = 256
-#: Elements each thread of a reduction accumulates before a channel gets one
-#: more block: enough to amortise the block's merge, few enough to fill the GPU.
-ITEMS_PER_THREAD = 16
+#: At least this many elements per thread of a reduction before a channel gets
+#: one more block (32 x 256 threads: 8192 elements a block), so that the block's
+#: merge (about as costly as a dozen elements a thread) adds a few per cent, not
+#: the 30-40 % it added at 16; above that the device's size sets the blocks
+#: (REDUCTION_WAVES).
+ITEMS_PER_THREAD = 32
 #: At most this many blocks per channel (or channel tile) in a reduction:
 #: bounds the partials buffer and keeps gridDim.y under its limit of 65535.
 MAX_SPLITS = 1024
-#: Grid size of the elementwise kernels; beyond it their grid-stride loops take over.
+#: At most this many blocks in an elementwise launch (but one per ghost-batch group where there are
+#: more groups, up to gridDim.y's 65535); beyond it the kernels' grid-stride loops take over.
 MAX_ELEMENTWISE_BLOCKS = 8192
 #: At most this many ghost-batch groups per reduction launch (gridDim.z's limit
 #: is 65535); more groups take several launches.
@@ -101,9 +112,76 @@ def _channel_grid(channels):
     return (channels + threads - 1) // threads, threads
 
 
-def _elementwise_grid(size):
+def _elementwise_grid(size, channels=1, inner=1, groups=1, elements=4):
+    """Grid, block, ``slab`` and ``period`` of an elementwise launch (:mod:`fastbn.backends.cuda.elementwise`).
+
+    Each thread is meant to take about two inner-loop iterations of
+    ``elements`` (:func:`fastbn.backends.cuda.elementwise.unroll`) per run.
+    Across rows (any layout): a slab is a group, blockIdx.y walks the
+    groups, and ``period`` is as many whole rows of ``channels * inner``
+    elements as the x threads hold, but no more than leave a thread two
+    iterations; a row longer than the x threads hold gets ``period`` one row,
+    and the x threads walk its positions.  Along a channel (SLAB, groups of
+    fewer rows than ``elements``, ``inner`` of at least a block): a slab is
+    one channel of one row, blockIdx.y walks them, and ``period`` is the x
+    threads.  ``gather`` uses the grid alone (one channel of one row).
+
+    Returns
+    -------
+    (grid, block, slab, period)
+        ``grid`` is ``(x blocks, y blocks)``.
+    """
+    if size > INDEX_MASK:
+        raise ValueError(f"the CUDA elementwise kernels index at most {INDEX_MASK} elements, not {size}")
     threads = _threads()
-    return min((size + threads - 1) // threads, int(MAX_ELEMENTWISE_BLOCKS)), threads
+    max_blocks = max(1, int(MAX_ELEMENTWISE_BLOCKS))
+    items = 2 * elements
+    group_size = size // groups
+    row = channels * inner
+    rows = group_size // row if row else 0
+    if inner >= threads and rows < elements:
+        blocks = max(1, min(-(-inner // (threads * items)), max_blocks))
+        runs = size // inner
+        return (blocks, max(1, min(runs, 65535, max_blocks // blocks))), threads, inner, blocks * threads
+    grid_y = max(1, min(groups, 65535))
+    capacity = max(1, max_blocks // grid_y) * threads
+    if row <= capacity:
+        period = max(1, min(-(-rows // items), capacity // max(row, 1))) * max(row, 1)
+        blocks = -(-period // threads)
+    else:
+        period, blocks = row, capacity // threads
+    return (blocks, grid_y), threads, max(group_size, 1), period
+
+
+#: A reduction's grid aims at this many waves of the device (resident blocks on
+#: every multiprocessor): enough blocks to keep every multiprocessor's memory
+#: requests in flight, with a second wave to even out blocks that finish early,
+#: and no more, since every block adds a merge and a partial.
+REDUCTION_WAVES = 2
+#: Threads a multiprocessor holds at once (2048 on every GPU from cc 7.0 to 9.0
+#: but cc 8.6/8.9's 1536), for the resident blocks of a wave.
+THREADS_PER_MULTIPROCESSOR = 2048
+#: The multiprocessors assumed where the device cannot say (Numba's simulator).
+SIMULATED_MULTIPROCESSORS = 8
+_MULTIPROCESSORS = {}
+
+
+def multiprocessors():
+    """The current device's multiprocessor count (cached per device), or SIMULATED_MULTIPROCESSORS."""
+    from fastbn.backends.cuda import target
+
+    if target.SIMULATOR:
+        return int(SIMULATED_MULTIPROCESSORS)
+    device = target.cuda.get_current_device()
+    key = device.id
+    if key not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[key] = int(device.MULTIPROCESSOR_COUNT)
+    return _MULTIPROCESSORS[key]
+
+
+def _target_blocks(threads):
+    """Blocks of a reduction's grid: REDUCTION_WAVES waves of resident blocks of ``threads`` threads."""
+    return max(1, int(REDUCTION_WAVES) * multiprocessors() * max(1, int(THREADS_PER_MULTIPROCESSOR) // threads))
 
 
 class ReductionPlan:
@@ -118,51 +196,80 @@ class ReductionPlan:
     groups : int, default 1
         Ghost batch norm's G: ``outer`` splits into G groups of ``outer // G``,
         each reduced on its own (blockIdx.z is the group).
+    blocks : int or None
+        Blocks the grid aims at; None for REDUCTION_WAVES waves of the current
+        device (:func:`multiprocessors`).
 
     Attributes
     ----------
     splits : int
-        Blocks per channel (SLAB) or per tile of channels (ROWS), per group.
+        Blocks per channel (SLAB) or per tile of channels (ROWS), per group:
+        as many as the grid's aim gives each column of the grid, but no more
+        than leave each thread ITEMS_PER_THREAD elements, nor MAX_SPLITS.
     grid, block : tuple of int
         Launch shape of the first launch: ``grid = (C, splits, groups)`` with
         1-D blocks for SLAB; ``grid = (tiles, splits, groups)`` with ``block =
         (width, height)`` for ROWS, ``width`` channels by ``height`` rows.
     chunk : int
-        Elements of a channel (SLAB) or rows (ROWS) of one group that one
-        block covers.
+        Rows of one group that one block covers (ROWS).
+    width, row_chunk, col_chunk, col_splits, rows_inner
+        SLAB: the block's threads are ``width`` columns (positions along
+        ``inner``, a power of two up to the block) by ``threads // width``
+        rows of the channel's (rows, inner) matrix; split s covers rows
+        ``[s // col_splits * row_chunk, ...)`` by columns ``[s % col_splits *
+        col_chunk, ...)``; each thread walks its rows as the inner loop if
+        ``rows_inner``, else its columns.
     groups : int
         G; more than MAX_GROUPS_PER_LAUNCH groups take several launches
         (:meth:`launches`).
     """
 
-    def __init__(self, layout_is_rows, outer, channels, inner, groups=1):
+    def __init__(self, layout_is_rows, outer, channels, inner, groups=1, blocks=None):
         threads = _threads()
         items = max(1, int(ITEMS_PER_THREAD))
+        max_splits = max(1, int(MAX_SPLITS))
         self.groups = groups
-        outer //= groups
+        rows = outer // groups
+        self._per_launch = max(1, min(groups, int(MAX_GROUPS_PER_LAUNCH)))
+        aim = _target_blocks(threads) if blocks is None else max(1, int(blocks))
         if layout_is_rows:
             # A warp covers width channels of 32 / width consecutive rows: a
             # contiguous run of memory, even when C is small.
             width = min(WARP_SIZE, 1 << max(0, (channels - 1).bit_length()))
             height = threads // width
-            rows = outer
-            self.splits = max(1, min(int(MAX_SPLITS), math.ceil(rows / (height * items))))
-            self.chunk = math.ceil(rows / self.splits)
             columns = math.ceil(channels / width)
+            wanted = math.ceil(aim / (columns * groups))
+            self.splits = max(1, min(max_splits, wanted, math.ceil(rows / (height * items))))
+            self.chunk = max(1, math.ceil(rows / self.splits))
+            self.splits = max(1, math.ceil(rows / self.chunk))
             self.block = (width, height)
+            self.width, self.row_chunk, self.col_chunk, self.col_splits, self.rows_inner = width, self.chunk, 1, 1, True
         else:
-            per_channel = outer * inner
-            self.splits = max(1, min(int(MAX_SPLITS), math.ceil(per_channel / (threads * items))))
-            self.chunk = math.ceil(per_channel / self.splits)
+            width = min(threads, 1 << max(0, (inner - 1).bit_length()))
+            height = threads // width
             columns = channels
+            wanted = math.ceil(aim / (columns * groups))
+            splits = max(1, min(max_splits, wanted, math.ceil(rows * inner / (threads * items))))
+            # Columns first (each thread's columns stay whole), then rows.
+            col_splits = max(1, min(splits, math.ceil(inner / width)))
+            col_chunk = math.ceil(math.ceil(inner / col_splits) / width) * width
+            col_splits = max(1, math.ceil(inner / col_chunk))
+            row_splits = max(1, min(splits // col_splits, math.ceil(rows / height)))
+            row_chunk = max(1, math.ceil(rows / row_splits))
+            row_splits = max(1, math.ceil(rows / row_chunk))
+            self.splits = row_splits * col_splits
+            self.chunk = row_chunk
+            self.width, self.row_chunk, self.col_chunk, self.col_splits = width, row_chunk, col_chunk, col_splits
+            # The longer of a thread's two sequences is the unrolled inner loop.
+            self.rows_inner = math.ceil(row_chunk / height) >= math.ceil(col_chunk / width)
             self.block = (threads, 1)
-        self._per_launch = max(1, min(groups, int(MAX_GROUPS_PER_LAUNCH)))
         self.grid = (columns, self.splits, self._per_launch)
 
     def __repr__(self):
         return (
             f"ReductionPlan(grid={self.grid}, block={self.block}, splits={self.splits}, chunk={self.chunk}, "
-            f"groups={self.groups})"
+            f"width={self.width}, col_chunk={self.col_chunk}, col_splits={self.col_splits}, "
+            f"rows_inner={self.rows_inner}, groups={self.groups})"
         )
 
     def launches(self):
@@ -171,89 +278,67 @@ class ReductionPlan:
         for first in range(0, self.groups, self._per_launch):
             yield (columns, splits, min(self._per_launch, self.groups - first)), first
 
+    def slab_shape(self):
+        """The SLAB kernels' split arguments: ``(width, row_chunk, col_chunk, col_splits, rows_inner)``."""
+        return self.width, self.row_chunk, self.col_chunk, self.col_splits, bool(self.rows_inner)
+
 
 def stats(plan, layout_is_rows, x, channels, inner, partial_count, partial_mean, partial_m2, pivot):
     """Launch the statistics reduction: per-block partials (float64) and pivots, per group and channel."""
     stats_slab, stats_rows = stats_kernels(accumulator(x.dtype))
     group_size = x.size // plan.groups
+    partials = (partial_count, partial_mean, partial_m2, pivot)
     for grid, first in plan.launches():
         if layout_is_rows:
-            _launch(
-                stats_rows,
-                grid,
-                plan.block,
-                x,
-                channels,
-                group_size,
-                first,
-                plan.chunk,
-                partial_count,
-                partial_mean,
-                partial_m2,
-                pivot,
-            )
+            _launch(stats_rows, grid, plan.block, x, channels, group_size, first, plan.chunk, *partials)
         else:
-            _launch(
-                stats_slab,
-                grid,
-                plan.block,
-                x,
-                channels,
-                inner,
-                group_size,
-                first,
-                plan.chunk,
-                partial_count,
-                partial_mean,
-                partial_m2,
-                pivot,
-            )
+            _launch(stats_slab, grid, plan.block, x, channels, inner, group_size, first, *plan.slab_shape(), *partials)
 
 
 def backward_reduce(
-    plan, layout_is_rows, dy, x, y, mean, channels, inner, partial_sum_dy, partial_dotp, *, masked=False
+    plan,
+    layout_is_rows,
+    dy,
+    x,
+    y,
+    mean,
+    channels,
+    inner,
+    partial_sum_dy,
+    partial_dotp,
+    *,
+    masked=False,
+    eval_dx=None,
 ):
     """Launch the backward reduction: per-block partial sum_dy and dotp (float64), per group and channel.
 
     With ``masked`` the gradient is dy where y > 0, else 0; otherwise ``y`` is
     not read (pass any array of dy's type).
+
+    ``eval_dx``, for eval-mode backward (the statistics constants), is
+    ``(invstd, weight, has_weight, renorm, r, dx, dres, write_dres)``: the
+    same launch then also writes dx = g * invstd * weight (* r with
+    ``renorm``) and, with ``write_dres``, dres = g (one pass over dy and x
+    instead of two).  ``weight`` and ``r`` are read only with their flags,
+    ``dres`` written only with ``write_dres`` (pass any array of the type).
     """
-    reduce_slab, reduce_rows = backward_reduce_kernels(accumulator(x.dtype), bool(masked))
+    if eval_dx is None:
+        reduce_slab, reduce_rows = backward_reduce_kernels(accumulator(x.dtype), bool(masked))
+        # The eval arguments are not read: any arrays of their types will do.
+        eval_args = (mean, mean, False, False, mean, dy, dy, False, False)
+    else:
+        *eval_args, write_dres = eval_dx
+        eval_args = (*eval_args, bool(masked), bool(write_dres))
+        reduce_slab, reduce_rows = backward_eval_kernels(accumulator(x.dtype))
     group_size = x.size // plan.groups
+    arrays = (dy, x, y, mean, *eval_args)
+    partials = (partial_sum_dy, partial_dotp)
     for grid, first in plan.launches():
         if layout_is_rows:
-            _launch(
-                reduce_rows,
-                grid,
-                plan.block,
-                dy,
-                x,
-                y,
-                mean,
-                channels,
-                group_size,
-                first,
-                plan.chunk,
-                partial_sum_dy,
-                partial_dotp,
-            )
+            _launch(reduce_rows, grid, plan.block, *arrays, channels, group_size, first, plan.chunk, *partials)
         else:
-            _launch(
-                reduce_slab,
-                grid,
-                plan.block,
-                dy,
-                x,
-                y,
-                mean,
-                channels,
-                inner,
-                group_size,
-                first,
-                plan.chunk,
-                partial_sum_dy,
-                partial_dotp,
-            )
+            shape = (channels, inner, group_size, first, *plan.slab_shape())
+            _launch(reduce_slab, grid, plan.block, *arrays, *shape, *partials)
 
 
 def normalize_flat(x, z, channels, inner, groups, mean, scale, shift, y, *, relu=False, residual=False):
@@ -262,8 +347,9 @@ def normalize_flat(x, z, channels, inner, groups, mean, scale, shift, y, *, relu
     The coefficients hold ``groups * channels`` entries (virtual channels).
     ``z`` is read only with ``residual`` (otherwise pass any array of x's type).
     """
-    normalize = normalize_kernel(accumulator(x.dtype), bool(relu), bool(residual))
-    _launch(normalize, *_elementwise_grid(x.size), x, z, channels, inner, x.size // groups, mean, scale, shift, y)
+    normalize = normalize_kernel(np.dtype(x.dtype), bool(relu), bool(residual))
+    grid, block, slab, period = _elementwise_grid(x.size, channels, inner, groups, unroll(x.dtype))
+    _launch(normalize, grid, block, x, z, channels, inner, x.size // groups, slab, period, mean, scale, shift, y)
 
 
 def backward_elementwise_flat(
@@ -275,16 +361,20 @@ def backward_elementwise_flat(
     ``dres`` are touched only with their options (otherwise pass any array of
     the type).
     """
-    backward_elementwise = backward_elementwise_kernel(accumulator(x.dtype), bool(masked), bool(write_dres))
+    backward_elementwise = backward_elementwise_kernel(np.dtype(x.dtype), bool(masked), bool(write_dres))
+    grid, block, slab, period = _elementwise_grid(x.size, channels, inner, groups, unroll(x.dtype))
     _launch(
         backward_elementwise,
-        *_elementwise_grid(x.size),
+        grid,
+        block,
         dy,
         x,
         y,
         channels,
         inner,
         x.size // groups,
+        slab,
+        period,
         mean,
         mean_dy,
         k,
@@ -296,7 +386,8 @@ def backward_elementwise_flat(
 
 def gather_flat(source, start, shape, strides, destination):
     """Launch the strided-to-contiguous copy (shape and strides already padded to GATHER_RANK)."""
-    _launch(gather, *_elementwise_grid(destination.size), source, start, shape, strides, destination)
+    grid, block, _, _ = _elementwise_grid(destination.size)
+    _launch(gather, grid[0], block, source, start, shape, strides, destination)
 
 
 def launch_per_channel(dispatcher, channels, *args):
@@ -331,7 +422,7 @@ def signatures(dtype):
     index_tuple = types.UniTuple(types.int64, GATHER_RANK)
     stats_slab, stats_rows = stats_kernels(acc)
     table = [
-        (stats_slab, (data, i64, i64, i64, i64, i64, f64, f64, f64, f64)),
+        (stats_slab, (data, i64, i64, i64, i64, i64, i64, i64, i64, flag, f64, f64, f64, f64)),
         (stats_rows, (data, i64, i64, i64, i64, f64, f64, f64, f64)),
         (stats_merge, (f64, f64, f64, f64, stat, stat)),
         (
@@ -369,19 +460,24 @@ def signatures(dtype):
         ),
         (gather, (data, i64, index_tuple, index_tuple, data)),
     ]
-    for masked in _FLAGS:
-        reduce_slab, reduce_rows = backward_reduce_kernels(acc, masked)
-        table.append((reduce_slab, (data, data, data, stat, i64, i64, i64, i64, i64, f64, f64)))
-        table.append((reduce_rows, (data, data, data, stat, i64, i64, i64, i64, f64, f64)))
+    # backward reductions: (dy, x, y, mean, invstd, weight, has_weight, renorm, r, dx, dres, masked,
+    # write_dres, shape..., partials)
+    gradients = (data, data, data, stat, stat, stat, flag, flag, stat, data, data, flag, flag)
+    reductions = [backward_reduce_kernels(acc, masked) for masked in _FLAGS] + [backward_eval_kernels(acc)]
+    for reduce_slab, reduce_rows in reductions:
+        table.append((reduce_slab, (*gradients, i64, i64, i64, i64, i64, i64, i64, i64, flag, f64, f64)))
+        table.append((reduce_rows, (*gradients, i64, i64, i64, i64, f64, f64)))
     for residual in _FLAGS:
         for relu in _FLAGS:
-            table.append((normalize_kernel(acc, relu, residual), (data, data, i64, i64, i64, stat, stat, stat, data)))
+            table.append(
+                (normalize_kernel(dtype, relu, residual), (data, data, i64, i64, i64, i64, i64, stat, stat, stat, data))
+            )
     for write_dres in _FLAGS:
         for masked in _FLAGS:
             table.append(
                 (
-                    backward_elementwise_kernel(acc, masked, write_dres),
-                    (data, data, data, i64, i64, i64, stat, stat, stat, stat, data, data),
+                    backward_elementwise_kernel(dtype, masked, write_dres),
+                    (data, data, data, i64, i64, i64, i64, i64, stat, stat, stat, stat, data, data),
                 )
             )
     return [(_name(dispatcher), dispatcher, argtypes) for dispatcher, argtypes in table]
