@@ -199,7 +199,7 @@ def write_table(path, ccs, per_cc, command):
     fallback, _ = cuda12.locate()
     older = f"{fallback.name}'s ({cuda12.DISTRIBUTION})" if fallback is not None else "CUDA 12's (not installed)"
     lines = [
-        "# PTX and SASS baseline of the CUDA kernels",
+        "# PTX and SASS figures of the CUDA kernels",
         "",
         f"Produced by `{command}` on {datetime.date.today().isoformat()}, no GPU used: "
         f"CUDA {target.toolkit_version()} NVVM and ptxas (nvJitLink) for cc 7.5 and up, "
