@@ -26,7 +26,10 @@ path, :mod:`fastbn._sync`) are float64 NumPy vectors on the host.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -255,3 +258,20 @@ def load(name: str) -> Backend:
         raise ValueError(f"backend: the {name.upper()} backend is not available ({exc})") from None
     backend: Backend = module.BACKEND
     return backend
+
+
+@functools.cache
+def sources_hash(folder: str) -> bytes:
+    """SHA-256 of every ``.py`` file in ``folder``, in name order: a backend's kernel-cache stamp.
+
+    Numba drops a cached kernel when the kernel's own file changes, not when a
+    helper it inlines from another file of the backend does; both backends
+    stamp their caches with this instead (``cpu/jit.py``, ``cuda/target.py``).
+    Read once per process and folder.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.digest()

@@ -35,6 +35,8 @@ import numba.core.caching
 import numba.core.event
 from numba.core import types as nbtypes
 
+from fastbn.backends import sources_hash
+
 try:
     import fcntl
 except ImportError:  # Windows: cache writes are not locked across processes (Numba's own behaviour)
@@ -357,16 +359,9 @@ class _FallbackCache:
             self._give_up(exc)
 
 
-@functools.cache
 def _backend_sources_hash():
-    """SHA-256 of every source file of the CPU backend, in name order."""
-    folder = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as f:
-                digest.update(name.encode() + b"\0" + f.read())
-    return digest.digest()
+    """SHA-256 of every source file of the CPU backend, in name order (:func:`fastbn.backends.sources_hash`)."""
+    return sources_hash(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stamp_with_backend_sources(dispatcher):

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import importlib.util
 import logging
 import math
@@ -61,6 +60,7 @@ import numpy as np
 
 from fastbn._frameworks import missing_dependency
 from fastbn._layout import c_strides  # re-exported: the CUDA modules take it from here
+from fastbn.backends import sources_hash
 
 #: Environment variable choosing the CUDA target: ``numba-cuda`` (the default) or ``numba-cuda-mlir``.
 TARGET_VARIABLE = "FASTBN_CUDA_TARGET"
@@ -171,14 +171,8 @@ def kernel(func):
 
 
 def _backend_sources_hash():
-    """SHA-256 of every source file of the CUDA backend, in name order."""
-    folder = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as f:
-                digest.update(name.encode() + b"\0" + f.read())
-    return digest.digest()
+    """SHA-256 of every source file of the CUDA backend, in name order (read once per process)."""
+    return sources_hash(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _stamp_with_backend_sources(dispatcher):
