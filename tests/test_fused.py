@@ -168,7 +168,7 @@ def test_fused_forward_matches_oracle(inp, data):
         spread = np.stack([mean_scale(xg, mm, case.axis) for xg, mm, _ in groups]).max(0)
         # the scale of one group's biased variance (as in test_forward), largest over the groups
         group_var = np.stack(
-            [var_scale(xg, mm, 1.0 / inv**2 - inp.eps, case.axis, st_tol) for xg, mm, inv in groups]
+            [var_scale(xg, mm, np.maximum(1.0 / inv**2 - inp.eps, 0.0), case.axis, st_tol) for xg, mm, inv in groups]
         ).max(0)
         assert_close(rm, o.running_mean, st_tol, scale=np.abs(p.running_mean) + m * spread, what="running_mean")
         assert_close(
