@@ -39,7 +39,7 @@ def run_example(out, *args, timeout=300):
 pytestmark = pytest.mark.xdist_group("example")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept when other modules' tests come between these on the worker
 def short_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("train_mlp")
     proc = run_example(out, *SHORT)

@@ -42,7 +42,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not torn down when other modules' tests come between these on the worker
 def results():
     """Each backend's ``{check: "ok" or traceback}``, or the worker's own failure as a string."""
     procs = {}

@@ -44,7 +44,10 @@ def _cuda12_installed():
     return True
 
 
-@pytest.fixture(scope="module")
+# Both tests that read this run are in one xdist group, so that one worker runs it once (a module fixture
+# runs again on every worker that gets one of its tests: two minutes each), and it is session-scoped, so
+# that other modules' tests between them on that worker do not tear it down.
+@pytest.fixture(scope="session")
 def ptx_run(tmp_path_factory):
     """One run of ``python -m fastbn ptx`` for every cc of CCS, with ``--table``; shared by the tests that read it.
 
@@ -58,6 +61,7 @@ def ptx_run(tmp_path_factory):
     return proc, table
 
 
+@pytest.mark.xdist_group("ptx")
 def test_ptx_command_compiles_every_kernel_for_every_dtype(ptx_run):
     proc, _ = ptx_run
     output = proc.stdout + proc.stderr
@@ -87,6 +91,7 @@ def test_ptx_command_compiles_every_kernel_for_every_dtype(ptx_run):
     assert re.search(r"\d+ compiled, \d+ unsupported by the installed toolkits, 0 failed", proc.stdout), proc.stdout
 
 
+@pytest.mark.xdist_group("ptx")
 def test_ptx_command_counts_the_loops_and_writes_the_table(ptx_run):
     """Every compiled kernel's line ends with its loop figure: a positive instructions-per-element count for
     the kernels that loop over data, ``no loop`` for the per-channel ones; the Markdown table has one row per

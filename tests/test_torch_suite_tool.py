@@ -54,7 +54,7 @@ def test_unrelated():
 pytestmark = pytest.mark.xdist_group("torch-suite")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept when other modules' tests come between these on the worker
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("pytorch-src")
     (root / "test").mkdir()

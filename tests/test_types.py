@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).resolve().parent / "typing_user_script.py"
 REVEALED = re.compile(r'^(?P<path>[^:]+):(?P<line>\d+): note: Revealed type is "(?P<type>.*)"$')
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept when other modules' tests come between these on the worker
 def mypy_run(tmp_path_factory):
     """``(exit status, output lines)`` of mypy with the pyproject configuration on fastbn/ and the script."""
     pytest.importorskip("torch")
