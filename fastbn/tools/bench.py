@@ -349,6 +349,8 @@ def run_size_sweep(libraries, progress, sizes):
             for kind, call in peers.sweep_callables(name, data, forward).items():
                 if call is not None:
                     functions[f"{name} {kind}"] = call
+        if "torch" in libraries:
+            functions["no-op autograd.Function forward+backward"] = peers.autograd_floor(data)
         nbytes = data.nbytes
         repeats, rounds = (30, 3) if nbytes < 1 << 20 else (10, 3) if nbytes < 32 << 20 else (3, 2)
         times, _ = cases.time_interleaved(functions, repeats, rounds, warmup=2)

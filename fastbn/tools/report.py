@@ -666,7 +666,10 @@ def _size_section(sizes):
     what = (
         "Median ms per call, float32 (N, 64), from 2 KB to beyond the last-level cache: a training forward "
         "(`fastbn.forward`), and a forward plus backward (fastbn through `fastbn.torch.batch_norm` and torch's "
-        "autograd), each library on its default threads."
+        "autograd), each library on its default threads.  The no-op `autograd.Function` column does no work: a "
+        "Python autograd function that returns its input and ready-made gradients, the least any extension "
+        "written in Python (as `fastbn.torch` is) pays per forward plus backward, where torch's own batch norm "
+        "has a C++ autograd node."
     )
     if "channels" in sizes[0]:  # a results.json of an older bench: its sweep was 80xCx56x56
         what = "Median ms, float32 80xCx56x56 NCHW, each library on its default threads."
