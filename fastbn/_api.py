@@ -16,6 +16,9 @@ untouched.
 
 from __future__ import annotations
 
+import functools
+import importlib
+from types import ModuleType
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -248,6 +251,21 @@ def forward(
     >>> np.round(y[:, 0], 3), np.round(rm, 3)
     (array([-1.342, -0.447,  0.447,  1.342], dtype=float32), array([0.3, 0.4], dtype=float32))
     """
+    if (
+        type(x) is np.ndarray
+        and backend in (None, "cpu")
+        and activation is None
+        and residual is None
+        and virtual_batch_size is None
+        and renorm is None
+        and weights is None
+        and mask is None
+        and process_group is None
+        and _plan is None
+    ):
+        small = _small().forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis)
+        if small is not None:  # a small plain call, computed as below would compute it (see fastbn.backends.cpu.small)
+            return small[0], Saved(*small[1])
     given = x
     ops, restore, (x, weight, bias, running_mean, running_var, residual, weights, mask) = _dispatch.prepare(
         backend,
@@ -486,6 +504,27 @@ def backward(
     >>> bool(np.allclose(dx, 0, atol=1e-6)), dbias
     (True, array([4., 4.], dtype=float32))
     """
+    if (
+        type(saved) is Saved
+        and saved.batch_stats is True
+        and saved.process_group is None
+        and saved.activation is None
+        and saved.residual is False
+        and saved.virtual_batch_size is None
+        and saved.r is None
+        and saved.d is None
+        and saved.weights is None
+        and type(saved.count) is int
+        and saved.count >= 0
+        and type(saved.shape) is tuple
+        and type(saved.axis) is int
+        and y is None
+        and backend in (None, "cpu")
+        and _plan is None
+    ):
+        small = _small().backward(dy, x, weight, saved.mean, saved.invstd, saved.shape, saved.axis, axis)
+        if small is not None:
+            return small  # type: ignore[no-any-return]  # dy is an ndarray, so ArrayT is too
     given_dy, given_x = dy, x
     ops, restore, (dy, x, weight, y) = _dispatch.prepare(backend, [("dy", dy), ("x", x), ("weight", weight), ("y", y)])
     x = check_x(x)
@@ -601,3 +640,9 @@ def backward(
     if saved.residual:
         return restore(dx), restore(dweight), restore(dbias), restore(dresidual)
     return restore(dx), restore(dweight), restore(dbias)
+
+
+@functools.cache
+def _small() -> ModuleType:
+    """:mod:`fastbn.backends.cpu.small`, imported on first use (``import fastbn`` does not import Numba)."""
+    return importlib.import_module("fastbn.backends.cpu.small")

@@ -85,6 +85,9 @@ def wait_child(pid, timeout):
 def _env(**extra):
     env = dict(os.environ)
     env.pop("NUMBA_THREADING_LAYER", None)
+    # These probes test the full path's machinery (its kernels' cache files, its output pool, the parallel
+    # layer under fork and signals) with small inputs, which plain calls would otherwise run serially.
+    env["FASTBN_SMALL_CALLS"] = "0"
     env.update({key: value for key, value in extra.items() if value is not None})
     return env
 
@@ -120,7 +123,7 @@ report(**out)
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # kept when other modules' tests come between these on the worker
 def warm(tmp_path_factory):
     """A kernel cache holding every kernel these tests run, and the digests of (y, running_mean, running_var)."""
     cache = tmp_path_factory.mktemp("warm-cache")

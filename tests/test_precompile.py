@@ -280,7 +280,8 @@ def test_precompile_options_and_units():
         ("float32", "nc", "forward-streamed"),
     ]
     assert precompile.units(("float64",), ("nhwc",), ("backward",), ("none",)) == [
-        ("float64", "nhwc", "backward-streamed")
+        ("float64", "nhwc", "backward-streamed"),
+        ("float64", "nhwc", "small"),  # plain small calls' one-thread kernels
     ]
     assert cli.main(["precompile", "--dtypes", "float8"]) == 2
 

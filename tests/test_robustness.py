@@ -124,7 +124,8 @@ print(ok, len(messages), len(fused.forward_train_slab.stats.cache_hits))
 
 
 def _probe(cache, extra="pass"):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    # FASTBN_SMALL_CALLS=0: the probe's small input takes the full path, whose fused kernel it inspects
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), FASTBN_SMALL_CALLS="0")
     proc = subprocess.run(
         [sys.executable, "-c", _CACHE_PROBE.format(extra=extra)], capture_output=True, text=True, env=env, timeout=600
     )

@@ -29,6 +29,13 @@ OPERATIONS = (
 )
 
 
+#: What the plan command says of an input small enough for fastbn.backends.cpu.small.
+SMALL_PATH = (
+    "Plain calls on this input take the small path: forward (training and eval) and training backward "
+    "without fused options run one kernel on the calling thread (fastbn/backends/cpu/small.py)."
+)
+
+
 def plans(dims, axis, dtype, *, relu=False):
     """The plans of every public operation on a C-contiguous input: ``[(label, first, recycled)]``.
 
@@ -131,6 +138,12 @@ def report(dims, axis, dtype, *, relu=False):
         *constants(facts),
         "",
     ]
+    if math.prod(dims) * dtype.itemsize < cpu_plan.serial_bytes(facts) and not relu:
+        lines += [
+            SMALL_PATH,
+            "The plans below are those of its fused forms (and eval backward, moments, normalize).",
+            "",
+        ]
     for name, first, recycled in plans(dims, axis, dtype, relu=relu):
         if first == recycled:
             lines += [f"{name}:", first.describe(), ""]

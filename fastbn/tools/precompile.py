@@ -42,7 +42,9 @@ OPS = ("forward", "eval", "backward", "backward-eval", "moments", "normalize")
 FUSED = ("none", "relu", "add", "add_relu")
 DEFAULTS = {"dtypes": ("float32",), "layouts": ("nchw", "nhwc"), "ops": OPS, "fused": ("none",)}
 # The units of work: each compiles kernels that no other unit of the same dtype and kernel layout uses.
-UNITS = ("forward-fused", "forward-streamed", "backward-fused", "backward-streamed")
+# "small": the one-thread kernels that plain calls on inputs below a core's share of cache take
+# (fastbn.backends.cpu.small): forward with and without the running statistics' update, eval, backward.
+UNITS = ("forward-fused", "forward-streamed", "backward-fused", "backward-streamed", "small")
 
 
 def _choice(value, allowed, option):
@@ -65,6 +67,7 @@ def units(dtypes, layouts, ops, fused):
         "forward-streamed": {"forward", "eval", "moments", "normalize"},
         "backward-fused": {"backward"},
         "backward-streamed": {"backward", "backward-eval"},
+        "small": {"forward", "eval", "backward"},
     }
     work = []
     for kernel_layout, layout in sorted(chosen.items(), key=lambda item: item[0] == "rows"):  # SLAB's are longer
@@ -103,6 +106,9 @@ def _calls(dtype_name, layout, unit, ops, fused):
     # the ReLU (forward's output, the mask, is an input) and the residual (its gradient is an output).
     forward_forms = {"add" in form: "relu" in form for form in fused}.items()
     backward_forms = sorted({("relu" in form, "add" in form) for form in fused})
+    if unit == "small":
+        _small_calls(x, weight, bias, axis, stats, ops)
+        return
     for nontemporal in (False, True):
         plan = dict(strategy, nontemporal=nontemporal)
         if unit.startswith("forward"):
@@ -152,6 +158,23 @@ def _calls(dtype_name, layout, unit, ops, fused):
                     fastbn.backward(x, x, weight, saved, axis=axis, y=x if relu else None, _plan=plan)
     if "moments" in ops and unit.startswith("forward"):
         fastbn.moments(x, axis, _plan=strategy or None)
+
+
+def _small_calls(x, weight, bias, axis, stats, ops):
+    """The plain calls that take the one-thread kernels (no plan, no fused form)."""
+    import numpy as np
+
+    import fastbn
+
+    channels = x.shape[axis]
+    running = {"running_mean": np.zeros(channels, stats), "running_var": np.ones(channels, stats)}
+    if "forward" in ops or "backward" in ops:
+        fastbn.forward(x, weight, bias, axis=axis)
+        _y, saved = fastbn.forward(x, weight, bias, axis=axis, **running)
+        if "backward" in ops:
+            fastbn.backward(x, x, weight, saved, axis=axis)
+    if "eval" in ops:
+        fastbn.forward(x, weight, bias, axis=axis, training=False, **running)
 
 
 class _Collect(logging.Handler):

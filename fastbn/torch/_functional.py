@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from fastbn import _options
-from fastbn.torch import _ops, _reference
+from fastbn.torch import _ops, _reference, _small
 from fastbn.torch._checks import REDUCED, BatchNormError, BatchNormTypeError, check_arguments, check_not_dual
 
 __all__ = ["TorchErrors", "batch_norm"]
@@ -232,6 +232,16 @@ def batch_norm(
     >>> w.grad.round(decimals=3)
     tensor([1.7890, 1.7890])
     """
+    if (
+        activation is None
+        and residual is None
+        and virtual_batch_size is None
+        and renorm is None
+        and not torch.compiler.is_compiling()
+    ):
+        small = _small.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if small is not None:  # a small plain call (see fastbn.torch._small)
+            return small
     check_arguments(input, running_mean, running_var, weight, bias, residual, training, momentum, eps)
     check_not_dual(input, running_mean, running_var, training)
     relu, virtual_batch_size, rmax, dmax = _fused_options(activation, virtual_batch_size, renorm)

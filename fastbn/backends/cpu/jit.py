@@ -28,6 +28,7 @@ import pickle
 import sys
 import threading
 import time
+import types
 import warnings
 
 import numba
@@ -97,6 +98,27 @@ def kernel(func=None, *, parallel=True):
     _verify_cache_files(dispatcher)
     dispatcher._cache = _FallbackCache(dispatcher, dispatcher._cache)
     return dispatcher
+
+
+def serial_twin(dispatcher):
+    """The kernel behind ``dispatcher`` compiled again with ``parallel=False``: its ``prange`` loops run on
+    the calling thread, with no launch on the threading layer.
+
+    For small calls (:mod:`fastbn.backends.cpu.small`), which call it from a
+    kernel of their own.  It runs the same code and the same compiled helpers
+    (the reductions and merges have one compiled copy each, see
+    :func:`reduction`), in the same order, so it gives the parallel kernel's
+    result bit for bit.  The twin is a copy of the Python function under its
+    own name, ``<name>_serial``, so that its disk-cache entries never mix
+    with the parallel kernel's (Numba's cache index does not tell them apart
+    by their flags).
+    """
+    func = dispatcher.py_func
+    twin = types.FunctionType(func.__code__, func.__globals__, f"{func.__name__}_serial", func.__defaults__)
+    twin.__qualname__ = f"{func.__qualname__}_serial"
+    twin.__module__ = func.__module__
+    twin.__doc__ = func.__doc__
+    return kernel(twin, parallel=False)
 
 
 # --------------------------------------------------------------- warnings ---

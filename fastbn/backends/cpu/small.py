@@ -1,0 +1,388 @@
+"""Small calls: one kernel launch on the calling thread, after as few Python operations as possible.
+
+Below :func:`fastbn.backends.cpu.plan.serial_bytes` (a core's share of
+cache), the full path of :func:`fastbn.forward` and :func:`fastbn.backward`
+costs far more than its kernels: tens of Python-level checks and
+conversions, a plan, four or five launches on the threading layer.  A
+(32, 64) float32 batch is 8 KB, a microsecond of arithmetic.
+
+So :func:`fastbn.forward` and :func:`fastbn.backward` first offer the call
+to :func:`forward` and :func:`backward` here.  They accept only the plainest
+case (C-contiguous NumPy arrays of the kernel dtypes, the statistics arrays
+in the statistics dtype, shape ``(C,)`` and contiguous, no fused option, a
+momentum in [0, 1], a positive eps) and return None for anything else, and
+for anything that would be an error: the full path then takes the call,
+with its checks and its messages.  What they accept, they compute with one
+kernel of this module, which checks what only the data can tell (that no
+running statistic overlaps another argument, that eval's running variance is
+non-negative) before it writes anything, and then calls the serial twins of
+the full path's own kernels (:func:`fastbn.backends.cpu.jit.serial_twin`):
+the result is the full path's, bit for bit.  ``tests/test_small.py``
+compares the two on every accepted case and checks that each refused case
+reaches the full path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fastbn._validate import is_bfloat16
+from fastbn.backends.cpu import elementwise, fused, reductions
+from fastbn.backends.cpu.jit import exact, kernel, serial_twin
+from fastbn.backends.cpu.numerics import backward_coefficients, forward_coefficients, update_running
+
+__all__ = ["ENV_VAR", "backward", "forward"]
+
+#: Set to "0" to send every call through the full path.
+ENV_VAR = "FASTBN_SMALL_CALLS"
+
+_Array = npt.NDArray[Any]
+
+_stats_rows = serial_twin(reductions.stats_rows)
+_normalize_rows = serial_twin(elementwise.normalize_rows)
+_normalize_slab = serial_twin(elementwise.normalize_slab)
+_forward_train_slab = serial_twin(fused.forward_train_slab)
+_backward_reduce_rows = serial_twin(reductions.backward_reduce_rows)
+_backward_elementwise_rows = serial_twin(elementwise.backward_elementwise_rows)
+_backward_train_slab = serial_twin(fused.backward_train_slab)
+
+
+# ------------------------------------------------------------- kernels ---
+@exact
+def _overlaps(a, b):
+    """Whether the contiguous arrays ``a`` and ``b`` share a byte (None shares nothing)."""
+    if a is None or b is None:
+        return False
+    pa = a.ctypes.data
+    pb = b.ctypes.data
+    return pa < pb + b.size * b.itemsize and pb < pa + a.size * a.itemsize
+
+
+@exact
+def _aliased(running_mean, running_var, weight, bias, x):
+    """Whether a running statistic shares memory with another argument (the full path then refuses it)."""
+    for running in (running_mean, running_var):
+        if _overlaps(running, weight) or _overlaps(running, bias) or _overlaps(running, x):
+            return True
+    return _overlaps(running_mean, running_var)
+
+
+@exact
+def _finish_forward(mean, var, invstd, running_mean, running_var, momentum, count, mean_out, invstd_out):
+    """The running-statistics update and the saved statistics, as the full path does them after its kernels."""
+    if running_mean is not None:
+        update_running(running_mean, running_var, mean, var, momentum, count)
+    for c in range(mean.shape[0]):
+        mean_out[c] = mean[c]
+        invstd_out[c] = invstd[c]
+
+
+@kernel(parallel=False)
+def forward_train_rows(x, weight, bias, eps, floor, running_mean, running_var, momentum, y, mean_out, invstd_out):
+    """Training forward of an (M, C) view: the streamed ROWS plan's kernels, serially; False if aliased."""
+    if _aliased(running_mean, running_var, weight, bias, x):
+        return False
+    C = x.shape[1]
+    mean = np.empty(C)
+    var = np.empty(C)
+    _stats_rows(x, mean, var)
+    invstd = np.empty(C)
+    zeros = np.zeros_like(weight)
+    r = np.empty_like(weight)
+    d = np.empty_like(weight)
+    used_mean = np.empty_like(weight)
+    scale = np.empty_like(weight)
+    shift = np.empty_like(weight)
+    forward_coefficients(
+        mean, var, eps, weight, bias, zeros, zeros, False, 1.0, 1.0, invstd, r, d, used_mean, scale, shift
+    )
+    _normalize_rows(x, None, used_mean, scale, shift, floor, y, None)
+    _finish_forward(mean, var, invstd, running_mean, running_var, momentum, float(x.shape[0]), mean_out, invstd_out)
+    return True
+
+
+@kernel(parallel=False)
+def forward_train_slab(x, weight, bias, eps, floor, running_mean, running_var, momentum, y, mean_out, invstd_out):
+    """Training forward of an (N, C, L) view: the fused SLAB kernel with every channel in one task; False if aliased."""
+    if _aliased(running_mean, running_var, weight, bias, x):
+        return False
+    N, C, L = x.shape
+    mean = np.empty(C)
+    var = np.empty(C)
+    invstd = np.empty(C)
+    zeros = np.zeros_like(weight)
+    r = np.empty_like(weight)
+    d = np.empty_like(weight)
+    _forward_train_slab(
+        x, None, C, weight, bias, eps, floor, zeros, zeros, False, 1.0, 1.0, y, None, mean, var, invstd, r, d
+    )
+    _finish_forward(mean, var, invstd, running_mean, running_var, momentum, float(N * L), mean_out, invstd_out)
+    return True
+
+
+@exact
+def _eval_coefficients(running_mean, running_var, eps, weight, mean_out, invstd_out, scale):
+    """Eval's ``mean``, ``invstd = 1 / sqrt(var + eps)`` and ``scale = invstd * weight``, each rounded as the
+    full path rounds it; False (nothing written) if a running variance is negative."""
+    for c in range(running_var.shape[0]):
+        if running_var[c] < 0:
+            return False
+    for c in range(running_var.shape[0]):
+        mean_out[c] = running_mean[c]
+        invstd_out[c] = 1.0 / np.sqrt(np.float64(running_var[c]) + eps)
+        scale[c] = np.float64(invstd_out[c]) * np.float64(weight[c])
+    return True
+
+
+@kernel(parallel=False)
+def forward_eval_rows(x, weight, bias, eps, floor, running_mean, running_var, y, mean_out, invstd_out):
+    """Eval forward of an (M, C) view with the running statistics; False if aliased or a variance is negative."""
+    scale = np.empty_like(weight)
+    if _aliased(running_mean, running_var, weight, bias, x):
+        return False
+    if not _eval_coefficients(running_mean, running_var, eps, weight, mean_out, invstd_out, scale):
+        return False
+    _normalize_rows(x, None, mean_out, scale, bias, floor, y, None)
+    return True
+
+
+@kernel(parallel=False)
+def forward_eval_slab(x, weight, bias, eps, floor, running_mean, running_var, y, mean_out, invstd_out):
+    """Eval forward of an (N, C, L) view; as :func:`forward_eval_rows`."""
+    scale = np.empty_like(weight)
+    if _aliased(running_mean, running_var, weight, bias, x):
+        return False
+    if not _eval_coefficients(running_mean, running_var, eps, weight, mean_out, invstd_out, scale):
+        return False
+    _normalize_slab(x, None, mean_out, scale, bias, floor, y, x.shape[1], None)
+    return True
+
+
+@exact
+def _finish_backward(sum_dy, dotp, invstd, dweight_out, dbias_out):
+    """``dweight = dotp * invstd`` and ``dbias = sum_dy``, summed into zeros as the full path does."""
+    for c in range(sum_dy.shape[0]):
+        dbias_out[c] = 0.0 + sum_dy[c]
+        dweight_out[c] = 0.0 + dotp[c] * np.float64(invstd[c])
+
+
+@kernel(parallel=False)
+def backward_train_rows(dy, x, mean, invstd, weight, dx, dweight_out, dbias_out):
+    """Training backward of (M, C) views: the streamed ROWS plan's kernels, serially."""
+    M, C = x.shape
+    sum_dy = np.empty(C)
+    dotp = np.empty(C)
+    _backward_reduce_rows(dy, None, x, mean, sum_dy, dotp)
+    mean_dy = np.empty_like(weight)
+    k = np.empty_like(weight)
+    scale = np.empty_like(weight)
+    backward_coefficients(sum_dy, dotp, invstd, weight, M, mean_dy, k, scale)
+    _backward_elementwise_rows(dy, None, x, None, mean, mean_dy, k, scale, dx, None)
+    _finish_backward(sum_dy, dotp, invstd, dweight_out, dbias_out)
+
+
+@kernel(parallel=False)
+def backward_train_slab(dy, x, mean, invstd, weight, dx, dweight_out, dbias_out):
+    """Training backward of (N, C, L) views: the fused SLAB kernel with every channel in one task."""
+    C = x.shape[1]
+    sum_dy = np.empty(C)
+    dotp = np.empty(C)
+    _backward_train_slab(dy, None, x, None, C, mean, invstd, weight, dx, None, sum_dy, dotp)
+    _finish_backward(sum_dy, dotp, invstd, dweight_out, dbias_out)
+
+
+# -------------------------------------------------------- the Python side ---
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+#: Input dtype -> (statistics dtype, what the kernels see it as: None for itself, or an integer view).
+_KINDS: dict[np.dtype[Any], tuple[np.dtype[Any], Any]] = {
+    np.dtype(np.float16): (_F32, np.uint16),
+    _F32: (_F32, None),
+    _F64: (_F64, None),
+}
+#: The ``floor`` the elementwise kernels clamp to without an activation, per statistics dtype.
+_FLOOR = {_F32: np.float32(-np.inf), _F64: np.float64(-np.inf)}
+
+
+def _kind(dtype: np.dtype[Any]) -> tuple[np.dtype[Any], Any] | None:
+    kind = _KINDS.get(dtype)
+    if kind is None and is_bfloat16(dtype):
+        kind = _KINDS[dtype] = (_F32, np.int16)
+    return kind
+
+
+@functools.cache
+def _limit() -> int:
+    """The input size below which calls run serially; on the first call, also fastbn's threading layer.
+
+    The small kernels never launch on the layer, but fastbn chooses it (and
+    reports one that other code started first) before its first kernel
+    runs, whichever path that kernel is on.  ``FASTBN_SMALL_CALLS=0`` in the
+    environment turns the small path off (every call takes the full path:
+    to time it, or to test its machinery on small inputs).
+    """
+    from fastbn.backends.cpu.passes import _serial_limit
+    from fastbn.backends.cpu.threads import configure
+
+    configure()
+    return 0 if os.environ.get(ENV_VAR, "1").strip() == "0" else _serial_limit()
+
+
+def _layout(x: _Array, axis: Any) -> tuple[bool, tuple[int, ...], int, int] | None:
+    """``(rows, kernel shape, channels, count)`` of a C-contiguous ``x``, or None if not a small plain case.
+
+    For a C-contiguous array, :func:`fastbn._layout.pattern` says ROWS
+    exactly when nothing of extent > 1 follows the channel axis or the
+    channel axis has extent 1, and SLAB otherwise.
+    """
+    shape = x.shape
+    ndim = len(shape)
+    if type(axis) is not int or ndim < 2 or not x.flags.c_contiguous or not 0 < x.nbytes < _limit():
+        return None
+    if axis < 0:
+        axis += ndim
+    if not 0 < axis < ndim:
+        return None
+    channels = shape[axis]
+    count = x.size // channels
+    inner = math.prod(shape[axis + 1 :])
+    if inner == 1 or channels == 1:
+        return True, (count, channels), channels, count
+    return False, (count // inner, channels, inner), channels, count
+
+
+def _vector(a: Any, dtype: np.dtype[Any], channels: int) -> bool:
+    """Whether ``a`` is a contiguous ``(channels,)`` NumPy array of ``dtype``."""
+    return type(a) is np.ndarray and a.dtype == dtype and a.shape == (channels,) and a.flags.c_contiguous
+
+
+def _kernel_view(a: _Array, shape: tuple[int, ...], as_int: Any, readonly: bool) -> _Array:
+    view = a.reshape(shape)
+    if as_int is not None:
+        view = view.view(as_int)
+    if readonly:
+        view.flags.writeable = False  # one compiled kernel for NumPy, torch and JAX callers (views.readonly)
+    return view
+
+
+def forward(
+    x: Any,
+    weight: Any,
+    bias: Any,
+    running_mean: Any,
+    running_var: Any,
+    training: Any,
+    momentum: Any,
+    eps: Any,
+    axis: Any,
+) -> tuple[_Array, tuple[_Array, _Array, bool, int, tuple[int, ...], int]] | None:
+    """:func:`fastbn.forward` without fused options, if the call is a small plain one; None otherwise.
+
+    Returns ``(y, (mean, invstd, batch_stats, count, shape, axis))``, the
+    fields of the :class:`fastbn.Saved` the full path would return.
+    """
+    if type(x) is not np.ndarray or type(training) is not bool or type(eps) is not float:
+        return None
+    if type(momentum) is not float or not (0.0 <= momentum <= 1.0 and 0.0 < eps < math.inf):
+        return None
+    kind = _kind(x.dtype)
+    layout = None if kind is None else _layout(x, axis)
+    if layout is None:
+        return None
+    assert kind is not None
+    rows, shape, channels, count = layout
+    dtype, as_int = kind
+    has_running = running_mean is not None
+    if has_running != (running_var is not None):
+        return None
+    batch_stats = training or not has_running
+    if batch_stats and count < 2:
+        return None
+    for vector in (weight, bias, running_mean, running_var):
+        if vector is not None and not _vector(vector, dtype, channels):
+            return None
+    if has_running and not (running_mean.flags.writeable and running_var.flags.writeable):
+        return None
+    x_view = _kernel_view(x, shape, as_int, True)
+    y = np.empty(x.shape, x.dtype)
+    y_view = _kernel_view(y, shape, as_int, False)
+    mean = np.empty(channels, dtype)
+    invstd = np.empty(channels, dtype)
+    weight = np.ones(channels, dtype) if weight is None else weight
+    bias = np.zeros(channels, dtype) if bias is None else bias
+    floor = _FLOOR[dtype]
+    if batch_stats:
+        train = forward_train_rows if rows else forward_train_slab
+        update = training and has_running
+        ok = train(
+            x_view,
+            weight,
+            bias,
+            eps,
+            floor,
+            running_mean if update else None,
+            running_var if update else None,
+            momentum,
+            y_view,
+            mean,
+            invstd,
+        )
+    else:
+        infer = forward_eval_rows if rows else forward_eval_slab
+        ok = infer(x_view, weight, bias, eps, floor, running_mean, running_var, y_view, mean, invstd)
+    if not ok:
+        return None
+    return y, (mean, invstd, batch_stats, count, x.shape, axis + len(x.shape) if axis < 0 else axis)
+
+
+def backward(
+    dy: Any,
+    x: Any,
+    weight: Any,
+    mean: Any,
+    invstd: Any,
+    saved_shape: Any,
+    saved_axis: Any,
+    axis: Any,
+) -> tuple[_Array, _Array, _Array] | None:
+    """:func:`fastbn.backward` of a plain training-mode :class:`fastbn.Saved`, if small; None otherwise."""
+    if type(x) is not np.ndarray or type(dy) is not np.ndarray or dy.dtype != x.dtype or x.shape != dy.shape:
+        return None
+    kind = _kind(x.dtype)
+    layout = None if kind is None else _layout(x, axis)
+    if layout is None or x.shape != saved_shape:
+        return None
+    assert kind is not None
+    rows, shape, channels, _count = layout
+    if (axis + x.ndim if axis < 0 else axis) != saved_axis:
+        return None
+    dtype, as_int = kind
+    for vector in (weight, mean, invstd):
+        if vector is not None and not _vector(vector, dtype, channels):
+            return None
+    if mean is None or invstd is None:
+        return None
+    if not dy.flags.c_contiguous:
+        dy = np.ascontiguousarray(dy)  # as small as x; an expanded gradient (of a sum) has zero strides
+    dx = np.empty(x.shape, x.dtype)
+    dweight = np.empty(channels, dtype)
+    dbias = np.empty(channels, dtype)
+    weight = np.ones(channels, dtype) if weight is None else weight
+    train = backward_train_rows if rows else backward_train_slab
+    train(
+        _kernel_view(dy, shape, as_int, True),
+        _kernel_view(x, shape, as_int, True),
+        mean,
+        invstd,
+        weight,
+        _kernel_view(dx, shape, as_int, False),
+        dweight,
+        dbias,
+    )
+    return dx, dweight, dbias

@@ -1,0 +1,180 @@
+"""The small-call lane of :func:`fastbn.torch.batch_norm`: plain CPU tensors, no fused option, few Python steps.
+
+A (32, 64) batch norm is a microsecond of arithmetic; the general path of
+:func:`fastbn.torch.batch_norm` spends tens of microseconds around it (torch's
+argument checks, the operator or ``autograd.Function`` machinery, NumPy views,
+:func:`fastbn.forward`'s own checks), several times what
+``torch.nn.functional.batch_norm`` spends.  :func:`batch_norm` here takes the
+plainest calls (eager, no forward-mode AD level open, ordinary tensors on the
+CPU, a training call or an eval call with running statistics) straight to
+:mod:`fastbn.backends.cpu.small`, and returns None for anything else, and for
+anything that would be an error: the general path then takes it, with
+torch's checks and messages.  :class:`_SmallBatchNorm` differentiates it with
+the same kernels; its context is that of the general path's Function, so a
+double backward (``create_graph=True``) goes the general way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from fastbn import _api
+from fastbn.torch import _ops
+
+__all__ = ["backward", "batch_norm"]
+
+_TYPES = (torch.Tensor, torch.nn.Parameter)
+_functorch = torch._C._functorch
+_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _array(tensor: torch.Tensor | None) -> Any:
+    """A NumPy view of a tensor the lane takes (None stays None), or False."""
+    if tensor is None:
+        return None
+    if type(tensor) not in _TYPES or not tensor.is_cpu or tensor.dtype not in _DTYPES or tensor.is_neg():
+        return False
+    if _functorch.is_functorch_wrapped_tensor(tensor) or _functorch.is_legacy_batchedtensor(tensor):
+        return False  # vmap, grad, jvp transforms: the general path's operators handle them
+    try:
+        return tensor.detach().numpy() if tensor.requires_grad else tensor.numpy()
+    except (RuntimeError, TypeError):  # no storage (a wrapper subclass, a functional tensor), conj/neg views
+        return False
+
+
+def _no_dual_level() -> bool:
+    """Whether no forward-mode AD level is open (then no tensor carries a tangent)."""
+    return getattr(fwAD, "_current_level", 0) == -1
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: Any,
+    momentum: Any,
+    eps: Any,
+) -> torch.Tensor | None:
+    """The output of a small plain call, its running statistics updated in place; None if it is not one."""
+    if type(momentum) is not float or type(eps) is not float or type(training) is not bool or not _no_dual_level():
+        return None
+    if running_mean is None and not training:
+        return None  # torch refuses it: the general path raises
+    if input.is_meta:
+        return None
+    arrays = [_array(t) for t in (input, weight, bias, running_mean, running_var)]
+    if any(a is False for a in arrays):
+        return None
+    for buffer in (running_mean, running_var):
+        if buffer is not None and buffer.requires_grad and torch.is_grad_enabled():
+            return None  # torch refuses it
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    if grad:
+        try:
+            output: torch.Tensor = _SmallBatchNorm.apply(  # type: ignore[no-untyped-call]
+                input, weight, bias, arrays, training, momentum, eps
+            )
+        except _NotSmall:
+            return None
+    else:
+        small = _api._small().forward(*arrays, training, momentum, eps, 1)
+        if small is None:
+            return None
+        output = torch.from_numpy(small[0])
+    if training and running_mean is not None and running_var is not None:
+        for buffer in (running_mean, running_var):
+            if not buffer.is_inference():
+                torch.autograd.graph.increment_version(buffer)
+    return output
+
+
+def backward(
+    grad_out: torch.Tensor,
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    saved_mean: torch.Tensor,
+    saved_invstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The general path's training-mode gradients ``(dx, dweight, dbias, empty)`` of a small plain call; else None.
+
+    For :func:`fastbn.torch._ops._run_backward` (the backward operator, and
+    backward calls the lane did not take).
+    """
+    arrays = [_array(t) for t in (grad_out, input, weight, saved_mean, saved_invstd)]
+    if any(a is False for a in arrays):
+        return None
+    dy, x = arrays[0], arrays[1]
+    small = _api._small().backward(dy, x, *arrays[2:], x.shape, 1, 1)
+    if small is None:
+        return None
+    dx, dweight, dbias = (torch.from_numpy(g) for g in small)
+    return dx, dweight, dbias, input.new_empty(0)
+
+
+class _NotSmall(Exception):
+    """Raised from :meth:`_SmallBatchNorm.forward` when the kernels' lane refuses the call (nothing has run)."""
+
+
+class _SmallBatchNorm(torch.autograd.Function):
+    """The lane's differentiable form: forward and first backward on :mod:`fastbn.backends.cpu.small`.
+
+    It saves only ``input`` and ``weight`` as tensors (so that torch checks
+    they were not modified in place before backward) and keeps the NumPy
+    views and statistics beside them.  A backward the lane does not take (a
+    double backward, a gradient that is not a plain CPU tensor, eval mode)
+    goes the general way (:func:`fastbn.torch._ops.gradients`), given the
+    context the general path's Function would have made.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, input: Any, weight: Any, bias: Any, arrays: Any, training: Any, momentum: Any, eps: Any
+    ) -> Any:
+        small = _api._small().forward(*arrays, training, momentum, eps, 1)
+        if small is None:
+            raise _NotSmall
+        y, (mean, invstd, batch_stats, *_) = small
+        ctx.save_for_backward(input, weight)
+        ctx.small = (arrays[0], arrays[1], mean, invstd, batch_stats, eps)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Any) -> Any:
+        input, weight = ctx.saved_tensors  # torch's check that neither was modified in place
+        x, w, mean, invstd, batch_stats, _eps = ctx.small
+        small = None
+        if batch_stats and grad_y is not None and not grad_y.requires_grad:
+            dy = _array(grad_y)
+            if dy is not False:
+                small = _api._small().backward(dy, x, w, mean, invstd, x.shape, 1, 1)
+        if small is None:
+            general = _GeneralContext(ctx, input, weight)
+            dx, dweight, dbias, _ = _ops.gradients(general, grad_y, residual_index=4)
+            return dx, dweight, dbias, None, None, None, None
+        need = ctx.needs_input_grad
+        return (
+            torch.from_numpy(small[0]) if need[0] else None,
+            torch.from_numpy(small[1]) if need[1] and weight is not None else None,
+            torch.from_numpy(small[2]) if need[2] else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+class _GeneralContext:
+    """What :func:`fastbn.torch._ops.gradients` reads from a context, made from :class:`_SmallBatchNorm`'s."""
+
+    def __init__(self, ctx: Any, input: torch.Tensor, weight: torch.Tensor | None) -> None:
+        _x, _w, mean, invstd, batch_stats, eps = ctx.small
+        saved_mean, saved_invstd = torch.from_numpy(mean), torch.from_numpy(invstd)
+        empty = saved_mean.new_empty(0)
+        self.saved_tensors = (input, weight, saved_mean, saved_invstd, empty, empty, None)
+        self.options = (batch_stats, False, None, eps)
+        self.needs_input_grad = ctx.needs_input_grad

@@ -1,0 +1,224 @@
+"""The small-call path (fastbn.backends.cpu.small): taken where it should be, equal to the full path, and
+refusing, for the full path to handle, every call it does not cover."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn.backends.cpu import passes, small
+
+SHAPES = [((32, 64), 1), ((8, 16, 14, 14), 1), ((4, 6, 5, 3), -1), ((7, 1, 5), 1), ((9, 3), 1), ((2, 3, 2, 2, 4), 1)]
+DTYPES = ["float32", "float64", "float16", "bfloat16"]
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _ulps(a, b, dtype):
+    """Largest distance between a and b in units of the last place of ``dtype`` at b's largest magnitude.
+
+    Norm-wise: an output near zero is a difference of larger values, so its own magnitude says nothing
+    about the error of the sums it came from."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    eps = 2.0**-7 if dtype.itemsize == 2 and dtype != np.float16 else float(np.finfo(dtype).eps)  # bfloat16: 8 bits
+    scale = max(float(np.max(np.abs(b))), float(np.finfo(np.float32).tiny)) if b.size else 1.0
+    return float(np.max(np.abs(a - b)) / (scale * eps)) if a.size else 0.0
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The parallel kernel launches of the full path, recorded."""
+    log = []
+    monkeypatch.setattr(passes, "LAUNCH_LOG", log)
+    return log
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES)
+@pytest.mark.parametrize("name", DTYPES)
+def test_small_calls_take_one_kernel_and_match_the_full_path(shape, axis, name, launches):
+    dtype = _dtype(name)
+    stats = np.float64 if dtype == np.float64 else np.float32
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    channels = shape[axis]
+    weight, bias = rng.standard_normal(channels).astype(stats), rng.standard_normal(channels).astype(stats)
+    fast_rm, fast_rv = np.zeros(channels, stats), np.ones(channels, stats)
+    full_rm, full_rv = fast_rm.copy(), fast_rv.copy()
+
+    y, saved = fastbn.forward(x, weight, bias, running_mean=fast_rm, running_var=fast_rv, axis=axis)
+    dy = rng.standard_normal(shape).astype(dtype)
+    grads = fastbn.backward(dy, x, weight, saved, axis=axis)
+    eval_rm, eval_rv = rng.standard_normal(channels).astype(stats), rng.random(channels).astype(stats)
+    y_eval, saved_eval = fastbn.forward(
+        x, weight, bias, running_mean=eval_rm, running_var=eval_rv, axis=axis, training=False
+    )
+    assert launches == [], "a small plain call ran the parallel kernels"
+
+    # The full path, forced by a plan override that changes nothing.
+    y_full, saved_full = fastbn.forward(x, weight, bias, running_mean=full_rm, running_var=full_rv, axis=axis, _plan={})
+    grads_full = fastbn.backward(dy, x, weight, saved_full, axis=axis, _plan={})
+    y_eval_full, saved_eval_full = fastbn.forward(
+        x, weight, bias, running_mean=eval_rm, running_var=eval_rv, axis=axis, training=False, _plan={}
+    )
+    assert launches, "the forced full path launched nothing"
+
+    # The same kernels' code, serially: equal up to how LLVM orders a float64 sum once inlined (an ulp of the
+    # float64 accumulators), which rounding to the dtype can turn into at most one ulp of the dtype.
+    assert saved[2:] == saved_full[2:] and saved_eval[2:] == saved_eval_full[2:]
+    for got, want, kind in [
+        (y, y_full, dtype),
+        (saved.mean, saved_full.mean, np.dtype(stats)),
+        (saved.invstd, saved_full.invstd, np.dtype(stats)),
+        (fast_rm, full_rm, np.dtype(stats)),
+        (fast_rv, full_rv, np.dtype(stats)),
+        (y_eval, y_eval_full, dtype),
+        (saved_eval.invstd, saved_eval_full.invstd, np.dtype(stats)),
+    ] + [(g, h, np.dtype(stats) if g.ndim == 1 else dtype) for g, h in zip(grads, grads_full)]:
+        assert got.shape == want.shape and got.dtype == want.dtype
+        # float64 results are the float64 sums themselves: a reordered sum of n terms can differ by a few ulps
+        assert _ulps(got, want, kind) <= (8.0 if kind == np.float64 else 1.0), (got, want)
+    # eval mode is elementwise with no reduction: exactly the full path
+    assert np.array_equal(np.asarray(y_eval, np.float64), np.asarray(y_eval_full, np.float64))
+
+
+def _plain(shape=(16, 4), dtype=np.float32):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(shape).astype(dtype)
+    c = shape[1]
+    return dict(x=x, weight=np.ones(c, np.float32), bias=np.zeros(c, np.float32), rm=np.zeros(c), rv=np.ones(c))
+
+
+def _refused_cases():
+    """(name, change to a plain call's arguments) that the small path must leave to the full path."""
+    return [
+        ("strided x", lambda a: a.update(x=a["x"][::2])),
+        ("x a list", lambda a: a.update(x=a["x"].tolist())),
+        ("weight float64", lambda a: a.update(weight=a["weight"].astype(np.float64))),
+        ("weight strided", lambda a: a.update(weight=np.ones(8, np.float32)[::2])),
+        ("weight a list", lambda a: a.update(weight=[1.0] * 4)),
+        ("running_mean is weight", lambda a: a.update(rm=a["weight"])),
+        ("running_var inside x", lambda a: a.update(rv=a["x"][0])),
+        ("running_var read-only", lambda a: (a["rv"].setflags(write=False), None)[1]),
+        ("one value per channel", lambda a: a.update(x=a["x"][:1])),
+        ("momentum out of range", lambda a: a.update(momentum=1.5)),
+        ("momentum an int", lambda a: a.update(momentum=0)),
+        ("eps zero", lambda a: a.update(eps=0.0)),
+        ("axis 0", lambda a: a.update(axis=0)),
+        ("an integer dtype", lambda a: a.update(x=a["x"].astype(np.int32))),
+        ("a matrix", lambda a: a.update(x=np.asmatrix(a["x"]))),
+        ("only running_mean", lambda a: a.update(rv=None)),
+        ("eval, negative running_var", lambda a: a.update(training=False, rv=-np.ones(4, np.float32))),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("name,change", _refused_cases(), ids=[c[0] for c in _refused_cases()])
+def test_what_the_small_path_refuses_the_full_path_decides(name, change):
+    args = dict(_plain(), momentum=0.1, eps=1e-5, axis=1, training=True)
+    args["rm"], args["rv"] = np.zeros(4, np.float32), np.ones(4, np.float32)
+    change(args)
+    call = (args["x"], args["weight"], args["bias"], args["rm"], args["rv"], args["training"])
+    before = [None if a is None else np.array(a, copy=True) for a in call[:5]]
+    assert small.forward(*call, args["momentum"], args["eps"], args["axis"]) is None
+    for a, b in zip(call[:5], before):  # a refusal writes nothing
+        assert a is None or np.array_equal(np.asarray(a), b)
+
+    def run(**plan):
+        return fastbn.forward(
+            args["x"],
+            args["weight"],
+            args["bias"],
+            running_mean=args["rm"],
+            running_var=args["rv"],
+            training=args["training"],
+            momentum=args["momentum"],
+            eps=args["eps"],
+            axis=args["axis"],
+            **plan,
+        )
+
+    try:
+        want = run(_plan={})
+    except (TypeError, ValueError) as exc:
+        with pytest.raises(type(exc)) as got:
+            run()
+        assert str(got.value) == str(exc)
+    else:
+        y, _saved = run()
+        np.testing.assert_allclose(np.asarray(y), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_at_the_size_limit_take_the_full_path(monkeypatch, launches):
+    x = np.ones((16, 4), np.float32)
+    monkeypatch.setattr(small, "_limit", lambda: x.nbytes)
+    fastbn.forward(x)
+    assert launches
+    launches.clear()
+    monkeypatch.setattr(small, "_limit", lambda: x.nbytes + 1)
+    fastbn.forward(x)
+    assert launches == []
+
+
+def test_backward_refuses_what_it_does_not_cover(launches):
+    a = _plain()
+    x = a["x"]
+    _y, saved = fastbn.forward(x, a["weight"], a["bias"])
+    dy = np.ones_like(x)
+    for changed in [
+        saved._replace(batch_stats=False),  # eval: the full path
+        saved._replace(activation="relu"),
+        saved._replace(count=np.int64(16)),
+        saved._replace(mean=saved.mean.astype(np.float64)),
+    ]:
+        launches.clear()
+        with contextlib.suppress(TypeError, ValueError):
+            fastbn.backward(dy, x, a["weight"], changed, y=x)
+        assert launches or changed.mean.dtype == np.float64
+    launches.clear()
+    dx, _dweight, dbias = fastbn.backward(np.broadcast_to(np.float32(1), x.shape), x, a["weight"], saved)
+    assert launches == [] and np.allclose(dbias, 16) and np.allclose(dx, 0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^saved: came from forward on shape"):
+        fastbn.backward(dy[:8], x[:8], a["weight"], saved)
+
+
+def test_torch_lane_matches_torch_and_keeps_its_checks(launches):
+    torch = pytest.importorskip("torch")
+    import fastbn.torch as ft
+
+    rng = np.random.default_rng(3)
+    x0 = torch.from_numpy(rng.standard_normal((32, 8)).astype(np.float32))
+    w0, b0 = torch.rand(8), torch.rand(8)
+    results = []
+    for fn in (torch.nn.functional.batch_norm, ft.batch_norm):
+        x = x0.clone().requires_grad_()
+        w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        rm, rv = torch.zeros(8), torch.ones(8)
+        version = rm._version
+        y = fn(x, rm, rv, w, b, training=True)
+        (y * torch.arange(8.0)).sum().backward()
+        results.append((y.detach(), x.grad, w.grad, b.grad, rm, rv))
+    assert launches == [], "fastbn.torch's small lane ran the parallel kernels"
+    assert rm._version > version  # updated in place, as the general path does: views and autograd see it
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    x = x0.clone().requires_grad_()
+    y = ft.batch_norm(x, None, None, training=True)
+    with torch.no_grad():
+        x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    # a double backward leaves the lane for the general path, and is torch's
+    x = x0.clone().double().requires_grad_()
+    part = x[:6, :3].detach().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: ft.batch_norm(t, None, None, training=True), (part,))
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
+        ft.batch_norm(x, None, None, training=False)
