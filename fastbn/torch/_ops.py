@@ -32,6 +32,7 @@ import torch.autograd.forward_ad as fwAD
 
 import fastbn
 from fastbn.torch import _reference
+from fastbn.torch._arrays import small_backward
 
 Tensor = torch.Tensor
 
@@ -280,9 +281,7 @@ def _run_backward(
         return torch.empty_like(input), zeros, zeros.clone(), dres
     groups = saved_mean.shape[0] if saved_mean.dim() == 2 else 1
     if batch_stats and not residual and output is None and groups == 1 and not r.numel():
-        from fastbn.torch import _small  # which imports this module
-
-        small = _small.backward(grad_out, input, weight, saved_mean, saved_invstd)
+        small = small_backward(grad_out, input, weight, saved_mean, saved_invstd)
         if small is not None:
             return small
     saved = fastbn.Saved(

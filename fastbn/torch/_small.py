@@ -23,26 +23,9 @@ import torch.autograd.forward_ad as fwAD
 
 from fastbn import _api
 from fastbn.torch import _ops
+from fastbn.torch._arrays import array as _array
 
-__all__ = ["backward", "batch_norm"]
-
-_TYPES = (torch.Tensor, torch.nn.Parameter)
-_functorch = torch._C._functorch
-_DTYPES = (torch.float32, torch.float64, torch.float16)
-
-
-def _array(tensor: torch.Tensor | None) -> Any:
-    """A NumPy view of a tensor the lane takes (None stays None), or False."""
-    if tensor is None:
-        return None
-    if type(tensor) not in _TYPES or not tensor.is_cpu or tensor.dtype not in _DTYPES or tensor.is_neg():
-        return False
-    if _functorch.is_functorch_wrapped_tensor(tensor) or _functorch.is_legacy_batchedtensor(tensor):
-        return False  # vmap, grad, jvp transforms: the general path's operators handle them
-    try:
-        return tensor.detach().numpy() if tensor.requires_grad else tensor.numpy()
-    except (RuntimeError, TypeError):  # no storage (a wrapper subclass, a functional tensor), conj/neg views
-        return False
+__all__ = ["batch_norm"]
 
 
 def _no_dual_level() -> bool:
@@ -91,29 +74,6 @@ def batch_norm(
             if not buffer.is_inference():
                 torch.autograd.graph.increment_version(buffer)
     return output
-
-
-def backward(
-    grad_out: torch.Tensor,
-    input: torch.Tensor,
-    weight: torch.Tensor | None,
-    saved_mean: torch.Tensor,
-    saved_invstd: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The general path's training-mode gradients ``(dx, dweight, dbias, empty)`` of a small plain call; else None.
-
-    For :func:`fastbn.torch._ops._run_backward` (the backward operator, and
-    backward calls the lane did not take).
-    """
-    arrays = [_array(t) for t in (grad_out, input, weight, saved_mean, saved_invstd)]
-    if any(a is False for a in arrays):
-        return None
-    dy, x = arrays[0], arrays[1]
-    small = _api._small().backward(dy, x, *arrays[2:], x.shape, 1, 1)
-    if small is None:
-        return None
-    dx, dweight, dbias = (torch.from_numpy(g) for g in small)
-    return dx, dweight, dbias, input.new_empty(0)
 
 
 class _NotSmall(Exception):
