@@ -402,3 +402,56 @@ def test_float64_statistics_within_the_derived_bound(shape, axis):
     assert (np.abs(mean - e_mean.astype(np.float64)) <= mean_bound).all()
     # and far inside it in practice: float64 sums of 1e5 elements, relative error near 1e-13 at most
     assert (np.abs(var - e_var.astype(np.float64)) <= 1e-10 * e_var.astype(np.float64)).all()
+
+
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((64, 8, 32, 32), 1), ((64, 32, 32, 8), -1), ((16384, 8), 1), ((3, 4, 5000), 1), ((24, 3, 7), 1)],
+    ids=["NCHW", "NHWC", "NC", "NCL-long-runs", "short-runs"],
+)
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("offset", [0.0, 100.0, -3000.0])
+def test_half_statistics_within_the_derived_bound(shape, axis, half, offset):
+    """The float32-block bound of float16 and bfloat16 statistics, derived in
+    fastbn/backends/cpu/reductions.py ("error bound"): |var - exact| <= (3 B + 2) u var
+    + 2 u sqrt(var (var + (mean - K)^2)) + (3 P + 2) u64 var + 8 (B + 1)^2 u^2 (var + R^2),
+    and |mean - exact| <= B u sqrt(var) + u sqrt(var + (mean - K)^2) + 8 (B + 1)^2 u^2 R, with
+    u = 2^-24, B = LANE_BLOCK, K the pivot (the channel's first element), R the distance from
+    K to the farthest element, plus the rounding of the float32 results (u of each).  The
+    exact statistics are float64 sums of the half values (exact to ~1e-12 here)."""
+    from fastbn.backends.cpu.plan import LANE_BLOCK
+
+    dtype = np.float16 if half == "float16" else _bfloat16()
+    rng = np.random.default_rng(5)
+    # a spread of 1 around the offset, and one channel with a tiny spread (1/64) around it
+    x64 = offset + rng.standard_normal(shape)
+    x64[(slice(None),) * (axis % len(shape)) + (0,)] *= 1 / 64
+    x = x64.astype(dtype)
+    mean, var = fastbn.moments(x, axis=axis)
+    assert mean.dtype == np.float32 and var.dtype == np.float32
+    by_channel = np.moveaxis(x.astype(np.float64), axis, 0).reshape(x.shape[axis], -1)
+    e_mean = by_channel.mean(axis=1)
+    e_var = ((by_channel - e_mean[:, None]) ** 2).mean(axis=1)
+    u, u64, B = 2.0**-24, 2.0**-53, LANE_BLOCK
+    n = by_channel.shape[1]
+    K = by_channel[:, 0]
+    R = np.abs(by_channel - K[:, None]).max(axis=1)
+    second = 8 * (B + 1) ** 2 * u**2
+    var_bound = (
+        (3 * B + 2) * u * e_var
+        + 2 * u * np.sqrt(e_var * (e_var + (e_mean - K) ** 2))
+        + (3 * n + 2) * u64 * e_var
+        + second * (e_var + R**2)
+        + u * e_var  # the float32 result's rounding
+    )
+    mean_bound = B * u * np.sqrt(e_var) + u * np.sqrt(e_var + (e_mean - K) ** 2) + second * R + u * np.abs(e_mean)
+    assert (np.abs(var.astype(np.float64) - e_var) <= var_bound).all()
+    assert (np.abs(mean.astype(np.float64) - e_mean) <= mean_bound).all()
+    # and far inside it: the variance within 1e-5 (the bar float32 input is held to)
+    assert (np.abs(var.astype(np.float64) - e_var) <= 1e-5 * e_var).all()
+
+
+def _bfloat16():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16

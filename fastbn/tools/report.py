@@ -458,10 +458,10 @@ def findings(results):
     half = [r for r in results if r["dtype"] == "float16"]
     if half:
         lines.append(
-            "float16 statistics accumulate in float64 like every other dtype (fastbn's numerics policy): "
-            "widening each half value to double and the double-precision arithmetic cost more CPU time on "
-            "this machine than moving its 2 bytes, so float16 runs at the speed of the arithmetic rather than "
-            "of memory. PyTorch accumulates half input in float32."
+            "float16 statistics accumulate in float32 over blocks of at most 256 elements, added in float64 "
+            "(the bound is derived in fastbn/backends/cpu/reductions.py), as PyTorch accumulates half input in "
+            "float32; the elementwise passes and the float64 merges still cost CPU time that float16's 2 bytes "
+            "per element do not pay for on this machine."
         )
     return "\n\n".join(lines)
 

@@ -25,7 +25,7 @@ from numba.extending import intrinsic, overload
 
 from fastbn.backends.cpu.jit import elementwise, inline, reduction
 from fastbn.backends.cpu.nontemporal import stream_copy
-from fastbn.backends.cpu.plan import BLOCK_ELEMENTS
+from fastbn.backends.cpu.plan import BLOCK_ELEMENTS, LANE_BLOCK
 
 
 # ---------------------------------------------------------------- float16 ---
@@ -258,6 +258,15 @@ def row_block(M, C):
     return rows, (M + rows - 1) // rows
 
 
+@inline
+def stats_row_block(M, C, x):
+    """:func:`row_block` of the statistics: blocks of at most LANE_BLOCK rows for the half types."""
+    rows = max(1, BLOCK_ELEMENTS // C)
+    if narrow(x):
+        rows = min(rows, LANE_BLOCK)
+    return rows, (M + rows - 1) // rows
+
+
 # ------------------------------------------------------------ inner loops ---
 # Per-run reductions are compiled once per signature (jit.reduction), the
 # elementwise helpers without reassociation (jit.elementwise), the per-row
@@ -285,6 +294,113 @@ def run_sum_sq_dev(v, mean):
     return total
 
 
+# float16 and bfloat16 runs (see "error bound" in fastbn.backends.cpu.reductions):
+# the shifted values are rounded to float32 and summed in float32 (vector
+# lanes twice as wide as float64's, and no widening) over blocks of at most
+# LANE_BLOCK elements; the blocks' sums are added in float64.
+
+
+@reduction
+def run_sum_narrow(v, wide, pivot):
+    # Sum of x - pivot (float32 pivot) in float32 blocks, keeping each shifted element for the second pass.
+    total = 0.0
+    for b0 in range(0, v.shape[0], LANE_BLOCK):
+        vb = v[b0 : b0 + LANE_BLOCK]
+        wb = wide[b0 : b0 + LANE_BLOCK]
+        block = np.float32(0)
+        for i in range(vb.shape[0]):
+            value = load(vb[i]) - pivot
+            wb[i] = value
+            block += value
+        total += np.float64(block)
+    return total
+
+
+@reduction
+def run_dev_sums_narrow(wide, mean):
+    # Sums of (d - mean)^2 and of d - mean, float32 within blocks: the corrected two-pass
+    # algorithm's second pass (the second sum corrects the rounded float32 mean).
+    sq = 0.0
+    dev = 0.0
+    for b0 in range(0, wide.shape[0], LANE_BLOCK):
+        wb = wide[b0 : b0 + LANE_BLOCK]
+        block_sq = np.float32(0)
+        block_dev = np.float32(0)
+        for i in range(wb.shape[0]):
+            d = wb[i] - mean
+            block_sq += d * d
+            block_dev += d
+        sq += np.float64(block_sq)
+        dev += np.float64(block_dev)
+    return sq, dev
+
+
+def narrow(array):
+    """True when ``array`` holds float16 (``uint16``) or bfloat16 (``int16``) bits: its statistics use float32 lanes."""
+
+
+@overload(narrow, inline="always")
+def _narrow_impl(array):
+    flag = array.dtype in (types.uint16, types.int16)
+    return lambda array: flag
+
+
+def stats_scratch(x, size):
+    """A buffer for ``size`` shifted elements of ``x``: float32 for float16 and bfloat16, else float64."""
+
+
+@overload(stats_scratch, inline="always")
+def _stats_scratch_impl(x, size):
+    if x.dtype in (types.uint16, types.int16):
+        return lambda x, size: np.empty(size, np.float32)
+    return lambda x, size: np.empty(size, np.float64)
+
+
+def run_shifted_sum(v, wide, pivot):
+    """Sum of one run's ``x - pivot`` (float64 ``pivot``), keeping the shifted values in ``wide``.
+
+    float64 sums for float32 and float64 runs, :func:`run_sum_narrow` for the half types.
+    """
+
+
+@overload(run_shifted_sum, inline="always")
+def _run_shifted_sum_impl(v, wide, pivot):
+    if wide.dtype == types.float32:
+        return lambda v, wide, pivot: run_sum_narrow(v, wide, np.float32(pivot))
+    return lambda v, wide, pivot: run_sum_widen(v, wide, pivot)
+
+
+def shifted_moments(wide, total):
+    """Mean and M2 of the shifted values in ``wide`` whose sum is ``total`` (second pass).
+
+    float64: the plain second pass.  float32 (half types): the corrected
+    two-pass algorithm around the float32 mean m32, mean = m32 + c / n and
+    M2 = Q - c^2 / n with Q = sum((d - m32)^2), c = sum(d - m32), so that
+    rounding the mean to float32 costs nothing at first order.
+    """
+
+
+@overload(shifted_moments, inline="always")
+def _shifted_moments_impl(wide, total):
+    if wide.dtype == types.float32:
+
+        def impl(wide, total):
+            size = wide.shape[0]
+            m32 = np.float32(total / size)
+            sq, dev = run_dev_sums_narrow(wide, m32)
+            m2 = sq - dev * dev / size
+            # >= c^2 / n exactly; rounding may undercut it by a few ulps (NaN stays NaN)
+            return np.float64(m32) + dev / size, 0.0 if m2 < 0.0 else m2
+
+        return impl
+
+    def impl64(wide, total):
+        mean = total / wide.shape[0]
+        return mean, run_sum_sq_dev(wide, mean)
+
+    return impl64
+
+
 @elementwise
 def run_affine(v, z, out, mean, scale, shift, floor):
     # y = act((x - mean) * scale + shift + z): z (residual) optional, act = max(., floor).
@@ -304,6 +420,41 @@ def run_grad_sums(g, m, v, mean):
     return sum_dy, dotp
 
 
+@reduction
+def run_grad_sums_narrow(g, m, v, mean):
+    # run_grad_sums of a float16 or bfloat16 run: float32 sums over blocks of LANE_BLOCK
+    # elements, added in float64, around the float32 mean m32; sum((x - mean) g) is then
+    # sum((x - m32) g) + (m32 - mean) sum(g), exact in the mean's rounding.
+    m32 = np.float32(mean)
+    sum_dy = 0.0
+    dotp = 0.0
+    for b0 in range(0, v.shape[0], LANE_BLOCK):
+        gb = g[b0 : b0 + LANE_BLOCK]
+        mb = part(m, slice(b0, b0 + LANE_BLOCK))
+        vb = v[b0 : b0 + LANE_BLOCK]
+        block_dy = np.float32(0)
+        block_dotp = np.float32(0)
+        for i in range(vb.shape[0]):
+            gi = gradient(gb, mb, i)
+            block_dy += gi
+            block_dotp += (load(vb[i]) - m32) * gi
+        sum_dy += np.float64(block_dy)
+        dotp += np.float64(block_dotp)
+    shift = np.float64(m32) - mean
+    return sum_dy, dotp if shift == 0.0 else dotp + shift * sum_dy  # (0 * inf would be NaN)
+
+
+def run_gradient_sums(g, m, v, mean):
+    """``(sum(g), sum((x - mean) * g))`` of a run: :func:`run_grad_sums`, or its float32-block twin (half types)."""
+
+
+@overload(run_gradient_sums, inline="always")
+def _run_gradient_sums_impl(g, m, v, mean):
+    if v.dtype in (types.uint16, types.int16):
+        return lambda g, m, v, mean: run_grad_sums_narrow(g, m, v, mean)
+    return lambda g, m, v, mean: run_grad_sums(g, m, v, mean)
+
+
 @elementwise
 def run_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
     # dres: the residual's gradient (the masked dy), written in the same pass, or None.
@@ -321,8 +472,9 @@ def run_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
 
 @inline
 def cols_sum(v, pivot, total):
+    # total (and pivot) float64, or float32 for the half types (blocks of at most LANE_BLOCK rows)
     for j in range(v.shape[0]):
-        total[j] += np.float64(load(v[j])) - pivot[j]
+        total[j] += cast_to(total, load(v[j])) - pivot[j]
 
 
 @inline
@@ -340,7 +492,29 @@ def cols_sum_sq_dev(v, pivot, mean, m2):
 @inline
 def cols_sum2(a, b, pivot, total):
     for j in range(a.shape[0]):
-        total[j] += (np.float64(load(a[j])) - pivot[j]) + (np.float64(load(b[j])) - pivot[j])
+        total[j] += (cast_to(total, load(a[j])) - pivot[j]) + (cast_to(total, load(b[j])) - pivot[j])
+
+
+# The half types' second pass over a block: float32 sums of squared deviations
+# from the block's float32 mean and of the deviations themselves (the
+# corrected two-pass algorithm; see shifted_moments).
+
+
+@inline
+def cols_dev_sums(v, pivot, mean, m2, dev):
+    for j in range(v.shape[0]):
+        d = (load(v[j]) - pivot[j]) - mean[j]
+        m2[j] += d * d
+        dev[j] += d
+
+
+@inline
+def cols_dev_sums2(a, b, pivot, mean, m2, dev):
+    for j in range(a.shape[0]):
+        da = (load(a[j]) - pivot[j]) - mean[j]
+        db = (load(b[j]) - pivot[j]) - mean[j]
+        m2[j] += da * da + db * db
+        dev[j] += da + db
 
 
 @inline
@@ -353,11 +527,12 @@ def cols_sum_sq_dev2(a, b, pivot, mean, m2):
 
 @inline
 def cols_grad_sums2(ga, ma, a, gb, mb, b, mean, sum_dy, dotp):
+    # sum_dy, dotp (and mean) float64, or float32 for the half types' blocks of LANE_BLOCK rows
     for j in range(a.shape[0]):
-        g0 = np.float64(gradient(ga, ma, j))
-        g1 = np.float64(gradient(gb, mb, j))
+        g0 = cast_to(sum_dy, gradient(ga, ma, j))
+        g1 = cast_to(sum_dy, gradient(gb, mb, j))
         sum_dy[j] += g0 + g1
-        dotp[j] += (np.float64(load(a[j])) - mean[j]) * g0 + (np.float64(load(b[j])) - mean[j]) * g1
+        dotp[j] += (cast_to(dotp, load(a[j])) - mean[j]) * g0 + (cast_to(dotp, load(b[j])) - mean[j]) * g1
 
 
 @elementwise
@@ -369,9 +544,9 @@ def cols_affine(v, z, out, mean, scale, shift, floor):
 @inline
 def cols_grad_sums(g, m, v, mean, sum_dy, dotp):
     for j in range(v.shape[0]):
-        gj = gradient(g, m, j)
+        gj = cast_to(sum_dy, gradient(g, m, j))
         sum_dy[j] += gj
-        dotp[j] += (np.float64(load(v[j])) - mean[j]) * gj
+        dotp[j] += (cast_to(dotp, load(v[j])) - mean[j]) * gj
 
 
 @elementwise

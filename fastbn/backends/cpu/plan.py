@@ -61,6 +61,11 @@ BLOCK_ELEMENTS = 16384
 # At most this many chunks of ROWS partial sums: a fixed number keeps the
 # reduction order independent of the thread count.
 MAX_CHUNKS = 64
+# float16 and bfloat16 statistics sum in float32 over blocks of at most this
+# many elements per channel (SLAB: consecutive elements of a run; ROWS: rows),
+# and add the blocks in float64: the bound derived in
+# fastbn.backends.cpu.reductions ("error bound") grows with it.
+LANE_BLOCK = 256
 
 # -------------------------------------------------------------- measured ---
 # A fused task reads each outer row of its channels as one run; runs shorter

@@ -5,9 +5,10 @@ shapes (:mod:`fastbn._layout`): ``SLAB`` ``(N, C, L)``, each channel ``N``
 runs of ``L`` contiguous elements (NCHW, NCL, NCDHW), or ``ROWS`` ``(M, C)``,
 channels contiguous (NHWC, ``(N, C)``).
 
-Every reduction accumulates in float64, over pieces (SLAB) or blocks of rows
-(ROWS) that stay in cache between their two passes, merged with Chan's
-formula (:mod:`fastbn.backends.cpu.numerics`); the statistics are computed on
+Every reduction accumulates in float64 (the statistics of float16 and
+bfloat16 input in float32 blocks, see "error bound"), over pieces (SLAB) or
+blocks of rows (ROWS) that stay in cache between their two passes, merged
+with Chan's formula (:mod:`fastbn.backends.cpu.numerics`); the statistics are computed on
 x minus a per-channel pivot, and channels that overflow are computed again,
 scaled ("error bound" below).  Partitions and reduction
 orders depend only on the shape and dtype, never on the thread count, so
@@ -21,6 +22,8 @@ from numba import prange
 
 from fastbn.backends.cpu.jit import exact, inline, kernel
 from fastbn.backends.cpu.loops import (
+    cols_dev_sums,
+    cols_dev_sums2,
     cols_grad_sums,
     cols_grad_sums2,
     cols_sum,
@@ -28,14 +31,17 @@ from fastbn.backends.cpu.loops import (
     cols_sum_sq_dev,
     cols_sum_sq_dev2,
     load,
+    narrow,
     part,
     row_block,
-    run_grad_sums,
-    run_sum_sq_dev,
-    run_sum_widen,
+    run_gradient_sums,
+    run_shifted_sum,
+    shifted_moments,
+    stats_row_block,
+    stats_scratch,
 )
 from fastbn.backends.cpu.numerics import add_piece, merge_piece
-from fastbn.backends.cpu.plan import MAX_CHUNKS
+from fastbn.backends.cpu.plan import LANE_BLOCK, MAX_CHUNKS
 from fastbn.backends.cpu.plan import slab_pieces as _plain_slab_pieces
 
 # ------------------------------------------------------------ SLAB pieces ---
@@ -91,6 +97,44 @@ def slab_piece(p, N, L, runs, per_row):
 # significands, less than 29 binades apart) and rounded once (u) for float64.
 # (tests/test_numerics.py checks the bound; tests/test_adversarial.py the
 # extreme values.)
+#
+# float16 and bfloat16 input accumulate in float32 instead (u = 2^-24; twice
+# the vector lanes of float64, and a float32 scratch): d = fl32(x - K), sums
+# in float32 over blocks of at most B = LANE_BLOCK elements per channel (a
+# run's consecutive elements, SLAB; rows, ROWS), the blocks' sums added in
+# float64, pieces and blocks merged with Chan's formula in float64.  Per
+# piece of s elements: pass 1 gives the float32 mean m32 of d, within
+# (B + 1) u R of the mean m of d; pass 2 sums Q = sum((d - m32)^2) and c =
+# sum(d - m32) in float32 blocks and returns mean m32 + c / s and M2 = Q -
+# c^2 / s (the corrected two-pass algorithm: exact for any m32, so m32's own
+# error leaves only terms of order u^2 R^2).  A block of B terms summed in
+# any order (fast-math may reorder) is off by at most (B - 1) u times the sum
+# of their magnitudes, each squared deviation carries at most 3 u, so to
+# first order M2 is within (B + 2) u M2 and the piece mean within B u sd_p
+# (sd_p the piece's standard deviation).  Chan's merge then adds, through
+# the pieces' mean errors, at most 2 B u var (Cauchy-Schwarz over the
+# between-piece term, with sum_p n_p var_p <= n var), and rounding d once
+# moves the variance by at most 2 u sqrt(var (var + (mean - K)^2)).  Hence
+#
+#     |var_computed - var| <= (3 B + 2) u var + 2 u sqrt(var (var + (mean - K)^2))
+#                             + (3 P + 2) u64 var + 8 (B + 1)^2 u^2 (var + R^2)
+#     |mean_computed - mean| <= B u sqrt(var) + u sqrt(var + (mean - K)^2) + 8 (B + 1)^2 u^2 R
+#
+# (u64 = 2^-53; the last terms bound the second-order remainder).  With B =
+# 256 the first term is 4.6e-5 of the variance at worst, far above what
+# random rounding gives (about sqrt(B) u, 1e-6); it costs a float16 or
+# bfloat16 output at most 2.3e-5 of its value, a twentieth of a float16 ulp
+# (2^-11).  float32 input keeps float64 accumulation: its variance must be
+# within 1e-5, which this bound does not guarantee.
+#
+# The gradient sums sum(g) and sum((x - mean) g) of the half types take the
+# same float32 blocks (loops.run_grad_sums_narrow, cols_grad_sums): each
+# block of B products, each rounded once in x - m32 and once in the product,
+# is within (B + 1) u of the sum of its terms' magnitudes, so to first order
+# |sum_g - exact| <= B u sum|g| and |dotp - exact| <= (B + 1) u sum|x - m32||g|
+# (m32 the mean rounded to float32; the term (m32 - mean) sum_g, added in
+# float64, makes the result the sum around the mean itself).  float32 and
+# float64 input accumulate them in float64 (u64 = 2^-53 in place of u).
 #
 # Overflow: sum(d) or M2 may overflow float64 where the mean and variance
 # are finite (deviations beyond 1e154 squared; values near 1.8e308 summed),
@@ -152,18 +196,17 @@ def rescue_rows(x, c, pivot):
 
 @inline
 def piece_stats(x, c, n0, n1, i0, i1, pivot, scratch):
-    # Two passes (mean, then squared deviations) of x - pivot, both
-    # accumulated in float64: never E[x^2] - E[x]^2, which cancels when
-    # |mean| >> std.  The first pass keeps the piece shifted and widened to
-    # float64 in ``scratch`` (L1), so the second converts nothing and DRAM
-    # sees x once.
+    # Two passes (mean, then squared deviations) of x - pivot: never
+    # E[x^2] - E[x]^2, which cancels when |mean| >> std.  The first pass
+    # keeps the piece shifted in ``scratch`` (L1; float64, or float32 for
+    # the half types), so the second converts nothing and DRAM sees x once.
+    # float32 and float64 input accumulate in float64; float16 and bfloat16
+    # in float32 blocks (see "error bound").
     width = i1 - i0
     total = 0.0
     for n in range(n1 - n0):
-        total += run_sum_widen(x[n0 + n, c, i0:i1], scratch[n * width : (n + 1) * width], pivot)
-    size = (n1 - n0) * width
-    mean = total / size
-    return mean, run_sum_sq_dev(scratch[:size], mean)
+        total += run_shifted_sum(x[n0 + n, c, i0:i1], scratch[n * width : (n + 1) * width], pivot)
+    return shifted_moments(scratch[: (n1 - n0) * width], total)
 
 
 @inline
@@ -171,7 +214,7 @@ def piece_grad_sums(dy, m, x, c, n0, n1, i0, i1, mean):
     sum_dy = 0.0
     dotp = 0.0
     for n in range(n1 - n0):
-        run_dy, run_dotp = run_grad_sums(
+        run_dy, run_dotp = run_gradient_sums(
             dy[n0 + n, c, i0:i1], part(m, (n0 + n, c, slice(i0, i1))), x[n0 + n, c, i0:i1], mean
         )
         sum_dy += run_dy
@@ -195,7 +238,7 @@ def slab_group_stats(x, c0, c1):
     pivot = np.empty(c1 - c0)
     for j in range(c1 - c0):
         pivot[j] = channel_pivot(x[0, c0 + j, 0])
-    scratch = np.empty(piece_capacity(L))
+    scratch = stats_scratch(x, piece_capacity(L))
     count = 0
     for p in range(npieces):
         n0, n1, i0, i1 = slab_piece(p, N, L, runs, per_row)
@@ -243,7 +286,7 @@ def stats_slab_streamed(x, mean_out, var_out):
         pivot[c] = channel_pivot(x[0, c, 0])
     for p in prange(npieces):
         n0, n1, i0, i1 = slab_piece(p, N, L, runs, per_row)
-        scratch = np.empty(piece_capacity(L))
+        scratch = stats_scratch(x, piece_capacity(L))
         for c in range(C):
             piece_mean[p, c], piece_m2[p, c] = piece_stats(x, c, n0, n1, i0, i1, pivot[c], scratch)
     mean = np.zeros(C)
@@ -289,42 +332,63 @@ def backward_reduce_slab(dy, m, x, mean, sum_dy_out, dotp_out):
 # --------------------------------------------------- ROWS, streamed plan ---
 @kernel
 def stats_rows(x, mean_out, var_out):
-    """Per-channel mean and biased variance of an (M, C) view, streamed plan, in float64.
+    """Per-channel mean and biased variance of an (M, C) view, streamed plan.
 
     Each block of rows gets an exact two-pass (mean, M2) while it sits in
     cache; blocks are merged with Chan's formula, first within a chunk, then
-    across chunks.
+    across chunks.  float32 and float64 input accumulate in float64;
+    float16 and bfloat16 in float32, over blocks of at most LANE_BLOCK rows,
+    with the corrected second pass (see "error bound").
     """
     M, C = x.shape
-    rows, nblocks = row_block(M, C)
+    rows, nblocks = stats_row_block(M, C, x)
     nchunks = min(nblocks, MAX_CHUNKS)
     chunk_count = np.zeros(nchunks, np.int64)
     chunk_mean = np.zeros((nchunks, C))
     chunk_m2 = np.zeros((nchunks, C))
     pivot = np.empty(C)
+    lane_pivot = stats_scratch(x, C)
     for c in range(C):
         pivot[c] = channel_pivot(x[0, c])
+        lane_pivot[c] = pivot[c]
     for k in prange(nchunks):
-        block_mean = np.empty(C)
-        block_m2 = np.empty(C)
+        block_mean = stats_scratch(x, C)
+        block_m2 = stats_scratch(x, C)
+        block_dev = stats_scratch(x, C)
+        wide_mean = np.empty(C)
+        wide_m2 = np.empty(C)
         count = 0
         for b in range(k * nblocks // nchunks, (k + 1) * nblocks // nchunks):
             r0 = b * rows
             r1 = min(M, r0 + rows)
+            size = r1 - r0
             block_mean[:] = 0.0
-            for r in range((r1 - r0) // 2):
-                cols_sum2(x[r0 + 2 * r], x[r0 + 2 * r + 1], pivot, block_mean)
-            if (r1 - r0) % 2:
-                cols_sum(x[r1 - 1], pivot, block_mean)
+            for r in range(size // 2):
+                cols_sum2(x[r0 + 2 * r], x[r0 + 2 * r + 1], lane_pivot, block_mean)
+            if size % 2:
+                cols_sum(x[r1 - 1], lane_pivot, block_mean)
             for c in range(C):
-                block_mean[c] /= r1 - r0
+                block_mean[c] /= size
             block_m2[:] = 0.0
-            for r in range((r1 - r0) // 2):
-                cols_sum_sq_dev2(x[r0 + 2 * r], x[r0 + 2 * r + 1], pivot, block_mean, block_m2)
-            if (r1 - r0) % 2:
-                cols_sum_sq_dev(x[r1 - 1], pivot, block_mean, block_m2)
-            merge_piece(count, chunk_mean[k], chunk_m2[k], r1 - r0, block_mean, block_m2)
-            count += r1 - r0
+            if narrow(x):
+                block_dev[:] = 0.0
+                for r in range(size // 2):
+                    cols_dev_sums2(x[r0 + 2 * r], x[r0 + 2 * r + 1], lane_pivot, block_mean, block_m2, block_dev)
+                if size % 2:
+                    cols_dev_sums(x[r1 - 1], lane_pivot, block_mean, block_m2, block_dev)
+                for c in range(C):
+                    dev = np.float64(block_dev[c])
+                    wide_mean[c] = np.float64(block_mean[c]) + dev / size
+                    m2_c = np.float64(block_m2[c]) - dev * dev / size
+                    wide_m2[c] = 0.0 if m2_c < 0.0 else m2_c  # as in shifted_moments
+                merge_piece(count, chunk_mean[k], chunk_m2[k], size, wide_mean, wide_m2)
+            else:
+                for r in range(size // 2):
+                    cols_sum_sq_dev2(x[r0 + 2 * r], x[r0 + 2 * r + 1], lane_pivot, block_mean, block_m2)
+                if size % 2:
+                    cols_sum_sq_dev(x[r1 - 1], lane_pivot, block_mean, block_m2)
+                merge_piece(count, chunk_mean[k], chunk_m2[k], size, block_mean, block_m2)
+            count += size
         chunk_count[k] = count
     mean = np.zeros(C)
     m2 = np.zeros(C)
@@ -349,16 +413,52 @@ def backward_reduce_rows(dy, m, x, mean, sum_dy_out, dotp_out):
     nchunks = min(nblocks, MAX_CHUNKS)
     partial_sum_dy = np.zeros((nchunks, C))
     partial_dotp = np.zeros((nchunks, C))
+    # float16 and bfloat16: float32 sums over at most LANE_BLOCK rows around the float32 mean,
+    # added into the float64 partials with the mean's rounding corrected (run_grad_sums_narrow)
+    lane_mean = stats_scratch(x, C)
+    correction = np.empty(C)
+    for c in range(C):
+        lane_mean[c] = mean[c]
+        correction[c] = np.float64(lane_mean[c]) - np.float64(mean[c])
     for k in prange(nchunks):
         r_lo = (k * nblocks // nchunks) * rows
         r_hi = min(M, ((k + 1) * nblocks // nchunks) * rows)
-        for r in range((r_hi - r_lo) // 2):
-            a = r_lo + 2 * r
-            cols_grad_sums2(
-                dy[a], part(m, a), x[a], dy[a + 1], part(m, a + 1), x[a + 1], mean, partial_sum_dy[k], partial_dotp[k]
-            )
-        if (r_hi - r_lo) % 2:
-            cols_grad_sums(dy[r_hi - 1], part(m, r_hi - 1), x[r_hi - 1], mean, partial_sum_dy[k], partial_dotp[k])
+        if narrow(x):
+            block_dy = stats_scratch(x, C)
+            block_dotp = stats_scratch(x, C)
+            for b in range((r_hi - r_lo + LANE_BLOCK - 1) // LANE_BLOCK):
+                b0 = r_lo + b * LANE_BLOCK
+                b1 = min(r_hi, b0 + LANE_BLOCK)
+                block_dy[:] = 0.0
+                block_dotp[:] = 0.0
+                for r in range((b1 - b0) // 2):
+                    a = b0 + 2 * r
+                    cols_grad_sums2(
+                        dy[a], part(m, a), x[a], dy[a + 1], part(m, a + 1), x[a + 1], lane_mean, block_dy, block_dotp
+                    )
+                if (b1 - b0) % 2:
+                    cols_grad_sums(dy[b1 - 1], part(m, b1 - 1), x[b1 - 1], lane_mean, block_dy, block_dotp)
+                for c in range(C):
+                    partial_sum_dy[k, c] += np.float64(block_dy[c])
+                    partial_dotp[k, c] += np.float64(block_dotp[c])
+        else:
+            for r in range((r_hi - r_lo) // 2):
+                a = r_lo + 2 * r
+                cols_grad_sums2(
+                    dy[a],
+                    part(m, a),
+                    x[a],
+                    dy[a + 1],
+                    part(m, a + 1),
+                    x[a + 1],
+                    lane_mean,
+                    partial_sum_dy[k],
+                    partial_dotp[k],
+                )
+            if (r_hi - r_lo) % 2:
+                cols_grad_sums(
+                    dy[r_hi - 1], part(m, r_hi - 1), x[r_hi - 1], lane_mean, partial_sum_dy[k], partial_dotp[k]
+                )
     for c in prange(C):
         sum_dy = 0.0
         dotp = 0.0
@@ -366,4 +466,4 @@ def backward_reduce_rows(dy, m, x, mean, sum_dy_out, dotp_out):
             sum_dy += partial_sum_dy[k, c]
             dotp += partial_dotp[k, c]
         sum_dy_out[c] = sum_dy
-        dotp_out[c] = dotp
+        dotp_out[c] = dotp if correction[c] == 0.0 else dotp + correction[c] * sum_dy  # (0 * inf would be NaN)

@@ -17,7 +17,8 @@ untouched.
 Statistics are accumulated in float32 for float16 and float32 input (float64
 for float64) within a block, on values shifted by a per-channel pivot; the
 blocks' partials are merged per channel in float64 and rounded once to the
-statistics dtype.  (The CPU backend accumulates in float64 throughout.)
+statistics dtype.  (The CPU backend accumulates float32 and float64 input in float64, and
+float16 and bfloat16 in float32 blocks of at most 256 elements.)
 
 Synchronised batch norm has no CUDA pieces yet (``sync`` is None, so
 ``process_group`` is refused before any launch), and the private ``plan``
