@@ -70,8 +70,11 @@ def test_small_calls_take_one_kernel_and_match_the_full_path(shape, axis, name, 
     )
     assert launches, "the forced full path launched nothing"
 
-    # The same kernels' code, serially: equal up to how LLVM orders a float64 sum once inlined (an ulp of the
-    # float64 accumulators), which rounding to the dtype can turn into at most one ulp of the dtype.
+    # The same kernels' code, serially: equal up to how LLVM orders a sum once inlined: an ulp of the float64
+    # accumulators, which rounding to the dtype can turn into at most one ulp of the dtype; float16 and
+    # bfloat16 input sum in float32 blocks, so their float32 statistics and gradient sums can differ by a few
+    # float32 ulps (reordered block sums of up to 256 terms), and their outputs by a few half-precision ulps.
+    half = np.dtype(dtype).itemsize == 2
     assert saved[2:] == saved_full[2:] and saved_eval[2:] == saved_eval_full[2:]
     for got, want, kind in [
         (y, y_full, dtype),
@@ -84,7 +87,8 @@ def test_small_calls_take_one_kernel_and_match_the_full_path(shape, axis, name, 
     ] + [(g, h, np.dtype(stats) if g.ndim == 1 else dtype) for g, h in zip(grads, grads_full)]:
         assert got.shape == want.shape and got.dtype == want.dtype
         # float64 results are the float64 sums themselves: a reordered sum of n terms can differ by a few ulps
-        assert _ulps(got, want, kind) <= (8.0 if kind == np.float64 else 1.0), (got, want)
+        limit = 8.0 if kind == np.float64 or (half and kind == stats) else 2.0 if half else 1.0
+        assert _ulps(got, want, kind) <= limit, (got, want)
     # eval mode is elementwise with no reduction: exactly the full path
     assert np.array_equal(np.asarray(y_eval, np.float64), np.asarray(y_eval_full, np.float64))
 

@@ -25,6 +25,8 @@ from fastbn.backends.cpu.loops import (
     flat,
     part,
     row_block,
+    rows_affine,
+    rows_dx,
     run_affine,
     run_dx,
     scratch_for,
@@ -173,8 +175,7 @@ def _emit_rows_affine_impl(x, z, mean, scale, shift, floor, r0, r1, y, scratch):
     if isinstance(scratch, types.NoneType):
 
         def impl(x, z, mean, scale, shift, floor, r0, r1, y, scratch):
-            for r in range(r0, r1):
-                cols_affine(x[r], part(z, r), y[r], mean, scale, shift, floor)
+            rows_affine(x, z, y, r0, r1, mean, scale, shift, floor)
 
         return impl
     return lambda x, z, mean, scale, shift, floor, r0, r1, y, scratch: _rows_stream_affine(
@@ -213,8 +214,7 @@ def _emit_rows_dx_impl(dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scra
     if isinstance(scratch, types.NoneType):
 
         def impl(dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scratch, dres_scratch):
-            for r in range(r0, r1):
-                cols_dx(dy[r], part(m, r), x[r], dx[r], part(dres, r), mean, mean_dy, k, scale)
+            rows_dx(dy, m, x, dx, dres, r0, r1, mean, mean_dy, k, scale)
 
         return impl
     return lambda dy, m, x, dres, mean, mean_dy, k, scale, r0, r1, dx, scratch, dres_scratch: _rows_stream_dx(

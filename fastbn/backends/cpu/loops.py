@@ -541,6 +541,38 @@ def cols_affine(v, z, out, mean, scale, shift, floor):
         out[j] = cast_to(out, clamp_below(plus((load(v[j]) - mean[j]) * scale[j] + shift[j], z, j), floor))
 
 
+# A block of rows in one call: a call per row of C elements costs more than the row's
+# arithmetic when C is small (64 channels: 4 vectors).  The same per-element formulas,
+# compiled the same way, so the bits equal cols_affine's and cols_dx's.
+
+
+@elementwise
+def rows_affine(x, z, y, r0, r1, mean, scale, shift, floor):
+    # rows r0..r1-1 of cols_affine
+    for r in range(r1 - r0):
+        v = x[r0 + r]
+        zr = part(z, r0 + r)
+        out = y[r0 + r]
+        for j in range(v.shape[0]):
+            out[j] = cast_to(out, clamp_below(plus((load(v[j]) - mean[j]) * scale[j] + shift[j], zr, j), floor))
+
+
+@elementwise
+def rows_dx(dy, m, x, dx, dres, r0, r1, mean, mean_dy, k, scale):
+    # rows r0..r1-1 of cols_dx
+    for r in range(r1 - r0):
+        g = dy[r0 + r]
+        mr = part(m, r0 + r)
+        v = x[r0 + r]
+        out = dx[r0 + r]
+        dr = part(dres, r0 + r)
+        for j in range(v.shape[0]):
+            gj = gradient(g, mr, j)
+            centred = load(v[j]) - mean[j]
+            out[j] = cast_to(out, (gj - mean_dy[j] - centred_times_k(centred, k[j])) * scale[j])
+            store(dr, j, gj)
+
+
 @inline
 def cols_grad_sums(g, m, v, mean, sum_dy, dotp):
     for j in range(v.shape[0]):
