@@ -544,8 +544,14 @@ def reduction(func):
     Every kernel that reduces runs calls the same compiled copy: inlined at
     Numba's level, each kernel would get its own copy of the loop for LLVM to
     vectorise, and two copies may sum in different lane orders, giving
-    float64 sums 1 ulp apart between strategies.  One compiled copy fixes
-    the order.
+    float64 sums 1 ulp apart between strategies.  One compiled copy was
+    meant to fix the order, but LLVM may still inline it into a caller when
+    the caller's module is finalised and vectorise it again there: the
+    small-call twins (fastbn.backends.cpu.small) sum float16 input's float32
+    blocks in another order than the parallel kernels, a few float32 ulps
+    apart (tests/test_small.py), and the plans' rare cross-process
+    disagreement (issue 16) is probably the same.  Keeping these out of
+    LLVM's inliner is the fix still to make.
     """
     return numba.njit(fastmath=set(FASTMATH))(func)
 
