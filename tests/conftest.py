@@ -1,4 +1,4 @@
-"""Shared pytest configuration: the Hypothesis profiles used by every property test.
+"""Shared pytest configuration: the Hypothesis profiles used by every property test, and a check of xdist's groups.
 
 `ci` (the default) keeps the whole suite within a few minutes on 2 cores with a cold Numba
 cache; `dev` explores more.  Pick one with HYPOTHESIS_PROFILE=dev.
@@ -6,6 +6,7 @@ cache; `dev` explores more.  Pick one with HYPOTHESIS_PROFILE=dev.
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 _COMMON = dict(
@@ -16,3 +17,35 @@ _COMMON = dict(
 settings.register_profile("ci", max_examples=30, **_COMMON)
 settings.register_profile("dev", max_examples=300, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_UNGROUPED = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Fail the tests whose ``xdist_group`` mark ``--dist loadgroup`` would silently ignore.
+
+    The suite's heavy session fixtures (the Keras backend workers, mypy, the PTX compilation, the
+    warm-cache fault probe) are meant to run once: their modules are marked with one xdist group
+    each, and pytest-xdist sends a group to one worker by appending ``@group`` to the test ids.
+    pytest 9.2 stopped reading the attribute pytest-xdist 3.8 writes (so pyproject pins pytest
+    below 9.2); the groups were then ignored without a word and every such fixture ran once per
+    worker, minutes of the suite's time.  This hook runs on each worker after xdist's own; an error
+    raised here would be lost in xdist's scheduler, so the tests concerned fail instead, before
+    their fixtures start.
+    """
+    if not getattr(config.option, "loadgroup", False):  # set on the workers of --dist loadgroup only
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            item.stash[_UNGROUPED] = (
+                "pytest-xdist did not send this test's xdist_group to one worker: this pytest and "
+                "pytest-xdist do not work together; install the versions pyproject.toml's test extra names"
+            )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if _UNGROUPED in item.stash:
+        pytest.fail(item.stash[_UNGROUPED], pytrace=False)
