@@ -79,8 +79,8 @@ def _update_running(
 # ------------------------------------------------------- small helpers ---
 def _parameters(weight: Any, bias: Any, channels: int, dtype: npt.DTypeLike) -> tuple[_Array, _Array]:
     """weight and bias as contiguous arrays; ones and zeros when absent."""
-    weight = np.ones(channels, dtype) if weight is None else np.ascontiguousarray(weight)
-    bias = np.zeros(channels, dtype) if bias is None else np.ascontiguousarray(bias)
+    weight = np.ones(channels, dtype) if weight is None else views.vector(weight)
+    bias = np.zeros(channels, dtype) if bias is None else views.vector(bias)
     return weight, bias
 
 
@@ -131,7 +131,7 @@ def _normalize_with(
     normalize_into(
         plan,
         x_view,
-        np.ascontiguousarray(mean),
+        views.vector(mean),
         _scale(invstd, weight),
         bias,
         y_view,
@@ -176,9 +176,7 @@ class CpuSyncPieces(SyncPieces):
             return np.zeros(channels), np.zeros(channels)
         layout, x_view = views.channel_view(x, axis)
         chosen = cpu_plan.choose("backward_sums", layout, x_view.shape, x_view.itemsize)
-        return backward_reduce(
-            chosen, views.readonly(views.same_view(layout, dy, axis)), x_view, np.ascontiguousarray(mean)
-        )
+        return backward_reduce(chosen, views.readonly(views.same_view(layout, dy, axis)), x_view, views.vector(mean))
 
     @_ieee
     def backward_dx(
@@ -205,7 +203,7 @@ class CpuSyncPieces(SyncPieces):
             chosen,
             views.readonly(views.same_view(layout, dy, axis)),
             x_view,
-            np.ascontiguousarray(mean),
+            views.vector(mean),
             (sum_dy64 / count).astype(dtype),
             (dotp64 * istd * istd / count).astype(dtype),
             _scale(invstd, weight),
@@ -272,8 +270,8 @@ class CpuBackend(Backend):
             None
             if renorm is None
             else (
-                np.ascontiguousarray(running_mean),
-                np.ascontiguousarray(running_var),
+                views.vector(running_mean),
+                views.vector(running_var),
                 float(renorm[0]),
                 float(renorm[1]),
             )
@@ -376,8 +374,8 @@ class CpuBackend(Backend):
         weight, _ = _parameters(weight, None, channels, dtype)
         if r is not None:
             weight = (weight.astype(np.float64) * r.astype(np.float64)).astype(dtype)
-        mean = np.ascontiguousarray(mean).reshape(groups, channels)
-        invstd = np.ascontiguousarray(invstd).reshape(groups, channels)
+        mean = views.vector(mean).reshape(groups, channels)
+        invstd = views.vector(invstd).reshape(groups, channels)
         layout, x_view = views.channel_view(x, axis)
         dy_view = views.readonly(views.same_view(layout, dy, axis))
         m_view = _optional_view(layout, y, axis)
@@ -491,7 +489,7 @@ class CpuBackend(Backend):
         chosen = cpu_plan.choose(
             "backward_train", layout, x_view.shape, x_view.itemsize, out_fresh=fresh, masked=y is not None
         )
-        mean = np.ascontiguousarray(mean)
+        mean = views.vector(mean)
         sum_dy, dotp = backward_reduce(chosen, dy_view, x_view, mean, m_view)
         s = invstd.astype(np.float64)
         some = wsum > 0

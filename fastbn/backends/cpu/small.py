@@ -262,6 +262,11 @@ def _vector(a: Any, dtype: np.dtype[Any], channels: int) -> bool:
     return type(a) is np.ndarray and a.dtype == dtype and a.shape == (channels,) and a.flags.c_contiguous
 
 
+def _writable(a: _Array) -> _Array:
+    """A per-channel input, copied if read-only: one compiled kernel whatever the caller's flags (views.vector)."""
+    return a if a.flags.writeable else a.copy()
+
+
 def _kernel_view(a: _Array, shape: tuple[int, ...], as_int: Any, readonly: bool) -> _Array:
     view = a.reshape(shape)
     if as_int is not None:
@@ -314,8 +319,8 @@ def forward(
     y_view = _kernel_view(y, shape, as_int, False)
     mean = np.empty(channels, dtype)
     invstd = np.empty(channels, dtype)
-    weight = np.ones(channels, dtype) if weight is None else weight
-    bias = np.zeros(channels, dtype) if bias is None else bias
+    weight = np.ones(channels, dtype) if weight is None else _writable(weight)
+    bias = np.zeros(channels, dtype) if bias is None else _writable(bias)
     floor = _FLOOR[dtype]
     if batch_stats:
         train = forward_train_rows if rows else forward_train_slab
@@ -373,13 +378,13 @@ def backward(
     dx = np.empty(x.shape, x.dtype)
     dweight = np.empty(channels, dtype)
     dbias = np.empty(channels, dtype)
-    weight = np.ones(channels, dtype) if weight is None else weight
+    weight = np.ones(channels, dtype) if weight is None else _writable(weight)
     train = backward_train_rows if rows else backward_train_slab
     train(
         _kernel_view(dy, shape, as_int, True),
         _kernel_view(x, shape, as_int, True),
-        mean,
-        invstd,
+        _writable(mean),
+        _writable(invstd),
         weight,
         _kernel_view(dx, shape, as_int, False),
         dweight,

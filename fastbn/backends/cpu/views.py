@@ -47,7 +47,17 @@ from fastbn._layout import ROWS, SLAB, fallback, kernel_shape, pattern
 from fastbn._validate import is_bfloat16
 from fastbn.backends.cpu import alloc
 
-__all__ = ["ROWS", "SLAB", "channel_view", "empty_like_layout", "readonly", "restorer", "same_view", "to_host"]
+__all__ = [
+    "ROWS",
+    "SLAB",
+    "channel_view",
+    "empty_like_layout",
+    "readonly",
+    "restorer",
+    "same_view",
+    "to_host",
+    "vector",
+]
 
 # Arguments that fastbn writes into (running statistics must be writable).
 _UPDATED_IN_PLACE = ("running_mean", "running_var")
@@ -265,6 +275,21 @@ def readonly(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
     view: npt.NDArray[Any] = array.view()
     view.flags.writeable = False
     return view
+
+
+def vector(array: Any) -> npt.NDArray[Any]:
+    """A per-channel kernel input (weight, bias, a mean, an invstd) as a contiguous, writable array.
+
+    The opposite choice to :func:`readonly`, for the same reason: Numba
+    compiles a separate specialisation per combination of read-only and
+    writable arguments, and a kernel takes up to five per-channel inputs,
+    which callers hand over writable (NumPy) or read-only (JAX, a frozen
+    array) as they please; every combination would cost a compilation of
+    seconds.  Most are writable already, and a read-only one is copied: a
+    few channels' worth.  The kernels never write to these.
+    """
+    out = np.ascontiguousarray(array)
+    return out if out.flags.writeable else out.copy()
 
 
 def channel_view(x: npt.NDArray[Any], axis: int) -> tuple[str, npt.NDArray[Any]]:
