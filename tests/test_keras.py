@@ -1,8 +1,9 @@
 """fastbn.keras.BatchNormalization against keras.layers.BatchNormalization, on every Keras backend.
 
 Keras fixes its backend when it is imported, so each backend's battery of
-checks runs in one subprocess (tests/keras_worker.py); the four run at the
-same time, once per session (a module-scoped fixture), and every check of
+checks runs in one subprocess (tests/keras_worker.py), once per session
+(a session-scoped fixture; the first backend's worker warms the kernel
+cache, then the other three run at the same time), and every check of
 every backend is a test here that fails with the worker's traceback.  The
 ``numpy`` backend, which fastbn has no adapter for, checks the layer's
 refusal.
@@ -13,8 +14,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -42,24 +45,53 @@ pytestmark = [
 ]
 
 
+#: The first worker's check after which the others start: by then it has compiled (and cached) the
+#: float32, float16 and float64 kernels that every backend's battery calls.
+WARM_AFTER = "float64"
+
+
+def _text(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
 @pytest.fixture(scope="session")  # not torn down when other modules' tests come between these on the worker
-def results():
-    """Each backend's ``{check: "ok" or traceback}``, or the worker's own failure as a string."""
-    procs = {}
-    for backend in BACKENDS:
+def results(tmp_path_factory):
+    """Each backend's ``{check: "ok" or traceback}``, or the worker's own failure as a string.
+
+    The first backend's worker runs alone until it has passed :data:`WARM_AFTER`; the others then
+    start together and load from the kernel cache what it compiled.  Started at once on a cold cache,
+    all four compiled the same kernels side by side, minutes of the suite on two cores.
+    """
+    logs = tmp_path_factory.mktemp("keras")
+    procs, files = {}, {}
+
+    def start(backend):
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
         env.pop("FASTBN_KERAS_CHECKS", None)
-        procs[backend] = subprocess.Popen(
-            [sys.executable, WORKER, backend],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        out, err = logs / f"{backend}.out", logs / f"{backend}.err"
+        with open(out, "w") as stdout, open(err, "w") as stderr:  # the child keeps its own descriptors
+            procs[backend] = subprocess.Popen([sys.executable, WORKER, backend], env=env, stdout=stdout, stderr=stderr)
+        files[backend] = out, err
+
     found = {}
+    deadline = time.monotonic() + 900
     try:
+        first, *rest = BACKENDS
+        start(first)
+        while procs[first].poll() is None and time.monotonic() < deadline:
+            if re.search(rf"^{WARM_AFTER}: ", _text(files[first][1]), re.MULTILINE):
+                break
+            time.sleep(0.5)
+        for backend in rest:
+            start(backend)
         for backend, proc in procs.items():
-            out, err = proc.communicate(timeout=600)
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            out, err = (_text(path) for path in files[backend])
             lines = [line for line in out.splitlines() if line.startswith("RESULTS: ")]
             if proc.returncode != 0 or not lines:
                 found[backend] = f"worker exited with {proc.returncode}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-5000:]}"
@@ -89,3 +121,4 @@ def test_every_check_is_a_test():
     defined = {name for name in dir(_worker) if callable(getattr(_worker, name)) and not name.startswith("_")}
     helpers = {"np_", "close", "raises", "pair", "value_and_grads", "adapter_has_masks", "main"}
     assert defined - helpers == set(_worker.CHECKS) | set(_worker.UNSUPPORTED_BACKEND_CHECKS)
+    assert WARM_AFTER in _worker.CHECKS  # the fixture waits for it
