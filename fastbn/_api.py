@@ -148,8 +148,10 @@ def forward(
         (float32 for float16/bfloat16/float32 input, float64 for float64).
         Default 1 and 0.
     running_mean, running_var : numpy.ndarray, optional
-        Writable per-channel running statistics in the statistics dtype; both
-        or neither.  Updated in place when ``training`` is True.
+        Per-channel running statistics in the statistics dtype; both or
+        neither.  Updated in place when ``training`` is True, so they must
+        then be writable memory of their own; only read in eval, where
+        read-only arrays will do.
     training : bool, default True
         Use batch statistics (and update running ones) if True.
     momentum : float, default 0.1
@@ -320,6 +322,7 @@ def forward(
         channels,
         dtype,
         (("weight", weight), ("bias", bias), ("x", x), ("residual", residual)),
+        updated=opts.training,
     )
     batch_stats, groups = _options.resolve(opts, tuple(x.shape), axis, has_running)
     if has_running and (not batch_stats or opts.renorm is not None):

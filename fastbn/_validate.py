@@ -187,22 +187,34 @@ def _overlap(a: Any, b: Any) -> bool:
 
 
 def check_running(
-    running_mean: Any, running_var: Any, channels: int, dtype: Any, others: Sequence[tuple[str, Any]] = ()
+    running_mean: Any,
+    running_var: Any,
+    channels: int,
+    dtype: Any,
+    others: Sequence[tuple[str, Any]] = (),
+    *,
+    updated: bool = True,
 ) -> bool:
     """Check the running-statistics pair; return True if it was given.
 
-    fastbn writes them in place, so each must be the caller's own writable
-    memory, one element per channel: not a zero-stride (broadcast or
-    expanded) array, whose channels would overwrite each other, and not
-    sharing memory with the other running statistic or with any array of
-    ``others`` (``(name, array)`` pairs: weight, bias, x, residual), which
-    the update would overwrite.
+    Where they are ``updated`` (training), fastbn writes them in place, so
+    each must be the caller's own writable memory, one element per channel:
+    not a zero-stride (broadcast or expanded) array, whose channels would
+    overwrite each other, and not sharing memory with the other running
+    statistic or with any array of ``others`` (``(name, array)`` pairs:
+    weight, bias, x, residual), which the update would overwrite.  Where
+    they are only read (eval), any array of the right dtype and shape will
+    do: a read-only or memory-mapped checkpoint, a broadcast.
     """
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(f"{missing}: running_mean and running_var must be given together, got only one")
     if running_mean is None:
         return False
+    if not updated:
+        for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+            check_channel_vector(value, name, channels, dtype)
+        return True
     for name, value in (("running_mean", running_mean), ("running_var", running_var)):
         check_channel_vector(value, name, channels, dtype, writable=True)
         if channels > 1 and 0 in _strides(value):

@@ -421,21 +421,36 @@ def vector_variants(v, *, required=False, names=(), sdtype=None, rule=None):
     return out
 
 
-def running_variants(rm, rv, which):
-    """Variants of one running statistic of forward, which fastbn updates in place.
+def updates_running(args):
+    """Whether a forward with these arguments updates its running statistics (training, the default)."""
+    training = args.get("training", True)
+    return not (isinstance(training, (bool, np.bool_)) and not training)
 
-    Only the caller's own writable memory is acceptable: anything NumPy would convert into a copy,
-    read-only memory, a zero stride, or memory shared with the other statistic is refused.
+
+def write_only_refusal(args):
+    """The expectation of a running statistic that is fine to read but not to write: refused where
+    forward updates it (training), taken where it only reads it (eval)."""
+    return (ERROR, ()) if updates_running(args) else (OK, ())
+
+
+def running_variants(rm, rv, which):
+    """Variants of one running statistic of forward, which fastbn updates in place in training.
+
+    Only the caller's own writable memory is acceptable there: anything NumPy would convert into a
+    copy, read-only memory, a zero stride, or memory shared with the other statistic is refused.  In
+    eval, where they are only read, read-only memory and a zero stride are taken.
     """
     value = rm if which == "running_mean" else rv
     other = "running_var" if which == "running_mean" else "running_mean"
     out = [Variant("negative_stride", negative_stride(value), OK), Variant("noncontiguous", noncontiguous(value), OK)]
     if torch is not None:
         out.append(Variant("torch", to_torch(value), OK))
+        # refused in eval too: the tensor is converted before forward knows whether it will write it
         out.append(Variant("torch_expanded", to_torch(value[:1]).expand(value.shape[0]), ERROR))
         out.append(Variant("torch_requires_grad", to_torch(value).requires_grad_(True), ERROR))
-    out.append(Variant("readonly", readonly(value), ERROR))
-    out.append(Variant("zero_stride", zero_stride(value), ERROR if value.shape[0] > 1 else OK))
+    out.append(Variant("readonly", readonly(value), rule=write_only_refusal))
+    one = value.shape[0] == 1  # a zero stride over one channel overwrites nothing
+    out.append(Variant("zero_stride", zero_stride(value), OK, rule=None if one else write_only_refusal))
     for label, make in (("list", list), ("tuple", tuple), ("array_like", ArrayLike)):
         out.append(Variant(label, make(value.tolist()) if label != "array_like" else ArrayLike(value), ERROR))
     out.append(Variant("memoryview", memoryview(np.array(value)), EITHER))  # writable memory: taken or refused

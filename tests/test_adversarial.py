@@ -60,6 +60,7 @@ from adversarial import (
     to_torch,
     torch,
     vector_variants,
+    write_only_refusal,
     zero_stride,
 )
 from oracle import channel_axis, oracle_backward, oracle_forward_extended, per_channel
@@ -453,9 +454,20 @@ def _set(**values):
     return apply
 
 
-def _alias(label, expect, names=(), **values):
+def _alias(label, expect, names=(), rule=None, **values):
     """A mutation about running_mean that makes arguments share memory (``values``: arg -> f(args))."""
-    return Mutation("running_mean", label, _set(**values), expect, names)
+    return Mutation("running_mean", label, _set(**values), expect, names, rule)
+
+
+def _read_in_eval(args):
+    """Running statistics that share memory with another argument: refused where forward writes them
+    (training); in eval, where they are only read, taken, unless the running variance has
+    negative values (it is another argument's memory), which is refused by name."""
+    expect, _ = write_only_refusal(args)
+    if expect == ERROR:
+        return ERROR, ("running_var",)
+    rv = np.asarray(args["running_var"], np.float64)
+    return (ERROR, ("running_var",)) if (rv < 0).any() else (OK, ())
 
 
 def _flat(a, n):
@@ -533,8 +545,16 @@ def forward_mutations(base):
             ("running_var",),
             running_mean=lambda a: pair["running_mean"].copy(),
             running_var=lambda a: a["running_mean"],
+            rule=_read_in_eval,
         ),
-        _alias("overlaps_running_var", ERROR, ("running_var",), running_mean=shared[:c], running_var=shared[1:]),
+        _alias(
+            "overlaps_running_var",
+            ERROR,
+            ("running_var",),
+            running_mean=shared[:c],
+            running_var=shared[1:],
+            rule=_read_in_eval,
+        ),
         _alias("interleaved_with_running_var", OK, running_mean=buffer[0::2], running_var=buffer[1::2]),
         _alias(
             "is_weight",
@@ -542,6 +562,7 @@ def forward_mutations(base):
             weight=lambda a: a.get("weight", w),
             running_mean=lambda a: a.get("weight", w),
             running_var=lambda a: a.get("running_var", rv),
+            rule=_read_in_eval,
         ),
         _alias(
             "is_bias",
@@ -549,12 +570,14 @@ def forward_mutations(base):
             bias=lambda a: a.get("bias", b),
             running_mean=lambda a: a.get("bias", b),
             running_var=lambda a: a.get("running_var", rv),
+            rule=_read_in_eval,
         ),
         Mutation(
             "running_var",
             "view_of_weight",
             _set(weight=w.copy(), running_mean=rm.copy(), running_var=lambda a: a["weight"][:]),
             ERROR,
+            rule=_read_in_eval,
         ),
     ]
     if x.flags.c_contiguous and x.dtype == sd:
@@ -564,6 +587,7 @@ def forward_mutations(base):
                 ERROR,
                 running_mean=lambda a: _flat(a["x"], c),
                 running_var=lambda a: a.get("running_var", rv),
+                rule=_read_in_eval,
             ),
             Mutation(
                 "running_var",
@@ -574,6 +598,7 @@ def forward_mutations(base):
                     running_var=lambda a: _flat(a["residual"], c),
                 ),
                 ERROR,
+                rule=_read_in_eval,
             ),
         ]
     out += [
@@ -1569,15 +1594,16 @@ def layer_attribute_variants(bn):
     """What a trainer might do to the layer's arrays between calls: (attr, label, value, forward_expect)."""
     sd = bn.dtype
     out = []
+    written = ERROR if bn.training else OK  # eval reads the running statistics, training writes them
     if bn.track_running_stats:
         out += [
-            ("running_mean", "readonly", readonly(bn.running_mean), ERROR),
+            ("running_mean", "readonly", readonly(bn.running_mean), written),
             ("running_mean", "other_float", bn.running_mean.astype(other_float_of(sd)), ERROR),
             ("running_var", "noncontiguous", noncontiguous(bn.running_var), OK),
-            ("running_var", "zero_stride", zero_stride(bn.running_var), ERROR),
+            ("running_var", "zero_stride", zero_stride(bn.running_var), written),
         ]
         if bn.affine:
-            out.append(("running_mean", "shares_weight", bn.weight, ERROR))
+            out.append(("running_mean", "shares_weight", bn.weight, written))
         if torch is not None:
             out.append(("running_var", "torch", to_torch(bn.running_var), OK))
     if bn.affine:

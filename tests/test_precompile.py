@@ -299,3 +299,49 @@ def test_precompile_fills_the_cache_and_a_second_run_compiles_nothing(tmp_path, 
     assert cli.main(["precompile", "--dtypes", "float32", "--layouts", "nchw,nc", "--ops", "normalize"]) == 0
     out = capsys.readouterr().out
     assert "0 kernels compiled (0.0 s of compilation), 4 loaded from the cache" in out, out
+
+
+def _compiled_signatures():
+    """How many specialisations the CPU kernel dispatchers hold, compiled or loaded from the cache."""
+    from fastbn.backends.cpu import elementwise, fused, numerics, reductions, small
+
+    found = 0
+    for module in (elementwise, fused, numerics, reductions, small):
+        for value in vars(module).values():
+            if isinstance(value, numba.core.dispatcher.Dispatcher):
+                found += len(value.signatures)
+    return found
+
+
+@pytest.mark.parametrize("path", ["small", "full"])
+def test_read_only_per_channel_inputs_reuse_the_kernels_of_writable_ones(path):
+    """A read-only weight, bias, running statistic or saved statistic (JAX's, a frozen array) costs no
+    compilation of its own: per-channel inputs reach the kernels writable (fastbn.backends.cpu.views.vector)."""
+    import fastbn
+
+    full = {"_plan": {}} if path == "full" else {}  # a plan override that changes nothing forces the full path
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 3, 5)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+
+    def calls(frozen):
+        def vec(values):
+            out = np.array(values, np.float32)
+            out.flags.writeable = not frozen
+            return out
+
+        w, b = vec([1.0, 2.0, 3.0]), vec([0.0, 1.0, 0.0])
+        rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+        y, saved = fastbn.forward(x, w, b, running_mean=rm, running_var=rv, **full)
+        if frozen:
+            saved = saved._replace(mean=vec(saved.mean), invstd=vec(saved.invstd))
+        grads = fastbn.backward(dy, x, w, saved, **full)
+        y_eval, _ = fastbn.forward(x, w, b, running_mean=vec(rm), running_var=vec(rv), training=False, **full)
+        return [y, *grads, y_eval]
+
+    writable = calls(False)
+    before = _compiled_signatures()
+    frozen = calls(True)
+    assert _compiled_signatures() == before, "read-only per-channel inputs compiled kernels of their own"
+    for a, b in zip(writable, frozen):
+        assert np.array_equal(a, b)

@@ -312,8 +312,8 @@ def forward(
     for vector in (weight, bias, running_mean, running_var):
         if vector is not None and not _vector(vector, dtype, channels):
             return None
-    if has_running and not (running_mean.flags.writeable and running_var.flags.writeable):
-        return None
+    if training and has_running and not (running_mean.flags.writeable and running_var.flags.writeable):
+        return None  # the full path names the argument
     x_view = _kernel_view(x, shape, as_int, True)
     y = np.empty(x.shape, x.dtype)
     y_view = _kernel_view(y, shape, as_int, False)
@@ -340,7 +340,9 @@ def forward(
         )
     else:
         infer = forward_eval_rows if rows else forward_eval_slab
-        ok = infer(x_view, weight, bias, eps, floor, running_mean, running_var, y_view, mean, invstd)
+        ok = infer(
+            x_view, weight, bias, eps, floor, _writable(running_mean), _writable(running_var), y_view, mean, invstd
+        )
     if not ok:
         return None
     return y, (mean, invstd, batch_stats, count, x.shape, axis + len(x.shape) if axis < 0 else axis)
