@@ -70,7 +70,10 @@ def test_small_calls_take_one_kernel_and_match_the_full_path(shape, axis, name, 
     )
     assert launches, "the forced full path launched nothing"
 
-    # The same kernels' code, serially: equal up to how LLVM orders a sum once inlined: an ulp of the float64
+    # The same kernels' code, serially (bit for bit on the machine this was written on), except with one
+    # channel: the small path walks it as rows, the full path as one SLAB run, so its sums are ordered
+    # differently. Held to the reordering's bound everywhere, since LLVM may vectorise the two copies of a
+    # loop differently on another CPU: an ulp of the float64
     # accumulators, which rounding to the dtype can turn into at most one ulp of the dtype; float16 and
     # bfloat16 input sum in float32 blocks, so their float32 statistics and gradient sums can differ by a few
     # float32 ulps (reordered block sums of up to 256 terms), and their outputs by a few half-precision ulps.

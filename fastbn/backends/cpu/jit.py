@@ -544,14 +544,16 @@ def reduction(func):
     Every kernel that reduces runs calls the same compiled copy: inlined at
     Numba's level, each kernel would get its own copy of the loop for LLVM to
     vectorise, and two copies may sum in different lane orders, giving
-    float64 sums 1 ulp apart between strategies.  One compiled copy was
-    meant to fix the order, but LLVM may still inline it into a caller when
-    the caller's module is finalised and vectorise it again there: the
-    small-call twins (fastbn.backends.cpu.small) sum float16 input's float32
-    blocks in another order than the parallel kernels, a few float32 ulps
-    apart (tests/test_small.py), and the plans' rare cross-process
-    disagreement (issue 16) is probably the same.  Keeping these out of
-    LLVM's inliner is the fix still to make.
+    float64 sums 1 ulp apart between strategies.  LLVM may still inline the
+    compiled copy into a caller when the caller's module is finalised, and
+    does so kernel by kernel (in ``stats_slab_streamed``, one run's sum is a
+    call and its squared deviations are inlined), so one compiled copy does
+    not by itself fix the order in every kernel.  Marking these ``noinline``
+    (a lowering pass of fastbn's own) was tried and measured: the medians of
+    the SLAB calls with runs of 9 to 3136 elements came out 5-20% slower in
+    most rows (this machine's noise between runs is up to 30%), and no
+    difference between plans has been reproduced that it would cure (issue
+    16), so it is not done.
     """
     return numba.njit(fastmath=set(FASTMATH))(func)
 
