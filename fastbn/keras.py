@@ -374,7 +374,8 @@ class BatchNormalization(keras.layers.Layer):  # type: ignore[misc]  # keras is 
                 y, mean, var = _TRAIN[backend](x, gamma, beta, self.epsilon, channel, stats)
             else:
                 y, mean, var = _masked(backend, x, mask, gamma, beta, self.epsilon, channel)
-            self._update_moving(mean, var, stats)
+            # With the batch size unknown when traced (a TensorFlow graph), an empty batch is seen only at run time.
+            self._update_moving(mean, var, stats, None if count is not None else ops.size(x) > 0)
         else:
             moving_mean = ops.cast(ops.reshape(self.moving_mean, (-1,)), stats)
             moving_var = ops.cast(ops.reshape(self.moving_variance, (-1,)), stats)
@@ -445,14 +446,20 @@ class BatchNormalization(keras.layers.Layer):  # type: ignore[misc]  # keras is 
             )
         return ops.cast(mask, "bool")
 
-    def _update_moving(self, mean: Any, var: Any, stats: str) -> None:
+    def _update_moving(self, mean: Any, var: Any, stats: str, nonempty: Any = None) -> None:
+        """Keras's moving-average update; where ``nonempty`` (a traced boolean) is False, the old values."""
         shape = tuple(self.moving_mean.shape)
         mean = ops.reshape(ops.stop_gradient(mean), shape)
         var = ops.reshape(ops.stop_gradient(var), shape)
         moving_mean = ops.cast(self.moving_mean, stats)
         moving_var = ops.cast(self.moving_variance, stats)
-        self.moving_mean.assign(moving_mean * self.momentum + mean * (1.0 - self.momentum))
-        self.moving_variance.assign(moving_var * self.momentum + var * (1.0 - self.momentum))
+        new_mean = moving_mean * self.momentum + mean * (1.0 - self.momentum)
+        new_var = moving_var * self.momentum + var * (1.0 - self.momentum)
+        if nonempty is not None:  # an empty batch leaves them bit for bit as they were
+            new_mean = ops.where(nonempty, new_mean, moving_mean)
+            new_var = ops.where(nonempty, new_var, moving_var)
+        self.moving_mean.assign(new_mean)
+        self.moving_variance.assign(new_var)
 
     def get_config(self) -> dict[str, Any]:
         """Keras's configuration keys and values; ``from_config`` rebuilds an equal layer."""
@@ -619,11 +626,13 @@ def _tf_batch_norm(
         extra = {"weights": w} if w is not None else {"running_mean": mean, "running_var": var, "momentum": 1.0}
         y, saved = fastbn.forward(x, gamma, beta, training=training, eps=eps, axis=channel, **extra)
         if training and w is None:
-            var = _biased(var.astype(np.float64), x.size // channels).astype(np_stats)
+            if x.size:  # an empty batch (found only now, in a graph) leaves them 0; the layer keeps its own
+                var = _biased(var.astype(np.float64), x.size // channels).astype(np_stats)
         elif training:
             # The forward keeps the mean and 1 / sqrt(var + eps): the exact variance takes one more pass.
             mean, var = fastbn.moments(x, axis=channel, weights=w)
-            wsum = np.asarray(saved.weight_sum)
+            if saved.weight_sum is not None:  # None for an empty batch: the zeros stand
+                wsum = np.asarray(saved.weight_sum)
         return y, np.asarray(saved.mean), np.asarray(saved.invstd), wsum, mean, var
 
     def host_backward(dy: Any, x: Any, gamma: Any, mask: Any, mean: Any, invstd: Any, wsum: Any) -> tuple[Any, ...]:

@@ -538,6 +538,33 @@ def errors():
     close(ours.moving_mean, before, "moving mean after an empty batch")
     ref(empty, training=True)
     assert np.isnan(np_(ref.moving_mean)).all(), "Keras's layer changed its empty-batch behaviour"
+    if _keras.backend.backend() == "tensorflow":
+        # In a graph traced with an unknown batch size, the batch is found empty only when it runs.
+        import tensorflow as tf
+
+        spec = [tf.TensorSpec((None, 3), tf.float32)]
+        step = tf.function(lambda v: ours(v, training=True), input_signature=spec)
+        moving = [np_(ours.moving_mean).copy(), np_(ours.moving_variance).copy()]
+        assert tuple(step(empty).shape) == (0, 3)
+        after = [np_(ours.moving_mean), np_(ours.moving_variance)]
+        assert all(np.array_equal(a, b) for a, b in zip(after, moving)), (
+            "an empty batch in a graph moved the statistics"
+        )
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(step(empty))
+        grads = tape.gradient(loss, [ours.gamma, ours.beta])
+        assert all(np.array_equal(np_(g), np.zeros(3, "float32")) for g in grads), grads
+        batch = np.random.default_rng(19).normal(2.0, 3.0, (5, 3)).astype("float32")
+        step(batch)  # the same graph, on a batch that is not empty, updates them
+        assert not np.array_equal(np_(ours.moving_mean), moving[0])
+        # and with a mask, whose weighted statistics take another route
+        ours = BatchNormalization()
+        ours.build((None, 4, 3))
+        spec = [tf.TensorSpec((None, 4, 3), tf.float32), tf.TensorSpec((None, 4), tf.bool)]
+        masked = tf.function(lambda v, m: ours(v, training=True, mask=m), input_signature=spec)
+        moving = np_(ours.moving_mean).copy()
+        assert tuple(masked(np.zeros((0, 4, 3), "float32"), np.zeros((0, 4), bool)).shape) == (0, 4, 3)
+        assert np.array_equal(np_(ours.moving_mean), moving), "an empty masked batch in a graph moved the mean"
     layer = BatchNormalization()
     layer.build((4, 5, 3))
     raises(ValueError, ["mask"], layer, np.ones((4, 5, 3), "float32"), training=True, mask=np.ones((4,), bool))
