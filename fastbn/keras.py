@@ -24,8 +24,7 @@ The normalised output and its gradients come from fastbn's kernels:
 The moving statistics are updated with Keras's own formula, from the batch
 mean and biased batch variance of the same fastbn call (the adapters return
 the unbiased variance ``var * n / (n - 1)`` as the new running variance of a
-``momentum=1`` update from zeros; the layer scales it back by ``(n - 1) / n``,
-one extra float32 rounding).
+``momentum=1`` update from zeros; the layer scales it back by ``(n - 1) / n``, one extra rounding).
 
 ``mask`` (Keras's: the input's shape without the feature axis) restricts the
 training statistics to the unmasked positions and normalises every position:
@@ -374,7 +373,6 @@ class BatchNormalization(keras.layers.Layer):  # type: ignore[misc]  # keras is 
                 y, mean, var = _TRAIN[backend](x, gamma, beta, self.epsilon, channel, stats)
             else:
                 y, mean, var = _masked(backend, x, mask, gamma, beta, self.epsilon, channel)
-            # With the batch size unknown when traced (a TensorFlow graph), an empty batch is seen only at run time.
             self._update_moving(mean, var, stats, None if count is not None else ops.size(x) > 0)
         else:
             moving_mean = ops.cast(ops.reshape(self.moving_mean, (-1,)), stats)
@@ -447,7 +445,7 @@ class BatchNormalization(keras.layers.Layer):  # type: ignore[misc]  # keras is 
         return ops.cast(mask, "bool")
 
     def _update_moving(self, mean: Any, var: Any, stats: str, nonempty: Any = None) -> None:
-        """Keras's moving-average update; where ``nonempty`` (a traced boolean) is False, the old values."""
+        """Keras's moving-average update; the old values where ``nonempty`` (batch size known at run time) is False."""
         shape = tuple(self.moving_mean.shape)
         mean = ops.reshape(ops.stop_gradient(mean), shape)
         var = ops.reshape(ops.stop_gradient(var), shape)
@@ -455,9 +453,8 @@ class BatchNormalization(keras.layers.Layer):  # type: ignore[misc]  # keras is 
         moving_var = ops.cast(self.moving_variance, stats)
         new_mean = moving_mean * self.momentum + mean * (1.0 - self.momentum)
         new_var = moving_var * self.momentum + var * (1.0 - self.momentum)
-        if nonempty is not None:  # an empty batch leaves them bit for bit as they were
-            new_mean = ops.where(nonempty, new_mean, moving_mean)
-            new_var = ops.where(nonempty, new_var, moving_var)
+        if nonempty is not None:
+            new_mean, new_var = ops.where(nonempty, new_mean, moving_mean), ops.where(nonempty, new_var, moving_var)
         self.moving_mean.assign(new_mean)
         self.moving_variance.assign(new_var)
 
@@ -625,14 +622,12 @@ def _tf_batch_norm(
             mean, var = np.zeros(channels, np_stats), np.zeros(channels, np_stats)
         extra = {"weights": w} if w is not None else {"running_mean": mean, "running_var": var, "momentum": 1.0}
         y, saved = fastbn.forward(x, gamma, beta, training=training, eps=eps, axis=channel, **extra)
-        if training and w is None:
-            if x.size:  # an empty batch (found only now, in a graph) leaves them 0; the layer keeps its own
-                var = _biased(var.astype(np.float64), x.size // channels).astype(np_stats)
+        if training and w is None:  # an empty batch (found only now, in a graph) leaves them 0
+            var = _biased(var.astype(np.float64), x.size // channels).astype(np_stats) if x.size else var
         elif training:
             # The forward keeps the mean and 1 / sqrt(var + eps): the exact variance takes one more pass.
             mean, var = fastbn.moments(x, axis=channel, weights=w)
-            if saved.weight_sum is not None:  # None for an empty batch: the zeros stand
-                wsum = np.asarray(saved.weight_sum)
+            wsum = wsum if saved.weight_sum is None else np.asarray(saved.weight_sum)  # None: an empty batch
         return y, np.asarray(saved.mean), np.asarray(saved.invstd), wsum, mean, var
 
     def host_backward(dy: Any, x: Any, gamma: Any, mask: Any, mean: Any, invstd: Any, wsum: Any) -> tuple[Any, ...]:
