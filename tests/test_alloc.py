@@ -28,6 +28,9 @@ from fastbn.backends.cpu import alloc as _alloc
 from oracle import oracle_backward, oracle_forward
 from strategies import BFLOAT16
 
+# gc.collect() here walks only what each test made (conftest.young_heap), not the whole worker's heap.
+pytestmark = pytest.mark.usefixtures("young_heap")
+
 MiB = 1 << 20
 N = 4 * MiB // 4  # float32 elements of a 4 MiB array
 
@@ -515,10 +518,10 @@ def test_forward_and_backward_outputs_are_correct_in_reused_memory(dtype, axis):
         return x, dy, weight, bias
 
     # Three rounds, the last two compared: the first call of a kernel compiles, and its first calls may
-    # allocate what later calls do not.  Earlier tests' outputs caught in reference cycles would return
-    # to the pool whenever the collector ran, and could be handed out here instead of this test's own
-    # blocks: they are collected first, and the collector stays off until the last round has its outputs.
-    gc.collect()
+    # allocate what later calls do not.  Outputs caught in reference cycles (a compilation's frames hold
+    # its call's arguments) would return to the pool whenever the collector ran, and could be handed out
+    # instead of the blocks the test released: earlier tests' are out of the collector's view
+    # (young_heap), and the collector stays off until the last round has its outputs.
     gc.disable()
     try:
         addresses = []

@@ -55,7 +55,7 @@ def test_a_released_block_is_reused_on_its_stream_only():
     assert pool.cached_bytes() == 1024
 
 
-def test_blocks_return_when_their_owner_is_collected_and_a_steady_loop_allocates_nothing():
+def test_blocks_return_when_their_owner_is_collected_and_a_steady_loop_allocates_nothing(young_heap):
     pool, _ = _pool()
 
     def step():
