@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pytest
 
 #: What :func:`install_swap` replaces: (module path, attribute, fastbn.torch name).  ``torch.nn.modules``
 #: is the namespace ``torch.nn`` re-exports and the one ``module_db`` names its tests after
@@ -35,7 +39,7 @@ SWAPPED = (
 )
 
 
-def install_swap():
+def install_swap() -> list[str]:
     """Replace torch's public batch-norm names by fastbn's, as a user would.
 
     Returns
@@ -56,7 +60,7 @@ def install_swap():
 
     import fastbn.torch as fastbn_torch
 
-    done = []
+    done: list[str] = []
     for module_name, attribute, replacement in SWAPPED:
         module = importlib.import_module(module_name)
         setattr(module, attribute, getattr(fastbn_torch, replacement))
@@ -68,13 +72,13 @@ _RESULTS = os.environ.get("FASTBN_TORCH_SUITE_RESULTS")
 _SWAPPED = install_swap() if os.environ.get("FASTBN_TORCH_SUITE_SWAP") == "1" else []
 
 
-def _write(record):
+def _write(record: dict[str, Any]) -> None:
     if _RESULTS:
         with open(_RESULTS, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
 
-def _first_line(report):
+def _first_line(report: pytest.CollectReport | pytest.TestReport) -> str:
     """The first non-empty line of a report's failure or skip message.
 
     For a chained exception that is the first (root) exception of the chain:
@@ -97,23 +101,23 @@ def _first_line(report):
     return ""
 
 
-def pytest_report_header(config):
+def pytest_report_header(config: pytest.Config) -> str:
     """Say in pytest's header which implementation this run exercises."""
     return "fastbn torch-suite: " + ("swapped " + ", ".join(_SWAPPED) if _SWAPPED else "plain torch")
 
 
-def pytest_collection_finish(session):
+def pytest_collection_finish(session: pytest.Session) -> None:
     """Record the test ids selected for this run (after ``-k`` deselected the others)."""
     _write({"selected": [item.nodeid for item in session.items]})
 
 
-def pytest_collectreport(report):
+def pytest_collectreport(report: pytest.CollectReport) -> None:
     """Record a module that could not be collected (import error and the like)."""
     if report.failed:
         _write({"collect_error": report.nodeid, "message": _first_line(report)})
 
 
-def pytest_runtest_logreport(report):
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Record one phase (setup, call, teardown) of one test."""
     _write(
         {

@@ -36,6 +36,7 @@ module level, so ``python -m fastbn --help`` stays instant.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -43,11 +44,15 @@ import subprocess
 import sys
 import tempfile
 import types
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn.tools import cases, report
 from fastbn.tools import charts as chart_files
+from fastbn.tools.cases import Row, SweepRow
 
 # The bar the report checks each row against (issue 17; medians, 2-core machine): fastbn's speed-up over
 # the fastest peer on the row, by dtype, and its fraction of the roofline on tensors beyond the cache.
@@ -63,8 +68,8 @@ SWEEP_FIRST_ROWS = 8
 class _Progress:
     """tqdm when installed, else a plain counter on stderr."""
 
-    def __init__(self, total, enabled):
-        self._bar = None
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar: Any = None  # a tqdm bar
         self._done = 0
         self._total = total
         self._enabled = enabled
@@ -76,7 +81,7 @@ class _Progress:
             except ImportError:
                 pass
 
-    def step(self, label=""):
+    def step(self, label: str = "") -> None:
         self._done += 1
         if self._bar is not None:
             self._bar.set_description(label[:40])
@@ -84,12 +89,12 @@ class _Progress:
         elif self._enabled:
             print(f"[{self._done}/{self._total}] {label}", file=sys.stderr, flush=True)
 
-    def close(self):
+    def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
 
 
-def measure_roofline(repeats, rounds, nbytes=None):
+def measure_roofline(repeats: int, rounds: int, nbytes: int | None = None) -> dict[str, Any]:
     """The beyond-cache copies and read of :mod:`fastbn.tools.roofline`: ``{"bytes", "gb_s", "best", "best_gb_s"}``.
 
     ``nbytes`` overrides :func:`fastbn.tools.roofline.copy_bytes` (8 LLCs,
@@ -111,7 +116,7 @@ def measure_roofline(repeats, rounds, nbytes=None):
     }
 
 
-def _peer_error(case, data, value):
+def _peer_error(case: cases.Case, data: cases.Inputs, value: Any) -> float | None:
     """A peer's main output against the float64 oracle (forward outputs only; None otherwise)."""
     from fastbn.tools import peers
 
@@ -124,7 +129,7 @@ def _peer_error(case, data, value):
             for name in ("x", "dy", "weight", "bias", "running_mean", "running_var")
         },
     )
-    expected = cases.LIBRARIES["numpy"](case.operation, oracle)()
+    expected = _every_operation("numpy", case.operation, oracle)()
     if isinstance(value, (tuple, list)):
         value = value[0]
     if hasattr(value, "detach"):  # a torch tensor, its channels moved to dim 1 (cases._torch_callable)
@@ -134,7 +139,14 @@ def _peer_error(case, data, value):
     return peers.check(np.asarray(value), expected, case.shape.dims)
 
 
-def run_matrix(matrix, libraries, repeats, rounds, progress, roof):
+def run_matrix(
+    matrix: Iterable[cases.Case],
+    libraries: Sequence[str],
+    repeats: int,
+    rounds: int,
+    progress: _Progress,
+    roof: dict[str, Any],
+) -> list[Row]:
     """Time every case; returns a list of result dicts (one per case).
 
     The roofline's copies and read (:func:`fastbn.tools.roofline.functions`)
@@ -148,8 +160,8 @@ def run_matrix(matrix, libraries, repeats, rounds, progress, roof):
     from fastbn.tools import roofline
 
     facts = machine()
-    results = []
-    by_input = {}
+    results: list[Row] = []
+    by_input: dict[tuple[cases.Shape, str], list[cases.Case]] = {}
     for case in matrix:
         by_input.setdefault((case.shape, case.dtype), []).append(case)
     cache_bytes = facts.core_cache_bytes
@@ -157,10 +169,10 @@ def run_matrix(matrix, libraries, repeats, rounds, progress, roof):
         data = cases.Inputs(shape, dtype)
 
         # data bound as a default: the loop deletes it after its last use
-        def copy_existing(data=data):
+        def copy_existing(data: cases.Inputs = data) -> None:
             np.copyto(data.copy_target, data.x)
 
-        def copy_fresh(data=data):
+        def copy_fresh(data: cases.Inputs = data) -> npt.NDArray[Any]:
             # Like every batch-norm call, writes (and returns) a newly
             # allocated array: the OS zeroes each page on its first touch.
             target = np.empty_like(data.x)
@@ -173,13 +185,13 @@ def run_matrix(matrix, libraries, repeats, rounds, progress, roof):
         copy_calls = {f"copy: {name}": call for name, call in roofline.functions(data.x, data.copy_target).items()}
         in_cache = roofline.fits_in_cache(data.nbytes, facts)
         for case in group:
-            functions = {}
+            functions: dict[str, cases.Timed] = {}
             for name in libraries:
                 made = cases.LIBRARIES[name](case.operation, data)
                 if made is not None:
                     functions[name] = made
             error = cases.check_case(case, data, functions["fastbn"]())
-            peer_errors = {}
+            peer_errors: dict[str, float] = {}
             for name in functions:
                 if name != "fastbn":
                     found = _peer_error(case, data, functions[name]())
@@ -194,7 +206,7 @@ def run_matrix(matrix, libraries, repeats, rounds, progress, roof):
                 {name[len("copy: ") :]: t for name, t in times.items() if name.startswith("copy: ")},
                 data.nbytes // 4 * 4,
             )
-            row = {
+            row: Row = {
                 "operation": case.operation,
                 "shape": case.shape.label,
                 "dims": list(case.shape.dims),
@@ -225,7 +237,7 @@ def run_matrix(matrix, libraries, repeats, rounds, progress, roof):
     return finish_rows(results, roof, facts.l3_bytes)
 
 
-def finish_rows(results, roof, l3_bytes):
+def finish_rows(results: Iterable[Row], roof: dict[str, Any], l3_bytes: int) -> list[Row]:
     """Bound every row by the run's best bandwidth and evaluate the bar; records the run's best in ``roof``.
 
     The run's best well beyond the cache is, for each kernel, the fastest of
@@ -239,7 +251,9 @@ def finish_rows(results, roof, l3_bytes):
     """
     from fastbn.tools import roofline
 
-    beyond = [(f"{roof['bytes'] / 2**20:.0f} MiB beyond the LLC", {k: v * 1e9 for k, v in roof["gb_s"].items()})]
+    beyond: list[tuple[str, dict[str, float]]] = [
+        (f"{roof['bytes'] / 2**20:.0f} MiB beyond the LLC", {k: v * 1e9 for k, v in roof["gb_s"].items()})
+    ]
     for row in results:
         if row["bytes"] >= 4 * l3_bytes:
             beyond.append((f"{describe(row)}, with its row", {k: v * 1e9 for k, v in row["own_gb_s"].items()}))
@@ -247,7 +261,7 @@ def finish_rows(results, roof, l3_bytes):
     name, value = roofline.best_copy(best)
     roof["run_best"] = {"kernel": name, "gb_s": value / 1e9, "where": where[name]}
     roof["run_best_gb_s"] = {k: v / 1e9 for k, v in best.items()}
-    finished = []
+    finished: list[Row] = []
     for row in results:
         own = {k: v * 1e9 for k, v in row["own_gb_s"].items()}
         bandwidth, bandwidth_from = roofline.row_bandwidth(row["operation"], best, own, where="the run's best")
@@ -263,19 +277,19 @@ def finish_rows(results, roof, l3_bytes):
     return finished
 
 
-def describe(row):
+def describe(row: Row) -> str:
     """``168x64x56x56 NCHW float32``: a row's tensor, for the report."""
     return f"{cases.describe_shape(row['dims'], row['axis'])} {row['dtype']}"
 
 
-def evaluate_bar(row):
+def evaluate_bar(row: Row) -> Row:
     """Add the issue's bar to a result row: the fastest peer, which checks apply, and whether each passes.
 
     The peers are every library of :data:`fastbn.tools.cases.PEERS` timed on
     the row.  ``over_roofline`` lists each implementation faster than the
     row's roofline: the roofline is then not a limit, and the report says so.
     """
-    fastbn_ms = row["fastbn_ms"]
+    fastbn_ms: float = row["fastbn_ms"]
     row["gb_s"] = row["passes"] * row["bytes"] / (fastbn_ms / 1e3) / 1e9
     row["roofline_pct"] = 100 * row["roofline_ms"] / fastbn_ms
     row["roofline_alloc_pct"] = 100 * row["roofline_alloc_ms"] / fastbn_ms
@@ -285,10 +299,10 @@ def evaluate_bar(row):
         row["vs_torch"] = row["torch_ms"] / fastbn_ms
     reused_ms = row.get("reused_ms", fastbn_ms)  # moments allocate no output
     row["reused_roofline_pct"] = 100 * row["roofline_ms"] / reused_ms
-    peers = {name: row[f"{name}_ms"] for name in cases.PEERS if row.get(f"{name}_ms")}
-    checks = {}
+    peers: dict[str, float] = {name: row[f"{name}_ms"] for name in cases.PEERS if row.get(f"{name}_ms")}
+    checks: dict[str, dict[str, Any]] = {}
     if peers:
-        fastest = min(peers, key=peers.get)
+        fastest = min(peers, key=peers.__getitem__)
         row["fastest_peer"] = fastest
         row["fastest_peer_ms"] = peers[fastest]
         row["vs_fastest_peer"] = peers[fastest] / fastbn_ms
@@ -314,9 +328,9 @@ def evaluate_bar(row):
     return row
 
 
-def sweep_sizes(l3_bytes, memory=None):
+def sweep_sizes(l3_bytes: int, memory: int | None = None) -> list[int]:
     """The size sweep's row counts: (N, 64) float32 from N = 8 (2 KB), 4x a step, to 4 LLCs or more."""
-    sizes = []
+    sizes: list[int] = []
     rows = SWEEP_FIRST_ROWS
     limit = 4 * l3_bytes if memory is None else min(4 * l3_bytes, memory // 48)
     while True:
@@ -326,7 +340,15 @@ def sweep_sizes(l3_bytes, memory=None):
         rows *= 4
 
 
-def run_size_sweep(libraries, progress, sizes):
+def _every_operation(library: str, operation: str, data: cases.Arrays) -> cases.Timed:
+    """``cases.LIBRARIES[library](operation, data)`` for fastbn, NumPy or PyTorch, which have every operation."""
+    made = cases.LIBRARIES[library](operation, data)
+    if made is None:  # never: only a peer's factory returns None
+        raise ValueError(f"{library} has no {operation}")
+    return made
+
+
+def run_size_sweep(libraries: Sequence[str], progress: _Progress, sizes: Iterable[int]) -> list[SweepRow]:
     """Per-call time of a training forward, and of forward plus backward, against size, for fastbn and each peer.
 
     fastbn's forward is ``fastbn.forward``; its forward plus backward goes
@@ -336,14 +358,14 @@ def run_size_sweep(libraries, progress, sizes):
     """
     from fastbn.tools import peers
 
-    points = []
+    points: list[SweepRow] = []
     for rows in sizes:
         shape = cases.Shape((rows, SWEEP_CHANNELS), 1)
         data = cases.Inputs(shape, "float32", seed=rows)
-        functions = {}
+        functions: dict[str, cases.Timed] = {}
         for name in libraries:
             if name == "fastbn" and "torch" not in libraries:
-                functions["fastbn forward"] = cases.LIBRARIES["fastbn"]("forward_train", data)
+                functions["fastbn forward"] = _every_operation("fastbn", "forward_train", data)
                 continue
             forward = cases.LIBRARIES[name]("forward_train", data)
             for kind, call in peers.sweep_callables(name, data, forward).items():
@@ -361,30 +383,32 @@ def run_size_sweep(libraries, progress, sizes):
     return points
 
 
-def run_thread_sweep(shapes, repeats, rounds, progress, with_torch):
+def run_thread_sweep(
+    shapes: Iterable[cases.Shape], repeats: int, rounds: int, progress: _Progress, with_torch: bool
+) -> list[SweepRow]:
     """fastbn and PyTorch training forward and backward on 1 and 2 threads (float32)."""
     import numba
 
     default_numba = numba.get_num_threads()
-    torch = None
+    torch: Any = None  # the torch module, when timed
     if with_torch:
         import torch
 
         default_torch = torch.get_num_threads()
-    rows = []
+    rows: list[SweepRow] = []
     try:
         for shape in shapes:
             data = cases.Inputs(shape, "float32")
-            row = {"shape": shape.label}
+            row: SweepRow = {"shape": shape.label}
             for threads in (1, 2):
                 numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
                 if torch is not None:
                     torch.set_num_threads(threads)
-                functions = {}
+                functions: dict[str, cases.Timed] = {}
                 for operation in ("forward_train", "backward_train"):
-                    functions[f"fastbn {operation}"] = cases.LIBRARIES["fastbn"](operation, data)
+                    functions[f"fastbn {operation}"] = _every_operation("fastbn", operation, data)
                     if torch is not None:
-                        functions[f"torch {operation}"] = cases.LIBRARIES["torch"](operation, data)
+                        functions[f"torch {operation}"] = _every_operation("torch", operation, data)
                 times, _ = cases.time_interleaved(functions, repeats, rounds)
                 for name, seconds in times.items():
                     row[f"{name} @{threads}"] = 1e3 * seconds
@@ -429,7 +453,7 @@ print(json.dumps(out))
 """
 
 
-def measure_compile_time():
+def measure_compile_time() -> dict[str, Any]:
     """First and second call of each operation, float32, in a fresh interpreter with an empty kernel cache."""
     with tempfile.TemporaryDirectory() as cache_dir:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
@@ -438,11 +462,12 @@ def measure_compile_time():
         )
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    times: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return times
 
 
 # ------------------------------------------------------------------ CLI ---
-def add_parser(commands):
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to ``python -m fastbn``'s subparsers."""
     parser = commands.add_parser(
         "bench",
@@ -517,7 +542,7 @@ def add_parser(commands):
     return parser
 
 
-def _libraries(args):
+def _libraries(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """``(libraries, peers)``: fastbn and the peers to time; ``peers`` maps every peer to its status text."""
     from fastbn.tools import peers
 
@@ -527,7 +552,7 @@ def _libraries(args):
     if args.no_numpy and "numpy" in wanted:
         wanted.remove("numpy")
     libraries = ["fastbn"]
-    found = {}
+    found: dict[str, str] = {}
     for name in cases.PEERS:
         installed, text = peers.status(name)
         if name not in wanted:
@@ -540,7 +565,7 @@ def _libraries(args):
     return libraries, found
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed ``args`` describe; return a process exit code."""
     if args.rounds < 1:
         print("python -m fastbn bench: error: --rounds: expected a positive integer", file=sys.stderr)
@@ -577,6 +602,8 @@ def run(args):
         info["roofline"] = roof
         progress.step("roofline copies")
         results = run_matrix(matrix, libraries, args.repeats, args.rounds, progress, roof)
+        sizes: list[SweepRow] | None
+        threads: list[SweepRow] | None
         sizes = threads = None
         if not args.no_sweeps:
             sizes = run_size_sweep(libraries, progress, sizes_rows)
@@ -599,7 +626,7 @@ def run(args):
     return 0
 
 
-def rerender(json_path, out_dir):
+def rerender(json_path: str, out_dir: str) -> int:
     """Write report.md, README_snippet.md and the charts into ``out_dir`` from a results.json; return an exit code.
 
     Nothing is timed: the rows, the sweeps, the machine and the command are the
@@ -632,14 +659,14 @@ def rerender(json_path, out_dir):
     return 0
 
 
-def _parse_peer(text):
+def _parse_peer(text: str) -> str:
     """``text`` if it names one of :data:`fastbn.tools.cases.PEERS`; raise ValueError with the choices otherwise."""
     if text not in cases.PEERS:
         raise ValueError(f"unknown peer {text!r}; expected one of {', '.join(cases.PEERS)}")
     return text
 
 
-def _command_line(args):
+def _command_line(args: argparse.Namespace) -> str:
     """The ``python -m fastbn bench`` command that reproduces ``args`` (defaults left out)."""
     words = ["python -m fastbn bench"]
     if list(args.ops) != list(cases.OPERATIONS):

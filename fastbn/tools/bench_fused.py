@@ -25,12 +25,16 @@ as in ``python -m fastbn bench`` (see :func:`passes`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn.tools import cases, report
 
@@ -44,8 +48,13 @@ RENORM = (3.0, 5.0)
 # forms for information.
 BAR_VARIANTS = ("relu", "add_relu")
 
+#: What a timed form returns: fastbn's output, or backward's gradients (and the residual's).
+Result: TypeAlias = npt.NDArray[Any] | tuple[npt.NDArray[Any], ...]
+#: One row of the report, as fused.json stores it.
+Row: TypeAlias = dict[str, Any]
 
-def passes(direction, variant, channel_bytes, cache_bytes):
+
+def passes(direction: str, variant: str, channel_bytes: int, cache_bytes: int) -> tuple[int, int]:
     """(fused, separate) minimal tensor passes through DRAM.
 
     As in ``python -m fastbn bench``: when the tensors a batch-norm step reads
@@ -73,14 +82,20 @@ def passes(direction, variant, channel_bytes, cache_bytes):
     return {"relu": (fused, separate), "add_relu": (fused + 1, separate)}[variant]
 
 
-def _inputs(shape):
-    data = cases.Inputs(shape, "float32")
+class _Inputs(cases.Inputs):
+    """:class:`fastbn.tools.cases.Inputs` and the residual ``z`` the add + ReLU forms add."""
+
+    z: npt.NDArray[np.float32]
+
+
+def _inputs(shape: cases.Shape) -> _Inputs:
+    data = _Inputs(shape, "float32")
     rng = np.random.default_rng(1)
     data.z = rng.standard_normal(shape.dims, dtype=np.float32)
     return data
 
 
-def callables(direction, variant, data):
+def callables(direction: str, variant: str, data: _Inputs) -> dict[str, Callable[[], Result]]:
     """``{"fused": f, "separate": g}``: zero-argument callables doing the same work."""
     import fastbn
 
@@ -92,7 +107,7 @@ def callables(direction, variant, data):
         y, saved = fastbn.forward(x, w, b, eps=eps, axis=axis, activation="relu", residual=residual)
         _, plain_saved = fastbn.forward(x, w, b, eps=eps, axis=axis)
 
-        def separate():
+        def separate() -> Result:
             g = np.where(y > 0, dy, np.float32(0))
             return (*fastbn.backward(g, x, w, plain_saved, axis=axis), g)
 
@@ -100,9 +115,10 @@ def callables(direction, variant, data):
 
     if variant == "relu":
 
-        def separate():
+        def separate() -> Result:
             out, _ = fastbn.forward(x, w, b, eps=eps, axis=axis)
-            return np.maximum(out, 0, out=out)
+            relu: npt.NDArray[Any] = np.maximum(out, 0, out=out)
+            return relu
 
         return {
             "fused": lambda: fastbn.forward(x, w, b, eps=eps, axis=axis, activation="relu")[0],
@@ -110,10 +126,11 @@ def callables(direction, variant, data):
         }
     if variant == "add_relu":
 
-        def separate():
+        def separate() -> Result:
             out, _ = fastbn.forward(x, w, b, eps=eps, axis=axis)
             np.add(out, z, out=out)
-            return np.maximum(out, 0, out=out)
+            relu: npt.NDArray[Any] = np.maximum(out, 0, out=out)
+            return relu
 
         return {
             "fused": lambda: fastbn.forward(x, w, b, eps=eps, axis=axis, activation="relu", residual=z)[0],
@@ -122,7 +139,7 @@ def callables(direction, variant, data):
     if variant == "ghost":
         k = GHOST_BATCH
 
-        def separate():
+        def separate() -> Result:
             out = np.empty_like(x)
             for start in range(0, x.shape[0], k):
                 out[start : start + k] = fastbn.forward(x[start : start + k], w, b, eps=eps, axis=axis)[0]
@@ -135,7 +152,7 @@ def callables(direction, variant, data):
     if variant == "renorm":
         rmax, dmax = RENORM
 
-        def separate():
+        def separate() -> Result:
             running_mean, running_var = data.running_mean, data.running_var
             mean, var = fastbn.moments(x, axis=axis)
             sigma_running = np.sqrt(running_var.astype(np.float64) + eps)
@@ -145,7 +162,7 @@ def callables(direction, variant, data):
                 x, mean, var, (w * r).astype(np.float32), (d * w + b).astype(np.float32), eps=eps, axis=axis
             )
 
-        def fused():
+        def fused() -> Result:
             # running statistics are copied so that every call sees the same ones, as `separate` does
             return fastbn.forward(
                 x,
@@ -162,7 +179,7 @@ def callables(direction, variant, data):
     raise ValueError(variant)
 
 
-def _check(results):
+def _check(results: Mapping[str, Result]) -> bool:
     """Both forms agree (float32 tolerances of the core issue, on the outputs' own scale)."""
     fused, separate = results["fused"], results["separate"]
     fused = fused if isinstance(fused, tuple) else (fused,)
@@ -175,17 +192,21 @@ def _check(results):
     return True
 
 
-def run_rows(shapes, repeats, rounds, progress=None):
+def run_rows(
+    shapes: Iterable[cases.Shape], repeats: int, rounds: int, progress: Callable[[Row], object] | None = None
+) -> list[Row]:
     """Time every (direction, variant, shape); return rows of results."""
     from fastbn.backends.cpu.machine import machine
 
-    rows = []
+    rows: list[Row] = []
     cache = machine().core_cache_bytes
     for shape in shapes:
         data = _inputs(shape)
-        copy_seconds = cases.time_interleaved(
-            {"copy": lambda data=data: np.copyto(data.copy_target, data.x)}, repeats, rounds
-        )[0]["copy"]
+
+        def copy(data: _Inputs = data) -> None:
+            np.copyto(data.copy_target, data.x)
+
+        copy_seconds = cases.time_interleaved({"copy": copy}, repeats, rounds)[0]["copy"]
         channel_bytes = cases.channel_bytes(shape, 4)
         work = [("forward", v) for v in VARIANTS] + [("backward", v) for v in BACKWARD_VARIANTS]
         for direction, variant in work:
@@ -230,21 +251,21 @@ _FORMS = {
 }
 
 
-def _form(row):
+def _form(row: Row) -> str:
     """``forward: BN + add + ReLU``, the row's direction and fused form in words."""
     return f"{row['direction']}: {_FORMS.get(row['variant'], row['variant'])}"
 
 
-def _bar_cell(bar):
+def _bar_cell(bar: bool | None) -> str:
     return "n/a (for information)" if bar is None else ("met" if bar else "**missed**")
 
 
-def _markdown(header, rows):
+def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
-def table(rows):
+def table(rows: Iterable[Row]) -> str:
     """The main table (7 columns): each fused form's time against its separate calls, and the bar."""
     header = ["fused form", "shape", "fused ms", "separate calls ms", "speed-up", "time saved ms (needed)", "bar"]
     return _markdown(
@@ -264,7 +285,7 @@ def table(rows):
     )
 
 
-def diagnostics_table(rows):
+def diagnostics_table(rows: Iterable[Row]) -> str:
     """The second table: size, the passes each side moves, one pass's time, whether both forms agree."""
     header = [
         "fused form",
@@ -292,7 +313,7 @@ def diagnostics_table(rows):
     )
 
 
-def summary(rows):
+def summary(rows: Sequence[Row]) -> str:
     """The bar's outcome and the agreement check, in sentences (never "0 of 0")."""
     barred = [r for r in rows if r["bar"] is not None]
     passed = sum(r["bar"] for r in barred)
@@ -324,7 +345,14 @@ def summary(rows):
     )
 
 
-def write_report(out_dir, info, rows, command, seconds=None, write_json=True):
+def write_report(
+    out_dir: str,
+    info: Mapping[str, Any],
+    rows: Sequence[Row],
+    command: str,
+    seconds: float | None = None,
+    write_json: bool = True,
+) -> str:
     """Write fused.md (and ``write_json``: fused.json) into ``out_dir``; return fused.md's path."""
     took = "" if seconds is None else f" in {seconds:.0f} s"
     text = "\n".join(
@@ -364,7 +392,7 @@ def write_report(out_dir, info, rows, command, seconds=None, write_json=True):
     return path
 
 
-def add_parser(commands):
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``bench-fused`` subcommand to ``python -m fastbn``'s subparsers."""
     parser = commands.add_parser(
         "bench-fused",
@@ -393,7 +421,7 @@ def add_parser(commands):
     return parser
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Run the fused benchmark; write fused.md and fused.json; return an exit code."""
     if args.rounds < 1 or args.repeats < 1:
         print("python -m fastbn bench-fused: error: --repeats and --rounds must be positive", file=sys.stderr)

@@ -14,12 +14,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
 
 from fastbn._frameworks import missing_dependency
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["add_parser", "run"]
 
-CASES = [
+#: name, shape, dtype, memory format, training, backward
+_Case: TypeAlias = tuple[str, tuple[int, ...], str, str, bool, bool]
+
+CASES: list[_Case] = [
     # name, shape, dtype, memory format, training, backward
     ("forward, training", (32, 64), "float32", "contiguous", True, False),
     ("forward+backward, training", (32, 64), "float32", "contiguous", True, True),
@@ -31,14 +39,14 @@ CASES = [
 ]
 
 
-def _time(call, rounds, seconds):
+def _time(call: Callable[[], object], rounds: int, seconds: float) -> float:
     call()
     call()
     start = time.perf_counter()
     call()
     once = max(time.perf_counter() - start, 1e-7)
     batch = max(1, int(seconds / rounds / once))
-    means = []
+    means: list[float] = []
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(batch):
@@ -47,7 +55,7 @@ def _time(call, rounds, seconds):
     return statistics.median(means)
 
 
-def _callables(case):
+def _callables(case: _Case) -> tuple[Callable[[], None], Callable[[], None]]:
     import torch
     import torch.nn.functional as F
 
@@ -64,10 +72,10 @@ def _callables(case):
     weight.requires_grad_(backward)
     dy = torch.randn_like(x)
 
-    def make(fn):
+    def make(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
         running_mean, running_var = torch.zeros(channels), torch.ones(channels)
 
-        def call():
+        def call() -> None:
             y = fn(x, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
             if backward:
                 torch.autograd.grad(y, (x, weight), dy)
@@ -77,7 +85,7 @@ def _callables(case):
     return make(fbt.batch_norm), make(F.batch_norm)
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Time every case; print a Markdown table (and write it to ``--out``)."""
     import platform
 
@@ -118,13 +126,13 @@ def run(args):
     return 0
 
 
-def add_parser(commands):
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``bench-torch`` on the CLI's subcommands."""
     parser = commands.add_parser("bench-torch", help="fastbn.torch against torch's batch norm, small and large calls")
     _arguments(parser)
 
 
-def _arguments(parser):
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=1.5, help="time budget per row and library")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")

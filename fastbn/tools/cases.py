@@ -27,9 +27,12 @@ import gc
 import math
 import time
 import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 OPERATIONS = ("forward_train", "forward_eval", "backward_train", "moments")
 DTYPES = ("float32", "float16")
@@ -41,44 +44,52 @@ EPS = 1e-5
 MOMENTUM = 0.1
 MB = 1e6
 
+_T = TypeVar("_T")
+#: A zero-argument callable that performs one operation once and returns its main outputs (arrays, tensors).
+Timed: TypeAlias = Callable[[], Any]
+#: One result row of ``python -m fastbn bench`` (a case and its figures), as results.json stores it.
+Row: TypeAlias = dict[str, Any]
+#: A point of the bench's size sweep or a row of its thread sweep: column name to value, as results.json stores it.
+SweepRow: TypeAlias = dict[str, Any]
+
 
 # ------------------------------------------------------------ the matrix ---
 @dataclass(frozen=True)
 class Shape:
     """A tensor shape and its channel axis, as given on the command line."""
 
-    dims: tuple
+    dims: tuple[int, ...]
     axis: int = 1
 
     @property
-    def channel_axis(self):
+    def channel_axis(self) -> int:
         """The channel axis, non-negative."""
         return self.axis % len(self.dims)
 
     @property
-    def channels(self):
+    def channels(self) -> int:
         return self.dims[self.channel_axis]
 
     @property
-    def channels_last(self):
+    def channels_last(self) -> bool:
         return self.channel_axis == len(self.dims) - 1
 
     @property
-    def label(self):
+    def label(self) -> str:
         """The command-line spelling, ``64x56x56x64@-1`` (what ``--shapes`` takes and results.json stores)."""
         text = "x".join(map(str, self.dims))
         return text if self.axis == 1 else f"{text}@{self.axis}"
 
     @property
-    def text(self):
+    def text(self) -> str:
         """The spelling for people, ``64x56x56x64 NHWC`` (see :func:`describe_shape`)."""
         return describe_shape(self.dims, self.axis)
 
-    def reduce_axes(self):
+    def reduce_axes(self) -> tuple[int, ...]:
         """Every axis but the channel axis."""
         return tuple(i for i in range(len(self.dims)) if i != self.channel_axis)
 
-    def per_channel(self):
+    def per_channel(self) -> tuple[int, ...]:
         """Shape that broadcasts a (C,) vector along the channel axis."""
         shape = [1] * len(self.dims)
         shape[self.channel_axis] = self.channels
@@ -94,11 +105,11 @@ class Case:
     dtype: str
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return math.prod(self.shape.dims) * np.dtype(self.dtype).itemsize
 
     @property
-    def label(self):
+    def label(self) -> str:
         return f"{self.operation} {self.shape.label} {self.dtype}"
 
 
@@ -114,7 +125,7 @@ _LAYOUT_NAMES = {
 }
 
 
-def beyond_cache_shapes(l3_bytes, memory=None, factor=4):
+def beyond_cache_shapes(l3_bytes: int, memory: int | None = None, factor: int = 4) -> list[Shape]:
     """One NCHW and one NHWC shape whose float32 tensor is ``factor`` times the last-level cache, or more.
 
     ``(N, 64, 56, 56)`` and ``(N, 56, 56, 64)`` with N a multiple of 8, so
@@ -132,7 +143,7 @@ def beyond_cache_shapes(l3_bytes, memory=None, factor=4):
     return [Shape((batch, 64, 56, 56), 1), Shape((batch, 56, 56, 64), -1)]
 
 
-def default_shapes(l3_bytes, memory=None):
+def default_shapes(l3_bytes: int, memory: int | None = None) -> list[Shape]:
     """:data:`DEFAULT_SHAPES`, and each shape of :func:`beyond_cache_shapes` whose layout has none as large."""
     shapes = [parse_shape(spec) for spec in DEFAULT_SHAPES]
     for extra in beyond_cache_shapes(l3_bytes, memory):
@@ -142,7 +153,7 @@ def default_shapes(l3_bytes, memory=None):
     return shapes
 
 
-def describe_shape(dims, axis=1):
+def describe_shape(dims: Iterable[int], axis: int = 1) -> str:
     """A shape as a report writes it: ``64x56x56x64 NHWC``, or ``8x4x6, channels on axis 0``.
 
     The layout is named where it has a usual name (channels first or last),
@@ -154,7 +165,7 @@ def describe_shape(dims, axis=1):
     return f"{sizes} {name}" if name else f"{sizes}, channels on axis {axis}"
 
 
-def describe_label(label):
+def describe_label(label: str) -> str:
     """:func:`describe_shape` of a shape's command-line label (``"64x56x56x64@-1"``); the label if unparsable."""
     try:
         return parse_shape(label).text
@@ -162,7 +173,7 @@ def describe_label(label):
         return label
 
 
-def parse_shape(text):
+def parse_shape(text: str) -> Shape:
     """Parse ``"64x56x56x64@-1"`` into a :class:`Shape`; raise ValueError with the reason."""
     spec = text.strip()
     dims_text, _, axis_text = spec.partition("@")
@@ -183,10 +194,10 @@ def parse_shape(text):
     return Shape(dims, axis)
 
 
-def comma_list(parse):
+def comma_list(parse: Callable[[str], _T]) -> Callable[[str], list[_T]]:
     """An argparse ``type=`` that splits on commas and reports errors argparse's way."""
 
-    def convert(text):
+    def convert(text: str) -> list[_T]:
         items = [item for item in text.split(",") if item.strip()]
         if not items:
             raise argparse.ArgumentTypeError("expected at least one item")
@@ -198,23 +209,23 @@ def comma_list(parse):
     return convert
 
 
-def parse_operation(text):
+def parse_operation(text: str) -> str:
     """``text`` if it names one of :data:`OPERATIONS`; raise ValueError with the choices otherwise."""
     if text not in OPERATIONS:
         raise ValueError(f"unknown operation {text!r}; expected one of {', '.join(OPERATIONS)}")
     return text
 
 
-def parse_dtype(text):
+def parse_dtype(text: str) -> str:
     """``text`` if it names one of :data:`DTYPES`; raise ValueError with the choices otherwise."""
     if text not in DTYPES:
         raise ValueError(f"unknown dtype {text!r}; expected one of {', '.join(DTYPES)}")
     return text
 
 
-def build_cases(operations, shapes, dtypes):
+def build_cases(operations: Iterable[str], shapes: Iterable[Shape], dtypes: Iterable[str]) -> list[Case]:
     """The rows to time: every operation in float32, float16 for training forward only."""
-    cases = []
+    cases: list[Case] = []
     for operation in operations:
         for shape in shapes:
             for dtype in dtypes:
@@ -228,24 +239,40 @@ def build_cases(operations, shapes, dtypes):
 class Inputs:
     """The arrays a case's callables work on (PyTorch tensors share their memory)."""
 
-    def __init__(self, shape, dtype, seed=0):
+    def __init__(self, shape: Shape, dtype: npt.DTypeLike, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
         stats_dtype = np.float64 if dtype == "float64" else np.float32
         self.shape = shape
         # A mean away from zero, so cancellation-prone formulas would show.
-        self.x = (rng.standard_normal(shape.dims, dtype=np.float32) * 2.0 + 0.5).astype(dtype)
-        self.dy = rng.standard_normal(shape.dims, dtype=np.float32).astype(dtype)
+        self.x: npt.NDArray[Any] = (rng.standard_normal(shape.dims, dtype=np.float32) * 2.0 + 0.5).astype(dtype)
+        self.dy: npt.NDArray[Any] = rng.standard_normal(shape.dims, dtype=np.float32).astype(dtype)
         channels = shape.channels
-        self.weight = rng.uniform(0.5, 1.5, channels).astype(stats_dtype)
-        self.bias = rng.standard_normal(channels).astype(stats_dtype)
-        self.running_mean = rng.standard_normal(channels).astype(stats_dtype) * 0.1 + 0.5
-        self.running_var = rng.uniform(3.0, 5.0, channels).astype(stats_dtype)
+        self.weight: npt.NDArray[np.floating[Any]] = rng.uniform(0.5, 1.5, channels).astype(stats_dtype)
+        self.bias: npt.NDArray[np.floating[Any]] = rng.standard_normal(channels).astype(stats_dtype)
+        self.running_mean: npt.NDArray[np.floating[Any]] = rng.standard_normal(channels).astype(stats_dtype) * 0.1 + 0.5
+        self.running_var: npt.NDArray[np.floating[Any]] = rng.uniform(3.0, 5.0, channels).astype(stats_dtype)
         self.copy_target = np.empty_like(self.x)
         self.copy_target.fill(0)  # touched, so the copy measures DRAM, not page faults
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return self.x.nbytes
+
+
+class Arrays(Protocol):
+    """What the implementations read: :class:`Inputs`, or the float64 copy of them that the oracle works on."""
+
+    shape: Shape
+    x: npt.NDArray[Any]
+    dy: npt.NDArray[Any]
+    weight: npt.NDArray[np.floating[Any]]
+    bias: npt.NDArray[np.floating[Any]]
+    running_mean: npt.NDArray[np.floating[Any]]
+    running_var: npt.NDArray[np.floating[Any]]
+
+
+#: A library's factory: the callable for an operation on some inputs, or None where it has no counterpart.
+Factory: TypeAlias = Callable[[str, Arrays], Timed | None]
 
 
 # --------------------------------------------------- the implementations ---
@@ -255,7 +282,7 @@ class Inputs:
 # main outputs.
 
 
-def _fastbn_callable(operation, data):
+def _fastbn_callable(operation: str, data: Arrays) -> Timed:
     import fastbn
 
     axis = data.shape.axis
@@ -292,7 +319,7 @@ def _fastbn_callable(operation, data):
     raise ValueError(operation)
 
 
-def _numpy_callable(operation, data):
+def _numpy_callable(operation: str, data: Arrays) -> Timed:
     axes = data.shape.reduce_axes()
     channel = data.shape.per_channel()
     x, dy = data.x, data.dy
@@ -303,10 +330,11 @@ def _numpy_callable(operation, data):
     acc = np.float32 if x.dtype == np.float16 else None
     if operation == "forward_train":
 
-        def forward_train():
+        def forward_train() -> npt.NDArray[Any]:
             mean = x.mean(axis=axes, keepdims=True, dtype=acc)
             var = x.var(axis=axes, keepdims=True, dtype=acc)
-            return (x - mean) / np.sqrt(var + EPS) * weight + bias
+            y: npt.NDArray[Any] = (x - mean) / np.sqrt(var + EPS) * weight + bias
+            return y
 
         return forward_train
     if operation == "forward_eval":
@@ -315,7 +343,7 @@ def _numpy_callable(operation, data):
         return lambda: (x - mean) / np.sqrt(var + EPS) * weight + bias
     if operation == "backward_train":
 
-        def backward_train():
+        def backward_train() -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]:
             mean = x.mean(axis=axes, keepdims=True)
             invstd = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + EPS)
             centred = x - mean
@@ -330,7 +358,7 @@ def _numpy_callable(operation, data):
     raise ValueError(operation)
 
 
-def _torch_callable(operation, data):
+def _torch_callable(operation: str, data: Arrays) -> Timed:
     import torch
     import torch.nn.functional as F
 
@@ -362,10 +390,10 @@ def _torch_callable(operation, data):
     raise ValueError(operation)
 
 
-def _peer(name):
+def _peer(name: str) -> Factory:
     """The factory of a peer of :mod:`fastbn.tools.peers`, imported when first called."""
 
-    def factory(operation, data):
+    def factory(operation: str, data: Arrays) -> Timed | None:
         from fastbn.tools import peers
 
         return peers.FACTORIES[name](operation, data)
@@ -373,7 +401,7 @@ def _peer(name):
     return factory
 
 
-LIBRARIES = {
+LIBRARIES: dict[str, Factory] = {
     "fastbn": _fastbn_callable,
     "numpy": _numpy_callable,
     "torch": _torch_callable,
@@ -396,7 +424,7 @@ LIBRARY_NAMES = {
 }
 
 
-def reused_output_callable(operation, data):
+def reused_output_callable(operation: str, data: Inputs) -> Timed | None:
     """fastbn's kernels writing into one output allocated and touched beforehand, or None for moments.
 
     A diagnostic, not a public call: it is what an ``out=`` argument would
@@ -429,7 +457,7 @@ def reused_output_callable(operation, data):
     out[...] = 0  # paged in here, so that the timed calls write memory already in use
     weight, bias = data.weight, data.bias
 
-    def plan_for(step):
+    def plan_for(step: str) -> cpu_plan.Plan:
         return cpu_plan.choose(step, layout, x_view.shape, x_view.itemsize, out_fresh=False)
 
     if operation == "forward_eval":
@@ -452,7 +480,7 @@ def reused_output_callable(operation, data):
     return lambda: cpu_ops.backward_train_into(backward, dy_in, x_in, mean, invstd, weight, dx_in)
 
 
-def torch_available():
+def torch_available() -> bool:
     """True if PyTorch can be imported (it is an optional dependency)."""
     try:
         import torch  # noqa: F401
@@ -462,7 +490,7 @@ def torch_available():
 
 
 # -------------------------------------------------------------- roofline ---
-def channel_bytes(shape, itemsize):
+def channel_bytes(shape: Shape, itemsize: int) -> int:
     """Bytes of cache one channel occupies: its contiguous runs, each at least a 64-byte line.
 
     NCHW: N runs of H*W elements, so about the channel's own size.  Channels
@@ -474,7 +502,7 @@ def channel_bytes(shape, itemsize):
     return outer * max(inner * itemsize, 64)
 
 
-def minimal_passes(case, cache_bytes):
+def minimal_passes(case: Case, cache_bytes: int) -> int:
     """Tensor-sized transfers through DRAM an operation cannot avoid.
 
     Forward eval reads x and writes y (2); moments reads x (1).  When one
@@ -495,19 +523,19 @@ def minimal_passes(case, cache_bytes):
     return 3 if 2 * channel_bytes(case.shape, itemsize) <= cache_bytes else 5
 
 
-def fresh_outputs(operation):
+def fresh_outputs(operation: str) -> int:
     """Tensor-sized arrays an operation returns newly allocated (page faults on first touch)."""
     return 0 if operation == "moments" else 1
 
 
 # ---------------------------------------------------------------- timing ---
-def _median(samples):
+def _median(samples: Sequence[float]) -> float:
     return float(np.median(samples))
 
 
-def _time_calls(function, repeats):
+def _time_calls(function: Callable[[], object], repeats: int) -> list[float]:
     """Seconds of ``repeats`` calls, with the garbage collector off."""
-    samples = []
+    samples: list[float] = []
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -521,7 +549,9 @@ def _time_calls(function, repeats):
     return samples
 
 
-def time_interleaved(functions, repeats, rounds, warmup=2):
+def time_interleaved(
+    functions: Mapping[str, Callable[[], object]], repeats: int, rounds: int, warmup: int = 2
+) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Median seconds per call of each function.
 
     Each function is warmed up (compilation, first-touch of its inputs), then
@@ -533,7 +563,7 @@ def time_interleaved(functions, repeats, rounds, warmup=2):
     for function in functions.values():
         for _ in range(warmup):
             function()
-    samples = {name: [] for name in functions}
+    samples: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(rounds):
         for name, function in functions.items():
             time.sleep(0.02)
@@ -543,7 +573,7 @@ def time_interleaved(functions, repeats, rounds, warmup=2):
 
 
 # ----------------------------------------------------------- the checks ---
-def check_case(case, data, fastbn_result):
+def check_case(case: Case, data: Inputs, fastbn_result: Any) -> float:
     """Max error of fastbn's outputs against a float64 NumPy oracle, relative to each output's largest value."""
     oracle = types.SimpleNamespace(
         shape=data.shape,
@@ -566,6 +596,6 @@ def check_case(case, data, fastbn_result):
     return worst
 
 
-def tolerance(dtype):
+def tolerance(dtype: str) -> float:
     """The core test suite's relative tolerance for outputs of ``dtype`` (tests/strategies.py)."""
     return {"float16": 1e-3, "float32": 1e-5}.get(dtype, 1e-10)

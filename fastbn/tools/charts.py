@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from fastbn.tools.cases import LIBRARY_NAMES, PEERS, describe_label
+from fastbn.tools.cases import LIBRARY_NAMES, PEERS, Row, SweepRow, describe_label
 from fastbn.tools.report import _NAMES, _shape_cell, _sweep_name, chart_machine, sweep_columns
 
 #: One colour per library, the same in every chart.
@@ -26,7 +28,7 @@ COLORS = {
 
 
 # ---------------------------------------------------------------- charts ---
-def _plain_log_ticks(axis):
+def _plain_log_ticks(axis: Any) -> None:
     """Tick labels of a log axis as plain numbers (0.1, 2, 50), not powers of ten."""
     from matplotlib.ticker import FuncFormatter, LogFormatter
 
@@ -34,7 +36,14 @@ def _plain_log_ticks(axis):
     axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.5)))
 
 
-def write_charts(out_dir, results, libraries, sizes, threads, info=None):
+def write_charts(
+    out_dir: str,
+    results: Sequence[Row],
+    libraries: Sequence[str],
+    sizes: Sequence[SweepRow] | None,
+    threads: Sequence[SweepRow] | None,
+    info: Mapping[str, Any] | None = None,
+) -> list[tuple[str, str]]:
     """Write bench.png (and scaling.png with the sweeps); returns [(title, path)], [] without matplotlib.
 
     ``info`` (:func:`machine_info`) names the machine in each chart's title.
@@ -51,7 +60,7 @@ def write_charts(out_dir, results, libraries, sizes, threads, info=None):
         )
         return []
     machine_text = chart_machine(info)
-    charts = []
+    charts: list[tuple[str, str]] = []
     labels = [f"{_NAMES[r['operation']]}\n{_shape_cell(r)} {r['dtype']}" for r in results]
     # Constrained layout with the legend outside the axes, below the x-axis label: it never covers the bars
     # or the label, however few rows there are.

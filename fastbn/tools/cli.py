@@ -57,24 +57,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn import __version__
 from fastbn._frameworks import MissingDependency
 from fastbn.backends.cpu.machine import machine
 
+_Floats: TypeAlias = npt.NDArray[np.floating[Any]]
 
-def _numpy_batch_norm(x, weight, bias, eps):
+
+def _numpy_batch_norm(x: _Floats, weight: _Floats, bias: _Floats, eps: float) -> _Floats:
     """The textbook NCHW training forward, in plain NumPy, for comparison."""
     mean = x.mean(axis=(0, 2, 3), keepdims=True)
     var = x.var(axis=(0, 2, 3), keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * weight[None, :, None, None] + bias[None, :, None, None]
+    y: _Floats = (x - mean) / np.sqrt(var + eps) * weight[None, :, None, None] + bias[None, :, None, None]
+    return y
 
 
-def _median_ms(func, repeats):
+def _median_ms(func: Callable[[], object], repeats: int) -> float:
     func()  # warm-up: compilation and first-touch never count
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
         start = time.perf_counter()
         func()
@@ -82,7 +88,7 @@ def _median_ms(func, repeats):
     return 1e3 * float(np.median(times))
 
 
-def demo(args):
+def demo(args: argparse.Namespace) -> int:
     """Run and time a forward/backward pass; return a process exit code."""
     import fastbn
 
@@ -139,15 +145,16 @@ print(json.dumps({"import": t1 - t0, "forward": t3 - t2, "backward": t4 - t3, "a
 """
 
 
-def _first_call(cache_dir):
+def _first_call(cache_dir: str) -> dict[str, Any]:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
     proc = subprocess.run([sys.executable, "-c", _FIRST_CALL], capture_output=True, text=True, env=env, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    times: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return times
 
 
-def startup(args):
+def startup(args: argparse.Namespace) -> int:
     """Measure import, cold and warm first-call cost; print a Markdown table and write it to ``args.out``."""
-    rows = []
+    rows: list[tuple[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = _first_call(cache_dir)
         warm = [_first_call(cache_dir) for _ in range(args.repeats)]
@@ -176,7 +183,7 @@ def startup(args):
     return 0
 
 
-def conventions(args):
+def conventions(args: argparse.Namespace) -> int:
     """Print the conventions table (:func:`fastbn.conventions.table`), or write it to ``--out``."""
     from fastbn.conventions import table
 
@@ -190,7 +197,7 @@ def conventions(args):
     return 0
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m fastbn`` and of the ``fastbn`` command; returns the process exit code."""
     from fastbn.tools import bench, bench_fused, bench_torch, gpu_check, plan, precompile, ptx, readme, torch_suite
 
@@ -211,7 +218,7 @@ def main(argv=None):
     )
     for module in (ptx, bench, bench_fused, bench_torch, plan, torch_suite):
         module.add_parser(commands)
-    runs = {
+    runs: dict[str, Callable[[argparse.Namespace], int]] = {
         "demo": demo,
         "startup": startup,
         "ptx": ptx.run,

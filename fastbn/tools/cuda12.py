@@ -47,8 +47,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 
-from fastbn.tools.nvvm import compile_kernels, parse_cc, resource_report
+from fastbn.tools.nvvm import Result, compile_kernels, parse_cc, resource_report
 
 #: The wheel that carries CUDA 12's NVVM, libdevice and ptxas.
 DISTRIBUTION = "nvidia-cuda-nvcc-cu12"
@@ -65,7 +66,7 @@ _FILES = {
 _MARKER = "fastbn-cuda12-results: "
 
 #: The child keeps CUDA 12's libNVVM loaded here for its whole life.
-_LOADED_NVVM = None
+_LOADED_NVVM: ctypes.CDLL | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,16 +87,16 @@ class Toolkit:
     nvvm: str
     libdevice: str
     ptxas: str
-    ccs: tuple
+    ccs: tuple[tuple[int, int], ...]
 
     @property
-    def name(self):
+    def name(self) -> str:
         """``"CUDA 12.9"``: how output lines name this toolkit."""
         return f"CUDA {self.version}"
 
 
 @functools.cache
-def locate():
+def locate() -> tuple[Toolkit | None, str]:
     """Find the CUDA 12 compiler.
 
     Returns
@@ -122,7 +123,7 @@ def locate():
     return Toolkit(version=version, ccs=ccs, **files), ""
 
 
-def ptxas_targets(ptxas):
+def ptxas_targets(ptxas: str) -> tuple[tuple[int, int], ...]:
     """The compute capabilities ``ptxas`` assembles for, read from its ``--help``.
 
     Returns
@@ -145,7 +146,7 @@ def ptxas_targets(ptxas):
     return tuple(ccs)
 
 
-def assemble(ptx, cc, ptxas):
+def assemble(ptx: str, cc: Sequence[int], ptxas: str) -> tuple[dict[str, int], bytes]:
     """Assemble ``ptx`` for ``sm_XY`` with CUDA 12's ``ptxas -v``; return its resource report and the cubin.
 
     Returns
@@ -176,7 +177,7 @@ def assemble(ptx, cc, ptxas):
     return resource_report(log), cubin
 
 
-def compile_in_subprocess(cc, timeout=900, sass=True):
+def compile_in_subprocess(cc: Sequence[int], timeout: float = 900, sass: bool = True) -> list[Result]:
     """Compile every kernel for every dtype on ``cc`` with CUDA 12, in a child interpreter.
 
     ``sass=False`` passes ``--no-sass`` to the child: no SASS loop count.
@@ -208,14 +209,14 @@ def compile_in_subprocess(cc, timeout=900, sass=True):
     raise RuntimeError(f"the CUDA 12 compiler process exited with {proc.returncode}: {tail}")
 
 
-def _mapped_nvvms():
+def _mapped_nvvms() -> set[str]:
     """Real paths of every libNVVM mapped into this process (Linux ``/proc/self/maps``)."""
     with open("/proc/self/maps") as maps:
         paths = {line.split(None, 5)[5].strip() for line in maps if len(line.split(None, 5)) == 6}
     return {os.path.realpath(path) for path in paths if os.path.basename(path).startswith("libnvvm")}
 
 
-def _child(argv):
+def _child(argv: Sequence[str]) -> int:
     """``python -m fastbn.tools.cuda12 X.Y [--no-sass]``: compile for one compute capability with CUDA 12."""
     global _LOADED_NVVM
     sass = "--no-sass" not in argv

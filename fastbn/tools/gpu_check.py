@@ -563,7 +563,7 @@ def render_report(
         lines.append("No benchmark figures (the benchmark step wrote no JSON).")
         return "\n".join(lines) + "\n"
     rows, others, roofline = benchmark_rows(benchmark)
-    copy = next(
+    copy: dict[str, Any] = next(
         (f["extra_info"] for f in benchmark.get("benchmarks", []) if f.get("extra_info", {}).get("impl") == "roofline"),
         {},
     )

@@ -64,6 +64,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeAlias
 
 #: Numba passes an array argument as meminfo, parent, nitems, itemsize, data, shape..., strides...:
 #: the PTX parameter of the first argument's data pointer.
@@ -132,15 +134,26 @@ class LoopCount:
     elements: int | None
 
     @property
-    def per_element(self):
+    def per_element(self) -> float | None:
         """Instructions per element, or None for a loop with no (known) elements."""
         return self.instructions / self.elements if self.elements else None
 
 
+#: A function's code, item by item: a label (``str``) or an :class:`Instruction`.
+Item: TypeAlias = str | Instruction
+#: A basic block: its label (None after a branch) and its instructions.
+_Block: TypeAlias = tuple[str | None, list[Instruction]]
+#: One half of :func:`summarize`'s result: ``{"loops": [[instructions, global loads, elements], ...]}`` or
+#: ``{"error": reason}``.
+Part: TypeAlias = dict[str, Any]
+
+
 # --------------------------------------------------------------- the CFG ---
-def _blocks(items):
+def _blocks(items: Iterable[Item]) -> list[_Block]:
     """Split ``items`` (label strings and :class:`Instruction`) into ``(label, instructions)`` blocks."""
-    blocks = []
+    blocks: list[_Block] = []
+    label: str | None
+    body: list[Instruction]
     label, body = None, []
     for item in items:
         if isinstance(item, str):
@@ -157,7 +170,7 @@ def _blocks(items):
     return blocks
 
 
-def innermost_loops(items):
+def innermost_loops(items: Iterable[Item]) -> list[tuple[str, list[Instruction]]]:
     """The innermost natural loops of a function's code.
 
     Parameters
@@ -174,24 +187,26 @@ def innermost_loops(items):
     """
     blocks = _blocks(items)
     index = {label: i for i, (label, _) in enumerate(blocks) if label is not None}
-    successors = []
-    for i, (_, body) in enumerate(blocks):
-        last = body[-1] if body else None
+    successors: list[list[int]] = []
+    for i, (_, code) in enumerate(blocks):
+        last = code[-1] if code else None
         following = [i + 1] if i + 1 < len(blocks) and (last is None or last.falls_through) else []
         jumps = [index[last.target]] if last is not None and last.target in index else []
         successors.append(sorted(set(following + jumps)))
+    reachable: set[int]
+    stack: list[int]
     reachable, stack = {0} if blocks else set(), [0] if blocks else []
     while stack:
         for succ in successors[stack.pop()]:
             if succ not in reachable:
                 reachable.add(succ)
                 stack.append(succ)
-    predecessors = {i: [] for i in reachable}
+    predecessors: dict[int, list[int]] = {i: [] for i in reachable}
     for i in reachable:
         for succ in successors[i]:
             predecessors[succ].append(i)
     dominators = _dominators(sorted(reachable), predecessors)
-    loops = {}
+    loops: dict[int, set[int]] = {}
     for source in reachable:
         for header in successors[source]:
             if header in dominators[source]:  # a back edge closes a natural loop
@@ -209,7 +224,7 @@ def innermost_loops(items):
     ]
 
 
-def _dominators(order, predecessors):
+def _dominators(order: Sequence[int], predecessors: Mapping[int, Sequence[int]]) -> dict[int, set[int]]:
     """Each reachable block's set of dominators (the iterative data-flow solution; ``order[0]`` is the entry)."""
     everything = set(order)
     dominators = {block: set(everything) for block in order}
@@ -235,10 +250,13 @@ _VECTOR = re.compile(r"\.v(\d)\b")
 _NO_DEST = ("st.", "bra", "ret", "exit", "bar.", "barrier", "red.", "membar", "fence", "trap", "prefetch", "call")
 
 
-def _ptx_entries(ptx):
+def _ptx_entries(ptx: str) -> dict[str, list[tuple[bool, str]]]:
     """``{entry name: [(is label, text), ...]}``: the labels and statements of every ``.entry``, comments removed."""
     text = re.sub(r"/\*.*?\*/", "", ptx, flags=re.DOTALL)
-    entries, name, depth, body = {}, None, 0, None
+    entries: dict[str, list[tuple[bool, str]]] = {}
+    name: str | None = None
+    depth = 0
+    body: list[tuple[bool, str]] | None = None
     for raw in text.splitlines():
         line = raw.split("//", 1)[0].strip()
         found = re.match(r"^(?:\.visible\s+|\.weak\s+)?\.entry\s+([\w$]+)", line)
@@ -267,7 +285,7 @@ def _ptx_entries(ptx):
     return entries
 
 
-def _ptx_instruction(statement):
+def _ptx_instruction(statement: str) -> Instruction | None:
     """An :class:`Instruction` for a PTX statement, or None for a directive."""
     if statement.startswith(".") or statement in "{}":
         return None
@@ -283,13 +301,13 @@ def _ptx_instruction(statement):
     return Instruction(opcode, statement)
 
 
-def _operands(statement):
+def _operands(statement: str) -> str:
     """The operand text of a PTX statement (after the opcode)."""
     found = _PTX_STATEMENT.match(statement)
     return found.group(3) if found else ""
 
 
-def _destinations(instruction):
+def _destinations(instruction: Instruction) -> list[str]:
     """The registers a PTX instruction writes (its first operand, ``{...}`` and ``a|b`` pairs included)."""
     if instruction.opcode.startswith(_NO_DEST):
         return []
@@ -298,12 +316,12 @@ def _destinations(instruction):
     return _REGISTER.findall(first)
 
 
-def _pointer_params(register, definitions, seen):
+def _pointer_params(register: str, definitions: Mapping[str, Sequence[Instruction]], seen: set[str]) -> set[int]:
     """PTX parameters whose ``cvta.to.global`` pointer feeds ``register``, following every definition back."""
     if register in seen:
         return set()
     seen.add(register)
-    params = set()
+    params: set[int] = set()
     for instruction in definitions.get(register, ()):
         sources = [r for r in _REGISTER.findall(_operands(instruction.text)) if r not in _destinations(instruction)]
         if instruction.opcode.startswith("cvta.to.global"):
@@ -314,9 +332,11 @@ def _pointer_params(register, definitions, seen):
     return params
 
 
-def _param_sources(registers, definitions, seen):
+def _param_sources(
+    registers: Iterable[str], definitions: Mapping[str, Sequence[Instruction]], seen: set[str]
+) -> set[int]:
     """The parameters that ``registers`` were loaded from by ``ld.param`` (through moves)."""
-    params = set()
+    params: set[int] = set()
     for register in registers:
         if register in seen:
             continue
@@ -330,13 +350,13 @@ def _param_sources(registers, definitions, seen):
     return params
 
 
-def _load_width(opcode):
+def _load_width(opcode: str) -> int:
     """Elements a global load reads: its vector width, 1 for a scalar load."""
     found = _VECTOR.search(opcode)
     return int(found.group(1)) if found else 1
 
 
-def ptx_loops(ptx, element_param=FIRST_ARRAY_DATA_PARAM):
+def ptx_loops(ptx: str, element_param: int = FIRST_ARRAY_DATA_PARAM) -> list[LoopCount]:
     """Every innermost loop of the first ``.entry`` of ``ptx``, counted.
 
     Parameters
@@ -356,17 +376,17 @@ def ptx_loops(ptx, element_param=FIRST_ARRAY_DATA_PARAM):
     entries = _ptx_entries(ptx)
     if not entries:
         return []
-    items = []
+    items: list[Item] = []
     for is_label, text in next(iter(entries.values())):
         item = text if is_label else _ptx_instruction(text)
         if item is not None:
             items.append(item)
-    definitions = {}
+    definitions: dict[str, list[Instruction]] = {}
     for item in items:
         if isinstance(item, Instruction):
             for register in _destinations(item):
                 definitions.setdefault(register, []).append(item)
-    results = []
+    results: list[LoopCount] = []
     for header, body in innermost_loops(items):
         loads = [ins for ins in body if ins.opcode.startswith("ld.global")]
         elements = 0
@@ -387,7 +407,7 @@ _SASS_SECTION = re.compile(r"^\s*\.section\s+\.text\.([^,\s]+)")
 _SASS_TARGET = re.compile(r"`\(([^)]+)\)")
 
 
-def _sass_instruction(text):
+def _sass_instruction(text: str) -> Instruction:
     """An :class:`Instruction` for one SASS instruction (``@P0 BRA `(.L_x_3)``, ``EXIT``, ...)."""
     parts = text.split()
     predicate = parts[0] if parts and parts[0].startswith("@") else None
@@ -405,9 +425,10 @@ def _sass_instruction(text):
     return Instruction(opcode, text)
 
 
-def sass_functions(listing):
+def sass_functions(listing: str) -> dict[str, list[Item]]:
     """``{function name: code items}`` of an ``nvdisasm`` listing, each function's labels and instructions in order."""
-    functions, items = {}, None
+    functions: dict[str, list[Item]] = {}
+    items: list[Item] | None = None
     for line in listing.splitlines():
         section = _SASS_SECTION.match(line)
         if section:
@@ -426,7 +447,7 @@ def sass_functions(listing):
     return functions
 
 
-def sass_loops(listing, function=None):
+def sass_loops(listing: str, function: str | None = None) -> list[LoopCount]:
     """Every innermost loop of one function of an ``nvdisasm`` listing, counted (elements unknown: None).
 
     Parameters
@@ -449,14 +470,14 @@ def sass_loops(listing, function=None):
         function = next((name for name in functions if not name.startswith(helpers)), None)
     if function is None:
         return []
-    results = []
+    results: list[LoopCount] = []
     for header, body in innermost_loops(functions[function]):
         loads = sum(1 for ins in body if ins.opcode.startswith("LDG"))
         results.append(LoopCount(header, len(body), loads, None))
     return results
 
 
-def match_elements(sass, ptx):
+def match_elements(sass: Iterable[LoopCount], ptx: Sequence[LoopCount]) -> list[LoopCount]:
     """SASS loops with their elements taken from the PTX loop of as many global loads per iteration.
 
     A SASS loop with exactly the global loads of some PTX loop takes that
@@ -466,7 +487,7 @@ def match_elements(sass, ptx):
     no global load has 0 elements; any other keeps None.
     """
     data = [loop for loop in ptx if loop.elements]
-    matched = []
+    matched: list[LoopCount] = []
     for loop in sass:
         elements = 0 if not loop.global_loads else None
         same = {c.elements for c in ptx if c.global_loads == loop.global_loads}
@@ -475,6 +496,7 @@ def match_elements(sass, ptx):
         elif loop.global_loads and not same:
             for candidate in sorted(data, key=lambda c: -c.global_loads):
                 if loop.global_loads % candidate.global_loads == 0:
+                    assert candidate.elements is not None  # data holds the loops with elements only
                     elements = candidate.elements * (loop.global_loads // candidate.global_loads)
                     break
         matched.append(dataclasses.replace(loop, elements=elements))
@@ -483,9 +505,9 @@ def match_elements(sass, ptx):
 
 # --------------------------------------------------------- disassembling ---
 @functools.cache
-def disassemblers():
+def disassemblers() -> tuple[str, ...]:
     """Paths of the ``nvdisasm`` executables found: on PATH, under CUDA_HOME / CUDA_PATH, then in installed wheels."""
-    found = []
+    found: list[str] = []
     on_path = shutil.which("nvdisasm")
     if on_path:
         found.append(on_path)
@@ -505,7 +527,7 @@ def disassemblers():
     return tuple(dict.fromkeys(os.path.realpath(path) for path in found))
 
 
-def disassemble(cubin):
+def disassemble(cubin: bytes) -> tuple[str | None, str]:
     """``nvdisasm -c``'s listing of ``cubin`` with the first disassembler that reads it.
 
     Returns
@@ -537,7 +559,7 @@ def disassemble(cubin):
     return None, reason
 
 
-def disassembler_version():
+def disassembler_version() -> str:
     """``"nvdisasm 13.5.37"``: the first disassembler found and its version, or ``"none"``."""
     tools = disassemblers()
     if not tools:
@@ -551,13 +573,13 @@ def disassembler_version():
 
 
 # --------------------------------------------------------------- summary ---
-def _entry_name(ptx):
+def _entry_name(ptx: str) -> str | None:
     """The name of the first ``.entry`` of ``ptx``, or None."""
     found = re.search(r"\.entry\s+([\w$]+)", ptx)
     return found.group(1) if found else None
 
 
-def summarize(ptx, cubin=None, sass=True):
+def summarize(ptx: str, cubin: bytes | None = None, sass: bool = True) -> dict[str, Part]:
     """The loop figures of one kernel, as plain data (JSON can carry it from the CUDA 12 process).
 
     Parameters
@@ -578,7 +600,7 @@ def summarize(ptx, cubin=None, sass=True):
         unknown), or for SASS ``{"error": reason}``.
     """
     loops = ptx_loops(ptx)
-    summary = {"ptx": {"loops": [[lp.instructions, lp.global_loads, lp.elements] for lp in loops]}}
+    summary: dict[str, Part] = {"ptx": {"loops": [[lp.instructions, lp.global_loads, lp.elements] for lp in loops]}}
     if not sass:
         summary["sass"] = {"error": SASS_SKIPPED}
         return summary
@@ -589,12 +611,12 @@ def summarize(ptx, cubin=None, sass=True):
     if listing is None:
         summary["sass"] = {"error": reason}
         return summary
-    sass = match_elements(sass_loops(listing, _entry_name(ptx)), loops)
-    summary["sass"] = {"loops": [[lp.instructions, lp.global_loads, lp.elements] for lp in sass]}
+    matched = match_elements(sass_loops(listing, _entry_name(ptx)), loops)
+    summary["sass"] = {"loops": [[lp.instructions, lp.global_loads, lp.elements] for lp in matched]}
     return summary
 
 
-def data_loops(part):
+def data_loops(part: Mapping[str, Any]) -> list[LoopCount]:
     """The data loops of one half of :func:`summarize`'s result, hot loop first; [] for an error or no loop.
 
     Returns
@@ -608,13 +630,13 @@ def data_loops(part):
     return sorted(data, key=lambda lp: -(lp.elements or 0))
 
 
-def per_element(part):
+def per_element(part: Mapping[str, Any]) -> float | None:
     """Instructions per element of the hot loop of one half of :func:`summarize`'s result, or None."""
     loops = data_loops(part)
     return loops[0].per_element if loops else None
 
 
-def describe(part):
+def describe(part: Mapping[str, Any]) -> str:
     """A compact text of one half of :func:`summarize`'s result.
 
     ``37.5 instr/elem (150/4, 41/1)``: the hot loop's figure, then every data
@@ -623,7 +645,8 @@ def describe(part):
     elements; the error for SASS that could not be read.
     """
     if "error" in part:
-        return part["error"]
+        error: str = part["error"]
+        return error
     loops = data_loops(part)
     others = len(part.get("loops", ())) - len(loops)
     if not loops:

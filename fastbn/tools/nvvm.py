@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
 from fastbn._validate import FLOAT_DTYPES
 from fastbn.tools import loops
@@ -29,8 +31,15 @@ _LOG_PATTERNS = {
     "shared": re.compile(r"(\d+) bytes smem"),
 }
 
+#: ``(kernel, dtype name, status, detail, seconds, toolkit)``: one kernel on one compute capability (see
+#: :func:`compile_kernels`).  The detail is a dict for ``ok`` and a one-line reason (str) otherwise, and
+#: crosses a JSON line from the CUDA 12 child process.
+Result: TypeAlias = tuple[str, str, str, Any, float, str]
+#: ``assembler(ptx, cc)``: the resource report of the assembled PTX (or None) and the cubin (or None).
+Assembler: TypeAlias = Callable[[str, Sequence[int]], tuple[dict[str, int] | None, bytes | None]]
 
-def parse_cc(text):
+
+def parse_cc(text: str) -> tuple[int, int]:
     """Parse a compute capability.
 
     Parameters
@@ -54,7 +63,7 @@ def parse_cc(text):
     return int(match.group(1)), int(match.group(2))
 
 
-def resource_report(log):
+def resource_report(log: str) -> dict[str, int]:
     """Registers, spills and static shared memory from a ptxas ``-v`` log of one kernel.
 
     Parameters
@@ -68,21 +77,21 @@ def resource_report(log):
         ``registers``, ``spill_stores``, ``spill_loads`` and ``shared``
         (bytes of static shared memory); 0 for what the log does not mention.
     """
-    report = {}
+    report: dict[str, int] = {}
     for key, pattern in _LOG_PATTERNS.items():
         found = pattern.search(log)
         report[key] = int(found.group(1)) if found else 0
     return report
 
 
-def kernel_names():
+def kernel_names() -> list[tuple[str, str]]:
     """``(kernel, dtype name)`` of every kernel and dtype that :func:`compile_kernels` compiles, in its order."""
     from fastbn.backends.cuda import plan
 
     return [(kernel, dtype.name) for dtype in FLOAT_DTYPES for kernel, _, _ in plan.signatures(dtype)]
 
 
-def compile_kernels(cc, assembler, toolkit, sass=True):
+def compile_kernels(cc: Sequence[int], assembler: Assembler, toolkit: str, sass: bool = True) -> list[Result]:
     """Compile every kernel for every dtype on ``cc`` with the NVVM of this process.
 
     Parameters
@@ -110,7 +119,7 @@ def compile_kernels(cc, assembler, toolkit, sass=True):
     """
     from fastbn.backends.cuda import plan, target
 
-    results = []
+    results: list[Result] = []
     for dtype in FLOAT_DTYPES:
         for kernel, dispatcher, argtypes in plan.signatures(dtype):
             start = time.perf_counter()

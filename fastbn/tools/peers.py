@@ -29,8 +29,16 @@ import importlib.metadata
 import importlib.util
 import math
 import os
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import jax
+
 
 #: The peers this module adds, by the name results use, with the name people read.
 NAMES = {"jax": "JAX", "flax": "Flax", "tensorflow": "TensorFlow"}
@@ -38,10 +46,58 @@ NAMES = {"jax": "JAX", "flax": "Flax", "tensorflow": "TensorFlow"}
 EPS = 1e-5
 MOMENTUM = 0.1
 
+# What a peer reads of fastbn.tools.cases's types, typed here: cases imports this module, so this one never
+# imports cases (not even for its types).
+
+#: A zero-argument callable that runs one operation once (:data:`fastbn.tools.cases.Timed`).
+Timed: TypeAlias = Callable[[], Any]
+
+
+class Layout(Protocol):
+    """What a peer reads of a :class:`fastbn.tools.cases.Shape`."""
+
+    @property
+    def dims(self) -> tuple[int, ...]: ...
+
+    @property
+    def channel_axis(self) -> int: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    def reduce_axes(self) -> tuple[int, ...]: ...
+
+    def per_channel(self) -> tuple[int, ...]: ...
+
+
+class Data(Protocol):
+    """What a peer reads of :class:`fastbn.tools.cases.Inputs`: the shape and the arrays."""
+
+    @property
+    def shape(self) -> Layout: ...
+
+    @property
+    def x(self) -> npt.NDArray[Any]: ...
+
+    @property
+    def dy(self) -> npt.NDArray[Any]: ...
+
+    @property
+    def weight(self) -> npt.NDArray[Any]: ...
+
+    @property
+    def bias(self) -> npt.NDArray[Any]: ...
+
+    @property
+    def running_mean(self) -> npt.NDArray[Any]: ...
+
+    @property
+    def running_var(self) -> npt.NDArray[Any]: ...
+
 
 # ---------------------------------------------------------------- status ---
 @functools.cache
-def status(name):
+def status(name: str) -> tuple[bool, str]:
     """``(installed, text)``: whether a peer's package imports, and its version or why not."""
     package = {"jax": "jax", "flax": "flax", "tensorflow": "tensorflow", "torch": "torch", "numpy": "numpy"}[name]
     if importlib.util.find_spec(package) is None:
@@ -60,18 +116,17 @@ def status(name):
 
 
 # ------------------------------------------------------------------- JAX ---
-def _jax():
+def _jax() -> None:
+    """Keep JAX on the CPU (unless ``JAX_PLATFORMS`` says otherwise); call before importing it."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import jax
-    import jax.numpy as jnp
-
-    return jax, jnp
 
 
-def _jax_formula(jnp, axes, channel, eps):
+def _jax_formula(
+    jnp: ModuleType, axes: tuple[int, ...], channel: tuple[int, ...], eps: float
+) -> Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]:
     """The textbook training forward as a function of (x, weight, bias): y, mean, biased variance."""
 
-    def forward(x, weight, bias):
+    def forward(x: jax.Array, weight: jax.Array, bias: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         acc = jnp.float32 if x.dtype in (jnp.float16, jnp.bfloat16) else x.dtype
         wide = x.astype(acc)
         mean = jnp.mean(wide, axis=axes, keepdims=True)
@@ -82,13 +137,17 @@ def _jax_formula(jnp, axes, channel, eps):
     return forward
 
 
-def jax_rsqrt(jnp, value):
+def jax_rsqrt(jnp: ModuleType, value: jax.Array) -> jax.Array:
     """``1 / sqrt(value)``, as JAX spells it."""
-    return jnp.reciprocal(jnp.sqrt(value))
+    rsqrt: jax.Array = jnp.reciprocal(jnp.sqrt(value))
+    return rsqrt
 
 
-def _jax_callable(operation, data):
-    jax, jnp = _jax()
+def _jax_callable(operation: str, data: Data) -> Timed:
+    _jax()
+    import jax
+    import jax.numpy as jnp
+
     axes = data.shape.reduce_axes()
     channel = data.shape.per_channel()
     x, dy = jax.device_put(data.x), jax.device_put(data.dy)
@@ -98,7 +157,9 @@ def _jax_callable(operation, data):
     if operation == "forward_train":
 
         @jax.jit
-        def train(x, weight, bias, running_mean, running_var):
+        def train(
+            x: jax.Array, weight: jax.Array, bias: jax.Array, running_mean: jax.Array, running_var: jax.Array
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
             y, mean, var = forward(x, weight, bias)
             unbiased = var * (count / max(1, count - 1))
             return (
@@ -112,7 +173,7 @@ def _jax_callable(operation, data):
     if operation == "forward_eval":
 
         @jax.jit
-        def evaluate(x, weight, bias, mean, var):
+        def evaluate(x: jax.Array, weight: jax.Array, bias: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
             acc = jnp.float32 if x.dtype in (jnp.float16, jnp.bfloat16) else x.dtype
             scale = jax_rsqrt(jnp, var + EPS) * weight
             y = (x.astype(acc) - mean.reshape(channel)) * scale.reshape(channel) + bias.reshape(channel)
@@ -123,15 +184,16 @@ def _jax_callable(operation, data):
     if operation == "backward_train":
 
         @jax.jit
-        def backward(x, weight, bias, dy):
+        def backward(x: jax.Array, weight: jax.Array, bias: jax.Array, dy: jax.Array) -> tuple[jax.Array, ...]:
             _, pullback = jax.vjp(lambda *a: forward(*a)[0], x, weight, bias)
-            return pullback(dy)
+            grads: tuple[jax.Array, ...] = pullback(dy)
+            return grads
 
         return lambda: jax.block_until_ready(backward(x, weight, bias, dy))
     if operation == "moments":
 
         @jax.jit
-        def moments(x):
+        def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
             wide = x.astype(jnp.float32) if x.dtype in (jnp.float16, jnp.bfloat16) else x
             return jnp.mean(wide, axis=axes), jnp.var(wide, axis=axes)
 
@@ -139,11 +201,13 @@ def _jax_callable(operation, data):
     raise ValueError(operation)
 
 
-def _flax_callable(operation, data):
+def _flax_callable(operation: str, data: Data) -> Timed | None:
     if operation not in ("forward_train", "forward_eval"):
         return None
-    jax, jnp = _jax()
+    _jax()
     import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
 
     axis = data.shape.channel_axis
     module = nn.BatchNorm(
@@ -167,14 +231,14 @@ def _flax_callable(operation, data):
 
 
 # ------------------------------------------------------------ TensorFlow ---
-def _tf():
+def _tf() -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    import tensorflow as tf  # type: ignore[import-untyped]  # TensorFlow has no annotations (no py.typed)
 
     return tf
 
 
-def tf_layout(shape):
+def tf_layout(shape: Layout) -> tuple[tuple[int, ...], str]:
     """``(4-D shape, data_format)`` TensorFlow's fused kernel sees a row's tensor as, in the same memory order.
 
     Channels last: ``(outer, 1, 1, C)`` NHWC (a 4-D NHWC tensor as it is);
@@ -187,7 +251,7 @@ def tf_layout(shape):
     return (tuple(dims) if len(dims) == 4 and axis == 1 else (outer, shape.channels, inner, 1)), "NCHW"
 
 
-def _tf_callable(operation, data):
+def _tf_callable(operation: str, data: Data) -> Timed:
     tf = _tf()
     dims4, data_format = tf_layout(data.shape)
     x = tf.constant(data.x.reshape(dims4))
@@ -242,11 +306,15 @@ def _tf_callable(operation, data):
 
 
 #: The factories, by peer name, as :data:`fastbn.tools.cases.LIBRARIES` adds them.
-FACTORIES = {"jax": _jax_callable, "flax": _flax_callable, "tensorflow": _tf_callable}
+FACTORIES: dict[str, Callable[[str, Data], Timed | None]] = {
+    "jax": _jax_callable,
+    "flax": _flax_callable,
+    "tensorflow": _tf_callable,
+}
 
 
 # ------------------------------------------------------ the size sweep ---
-def sweep_callables(name, data, forward):
+def sweep_callables(name: str, data: Data, forward: Timed | None) -> dict[str, Timed | None]:
     """``{"forward": f, "forward+backward": g}`` for the size sweep: a training forward, and one with its backward.
 
     ``name`` is ``"fastbn"`` (``fastbn.forward``, and ``fastbn.torch``'s
@@ -256,7 +324,7 @@ def sweep_callables(name, data, forward):
     (:data:`fastbn.tools.cases.LIBRARIES`).  The backward of each runs its
     library's own autograd on ``dy``.
     """
-    found = {"forward": forward}
+    found: dict[str, Timed | None] = {"forward": forward}
     if name in ("fastbn", "torch"):
         import torch
         import torch.nn.functional as F
@@ -266,6 +334,7 @@ def sweep_callables(name, data, forward):
         dy = torch.movedim(torch.from_numpy(data.dy), axis, 1)
         weight = torch.from_numpy(data.weight).clone().requires_grad_(True)
         bias = torch.from_numpy(data.bias).clone().requires_grad_(True)
+        batch_norm: Callable[..., torch.Tensor]
         if name == "fastbn":
             import fastbn.torch as fbt
 
@@ -273,20 +342,25 @@ def sweep_callables(name, data, forward):
         else:
             batch_norm = F.batch_norm
 
-        def forward_backward():
+        def forward_backward() -> tuple[torch.Tensor, ...]:
             y = batch_norm(x, None, None, weight, bias, training=True, eps=EPS)
             return torch.autograd.grad(y, (x, weight, bias), dy)
 
         found["forward+backward"] = forward_backward
     elif name == "jax":
-        jax, jnp = _jax()
-        forward = _jax_formula(jnp, data.shape.reduce_axes(), data.shape.per_channel(), EPS)
+        _jax()
+        import jax
+        import jax.numpy as jnp
+
+        formula = _jax_formula(jnp, data.shape.reduce_axes(), data.shape.per_channel(), EPS)
         x, dy = jax.device_put(data.x), jax.device_put(data.dy)
         weight, bias = jax.device_put(data.weight), jax.device_put(data.bias)
 
         @jax.jit
-        def both(x, weight, bias, dy):
-            y, pullback = jax.vjp(lambda *a: forward(*a)[0], x, weight, bias)
+        def both(
+            x: jax.Array, weight: jax.Array, bias: jax.Array, dy: jax.Array
+        ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+            y, pullback = jax.vjp(lambda *a: formula(*a)[0], x, weight, bias)
             return y, pullback(dy)
 
         found["forward+backward"] = lambda: jax.block_until_ready(both(x, weight, bias, dy))
@@ -296,7 +370,7 @@ def sweep_callables(name, data, forward):
         x, dy = tf.constant(data.x.reshape(dims4)), tf.constant(data.dy.reshape(dims4))
         weight, bias = tf.Variable(data.weight.astype(np.float32)), tf.Variable(data.bias.astype(np.float32))
 
-        def step():
+        def step() -> Any:
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 y, _, _ = tf.compat.v1.nn.fused_batch_norm(
@@ -309,14 +383,14 @@ def sweep_callables(name, data, forward):
     return found
 
 
-def check(value, expected, dims):
+def check(value: npt.ArrayLike, expected: npt.ArrayLike, dims: Sequence[int]) -> float:
     """Max error of a peer's main output against the float64 oracle's, relative to the oracle's largest value."""
-    value = np.asarray(value, dtype=np.float64).reshape(dims)
-    expected = np.asarray(expected, dtype=np.float64)
-    return float(np.max(np.abs(value - expected))) / max(float(np.max(np.abs(expected))), 1e-30)
+    got = np.asarray(value, dtype=np.float64).reshape(dims)
+    oracle = np.asarray(expected, dtype=np.float64)
+    return float(np.max(np.abs(got - oracle))) / max(float(np.max(np.abs(oracle))), 1e-30)
 
 
-def autograd_floor(data):
+def autograd_floor(data: Data) -> Callable[[], tuple[Any, ...]]:
     """A forward plus backward through a Python ``torch.autograd.Function`` that computes nothing.
 
     Its forward returns a view of the input, its backward the incoming
@@ -336,17 +410,17 @@ def autograd_floor(data):
 
     class NoOp(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, weight, bias):
+        def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
             ctx.save_for_backward(x, weight)
             return x.view_as(x)
 
         @staticmethod
-        def backward(ctx, grad):
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             ctx.saved_tensors  # noqa: B018  # unpacked, as every real backward does
             return grad, per_channel, per_channel
 
-    def forward_backward():
-        y = NoOp.apply(x, weight, bias)
+    def forward_backward() -> tuple[torch.Tensor, ...]:
+        y = NoOp.apply(x, weight, bias)  # type: ignore[no-untyped-call]  # torch's Function.apply is unannotated
         return torch.autograd.grad(y, (x, weight, bias), dy)
 
     return forward_backward

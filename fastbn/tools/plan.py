@@ -12,12 +12,20 @@ they differ.  Nothing is compiled or run; Numba is not imported.
 
 from __future__ import annotations
 
+import argparse
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn._layout import c_strides, kernel_shape, pattern
 from fastbn.tools.cases import parse_shape
+
+if TYPE_CHECKING:
+    from fastbn.backends.cpu.machine import Machine
+    from fastbn.backends.cpu.plan import Plan
 
 #: The public operations, as (label, the plan's operation).
 OPERATIONS = (
@@ -36,7 +44,7 @@ SMALL_PATH = (
 )
 
 
-def plans(dims, axis, dtype, *, relu=False):
+def plans(dims: Sequence[int], axis: int, dtype: npt.DTypeLike, *, relu: bool = False) -> list[tuple[str, Plan, Plan]]:
     """The plans of every public operation on a C-contiguous input: ``[(label, first, recycled)]``.
 
     ``first`` is the plan of a first call (fresh output memory), ``recycled``
@@ -49,9 +57,10 @@ def plans(dims, axis, dtype, *, relu=False):
     dims = tuple(dims)
     axis = axis % len(dims)
     layout = pattern(dims, c_strides(dims, dtype.itemsize), dtype.itemsize, axis)
+    assert layout is not None  # C-contiguous strides are always one of the kernel views
     shape = kernel_shape(layout, dims, axis)
     nbytes = math.prod(dims) * dtype.itemsize
-    found = []
+    found: list[tuple[str, Plan, Plan]] = []
     for label, operation in OPERATIONS:
         chosen = [
             cpu_plan.choose(
@@ -64,15 +73,15 @@ def plans(dims, axis, dtype, *, relu=False):
             )
             for recycled in (False, True)
         ]
-        found.append((label, *chosen))
+        found.append((label, chosen[0], chosen[1]))
     return found
 
 
-def _size(nbytes):
+def _size(nbytes: int) -> str:
     return f"{nbytes / 2**20:.3g} MiB" if nbytes >= 1 << 20 else f"{nbytes / 1024:.3g} KiB"
 
 
-def constants(facts):
+def constants(facts: Machine) -> list[str]:
     """Lines naming every machine constant of the CPU backend: its value, and where it came from.
 
     Three kinds (see :mod:`fastbn.backends.cpu.plan`): the machine's facts
@@ -85,7 +94,7 @@ def constants(facts):
     from fastbn.backends.cpu import alloc
     from fastbn.backends.cpu import plan as cpu_plan
 
-    def where(*facts_used):
+    def where(*facts_used: str) -> str:
         return " + ".join(dict.fromkeys(facts.origin(name) for name in facts_used))
 
     share = facts.core_cache_bytes
@@ -120,7 +129,7 @@ def constants(facts):
     return lines
 
 
-def report(dims, axis, dtype, *, relu=False):
+def report(dims: Sequence[int], axis: int, dtype: npt.DTypeLike, *, relu: bool = False) -> str:
     """The text ``python -m fastbn plan`` prints."""
     from fastbn.backends.cpu import plan as cpu_plan
     from fastbn.backends.cpu.machine import machine
@@ -158,7 +167,7 @@ def report(dims, axis, dtype, *, relu=False):
     return "\n".join(lines).rstrip() + "\n"
 
 
-def add_parser(commands):
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``plan`` subcommand to ``python -m fastbn``'s subparsers."""
     parser = commands.add_parser(
         "plan", help="print the CPU plan for an input shape and dtype, and why", description=__doc__.split("\n\n")[0]
@@ -173,7 +182,7 @@ def add_parser(commands):
     return parser
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Print the plan report; return a process exit code."""
     try:
         shape = parse_shape(args.shape)

@@ -19,12 +19,19 @@ What was compiled and loaded is counted from the ``fastbn.compile`` log
 
 from __future__ import annotations
 
+import argparse
 import logging
 import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: Layout name: (shape, channel axis, kernel layout).  Layouts of one kernel layout share every kernel.
@@ -47,7 +54,14 @@ DEFAULTS = {"dtypes": ("float32",), "layouts": ("nchw", "nhwc"), "ops": OPS, "fu
 UNITS = ("forward-fused", "forward-streamed", "backward-fused", "backward-streamed", "small")
 
 
-def _choice(value, allowed, option):
+class _Running(TypedDict, total=False):
+    """The running statistics, as keyword arguments of :func:`fastbn.forward`."""
+
+    running_mean: npt.NDArray[Any]
+    running_var: npt.NDArray[Any]
+
+
+def _choice(value: str, allowed: Sequence[str], option: str) -> tuple[str, ...]:
     names = [name.strip().lower() for name in value.split(",") if name.strip()]
     if names == ["all"]:
         return tuple(allowed)
@@ -57,9 +71,11 @@ def _choice(value, allowed, option):
     return tuple(dict.fromkeys(names))
 
 
-def units(dtypes, layouts, ops, fused):
+def units(
+    dtypes: Collection[str], layouts: Collection[str], ops: Collection[str], fused: Collection[str]
+) -> list[tuple[str, str, str]]:
     """The work units ``(dtype, layout, unit)``: one layout per kernel layout, units that the ops need."""
-    chosen = {}
+    chosen: dict[str, str] = {}
     for layout in layouts:
         chosen.setdefault(LAYOUTS[layout][2], layout)  # nchw, ncl and ncdhw compile the same kernels
     needs = {
@@ -69,7 +85,7 @@ def units(dtypes, layouts, ops, fused):
         "backward-streamed": {"backward", "backward-eval"},
         "small": {"forward", "eval", "backward"},
     }
-    work = []
+    work: list[tuple[str, str, str]] = []
     for kernel_layout, layout in sorted(chosen.items(), key=lambda item: item[0] == "rows"):  # SLAB's are longer
         for unit in UNITS:
             for dtype in dtypes:
@@ -78,17 +94,18 @@ def units(dtypes, layouts, ops, fused):
     return work
 
 
-def _dtype(name):
+def _dtype(name: str) -> np.dtype[Any]:
     import numpy as np
 
     if name == "bfloat16":
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bfloat16
     return np.dtype(name)
 
 
-def _calls(dtype_name, layout, unit, ops, fused):
+def _calls(dtype_name: str, layout: str, unit: str, ops: Collection[str], fused: Collection[str]) -> None:
     """Make the public calls of one unit (compiling what they need)."""
     import numpy as np
 
@@ -96,12 +113,12 @@ def _calls(dtype_name, layout, unit, ops, fused):
 
     shape, axis, kernel_layout = LAYOUTS[layout]
     dtype = _dtype(dtype_name)
-    stats = np.float64 if dtype_name == "float64" else np.float32
+    stats: type[np.floating[Any]] = np.float64 if dtype_name == "float64" else np.float32
     channels = shape[axis]
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(dtype)
     weight, bias = np.ones(channels, stats), np.zeros(channels, stats)
-    strategy = {} if kernel_layout == "rows" else {"strategy": unit.split("-")[1]}
+    strategy: dict[str, str] = {} if kernel_layout == "rows" else {"strategy": unit.split("-")[1]}
     # Forward's forms differ in kernels only by the residual (an input; the ReLU is a constant), backward's by
     # the ReLU (forward's output, the mask, is an input) and the residual (its gradient is an output).
     forward_forms = {"add" in form: "relu" in form for form in fused}.items()
@@ -114,9 +131,9 @@ def _calls(dtype_name, layout, unit, ops, fused):
         if unit.startswith("forward"):
             for residual, relu in forward_forms:
                 z = x if residual else None
-                activation = "relu" if relu else None
+                activation: Literal["relu"] | None = "relu" if relu else None
                 if "forward" in ops:
-                    running = {}
+                    running: _Running = {}
                     if unit == "forward-streamed":  # the running statistics' update: this unit's
                         running = {"running_mean": np.zeros(channels, stats), "running_var": np.ones(channels, stats)}
                     fastbn.forward(x, weight, bias, axis=axis, residual=z, activation=activation, _plan=plan, **running)
@@ -160,14 +177,21 @@ def _calls(dtype_name, layout, unit, ops, fused):
         fastbn.moments(x, axis, _plan=strategy or None)
 
 
-def _small_calls(x, weight, bias, axis, stats, ops):
+def _small_calls(
+    x: npt.NDArray[Any],
+    weight: npt.NDArray[Any],
+    bias: npt.NDArray[Any],
+    axis: int,
+    stats: type[np.floating[Any]],
+    ops: Collection[str],
+) -> None:
     """The plain calls that take the one-thread kernels (no plan, no fused form)."""
     import numpy as np
 
     import fastbn
 
     channels = x.shape[axis]
-    running = {"running_mean": np.zeros(channels, stats), "running_var": np.ones(channels, stats)}
+    running: _Running = {"running_mean": np.zeros(channels, stats), "running_var": np.ones(channels, stats)}
     if "forward" in ops or "backward" in ops:
         fastbn.forward(x, weight, bias, axis=axis)
         _y, saved = fastbn.forward(x, weight, bias, axis=axis, **running)
@@ -178,25 +202,28 @@ def _small_calls(x, weight, bias, axis, stats, ops):
 
 
 class _Collect(logging.Handler):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.records = []
+        self.records: list[dict[str, Any]] = []
 
-    def emit(self, record):
+    def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "fastbn_event", None)
         if event is not None:
+            fields = vars(record)  # the log call's extra= fields (fastbn.backends.cpu.jit)
             self.records.append(
                 {
                     "event": event,
-                    "kernel": record.fastbn_kernel,
-                    "signature": record.fastbn_signature,
+                    "kernel": fields["fastbn_kernel"],
+                    "signature": fields["fastbn_signature"],
                     "seconds": getattr(record, "fastbn_seconds", 0.0),
                     "cache": getattr(record, "fastbn_cache", None),
                 }
             )
 
 
-def _work(unit, ops, fused, verbose):
+def _work(
+    unit: tuple[str, str, str], ops: Collection[str], fused: Collection[str], verbose: bool
+) -> tuple[list[dict[str, Any]], str | None]:
     """Run one unit in this (worker) process; return its compile and load records, or an error."""
     log = logging.getLogger("fastbn.compile")
     if not any(isinstance(handler, _Collect) for handler in log.handlers):
@@ -216,7 +243,7 @@ def _work(unit, ops, fused, verbose):
     return collect.records, None
 
 
-def _default_jobs():
+def _default_jobs() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -224,14 +251,14 @@ def _default_jobs():
 
 
 def precompile(
-    dtypes=DEFAULTS["dtypes"],
-    layouts=DEFAULTS["layouts"],
-    ops=DEFAULTS["ops"],
-    fused=DEFAULTS["fused"],
-    jobs=None,
-    verbose=False,
-    out=print,
-):
+    dtypes: Collection[str] = DEFAULTS["dtypes"],
+    layouts: Collection[str] = DEFAULTS["layouts"],
+    ops: Collection[str] = DEFAULTS["ops"],
+    fused: Collection[str] = DEFAULTS["fused"],
+    jobs: int | None = None,
+    verbose: bool = False,
+    out: Callable[[str], object] = print,
+) -> dict[str, Any]:
     """Compile (or load) every kernel of the chosen combinations; return a summary dict.
 
     The summary has ``compiled`` and ``loaded`` (sorted lists of ``kernel signature`` strings, each
@@ -241,7 +268,8 @@ def precompile(
     work = units(dtypes, layouts, ops, fused)
     jobs = max(1, min(jobs or _default_jobs(), len(work) or 1))
     start = time.perf_counter()
-    results, errors = [], []
+    results: list[dict[str, Any]] = []
+    errors: list[str] = []
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no threads, no compiled kernels
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = [(unit, pool.submit(_work, unit, ops, fused, verbose)) for unit in work]
@@ -267,7 +295,7 @@ def precompile(
     }
 
 
-def add_parser(commands):
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``precompile`` subcommand to ``python -m fastbn``'s subparsers."""
     parser = commands.add_parser(
         "precompile",
@@ -308,7 +336,7 @@ def add_parser(commands):
     return parser
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Precompile the chosen kernels and print a summary; return a process exit code."""
     try:
         dtypes = _choice(args.dtypes, DTYPES, "--dtypes")

@@ -43,15 +43,22 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from fastbn.tools import cuda12, loops
 from fastbn.tools.nvvm import compile_kernels, kernel_names, parse_cc, resource_report
+
+if TYPE_CHECKING:
+    import argparse
+
+    from fastbn.tools.nvvm import Result
 
 #: What to install for this command, as its error messages say.
 INSTALL = "pip install 'fastbn[cuda]'"
 
 
-def assemble(ptx, cc):
+def assemble(ptx: str, cc: Sequence[int]) -> tuple[dict[str, int] | None, bytes | None]:
     """Assemble ``ptx`` for ``sm_XY`` with nvJitLink's ptxas; return its resource report and the cubin.
 
     Returns
@@ -65,8 +72,8 @@ def assemble(ptx, cc):
     RuntimeError
         If ptxas rejects the PTX, with its error log.
     """
-    try:
-        from cuda.bindings import nvjitlink
+    try:  # cuda-bindings has no annotations: its module is read as Any
+        nvjitlink: Any = importlib.import_module("cuda.bindings.nvjitlink")
     except ImportError:
         return None, None
     options = [f"-arch=sm_{cc[0]}{cc[1]}", "-verbose"]
@@ -89,12 +96,12 @@ def assemble(ptx, cc):
     return resource_report(log.decode(errors="replace")), bytes(cubin)
 
 
-def _span(ccs):
+def _span(ccs: Sequence[Sequence[int]]) -> str:
     """``"cc 7.5 to 12.1"`` for an ascending list of compute capabilities."""
     return f"cc {ccs[0][0]}.{ccs[0][1]} to {ccs[-1][0]}.{ccs[-1][1]}"
 
 
-def compile_cc(cc, sass=True):
+def compile_cc(cc: Sequence[int], sass: bool = True) -> list[Result]:
     """Compile every kernel for every dtype on compute capability ``cc``, with the toolkit that targets it.
 
     The CUDA 13 toolkit of numba-cuda compiles in this process; a compute
@@ -134,7 +141,7 @@ def compile_cc(cc, sass=True):
     return [(kernel, dtype, "unsupported", reason, 0.0, primary) for kernel, dtype in kernels]
 
 
-def _loops_text(detail):
+def _loops_text(detail: Mapping[str, Any] | None) -> str:
     """``PTX loop ... SASS ...``: the loop figures of one result's detail (:func:`fastbn.tools.loops.describe`)."""
     figures = (detail or {}).get("loops")
     if figures is None:
@@ -142,7 +149,9 @@ def _loops_text(detail):
     return f"PTX loop {loops.describe(figures['ptx'])}  SASS {loops.describe(figures['sass'])}"
 
 
-def format_line(cc, kernel, dtype, status, detail, seconds, toolkit):
+def format_line(
+    cc: Sequence[int], kernel: str, dtype: str, status: str, detail: Any, seconds: float, toolkit: str
+) -> str:
     """One output line: kernel, dtype, compute capability, status, toolkit, then resources and loops, or the reason."""
     head = f"{kernel:<24} {dtype:<8} cc {cc[0]}.{cc[1]:<3} {status:<11} {toolkit:<9}"
     if status != "ok":
@@ -155,7 +164,7 @@ def format_line(cc, kernel, dtype, status, detail, seconds, toolkit):
     )
 
 
-def _figure(part):
+def _figure(part: Mapping[str, Any] | None) -> str:
     """The hot loop's instructions per element of one half of a loop summary, for the table."""
     if part is None or "error" in part:
         return "n/a"
@@ -165,14 +174,14 @@ def _figure(part):
     return "no data loop" if part.get("loops") else "no loop"
 
 
-def _loops_cell(part):
+def _loops_cell(part: Mapping[str, Any] | None) -> str:
     """Every data loop of one half of a loop summary as ``instructions/elements``, for the table."""
     if part is None or "error" in part:
         return ""
     return ", ".join(f"{lp.instructions}/{lp.elements or '?'}" for lp in loops.data_loops(part))
 
 
-def write_table(path, ccs, per_cc, command):
+def write_table(path: str, ccs: Sequence[Sequence[int]], per_cc: Sequence[Sequence[Result]], command: str) -> None:
     """Write the results as a Markdown table: kernel, dtype, registers, spills, PTX and SASS instructions per element.
 
     Parameters
@@ -239,7 +248,7 @@ def write_table(path, ccs, per_cc, command):
         file.write("\n".join(lines))
 
 
-def _toolkits_line(ccs):
+def _toolkits_line(ccs: Sequence[Sequence[int]]) -> str:
     """The header line: which compiler takes which compute capabilities."""
     from fastbn.backends.cuda import target
 
@@ -261,7 +270,15 @@ def _toolkits_line(ccs):
     )
 
 
-def main(ccs, *, strict=False, jobs=None, out=None, table=None, sass=True):
+def main(
+    ccs: Sequence[str],
+    *,
+    strict: bool = False,
+    jobs: int | None = None,
+    out: TextIO | None = None,
+    table: str | None = None,
+    sass: bool = True,
+) -> int:
     """Compile for each compute capability in ``ccs`` (strings like "8.0"); return the exit status.
 
     With ``table`` (a path), also write the results there as a Markdown table (:func:`write_table`);
@@ -270,7 +287,7 @@ def main(ccs, *, strict=False, jobs=None, out=None, table=None, sass=True):
     out = out or sys.stdout
     try:
         labels = list(ccs)
-        ccs = [parse_cc(cc) for cc in ccs]
+        parsed = [parse_cc(cc) for cc in ccs]
     except ValueError as exc:
         print(exc, file=out)
         return 2
@@ -288,25 +305,25 @@ def main(ccs, *, strict=False, jobs=None, out=None, table=None, sass=True):
     if target.SIMULATOR:
         print("ptx: NUMBA_ENABLE_CUDASIM=1 selects the CUDA simulator, which cannot compile PTX; unset it", file=out)
         return 2
-    print(_toolkits_line(ccs), file=out)
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(ccs)))
+    print(_toolkits_line(parsed), file=out)
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(parsed)))
     start = time.perf_counter()
     if jobs == 1:
-        per_cc = [compile_cc(cc, sass=sass) for cc in ccs]
+        per_cc = [compile_cc(cc, sass=sass) for cc in parsed]
     else:
         # One process per compute capability: compilation is single-threaded
         # Python and NVVM.  "spawn" keeps the workers free of the parent's state.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            per_cc = list(pool.map(functools.partial(compile_cc, sass=sass), ccs))
+            per_cc = list(pool.map(functools.partial(compile_cc, sass=sass), parsed))
     counts = {"ok": 0, "unsupported": 0, "FAILED": 0}
-    for cc, results in zip(ccs, per_cc):
+    for cc, results in zip(parsed, per_cc):
         for result in results:
             counts[result[2]] += 1
             print(format_line(cc, *result), file=out)
     if table is not None:
         command = f"python -m fastbn ptx --cc {' '.join(labels)} --table {table}" + ("" if sass else " --no-sass")
-        write_table(table, ccs, per_cc, command)
+        write_table(table, parsed, per_cc, command)
         print(f"wrote {table}", file=out)
     total = sum(counts.values())
     print(
@@ -319,7 +336,7 @@ def main(ccs, *, strict=False, jobs=None, out=None, table=None, sass=True):
     return 0
 
 
-def add_parser(commands):
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``ptx`` subcommand to ``python -m fastbn``'s subparsers."""
     parser = commands.add_parser("ptx", help="compile every GPU kernel to PTX and SASS with NVVM (no GPU needed)")
     parser.add_argument(
@@ -345,7 +362,7 @@ def add_parser(commands):
     return parser
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Entry point for ``python -m fastbn ptx``'s parsed arguments."""
     return main(args.cc, strict=args.strict, jobs=args.jobs, table=args.table, sass=args.sass)
 

@@ -25,9 +25,11 @@ pair of markers in the README.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 __all__ = ["FRAGMENTS", "Fragment", "add_parser", "check", "run", "splice"]
@@ -51,12 +53,12 @@ FRAGMENTS = {
 _SECTION = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
 
 
-def _body(fragment_text):
+def _body(fragment_text: str) -> str:
     """What goes between the markers: the fragment, set off by blank lines so that Markdown parses it alone."""
     return "\n" + fragment_text.strip("\n") + "\n\n"
 
 
-def splice(readme_text, fragments):
+def splice(readme_text: str, fragments: Mapping[str, str | None]) -> tuple[str, list[str], list[str]]:
     """Return ``(new_text, changed, missing)``: ``readme_text`` with every marked section set to its fragment.
 
     ``fragments`` maps marker names to the fragments' text, or to None to
@@ -65,18 +67,20 @@ def splice(readme_text, fragments):
     the README.  A marker whose name is not in ``fragments``, or a name marked
     twice, is a ValueError.
     """
-    changed, seen = [], set()
+    changed: list[str] = []
+    seen: set[str] = set()
 
-    def replace(match):
+    def replace(match: re.Match[str]) -> str:
         name = match.group("name")
         if name not in fragments:
             raise ValueError(f"README: unknown generated section {name!r} (known: {', '.join(fragments)})")
         if name in seen:
             raise ValueError(f"README: generated section {name!r} appears twice")
         seen.add(name)
-        if fragments[name] is None:
+        fragment = fragments[name]
+        if fragment is None:
             return match.group(0)
-        body = _body(fragments[name])
+        body = _body(fragment)
         if match.group("body") != body:
             changed.append(name)
         return match.group(1) + body + match.group(4)
@@ -85,9 +89,10 @@ def splice(readme_text, fragments):
     return new_text, changed, [name for name in fragments if name not in seen]
 
 
-def _load(readme_path, names):
+def _load(readme_path: str, names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
     root = os.path.dirname(os.path.abspath(readme_path))
-    texts, absent = {}, []
+    texts: dict[str, str] = {}
+    absent: list[str] = []
     for name in names:
         path = os.path.join(root, FRAGMENTS[name].path)
         if os.path.exists(path):
@@ -98,7 +103,7 @@ def _load(readme_path, names):
     return texts, absent
 
 
-def check(readme_path="README.md"):
+def check(readme_path: str = "README.md") -> list[str]:
     """The problems that ``--check`` reports, as lines; empty when the README matches its fragments."""
     with open(readme_path, encoding="utf-8") as handle:
         text = handle.read()
@@ -115,7 +120,7 @@ def check(readme_path="README.md"):
     return problems
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Splice the fragments into the README, or with ``--check`` only compare; return an exit code."""
     try:
         return _run(args)
@@ -124,7 +129,7 @@ def run(args):
         return 2
 
 
-def _run(args):
+def _run(args: argparse.Namespace) -> int:
     if args.check:
         problems = check(args.readme)
         for line in problems:
@@ -151,7 +156,7 @@ def _run(args):
     return 1 if absent or missing else 0
 
 
-def add_parser(commands):
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``readme`` on the CLI's subcommands."""
     parser = commands.add_parser(
         "readme",

@@ -21,14 +21,16 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from fastbn.tools.cases import LIBRARY_NAMES, MB, PEERS, describe_label, describe_shape, torch_available
+from fastbn.tools.cases import LIBRARY_NAMES, MB, PEERS, Row, SweepRow, describe_label, describe_shape, torch_available
 
 
 # ------------------------------------------------------------ machine info ---
-def machine_info():
+def machine_info() -> dict[str, Any]:
     """A dict describing the machine and the libraries' thread counts.
 
     The CPU model, cores and caches come from
@@ -44,7 +46,7 @@ def machine_info():
     # numba.get_num_threads() would otherwise start Numba's default layer.
     layer = fastbn.threading_layer()
     facts = machine()
-    info = {
+    info: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -91,29 +93,29 @@ _BAR_TEXT = (
 )
 
 
-def _fmt_ms(value):
+def _fmt_ms(value: float | None) -> str:
     return "n/a" if value is None else (f"{value:.1f}" if value >= 10 else f"{value:.2f}")
 
 
-def _fmt_x(value):
+def _fmt_x(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}x"
 
 
-def _shape_cell(row):
+def _shape_cell(row: Row) -> str:
     """``64x56x56x64 NHWC``: sizes and layout, never the command line's ``@-1``."""
     return describe_shape(row["dims"], row["axis"])
 
 
-def _case_text(row):
+def _case_text(row: Row) -> str:
     """``forward, training 64x56x56x64 NHWC float16``, for sentences."""
     return f"{_NAMES.get(row['operation'], row['operation'])} {_shape_cell(row)} {row['dtype']}"
 
 
-def _peer_name(name):
+def _peer_name(name: str) -> str:
     return LIBRARY_NAMES.get(name, name)
 
 
-def _bar_words(row):
+def _bar_words(row: Row) -> str:
     """The main table's bar cell, in words: ``met (≥ 3.0x the fastest peer, ≥ 80% of roofline)``, or what missed."""
     checks = row["checks"]
     if not checks:
@@ -134,9 +136,9 @@ def _bar_words(row):
     return "met (" + ", ".join(targets) + ")"
 
 
-def _bar_checks(row):
+def _bar_checks(row: Row) -> str:
     """The diagnostics table's bar cell: every check and its outcome, with and without page-in."""
-    parts = []
+    parts: list[str] = []
     peer = row["checks"].get("peer")
     if peer:
         mark = "pass" if peer["ok"] else "**miss**"
@@ -151,13 +153,13 @@ def _bar_checks(row):
     return "; ".join(parts) if parts else "-"
 
 
-def _markdown(header, rows):
+def _markdown(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines)
 
 
-def results_table(results, libraries, with_bar=True):
+def results_table(results: Iterable[Row], libraries: Sequence[str], with_bar: bool = True) -> str:
     """The main Markdown table, one row per case: at most 8 columns, what a reader compares.
 
     operation, shape and layout, dtype, fastbn's time, its bandwidth and
@@ -195,7 +197,7 @@ def results_table(results, libraries, with_bar=True):
     return _markdown(header, rows)
 
 
-def peers_table(results, libraries):
+def peers_table(results: Iterable[Row], libraries: Sequence[str]) -> str:
     """Every implementation's median ms on each row, side by side, the fastest in bold; n/a where not timed."""
     names = ["fastbn"] + [name for name in PEERS if name in libraries]
     header = ["operation", "shape", "dtype", "roofline ms", *(f"{_peer_name(n)} ms" for n in names)]
@@ -212,13 +214,13 @@ def peers_table(results, libraries):
     return _markdown(header, rows)
 
 
-def peer_status_lines(info):
+def peer_status_lines(info: Mapping[str, Any]) -> list[str]:
     """One line per peer: its version (and oneDNN for TensorFlow), or that it is absent or left out."""
     found = info.get("peers") or {}
     return [f"- {_peer_name(name)}: {found.get(name, 'not recorded')}" for name in PEERS]
 
 
-def diagnostics_table(results, libraries):
+def diagnostics_table(results: Iterable[Row], libraries: Sequence[str]) -> str:
     """The second table: size, passes, where the roofline's bandwidth was measured, page-in, reused output, checks."""
     header = [
         "operation",
@@ -251,14 +253,14 @@ def diagnostics_table(results, libraries):
     return _markdown(header, rows)
 
 
-def _count(passed, total):
+def _count(passed: int, total: int) -> str:
     """``3 of 5 rows``; ``all 5 rows``, ``both rows`` or ``the one row`` when every row passes (total >= 1)."""
     if passed < total:
         return f"{passed} of {total} rows"
     return {1: "the one row", 2: "both rows"}.get(total, f"all {total} rows")
 
 
-def bar_summary(results):
+def bar_summary(results: Sequence[Row]) -> str:
     """Lines saying, for each part of the bar, how many rows pass and which miss (never "0 of 0")."""
     lines = []
     peer_rows = [r for r in results if "peer" in r["checks"]]
@@ -343,7 +345,7 @@ def bar_summary(results):
     return "\n".join(lines)
 
 
-def machine_line(info):
+def machine_line(info: Mapping[str, Any]) -> str:
     """One sentence naming the CPU, its cores and caches, the memory, and each library's version and threads."""
     parts = [info["machine"]]
     if "extensions" in info:
@@ -361,7 +363,7 @@ def machine_line(info):
     return "; ".join(parts) + ". " + threads + f", NumPy {info['numpy']}, Python {info['python']}."
 
 
-def chart_machine(info):
+def chart_machine(info: Mapping[str, Any] | None) -> str:
     """The machine as a chart's title names it: CPU, cores and caches; on a second line, each library's threads."""
     if not info:
         return ""
@@ -420,7 +422,7 @@ How to read them:
 )
 
 
-def findings(results):
+def findings(results: Sequence[Row]) -> str:
     """A paragraph on what bounds the figures, with this run's numbers."""
     from fastbn.backends.cpu import alloc
 
@@ -466,7 +468,7 @@ def findings(results):
     return "\n\n".join(lines)
 
 
-def libraries_of(results):
+def libraries_of(results: Sequence[Row]) -> list[str]:
     """The libraries a list of result rows was timed with (for re-rendering a results.json)."""
     libraries = ["fastbn"]
     for name in PEERS:
@@ -475,7 +477,18 @@ def libraries_of(results):
     return libraries
 
 
-def write_report(out_dir, info, results, libraries, sizes, threads, compile_times, command, charts, write_json=True):
+def write_report(
+    out_dir: str,
+    info: Mapping[str, Any],
+    results: Sequence[Row],
+    libraries: Sequence[str],
+    sizes: Sequence[SweepRow] | None,
+    threads: Sequence[SweepRow] | None,
+    compile_times: Mapping[str, Any] | None,
+    command: str,
+    charts: list[tuple[str, str]],
+    write_json: bool = True,
+) -> tuple[str, str, str]:
     """Write report.md, README_snippet.md and (``write_json``) results.json into ``out_dir``; return their paths.
 
     The report's main table has at most 8 columns (:func:`results_table`); the
@@ -594,12 +607,12 @@ def write_report(out_dir, info, results, libraries, sizes, threads, compile_time
     return report, snippet_path, json_path
 
 
-def _display_path(path):
+def _display_path(path: str) -> str:
     relative = os.path.relpath(os.path.abspath(path), os.getcwd())
     return path if relative.startswith("..") else relative
 
 
-def _compile_section(compile_times):
+def _compile_section(compile_times: Mapping[str, Any]) -> list[str]:
     lines = ["## Compile time", ""]
     if "error" in compile_times:
         return [*lines, f"Not measured: {compile_times['error']}", ""]
@@ -620,7 +633,7 @@ def _compile_section(compile_times):
     return [*lines, ""]
 
 
-def _sweep_name(name):
+def _sweep_name(name: str) -> str:
     """``fastbn forward_train @2`` -> ``fastbn forward, training, 2 threads``; sweep keys for people."""
     base, _, count = name.partition(" @")
     words = base.split(" ")
@@ -634,7 +647,7 @@ def _sweep_name(name):
     return text
 
 
-def _thread_section(threads):
+def _thread_section(threads: Sequence[SweepRow]) -> list[str]:
     """One row per shape, library and operation: 1 thread, 2 threads, and what the second thread gave."""
     names = [k[: -len(" @1")] for k in threads[0] if k.endswith(" @1")]
     lines = [
@@ -655,13 +668,13 @@ def _thread_section(threads):
     return [*lines, ""]
 
 
-def sweep_columns(sizes):
+def sweep_columns(sizes: Sequence[SweepRow]) -> list[str]:
     """The timed columns of a size sweep, forwards first."""
     names = [k for k in sizes[0] if k not in ("rows", "bytes", "channels")]
     return sorted(names, key=lambda n: ("+" in n, names.index(n)))
 
 
-def _size_section(sizes):
+def _size_section(sizes: Sequence[SweepRow]) -> list[str]:
     names = sweep_columns(sizes)
     what = (
         "Median ms per call, float32 (N, 64), from 2 KB to beyond the last-level cache: a training forward "

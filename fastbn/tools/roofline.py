@@ -38,11 +38,19 @@ The machine's description (CPU model, vector extensions, caches) is
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
 import numba
 import numpy as np
+import numpy.typing as npt
 from numba import prange
 
 from fastbn.backends.cpu.nontemporal import stream_copy
+
+if TYPE_CHECKING:
+    from fastbn.backends.cpu.machine import Machine
+    from fastbn.tools.cases import Row
 
 #: Elements per task of the all-core copies: 256 KiB of float32, a multiple of
 #: the 64-byte line for every itemsize, so each task's part of the output
@@ -53,6 +61,11 @@ BLOCK = 1 << 16
 COPIES = ("np.copyto, 1 thread", "prange copy, ordinary stores", "prange copy, non-temporal stores")
 READ = "prange read"
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+_Floats: TypeAlias = npt.NDArray[np.float32]
+#: :func:`fastbn.tools.cases.time_interleaved`: ``(median seconds by name, samples by name)``.
+Timer: TypeAlias = Callable[..., tuple[dict[str, float], dict[str, list[float]]]]
+
 
 # ---------------------------------------------------------------- kernels ---
 # Each task works on a 1-D slice with an index from range(len), so that Numba
@@ -60,22 +73,28 @@ READ = "prange read"
 # fastbn/backends/cpu/loops.py).
 
 
-@numba.njit(inline="always", nogil=True)
-def _copy_run(dst, src):  # pragma: no cover - compiled
+def _njit(**options: Any) -> Callable[[_F], _F]:
+    """``numba.njit(**options)``, typed: the dispatcher it makes is called as the function it compiles."""
+    jit: Callable[[_F], _F] = numba.njit(**options)
+    return jit
+
+
+@_njit(inline="always", nogil=True)
+def _copy_run(dst: _Floats, src: _Floats) -> None:  # pragma: no cover - compiled
     for i in range(src.shape[0]):
         dst[i] = src[i]
 
 
-@numba.njit(inline="always", nogil=True, fastmath=True)
-def _sum_run(src):  # pragma: no cover - compiled
-    part = np.float32(0.0)
+@_njit(inline="always", nogil=True, fastmath=True)
+def _sum_run(src: _Floats) -> np.float32:  # pragma: no cover - compiled
+    part: np.float32 = np.float32(0.0)
     for i in range(src.shape[0]):
         part += src[i]
     return part
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def parallel_copy(dst, src):  # pragma: no cover - compiled
+@_njit(parallel=True, cache=True, nogil=True)
+def parallel_copy(dst: _Floats, src: _Floats) -> None:  # pragma: no cover - compiled
     """``dst[:] = src`` for 1-D contiguous arrays, on every core, with ordinary stores."""
     n = src.shape[0]
     blocks = (n + BLOCK - 1) // BLOCK
@@ -85,8 +104,8 @@ def parallel_copy(dst, src):  # pragma: no cover - compiled
         _copy_run(dst[start:stop], src[start:stop])
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def parallel_stream_copy(dst, src):  # pragma: no cover - compiled
+@_njit(parallel=True, cache=True, nogil=True)
+def parallel_stream_copy(dst: _Floats, src: _Floats) -> None:  # pragma: no cover - compiled
     """``dst[:] = src`` for 1-D contiguous arrays, on every core, whole lines with non-temporal stores."""
     n = src.shape[0]
     blocks = (n + BLOCK - 1) // BLOCK
@@ -96,8 +115,8 @@ def parallel_stream_copy(dst, src):  # pragma: no cover - compiled
         stream_copy(dst[start:stop], src[start:stop])
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def parallel_read(src):  # pragma: no cover - compiled
+@_njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def parallel_read(src: _Floats) -> float:  # pragma: no cover - compiled
     """The sum of a 1-D float32 array, on every core: a read of every byte and nothing written."""
     n = src.shape[0]
     blocks = (n + BLOCK - 1) // BLOCK
@@ -110,7 +129,7 @@ def parallel_read(src):  # pragma: no cover - compiled
 
 
 # ------------------------------------------------------------ measurement ---
-def copy_bytes(l3_bytes, memory=None):
+def copy_bytes(l3_bytes: int, memory: int | None = None) -> int:
     """Bytes of the array the beyond-cache bandwidth is measured on: 8 LLCs, at least 256 MiB.
 
     Well beyond the last-level cache (``l3_bytes``), so neither the source
@@ -124,7 +143,7 @@ def copy_bytes(l3_bytes, memory=None):
     return max(size, 1 << 20) // 64 * 64
 
 
-def _words(src, dst):
+def _words(src: npt.NDArray[Any], dst: npt.NDArray[Any]) -> tuple[_Floats, _Floats]:
     """``src`` and ``dst`` as flat float32 views of their whole 4-byte words (the read kernel sums floats)."""
     if src.dtype != np.float32:
         words = src.nbytes // 4 * 4
@@ -133,7 +152,7 @@ def _words(src, dst):
     return src.reshape(-1), dst.reshape(-1)
 
 
-def functions(src, dst):
+def functions(src: npt.NDArray[Any], dst: npt.NDArray[Any]) -> dict[str, Callable[[], object]]:
     """The three copies and the read, each a zero-argument callable on ``src`` and ``dst``, by name.
 
     Any dtype is copied as its bytes (its whole 4-byte words); time each
@@ -149,7 +168,9 @@ def functions(src, dst):
     }
 
 
-def measure(src, dst, repeats, rounds, time_interleaved):
+def measure(
+    src: npt.NDArray[Any], dst: npt.NDArray[Any], repeats: int, rounds: int, time_interleaved: Timer
+) -> dict[str, float]:
     """Bandwidth in bytes per second of each copy (2 bytes per byte copied) and of the read (1).
 
     ``src`` and ``dst`` are arrays of one shape and dtype, ``dst`` already
@@ -164,7 +185,7 @@ def measure(src, dst, repeats, rounds, time_interleaved):
     return bandwidths(times, _words(src, dst)[0].nbytes)
 
 
-def verify(src, dst):
+def verify(src: npt.NDArray[Any], dst: npt.NDArray[Any]) -> None:
     """Raise AssertionError unless each all-core copy copies ``src`` into ``dst`` exactly.
 
     A copy that copied nothing would be fast, and its time would mean nothing.
@@ -178,12 +199,14 @@ def verify(src, dst):
             raise AssertionError(f"roofline: {name} did not copy its input")
 
 
-def bandwidths(times, nbytes):
+def bandwidths(times: Mapping[str, float], nbytes: int) -> dict[str, float]:
     """Bytes per second of each kernel of :func:`functions` from its seconds on ``nbytes`` (2 per byte copied)."""
     return {name: (nbytes if name == READ else 2 * nbytes) / seconds for name, seconds in times.items()}
 
 
-def measure_beyond_cache(facts, memory, repeats, rounds, time_interleaved, nbytes=None):
+def measure_beyond_cache(
+    facts: Machine, memory: int | None, repeats: int, rounds: int, time_interleaved: Timer, nbytes: int | None = None
+) -> tuple[int, dict[str, float]]:
     """:func:`measure` on a float32 array of :func:`copy_bytes` (or ``nbytes``) bytes: ``(bytes, bandwidths)``."""
     nbytes = copy_bytes(facts.l3_bytes, memory) if nbytes is None else max(64, int(nbytes) // 64 * 64)
     src = np.ones(nbytes // 4, np.float32)
@@ -192,13 +215,15 @@ def measure_beyond_cache(facts, memory, repeats, rounds, time_interleaved, nbyte
     return nbytes, measure(src, dst, max(3, repeats), rounds, time_interleaved)
 
 
-def best_copy(bandwidths):
+def best_copy(bandwidths: Mapping[str, float]) -> tuple[str, float]:
     """The fastest copy's name and bandwidth (bytes per second) of a :func:`measure` result."""
     name = max(COPIES, key=lambda key: bandwidths[key])
     return name, bandwidths[name]
 
 
-def row_bandwidth(operation, beyond, own=None, where="beyond the LLC"):
+def row_bandwidth(
+    operation: str, beyond: Mapping[str, float], own: Mapping[str, float] | None = None, where: str = "beyond the LLC"
+) -> tuple[float, str]:
     """The bandwidth that bounds a row, and where it was measured.
 
     The best copy of ``beyond`` (the run's best beyond-cache figures, measured
@@ -217,14 +242,15 @@ def row_bandwidth(operation, beyond, own=None, where="beyond the LLC"):
     return best
 
 
-def run_best(measurements):
+def run_best(measurements: Iterable[tuple[str, Mapping[str, float]]]) -> tuple[dict[str, float], dict[str, str]]:
     """Each kernel's best bandwidth over ``measurements`` (``[(where, {name: bytes per second})]``), and where.
 
     Returns ``({name: bytes per second}, {name: where})``: the best this
     machine reached in the run, for every kernel, so that the roofline is the
     fastest copy any moment of the run allowed.
     """
-    best, where = {}, {}
+    best: dict[str, float] = {}
+    where: dict[str, str] = {}
     for place, figures in measurements:
         for name, value in figures.items():
             if value > best.get(name, 0.0):
@@ -232,13 +258,13 @@ def run_best(measurements):
     return best, where
 
 
-def fits_in_cache(nbytes, facts):
+def fits_in_cache(nbytes: int, facts: Machine) -> bool:
     """Whether a tensor and its output could both sit in the last-level cache (so DRAM does not bound it)."""
     return 2 * nbytes <= facts.l3_bytes + facts.cores * facts.l2_bytes
 
 
 # ------------------------------------------------------------------ text ---
-def section(info, machine_line):
+def section(info: Mapping[str, Any], machine_line: str) -> list[str]:
     """The report's roofline section: the machine, the beyond-cache copies and which of them bounds the rows.
 
     ``info`` is :func:`fastbn.tools.report.machine_info`'s dict with the
@@ -283,9 +309,11 @@ def section(info, machine_line):
     return lines
 
 
-def copies_at_each_size(results, shape_cell, fmt_ms):
+def copies_at_each_size(
+    results: Iterable[Row], shape_cell: Callable[[Row], str], fmt_ms: Callable[[float | None], str]
+) -> list[str]:
     """The report's table of the copies and the read at each tensor's own size, with the output's page-in."""
-    seen = {}
+    seen: dict[tuple[str, str], Row] = {}
     for row in results:
         seen.setdefault((row["shape"], row["dtype"]), row)
     lines = [

@@ -73,6 +73,7 @@ JSON line per test phase.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -81,7 +82,9 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeAlias, TypedDict
 
 from fastbn._frameworks import missing_dependency
 
@@ -111,8 +114,21 @@ PASS, FAIL, ERROR, SKIP, XFAIL, XPASS, MISSING = (
 )
 BROKEN = (FAIL, ERROR, XPASS, MISSING)
 
+#: A test's outcome and the first line of its failure or skip message.
+Outcome: TypeAlias = tuple[str, str]
 
-def add_parser(commands):
+
+class PytestRun(TypedDict):
+    """What :func:`run_pytest` returns for one pytest run of one file."""
+
+    tests: dict[str, Outcome]
+    collect_errors: dict[str, str]
+    returncode: int | str
+    seconds: float
+    log: str
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the ``torch-suite`` subcommand to ``python -m fastbn``'s subparsers.
 
     Parameters
@@ -159,7 +175,7 @@ def add_parser(commands):
     return parser
 
 
-def parse_targets(specs):
+def parse_targets(specs: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
     """``FILE::EXPR`` strings as (file, expression) pairs.
 
     Parameters
@@ -178,7 +194,7 @@ def parse_targets(specs):
     """
     if not specs:
         return DEFAULT_TARGETS
-    targets = []
+    targets: list[tuple[str, str]] = []
     for spec in specs:
         path, sep, expression = spec.partition("::")
         if not sep or not path or not expression:
@@ -187,7 +203,7 @@ def parse_targets(specs):
     return tuple(targets)
 
 
-def source_version(root):
+def source_version(root: Path) -> str:
     """What the checkout says it is: ``version.txt`` and, if it is a git work tree, its commit.
 
     Parameters
@@ -200,7 +216,7 @@ def source_version(root):
     str
         E.g. ``"2.13.0 (git 0123abcd...)"``, or ``"unknown"``.
     """
-    parts = []
+    parts: list[str] = []
     version_file = root / "version.txt"
     if version_file.is_file():
         parts.append(version_file.read_text().strip())
@@ -215,7 +231,7 @@ def source_version(root):
     return " ".join(parts) or "unknown"
 
 
-def _environment(swap, results):
+def _environment(swap: bool, results: Path) -> dict[str, str]:
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
@@ -226,7 +242,9 @@ def _environment(swap, results):
     return env
 
 
-def run_pytest(root, test_file, expression, swap, workdir, timeout, workers=1):
+def run_pytest(
+    root: Path, test_file: str, expression: str, swap: bool, workdir: Path, timeout: float, workers: int = 1
+) -> PytestRun:
     """One pytest run of one file; returns what the plugin recorded.
 
     Parameters
@@ -285,6 +303,7 @@ def run_pytest(root, test_file, expression, swap, workdir, timeout, workers=1):
     if workers > 1:
         command += ["-n", str(workers)]
     start = time.perf_counter()
+    returncode: int | str
     with open(log, "w", encoding="utf-8") as out:
         try:
             returncode = subprocess.run(
@@ -311,8 +330,10 @@ def run_pytest(root, test_file, expression, swap, workdir, timeout, workers=1):
     }
 
 
-def _read_results(path):
-    selected, phases, collect_errors = [], defaultdict(list), {}
+def _read_results(path: Path) -> tuple[list[str], defaultdict[str, list[dict[str, Any]]], dict[str, str]]:
+    selected: list[str] = []
+    phases: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+    collect_errors: dict[str, str] = {}
     if not path.is_file():
         return selected, phases, collect_errors
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -329,7 +350,7 @@ def _read_results(path):
     return selected, phases, collect_errors
 
 
-def _outcome(records):
+def _outcome(records: Sequence[Mapping[str, Any]]) -> Outcome:
     """(outcome, first line) of one test from its phase records."""
     if not records:
         return MISSING, "no result recorded (the run crashed or timed out before it)"
@@ -345,7 +366,7 @@ def _outcome(records):
     return (PASS, "") if call else (MISSING, "no call phase recorded")
 
 
-def compare(plain, swapped):
+def compare(plain: Mapping[str, Outcome], swapped: Mapping[str, Outcome]) -> dict[str, dict[str, str]]:
     """Sort the tests of both runs into the report's groups.
 
     Parameters
@@ -363,7 +384,7 @@ def compare(plain, swapped):
         ``broken_on_torch``: {id: first line} of the tests not passing on
         torch (excluded from the comparison).
     """
-    groups = {
+    groups: dict[str, dict[str, str]] = {
         name: {}
         for name in ("swapped_only_failures", "skipped_swapped", "xfail_changed", "fixed_by_swap", "broken_on_torch")
     }
@@ -382,12 +403,12 @@ def compare(plain, swapped):
     return groups
 
 
-def _counts(tests):
+def _counts(tests: Mapping[str, Outcome]) -> dict[str, int]:
     counts = Counter(outcome for outcome, _ in tests.values())
     return {"collected": len(tests), **{k: counts.get(k, 0) for k in (PASS, FAIL, ERROR, SKIP, XFAIL, XPASS, MISSING)}}
 
 
-def _cause(message):
+def _cause(message: str) -> str:
     """A failure's first line with numbers, shapes and ids blurred, to group alike failures."""
     text = message.split(": ", 1)[1] if message.startswith(BROKEN) else message
     text = re.sub(r"0x[0-9a-fA-F]+", "0x?", text)
@@ -395,7 +416,7 @@ def _cause(message):
     return text[:160]
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Run the suite, print the report; return a process exit code.
 
     Parameters
@@ -435,7 +456,9 @@ def run(args):
     return 1 if report["totals"]["swapped_only_failures"] else 0
 
 
-def suite(root, targets, mode, workdir, timeout, workers=1):
+def suite(
+    root: Path, targets: Sequence[tuple[str, str]], mode: str, workdir: Path, timeout: float, workers: int = 1
+) -> dict[str, Any]:
     """Run every target in the requested modes and compare; the report as a dict.
 
     Parameters
@@ -467,7 +490,7 @@ def suite(root, targets, mode, workdir, timeout, workers=1):
     import fastbn
     from fastbn.tools._torch_suite_plugin import SWAPPED
 
-    report = {
+    report: dict[str, Any] = {
         "pytorch_src": str(root),
         "source_version": source_version(root),
         "torch": torch.__version__,
@@ -478,14 +501,14 @@ def suite(root, targets, mode, workdir, timeout, workers=1):
         "swapped": [f"{m}.{a} -> fastbn.torch.{r}" for m, a, r in SWAPPED],
         "targets": [],
     }
-    totals = Counter()
+    totals: defaultdict[str, float] = defaultdict(int)  # counts, and seconds
     for test_file, expression in targets:
-        entry = {"file": test_file, "k": expression}
+        entry: dict[str, Any] = {"file": test_file, "k": expression}
         report["targets"].append(entry)
         if not (root / test_file).is_file():
             entry["absent"] = True
             continue
-        runs = {}
+        runs: dict[str, PytestRun] = {}
         for name in ("plain", "swapped") if mode == "both" else (mode,):
             result = run_pytest(root, test_file, expression, name == "swapped", workdir, timeout, workers)
             runs[name] = result
@@ -507,7 +530,7 @@ def suite(root, targets, mode, workdir, timeout, workers=1):
     return report
 
 
-def format_report(report):
+def format_report(report: Mapping[str, Any]) -> str:
     """The report as text, one section per target, then the totals and the failures grouped by cause.
 
     Parameters
