@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -44,17 +45,17 @@ class BatchNormIndexError(IndexError, ValueError):
     """Non-empty 1-D input: torch's "Dimension out of range" (an ``IndexError``), and a ``ValueError`` by fastbn's."""
 
 
-def parameter_dtypes(input_dtype):
+def parameter_dtypes(input_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     """The dtypes torch's CPU batch norm takes for parameters and running statistics of ``input_dtype`` input."""
     return (input_dtype, torch.float32) if input_dtype in REDUCED else (input_dtype,)
 
 
-def channels_of(input):
+def channels_of(input: torch.Tensor) -> int:
     """The channel count torch reads: ``input.shape[1]``, and 0 for 1-D input (whose only legal form is empty)."""
     return input.shape[1] if input.dim() >= 2 else 0
 
 
-def _check_types(input, tensors):
+def _check_types(input: object, tensors: Iterable[tuple[str, object]]) -> None:
     if not isinstance(input, torch.Tensor):
         raise BatchNormTypeError(f"input: batch_norm(): argument 'input' must be Tensor, not {type(input).__name__}")
     if input.dtype not in FLOATS:
@@ -64,7 +65,7 @@ def _check_types(input, tensors):
             raise BatchNormTypeError(f"{name}: expected a torch.Tensor or None, got {type(value).__name__}")
 
 
-def _check_scalars(training, momentum, eps):
+def _check_scalars(training: bool, momentum: object, eps: object) -> None:
     if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or not math.isfinite(momentum):
         raise BatchNormTypeError(f"momentum: expected a finite float, got {momentum!r}")
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(eps):
@@ -75,7 +76,7 @@ def _check_scalars(training, momentum, eps):
         raise BatchNormError(f"eps: batch_norm eps must be non-negative, but got {eps}")
 
 
-def _check_dtypes(input, parameters):
+def _check_dtypes(input: torch.Tensor, parameters: Iterable[tuple[str, torch.Tensor | None]]) -> None:
     # torch's CPU kernel: parameters and running statistics all in the input's
     # dtype, or (for float16/bfloat16 input) all in float32.  An empty input
     # never reaches the kernel, so torch takes any dtypes then.
@@ -91,7 +92,17 @@ def _check_dtypes(input, parameters):
             )
 
 
-def check_arguments(input, running_mean, running_var, weight, bias, residual, training, momentum, eps):
+def check_arguments(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> None:
     """Check a batch-norm call as torch does, in torch's order and with its exception types, before anything runs.
 
     Raises
@@ -144,7 +155,9 @@ def check_arguments(input, running_mean, running_var, weight, bias, residual, tr
         _check_dtypes(input, parameters)
 
 
-def check_not_dual(input, running_mean, running_var, training):
+def check_not_dual(
+    input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool
+) -> None:
     """Refuse running statistics that require grad, or carry a tangent where it would count, as torch does.
 
     They are state that batch norm updates, never differentiable inputs: torch
@@ -154,7 +167,7 @@ def check_not_dual(input, running_mean, running_var, training):
     """
     if torch.compiler.is_compiling():
         return
-    dual_input = not training and input.numel() > 0 and fwAD.unpack_dual(input).tangent is not None
+    dual_input = not training and input.numel() > 0 and fwAD.unpack_dual(input).tangent is not None  # type: ignore[no-untyped-call]  # unannotated in torch
     for name, value in (("running_mean", running_mean), ("running_var", running_var)):
         if value is None:
             continue
@@ -163,7 +176,7 @@ def check_not_dual(input, running_mean, running_var, training):
                 f"{name}: The function 'batch_norm' is not differentiable with respect to argument "
                 f"'{name}'. This input cannot have requires_grad True."
             )
-        if dual_input and fwAD.unpack_dual(value).tangent is not None:
+        if dual_input and fwAD.unpack_dual(value).tangent is not None:  # type: ignore[no-untyped-call]  # as above
             raise BatchNormError(
                 f"{name}: batch_norm is not differentiable wrt running_mean and running_var, "
                 "they cannot have forward grad defined"

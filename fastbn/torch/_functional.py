@@ -260,7 +260,9 @@ def batch_norm(
                     input, weight, bias, running, residual, options
                 )
             else:  # nothing to differentiate: no autograd node at all
-                output = _ops.run_forward(input, weight, bias, *running, residual, *options, in_place=True)[0]
+                output = _ops.run_forward(
+                    input, weight, bias, running[0], running[1], residual, *options, in_place=True
+                )[0]
             if training and running[0] is not running_mean:  # float32 copies of float16 buffers
                 _ops.write_running(running_mean, running_var, *running)
             return output

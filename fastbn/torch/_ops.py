@@ -27,6 +27,10 @@ renorm an optional ``(rmax, dmax)`` pair of floats.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import numpy.typing as npt
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -35,11 +39,13 @@ from fastbn.torch import _reference
 from fastbn.torch._arrays import small_backward
 
 Tensor = torch.Tensor
+#: A tensor, or None for an absent one (a weight, a gradient).
+_Maybe = Tensor | None
 
 __all__ = ["backward_op", "forward_op", "gradients", "plain", "run_forward", "stat_shape", "tracked", "write_running"]
 
 
-def stat_shape(input, virtual_batch_size, batch_stats):
+def stat_shape(input: Tensor, virtual_batch_size: int | None, batch_stats: bool) -> tuple[int, ...]:
     """Shape of the saved mean and invstd: ``(C,)``, or ``(G, C)`` with ghost batches in use."""
     channels = input.shape[1]
     if virtual_batch_size is not None and batch_stats:
@@ -47,19 +53,19 @@ def stat_shape(input, virtual_batch_size, batch_stats):
     return (channels,)
 
 
-def _host_or_device(tensor):
+def _host_or_device(tensor: Tensor) -> npt.NDArray[Any] | Tensor:
     """A saved tensor as fastbn's backend keeps it: a NumPy view on the CPU, the tensor itself on a GPU."""
     return tensor.numpy() if tensor.device.type == "cpu" else tensor
 
 
-def _as_tensor(value, like):
+def _as_tensor(value: Any, like: Tensor) -> Tensor:
     """A fastbn result (NumPy array, device array or tensor) as a tensor on ``like``'s device, no copy."""
     if isinstance(value, torch.Tensor):
         return value
     return torch.from_numpy(value) if like.device.type == "cpu" else torch.as_tensor(value, device=like.device)
 
 
-def plain(*tensors):
+def plain(*tensors: _Maybe) -> bool:
     """Whether every given tensor is an ordinary eager tensor (no fake, meta, functorch or subclass wrapper).
 
     Those run fastbn directly, with no operator dispatch; anything else goes
@@ -76,32 +82,32 @@ def plain(*tensors):
     return True
 
 
-def tracked(*tensors):
+def tracked(*tensors: _Maybe) -> bool:
     """Whether autograd would record anything: a tensor requires grad (grad mode on) or carries a tangent."""
     grad = torch.is_grad_enabled()
     for tensor in tensors:
-        if tensor is not None and ((grad and tensor.requires_grad) or fwAD.unpack_dual(tensor).tangent is not None):
+        if tensor is not None and ((grad and tensor.requires_grad) or fwAD.unpack_dual(tensor).tangent is not None):  # type: ignore[no-untyped-call]  # unannotated in torch
             return True
     return False
 
 
 def run_forward(
-    input,
-    weight,
-    bias,
-    running_mean,
-    running_var,
-    residual,
-    training,
-    momentum,
-    eps,
-    relu,
-    virtual_batch_size,
-    rmax,
-    dmax,
+    input: Tensor,
+    weight: _Maybe,
+    bias: _Maybe,
+    running_mean: _Maybe,
+    running_var: _Maybe,
+    residual: _Maybe,
+    training: bool,
+    momentum: float,
+    eps: float,
+    relu: bool,
+    virtual_batch_size: int | None,
+    rmax: float | None,
+    dmax: float | None,
     *,
-    in_place=False,
-):
+    in_place: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`forward_op`'s computation; with ``in_place`` the running statistics are updated where they are.
 
     ``in_place`` serves eager calls on plain tensors, which skip the operator:
@@ -115,10 +121,12 @@ def run_forward(
     # Placeholders for what a call does not produce: distinct fresh tensors for
     # the operator (its outputs may not alias), one shared one in place.
     empty = _shared_empty(input, dtype) if in_place else input.new_empty(0, dtype=dtype)
-    fresh = (lambda: empty) if in_place else empty.clone
+    fresh: Callable[[], Tensor] = (lambda: empty) if in_place else empty.clone
     if update and not in_place:
-        running_mean, running_var = running_mean.clone(), running_var.clone()
-    new_mean, new_var = (running_mean, running_var) if update and not in_place else (empty, fresh())
+        running_mean, running_var = cast(Tensor, running_mean).clone(), cast(Tensor, running_var).clone()  # both given
+        new_mean, new_var = running_mean, running_var
+    else:
+        new_mean, new_var = empty, fresh()
     if input.numel() == 0:
         zeros = input.new_zeros(stat_shape(input, virtual_batch_size, batch_stats), dtype=dtype)
         return torch.empty_like(input), zeros, zeros.clone(), fresh(), fresh(), new_mean, new_var
@@ -135,10 +143,11 @@ def run_forward(
         activation="relu" if relu else None,
         residual=residual,
         virtual_batch_size=virtual_batch_size,
-        renorm=None if rmax is None else (rmax, dmax),
+        renorm=None if rmax is None else (rmax, dmax),  # type: ignore[arg-type]  # fastbn.forward checks dmax
         _any_momentum=True,
     )
     if update and in_place:
+        assert running_mean is not None and running_var is not None  # update: fastbn.forward took both
         for buffer in (running_mean, running_var):
             if not buffer.is_inference():
                 torch.autograd.graph.increment_version(buffer)
@@ -155,10 +164,10 @@ def run_forward(
     )
 
 
-_EMPTY = {}
+_EMPTY: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
-def _shared_empty(like, dtype):
+def _shared_empty(like: Tensor, dtype: torch.dtype) -> Tensor:
     """One empty tensor per device and dtype, never written: the placeholder of eager calls."""
     key = (like.device, dtype)
     empty = _EMPTY.get(key)
@@ -210,7 +219,7 @@ def forward_op(
 
 
 @forward_op.register_fake
-def _forward_fake(
+def _forward_fake(  # type: ignore[no-untyped-def]  # torch.library's fake rule
     input,
     weight,
     bias,
@@ -271,8 +280,19 @@ def backward_op(
 
 
 def _run_backward(
-    grad_out, input, weight, saved_mean, saved_invstd, r, d, output, batch_stats, residual, virtual_batch_size, eps
-):
+    grad_out: Tensor,
+    input: Tensor,
+    weight: _Maybe,
+    saved_mean: Tensor,
+    saved_invstd: Tensor,
+    r: Tensor,
+    d: Tensor,
+    output: _Maybe,
+    batch_stats: bool,
+    residual: bool,
+    virtual_batch_size: int | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dtype = _reference.stats_dtype(input.dtype)
     channels = input.shape[1]
     if input.numel() == 0:
@@ -305,7 +325,7 @@ def _run_backward(
 
 
 @backward_op.register_fake
-def _backward_fake(
+def _backward_fake(  # type: ignore[no-untyped-def]  # torch.library's fake rule
     grad_out, input, weight, saved_mean, saved_invstd, r, d, output, batch_stats, residual, virtual_batch_size, eps
 ):
     dtype = _reference.stats_dtype(input.dtype)
@@ -315,7 +335,7 @@ def _backward_fake(
 
 
 # ----------------------------------------------------------------- autograd ---
-def _setup_forward(ctx, inputs, output):
+def _setup_forward(ctx, inputs, output):  # type: ignore[no-untyped-def]  # torch.library's autograd rule
     (
         input,
         weight,
@@ -336,7 +356,7 @@ def _setup_forward(ctx, inputs, output):
     ctx.options = (training or running_mean is None, residual is not None, virtual_batch_size, eps)
 
 
-def gradients(ctx, grad_y, residual_index=5):
+def gradients(ctx: Any, grad_y: _Maybe, residual_index: int = 5) -> tuple[_Maybe, _Maybe, _Maybe, _Maybe]:
     """The forward operator's input gradients from what :func:`_setup_forward` saved.
 
     Shared by the operator's autograd registration and the eager
@@ -354,11 +374,11 @@ def gradients(ctx, grad_y, residual_index=5):
         grads = backward_op(grad_y, input, weight, saved_mean, saved_invstd, r, d, y, *options)
     elif plain(grad_y, input, weight, saved_mean, y):
         if tracked(grad_y, input, weight):  # create_graph, or forward-mode over the backward
-            grads = _EagerBackward.apply(grad_y, input, weight, saved_mean, saved_invstd, r, d, y, *options)
+            grads = _EagerBackward.apply(grad_y, input, weight, saved_mean, saved_invstd, r, d, y, *options)  # type: ignore[no-untyped-call]  # unannotated in torch
         else:
             grads = _run_backward(grad_y, input, weight, saved_mean, saved_invstd, r, d, y, *options)
     else:
-        grads = _Backward.apply(grad_y, input, weight, saved_mean, saved_invstd, r, d, y, *options)
+        grads = _Backward.apply(grad_y, input, weight, saved_mean, saved_invstd, r, d, y, *options)  # type: ignore[no-untyped-call]  # as above
     dx, dweight, dbias, dres = grads
     need = ctx.needs_input_grad
     return (
@@ -369,12 +389,12 @@ def gradients(ctx, grad_y, residual_index=5):
     )
 
 
-def _backward(ctx, grad_y, *_grad_statistics):
+def _backward(ctx, grad_y, *_grad_statistics):  # type: ignore[no-untyped-def]  # torch.library's autograd rule
     dx, dweight, dbias, dres = gradients(ctx, grad_y)
     return dx, dweight, dbias, None, None, dres, None, None, None, None, None, None, None
 
 
-def _setup_backward(ctx, inputs, output):
+def _setup_backward(ctx, inputs, output):  # type: ignore[no-untyped-def]  # torch.library's autograd rule
     (grad_out, input, weight, saved_mean, saved_invstd, r, d, y, batch_stats, residual, virtual_batch_size, eps) = (
         inputs
     )
@@ -382,7 +402,9 @@ def _setup_backward(ctx, inputs, output):
     ctx.options = (batch_stats, residual, virtual_batch_size, eps)
 
 
-def _first_order(saved, options):
+def _first_order(
+    saved: Sequence[Any], options: Sequence[Any]
+) -> Callable[[Tensor, Tensor, _Maybe], tuple[Tensor, Tensor, Tensor, _Maybe]]:
     """The backward as a torch function of ``(grad_out, input, weight)`` (:func:`_reference.backward`).
 
     It recomputes the batch statistics from ``input``, so its derivatives
@@ -393,7 +415,7 @@ def _first_order(saved, options):
     batch_stats, residual, _virtual_batch_size, eps = options
     groups = saved_mean.shape[0] if saved_mean.dim() == 2 else 1
 
-    def first_order(grad_out, input, weight):
+    def first_order(grad_out: Tensor, input: Tensor, weight: _Maybe) -> tuple[Tensor, Tensor, Tensor, _Maybe]:
         dx, dweight, dbias, dres = _reference.backward(
             grad_out,
             input,
@@ -413,12 +435,12 @@ def _first_order(saved, options):
     return first_order
 
 
-def _zeros_for_missing(grads, input):
+def _zeros_for_missing(grads: Sequence[_Maybe], input: Tensor) -> tuple[Tensor, ...]:
     """The incoming gradients of ``(dx, dweight, dbias, dresidual)``, zeros where absent (or an empty dresidual)."""
     channels = input.shape[1]
     likes = (input, None, None, input)
     dtype = _reference.stats_dtype(input.dtype)
-    filled = []
+    filled: list[Tensor] = []
     for grad, like in zip(grads, likes):
         expected = like.shape if like is not None else (channels,)
         if grad is None or tuple(grad.shape) != tuple(expected):
@@ -427,34 +449,42 @@ def _zeros_for_missing(grads, input):
     return tuple(filled)
 
 
-def _second_order(saved, options, grads):
+def _second_order(saved: Sequence[Any], options: Sequence[Any], grads: Sequence[_Maybe]) -> tuple[_Maybe, ...]:
     """The vector-Jacobian product of the backward: gradients of ``(grad_out, input, weight)``."""
     grad_out, input, weight = saved[:3]
     first_order = _first_order(saved, options)
     cotangents = _zeros_for_missing(grads, input)
     if weight is None:
-        _, vjp = torch.func.vjp(lambda g, x: first_order(g, x, None), grad_out, input)
+        _, vjp = cast(
+            "tuple[Any, Callable[..., tuple[Tensor, ...]]]",
+            torch.func.vjp(lambda g, x: first_order(g, x, None), grad_out, input),
+        )
         return (*vjp(cotangents), None)
-    _, vjp = torch.func.vjp(first_order, grad_out, input, weight)
+    _, vjp = cast("tuple[Any, Callable[..., tuple[Tensor, ...]]]", torch.func.vjp(first_order, grad_out, input, weight))
     return vjp(cotangents)
 
 
-def _double_backward(ctx, grad_dx, grad_dweight, grad_dbias, grad_dres):
+def _double_backward(ctx, grad_dx, grad_dweight, grad_dbias, grad_dres):  # type: ignore[no-untyped-def]  # torch.library's autograd rule
     g_grad_out, g_input, g_weight = _second_order(
         ctx.saved_tensors, ctx.options, (grad_dx, grad_dweight, grad_dbias, grad_dres)
     )
     return g_grad_out, g_input, g_weight, None, None, None, None, None, None, None, None, None
 
 
-def _jvp_by_vjp(function, primals, tangents):
+def _jvp_by_vjp(
+    function: Callable[..., tuple[_Maybe, ...]], primals: Sequence[Tensor], tangents: Sequence[Tensor]
+) -> tuple[Tensor, ...]:
     """``J @ tangents`` of ``function`` at ``primals``, by two reverse-mode products.
 
     Inside a ``jvp`` torch does not nest forward-mode AD, so the Jacobian-vector
     product is taken as the vjp of the (linear) map ``u -> J^T u``: its
     transpose is ``J``.  Exact, since ``function`` is twice differentiable.
     """
-    outputs, vjp = torch.func.vjp(function, *primals)
-    _, transpose = torch.func.vjp(lambda *u: vjp(u), *(torch.zeros_like(out) for out in outputs))
+    outputs, vjp = cast("tuple[tuple[Tensor, ...], Callable[..., Any]]", torch.func.vjp(function, *primals))
+    _, transpose = cast(
+        "tuple[Any, Callable[..., tuple[Tensor, ...]]]",
+        torch.func.vjp(lambda *u: vjp(u), *(torch.zeros_like(out) for out in outputs)),
+    )
     return transpose(tuple(tangents))
 
 
@@ -470,13 +500,13 @@ class _Backward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_out, input, weight, saved_mean, saved_invstd, r, d, y, *options):
+    def forward(grad_out, input, weight, saved_mean, saved_invstd, r, d, y, *options):  # type: ignore[no-untyped-def]  # autograd.Function's, called by torch
         if plain(grad_out, input, weight, saved_mean, y):
             return _run_backward(grad_out, input, weight, saved_mean, saved_invstd, r, d, y, *options)
         return backward_op(grad_out, input, weight, saved_mean, saved_invstd, r, d, y, *options)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         saved, options = inputs[:8], inputs[8:]
         if not options[1]:  # no residual: dresidual is an empty placeholder
             ctx.mark_non_differentiable(output[3])
@@ -485,14 +515,14 @@ class _Backward(torch.autograd.Function):
         ctx.options = options
 
     @staticmethod
-    def backward(ctx, grad_dx, grad_dweight, grad_dbias, grad_dres):
+    def backward(ctx, grad_dx, grad_dweight, grad_dbias, grad_dres):  # type: ignore[no-untyped-def]  # autograd.Function's, called by torch
         g_grad_out, g_input, g_weight = _second_order(
             ctx.saved_tensors, ctx.options, (grad_dx, grad_dweight, grad_dbias, grad_dres)
         )
         return g_grad_out, g_input, g_weight, None, None, None, None, None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, t_grad_out, t_input, t_weight, *_unused):
+    def jvp(ctx, t_grad_out, t_input, t_weight, *_unused):  # type: ignore[no-untyped-def]  # autograd.Function's, called by torch
         saved = ctx.saved_tensors
         grad_out, input, weight = saved[:3]
         first_order = _first_order(saved, ctx.options)
@@ -515,7 +545,7 @@ class _EagerBackward(torch.autograd.Function):
     """:class:`_Backward` for plain eager tensors, in the ``forward(ctx, ...)`` form (no per-call ``inspect``)."""
 
     @staticmethod
-    def forward(ctx, grad_out, input, weight, saved_mean, saved_invstd, r, d, y, *options):
+    def forward(ctx, grad_out, input, weight, saved_mean, saved_invstd, r, d, y, *options):  # type: ignore[no-untyped-def]  # autograd.Function's, called by torch
         inputs = (grad_out, input, weight, saved_mean, saved_invstd, r, d, y, *options)
         output = _run_backward(*inputs)
         _Backward.setup_context(ctx, inputs, output)
@@ -532,14 +562,14 @@ class _EagerBackward(torch.autograd.Function):
 # arguments are broadcast over B; results are unfolded again.
 
 
-def _batched_first(tensor, dim, size):
+def _batched_first(tensor: Tensor, dim: int | None, size: int) -> Tensor:
     """``tensor`` with the vmapped dimension first (broadcast there if it has none)."""
     if dim is None:
         return tensor.unsqueeze(0).expand((size, *tuple(tensor.shape)))
     return tensor.movedim(dim, 0)
 
 
-def _fold_data(tensor, dim, size):
+def _fold_data(tensor: _Maybe, dim: int | None, size: int) -> _Maybe:
     """``(N, C, ...)`` per vmapped item as ``(N, B*C, ...)``."""
     if tensor is None:
         return None
@@ -547,7 +577,7 @@ def _fold_data(tensor, dim, size):
     return folded.reshape((folded.shape[0], -1, *tuple(folded.shape[3:])))
 
 
-def _fold_channels(tensor, dim, size):
+def _fold_channels(tensor: _Maybe, dim: int | None, size: int) -> _Maybe:
     """``(C,)`` or ``(G, C)`` per vmapped item as ``(B*C,)`` or ``(G, B*C)``; empty stays empty."""
     if tensor is None or (dim is None and tensor.numel() == 0):
         return tensor
@@ -558,11 +588,11 @@ def _fold_channels(tensor, dim, size):
     return folded.reshape(-1).contiguous()
 
 
-def _unfold_data(tensor, size):
+def _unfold_data(tensor: Tensor, size: int) -> tuple[Tensor, int | None]:
     return tensor.reshape((tensor.shape[0], size, tensor.shape[1] // size, *tuple(tensor.shape[2:]))), 1
 
 
-def _unfold_channels(tensor, size):
+def _unfold_channels(tensor: Tensor, size: int) -> tuple[Tensor, int | None]:
     if tensor.numel() == 0:
         return tensor, None
     if tensor.dim() == 2:  # (G, B*C)
@@ -571,7 +601,7 @@ def _unfold_channels(tensor, size):
 
 
 @forward_op.register_vmap
-def _forward_vmap(info, in_dims, input, weight, bias, running_mean, running_var, residual, *options):
+def _forward_vmap(info, in_dims, input, weight, bias, running_mean, running_var, residual, *options):  # type: ignore[no-untyped-def]  # torch.library's vmap rule
     size = info.batch_size
     dims = iter(in_dims)
     input, weight, bias, running_mean, running_var, residual = (
@@ -598,7 +628,7 @@ def _forward_vmap(info, in_dims, input, weight, bias, running_mean, running_var,
 
 
 @backward_op.register_vmap
-def _backward_vmap(info, in_dims, grad_out, input, weight, saved_mean, saved_invstd, r, d, output, *options):
+def _backward_vmap(info, in_dims, grad_out, input, weight, saved_mean, saved_invstd, r, d, output, *options):  # type: ignore[no-untyped-def]  # torch.library's vmap rule
     size = info.batch_size
     dims = iter(in_dims)
     grad_out, input, weight, saved_mean, saved_invstd, r, d, output = (
@@ -640,14 +670,14 @@ def write_running(running_mean: Tensor, running_var: Tensor, new_mean: Tensor, n
 
 
 @write_running.register_fake
-def _write_running_fake(running_mean, running_var, new_mean, new_var):
+def _write_running_fake(running_mean, running_var, new_mean, new_var):  # type: ignore[no-untyped-def]  # torch.library's fake rule
     return None
 
 
 @write_running.register_vmap
-def _write_running_vmap(info, in_dims, running_mean, running_var, new_mean, new_var):
+def _write_running_vmap(info, in_dims, running_mean, running_var, new_mean, new_var):  # type: ignore[no-untyped-def]  # torch.library's vmap rule
     size = info.batch_size
-    targets = []
+    targets: list[tuple[Tensor, Tensor]] = []
     for buffer, buffer_dim, value, value_dim in (
         (running_mean, in_dims[0], new_mean, in_dims[2]),
         (running_var, in_dims[1], new_var, in_dims[3]),

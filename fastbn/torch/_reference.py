@@ -22,27 +22,29 @@ import torch
 __all__ = ["backward", "stats_dtype", "tangent"]
 
 
-def stats_dtype(dtype):
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 input, float32 otherwise (half and bfloat16 included)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _channel(vector, ndim):
+def _channel(vector: torch.Tensor, ndim: int) -> torch.Tensor:
     """A per-channel vector ``(C,)`` shaped to broadcast against ``(N, C, ...)``."""
     return vector.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def _grouped(tensor, groups):
+def _grouped(tensor: torch.Tensor, groups: int) -> torch.Tensor:
     """``(N, C, ...)`` as ``(G, N / G, C, ...)``: one slice per ghost batch."""
     return tensor.reshape((groups, tensor.shape[0] // groups, *tuple(tensor.shape[1:])))
 
 
-def _group_dims(ndim):
+def _group_dims(ndim: int) -> list[int]:
     """The dimensions of a grouped ``(G, n, C, ...)`` tensor that statistics reduce over."""
     return [1, *list(range(3, ndim + 1))]
 
 
-def _group_stats(xg, saved_mean, saved_invstd, batch_stats, eps):
+def _group_stats(
+    xg: torch.Tensor, saved_mean: torch.Tensor, saved_invstd: torch.Tensor, batch_stats: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and invstd broadcastable against grouped ``xg``: from ``xg`` (differentiably) or the saved ones."""
     if batch_stats:
         var, mean = torch.var_mean(xg, dim=_group_dims(xg.dim() - 1), correction=0, keepdim=True)
@@ -51,20 +53,37 @@ def _group_stats(xg, saved_mean, saved_invstd, batch_stats, eps):
     return saved_mean.reshape(shape), saved_invstd.reshape(shape)
 
 
-def _sum_channels(tensor):
+def _sum_channels(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a grouped ``(G, n, C, ...)`` tensor to ``(C,)``."""
     return tensor.sum(dim=[0, *_group_dims(tensor.dim() - 1)])
 
 
-def _factors(r, d, ndim):
+def _factors(
+    r: torch.Tensor | None, d: torch.Tensor | None, ndim: int
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
     """Renorm's ``r`` and ``d`` broadcast against a grouped tensor, or (1, 0) without renorm."""
     if r is None or r.numel() == 0:
         return None, None
+    assert d is not None  # renorm's r and d come together
     shape = (1, 1, -1) + (1,) * (ndim - 2)
     return r.reshape(shape), d.reshape(shape)
 
 
-def backward(grad_out, x, weight, saved_mean, saved_invstd, r, d, output, *, batch_stats, eps, groups, residual):
+def backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    saved_mean: torch.Tensor,
+    saved_invstd: torch.Tensor,
+    r: torch.Tensor | None,
+    d: torch.Tensor | None,
+    output: torch.Tensor | None,
+    *,
+    batch_stats: bool,
+    eps: float,
+    groups: int,
+    residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The gradients ``(dx, dweight, dbias, dresidual)`` of batch norm, in torch.
 
     Parameters
@@ -116,7 +135,7 @@ def backward(grad_out, x, weight, saved_mean, saved_invstd, r, d, output, *, bat
     xhat = (xg - mean) * invstd
     r, d = _factors(r, d, x.dim())
     w = 1.0 if weight is None else _channel(weight.to(dtype), x.dim()).unsqueeze(0)
-    scaled = xhat if r is None else r * xhat + d
+    scaled = xhat if r is None else r * xhat + d  # type: ignore[operator]  # d is a tensor where r is (_factors)
     h = gg * w if r is None else gg * (w * r)
     if batch_stats:
         dims = _group_dims(x.dim())
@@ -128,7 +147,22 @@ def backward(grad_out, x, weight, saved_mean, saved_invstd, r, d, output, *, bat
     return dx, _sum_channels(gg * scaled), _sum_channels(gg), dres
 
 
-def tangent(x, tx, weight, tweight, tbias, tresidual, saved_mean, saved_invstd, r, d, output, *, batch_stats, groups):
+def tangent(
+    x: torch.Tensor,
+    tx: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    tweight: torch.Tensor | None,
+    tbias: torch.Tensor | None,
+    tresidual: torch.Tensor | None,
+    saved_mean: torch.Tensor,
+    saved_invstd: torch.Tensor,
+    r: torch.Tensor | None,
+    d: torch.Tensor | None,
+    output: torch.Tensor | None,
+    *,
+    batch_stats: bool,
+    groups: int,
+) -> torch.Tensor:
     """The forward-mode derivative (jvp) of the output, given the inputs' tangents (None for zero).
 
     With the notation of :func:`backward`, in training (per ghost batch)
@@ -152,7 +186,7 @@ def tangent(x, tx, weight, tweight, tbias, tresidual, saved_mean, saved_invstd, 
             t_xhat = r * t_xhat
         total = total + (t_xhat if weight is None else _channel(weight.to(dtype), x.dim()).unsqueeze(0) * t_xhat)
     if tweight is not None:
-        scaled = xhat if r is None else r * xhat + d
+        scaled = xhat if r is None else r * xhat + d  # type: ignore[operator]  # as in backward
         total = total + _channel(tweight.to(dtype), x.dim()).unsqueeze(0) * scaled
     if tbias is not None:
         total = total + _channel(tbias.to(dtype), x.dim()).unsqueeze(0)

@@ -30,6 +30,8 @@ import threading
 import time
 import types
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, overload
 
 import numba
 import numba.core.caching
@@ -41,7 +43,7 @@ from fastbn.backends import sources_hash
 try:
     import fcntl
 except ImportError:  # Windows: cache writes are not locked across processes (Numba's own behaviour)
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # no module there: checked before each use
 
 #: Compilation and cache events of the CPU kernels (see the module docstring).
 log = logging.getLogger("fastbn.compile")
@@ -64,7 +66,15 @@ FASTMATH = frozenset({"reassoc", "contract", "nsz"})
 ELEMENTWISE_FASTMATH = frozenset(FASTMATH & {"nsz"})
 
 
-def kernel(func=None, *, parallel=True):
+@overload
+def kernel(func: Callable[..., Any], *, parallel: bool = True) -> Any: ...
+
+
+@overload
+def kernel(func: None = None, *, parallel: bool = True) -> Callable[[Callable[..., Any]], Any]: ...
+
+
+def kernel(func: Callable[..., Any] | None = None, *, parallel: bool = True) -> Any:
     """Compile ``func`` lazily with Numba, cached on disk when possible.
 
     Parameters
@@ -100,7 +110,7 @@ def kernel(func=None, *, parallel=True):
     return dispatcher
 
 
-def serial_twin(dispatcher):
+def serial_twin(dispatcher: Any) -> Any:
     """The kernel behind ``dispatcher`` compiled again with ``parallel=False``: its ``prange`` loops run on
     the calling thread, with no launch on the threading layer.
 
@@ -131,7 +141,7 @@ _INTERNAL = ("fastbn.", "numba.", "numba_cuda.", "contextlib")
 _NO_DIRECTORY = "caching unavailable: no writable cache directory"
 
 
-def _user_stacklevel():
+def _user_stacklevel() -> int:
     """The stack level of the first frame outside fastbn and Numba, as ``warnings.warn`` counts from its caller."""
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL):
@@ -139,25 +149,25 @@ def _user_stacklevel():
     return level
 
 
-def _warn(message):
+def _warn(message: str) -> None:
     """Warn once per process about the kernel cache (later problems are only logged)."""
     if not _warned.is_set():
         _warned.set()
         warnings.warn(f"fastbn: {message}", KernelCacheWarning, stacklevel=_user_stacklevel())
 
 
-def _warn_once(exc):
+def _warn_once(exc: BaseException) -> None:
     _warn(
         f"the kernel cache on disk failed ({type(exc).__name__}: {exc}); kernels that cannot use it are "
         "compiled without it (set NUMBA_CACHE_DIR to a writable directory)"
     )
 
 
-def _numba_cache_dir():
+def _numba_cache_dir() -> str:
     return numba.config.CACHE_DIR or os.environ.get("NUMBA_CACHE_DIR", "")
 
 
-def _check_cache_directory(dispatcher):
+def _check_cache_directory(dispatcher: Any) -> None:
     """At a kernel's compilation: warn once if it has no cache directory, or not the one NUMBA_CACHE_DIR names."""
     if _warned.is_set():
         return
@@ -195,15 +205,15 @@ _OPTIONAL = {"z": "residual", "m": "ReLU mask", "dres": "residual gradient", "nt
 
 
 @functools.cache
-def _parameters(py_func):
+def _parameters(py_func: Callable[..., Any]) -> tuple[str, ...]:
     return tuple(inspect.signature(py_func).parameters)
 
 
-def _name(dispatcher):
+def _name(dispatcher: Any) -> str:
     return f"{dispatcher.py_func.__module__.rsplit('.', 1)[-1]}.{dispatcher.py_func.__name__}"
 
 
-def _describe(py_func, args):
+def _describe(py_func: Callable[..., Any], args: Sequence[Any]) -> str:
     """A kernel signature in words: the data's dtype and kernel layout, and which optional inputs are arrays.
 
     The data is x or dy, else the parameters (the per-channel kernels take float64 statistics beside
@@ -220,7 +230,7 @@ def _describe(py_func, args):
     return ", ".join(words)
 
 
-def _record(event, dispatcher, args, **fields):
+def _record(event: str, dispatcher: Any, args: Iterable[Any], **fields: Any) -> dict[str, Any]:
     extra = {
         "fastbn_event": event,
         "fastbn_kernel": _name(dispatcher),
@@ -231,25 +241,25 @@ def _record(event, dispatcher, args, **fields):
     return extra
 
 
-def _cache_path(dispatcher):
+def _cache_path(dispatcher: Any) -> str | None:
     cache = dispatcher._cache
     return getattr(cache._cache, "_cache_path", None) if isinstance(cache, _FallbackCache) else None
 
 
-def _compile_reason(dispatcher):
+def _compile_reason(dispatcher: Any) -> str:
     cache = dispatcher._cache
     if isinstance(cache, _FallbackCache):
         return cache.miss_reason or "not in the disk cache"
     return getattr(dispatcher, "_fastbn_uncached", None) or "not cached on disk"
 
 
-class _CompileLog(numba.core.event.Listener):
+class _CompileLog(numba.core.event.Listener):  # type: ignore[misc]  # Numba is not followed: Any
     """Logs the compilations of fastbn's kernels (Numba's ``numba:compile`` events, under its compiler lock)."""
 
-    def __init__(self):
-        self._started = {}
+    def __init__(self) -> None:
+        self._started: dict[tuple[int, tuple[Any, ...]], float] = {}
 
-    def notify(self, event):
+    def notify(self, event: Any) -> None:
         try:
             super().notify(event)
         except Exception:
@@ -258,13 +268,13 @@ class _CompileLog(numba.core.event.Listener):
             log.debug("logging a compilation failed", exc_info=True)
 
     @staticmethod
-    def _ours(event):
+    def _ours(event: Any) -> bool:
         dispatcher = event.data["dispatcher"]
         return hasattr(dispatcher, "_fastbn_uncached") or isinstance(
             getattr(dispatcher, "_cache", None), _FallbackCache
         )
 
-    def on_start(self, event):
+    def on_start(self, event: Any) -> None:
         if not self._ours(event):
             return
         dispatcher, args = event.data["dispatcher"], tuple(event.data["args"])
@@ -280,7 +290,7 @@ class _CompileLog(numba.core.event.Listener):
         )
         log.debug("signature of %s: %s", _name(dispatcher), args)
 
-    def on_end(self, event):
+    def on_end(self, event: Any) -> None:
         if not self._ours(event):
             return
         dispatcher, args = event.data["dispatcher"], tuple(event.data["args"])
@@ -328,22 +338,23 @@ class _FallbackCache:
     not a cache fault: it propagates, and the cache is left as it is.
     """
 
-    def __init__(self, dispatcher, cache):
+    def __init__(self, dispatcher: Any, cache: Any) -> None:
         self._dispatcher = dispatcher
         self._cache = cache
-        self.miss_reason = None  # why the last load found nothing, in words (logged when the kernel compiles)
+        # Why the last load found nothing, in words (logged when the kernel compiles).
+        self.miss_reason: str | None = None
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._cache, name)
 
-    def _give_up(self, exc, why="the cache failed"):
+    def _give_up(self, exc: BaseException, why: str = "the cache failed") -> None:
         _warn_once(exc)
         self._dispatcher._cache = numba.core.caching.NullCache()
         self._dispatcher._fastbn_uncached = (
             f"{why} ({type(exc).__name__}: {exc}); caching is off for this kernel in this process"
         )
 
-    def load_overload(self, sig, target_context):
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
         self.miss_reason = None
         try:
             result = self._cache.load_overload(sig, target_context)
@@ -374,19 +385,19 @@ class _FallbackCache:
             )
         return result
 
-    def save_overload(self, sig, data):
+    def save_overload(self, sig: Any, data: Any) -> None:
         try:
             self._cache.save_overload(sig, data)
         except Exception as exc:  # any cache fault: run uncached
             self._give_up(exc)
 
 
-def _backend_sources_hash():
+def _backend_sources_hash() -> bytes:
     """SHA-256 of every source file of the CPU backend, in name order (:func:`fastbn.backends.sources_hash`)."""
     return sources_hash(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _stamp_with_backend_sources(dispatcher):
+def _stamp_with_backend_sources(dispatcher: Any) -> None:
     """Key the kernel's disk cache on all of the backend's sources, not only its own file.
 
     Numba invalidates a cached kernel when the source file of the kernel
@@ -399,7 +410,7 @@ def _stamp_with_backend_sources(dispatcher):
         dispatcher._cache._cache_file._source_stamp = _backend_sources_hash()
 
 
-class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):
+class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):  # type: ignore[misc]  # Numba is not followed: Any
     """Numba's index and data files, each payload preceded by its SHA-256 and checked on every load.
 
     Numba unpickles a data file and links the machine code inside it as it
@@ -428,12 +439,12 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):
     _DIGEST = hashlib.sha256().digest_size
     VERSION_TAG = "+fastbn-sha256"
     LOCK_NAME = "fastbn.lock"
-    miss_reason = None
-    _index_state = None
+    miss_reason: str | None = None
+    _index_state: str | None = None
 
     @contextlib.contextmanager
-    def _locked(self, exclusive):
-        fd = None
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        fd: int | None = None
         if fcntl is not None:
             path = os.path.join(self._cache_path, self.LOCK_NAME)
             for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
@@ -451,15 +462,15 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):
             if fd is not None:
                 os.close(fd)  # releases the lock
 
-    def save(self, key, data):
+    def save(self, key: Any, data: Any) -> None:
         with self._locked(exclusive=True):
             super().save(key, data)
 
-    def flush(self):
+    def flush(self) -> None:
         with self._locked(exclusive=True):
             super().flush()
 
-    def load(self, key):
+    def load(self, key: Any) -> Any:
         # Numba's load, under the shared lock, noting why nothing was found.
         with self._locked(exclusive=False):
             self.miss_reason = None
@@ -474,7 +485,7 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):
                 self.miss_reason = "the cache index names a data file that is missing"
                 return None
 
-    def _why_missing(self, key, overloads):
+    def _why_missing(self, key: Any, overloads: dict[Any, Any]) -> str:
         if self._index_state == "stale":
             return "cache stale: fastbn's CPU backend sources changed since it was written"
         if self._index_state == "version":
@@ -486,17 +497,17 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):
                 return "cache entry stale: the kernel's code changed"
         return "no cache entry yet"
 
-    def _dump(self, obj):
-        payload = super()._dump(obj)
+    def _dump(self, obj: Any) -> bytes:
+        payload: bytes = super()._dump(obj)
         return hashlib.sha256(payload).digest() + payload
 
-    def _verified(self, data, path):
+    def _verified(self, data: bytes, path: str) -> bytes:
         digest, payload = data[: self._DIGEST], data[self._DIGEST :]
         if hashlib.sha256(payload).digest() != digest:
             raise ValueError(f"checksum mismatch in {path} (a truncated or corrupt cache file)")
         return payload
 
-    def _load_index(self):
+    def _load_index(self) -> dict[Any, Any]:
         # Numba's _load_index, with the payload verified before it is unpickled.
         self._index_state = "missing"
         try:
@@ -508,6 +519,7 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):
         if version != self._version:
             self._index_state = "version"
             return {}
+        overloads: dict[Any, Any]
         stamp, overloads = pickle.loads(self._verified(data, self._index_path))
         if stamp != self._source_stamp:
             self._index_state = "stale"
@@ -515,14 +527,14 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):
         self._index_state = "ok"
         return overloads
 
-    def _load_data(self, name):
+    def _load_data(self, name: str) -> Any:
         path = self._data_path(name)
         with open(path, "rb") as f:  # an OSError here is Numba's "index names a missing file": a miss
             data = f.read()
         return pickle.loads(self._verified(data, path))
 
 
-def _verify_cache_files(dispatcher):
+def _verify_cache_files(dispatcher: Any) -> None:
     """Checksum the kernel's cache files (:class:`_VerifiedCacheFile`), where Numba's layout is the known one."""
     try:
         cache_file = dispatcher._cache._cache_file
@@ -533,12 +545,12 @@ def _verify_cache_files(dispatcher):
         cache_file._version = f"{cache_file._version}{_VerifiedCacheFile.VERSION_TAG}"
 
 
-def inline(func):
+def inline(func: Callable[..., Any]) -> Any:
     """Compile a small helper that kernels call; inlined into them at Numba's level."""
     return numba.njit(fastmath=set(FASTMATH), inline="always")(func)
 
 
-def reduction(func):
+def reduction(func: Callable[..., Any]) -> Any:
     """Compile a per-run reduction once per signature, as a function of its own, with fast-math.
 
     Every kernel that reduces runs calls the same compiled copy: inlined at
@@ -558,12 +570,12 @@ def reduction(func):
     return numba.njit(fastmath=set(FASTMATH))(func)
 
 
-def elementwise(func):
+def elementwise(func: Callable[..., Any]) -> Any:
     """Compile an elementwise helper or coefficient formula without 'reassoc' and 'contract' (see above)."""
     return numba.njit(fastmath=set(ELEMENTWISE_FASTMATH))(func)
 
 
-def exact(func):
+def exact(func: Callable[..., Any]) -> Any:
     """Compile a merge without fast-math (LLVM still inlines it): every caller gets the same bits.
 
     ``fastmath=False`` is explicit because Numba otherwise lets a callee

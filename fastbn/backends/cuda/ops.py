@@ -27,6 +27,9 @@ override is the CPU backend's only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
 from fastbn.backends import Backend
@@ -36,17 +39,17 @@ from fastbn.backends.cuda import plan as launch
 __all__ = ["BACKEND", "CudaBackend"]
 
 
-def _check_no_plan(plan):
+def _check_no_plan(plan: Mapping[str, Any] | None) -> None:
     if plan is not None:
         raise ValueError("_plan: only the CPU backend takes a plan override")
 
 
-def _parameter(value, fallback):
+def _parameter(value: Any, fallback: Any) -> tuple[Any, bool]:
     """A per-channel array and whether it was given (kernels take a dummy array and a flag)."""
     return (fallback, False) if value is None else (value, True)
 
 
-def _statistics(layout, x_flat, groups=1):
+def _statistics(layout: views.Layout, x_flat: Any, groups: int = 1) -> tuple[Any, Any, Any, Any]:
     """Launch the statistics reduction; return the float64 partials and pivots (per group and channel)."""
     slots = groups * layout.channels
     reduction = launch.ReductionPlan(layout.rows, layout.outer, layout.channels, layout.inner, groups)
@@ -60,7 +63,18 @@ def _statistics(layout, x_flat, groups=1):
     return partial_count, partial_mean, partial_m2, pivot
 
 
-def _normalize_given(x, axis, dtype, mean, var, weight, bias, eps, relu=False, residual=None):
+def _normalize_given(
+    x: Any,
+    axis: int,
+    dtype: Any,
+    mean: Any,
+    var: Any,
+    weight: Any,
+    bias: Any,
+    eps: float,
+    relu: bool = False,
+    residual: Any = None,
+) -> tuple[Any, Any, Any]:
     """Normalise with given statistics: ``(y, saved_mean, saved_invstd)``, saved_mean a copy of ``mean``."""
     layout = views.Layout(x, axis)
     residual_access = None if residual is None else layout.same(residual, "residual")
@@ -110,7 +124,7 @@ class CudaBackend(Backend):
     sync = None  # synchronised batch norm is CPU-only so far
 
     # -- the caller's arrays -------------------------------------------------
-    def for_call(self, arrays):
+    def for_call(self, arrays: Sequence[tuple[str, Any]]) -> Backend:
         """This backend, running on the input's device and stream with its framework's allocator.
 
         See :func:`fastbn.backends.cuda.context.for_call` (which raises
@@ -118,15 +132,15 @@ class CudaBackend(Backend):
         """
         return context.Bound(self, context.for_call(arrays))
 
-    def to_backend(self, obj, name):
+    def to_backend(self, obj: Any, name: str) -> Any:
         """``obj`` as a numba device array, without a copy (see :func:`fastbn.backends.cuda.views.to_device`)."""
         return views.to_device(obj, name)
 
-    def restorer(self, like):
+    def restorer(self, like: Any) -> Callable[[Any], Any]:
         """A function turning device arrays into ``like``'s kind (see :func:`fastbn.backends.cuda.views.restorer`)."""
         return views.restorer(like)
 
-    def from_host(self, array):
+    def from_host(self, array: Any) -> Any:
         """A device copy of the host NumPy array ``array``."""
         array = np.ascontiguousarray(array)
         device = context.device_array(array.shape, array.dtype)
@@ -137,23 +151,23 @@ class CudaBackend(Backend):
     # -- the public operations -----------------------------------------------
     def forward_batch(
         self,
-        x,
-        axis,
-        dtype,
-        weight,
-        bias,
-        eps,
-        running_mean,
-        running_var,
-        momentum,
-        update,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        running_mean: Any,
+        running_var: Any,
+        momentum: float,
+        update: bool,
         *,
-        relu=False,
-        residual=None,
-        renorm=None,
-        groups=1,
-        plan=None,
-    ):
+        relu: bool = False,
+        residual: Any = None,
+        renorm: tuple[float, float] | None = None,
+        groups: int = 1,
+        plan: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, Any, Any, Any, Any]:
         """Normalise with batch statistics; update running stats (in place, on the device) if ``update``.
 
         Parameters
@@ -253,8 +267,20 @@ class CudaBackend(Backend):
         return y, views.grouped(saved_mean, groups, channels), views.grouped(saved_invstd, groups, channels), r, d
 
     def forward_eval(
-        self, x, axis, dtype, weight, bias, eps, running_mean, running_var, *, relu=False, residual=None, plan=None
-    ):
+        self,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        running_mean: Any,
+        running_var: Any,
+        *,
+        relu: bool = False,
+        residual: Any = None,
+        plan: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, Any, Any]:
         """Normalise with the running statistics; returns ``(y, mean, invstd)``.
 
         ``relu`` and ``residual`` as in :meth:`forward_batch`.  ``mean`` is a
@@ -263,12 +289,24 @@ class CudaBackend(Backend):
         _check_no_plan(plan)
         return _normalize_given(x, axis, dtype, running_mean, running_var, weight, bias, eps, relu, residual)
 
-    def normalize(self, x, axis, dtype, mean, var, weight, bias, eps, *, plan=None):
+    def normalize(
+        self,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        mean: Any,
+        var: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        *,
+        plan: Mapping[str, Any] | None = None,
+    ) -> Any:
         """``(x - mean) / sqrt(var + eps) * weight + bias`` per channel."""
         _check_no_plan(plan)
         return _normalize_given(x, axis, dtype, mean, var, weight, bias, eps)[0]
 
-    def moments(self, x, axis, dtype, *, plan=None):
+    def moments(self, x: Any, axis: int, dtype: Any, *, plan: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
         """Per-channel mean and biased variance, in ``dtype``, as device arrays."""
         _check_no_plan(plan)
         layout = views.Layout(x, axis)
@@ -281,22 +319,22 @@ class CudaBackend(Backend):
 
     def backward(
         self,
-        dy,
-        x,
-        axis,
-        dtype,
-        weight,
-        mean,
-        invstd,
-        batch_stats,
+        dy: Any,
+        x: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        mean: Any,
+        invstd: Any,
+        batch_stats: bool,
         *,
-        y=None,
-        dresidual=False,
-        r=None,
-        d=None,
-        groups=1,
-        plan=None,
-    ):
+        y: Any = None,
+        dresidual: bool = False,
+        r: Any = None,
+        d: Any = None,
+        groups: int = 1,
+        plan: Mapping[str, Any] | None = None,
+    ) -> tuple[Any, Any, Any, Any]:
         """Gradients ``(dx, dweight, dbias, dres)``; the training formula if ``batch_stats``.
 
         Parameters
@@ -407,7 +445,60 @@ class CudaBackend(Backend):
             )
         return dx, dweight, dbias, dres
 
-    def fold(self, layer_weight, layer_bias, running_mean, running_var, weight, bias, eps, axis):
+    # -- weights and masks: CPU only so far (refused before any call) ------------
+    def weighted_moments(self, x: Any, w: Any, axis: int) -> tuple[Any, Any, Any]:
+        """Not on the CUDA backend yet: raises NotImplementedError."""
+        raise NotImplementedError
+
+    def weighted_forward(
+        self,
+        x: Any,
+        w: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        running_mean: Any,
+        running_var: Any,
+        momentum: float,
+        update: bool,
+        *,
+        relu: bool,
+        residual: Any,
+    ) -> tuple[Any, Any, Any, Any]:
+        """Not on the CUDA backend yet: raises NotImplementedError."""
+        raise NotImplementedError
+
+    def weighted_backward(
+        self,
+        dy: Any,
+        x: Any,
+        w: Any,
+        wsum: Any,
+        axis: int,
+        dtype: Any,
+        weight: Any,
+        mean: Any,
+        invstd: Any,
+        *,
+        y: Any = None,
+        dresidual: bool = False,
+    ) -> tuple[Any, Any, Any, Any]:
+        """Not on the CUDA backend yet: raises NotImplementedError."""
+        raise NotImplementedError
+
+    def fold(
+        self,
+        layer_weight: Any,
+        layer_bias: Any,
+        running_mean: Any,
+        running_var: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        axis: int,
+    ) -> tuple[Any, Any]:
         """Batch norm folded into the layer before it, with the normalize kernels.
 
         ``s * W`` is normalize of ``W`` (channel axis ``axis``) with mean 0,

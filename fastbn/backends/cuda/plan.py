@@ -16,8 +16,11 @@ simulator tests check every launch against it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn.backends.cuda import context
 from fastbn.backends.cuda.elementwise import (
@@ -81,17 +84,18 @@ MAX_ELEMENTWISE_BLOCKS = 8192
 MAX_GROUPS_PER_LAUNCH = 65535
 
 #: Tests set this to a list to record every launch as (kernel name, grid, block, args).
-LAUNCH_LOG = None
+LAUNCH_LOG: list[tuple[str, Any, Any, tuple[Any, ...]]] | None = None
 #: With LAUNCH_LOG set, the stream of each launch, in the same order.
-LAUNCH_STREAMS: list = []
+LAUNCH_STREAMS: list[Any] = []
 
 
 # ------------------------------------------------------------- launching ---
-def _name(dispatcher):
-    return getattr(dispatcher, "py_func", dispatcher).__name__
+def _name(dispatcher: Any) -> str:
+    name: str = getattr(dispatcher, "py_func", dispatcher).__name__
+    return name
 
 
-def _launch(dispatcher, grid, block, *args):
+def _launch(dispatcher: Any, grid: Any, block: Any, *args: Any) -> None:
     """Launch on the current call's stream (:func:`fastbn.backends.cuda.context.launch_stream`)."""
     stream = context.launch_stream()
     if LAUNCH_LOG is not None:
@@ -100,19 +104,21 @@ def _launch(dispatcher, grid, block, *args):
     dispatcher[grid, block, stream](*args)
 
 
-def _threads():
+def _threads() -> int:
     threads = int(THREADS_PER_BLOCK)
     if threads % WARP_SIZE or not WARP_SIZE <= threads <= MAX_THREADS:
         raise ValueError(f"THREADS_PER_BLOCK must be a multiple of {WARP_SIZE} in [{WARP_SIZE}, {MAX_THREADS}]")
     return threads
 
 
-def _channel_grid(channels):
+def _channel_grid(channels: int) -> tuple[int, int]:
     threads = min(_threads(), channels)  # no shuffles here, so any block size will do
     return (channels + threads - 1) // threads, threads
 
 
-def _elementwise_grid(size, channels=1, inner=1, groups=1, elements=4):
+def _elementwise_grid(
+    size: int, channels: int = 1, inner: int = 1, groups: int = 1, elements: int = 4
+) -> tuple[tuple[int, int], int, int, int]:
     """Grid, block, ``slab`` and ``period`` of an elementwise launch (:mod:`fastbn.backends.cuda.elementwise`).
 
     Each thread is meant to take about two inner-loop iterations of
@@ -163,10 +169,10 @@ REDUCTION_WAVES = 2
 THREADS_PER_MULTIPROCESSOR = 2048
 #: The multiprocessors assumed where the device cannot say (Numba's simulator).
 SIMULATED_MULTIPROCESSORS = 8
-_MULTIPROCESSORS = {}
+_MULTIPROCESSORS: dict[int, int] = {}
 
 
-def multiprocessors():
+def multiprocessors() -> int:
     """The current device's multiprocessor count (cached per device), or SIMULATED_MULTIPROCESSORS."""
     from fastbn.backends.cuda import target
 
@@ -179,7 +185,7 @@ def multiprocessors():
     return _MULTIPROCESSORS[key]
 
 
-def _target_blocks(threads):
+def _target_blocks(threads: int) -> int:
     """Blocks of a reduction's grid: REDUCTION_WAVES waves of resident blocks of ``threads`` threads."""
     return max(1, int(REDUCTION_WAVES) * multiprocessors() * max(1, int(THREADS_PER_MULTIPROCESSOR) // threads))
 
@@ -224,7 +230,9 @@ class ReductionPlan:
         (:meth:`launches`).
     """
 
-    def __init__(self, layout_is_rows, outer, channels, inner, groups=1, blocks=None):
+    def __init__(
+        self, layout_is_rows: bool, outer: int, channels: int, inner: int, groups: int = 1, blocks: int | None = None
+    ) -> None:
         threads = _threads()
         items = max(1, int(ITEMS_PER_THREAD))
         max_splits = max(1, int(MAX_SPLITS))
@@ -265,25 +273,35 @@ class ReductionPlan:
             self.block = (threads, 1)
         self.grid = (columns, self.splits, self._per_launch)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"ReductionPlan(grid={self.grid}, block={self.block}, splits={self.splits}, chunk={self.chunk}, "
             f"width={self.width}, col_chunk={self.col_chunk}, col_splits={self.col_splits}, "
             f"rows_inner={self.rows_inner}, groups={self.groups})"
         )
 
-    def launches(self):
+    def launches(self) -> Iterator[tuple[tuple[int, int, int], int]]:
         """The launches that cover every group: ``(grid, first_group)`` pairs."""
         columns, splits, _ = self.grid
         for first in range(0, self.groups, self._per_launch):
             yield (columns, splits, min(self._per_launch, self.groups - first)), first
 
-    def slab_shape(self):
+    def slab_shape(self) -> tuple[int, int, int, int, bool]:
         """The SLAB kernels' split arguments: ``(width, row_chunk, col_chunk, col_splits, rows_inner)``."""
         return self.width, self.row_chunk, self.col_chunk, self.col_splits, bool(self.rows_inner)
 
 
-def stats(plan, layout_is_rows, x, channels, inner, partial_count, partial_mean, partial_m2, pivot):
+def stats(
+    plan: ReductionPlan,
+    layout_is_rows: bool,
+    x: Any,
+    channels: int,
+    inner: int,
+    partial_count: Any,
+    partial_mean: Any,
+    partial_m2: Any,
+    pivot: Any,
+) -> None:
     """Launch the statistics reduction: per-block partials (float64) and pivots, per group and channel."""
     stats_slab, stats_rows = stats_kernels(accumulator(x.dtype))
     group_size = x.size // plan.groups
@@ -296,20 +314,20 @@ def stats(plan, layout_is_rows, x, channels, inner, partial_count, partial_mean,
 
 
 def backward_reduce(
-    plan,
-    layout_is_rows,
-    dy,
-    x,
-    y,
-    mean,
-    channels,
-    inner,
-    partial_sum_dy,
-    partial_dotp,
+    plan: ReductionPlan,
+    layout_is_rows: bool,
+    dy: Any,
+    x: Any,
+    y: Any,
+    mean: Any,
+    channels: int,
+    inner: int,
+    partial_sum_dy: Any,
+    partial_dotp: Any,
     *,
-    masked=False,
-    eval_dx=None,
-):
+    masked: bool = False,
+    eval_dx: tuple[Any, ...] | None = None,
+) -> None:
     """Launch the backward reduction: per-block partial sum_dy and dotp (float64), per group and channel.
 
     With ``masked`` the gradient is dy where y > 0, else 0; otherwise ``y`` is
@@ -322,6 +340,7 @@ def backward_reduce(
     instead of two).  ``weight`` and ``r`` are read only with their flags,
     ``dres`` written only with ``write_dres`` (pass any array of the type).
     """
+    eval_args: Sequence[Any]
     if eval_dx is None:
         reduce_slab, reduce_rows = backward_reduce_kernels(accumulator(x.dtype), bool(masked))
         # The eval arguments are not read: any arrays of their types will do.
@@ -341,7 +360,20 @@ def backward_reduce(
             _launch(reduce_slab, grid, plan.block, *arrays, *shape, *partials)
 
 
-def normalize_flat(x, z, channels, inner, groups, mean, scale, shift, y, *, relu=False, residual=False):
+def normalize_flat(
+    x: Any,
+    z: Any,
+    channels: int,
+    inner: int,
+    groups: int,
+    mean: Any,
+    scale: Any,
+    shift: Any,
+    y: Any,
+    *,
+    relu: bool = False,
+    residual: bool = False,
+) -> None:
     """Launch y = act((x - mean) * scale + shift [+ z]) over flat layout-ordered arrays.
 
     The coefficients hold ``groups * channels`` entries (virtual channels).
@@ -353,8 +385,22 @@ def normalize_flat(x, z, channels, inner, groups, mean, scale, shift, y, *, relu
 
 
 def backward_elementwise_flat(
-    dy, x, y, channels, inner, groups, mean, mean_dy, k, scale, dx, dres, *, masked=False, write_dres=False
-):
+    dy: Any,
+    x: Any,
+    y: Any,
+    channels: int,
+    inner: int,
+    groups: int,
+    mean: Any,
+    mean_dy: Any,
+    k: Any,
+    scale: Any,
+    dx: Any,
+    dres: Any,
+    *,
+    masked: bool = False,
+    write_dres: bool = False,
+) -> None:
     """Launch dx = (g - mean_dy - (x - mean) * k) * scale over flat arrays; dres = g if ``write_dres``.
 
     g is dy, or with ``masked`` dy where y > 0 and 0 elsewhere.  ``y`` and
@@ -384,13 +430,13 @@ def backward_elementwise_flat(
     )
 
 
-def gather_flat(source, start, shape, strides, destination):
+def gather_flat(source: Any, start: int, shape: tuple[int, ...], strides: tuple[int, ...], destination: Any) -> None:
     """Launch the strided-to-contiguous copy (shape and strides already padded to GATHER_RANK)."""
     grid, block, _, _ = _elementwise_grid(destination.size)
     _launch(gather, grid[0], block, source, start, shape, strides, destination)
 
 
-def launch_per_channel(dispatcher, channels, *args):
+def launch_per_channel(dispatcher: Any, channels: int, *args: Any) -> None:
     """Launch one of the one-thread-per-channel kernels of :mod:`fastbn.backends.cuda.numerics`."""
     _launch(dispatcher, *_channel_grid(channels), *args)
 
@@ -399,7 +445,7 @@ def launch_per_channel(dispatcher, channels, *args):
 _FLAGS = (False, True)
 
 
-def signatures(dtype):
+def signatures(dtype: npt.DTypeLike) -> list[tuple[str, Any, tuple[Any, ...]]]:
     """Every kernel the backend launches for input of ``dtype``, with its argument types.
 
     Per-channel arrays and inputs are the contiguous 1-D arrays the backend

@@ -55,8 +55,12 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn._frameworks import missing_dependency
 from fastbn._layout import c_strides  # re-exported: the CUDA modules take it from here
@@ -87,7 +91,7 @@ else:
         raise missing_dependency("fastbn's CUDA backend", "numba-cuda", "cuda")
     try:
         from numba import cuda  # the CUDA target; see the module docstring before changing it
-        from numba.cuda import types
+        from numba.cuda import types  # type: ignore[no-redef]  # numba-cuda-mlir's branch above defines it too
     except ImportError as exc:
         raise missing_dependency(
             "fastbn's CUDA backend", f"numba-cuda, which did not import ({exc})", "cuda", exc
@@ -95,7 +99,7 @@ else:
     _PACKAGE = "numba.cuda"
 
 
-def _submodule(name):
+def _submodule(name: str) -> ModuleType:
     """The target's module ``name`` (e.g. ``"cudadrv.driver"``), numba-cuda's or numba-cuda-mlir's copy."""
     return importlib.import_module(f"{_PACKAGE}.{name}")
 
@@ -137,7 +141,7 @@ SIMULATOR = bool(getattr(cuda.config, "ENABLE_CUDASIM", False))
 NAME = "numba-cuda-mlir" if MLIR else "numba-cuda (simulator)" if SIMULATOR else "numba-cuda"
 
 
-def is_available():
+def is_available() -> bool:
     """True if kernels can run: a usable GPU and driver, or the simulator."""
     return SIMULATOR or bool(cuda.is_available())
 
@@ -147,7 +151,7 @@ def is_available():
 warnings.filterwarnings("ignore", message=r"Grid size .* will likely result in GPU under-utilization")
 
 
-def kernel(func):
+def kernel(func: Callable[..., Any]) -> Any:
     """Make ``func`` a CUDA kernel, compiled lazily for each argument-type signature, cached on disk.
 
     The cache is numba-cuda's (``cuda.jit(cache=True)``: next to the
@@ -170,12 +174,12 @@ def kernel(func):
     return dispatcher
 
 
-def _backend_sources_hash():
+def _backend_sources_hash() -> bytes:
     """SHA-256 of every source file of the CUDA backend, in name order (read once per process)."""
     return sources_hash(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _stamp_with_backend_sources(dispatcher):
+def _stamp_with_backend_sources(dispatcher: Any) -> None:
     """Key a kernel's disk cache on all of the backend's sources, not only its own file.
 
     Numba drops a cached kernel when the kernel's own source file changes,
@@ -199,14 +203,14 @@ class _GuardedCache:
     logged on ``fastbn.compile`` with the reason.
     """
 
-    def __init__(self, dispatcher, cache):
+    def __init__(self, dispatcher: Any, cache: Any) -> None:
         self._dispatcher = dispatcher
         self._cache = cache
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._cache, name)
 
-    def load_overload(self, sig, target_context):
+    def load_overload(self, sig: Any, target_context: Any) -> Any:
         try:
             return self._cache.load_overload(sig, target_context)
         except MemoryError:
@@ -217,7 +221,7 @@ class _GuardedCache:
                 self._cache.flush()
             return None
 
-    def save_overload(self, sig, data):
+    def save_overload(self, sig: Any, data: Any) -> None:
         try:
             self._cache.save_overload(sig, data)
         except MemoryError:
@@ -236,7 +240,7 @@ _log = logging.getLogger("fastbn.compile")
 _FIRST_USE = "first use in this process (loaded from the disk cache if there)"
 
 
-def _log_compilations(dispatcher):
+def _log_compilations(dispatcher: Any) -> None:
     """Announce each compilation of ``dispatcher`` on the ``fastbn.compile`` logger, as the CPU kernels do.
 
     The INFO lines name the kernel, the argument types and the reason (not
@@ -249,7 +253,7 @@ def _log_compilations(dispatcher):
     """
     compile_ = dispatcher.compile
 
-    def compile(sig):
+    def compile(sig: Any) -> Any:
         overloads = getattr(dispatcher, "overloads", {})
         if not (isinstance(sig, tuple) and sig not in overloads and _log.isEnabledFor(logging.INFO)):
             return compile_(sig)
@@ -280,7 +284,7 @@ def _log_compilations(dispatcher):
     dispatcher.compile = compile
 
 
-def named_kernel(name):
+def named_kernel(name: str) -> Callable[[Callable[..., Any]], Any]:
     """Decorator: :func:`kernel`, under the Python name ``name`` (its name in launches and PTX).
 
     The kernel generators compile one variant of a kernel per option set;
@@ -288,14 +292,14 @@ def named_kernel(name):
     launch log tell them apart.
     """
 
-    def decorate(func):
+    def decorate(func: Callable[..., Any]) -> Any:
         func.__name__ = func.__qualname__ = name
         return kernel(func)
 
     return decorate
 
 
-def device_function(func):
+def device_function(func: Callable[..., Any]) -> Any:
     """Make ``func`` callable from kernels.
 
     ``inline="always"`` inlines it into the caller at Numba IR level, before
@@ -306,7 +310,7 @@ def device_function(func):
     return cuda.jit(device=True, inline="always")(func)
 
 
-def device_array(shape, dtype):
+def device_array(shape: int | tuple[int, ...], dtype: npt.DTypeLike) -> Any:
     """Allocate an uninitialised device array."""
     if SIMULATOR:
         return _SimDeviceArray(np.empty(shape, dtype))
@@ -319,7 +323,7 @@ _FULL_MASK = 0xFFFFFFFF
 if not SIMULATOR:
 
     @device_function
-    def shfl_down(value, delta):
+    def shfl_down(value: Any, delta: Any) -> Any:
         """The ``value`` of lane ``laneid + delta`` of this warp (all 32 lanes take part)."""
         return cuda.shfl_down_sync(_FULL_MASK, value, delta)
 
@@ -330,12 +334,14 @@ else:
     # calls): a thread posts its value for its k-th call, then waits for the
     # source lane's k-th value.  A source outside the warp or block returns the
     # caller's own value, as on hardware.
-    _boards = weakref.WeakKeyDictionary()
+    _boards: weakref.WeakKeyDictionary[Any, tuple[threading.Condition, dict[tuple[int, int], Any]]] = (
+        weakref.WeakKeyDictionary()
+    )
     _boards_lock = threading.Lock()
 
-    def shfl_down(value, delta):
+    def shfl_down(value: Any, delta: Any) -> Any:
         """Simulator emulation of ``cuda.shfl_down_sync(0xFFFFFFFF, value, delta)``."""
-        thread = threading.current_thread()
+        thread: Any = threading.current_thread()  # a simulator thread, with its block and lane
         manager = thread._manager  # the simulator's BlockManager for this block
         with _boards_lock:
             board = _boards.get(manager)
@@ -364,7 +370,7 @@ if not SIMULATOR:
 else:
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _FakeCUDAArray
 
-    class _SimDeviceArray(_FakeCUDAArray):
+    class _SimDeviceArray(_FakeCUDAArray):  # type: ignore[misc]  # the simulator's classes are not followed: Any
         """A simulator device array that exports ``__cuda_array_interface__``.
 
         Simulated device memory is host memory, so the exported pointer is the
@@ -373,7 +379,7 @@ else:
         """
 
         @property
-        def __cuda_array_interface__(self):
+        def __cuda_array_interface__(self) -> dict[str, Any]:
             data = self._ary
             return {
                 "shape": tuple(data.shape),
@@ -384,11 +390,11 @@ else:
                 "stream": None,
             }
 
-        def __getitem__(self, index):
+        def __getitem__(self, index: Any) -> Any:
             result = super().__getitem__(index)
             return _SimDeviceArray(result._ary) if isinstance(result, _FakeCUDAArray) else result
 
-    def _sim_from_interface(desc, owner):
+    def _sim_from_interface(desc: Mapping[str, Any], owner: object) -> _SimDeviceArray:
         dtype = np.dtype(desc["typestr"])
         shape = tuple(desc["shape"])
         strides = desc.get("strides")
@@ -414,17 +420,17 @@ else:
 class _Interface:
     """Carries a hand-made ``__cuda_array_interface__`` and keeps its owner alive."""
 
-    def __init__(self, desc, owner):
+    def __init__(self, desc: dict[str, Any], owner: object) -> None:
         self.__cuda_array_interface__ = desc
         self._owner = owner
 
 
-def is_device_array(obj):
+def is_device_array(obj: object) -> bool:
     """True for this target's own device arrays."""
     return isinstance(obj, _FakeCUDAArray if SIMULATOR else _DeviceNDArray)
 
 
-def as_device_array(obj):
+def as_device_array(obj: Any) -> Any:
     """Zero-copy device array over any object exposing ``__cuda_array_interface__``.
 
     Never synchronises: the call's launches are ordered after the producer's
@@ -438,12 +444,15 @@ def as_device_array(obj):
     return cuda.from_cuda_array_interface(desc, owner=obj, sync=False)
 
 
-def interface(array):
+def interface(array: Any) -> dict[str, Any]:
     """The ``__cuda_array_interface__`` dict of a device array."""
-    return array.__cuda_array_interface__
+    desc: dict[str, Any] = array.__cuda_array_interface__
+    return desc
 
 
-def view(array, shape, strides, offset=0, dtype=None):
+def view(
+    array: Any, shape: Sequence[int], strides: Sequence[int], offset: int = 0, dtype: npt.DTypeLike | None = None
+) -> Any:
     """A zero-copy view of ``array``'s memory with new shape and byte strides.
 
     Parameters
@@ -469,24 +478,25 @@ def view(array, shape, strides, offset=0, dtype=None):
     return cuda.as_cuda_array(_Interface(desc, array), sync=False)
 
 
-def host_view(array):
+def host_view(array: Any) -> npt.NDArray[Any]:
     """Simulator only: the NumPy array that is a simulated device array's memory."""
-    return array._ary
+    memory: npt.NDArray[Any] = array._ary
+    return memory
 
 
-def memset(array, value, nbytes, stream):
+def memset(array: Any, value: int, nbytes: int, stream: Any) -> None:
     """Set the first ``nbytes`` bytes of a device array to the byte ``value``, asynchronously on ``stream``."""
     _submodule("cudadrv.driver").device_memset(array, value, nbytes, stream=stream)
 
 
-def wrap_allocation(block, size):
+def wrap_allocation(block: Any, size: int) -> Any:
     """A 1-D uint8 device array over a raw allocation of the current context (``block`` kept alive by it)."""
     devicearray, driver = _submodule("cudadrv.devicearray"), _submodule("cudadrv.driver")
     memory = driver.MemoryPointer(cuda.current_context(), block.device_pointer, size=size, owner=block)
     return devicearray.DeviceNDArray(shape=(size,), strides=(1,), dtype=np.dtype(np.uint8), gpu_data=memory)
 
 
-def current_device_ordinal():
+def current_device_ordinal() -> int | None:
     """The ordinal of the device whose context is current on this thread, or None if none is (no context made)."""
     driver = _submodule("cudadrv.driver").driver
     if not int(driver.cuCtxGetCurrent()):
@@ -494,7 +504,7 @@ def current_device_ordinal():
     return int(driver.cuCtxGetDevice())
 
 
-def device_of_pointer(pointer):
+def device_of_pointer(pointer: int) -> int:
     """The ordinal of the CUDA device whose memory ``pointer`` points into (unified addressing)."""
     driver = _submodule("cudadrv.driver")
     attribute = driver.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
@@ -502,7 +512,7 @@ def device_of_pointer(pointer):
 
 
 # ----------------------------------------------------- compilation, no GPU ---
-def compile_ptx(func, argtypes, cc):
+def compile_ptx(func: Callable[..., Any], argtypes: Iterable[Any], cc: Iterable[int]) -> str:
     """PTX for kernel ``func`` with argument types ``argtypes`` on compute capability ``cc``.
 
     Runs the target's real NVVM compiler; no GPU or driver is needed (the
@@ -515,11 +525,12 @@ def compile_ptx(func, argtypes, cc):
         import numba_cuda_mlir.tools as mlir_tools
 
         mlir_tools._cached_cc = tuple(cc)
+    ptx: str
     ptx, _ = cuda.compile_ptx(func, tuple(argtypes), cc=tuple(cc))
     return ptx
 
 
-def compiler_paths():
+def compiler_paths() -> dict[str, str]:
     """The files of the compiler that numba-cuda compiles with in this process.
 
     Loads NVVM if it is not loaded yet.
@@ -534,7 +545,7 @@ def compiler_paths():
     return {"nvvm": paths["nvvm"].info, "libdevice": paths["libdevice"].info}
 
 
-def libdevice_beside(nvvm_path):
+def libdevice_beside(nvvm_path: str) -> str | None:
     """The ``libdevice.10.bc`` of the toolkit that the libNVVM at ``nvvm_path`` belongs to, or None.
 
     Every toolkit layout keeps it in ``nvvm/libdevice`` under the toolkit
@@ -550,7 +561,7 @@ def libdevice_beside(nvvm_path):
     return None
 
 
-def _pair_libdevice_with_nvvm():
+def _pair_libdevice_with_nvvm() -> None:
     """Make numba-cuda link the libdevice of the NVVM it loaded.
 
     numba-cuda 0.30 looks for libNVVM and libdevice separately: libNVVM
@@ -563,7 +574,7 @@ def _pair_libdevice_with_nvvm():
     own answer when there is none.
     """
     try:
-        from cuda import pathfinder
+        from cuda import pathfinder  # type: ignore[import-untyped]  # cuda-python has no annotations
         from numba.cuda import cuda_paths
 
         wheel_libdevice = cuda_paths.get_libdevice_wheel_path
@@ -572,14 +583,14 @@ def _pair_libdevice_with_nvvm():
     if getattr(wheel_libdevice, "_fastbn", False):
         return
 
-    def libdevice_of_loaded_nvvm():
+    def libdevice_of_loaded_nvvm() -> str | None:
         try:
             found = libdevice_beside(pathfinder.load_nvidia_dynamic_lib("nvvm").abs_path)
         except Exception:
             found = None
         return found or wheel_libdevice()
 
-    libdevice_of_loaded_nvvm._fastbn = True
+    libdevice_of_loaded_nvvm._fastbn = True  # type: ignore[attr-defined]  # a marker on the function object
     cuda_paths.get_libdevice_wheel_path = libdevice_of_loaded_nvvm
 
 
@@ -587,7 +598,7 @@ if not SIMULATOR and not MLIR:
     _pair_libdevice_with_nvvm()
 
 
-def supported_ccs():
+def supported_ccs() -> list[tuple[int, ...]] | None:
     """The compute capabilities the installed toolkit compiles for, or None if unknown."""
     try:
         nvrtc = _submodule("cudadrv.nvrtc")
@@ -596,10 +607,10 @@ def supported_ccs():
         return None
 
 
-def toolkit_version():
+def toolkit_version() -> str:
     """The CUDA toolkit version of the installed compiler libraries, as a string ("13.5"), or "unknown"."""
     try:
-        from cuda.bindings import nvjitlink
+        from cuda.bindings import nvjitlink  # type: ignore[import-untyped]  # cuda-python has no annotations
 
         return ".".join(str(part) for part in nvjitlink.version())
     except Exception:

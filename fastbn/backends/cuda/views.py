@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn import _layout
 from fastbn._frameworks import framework_of
@@ -30,7 +34,7 @@ __all__ = ["FlatAccess", "Layout", "byte_strides", "grouped", "restorer", "split
 
 
 # ------------------------------------------------------------ conversion ---
-def to_device(obj, name):
+def to_device(obj: Any, name: str) -> Any:
     """Return ``obj`` as a numba device array, without copying (None stays None).
 
     Parameters
@@ -67,7 +71,7 @@ def to_device(obj, name):
     )
 
 
-def restorer(like):
+def restorer(like: Any) -> Callable[[Any], Any]:
     """Return a function turning result device arrays into the kind of ``like``.
 
     A PyTorch tensor ``like`` gives tensors on its device (``torch.as_tensor``)
@@ -84,7 +88,8 @@ def restorer(like):
         device = like.device
         return lambda array: _torch_result(module, array, device)
     if framework == "cupy" and module is not None:
-        return module.asarray
+        asarray: Callable[[Any], Any] = module.asarray
+        return asarray
     # Numba arrays: bound to the call's stream, so that a later call (backward on forward's output) and
     # any consumer of the interface's stream field are ordered after the kernels that write them.
     stream = context.current().stream
@@ -93,7 +98,7 @@ def restorer(like):
     return lambda array: array.bind(stream)
 
 
-def _torch_result(torch, array, device):
+def _torch_result(torch: ModuleType, array: Any, device: Any) -> Any:
     """A fastbn result as a view of the torch tensor its memory came from (torch's caching allocator).
 
     ``torch.as_tensor`` of the device array would wrap the memory in a tensor
@@ -125,7 +130,7 @@ def _torch_result(torch, array, device):
     return typed.as_strided(tuple(array.shape), tuple(s // dtype.itemsize for s in strides), offset // dtype.itemsize)
 
 
-_TORCH_DTYPES = {
+_TORCH_DTYPES: dict[str, Callable[[ModuleType], Any]] = {
     "float16": lambda torch: torch.float16,
     "float32": lambda torch: torch.float32,
     "float64": lambda torch: torch.float64,
@@ -133,7 +138,7 @@ _TORCH_DTYPES = {
 
 
 # --------------------------------------------------------------- layouts ---
-def byte_strides(array):
+def byte_strides(array: Any) -> tuple[int, ...]:
     """The byte strides of a device array (its interface omits them when it is C-contiguous)."""
     strides = target.interface(array).get("strides")
     if strides is None:
@@ -161,7 +166,7 @@ class FlatAccess:
         message starts with ``name``.  Raised here, before any launch.
     """
 
-    def __init__(self, array, order, name):
+    def __init__(self, array: Any, order: Sequence[int], name: str) -> None:
         self.array = array
         shape = tuple(array.shape)
         self.size = math.prod(shape)
@@ -176,7 +181,7 @@ class FlatAccess:
         # neighbours that are contiguous with each other: fewer dimensions
         # for the gather kernel to divide the index by.
         dims = [(shape[d], strides[d] // itemsize) for d in order if shape[d] != 1]
-        merged = []
+        merged: list[tuple[int, int]] = []
         for extent, stride in dims:
             if merged and merged[-1][1] == stride * extent:
                 merged[-1] = (merged[-1][0] * extent, stride)
@@ -194,7 +199,7 @@ class FlatAccess:
         self.low = sum(min(0, s * (e - 1)) for e, s in merged)
         self.high = sum(max(0, s * (e - 1)) for e, s in merged)
 
-    def flat(self):
+    def flat(self) -> Any:
         """The contiguous 1-D array of the elements in this order (launches a gather if needed)."""
         itemsize = np.dtype(self.array.dtype).itemsize
         if self.contiguous:
@@ -226,7 +231,7 @@ class Layout:
         How x reaches the kernels.
     """
 
-    def __init__(self, x, axis):
+    def __init__(self, x: Any, axis: int) -> None:
         shape = tuple(x.shape)
         self.shape = shape
         self.axis = axis
@@ -244,11 +249,11 @@ class Layout:
             self.outer, _, self.inner = _layout.kernel_shape(kind, shape, axis)
         self.x_access = FlatAccess(x, self.order, "x")
 
-    def same(self, array, name):
+    def same(self, array: Any, name: str) -> FlatAccess:
         """How ``array`` (shaped like x) reaches the kernels in this layout's order."""
         return FlatAccess(array, self.order, name)
 
-    def empty(self, dtype):
+    def empty(self, dtype: npt.DTypeLike) -> tuple[Any, Any]:
         """An output shaped like x in this layout's memory order, and its flat view."""
         itemsize = np.dtype(dtype).itemsize
         flat = context.device_array(math.prod(self.shape), dtype)
@@ -259,12 +264,12 @@ class Layout:
         return target.view(flat, self.shape, tuple(strides)), flat
 
 
-def vector(array, name):
+def vector(array: Any, name: str) -> FlatAccess:
     """How a statistics array, (C,) or ghost batch norm's (G, C), reaches the kernels as a flat 1-D input."""
     return FlatAccess(array, list(range(len(array.shape))), name)
 
 
-def grouped(flat, groups, channels):
+def grouped(flat: Any, groups: int, channels: int) -> Any:
     """A flat (G C,) result as the (G, C) array of ghost batch norm; as it is when G = 1."""
     if groups == 1:
         return flat
@@ -272,7 +277,7 @@ def grouped(flat, groups, channels):
     return target.view(flat, (groups, channels), (channels * itemsize, itemsize))
 
 
-def split(buffer, channels, *counts):
+def split(buffer: Any, channels: int, *counts: int) -> list[Any]:
     """Consecutive 1-D slices of ``buffer``, the k-th ``counts[k] * channels`` long.
 
     One allocation for all of a call's per-channel arrays: a device
