@@ -1,11 +1,14 @@
-"""Shared pytest configuration: the Hypothesis profiles used by every property test, and a check of xdist's groups.
+"""Shared pytest configuration: the Hypothesis profiles used by every property test, a check of xdist's
+groups, and the suite's own size and time for the README (``FASTBN_SUITE_REPORT``).
 
 `ci` (the default) keeps the whole suite within a few minutes on 2 cores with a cold Numba
 cache; `dev` explores more.  Pick one with HYPOTHESIS_PROFILE=dev.
 """
 
 import gc
+import glob
 import os
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -70,3 +73,54 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_setup(item):
     if _UNGROUPED in item.stash:
         pytest.fail(item.stash[_UNGROUPED], pytrace=False)
+
+
+# ------------------------------------------------------------------ the suite's size and time ---
+_SUITE_REPORT = "FASTBN_SUITE_REPORT"
+_started = pytest.StashKey[tuple[float, int]]()
+
+
+def _cache_indexes():
+    """How many Numba cache index files exist for fastbn's kernels now (0: every kernel compiles)."""
+    import fastbn
+
+    roots = [os.path.dirname(fastbn.__file__), os.environ.get("NUMBA_CACHE_DIR", "")]
+    return sum(len(glob.glob(os.path.join(root, "**", "*.nbi"), recursive=True)) for root in roots if root)
+
+
+def pytest_sessionstart(session):
+    if os.environ.get(_SUITE_REPORT) and not hasattr(session.config, "workerinput"):
+        session.config.stash[_started] = (time.monotonic(), _cache_indexes())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """With ``FASTBN_SUITE_REPORT=FILE``, write the run's size and time to FILE (the README's section).
+
+    Only for a run of the whole suite (the configured test paths, no ``-k`` or ``-m``) that passed,
+    on the controller of an xdist run; otherwise it says why it wrote nothing.
+    """
+    path = os.environ.get(_SUITE_REPORT)
+    if not path or hasattr(config, "workerinput") or _started not in config.stash:
+        return
+    whole = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    if not whole or config.option.keyword or config.option.markexpr or exitstatus != 0:
+        terminalreporter.write_line(f"{_SUITE_REPORT}: not written (only a passing run of the whole suite is reported)")
+        return
+    from fastbn.backends.cpu.machine import machine
+
+    start, indexes = config.stash[_started]
+    seconds = time.monotonic() - start
+    counts = {key: len(terminalreporter.stats.get(key, [])) for key in ("passed", "skipped", "xfailed")}
+    workers = getattr(config.option, "numprocesses", None) or 0
+    cache = "an empty kernel cache (every kernel compiled)" if indexes == 0 else f"{indexes} kernel cache indexes"
+    text = (
+        f"{sum(counts.values())} tests ({counts['passed']} passed, {counts['skipped']} skipped, "
+        f"{counts['xfailed']} expected failures) in {int(seconds // 60)} min {int(seconds % 60)} s, "
+        f"on {machine().describe()}, with {workers or 'no'} pytest-xdist workers, from {cache}, "
+        f"on {time.strftime('%Y-%m-%d')}.\n\n"
+        f"Measured by the README's test command with `{_SUITE_REPORT}={path}` set (tests/conftest.py).\n"
+    )
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    terminalreporter.write_line(f"{_SUITE_REPORT}: wrote {path}")

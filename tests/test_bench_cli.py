@@ -464,3 +464,29 @@ def test_roofline_copies_copy_and_each_row_takes_the_fastest_bandwidth_that_boun
     assert roofline.row_bandwidth("moments", beyond) == (30.0, "prange read, beyond the LLC")  # reading only
     assert roofline.best_copy(beyond) == ("prange copy, non-temporal stores", 20.0)
     assert roofline.copy_bytes(32 << 20) == 256 << 20 and roofline.copy_bytes(105 << 20, memory=4 << 30) == 256 << 20
+
+
+def test_bench_torch_writes_the_readme_fragment_it_is_spliced_from(tmp_path, monkeypatch):
+    """``bench-torch`` writes, by default, the file the README's generated section is copied from."""
+    pytest.importorskip("torch")
+    import argparse
+
+    import torch
+
+    from fastbn.backends.cpu.machine import machine
+    from fastbn.tools import bench_torch, readme
+
+    parser = argparse.ArgumentParser()
+    bench_torch.add_parser(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["bench-torch"]).out == os.path.join(*readme.FRAGMENTS["bench-torch"].path.split("/"))
+
+    monkeypatch.setattr(bench_torch, "CASES", [case for case in bench_torch.CASES if case[1] == (32, 64)])
+    out = tmp_path / "results" / "bench_torch.md"
+    assert bench_torch.run(argparse.Namespace(rounds=1, seconds=0.001, threads=0, out=str(out))) == 0
+    lines = out.read_text().splitlines()
+    assert f"torch {torch.__version__}" in lines[0] and machine().describe() in lines[0], lines[0]
+    rows = [line.split(" | ") for line in lines if line.startswith("| forward")]
+    assert [row[0] for row in rows] == ["| forward, training", "| forward+backward, training"], lines
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[5]) > 0 and row[6].endswith("x |"), row
+    assert lines[-1] == "Measured by `python -m fastbn bench-torch`."

@@ -423,3 +423,46 @@ def test_blocks_parse_as_fenced():
     python, shell = readme_blocks(text)
     assert python == Block("python", "Part", 3, "# not a heading\na = 1\n")
     assert shell.first_line == "echo hi" and shell.heading == "Part"
+
+
+def test_suite_report_is_written_only_for_a_passing_run_of_the_whole_suite(tmp_path):
+    """``FASTBN_SUITE_REPORT`` (tests/conftest.py): the README's suite size and time come from a real run.
+
+    A stand-in project with this suite's conftest and three tests (one skipped) runs on two xdist
+    workers: the whole run writes the counts, the workers and the machine; a ``-k`` selection or a
+    failing run writes nothing.
+    """
+    from fastbn.backends.cpu.machine import machine
+
+    project = tmp_path / "project"
+    (project / "t").mkdir(parents=True)
+    (project / "pyproject.toml").write_text('[tool.pytest.ini_options]\ntestpaths = ["t"]\n')
+    shutil.copy(ROOT / "tests" / "conftest.py", project / "t" / "conftest.py")
+    tests = project / "t" / "test_stand_in.py"
+    tests.write_text(
+        "import os, pytest\n"
+        "def test_a(): pass\n"
+        "def test_b(): assert not os.environ.get('FAIL')\n"
+        "@pytest.mark.skip(reason='stand-in')\n"
+        "def test_c(): pass\n"
+    )
+    report = tmp_path / "suite.md"
+
+    def run(*args, **env):
+        environ = dict(os.environ, FASTBN_SUITE_REPORT=str(report), PYTHONPATH=str(ROOT), **env)
+        command = [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", *args]
+        return subprocess.run(command, cwd=project, env=environ, capture_output=True, text=True, timeout=300)
+
+    proc = run()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = report.read_text()
+    assert text.startswith("3 tests (2 passed, 1 skipped, 0 expected failures) in 0 min "), text
+    assert f"on {machine().describe()}, with 2 pytest-xdist workers" in text, text
+    assert text.endswith(
+        f"Measured by the README's test command with `FASTBN_SUITE_REPORT={report}` set (tests/conftest.py).\n"
+    )
+    report.unlink()
+    for args, env in (((), {"FAIL": "1"}), (("-k", "test_a"), {}), (("t/test_stand_in.py",), {})):
+        proc = run(*args, **env)
+        assert "FASTBN_SUITE_REPORT: not written" in proc.stdout, proc.stdout
+        assert not report.exists()

@@ -12,6 +12,7 @@ an older checkout on ``PYTHONPATH`` gives the before/after comparison.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -87,8 +88,6 @@ def _callables(case: _Case) -> tuple[Callable[[], None], Callable[[], None]]:
 
 def run(args: argparse.Namespace) -> int:
     """Time every case; print a Markdown table (and write it to ``--out``)."""
-    import platform
-
     try:
         import torch
     except ModuleNotFoundError as exc:
@@ -97,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
     import fastbn
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    print(f"fastbn {fastbn.__version__} from {os.path.dirname(fastbn.__file__)}")
     lines = [
-        f"fastbn.torch against torch.nn.functional.batch_norm, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__} on {torch.get_num_threads()} threads, fastbn from {fastbn.__file__}; "
-        f"median of {args.rounds} rounds.",
+        f"fastbn.torch {fastbn.__version__} against torch.nn.functional.batch_norm (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads) on {_machine()}; per call, the median of {args.rounds} rounds.",
         "",
         "| call | shape | dtype | layout | fastbn.torch us | torch us | torch / fastbn |",
         "|---|---|---|---|---|---|---|",
@@ -120,10 +119,23 @@ def run(args: argparse.Namespace) -> int:
     lines += ["", "Measured by `python -m fastbn bench-torch`."]
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        with open(args.out, "w") as handle:
+    if args.out:  # the README's fragment (python -m fastbn readme splices it in)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
+        print(f"\nWrote {args.out}")
     return 0
+
+
+def _machine() -> str:
+    """The CPU as the plan sees it (model, cores, caches); the platform's name from a fastbn that lacks it."""
+    try:
+        from fastbn.backends.cpu.machine import machine
+    except ImportError:  # an older checkout on PYTHONPATH
+        import platform
+
+        return platform.processor() or platform.machine()
+    return machine().describe()
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -136,7 +148,11 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=1.5, help="time budget per row and library")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
-    parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument(
+        "--out",
+        default=os.path.join("bench", "results", "bench_torch.md"),
+        help="also write the table here (default bench/results/bench_torch.md, the README's; '' for none)",
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ NAME          fragment                            written by
 ============  ==================================  ================================================
 bench         bench/results/README_snippet.md     ``python -m fastbn bench --out bench/results``
 startup       bench/results/startup.md            ``python -m fastbn startup``
+bench-torch   bench/results/bench_torch.md        ``python -m fastbn bench-torch``
+suite         docs/test_suite.md                  ``FASTBN_SUITE_REPORT=docs/test_suite.md bash .ci/run``
+                                                  (the README's test command; tests/conftest.py)
 mlp           docs/train_mlp_results.md           ``python examples/train_mlp.py --summary
                                                   docs/train_mlp_results.md``
 conventions   docs/conventions.md                 ``python -m fastbn conventions --out
@@ -46,6 +49,8 @@ class Fragment(NamedTuple):
 FRAGMENTS = {
     "bench": Fragment("bench/results/README_snippet.md", "python -m fastbn bench --out bench/results"),
     "startup": Fragment("bench/results/startup.md", "python -m fastbn startup"),
+    "bench-torch": Fragment("bench/results/bench_torch.md", "python -m fastbn bench-torch"),
+    "suite": Fragment("docs/test_suite.md", "FASTBN_SUITE_REPORT=docs/test_suite.md bash .ci/run"),
     "mlp": Fragment("docs/train_mlp_results.md", "python examples/train_mlp.py --summary docs/train_mlp_results.md"),
     "conventions": Fragment("docs/conventions.md", "python -m fastbn conventions --out docs/conventions.md"),
 }
