@@ -574,7 +574,8 @@ def _pair_libdevice_with_nvvm() -> None:
     own answer when there is none.
     """
     try:
-        from cuda import pathfinder  # type: ignore[import-untyped]  # cuda-python has no annotations
+        # By name: cuda-python has no annotations, and mypy given tests/ would take tests/cuda for it.
+        pathfinder = importlib.import_module("cuda.pathfinder")
         from numba.cuda import cuda_paths
 
         wheel_libdevice = cuda_paths.get_libdevice_wheel_path
@@ -610,7 +611,7 @@ def supported_ccs() -> list[tuple[int, ...]] | None:
 def toolkit_version() -> str:
     """The CUDA toolkit version of the installed compiler libraries, as a string ("13.5"), or "unknown"."""
     try:
-        from cuda.bindings import nvjitlink  # type: ignore[import-untyped]  # cuda-python has no annotations
+        nvjitlink = importlib.import_module("cuda.bindings.nvjitlink")  # by name, as cuda.pathfinder above
 
         return ".".join(str(part) for part in nvjitlink.version())
     except Exception:
