@@ -405,6 +405,55 @@ def test_opinfo_sample_forward_ad_through_running_stats_like_torch(dtype, index)
     _assert_same_failure(fast, reference, "forward AD through running_mean")
 
 
+COW_CASES = [case for case in OP_CASES if case.values[0] in (torch.float32, torch.bfloat16)]
+
+
+def _cow_call(function, sample):
+    """Run forward and backward on copy-on-write clones of a sample (``torch._lazy_clone``, as torch's
+    test_cow_input does); return which positional arguments and output gradients lost their sharing
+    (were materialized) in forward and in backward, or the exception raised."""
+    x, args, _ = _clone_args(sample)
+    inputs = [x, *args]
+    cows = [torch._lazy_clone(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+    cow = torch._C._is_cow_tensor
+    lost = {"forward": [], "backward": []}
+    try:
+        out = function(*cows, **sample.kwargs)
+        lost["forward"] = [i for i, t in enumerate(cows) if isinstance(t, torch.Tensor) and not cow(t)]
+        leaves = [t for t in cows if isinstance(t, torch.Tensor) and t.requires_grad]
+        if leaves and out.requires_grad:
+            grad_out = torch._lazy_clone(torch.ones_like(out))
+            torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+            lost["backward"] = [i for i, t in enumerate(cows) if isinstance(t, torch.Tensor) and not cow(t)]
+            lost["backward"] += ["grad_output"] if not cow(grad_out) else []
+    except Exception as exc:
+        return exc
+    return lost
+
+
+@pytest.mark.parametrize("dtype, index", COW_CASES)
+def test_opinfo_sample_leaves_copy_on_write_inputs_shared_like_torch(dtype, index):
+    """torch's TestCompositeCompliance.test_cow_input: an operator must read copy-on-write inputs
+    without materializing them (copying the shared memory), in forward and in backward, except the
+    arguments the OpInfo lists (for batch norm the running statistics, positions 1 and 2, which
+    training writes).  torch's F.batch_norm holds to it; so must fastbn."""
+    sample = samples(dtype)[index]
+    allowed = {
+        "forward": set(OPINFO.allow_cow_input_materialize_forward or ()),
+        "backward": set(OPINFO.allow_cow_input_materialize_backward or ()),
+    }
+    assert OPINFO.supports_cow_input_no_materialize_forward and OPINFO.supports_cow_input_no_materialize_backward
+    reference, fast = _cow_call(F.batch_norm, sample), _cow_call(fbt.batch_norm, sample)
+    if _assert_same_failure(fast, reference, "copy-on-write inputs"):
+        return
+    for phase in ("forward", "backward"):
+        assert not set(reference[phase]) - allowed[phase], f"torch itself materializes {reference[phase]}"
+        assert not set(fast[phase]) - allowed[phase], (
+            f"fastbn materializes copy-on-write argument(s) {sorted(set(fast[phase]) - allowed[phase], key=str)} "
+            f"in {phase} (torch: {reference[phase]})"
+        )
+
+
 ERROR_CASES = (
     [pytest.param(index, id=str(index)) for index, _ in enumerate(OPINFO.error_inputs(DEVICE))]
     if OPINFO.error_inputs_func is not None

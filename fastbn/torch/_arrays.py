@@ -3,27 +3,37 @@ general path's backward in :mod:`fastbn.torch._ops`), and the small backward the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fastbn import _api
+from fastbn.backends.cpu import views
 
-__all__ = ["array", "small_backward"]
+__all__ = ["array", "is_cow", "small_backward"]
 
 _TYPES = (torch.Tensor, torch.nn.Parameter)
 _functorch = torch._C._functorch
 _DTYPES = (torch.float32, torch.float64, torch.float16)
+#: Whether a tensor is copy-on-write (a ``torch._lazy_clone``) and not yet materialized.
+is_cow: Callable[[torch.Tensor], bool] = torch._C._is_cow_tensor  # type: ignore[attr-defined]  # not in torch's stubs
 
 
-def array(tensor: torch.Tensor | None) -> Any:
-    """A NumPy view of a tensor the lane takes (None stays None), or False."""
+def array(tensor: torch.Tensor | None, written: bool = False) -> Any:
+    """A NumPy view of a tensor the lane takes (None stays None), or False.
+
+    ``written``: the lane writes into it (running statistics in training),
+    so a copy-on-write tensor is given its own memory first, as torch does.
+    """
     if tensor is None:
         return None
     if type(tensor) not in _TYPES or not tensor.is_cpu or tensor.dtype not in _DTYPES or tensor.is_neg():
         return False
     if _functorch.is_functorch_wrapped_tensor(tensor) or _functorch.is_legacy_batchedtensor(tensor):
         return False  # vmap, grad, jvp transforms: the general path's operators handle them
+    if not written and is_cow(tensor):
+        return views.cow_view(tensor)  # read without copying a copy-on-write tensor's memory
     try:
         return tensor.detach().numpy() if tensor.requires_grad else tensor.numpy()
     except (RuntimeError, TypeError):  # no storage (a wrapper subclass, a functional tensor), conj/neg views

@@ -35,8 +35,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import fastbn
+from fastbn.backends.cpu import views
 from fastbn.torch import _reference
-from fastbn.torch._arrays import small_backward
+from fastbn.torch._arrays import is_cow, small_backward
 
 Tensor = torch.Tensor
 #: A tensor, or None for an absent one (a weight, a gradient).
@@ -56,6 +57,19 @@ def stat_shape(input: Tensor, virtual_batch_size: int | None, batch_stats: bool)
 def _host_or_device(tensor: Tensor) -> npt.NDArray[Any] | Tensor:
     """A saved tensor as fastbn's backend keeps it: a NumPy view on the CPU, the tensor itself on a GPU."""
     return tensor.numpy() if tensor.device.type == "cpu" else tensor
+
+
+def _read_only(tensor: _Maybe) -> Any:
+    """A running statistic that is only read (eval), as fastbn's kernels may take it.
+
+    A copy-on-write CPU tensor becomes a read-only NumPy view, which leaves
+    its memory shared (what torch's own batch norm does in eval); anything
+    else is passed as it is.  In training the statistics are written, and go
+    the writable way.
+    """
+    if tensor is not None and tensor.device.type == "cpu" and is_cow(tensor):
+        return views.cow_view(tensor)
+    return tensor
 
 
 def _as_tensor(value: Any, like: Tensor) -> Tensor:
@@ -134,8 +148,8 @@ def run_forward(
         input,
         weight,
         bias,
-        running_mean=running_mean,
-        running_var=running_var,
+        running_mean=running_mean if update else _read_only(running_mean),
+        running_var=running_var if update else _read_only(running_var),
         training=training,
         momentum=momentum,
         eps=eps,

@@ -50,7 +50,7 @@ def batch_norm(
         return None  # torch refuses it: the general path raises
     if input.is_meta:
         return None
-    arrays = [_array(t) for t in (input, weight, bias, running_mean, running_var)]
+    arrays = [_array(t) for t in (input, weight, bias)] + [_array(t, training) for t in (running_mean, running_var)]
     if any(a is False for a in arrays):
         return None
     for buffer in (running_mean, running_var):

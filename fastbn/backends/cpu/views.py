@@ -51,6 +51,7 @@ __all__ = [
     "ROWS",
     "SLAB",
     "channel_view",
+    "cow_view",
     "empty_like_layout",
     "readonly",
     "restorer",
@@ -82,6 +83,8 @@ def _torch_to_numpy(tensor: Any, name: str) -> npt.NDArray[Any]:
         # NumPy view of its values; an input that is only read is resolved
         # to a copy, while running statistics must stay the caller's memory.
         tensor = tensor.detach().resolve_neg()
+    if name not in _UPDATED_IN_PLACE and torch._C._is_cow_tensor(tensor):
+        return cow_view(tensor)
     try:
         # detach() shares memory and drops requires_grad, which numpy() refuses;
         # numpy() keeps the tensor's strides (channels_last included).
@@ -92,6 +95,46 @@ def _torch_to_numpy(tensor: Any, name: str) -> npt.NDArray[Any]:
         return cast(npt.NDArray[Any], tensor.detach().numpy())
     except (RuntimeError, TypeError) as exc:  # sparse, quantized, conj/neg views
         raise TypeError(f"{name}: this torch tensor cannot be viewed as a NumPy array ({exc})") from None
+
+
+class _ConstBuffer:
+    """A tensor's memory as NumPy's array interface, read-only; it keeps the tensor alive (the view's base)."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+    def __init__(self, tensor: Any, typestr: str) -> None:
+        self.tensor = tensor
+        itemsize = tensor.element_size()
+        self.__array_interface__ = {
+            "shape": tuple(tensor.shape),
+            "typestr": typestr,
+            # const_data_ptr: the address without claiming write access, which
+            # would make torch copy a copy-on-write tensor's shared memory.
+            "data": (tensor.const_data_ptr(), True),
+            "strides": tuple(stride * itemsize for stride in tensor.stride()),
+            "version": 3,
+        }
+
+
+def cow_view(tensor: Any) -> npt.NDArray[Any]:
+    """A read-only NumPy view of a CPU tensor that leaves a copy-on-write tensor shared.
+
+    ``tensor.numpy()`` (like ``data_ptr()``, ``__array__`` and DLPack) asks
+    torch for writable memory, and a copy-on-write tensor (``torch._lazy_clone``,
+    what some torch operations return) answers by copying it, its sharing
+    lost: torch's own operators read such inputs without that copy, and so
+    does fastbn, through the address for reading.  The view is read-only,
+    which the kernels' inputs are anyway (:func:`readonly`, :func:`vector`).
+    For inputs only: running statistics that fastbn updates take the
+    writable path, and torch copies them before the write, as it must.
+    """
+    torch = sys.modules["torch"]
+    if tensor.dtype == torch.bfloat16:
+        return cast(npt.NDArray[Any], np.asarray(_ConstBuffer(tensor, "<i2")).view(_bfloat16()))
+    typestr = {torch.float16: "<f2", torch.float32: "<f4", torch.float64: "<f8"}.get(tensor.dtype)
+    if typestr is None:  # other dtypes: the ordinary view (validation names what is wrong with them)
+        return cast(npt.NDArray[Any], tensor.detach().numpy())
+    return np.asarray(_ConstBuffer(tensor, typestr))
 
 
 def _jax_to_numpy(array: Any, name: str) -> npt.NDArray[Any]:
