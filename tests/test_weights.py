@@ -317,3 +317,22 @@ def test_an_empty_batch_on_every_process_is_an_empty_batch():
     assert dx.shape == x.shape and not np.shares_memory(dweight, dbias)
     np.testing.assert_array_equal(dweight, 0)
     np.testing.assert_array_equal(dbias, 0)
+
+
+def test_a_backend_without_weighted_kernels_inherits_ones_that_raise():
+    """The CUDA backend has no weighted kernels (the public functions refuse weights there first); the
+    Backend protocol's default methods, which it inherits, raise NotImplementedError naming it."""
+    pytest.importorskip("numba.cuda")
+    from fastbn.backends.cuda.ops import CudaBackend
+
+    backend, x = CudaBackend(), np.ones((4, 3), np.float32)
+    calls = [
+        lambda: backend.weighted_moments(x, x, 1),
+        lambda: backend.weighted_forward(
+            x, x, 1, x.dtype, None, None, 1e-5, None, None, 0.1, False, relu=False, residual=None
+        ),
+        lambda: backend.weighted_backward(x, x, x, None, 1, x.dtype, None, None, None),
+    ]
+    for call in calls:
+        with pytest.raises(NotImplementedError, match="CudaBackend: sample weights and masks run on the CPU backend"):
+            call()

@@ -31,7 +31,7 @@ import hashlib
 import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 __all__ = ["BACKENDS", "Backend", "SyncPieces", "load"]
 
@@ -74,6 +74,11 @@ class SyncPieces(Protocol):
         count: int,
     ) -> Any:
         """The training-formula dx from per-channel sums over ``count`` elements."""
+
+
+def _without_weights(backend: object) -> NoReturn:
+    """What a backend without weighted kernels does when asked for them (never reached from the public API)."""
+    raise NotImplementedError(f"{type(backend).__name__}: sample weights and masks run on the CPU backend only")
 
 
 class Backend(Protocol):
@@ -187,9 +192,11 @@ class Backend(Protocol):
         """Gradients ``(dx, dweight, dbias, dresidual)``; the training formula if ``batch_stats``."""
 
     # Weights and masks (CPU only so far: the public functions refuse them on other backends first).
+    # A default body, not a trivial one, so they are no abstract members: a backend that subclasses
+    # Backend without them (CUDA) inherits these, which raise.
     def weighted_moments(self, x: Any, w: Any, axis: int) -> tuple[Any, Any, Any]:
         """Float64 ``(W, mean, var)`` per channel under weights ``w`` of x's shape."""
-        raise NotImplementedError
+        _without_weights(self)
 
     def weighted_forward(
         self,
@@ -209,7 +216,7 @@ class Backend(Protocol):
         residual: Any,
     ) -> tuple[Any, Any, Any, Any]:
         """Normalise everywhere with the weighted statistics: ``(y, mean, invstd, W)``."""
-        raise NotImplementedError
+        _without_weights(self)
 
     def weighted_backward(
         self,
@@ -227,7 +234,7 @@ class Backend(Protocol):
         dresidual: bool = False,
     ) -> tuple[Any, Any, Any, Any]:
         """Training-mode gradients under weights ``w``: ``(dx, dweight, dbias, dresidual)``."""
-        raise NotImplementedError
+        _without_weights(self)
 
     def fold(
         self,

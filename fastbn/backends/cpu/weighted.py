@@ -54,7 +54,7 @@ from fastbn.backends.cpu.loops import cast_to, load
 _ELEMENTS_PER_TASK = 1 << 16
 
 
-def rows_per_task(channels):
+def rows_per_task(channels: int) -> int:
     """Rows of a ROWS view per parallel task: about 64 Ki elements, at least one row."""
     return max(1, _ELEMENTS_PER_TASK // max(1, channels))
 

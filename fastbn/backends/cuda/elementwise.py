@@ -64,6 +64,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn.backends.cuda.numerics import accumulator
 from fastbn.backends.cuda.target import cuda, device_function, kernel, named_kernel
@@ -79,7 +80,7 @@ GATHER_RANK = 8
 INDEX_MASK = (1 << 48) - 1
 
 
-def unroll(dtype):
+def unroll(dtype: npt.DTypeLike) -> int:
     """Elements per iteration of the inner loops for input of ``dtype``: 8 for 2-byte types, else 4.
 
     A compile-time constant of the kernels; the launch reads it to size the

@@ -38,6 +38,7 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from fastbn.backends.cuda.target import cuda, device_function, kernel, shfl_down
 
@@ -62,7 +63,7 @@ WARP_SIZE = 32
 MAX_THREADS = 1024
 
 
-def accumulator(dtype):
+def accumulator(dtype: npt.DTypeLike) -> type:
     """The accumulation (and elementwise compute) type for input of ``dtype``.
 
     float32 for float16 and float32, float64 for float64: float32 keeps the

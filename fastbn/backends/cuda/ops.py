@@ -445,49 +445,6 @@ class CudaBackend(Backend):
             )
         return dx, dweight, dbias, dres
 
-    # -- weights and masks: CPU only so far (refused before any call) ------------
-    def weighted_moments(self, x: Any, w: Any, axis: int) -> tuple[Any, Any, Any]:
-        """Not on the CUDA backend yet: raises NotImplementedError."""
-        raise NotImplementedError
-
-    def weighted_forward(
-        self,
-        x: Any,
-        w: Any,
-        axis: int,
-        dtype: Any,
-        weight: Any,
-        bias: Any,
-        eps: float,
-        running_mean: Any,
-        running_var: Any,
-        momentum: float,
-        update: bool,
-        *,
-        relu: bool,
-        residual: Any,
-    ) -> tuple[Any, Any, Any, Any]:
-        """Not on the CUDA backend yet: raises NotImplementedError."""
-        raise NotImplementedError
-
-    def weighted_backward(
-        self,
-        dy: Any,
-        x: Any,
-        w: Any,
-        wsum: Any,
-        axis: int,
-        dtype: Any,
-        weight: Any,
-        mean: Any,
-        invstd: Any,
-        *,
-        y: Any = None,
-        dresidual: bool = False,
-    ) -> tuple[Any, Any, Any, Any]:
-        """Not on the CUDA backend yet: raises NotImplementedError."""
-        raise NotImplementedError
-
     def fold(
         self,
         layer_weight: Any,
