@@ -453,7 +453,9 @@ if pid == 0:
     os._exit(0 if digest(*train(x)) == digest(y_ref, after_mean, after_var) else 3)
 child = wait_child(pid, 30)
 result = []
-thread = threading.Thread(target=lambda: result.append(digest(*train(x)) == digest(y_ref, after_mean, after_var)))
+# A daemon thread: one that hangs (Numba's start-up lock left held by an interrupted call, once) is reported.
+thread = threading.Thread(target=lambda: result.append(digest(*train(x)) == digest(y_ref, after_mean, after_var)),
+                          daemon=True)
 thread.start(); thread.join(30)
 report(counts=counts, free_bytes=stats["free_bytes"], free_blocks=stats["free_blocks"],
        later_ok=all(later), recycled=stats_later["hits"] - stats["hits"], fork_child=child, thread_ok=result == [True])

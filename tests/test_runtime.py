@@ -123,6 +123,33 @@ def test_concurrent_threads_match_sequential():
             assert got.tobytes() == want.tobytes()
 
 
+def test_a_serial_call_switches_the_thread_count_without_numbas_start_up_locks(monkeypatch):
+    """A small call runs its kernels on one thread (passes.serial_if_small) and restores the thread's
+    count after, without numba.get_num_threads/set_num_threads: those take Numba's start-up locks at
+    every call, one of them a multiprocessing lock whose Python-level __enter__ a signal handler's
+    exception can interrupt once the lock is taken, leaving it held, and every other thread that asks
+    Numba for its thread count waits forever (tests/test_faults.py's signal probe saw it)."""
+    import numba
+    from numba.np.ufunc import parallel
+
+    from fastbn.backends.cpu import passes, threads
+
+    threads.configure()
+    before = numba.get_num_threads()
+
+    def start_up(*args):
+        raise AssertionError("Numba's start-up (and its locks) ran during a call")
+
+    monkeypatch.setattr(parallel, "_launch_threads", start_up)
+    try:
+        with passes.serial_if_small(0):
+            inside = threads.thread_count()
+        after = threads.thread_count()
+    finally:
+        monkeypatch.undo()
+    assert inside == 1 and after == before == numba.get_num_threads()
+
+
 FORK_CHILD = (
     WORKLOAD
     + """

@@ -12,7 +12,6 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
-import numba
 import numpy as np
 import numpy.typing as npt
 
@@ -20,7 +19,7 @@ from fastbn._layout import ROWS
 from fastbn.backends.cpu import elementwise, fused, numerics, reductions
 from fastbn.backends.cpu import plan as cpu_plan
 from fastbn.backends.cpu.machine import machine
-from fastbn.backends.cpu.threads import configure, kernel_guard
+from fastbn.backends.cpu.threads import kernel_guard, set_thread_count, thread_count
 
 _Array = npt.NDArray[Any]
 
@@ -60,16 +59,15 @@ def serial_if_small(nbytes: int) -> Iterator[None]:
     if nbytes >= _serial_limit():
         yield
         return
-    configure()  # fastbn's threading layer first: asking Numba for its thread count would start the default one
-    threads = numba.get_num_threads()
+    threads = thread_count()  # not numba.get_num_threads(): see fastbn.backends.cpu.threads, "the thread count"
     if threads == 1:
         yield
         return
-    numba.set_num_threads(1)
     try:
+        set_thread_count(1)
         yield
     finally:
-        numba.set_num_threads(threads)
+        set_thread_count(threads)
 
 
 @functools.cache

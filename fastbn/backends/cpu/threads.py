@@ -39,7 +39,7 @@ import threading
 import warnings
 import weakref
 
-__all__ = ["configure", "kernel_guard", "threading_layer"]
+__all__ = ["configure", "kernel_guard", "set_thread_count", "thread_count", "threading_layer"]
 
 _LIBTBB_NAMES = {
     "linux": "libtbb.so.12",
@@ -244,6 +244,41 @@ def threading_layer() -> str:
     True
     """
     return configure()
+
+
+# ------------------------------------------------------- the thread count ---
+# numba.get_num_threads() and numba.set_num_threads() run Numba's start-up
+# check at every call, under Numba's start-up locks, one of them a
+# multiprocessing lock whose ``__enter__`` is Python code: a signal handler's
+# exception (KeyboardInterrupt, an alarm's) raised just after the lock was
+# taken leaves it held by the interrupted thread for good, and the next
+# thread that asks Numba for its thread count waits forever (seen: a thread
+# started after a few hundred interrupted calls hung).  Once the layer runs,
+# the thread count is one call into it, which is what these two make.
+
+
+def thread_count() -> int:
+    """Numba's thread count for the calling thread (``numba.get_num_threads()``), without Numba's locks.
+
+    Starts fastbn's threading layer first (:func:`configure`): asking Numba
+    before would start its default one.
+    """
+    configure()
+    from numba.np.ufunc import parallel
+
+    return int(parallel._get_num_threads())
+
+
+def set_thread_count(count: int) -> None:
+    """Set Numba's thread count for the calling thread (``numba.set_num_threads``), without Numba's locks.
+
+    ``count`` must lie in ``[1, numba.config.NUMBA_NUM_THREADS]``; fastbn
+    sets 1, or restores what :func:`thread_count` returned.
+    """
+    configure()
+    from numba.np.ufunc import parallel
+
+    parallel._set_num_threads(count)
 
 
 def kernel_guard() -> threading.RLock:
