@@ -396,6 +396,7 @@ def versions(root: Path) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import fastbn
+    from fastbn.tools.report import git_commit
 
     found = {"fastbn": fastbn.__version__}
     for package in ("numba", "numba-cuda", "torch", "pytest-benchmark"):
@@ -403,21 +404,9 @@ def versions(root: Path) -> dict[str, str]:
             found[package] = version(package)
         except PackageNotFoundError:
             found[package] = "not installed"
-    if (root / ".git").exists():
-        try:
-            commit = subprocess.run(
-                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-            ).stdout.strip()
-            dirty = subprocess.run(
-                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            ).stdout.strip()
-            found["git commit"] = commit + (" (with uncommitted changes)" if dirty else "")
-        except (OSError, subprocess.SubprocessError):
-            found["git commit"] = "unknown (git failed)"
+    commit = git_commit(root)
+    if commit is not None:
+        found["git commit"] = commit
     return found
 
 

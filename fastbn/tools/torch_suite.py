@@ -172,6 +172,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--workers", type=int, default=1, help="pytest-xdist workers per run (default 1: no xdist)")
     parser.add_argument("--keep", metavar="DIR", help="keep the raw JSON-lines results and pytest outputs in DIR")
+    parser.add_argument(
+        "--summary",
+        metavar="FILE",
+        help="also write the README's summary of a run of both modes to FILE (Markdown; docs/torch_suite.md, "
+        "spliced into the README by python -m fastbn readme)",
+    )
     return parser
 
 
@@ -453,7 +459,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.write_text(json.dumps(report, indent=1) + "\n" if out.suffix == ".json" else text)
-    return 1 if report["totals"]["swapped_only_failures"] else 0
+    if args.summary:
+        if args.mode != "both":
+            print("python -m fastbn torch-suite: --summary needs both runs (--mode both): no summary written")
+        else:
+            Path(args.summary).write_text(format_summary(report))
+    return 1 if report["totals"].get("swapped_only_failures") else 0
 
 
 def suite(
@@ -488,7 +499,9 @@ def suite(
         raise missing_dependency("the torch-suite command", "PyTorch", "torch", exc) from exc
 
     import fastbn
+    from fastbn.backends.cpu.machine import machine
     from fastbn.tools._torch_suite_plugin import SWAPPED
+    from fastbn.tools.report import git_commit
 
     report: dict[str, Any] = {
         "pytorch_src": str(root),
@@ -496,6 +509,8 @@ def suite(
         "torch": torch.__version__,
         "torch_git": getattr(torch.version, "git_version", None),
         "fastbn": fastbn.__version__,
+        "fastbn_commit": git_commit(Path(fastbn.__file__).resolve().parent.parent),
+        "machine": machine().describe(),
         "python": sys.version.split()[0],
         "mode": mode,
         "swapped": [f"{m}.{a} -> fastbn.torch.{r}" for m, a, r in SWAPPED],
@@ -580,4 +595,54 @@ def format_report(report: Mapping[str, Any]) -> str:
     if causes:
         lines.append("swapped-only failures by first line (numbers blurred):")
         lines += [f"  {count:4}  {cause}" for cause, count in causes.most_common()]
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(report: Mapping[str, Any]) -> str:
+    """The README's summary of a run of both modes (Markdown): what ran, per file, and what failed swapped.
+
+    Parameters
+    ----------
+    report : dict
+        As returned by :func:`suite` with ``mode="both"``.
+
+    Returns
+    -------
+    str
+    """
+    commit = report.get("fastbn_commit") or "no git checkout"
+    lines = [
+        f"PyTorch {report['source_version']}'s tests (`{report['pytorch_src']}`) against torch {report['torch']}, "
+        f"fastbn {report['fastbn']} at commit {commit}, Python {report['python']}, on {report.get('machine', '?')}:",
+        "",
+        "| test file | -k | pass on torch | of which pass swapped | fail on torch, pass swapped |",
+        "|---|---|---|---|---|",
+    ]
+    kept = fixed = 0
+    for entry in report["targets"]:
+        if entry.get("absent"):
+            lines.append(f"| {entry['file']} | `{entry['k']}` | absent | | |")
+            continue
+        passed = entry["plain"]["counts"][PASS]
+        lost = len(entry.get("swapped_only_failures", {})) + len(entry.get("skipped_swapped", {}))
+        kept += passed - lost
+        fixed += len(entry.get("fixed_by_swap", {}))
+        lines.append(
+            f"| {entry['file']} | `{entry['k']}` | {passed} | {passed - lost} | {len(entry.get('fixed_by_swap', {}))} |"
+        )
+    total = report["totals"].get("plain_passed", 0)
+    lines += [
+        "",
+        f"Of the {total} tests that pass on torch, {kept} pass with fastbn swapped in; {fixed} more "
+        "fail on torch and pass swapped.",
+    ]
+    failures = [
+        (entry["file"], nodeid, message)
+        for entry in report["targets"]
+        for group in ("swapped_only_failures", "skipped_swapped")
+        for nodeid, message in sorted(entry.get(group, {}).items())
+    ]
+    if failures:
+        lines += ["", "Passing on torch, not swapped:", ""]
+        lines += [f"- `{nodeid.split('::', 1)[-1]}` ({file}): {message[:300]}" for file, nodeid, message in failures]
     return "\n".join(lines) + "\n"
