@@ -60,7 +60,7 @@ def report(tmp_path_factory):
     (root / "test").mkdir()
     (root / "test" / "test_nn.py").write_text(FAKE_TEST_NN)
     (root / "version.txt").write_text("0.0.0-fake\n")
-    out = root / "report.json"
+    out, summary = root / "report.json", root / "summary.md"
     proc = subprocess.run(
         [
             sys.executable,
@@ -75,16 +75,18 @@ def report(tmp_path_factory):
             "test/test_nn.py::batchnorm or batch_norm",
             "--target",
             "test/absent.py::batchnorm",
+            "--summary",
+            str(summary),
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    return proc, json.loads(out.read_text())
+    return proc, json.loads(out.read_text()), summary.read_text(), root
 
 
 def test_exit_code_and_text_report(report):
-    proc, _ = report
+    proc = report[0]
     assert proc.returncode == 1, proc.stdout + proc.stderr  # one test passes on torch only
     assert "pass on torch, fail swapped: 1" in proc.stdout
     assert "test_batchnorm_torch_only: failed: AssertionError: swapped: fastbn" in proc.stdout
@@ -93,7 +95,7 @@ def test_exit_code_and_text_report(report):
 
 
 def test_json_report_counts_and_groups(report):
-    _, data = report
+    data = report[1]
     entry, absent = data["targets"]
     assert absent == {"file": "test/absent.py", "k": "batchnorm", "absent": True}
     assert entry["plain"]["counts"]["collected"] == entry["swapped"]["counts"]["collected"] == 4
@@ -130,3 +132,40 @@ def test_outcomes_from_phase_records():
     )
     assert groups["fixed_by_swap"] == {"b": "m"} and groups["skipped_swapped"] == {"c": "skipped: s"}
     assert not groups["swapped_only_failures"]
+
+
+def test_markdown_summary_for_the_readme(report):
+    """--summary: the README's generated section, with the counts of the run and its failures."""
+    data, summary = report[1], report[2]
+    assert "PyTorch 0.0.0-fake's tests" in summary and f"torch {data['torch']}" in summary
+    assert "| test/test_nn.py | `batchnorm or batch_norm` | 3 | 2 | 0 |" in summary
+    assert "| test/absent.py | `batchnorm` | absent | | |" in summary
+    assert "Of the 3 tests that pass on torch, 2 pass with fastbn swapped in; 0 more fail on torch" in summary
+    assert "- `test_batchnorm_torch_only` (test/test_nn.py): failed: AssertionError: swapped: fastbn" in summary
+    assert data["machine"] in summary and data["fastbn_commit"] in summary
+
+
+def test_one_mode_alone_reports_its_counts_and_writes_no_summary(report, tmp_path):
+    root = report[3]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastbn",
+            "torch-suite",
+            "--pytorch-src",
+            str(root),
+            "--mode",
+            "plain",
+            "--target",
+            "test/test_nn.py::batchnorm",
+            "--summary",
+            str(tmp_path / "summary.md"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "plain_passed 3" in proc.stdout and "--summary needs both runs" in proc.stdout
+    assert not (tmp_path / "summary.md").exists()
