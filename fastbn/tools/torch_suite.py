@@ -633,8 +633,8 @@ def format_summary(report: Mapping[str, Any]) -> str:
     total = report["totals"].get("plain_passed", 0)
     lines += [
         "",
-        f"Of the {total} tests that pass on torch, {kept} pass with fastbn swapped in; {fixed} more "
-        "fail on torch and pass swapped.",
+        f"Of the {total} tests that pass on torch, {kept} pass with fastbn swapped in "
+        f"(and of those that fail on torch, {fixed} pass swapped).",
     ]
     failures = [
         (entry["file"], nodeid, message)
