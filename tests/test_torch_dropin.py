@@ -188,6 +188,25 @@ def test_vmap_is_a_batch_of_batch_norms():
     torch.testing.assert_close(grads, expected, **F64)
 
 
+def test_vjp_of_a_vmap_updates_batched_running_statistics_captured_from_outside():
+    """functorch's vjpvmap check: a vjp around a vmap of training calls whose (batched) running statistics
+    come from outside the vjp.  torch updates them below the transforms; so must fastbn (its write was a
+    copy_ that the grad transform refused as a mutation of a captured tensor)."""
+    xs, weight, bias = randn(3, 4, 5), randn(5), randn(5)
+    results = []
+    for fn in (F.batch_norm, fbt.batch_norm):
+        rms, rvs = torch.zeros(3, 5, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64)
+
+        def batched(x, w, b, fn=fn, rms=rms, rvs=rvs):
+            return torch.func.vmap(lambda v, m, s: fn(v, m, s, w, b, True, 0.1, 1e-5))(x, rms, rvs)
+
+        out, pullback = torch.func.vjp(batched, xs, weight, bias)
+        grads = pullback(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin())
+        results.append((out, *grads, rms, rvs))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **F64)
+
+
 # ---------------------------------------------------------- torch's rules ---
 def test_empty_batch_as_torch():
     for training in (True, False):

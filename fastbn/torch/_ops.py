@@ -705,7 +705,8 @@ def _write_running_vmap(info, in_dims, running_mean, running_var, new_mean, new_
             targets.append((buffer, value))
         else:
             targets.append((buffer.movedim(buffer_dim, 0), _batched_first(value, value_dim, size)))
-    with torch.no_grad():
-        for target, value in targets:
-            target.copy_(value)
+    # The write itself one level down, through the operator again (not a copy_ here, which an
+    # enclosing grad transform refuses as a mutation of a captured tensor: vjp of a vmap).
+    (mean_target, mean_value), (var_target, var_value) = targets
+    write_running(mean_target, var_target, mean_value.detach(), var_value.detach())
     return None, None
