@@ -51,6 +51,11 @@ FRAGMENTS = {
     "startup": Fragment("bench/results/startup.md", "python -m fastbn startup"),
     "bench-torch": Fragment("bench/results/bench_torch.md", "python -m fastbn bench-torch"),
     "suite": Fragment("docs/test_suite.md", "FASTBN_SUITE_REPORT=docs/test_suite.md bash .ci/run"),
+    "torch-suite": Fragment(
+        "docs/torch_suite.md",
+        "python -m fastbn torch-suite --pytorch-src DIR --out docs/torch_suite_report.txt "
+        "--summary docs/torch_suite.md",
+    ),
     "mlp": Fragment("docs/train_mlp_results.md", "python examples/train_mlp.py --summary docs/train_mlp_results.md"),
     "conventions": Fragment("docs/conventions.md", "python -m fastbn conventions --out docs/conventions.md"),
 }
