@@ -54,6 +54,13 @@ def test_unrelated():
 pytestmark = pytest.mark.xdist_group("torch-suite")
 
 
+def torch_suite_command(*args):
+    """``python -m fastbn torch-suite ARGS`` in a subprocess: the completed process, its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "fastbn", "torch-suite", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+
+
 @pytest.fixture(scope="session")  # kept when other modules' tests come between these on the worker
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("pytorch-src")
@@ -61,26 +68,17 @@ def report(tmp_path_factory):
     (root / "test" / "test_nn.py").write_text(FAKE_TEST_NN)
     (root / "version.txt").write_text("0.0.0-fake\n")
     out, summary = root / "report.json", root / "summary.md"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastbn",
-            "torch-suite",
-            "--pytorch-src",
-            str(root),
-            "--out",
-            str(out),
-            "--target",
-            "test/test_nn.py::batchnorm or batch_norm",
-            "--target",
-            "test/absent.py::batchnorm",
-            "--summary",
-            str(summary),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = torch_suite_command(
+        "--pytorch-src",
+        root,
+        "--out",
+        out,
+        "--target",
+        "test/test_nn.py::batchnorm or batch_norm",
+        "--target",
+        "test/absent.py::batchnorm",
+        "--summary",
+        summary,
     )
     return proc, json.loads(out.read_text()), summary.read_text(), root
 
@@ -108,9 +106,7 @@ def test_json_report_counts_and_groups(report):
 
 
 def test_usage_errors(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastbn", "torch-suite", "--pytorch-src", str(tmp_path)], capture_output=True, text=True
-    )
+    proc = torch_suite_command("--pytorch-src", tmp_path)
     assert proc.returncode == 2 and "test_nn.py not found" in proc.stdout
     with pytest.raises(ValueError, match="FILE::EXPR"):
         torch_suite.parse_targets(["test/test_nn.py"])
@@ -150,24 +146,15 @@ def test_markdown_summary_for_the_readme(report):
 
 def test_one_mode_alone_reports_its_counts_and_writes_no_summary(report, tmp_path):
     root = report[3]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fastbn",
-            "torch-suite",
-            "--pytorch-src",
-            str(root),
-            "--mode",
-            "plain",
-            "--target",
-            "test/test_nn.py::batchnorm",
-            "--summary",
-            str(tmp_path / "summary.md"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = torch_suite_command(
+        "--pytorch-src",
+        root,
+        "--mode",
+        "plain",
+        "--target",
+        "test/test_nn.py::batchnorm",
+        "--summary",
+        tmp_path / "summary.md",
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "plain_passed 3" in proc.stdout and "--summary needs both runs" in proc.stdout
