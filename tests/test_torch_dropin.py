@@ -207,6 +207,49 @@ def test_vjp_of_a_vmap_updates_batched_running_statistics_captured_from_outside(
         torch.testing.assert_close(got, expected, **F64)
 
 
+def test_a_copy_on_write_input_read_again_in_backward_stays_valid():
+    """fastbn reads a copy-on-write input without copying it and keeps that view for backward; the view
+    holds the shared memory itself.  Asking the caller's tensor for writable memory (data_ptr) gives
+    that tensor a copy of its own; with the other owner gone and its memory reused, backward must
+    still read the input's values."""
+    torch.manual_seed(0)
+    source = torch.randn(64, 8)
+    x, weight, grad = torch._lazy_clone(source).requires_grad_(), torch.rand(8, requires_grad=True), torch.randn(64, 8)
+    out = fbt.batch_norm(x, None, None, weight, None, training=True)
+    x.data_ptr()
+    del source
+    reused = [torch.full((64, 8), 1e6) for _ in range(8)]
+    got = torch.autograd.grad(out, (x, weight), grad)
+    x_plain = x.detach().clone().requires_grad_()
+    expected = torch.autograd.grad(
+        F.batch_norm(x_plain, None, None, weight, None, training=True), (x_plain, weight), grad
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert all((t == 1e6).all() for t in reused)
+
+
+def test_negated_and_copy_on_write_running_statistics_in_eval_as_torch():
+    """Eval only reads the running statistics: a lazily negated view of them (torch._neg_view), copy-on-
+    write or not, gives torch's result (its values, not its raw memory)."""
+    x = torch.randn(6, 3, 4)
+    for cow in (False, True):
+        stats = [torch.tensor([1.0, -2.0, 3.0]), torch.tensor([0.5, 1.5, 2.5])]
+        if cow:
+            stats = [torch._lazy_clone(t) for t in stats]
+        mean = torch._neg_view(stats[0])
+        torch.testing.assert_close(
+            fbt.batch_norm(x, mean, stats[1], training=False), F.batch_norm(x, mean, stats[1], training=False)
+        )
+
+
+def test_a_sparse_input_is_refused_with_a_type_error_naming_it():
+    sparse = torch.randn(4, 3).to_sparse()
+    with pytest.raises(TypeError, match=r"^x: this torch tensor cannot be viewed"):
+        fastbn.forward(sparse)
+    with pytest.raises(TypeError, match=r"^x: "):
+        fbt.batch_norm(sparse, None, None, training=True)
+
+
 # ---------------------------------------------------------- torch's rules ---
 def test_empty_batch_as_torch():
     for training in (True, False):

@@ -16,8 +16,15 @@ __all__ = ["array", "is_cow", "small_backward"]
 _TYPES = (torch.Tensor, torch.nn.Parameter)
 _functorch = torch._C._functorch
 _DTYPES = (torch.float32, torch.float64, torch.float16)
-#: Whether a tensor is copy-on-write (a ``torch._lazy_clone``) and not yet materialized.
-is_cow: Callable[[torch.Tensor], bool] = torch._C._is_cow_tensor  # type: ignore[attr-defined]  # not in torch's stubs
+_is_cow_tensor: Callable[[torch.Tensor], bool] = torch._C._is_cow_tensor  # type: ignore[attr-defined]  # not in stubs
+
+
+def is_cow(tensor: torch.Tensor) -> bool:
+    """Whether a tensor is copy-on-write (a ``torch._lazy_clone``) and not yet materialized.
+
+    Only strided tensors have storage to ask about (a sparse one raises).
+    """
+    return tensor.layout == torch.strided and _is_cow_tensor(tensor)
 
 
 def array(tensor: torch.Tensor | None, written: bool = False) -> Any:

@@ -63,13 +63,15 @@ def _read_only(tensor: _Maybe) -> Any:
     """A running statistic that is only read (eval), as fastbn's kernels may take it.
 
     A copy-on-write CPU tensor becomes a read-only NumPy view, which leaves
-    its memory shared (what torch's own batch norm does in eval); anything
-    else is passed as it is.  In training the statistics are written, and go
+    its memory shared (what torch's own batch norm does in eval), and a
+    negated view its resolved values; anything else is passed as it is.  In training the statistics are written, and go
     the writable way.
     """
-    if tensor is not None and tensor.device.type == "cpu" and is_cow(tensor):
-        return views.cow_view(tensor)
-    return tensor
+    if tensor is None or tensor.device.type != "cpu":
+        return tensor
+    if tensor.is_neg():  # a lazily negated view (which fastbn's views refuse): its values, resolved; only read
+        return tensor.resolve_neg()
+    return views.cow_view(tensor) if is_cow(tensor) else tensor
 
 
 def _as_tensor(value: Any, like: Tensor) -> Tensor:

@@ -83,8 +83,8 @@ def _torch_to_numpy(tensor: Any, name: str) -> npt.NDArray[Any]:
         # NumPy view of its values; an input that is only read is resolved
         # to a copy, while running statistics must stay the caller's memory.
         tensor = tensor.detach().resolve_neg()
-    if name not in _UPDATED_IN_PLACE and torch._C._is_cow_tensor(tensor):
-        return cow_view(tensor)
+    if name not in _UPDATED_IN_PLACE and tensor.layout == torch.strided and torch._C._is_cow_tensor(tensor):
+        return cow_view(tensor)  # after resolve_neg above: a negated view's raw memory is not its values
     try:
         # detach() shares memory and drops requires_grad, which numpy() refuses;
         # numpy() keeps the tensor's strides (channels_last included).
@@ -98,12 +98,21 @@ def _torch_to_numpy(tensor: Any, name: str) -> npt.NDArray[Any]:
 
 
 class _ConstBuffer:
-    """A tensor's memory as NumPy's array interface, read-only; it keeps the tensor alive (the view's base)."""
+    """A copy-on-write tensor's memory as NumPy's array interface, read-only (the view's base).
 
-    __slots__ = ("__array_interface__", "tensor")
+    It keeps the memory alive through a copy-on-write clone of its own
+    (``torch._lazy_clone``), not through the caller's tensor: asking that one
+    for writable memory later (``data_ptr()``, ``numpy()``) gives it a copy,
+    and the shared memory would then live only as long as its other owners;
+    the private clone, which nothing writes, holds it, unchanged, as long as
+    the view lives (a saved input read again in backward).
+    """
+
+    __slots__ = ("__array_interface__", "owner")
 
     def __init__(self, tensor: Any, typestr: str) -> None:
-        self.tensor = tensor
+        torch = sys.modules["torch"]
+        self.owner = tensor = torch._lazy_clone(tensor.detach())
         itemsize = tensor.element_size()
         self.__array_interface__ = {
             "shape": tuple(tensor.shape),
@@ -129,12 +138,18 @@ def cow_view(tensor: Any) -> npt.NDArray[Any]:
     writable path, and torch copies them before the write, as it must.
     """
     torch = sys.modules["torch"]
-    if tensor.dtype == torch.bfloat16:
-        return cast(npt.NDArray[Any], np.asarray(_ConstBuffer(tensor, "<i2")).view(_bfloat16()))
-    typestr = {torch.float16: "<f2", torch.float32: "<f4", torch.float64: "<f8"}.get(tensor.dtype)
+    typestr = {torch.float16: "<f2", torch.float32: "<f4", torch.float64: "<f8", torch.bfloat16: "<i2"}.get(
+        tensor.dtype
+    )
     if typestr is None:  # other dtypes: the ordinary view (validation names what is wrong with them)
         return cast(npt.NDArray[Any], tensor.detach().numpy())
-    return np.asarray(_ConstBuffer(tensor, typestr))
+    if tensor.is_neg():  # its memory holds the negated values: a resolved copy (callers resolve it first)
+        return readonly(_torch_to_numpy(tensor.detach().resolve_neg(), "tensor"))
+    if tensor.numel() == 0:  # no address to view (0); nothing to copy either
+        empty = np.empty(tuple(tensor.shape), np.dtype(typestr))
+        return readonly(empty.view(_bfloat16()) if tensor.dtype == torch.bfloat16 else empty)
+    view = np.asarray(_ConstBuffer(tensor, typestr))
+    return cast(npt.NDArray[Any], view.view(_bfloat16()) if tensor.dtype == torch.bfloat16 else view)
 
 
 def _jax_to_numpy(array: Any, name: str) -> npt.NDArray[Any]:
