@@ -321,7 +321,7 @@ def forward(
         running_var,
         channels,
         dtype,
-        (("weight", weight), ("bias", bias), ("x", x), ("residual", residual)),
+        (("weight", weight), ("bias", bias), ("x", x), ("residual", residual), ("weights", weights), ("mask", mask)),
         updated=opts.training,
     )
     batch_stats, groups = _options.resolve(opts, tuple(x.shape), axis, has_running)

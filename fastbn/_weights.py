@@ -102,7 +102,21 @@ def check_weights(weights: Any, mask: Any, shape: tuple[int, ...], axis: int | N
         low = np.min(array)
         if not np.all(np.isfinite(array)) or low < 0:
             raise ValueError("weights: expected finite non-negative numbers" + (f", got {low}" if low < 0 else ""))
-    return np.ascontiguousarray(full, dtype=dtype)
+    with np.errstate(over="ignore", under="ignore"):
+        converted = np.ascontiguousarray(full, dtype=dtype)
+    if name == "weights" and array.size:
+        # The kernels take the weights in the statistics dtype: a weight beyond its range would become inf
+        # (NaN statistics), a positive one below it 0 (a position dropped, or a batch of zero total weight).
+        # The statistics do not depend on the weights' scale, so the caller can rescale them.
+        lost = ~np.isfinite(converted) | ((converted == 0) & (full != 0))
+        if lost.any():
+            value = float(full[lost].flat[0])
+            raise ValueError(
+                f"weights: {value:g} is outside the range of {np.dtype(dtype)}, the dtype the statistics "
+                f"(and the weights) are computed in; rescale the weights (the statistics do not depend on "
+                f"their scale), e.g. weights / weights.max()"
+            )
+    return converted
 
 
 def channel_parameter(value: Any, name: str, shape: tuple[int, ...], axis: int, dtype: np.dtype) -> Any:

@@ -298,7 +298,12 @@ ERROR_CASES = [
     ("eps negative", lambda fn: fn(torch.randn(4, 3), torch.zeros(3), torch.ones(3), eps=-1.0)),
     ("eval without stats", lambda fn: fn(torch.randn(4, 3), None, None, training=False)),
     ("mixed dtype", lambda fn: fn(torch.randn(4, 3).double(), torch.zeros(3), torch.ones(3), training=True)),
+    ("mixed dtype var", lambda fn: fn(torch.randn(4, 3), torch.zeros(3), torch.ones(3).double(), training=True)),
+    ("training str", lambda fn: fn(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training="False")),
+    ("training tensor", lambda fn: fn(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=torch.tensor(True))),
 ]
+#: The argument each error names first, where the case is about one argument.
+ERROR_NAMES = {"mixed dtype var": "running_var", "training str": "training", "training tensor": "training"}
 
 
 @pytest.mark.parametrize("case, call", ERROR_CASES, ids=[case for case, _ in ERROR_CASES])
@@ -314,7 +319,9 @@ def test_errors_have_torch_types_and_messages(case, call):
         first_line = "mixed dtype (CPU): all inputs must share same datatype"
     assert first_line in str(got), (str(got), first_line)
     # The argument is named first, as everywhere in fastbn.
-    assert str(got).split(":")[0].split()[0] in {"input", "eps", "running_mean", "running_var", "weight", "bias"}
+    named = str(got).split(":")[0].split()[0]
+    assert named in {"input", "eps", "running_mean", "running_var", "weight", "bias", "training"}
+    assert named == ERROR_NAMES.get(case, named), (case, str(got))
     assert rm.eq(running(3, torch.float32)[0]).all() and rv.eq(running(3, torch.float32)[1]).all()
 
 

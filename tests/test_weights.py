@@ -336,3 +336,26 @@ def test_a_backend_without_weighted_kernels_inherits_ones_that_raise():
     for call in calls:
         with pytest.raises(NotImplementedError, match="CudaBackend: sample weights and masks run on the CPU backend"):
             call()
+
+
+@pytest.mark.parametrize("value", [1e200, 1e-320])
+def test_weights_beyond_the_statistics_dtype_are_refused_before_any_update(value):
+    """Finite float64 weights that float32 statistics cannot hold (1e200 would be inf: NaN statistics;
+    1e-320 would be 0: a batch of zero total weight) are a ValueError naming weights, with the running
+    statistics untouched; the same weights rescaled give the result."""
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=r"^weights: .* outside the range of float32"):
+        fastbn.forward(x, weights=np.full((6, 3), value), running_mean=rm, running_var=rv)
+    assert (rm == 0).all() and (rv == 1).all()
+    with pytest.raises(ValueError, match=r"^weights: "):
+        fastbn.moments(x, weights=np.full((6, 3), value))
+    np.testing.assert_allclose(fastbn.forward(x, weights=np.ones((6, 3)))[0], fastbn.forward(x)[0], rtol=1e-6)
+
+
+def test_running_statistics_that_alias_the_weights_are_refused():
+    x = np.random.default_rng(1).standard_normal((6, 3)).astype(np.float32)
+    w = np.ones((6, 3), np.float32)
+    with pytest.raises(ValueError, match=r"^running_mean: shares memory with weights"):
+        fastbn.forward(x, weights=w, running_mean=w[0], running_var=np.ones(3, np.float32))
+    assert (w == 1).all()

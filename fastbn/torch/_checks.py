@@ -66,6 +66,10 @@ def _check_types(input: object, tensors: Iterable[tuple[str, object]]) -> None:
 
 
 def _check_scalars(training: bool, momentum: object, eps: object) -> None:
+    if not isinstance(training, bool):  # torch's rule: a str, a number or a tensor would pick a mode by truthiness
+        raise BatchNormTypeError(
+            f"training: batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}"
+        )
     if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or not math.isfinite(momentum):
         raise BatchNormTypeError(f"momentum: expected a finite float, got {momentum!r}")
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(eps):
@@ -76,19 +80,26 @@ def _check_scalars(training: bool, momentum: object, eps: object) -> None:
         raise BatchNormError(f"eps: batch_norm eps must be non-negative, but got {eps}")
 
 
+# torch's names of the dtypes, as its kernels' dtype errors spell them.
+_SCALAR_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
 def _check_dtypes(input: torch.Tensor, parameters: Iterable[tuple[str, torch.Tensor | None]]) -> None:
     # torch's CPU kernel: parameters and running statistics all in the input's
     # dtype, or (for float16/bfloat16 input) all in float32.  An empty input
     # never reaches the kernel, so torch takes any dtypes then.
     given = [(name, value) for name, value in parameters if value is not None]
     allowed = parameter_dtypes(input.dtype)
-    dtypes = {value.dtype for _, value in given}
+    # The argument to blame: the first of a dtype torch refuses here, else (all allowed, but mixed) the first
+    # that differs from the first one given.
     for name, value in given:
-        if value.dtype not in allowed or len(dtypes) > 1:
+        if value.dtype not in allowed or value.dtype != given[0][1].dtype:
+            expected = given[0][1].dtype if given[0][1].dtype in allowed else allowed[0]
             raise BatchNormTypeError(
                 f"{name}: mixed dtype (CPU): all inputs must share same datatype; got {value.dtype} for "
                 f"{input.dtype} input (expected all of running_mean, running_var, weight, bias in "
-                f"{' or all in '.join(str(t) for t in allowed)})"
+                f"{' or all in '.join(str(t) for t in allowed)}; torch: expected scalar type "
+                f"{_SCALAR_NAMES.get(expected, expected)} but found {_SCALAR_NAMES.get(value.dtype, value.dtype)})"
             )
 
 
