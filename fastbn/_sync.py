@@ -134,6 +134,41 @@ def adapt(process_group: Any) -> Collectives:
     )
 
 
+def _checked_rows(returned: Any, channels: int) -> np.ndarray:
+    """What ``allgather`` returned, as float64 rows ``[count, mean..., var...]``; else an error naming it.
+
+    Checked before anything uses it (so before the running statistics are
+    touched): a collective that returns something else (another shape, no
+    rows, integers that truncated the float64 values sent, a count that is not
+    a non-negative whole number, a negative variance) would otherwise give
+    NaN or silently wrong statistics.
+    """
+    width = 1 + 2 * channels
+    kind = getattr(getattr(returned, "dtype", None), "kind", "f")
+    if kind not in "f":
+        raise TypeError(
+            f"process_group: allgather returned dtype {returned.dtype}, expected the float64 rows sent (an integer "
+            "or other type has lost their values)"
+        )
+    try:
+        rows = np.asarray(returned, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"process_group: allgather returned {type(returned).__name__}, expected a (processes, {width}) "
+            "array of float64"
+        ) from exc
+    if rows.ndim != 2 or rows.shape[1] != width or rows.shape[0] == 0:
+        raise ValueError(f"process_group: allgather returned shape {rows.shape}, expected (processes >= 1, {width})")
+    counts = rows[:, 0]
+    if not (np.isfinite(counts).all() and (counts >= 0).all() and (counts == np.round(counts)).all()):
+        raise ValueError(
+            f"process_group: allgather returned element counts {counts.tolist()}, expected non-negative whole numbers"
+        )
+    if (rows[:, 1 + channels :] < 0).any():
+        raise ValueError("process_group: allgather returned a negative variance")
+    return rows
+
+
 def merge_moments(gathered: Any, channels: int) -> tuple[int, np.ndarray, np.ndarray]:
     """Merge all-gathered per-process ``[count, mean..., var...]`` rows with Chan's formula.
 
@@ -167,11 +202,7 @@ def merge_moments(gathered: Any, channels: int) -> tuple[int, np.ndarray, np.nda
     every process gets identical bits.  Each merge rounds each term once:
     relative error at most 4 u (u = 2^-53) per process.
     """
-    gathered = np.asarray(gathered, dtype=np.float64)
-    if gathered.ndim != 2 or gathered.shape[1] != 1 + 2 * channels:
-        raise ValueError(
-            f"process_group: allgather returned shape {gathered.shape}, expected (processes, {1 + 2 * channels})"
-        )
+    gathered = _checked_rows(gathered, channels)
     count = 0.0
     mean = np.zeros(channels)
     var = np.zeros(channels)

@@ -107,6 +107,42 @@ def test_bad_process_group_is_rejected_before_anything_runs():
     assert rm.tobytes() == np.zeros(3).tobytes() and rv.tobytes() == np.ones(3).tobytes()
 
 
+class _Returning:
+    """A one-process group whose allgather returns ``answer(vector)`` (allreduce_sum: the identity)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def allgather(self, vector):
+        return self.answer(vector)
+
+    def allreduce_sum(self, vector):
+        return vector
+
+
+@pytest.mark.parametrize(
+    "answer, error, message",
+    [
+        (lambda v: np.full((1, v.size), np.nan), ValueError, "element counts"),
+        (lambda v: "abc", TypeError, "allgather returned str"),
+        (lambda v: -v[None], ValueError, "element counts"),
+        (lambda v: v[None][:0], ValueError, "shape"),
+        (lambda v: v[None].astype(np.int64), TypeError, "dtype int64"),
+        (lambda v: np.concatenate((v[:1], v[1:4], -np.abs(v[4:]) - 1))[None], ValueError, "negative variance"),
+    ],
+    ids=["nan", "str", "negative-count", "no-rows", "int64", "negative-var"],
+)
+def test_what_allgather_returns_is_checked_before_any_update(answer, error, message):
+    """A collective that returns the wrong thing is an error naming process_group, the state untouched."""
+    rm, rv = np.zeros(3), np.ones(3)
+    x = np.random.default_rng(0).standard_normal((6, 3))
+    with pytest.raises(error, match=f"^process_group: .*{message}"):
+        fastbn.forward(x, running_mean=rm, running_var=rv, process_group=_Returning(answer))
+    assert rm.tobytes() == np.zeros(3).tobytes() and rv.tobytes() == np.ones(3).tobytes()
+    y, _ = fastbn.forward(x, process_group=_Returning(lambda v: v[None]))  # the honest one-process group
+    np.testing.assert_allclose(y, fastbn.forward(x)[0], rtol=1e-12, atol=1e-12)
+
+
 def test_one_value_in_the_global_batch_is_an_error_on_every_process():
     group = ThreadGroup(2)
     errors = [None, None]
