@@ -19,6 +19,9 @@ _DTYPES = (torch.float32, torch.float64, torch.float16)
 _is_cow_tensor: Callable[[torch.Tensor], bool] = torch._C._is_cow_tensor  # type: ignore[attr-defined]  # not in stubs
 
 
+_STRIDED = torch.strided
+
+
 def is_cow(tensor: torch.Tensor) -> bool:
     """Whether a tensor is copy-on-write (a ``torch._lazy_clone``) and not yet materialized.
 
@@ -39,7 +42,7 @@ def array(tensor: torch.Tensor | None, written: bool = False) -> Any:
         return False
     if _functorch.is_functorch_wrapped_tensor(tensor) or _functorch.is_legacy_batchedtensor(tensor):
         return False  # vmap, grad, jvp transforms: the general path's operators handle them
-    if not written and is_cow(tensor):
+    if not written and tensor.layout is _STRIDED and _is_cow_tensor(tensor):  # is_cow, inlined: every small call
         return views.cow_view(tensor)  # read without copying a copy-on-write tensor's memory
     try:
         return tensor.detach().numpy() if tensor.requires_grad else tensor.numpy()
