@@ -396,7 +396,7 @@ def versions(root: Path) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import fastbn
-    from fastbn.tools.report import git_commit
+    from fastbn.tools.provenance import git_commit
 
     found = {"fastbn": fastbn.__version__}
     for package in ("numba", "numba-cuda", "torch", "pytest-benchmark"):

@@ -501,7 +501,7 @@ def suite(
     import fastbn
     from fastbn.backends.cpu.machine import machine
     from fastbn.tools._torch_suite_plugin import SWAPPED
-    from fastbn.tools.report import git_commit
+    from fastbn.tools.provenance import git_commit
 
     report: dict[str, Any] = {
         "pytorch_src": str(root),

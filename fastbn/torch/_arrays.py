@@ -1,5 +1,6 @@
 """NumPy views of plain CPU tensors, for the small-call lanes (:mod:`fastbn.torch._small`, and the
-general path's backward in :mod:`fastbn.torch._ops`), and the small backward they share."""
+general path's backward in :mod:`fastbn.torch._ops`), the small backward they share, and the
+running statistics eval only reads (:func:`read_only_stat`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from fastbn import _api
 from fastbn.backends.cpu import views
 
-__all__ = ["array", "is_cow", "small_backward"]
+__all__ = ["array", "is_cow", "read_only_stat", "small_backward"]
 
 _TYPES = (torch.Tensor, torch.nn.Parameter)
 _functorch = torch._C._functorch
@@ -71,3 +72,18 @@ def small_backward(
         return None
     dx, dweight, dbias = (torch.from_numpy(g) for g in small)
     return dx, dweight, dbias, input.new_empty(0)
+
+
+def read_only_stat(tensor: torch.Tensor | None) -> Any:
+    """A running statistic that is only read (eval), as fastbn's kernels may take it.
+
+    A copy-on-write CPU tensor becomes a read-only NumPy view, which leaves
+    its memory shared (what torch's own batch norm does in eval), and a
+    negated view its resolved values; anything else is passed as it is.  In
+    training the statistics are written, and go the writable way.
+    """
+    if tensor is None or tensor.device.type != "cpu":
+        return tensor
+    if tensor.is_neg():  # a lazily negated view (which fastbn's views refuse): its values, resolved; only read
+        return tensor.resolve_neg()
+    return views.cow_view(tensor) if is_cow(tensor) else tensor

@@ -35,9 +35,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import fastbn
-from fastbn.backends.cpu import views
 from fastbn.torch import _reference
-from fastbn.torch._arrays import is_cow, small_backward
+from fastbn.torch._arrays import read_only_stat, small_backward
 
 Tensor = torch.Tensor
 #: A tensor, or None for an absent one (a weight, a gradient).
@@ -57,21 +56,6 @@ def stat_shape(input: Tensor, virtual_batch_size: int | None, batch_stats: bool)
 def _host_or_device(tensor: Tensor) -> npt.NDArray[Any] | Tensor:
     """A saved tensor as fastbn's backend keeps it: a NumPy view on the CPU, the tensor itself on a GPU."""
     return tensor.numpy() if tensor.device.type == "cpu" else tensor
-
-
-def _read_only(tensor: _Maybe) -> Any:
-    """A running statistic that is only read (eval), as fastbn's kernels may take it.
-
-    A copy-on-write CPU tensor becomes a read-only NumPy view, which leaves
-    its memory shared (what torch's own batch norm does in eval), and a
-    negated view its resolved values; anything else is passed as it is.  In training the statistics are written, and go
-    the writable way.
-    """
-    if tensor is None or tensor.device.type != "cpu":
-        return tensor
-    if tensor.is_neg():  # a lazily negated view (which fastbn's views refuse): its values, resolved; only read
-        return tensor.resolve_neg()
-    return views.cow_view(tensor) if is_cow(tensor) else tensor
 
 
 def _as_tensor(value: Any, like: Tensor) -> Tensor:
@@ -150,8 +134,8 @@ def run_forward(
         input,
         weight,
         bias,
-        running_mean=running_mean if update else _read_only(running_mean),
-        running_var=running_var if update else _read_only(running_var),
+        running_mean=running_mean if update else read_only_stat(running_mean),
+        running_var=running_var if update else read_only_stat(running_var),
         training=training,
         momentum=momentum,
         eps=eps,
