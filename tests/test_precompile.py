@@ -286,6 +286,15 @@ def test_precompile_options_and_units():
     assert cli.main(["precompile", "--dtypes", "float8"]) == 2
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nc"])
+def test_the_small_unit_runs_on_both_kernel_layouts(layout):
+    """The small unit's calls take no plan, so its name (no strategy suffix) must not be parsed for one:
+    the default ``precompile`` failed on NCHW's small unit with an IndexError, and exited with status 1."""
+    records, error = precompile._work(("float32", layout, "small"), ("eval",), ("none",), False)
+    assert error is None, error
+    assert {record["kernel"].split(".")[0] for record in records} <= {"small"}, records
+
+
 def test_precompile_fills_the_cache_and_a_second_run_compiles_nothing(tmp_path, monkeypatch, capsys):
     """Two layouts (one unit each, two processes writing one cache directory) of normalize: the first run
     compiles its kernels, ordinary and non-temporal stores; the second loads them all."""
