@@ -127,6 +127,30 @@ def _copy_into(dst: Any, src: Any) -> None:
         raise TypeError(f"cannot copy into an array of type {type(dst).__name__}")
 
 
+class _Snapshot:
+    """Copies of a layer's running statistics and count, to put back if a training call is interrupted.
+
+    Host (NumPy) statistics are copied; others (a GPU backend's device arrays) are not, and an interrupt
+    that lands right after their kernel leaves the count one behind, as before.
+    """
+
+    __slots__ = ("cache", "count", "mean", "var")
+
+    def __init__(self, layer: BatchNorm) -> None:
+        self.count = layer.num_batches_tracked
+        self.cache = layer._cache
+        self.mean = layer.running_mean.copy() if isinstance(layer.running_mean, np.ndarray) else None
+        self.var = layer.running_var.copy() if isinstance(layer.running_var, np.ndarray) else None
+
+    def restore(self, layer: BatchNorm) -> None:
+        """Put the statistics, the count and the cached input back as they were."""
+        if self.mean is not None:
+            np.copyto(layer.running_mean, self.mean)
+        if self.var is not None:
+            np.copyto(layer.running_var, self.var)
+        layer.num_batches_tracked, layer._cache = self.count, self.cache
+
+
 class BatchNorm:
     """Batch normalization over one channel axis, with PyTorch's semantics.
 
@@ -385,21 +409,30 @@ class BatchNorm:
         else:
             # No update happens; the functional API still wants a float.
             momentum = 0.0 if self.momentum is None else self.momentum
-        y, saved = _forward(
-            x,
-            self.weight,
-            self.bias,
-            running_mean=self.running_mean if tracking else None,
-            running_var=self.running_var if tracking else None,
-            training=self.training,
-            momentum=momentum,
-            eps=self.eps,
-            axis=self.axis,
-            process_group=self.process_group,
-        )
-        if tracking:
-            self.num_batches_tracked = count
-        self._cache = (x, saved)
+        # The kernel updates the running statistics in place; the count is stored after it returns.  An
+        # asynchronous exception (KeyboardInterrupt, a signal handler's) can land in between, at the first
+        # Python step after the kernel, so a training call keeps copies of the statistics and puts them back
+        # if anything escapes: the statistics and the count always move together (tests/test_faults.py).
+        snapshot = _Snapshot(self) if self.training and tracking else None
+        try:
+            y, saved = _forward(
+                x,
+                self.weight,
+                self.bias,
+                running_mean=self.running_mean if tracking else None,
+                running_var=self.running_var if tracking else None,
+                training=self.training,
+                momentum=momentum,
+                eps=self.eps,
+                axis=self.axis,
+                process_group=self.process_group,
+            )
+            # One step: no exception can land between these stores (no call between them).
+            self.num_batches_tracked, self._cache = count, (x, saved)
+        except BaseException:
+            if snapshot is not None:
+                snapshot.restore(self)
+            raise
         return y
 
     def _follow(self, backend: Any) -> None:

@@ -444,6 +444,27 @@ for handler, expected in ((raise_alarm, Alarm), (send_sigint, KeyboardInterrupt)
             kind = "interrupted, " + ("updated" if updated else "untouched" if untouched else "HALF-UPDATED")
         key = f"{expected.__name__}: {kind}"
         counts[key] = counts.get(key, 0) + 1
+# The layer: its count is stored after the kernel updated the statistics, so an interrupt in between must
+# not leave them apart (the layer puts the statistics back, tests/test_layer.py).
+layer_counts = {}
+signal.signal(signal.SIGALRM, raise_alarm)
+for i in range(700):
+    layer = fastbn.BatchNorm(8)
+    y = None
+    try:
+        signal.setitimer(signal.ITIMER_REAL, delays[i % len(delays)])
+        try:
+            y = layer(x)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except Alarm:
+        pass
+    count = layer.num_batches_tracked
+    updated = layer.running_mean.data == after_mean.data and layer.running_var.data == after_var.data
+    untouched = layer.running_mean.data == before_mean.data and layer.running_var.data == before_var.data
+    kind = "updated" if count == 1 and updated else "untouched" if count == 0 and untouched else "APART"
+    key = ("completed " if y is not None else "interrupted ") + kind
+    layer_counts[key] = layer_counts.get(key, 0) + 1
 signal.signal(signal.SIGALRM, signal.SIG_DFL)
 stats = alloc.POOL.stats()  # every pool block here is 2 MiB
 later = [digest(*train(x)) == digest(y_ref, after_mean, after_var) for _ in range(50)]
@@ -457,7 +478,7 @@ result = []
 thread = threading.Thread(target=lambda: result.append(digest(*train(x)) == digest(y_ref, after_mean, after_var)),
                           daemon=True)
 thread.start(); thread.join(30)
-report(counts=counts, free_bytes=stats["free_bytes"], free_blocks=stats["free_blocks"],
+report(counts=counts, layer_counts=layer_counts, free_bytes=stats["free_bytes"], free_blocks=stats["free_blocks"],
        later_ok=all(later), recycled=stats_later["hits"] - stats["hits"], fork_child=child, thread_ok=result == [True])
 """
 
@@ -471,6 +492,9 @@ def test_signals_during_training_calls_leave_running_statistics_whole_and_later_
     out = run_child(SIGNALS, timeout=300, NUMBA_CACHE_DIR=str(warm.cache))
     counts = out["counts"]
     assert not [key for key in counts if "WRONG" in key or "HALF" in key], counts
+    layer_counts = out["layer_counts"]
+    assert not [key for key in layer_counts if "APART" in key], layer_counts  # count and statistics together
+    assert layer_counts.get("completed updated", 0) > 0, layer_counts
     for name in ("Alarm", "KeyboardInterrupt"):
         assert counts.get(f"{name}: completed", 0) > 0 and counts.get(f"{name}: interrupted, untouched", 0) > 0, counts
     assert out["free_bytes"] == out["free_blocks"] * (2 << 20), out

@@ -664,3 +664,33 @@ def test_a_state_dict_with_missing_keys_is_a_value_error_too():
     with pytest.raises(ValueError, match=r"^state_dict: missing keys \['running_var'\]") as caught:
         fastbn.BatchNorm(3).load_state_dict(state)
     assert isinstance(caught.value, KeyError)
+
+
+def test_an_interrupt_after_the_kernel_puts_the_statistics_count_and_cached_input_back(monkeypatch):
+    """The kernel updates the running statistics in place and the count is stored after it returns; a
+    KeyboardInterrupt (or a signal handler's exception) landing in between must not leave a count that
+    disagrees with the statistics.  Simulated here at that exact point: the layer undoes the update, so the
+    interrupted call changes nothing, and backward still uses the last completed forward's input."""
+    layer = BatchNorm(3)
+    first = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    layer(first)
+    before = (layer.running_mean.copy(), layer.running_var.copy(), layer.num_batches_tracked)
+    real = fastbn.layer._forward
+
+    def interrupted_after_the_kernel(*args, **kwargs):
+        real(*args, **kwargs)  # the running statistics are updated by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastbn.layer, "_forward", interrupted_after_the_kernel)
+    with pytest.raises(KeyboardInterrupt):
+        layer(first * 3 + 1)
+    assert layer.running_mean.tobytes() == before[0].tobytes()
+    assert layer.running_var.tobytes() == before[1].tobytes()
+    assert layer.num_batches_tracked == before[2] == 1
+    monkeypatch.undo()
+    dy = np.random.default_rng(1).standard_normal(first.shape).astype(np.float32)
+    reference = BatchNorm(3)
+    reference(first)
+    assert layer.backward(dy).tobytes() == reference.backward(dy).tobytes()  # the first batch's gradient
+    layer(first)  # and the next call counts on from there
+    assert layer.num_batches_tracked == 2

@@ -389,3 +389,29 @@ def test_cnn_training_matches_torch(momentum, memory_format):
     for key, value in ref["state"].items():
         torch.testing.assert_close(ours["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
     torch.testing.assert_close(ours["eval_output"], ref["eval_output"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["before the kernel", "after the kernel"])
+def test_an_interrupted_module_call_counts_exactly_the_batches_its_statistics_took_in(monkeypatch, where):
+    """``num_batches_tracked`` is incremented after the kernel returns; a KeyboardInterrupt (or a signal
+    handler's exception) landing in between must not leave the count behind the running statistics.
+    Simulated at both points: before the kernel nothing changes, after it the batch is counted."""
+    from fastbn.torch import _modules
+
+    ours = fbt.BatchNorm2d(3)
+    x = torch.randn(8, 3, 4, 4)
+    ours(x)
+    mean, var = ours.running_mean.clone(), ours.running_var.clone()
+    real = _modules.batch_norm
+
+    def interrupted(*args, **kwargs):
+        if where == "after the kernel":
+            real(*args, **kwargs)  # the running statistics are updated by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_modules, "batch_norm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ours(x * 3 + 1)
+    updated = not torch.equal(ours.running_mean, mean) and not torch.equal(ours.running_var, var)
+    assert updated == (where == "after the kernel")
+    assert int(ours.num_batches_tracked) == (2 if updated else 1)

@@ -135,8 +135,10 @@ class _FastbnForward(_TorchBatchNorm):
     It follows torch's ``_BatchNorm.forward``: momentum None is a cumulative
     average (``1 / num_batches_tracked``), ``track_running_stats=False`` uses
     batch statistics in eval too, and eval uses the running statistics.  One
-    difference: ``num_batches_tracked`` is incremented only once the batch
-    went through, so a rejected batch leaves every buffer untouched.
+    difference: ``num_batches_tracked`` is incremented exactly when the running
+    statistics took the batch in, so a rejected batch leaves every buffer
+    untouched, and an interrupt (KeyboardInterrupt) that lands after the
+    kernel still counts the batch the statistics hold.
     """
 
     activation: Literal["relu"] | None = None
@@ -163,28 +165,63 @@ class _FastbnForward(_TorchBatchNorm):
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
         group = self._sync_group(batch_stats)
+        args = (input, residual, running_mean, running_var, batch_stats, momentum, group)
+        written = running_mean if running_mean is not None else running_var
+        # Compiled code, torch.func transforms (whose wrapped tensors keep a version of their own) and
+        # inference tensors take the straight path, as torch's own module does.
+        if (
+            not update
+            or written is None
+            or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+            or written.is_inference()  # inference tensors keep no version
+        ):
+            output = self._run(*args)
+            if update:
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr]  # update: a tensor
+            return output
+        # The kernel writes the running statistics; the count follows once it returns.  An asynchronous
+        # exception (KeyboardInterrupt, a signal handler's) can land in between, at the first Python step
+        # after the kernel, so the count follows the statistics' version counter, not the return: it counts
+        # exactly the batches the statistics took in, however the call ends (tests/test_torch_dropin.py).
+        version = written._version
+        try:
+            output = self._run(*args)
+        finally:
+            if written._version != version:
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr]  # update: a tensor
+        return output
+
+    def _run(
+        self,
+        input: torch.Tensor,
+        residual: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        batch_stats: bool,
+        momentum: float,
+        group: Any,
+    ) -> torch.Tensor:
+        """The batch norm call itself: synchronised over ``group``, or fastbn.torch.batch_norm."""
         if group is not None:
             output: torch.Tensor = _synchronised(
                 input, running_mean, running_var, self.weight, self.bias, momentum, self.eps, group
             )
-        else:
-            output = batch_norm(
-                input,
-                running_mean,
-                running_var,
-                self.weight,
-                self.bias,
-                batch_stats,
-                momentum,
-                self.eps,
-                activation=self.activation,
-                residual=residual,
-                virtual_batch_size=self.virtual_batch_size,
-                renorm=self.renorm if running_mean is not None else None,
-            )
-        if update:
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]  # update: a tensor
-        return output
+            return output
+        return batch_norm(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            batch_stats,
+            momentum,
+            self.eps,
+            activation=self.activation,
+            residual=residual,
+            virtual_batch_size=self.virtual_batch_size,
+            renorm=self.renorm if running_mean is not None else None,
+        )
 
     def _sync_group(self, batch_stats: bool) -> Any:
         """The process group to synchronise statistics over, or None."""
