@@ -143,11 +143,14 @@ class _Snapshot:
         self.var = layer.running_var.copy() if isinstance(layer.running_var, np.ndarray) else None
 
     def restore(self, layer: BatchNorm) -> None:
-        """Put the statistics, the count and the cached input back as they were."""
-        if self.mean is not None:
-            np.copyto(layer.running_mean, self.mean)
-        if self.var is not None:
-            np.copyto(layer.running_var, self.var)
+        """Put the statistics, the count and the cached input back as they were.
+
+        Only statistics a kernel could have written are copied back: a read-only or misshapen one (which
+        validation refused) is left alone, so the error that refused it is the one raised.
+        """
+        for array, copy in ((layer.running_mean, self.mean), (layer.running_var, self.var)):
+            if copy is not None and array.flags.writeable and array.shape == copy.shape:
+                np.copyto(array, copy)
         layer.num_batches_tracked, layer._cache = self.count, self.cache
 
 

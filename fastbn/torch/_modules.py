@@ -136,8 +136,8 @@ class _FastbnForward(_TorchBatchNorm):
     average (``1 / num_batches_tracked``), ``track_running_stats=False`` uses
     batch statistics in eval too, and eval uses the running statistics.  One
     difference: ``num_batches_tracked`` is incremented exactly when the running
-    statistics took the batch in, so a rejected batch leaves every buffer
-    untouched, and an interrupt (KeyboardInterrupt) that lands after the
+    statistics took the batch in (or an empty batch went through, as in
+    torch), so a rejected batch leaves every buffer untouched, and an interrupt (KeyboardInterrupt) that lands after the
     kernel still counts the batch the statistics hold.
     """
 
@@ -182,13 +182,15 @@ class _FastbnForward(_TorchBatchNorm):
             return output
         # The kernel writes the running statistics; the count follows once it returns.  An asynchronous
         # exception (KeyboardInterrupt, a signal handler's) can land in between, at the first Python step
-        # after the kernel, so the count follows the statistics' version counter, not the return: it counts
-        # exactly the batches the statistics took in, however the call ends (tests/test_torch_dropin.py).
-        version = written._version
+        # after the kernel, so the count also follows the statistics' version counter, not the return alone:
+        # a batch the statistics took in is counted however the call ends (tests/test_torch_adapter.py).
+        # A completed call is counted even if it wrote nothing (an empty batch, as torch counts it).
+        version, completed = written._version, False
         try:
             output = self._run(*args)
+            completed = True
         finally:
-            if written._version != version:
+            if completed or written._version != version:
                 self.num_batches_tracked.add_(1)  # type: ignore[union-attr]  # update: a tensor
         return output
 
