@@ -137,8 +137,9 @@ class _FastbnForward(_TorchBatchNorm):
     batch statistics in eval too, and eval uses the running statistics.  One
     difference: ``num_batches_tracked`` is incremented exactly when the running
     statistics took the batch in (or an empty batch went through, as in
-    torch), so a rejected batch leaves every buffer untouched, and an interrupt (KeyboardInterrupt) that lands after the
-    kernel still counts the batch the statistics hold.
+    torch), so a rejected batch leaves every buffer untouched, and an
+    interrupt (KeyboardInterrupt) that lands after the kernel still counts
+    the batch the statistics hold.
     """
 
     activation: Literal["relu"] | None = None
