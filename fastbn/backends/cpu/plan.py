@@ -29,6 +29,7 @@ Three kinds of constant set the plan:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -393,6 +394,31 @@ def choose(
     -------
     Plan
     """
+    if override is None and facts is None:
+        # The plan is a pure function of these and of this machine's facts (read once per process), and
+        # it is immutable: a training loop's calls share it instead of rebuilding it and its reasons.
+        return _choose_here(operation, layout, tuple(map(int, shape)), int(itemsize), bool(out_fresh), bool(masked))
+    return _choose(operation, layout, shape, itemsize, out_fresh, masked, override, facts)
+
+
+@functools.lru_cache(maxsize=256)
+def _choose_here(
+    operation: str, layout: str, shape: tuple[int, ...], itemsize: int, out_fresh: bool, masked: bool
+) -> Plan:
+    """:func:`choose` for this machine and no override, memoised."""
+    return _choose(operation, layout, shape, itemsize, out_fresh, masked, None, None)
+
+
+def _choose(
+    operation: str,
+    layout: str,
+    shape: Sequence[int],
+    itemsize: int,
+    out_fresh: bool,
+    masked: bool,
+    override: Mapping[str, Any] | None,
+    facts: Machine | None,
+) -> Plan:
     if operation not in OPERATIONS:
         raise ValueError(f"operation: expected one of {OPERATIONS}, got {operation!r}")
     forced = _check_override(override)
