@@ -489,4 +489,9 @@ def test_bench_torch_writes_the_readme_fragment_it_is_spliced_from(tmp_path, mon
     assert [row[0] for row in rows] == ["| forward, training", "| forward+backward, training"], lines
     for row in rows:
         assert float(row[4]) > 0 and float(row[5]) > 0 and row[6].endswith("x |"), row
+    floor = [line for line in lines if line.startswith("Floor of a forward+backward defined in Python")]
+    assert len(floor) == 1, lines
+    figures = [float(word) for word in floor[0].replace(",", " ").split() if word.replace(".", "", 1).isdigit()]
+    node, kernels, together = figures[-3:]
+    assert node > 0 and kernels > 0 and abs(together - node - kernels) < 0.11, floor
     assert lines[-1] == "Measured by `python -m fastbn bench-torch`."

@@ -16,7 +16,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from fastbn._frameworks import missing_dependency
 
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         ours_text = "refused" if ours_s is None else f"{1e6 * ours_s:.1f}"
         ratio = "-" if ours_s is None else f"{theirs_s / ours_s:.2f}x"
         lines.append(f"| {name} | {shape} | {dtype} | {memory_format} | {ours_text} | {1e6 * theirs_s:.1f} | {ratio} |")
-    lines += ["", "Measured by `python -m fastbn bench-torch`."]
+    lines += ["", _floor(args), "", "Measured by `python -m fastbn bench-torch`."]
     text = "\n".join(lines)
     print(text)
     if args.out:  # the README's fragment (python -m fastbn readme splices it in)
@@ -125,6 +125,74 @@ def run(args: argparse.Namespace) -> int:
             handle.write(text + "\n")
         print(f"\nWrote {args.out}")
     return 0
+
+
+class _NoOp:
+    """Made on first use: a ``torch.autograd.Function`` that computes nothing (its outputs are uninitialised)."""
+
+    function: Any = None
+
+    @classmethod
+    def get(cls) -> Any:
+        if cls.function is None:
+            import torch
+
+            class NoOp(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, x, weight, bias):  # type: ignore[no-untyped-def]  # torch calls it
+                    ctx.save_for_backward(x, weight)
+                    return torch.empty_like(x)
+
+                @staticmethod
+                def backward(ctx, grad):  # type: ignore[no-untyped-def]
+                    x, weight = ctx.saved_tensors
+                    return torch.empty_like(x), torch.empty_like(weight), None
+
+            cls.function = NoOp
+        return cls.function
+
+
+def _floor(args: argparse.Namespace) -> str:
+    """What a (32, 64) forward+backward cannot go below when the op is defined in Python.
+
+    torch's own batch norm is a C++ autograd node; any op whose gradient is
+    Python code (an ``autograd.Function``, or a custom operator's registered
+    autograd) pays for a Python node in forward and backward however fast
+    its kernels are.  This times such a node that computes nothing, called
+    as the table's rows are, and fastbn's own kernels at the same size
+    through the NumPy API (``fastbn.forward`` plus ``fastbn.backward``): their
+    sum is the least a Python-defined batch norm can cost there.
+    """
+    import numpy as np
+    import torch
+
+    import fastbn
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((32, 64), generator=generator, requires_grad=True)
+    weight = torch.ones(64, requires_grad=True)
+    bias = torch.zeros(64, requires_grad=True)
+    dy = torch.randn_like(x)
+    no_op = _NoOp.get()
+
+    def node() -> None:
+        torch.autograd.grad(no_op.apply(x, weight, bias), (x, weight), dy)
+
+    xs, ws, bs, dys = (t.detach().numpy() for t in (x, weight, bias, dy))
+    mean, var = np.zeros(64, np.float32), np.ones(64, np.float32)
+
+    def kernels() -> None:
+        _y, saved = fastbn.forward(xs, ws, bs, running_mean=mean, running_var=var, training=True)
+        fastbn.backward(dys, xs, ws, saved)
+
+    node_s = _time(node, args.rounds, args.seconds)
+    kernels_s = _time(kernels, args.rounds, args.seconds)
+    return (
+        f"Floor of a forward+backward defined in Python, (32, 64) float32: a no-op `torch.autograd.Function` "
+        f"costs {1e6 * node_s:.1f} us, fastbn's kernels through the NumPy API {1e6 * kernels_s:.1f} us; "
+        f"together {1e6 * (node_s + kernels_s):.1f} us, the least `fastbn.torch` can take there "
+        "(torch's own batch norm is a C++ autograd node)."
+    )
 
 
 def _machine() -> str:
