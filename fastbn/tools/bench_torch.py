@@ -16,7 +16,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from fastbn._frameworks import missing_dependency
 
@@ -127,41 +127,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _NoOp:
-    """Made on first use: a ``torch.autograd.Function`` that computes nothing (its outputs are uninitialised)."""
-
-    function: Any = None
-
-    @classmethod
-    def get(cls) -> Any:
-        if cls.function is None:
-            import torch
-
-            class NoOp(torch.autograd.Function):
-                @staticmethod
-                def forward(ctx, x, weight, bias):  # type: ignore[no-untyped-def]  # torch calls it
-                    ctx.save_for_backward(x, weight)
-                    return torch.empty_like(x)
-
-                @staticmethod
-                def backward(ctx, grad):  # type: ignore[no-untyped-def]
-                    x, weight = ctx.saved_tensors
-                    return torch.empty_like(x), torch.empty_like(weight), None
-
-            cls.function = NoOp
-        return cls.function
-
-
 def _floor(args: argparse.Namespace) -> str:
-    """What a (32, 64) forward+backward cannot go below when the op is defined in Python.
+    """What a (32, 64) forward+backward defined in Python pays before its glue code.
 
     torch's own batch norm is a C++ autograd node; any op whose gradient is
     Python code (an ``autograd.Function``, or a custom operator's registered
     autograd) pays for a Python node in forward and backward however fast
     its kernels are.  This times such a node that computes nothing, called
     as the table's rows are, and fastbn's own kernels at the same size
-    through the NumPy API (``fastbn.forward`` plus ``fastbn.backward``): their
-    sum is the least a Python-defined batch norm can cost there.
+    through the NumPy API (``fastbn.forward`` plus ``fastbn.backward``, their
+    own checks included): what ``fastbn.torch`` spends beyond their sum is
+    its glue (tensor views, the lane's checks, a node with more inputs).
     """
     import numpy as np
     import torch
@@ -173,10 +149,22 @@ def _floor(args: argparse.Namespace) -> str:
     weight = torch.ones(64, requires_grad=True)
     bias = torch.zeros(64, requires_grad=True)
     dy = torch.randn_like(x)
-    no_op = _NoOp.get()
+
+    class NoOp(torch.autograd.Function):
+        """Computes nothing: its outputs are uninitialised."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias):  # type: ignore[no-untyped-def]  # torch calls it
+            ctx.save_for_backward(x, weight)
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[no-untyped-def]
+            x, weight = ctx.saved_tensors
+            return torch.empty_like(x), torch.empty_like(weight), None
 
     def node() -> None:
-        torch.autograd.grad(no_op.apply(x, weight, bias), (x, weight), dy)
+        torch.autograd.grad(NoOp.apply(x, weight, bias), (x, weight), dy)  # type: ignore[no-untyped-call]
 
     xs, ws, bs, dys = (t.detach().numpy() for t in (x, weight, bias, dy))
     mean, var = np.zeros(64, np.float32), np.ones(64, np.float32)
@@ -190,7 +178,7 @@ def _floor(args: argparse.Namespace) -> str:
     return (
         f"Floor of a forward+backward defined in Python, (32, 64) float32: a no-op `torch.autograd.Function` "
         f"costs {1e6 * node_s:.1f} us, fastbn's kernels through the NumPy API {1e6 * kernels_s:.1f} us; "
-        f"together {1e6 * (node_s + kernels_s):.1f} us, the least `fastbn.torch` can take there "
+        f"together {1e6 * (node_s + kernels_s):.1f} us, what `fastbn.torch` costs there before its glue "
         "(torch's own batch norm is a C++ autograd node)."
     )
 
