@@ -331,6 +331,13 @@ def test_squared_deviations_that_overflow_float64_give_the_finite_variance(shape
         np.testing.assert_allclose(var, e_var, rtol=1e-12)
     else:
         assert (var == np.inf).all()
+    # The running update: 0.9 * 1 + 0.1 * var * n / (n - 1) is finite though n * var is not (with
+    # fast-math, LLVM had reassociated var * (n / (n - 1)) into (var * n) / (n - 1): inf).
+    n = x.size // 3
+    running_mean, running_var = np.zeros(3), np.ones(3)
+    fastbn.forward(x, running_mean=running_mean, running_var=running_var, axis=axis, _plan=plan)
+    np.testing.assert_allclose(running_mean, 0.1 * e_mean, rtol=1e-12, atol=1e-13 * abs(high - low))
+    np.testing.assert_allclose(running_var, 0.9 + 0.1 * e_var * (n / (n - 1)), rtol=1e-12)
 
 
 @pytest.mark.parametrize("shape, axis, plan", EXTREME_CASES, ids=EXTREME_IDS)

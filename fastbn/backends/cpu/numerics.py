@@ -143,15 +143,37 @@ def backward_coefficients(sum_dy, dotp, invstd, weight, count, mean_dy_out, k_ou
 
 
 # ------------------------------------------------------- running stats ---
+@exact
+def _moved(running, batch, momentum):
+    """``(1 - momentum) * running + momentum * batch`` in float64, without fast-math.
+
+    The unbiased variance is ``var * (n / (n - 1))``; with 'reassoc', LLVM may
+    rewrite ``m * var * (n / (n - 1))`` as ``(m * var * n) / (n - 1)``, which
+    overflows once ``n * var`` exceeds the float64 range although the result
+    is finite (std 1e153 over 10^4 values gave an infinite running
+    variance).  Here the caller's product ``var * correction`` arrives
+    already rounded, and nothing is reassociated.
+    """
+    return (1.0 - momentum) * running + momentum * batch
+
+
+@exact
+def _unbiased(var, correction):
+    """``var * correction``, rounded once and never reassociated (see :func:`_moved`)."""
+    return var * correction
+
+
 @kernel(parallel=False)
 def update_running(running_mean, running_var, mean, var, momentum, count):
     """PyTorch's update: unbiased variance into running_var, in place.
 
-    Serial: a few operations per channel, far less than a parallel launch costs.
+    Serial: a few operations per channel, far less than a parallel launch
+    costs.  The arithmetic is :func:`_moved`'s, without fast-math, so that
+    the update is finite wherever the true one is.
     """
     correction = count / (count - 1.0)
     for c in range(running_mean.shape[0]):
-        running_mean[c] = cast_to(running_mean, (1.0 - momentum) * np.float64(running_mean[c]) + momentum * mean[c])
+        running_mean[c] = cast_to(running_mean, _moved(np.float64(running_mean[c]), mean[c], momentum))
         running_var[c] = cast_to(
-            running_var, (1.0 - momentum) * np.float64(running_var[c]) + momentum * var[c] * correction
+            running_var, _moved(np.float64(running_var[c]), _unbiased(var[c], correction), momentum)
         )
