@@ -133,6 +133,34 @@ def test_weighted_statistics_within_the_derived_bound():
             assert abs(Fraction(float(mean[c])) - m) <= Fraction(2 * gamma(n) * spread + 2 * u * abs(float(m)))
 
 
+@pytest.mark.parametrize("shape, axis", [((400, 2), 1), ((8, 3, 25), 1), ((8, 25, 3), 2)], ids=["rows", "slab", "nhwc"])
+@pytest.mark.parametrize("scale, weight_scale", [(1e153, 1.0), (1e153, 1e300), (1e153, 1e-300)])
+def test_weighted_statistics_whose_sums_overflow_are_finite_where_the_true_ones_are(shape, axis, scale, weight_scale):
+    """Deviations of 1e153: squared (and, with weights of 1e300, weighted) sums beyond float64's range,
+    so those channels are computed again, scaled (fastbn.backends.cpu.weighted); the weights' own scale,
+    huge or tiny, does not matter.  Reference: exact rational sums.  Before, the variance came out inf
+    and the output all bias."""
+    x = RNG.normal(size=shape) * scale
+    w = RNG.integers(0, 4, size=shape).astype(np.float64) * weight_scale
+    mean, var = fastbn.moments(x, axis, weights=w)
+    xs = np.moveaxis(x, axis, -1).reshape(-1, shape[axis])
+    ws = np.moveaxis(w, axis, -1).reshape(-1, shape[axis])
+    for c in range(shape[axis]):
+        W = sum(Fraction(v) for v in ws[:, c])
+        m = sum(Fraction(a) * Fraction(b) for a, b in zip(ws[:, c], xs[:, c])) / W
+        v = sum(Fraction(a) * (Fraction(b) - m) ** 2 for a, b in zip(ws[:, c], xs[:, c])) / W
+        assert np.isfinite(var[c]) and abs(Fraction(float(var[c])) - v) <= Fraction(1e-12) * v
+        assert abs(Fraction(float(mean[c])) - m) <= Fraction(1e-12 * scale)
+    # An all-True mask through forward: the masked kernels' statistics, the unmasked output.
+    mask_shape = [1] * len(shape)
+    mask_shape[0] = shape[0]
+    full = np.ones(mask_shape, bool)
+    y, saved = fastbn.forward(x, axis=axis, mask=full)
+    y0, saved0 = fastbn.forward(x, axis=axis)
+    np.testing.assert_allclose(saved.invstd, saved0.invstd, rtol=1e-12)
+    np.testing.assert_allclose(y, y0, rtol=1e-10, atol=1e-10)
+
+
 # ---------------------------------------------------- forward and backward ---
 def _torch_weighted_bn(x, w, g, b, axis, eps):
     import torch

@@ -36,8 +36,14 @@ The second term is second order in ``u``: relative to ``var`` it is about
 ``(n u R / std)^2 + (u mean / std)^2``, below 1e-20 for float32 input whose
 mean is 1e4 standard deviations (float32 input is exact in float64).
 ``tests/test_weights.py`` checks the bound against exact rational sums.
-Values beyond about 1e154 overflow the squares of pass 2 (variance Inf);
-the unweighted kernels rescue that case, these do not.
+Values beyond about 1e154 overflow the squares of pass 2, and sums of
+values near the float64 maximum overflow pass 1, where the weighted mean
+and variance are finite.  A channel whose mean or variance comes out
+non-finite (with ``W > 0``) is therefore computed again, as the unweighted
+kernels do, by :func:`_rescue_rows` / :func:`_rescue_slab`: on
+``(x - K) * 2^-600`` and ``w / max(w)`` (the statistics do not depend on
+the weights' scale), whose weighted sums cannot overflow, so the results
+scaled back are infinite only where the true ones are.
 """
 
 from __future__ import annotations
@@ -45,13 +51,61 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from fastbn.backends.cpu.jit import kernel
+from fastbn.backends.cpu.jit import exact, kernel
 from fastbn.backends.cpu.loops import cast_to, load
 
 # Rows per task of the ROWS statistics: a fixed count (never the thread
 # count), so that the partial sums, and the result, do not depend on how
 # many threads run.
 _ELEMENTS_PER_TASK = 1 << 16
+
+
+_DOWN = 2.0**-600
+_UP = 2.0**600
+
+
+@exact
+def _rescaled_moments(values, weights, pivot):
+    """Weighted mean and biased variance of 1-D ``values``, summed on ``(v - pivot) * 2^-600`` and
+    ``weights / max(weights)``, so that no sum can overflow (see the module docstring); ``(0, 0)``
+    where every weight is 0, as the kernels give for ``W == 0``."""
+    top = 0.0
+    for i in range(values.shape[0]):
+        top = max(top, np.float64(weights[i]))
+    if top == 0.0:
+        return 0.0, 0.0
+    k = pivot * _DOWN
+    total = 0.0
+    s1 = 0.0
+    for i in range(values.shape[0]):
+        wi = np.float64(weights[i]) / top
+        total += wi
+        s1 += wi * (np.float64(load(values[i])) * _DOWN - k)
+    mean = s1 / total
+    s2 = 0.0
+    for i in range(values.shape[0]):
+        d = (np.float64(load(values[i])) * _DOWN - k) - mean
+        s2 += (np.float64(weights[i]) / top) * (d * d)
+    return pivot + mean * _UP, (s2 / total) * _UP * _UP
+
+
+@exact
+def _rescue_rows(x, w, c, pivot):
+    """:func:`_rescaled_moments` of channel c of an (M, C) view."""
+    return _rescaled_moments(x[:, c], w[:, c], pivot)
+
+
+@exact
+def _rescue_slab(x, w, c, pivot):
+    """:func:`_rescaled_moments` of channel c of an (N, C, L) view (copied into one row: a rare path)."""
+    N, _, L = x.shape
+    values = np.empty(N * L, x.dtype)
+    weights = np.empty(N * L, w.dtype)
+    for n in range(N):
+        for i in range(L):
+            values[n * L + i] = x[n, c, i]
+            weights[n * L + i] = w[n, c, i]
+    return _rescaled_moments(values, weights, pivot)
 
 
 def rows_per_task(channels: int) -> int:
@@ -97,6 +151,8 @@ def weighted_stats_rows(x, w, rows):
             var[c] += s2[t, c]
     for c in range(C):
         var[c] = var[c] / total[c] if total[c] > 0 else 0.0
+        if total[c] > 0 and not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+            mean[c], var[c] = _rescue_rows(x, w, c, pivot[c])
     return total, mean, var
 
 
@@ -128,6 +184,8 @@ def weighted_stats_slab(x, w):
         total[c] = wsum
         mean[c] = m
         var[c] = s2 / wsum if wsum > 0 else 0.0
+        if wsum > 0 and not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+            mean[c], var[c] = _rescue_slab(x, w, c, pivot)
     return total, mean, var
 
 
