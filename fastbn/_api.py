@@ -517,6 +517,7 @@ def backward(
         and saved.r is None
         and saved.d is None
         and saved.weights is None
+        and saved.weight_sum is None
         and type(saved.count) is int
         and saved.count >= 0
         and type(saved.shape) is tuple
@@ -581,6 +582,10 @@ def backward(
                 f"saved.weights: expected dtype {dtype}, as fastbn.forward keeps them, got {saved.weights.dtype}"
             )
         check_channel_vector(saved.weight_sum, "saved.weight_sum", channels, np.dtype(np.float64))
+    elif saved.batch_stats and saved.weight_sum is not None:
+        # forward keeps both or neither: the weights without their sum would silently give the unweighted
+        # gradient of a weighted forward.
+        raise TypeError("saved.weights: None, but saved.weight_sum is set; fastbn.forward keeps both or neither")
 
     if count == 0 and not synced:
         # An empty batch: nothing flows back; the parameter gradients are sums over no elements.

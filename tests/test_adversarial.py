@@ -2120,6 +2120,18 @@ def test_fix_saved_combinations_that_forward_never_makes_are_refused():
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(synced, fastbn.backward(np.ones_like(x), x, None, plain)))
 
 
+def test_fix_a_weight_sum_without_its_weights_is_refused():
+    """fastbn/_api.py:backward: a masked forward's Saved with weights=None but weight_sum kept (a combination
+    forward never makes) was differentiated as unweighted: dx off by about 2, silently."""
+    x = _batch()
+    mask = np.ones((x.shape[0],) + (1,) * (x.ndim - 1), bool)
+    mask[0] = False
+    _, saved = fastbn.forward(x, mask=mask)
+    assert saved.weights is not None and saved.weight_sum is not None
+    with pytest.raises(TypeError, match=r"^saved.weights: None, but saved.weight_sum is set"):
+        fastbn.backward(np.ones_like(x), x, None, saved._replace(weights=None))
+
+
 def test_fix_layer_num_features_beyond_any_array_is_named():
     """fastbn/layer.py:_check_num_features: 10**400 channels reached np.ones, whose ValueError named nothing."""
     for value in (10**400, 2**63, np.iinfo(np.intp).max):
