@@ -15,6 +15,7 @@ the device (``Backend.from_host``) and stay there.
 
 from __future__ import annotations
 
+import numbers
 import operator
 import threading
 from collections.abc import Mapping
@@ -329,6 +330,18 @@ class BatchNorm:
         ndim = len(x.shape)
         if ndim < 2:
             raise ValueError(f"x: expected at least 2 dimensions (batch and channel), got shape {tuple(x.shape)}")
+        # The layer's attributes are public, so they are checked here, where they are used: a value
+        # assigned after construction is named, before anything is computed or updated.
+        if isinstance(self.axis, bool) or not isinstance(self.axis, numbers.Integral):
+            raise TypeError(f"axis: expected an int, got {type(self.axis).__name__}")
+        count = self.num_batches_tracked
+        if count is not None and (isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0):
+            raise TypeError(f"num_batches_tracked: expected None or a non-negative int, got {count!r}")
+        if count is None and self.training and self.track_running_stats and self.momentum is None:
+            raise ValueError(
+                "num_batches_tracked: None with momentum=None (a cumulative average needs the count); "
+                "set num_batches_tracked = 0 or give a momentum"
+            )
         if not -ndim <= self.axis < ndim:
             raise ValueError(f"axis: {self.axis} is out of range for an input of {ndim} dimensions")
         # Checked here because without weight and running statistics the
@@ -406,9 +419,10 @@ class BatchNorm:
         tracking = self.track_running_stats
         count = self.num_batches_tracked
         if self.training and tracking:
-            assert count is not None  # tracking
-            count += 1
-            momentum = 1.0 / count if self.momentum is None else self.momentum
+            # torch's rule: a count of None is not counted, and the given momentum is used (_check_input
+            # refused None with momentum=None).
+            count = None if count is None else int(count) + 1
+            momentum = self.momentum if self.momentum is not None else 1.0 / cast(int, count)
         else:
             # No update happens; the functional API still wants a float.
             momentum = 0.0 if self.momentum is None else self.momentum

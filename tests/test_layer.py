@@ -409,6 +409,49 @@ def test_no_running_stats_momentum_none():
     assert_close(bn(x), hand_normalize(x, mean, var))
 
 
+def test_a_count_of_none_is_not_counted_and_the_momentum_used_as_torch():
+    """torch.nn.BatchNorm accepts ``num_batches_tracked = None`` (no counting); so does the layer."""
+    bn = BatchNorm(3)
+    bn.num_batches_tracked = None
+    x = batch(0, (5, 3))
+    mean, _var, unbiased = hand_batch_stats(x)
+    bn(x)
+    assert bn.num_batches_tracked is None
+    assert_close(bn.running_mean, 0.1 * mean)
+    assert_close(bn.running_var, 0.9 + 0.1 * unbiased)
+
+
+@pytest.mark.parametrize(
+    "attribute, value, error, message",
+    [
+        ("num_batches_tracked", "a", TypeError, "num_batches_tracked: expected None or a non-negative int"),
+        ("num_batches_tracked", 1.5, TypeError, "num_batches_tracked: expected None or a non-negative int"),
+        ("num_batches_tracked", True, TypeError, "num_batches_tracked: expected None or a non-negative int"),
+        ("num_batches_tracked", -1, TypeError, "num_batches_tracked: expected None or a non-negative int"),
+        ("axis", "1", TypeError, "axis: expected an int"),
+        ("axis", 1.0, TypeError, "axis: expected an int"),
+    ],
+)
+def test_attributes_assigned_after_construction_are_checked_before_any_update(attribute, value, error, message):
+    """Before, a bare AssertionError (count None with tracking), or an error from inside Python naming nothing."""
+    bn = BatchNorm(3)
+    setattr(bn, attribute, value)
+    before = (bn.running_mean.copy(), bn.running_var.copy(), bn.weight.copy(), bn.bias.copy())
+    with pytest.raises(error, match=message):
+        bn(batch(0, (5, 3)))
+    for now, then in zip((bn.running_mean, bn.running_var, bn.weight, bn.bias), before):
+        np.testing.assert_array_equal(now, then)
+    assert getattr(bn, attribute) is value
+
+
+def test_a_count_of_none_with_momentum_none_is_refused_by_name():
+    bn = BatchNorm(3, momentum=None)
+    bn.num_batches_tracked = None
+    with pytest.raises(ValueError, match="num_batches_tracked: None with momentum=None"):
+        bn(batch(0, (5, 3)))
+    np.testing.assert_array_equal(bn.running_mean, np.zeros(3, np.float32))
+
+
 # ------------------------------------------------------------ state ---
 def trained_layer(**kwargs):
     bn = BatchNorm(4, **kwargs)
