@@ -59,8 +59,9 @@ def batch_norm(
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     if grad:
         try:
+            # The options travel as one argument: Function.apply inspects each argument it is given.
             output: torch.Tensor = _SmallBatchNorm.apply(  # type: ignore[no-untyped-call]
-                input, weight, bias, arrays, training, momentum, eps
+                input, weight, bias, (arrays, training, momentum, eps)
             )
         except _NotSmall:
             return None
@@ -92,9 +93,8 @@ class _SmallBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, input: Any, weight: Any, bias: Any, arrays: Any, training: Any, momentum: Any, eps: Any
-    ) -> Any:
+    def forward(ctx: Any, input: Any, weight: Any, bias: Any, options: Any) -> Any:
+        arrays, training, momentum, eps = options
         small = _api._small().forward(*arrays, training, momentum, eps, 1)
         if small is None:
             raise _NotSmall
@@ -115,15 +115,12 @@ class _SmallBatchNorm(torch.autograd.Function):
         if small is None:
             general = _GeneralContext(ctx, input, weight)
             dx, dweight, dbias, _ = _ops.gradients(general, grad_y, residual_index=4)
-            return dx, dweight, dbias, None, None, None, None
+            return dx, dweight, dbias, None
         need = ctx.needs_input_grad
         return (
             torch.from_numpy(small[0]) if need[0] else None,
             torch.from_numpy(small[1]) if need[1] and weight is not None else None,
             torch.from_numpy(small[2]) if need[2] else None,
-            None,
-            None,
-            None,
             None,
         )
 
