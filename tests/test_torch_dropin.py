@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -301,9 +302,21 @@ ERROR_CASES = [
     ("mixed dtype var", lambda fn: fn(torch.randn(4, 3), torch.zeros(3), torch.ones(3).double(), training=True)),
     ("training str", lambda fn: fn(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training="False")),
     ("training tensor", lambda fn: fn(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=torch.tensor(True))),
+    # Not a tensor (eval: torch's training check reads input.size() first): an AttributeError from the small-call
+    # lane's first look at the input, before.
+    ("input ndarray", lambda fn: fn(np.ones((4, 3), np.float32), torch.zeros(3), torch.ones(3))),
+    ("input list", lambda fn: fn([[1.0, 2.0, 3.0]] * 4, torch.zeros(3), torch.ones(3))),
+    ("input None", lambda fn: fn(None, torch.zeros(3), torch.ones(3))),
 ]
 #: The argument each error names first, where the case is about one argument.
-ERROR_NAMES = {"mixed dtype var": "running_var", "training str": "training", "training tensor": "training"}
+ERROR_NAMES = {
+    "mixed dtype var": "running_var",
+    "training str": "training",
+    "training tensor": "training",
+    "input ndarray": "input",
+    "input list": "input",
+    "input None": "input",
+}
 
 
 @pytest.mark.parametrize("case, call", ERROR_CASES, ids=[case for case, _ in ERROR_CASES])

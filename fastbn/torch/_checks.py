@@ -57,7 +57,9 @@ def channels_of(input: torch.Tensor) -> int:
 
 def _check_types(input: object, tensors: Iterable[tuple[str, object]]) -> None:
     if not isinstance(input, torch.Tensor):
-        raise BatchNormTypeError(f"input: batch_norm(): argument 'input' must be Tensor, not {type(input).__name__}")
+        kind = type(input)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise BatchNormTypeError(f"input: batch_norm(): argument 'input' (position 1) must be Tensor, not {name}")
     if input.dtype not in FLOATS:
         raise BatchNormTypeError(f"input: expected a float16, bfloat16, float32 or float64 tensor, got {input.dtype}")
     for name, value in tensors:

@@ -48,8 +48,8 @@ def batch_norm(
         return None
     if running_mean is None and not training:
         return None  # torch refuses it: the general path raises
-    if input.is_meta:
-        return None
+    if not isinstance(input, torch.Tensor) or input.is_meta:
+        return None  # not a tensor: the general path names input
     arrays = [_array(t) for t in (input, weight, bias)] + [_array(t, training) for t in (running_mean, running_var)]
     if any(a is False for a in arrays):
         return None
