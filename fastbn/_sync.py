@@ -134,6 +134,26 @@ def adapt(process_group: Any) -> Collectives:
     )
 
 
+def _floats(returned: Any, collective: str, expected: str) -> np.ndarray:
+    """A collective's result as float64, refused (naming process_group) unless it holds floats.
+
+    Converted first as it is (a NumPy array, a torch tensor, a list), so that
+    its own dtype is what is checked: integers (a torch int64 tensor, a list of
+    ints) have truncated the float64 values sent, and complex or other kinds
+    are not what was sent either.
+    """
+    try:
+        array = np.asarray(returned)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"process_group: {collective} returned {type(returned).__name__}, expected {expected}") from exc
+    if array.dtype.kind != "f":
+        raise TypeError(
+            f"process_group: {collective} returned {type(returned).__name__} of dtype {array.dtype}, expected the "
+            "float64 values sent (an integer or other type has lost them)"
+        )
+    return array.astype(np.float64, copy=False)
+
+
 def _checked_rows(returned: Any, channels: int) -> np.ndarray:
     """What ``allgather`` returned, as float64 rows ``[count, mean..., var...]``; else an error naming it.
 
@@ -144,19 +164,7 @@ def _checked_rows(returned: Any, channels: int) -> np.ndarray:
     NaN or silently wrong statistics.
     """
     width = 1 + 2 * channels
-    kind = getattr(getattr(returned, "dtype", None), "kind", "f")
-    if kind not in "f":
-        raise TypeError(
-            f"process_group: allgather returned dtype {returned.dtype}, expected the float64 rows sent (an integer "
-            "or other type has lost their values)"
-        )
-    try:
-        rows = np.asarray(returned, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"process_group: allgather returned {type(returned).__name__}, expected a (processes, {width}) "
-            "array of float64"
-        ) from exc
+    rows = _floats(returned, "allgather", f"a (processes, {width}) array of float64")
     if rows.ndim != 2 or rows.shape[1] != width or rows.shape[0] == 0:
         raise ValueError(f"process_group: allgather returned shape {rows.shape}, expected (processes >= 1, {width})")
     counts = rows[:, 0]
@@ -285,12 +293,7 @@ def backward(
         return np.empty(tuple(x.shape), x.dtype), np.zeros(channels, dtype), np.zeros(channels, dtype)
     sum_dy, dotp = pieces.backward_sums(dy, x, axis, mean)
     returned = collectives.allreduce_sum(np.concatenate((sum_dy, dotp)))
-    try:
-        summed = np.asarray(returned, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"process_group: allreduce_sum returned {type(returned).__name__}, expected {2 * channels} numbers"
-        ) from exc
+    summed = _floats(returned, "allreduce_sum", f"{2 * channels} float64 numbers")
     if summed.shape != (2 * channels,):
         raise ValueError(f"process_group: allreduce_sum returned shape {summed.shape}, expected ({2 * channels},)")
     dx = pieces.backward_dx(dy, x, axis, dtype, weight, mean, invstd, summed[:channels], summed[channels:], total)

@@ -128,9 +128,11 @@ class _Returning:
         (lambda v: -v[None], ValueError, "element counts"),
         (lambda v: v[None][:0], ValueError, "shape"),
         (lambda v: v[None].astype(np.int64), TypeError, "dtype int64"),
+        (lambda v: np.round(v[None]).astype(int).tolist(), TypeError, "list of dtype int64"),
+        (lambda v: v[None].astype(np.complex128), TypeError, "dtype complex128"),
         (lambda v: np.concatenate((v[:1], v[1:4], -np.abs(v[4:]) - 1))[None], ValueError, "negative variance"),
     ],
-    ids=["nan", "str", "negative-count", "no-rows", "int64", "negative-var"],
+    ids=["nan", "str", "negative-count", "no-rows", "int64", "int-list", "complex", "negative-var"],
 )
 def test_what_allgather_returns_is_checked_before_any_update(answer, error, message):
     """A collective that returns the wrong thing is an error naming process_group, the state untouched."""
@@ -141,6 +143,26 @@ def test_what_allgather_returns_is_checked_before_any_update(answer, error, mess
     assert rm.tobytes() == np.zeros(3).tobytes() and rv.tobytes() == np.ones(3).tobytes()
     y, _ = fastbn.forward(x, process_group=_Returning(lambda v: v[None]))  # the honest one-process group
     np.testing.assert_allclose(y, fastbn.forward(x)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_integer_results_from_a_torch_group_or_allreduce_are_refused_by_name():
+    """A torch int64 tensor has no NumPy dtype kind, so it passed as float and truncated the gathered statistics;
+    allreduce_sum's result had no dtype check at all (truncated gradient sums)."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(4).standard_normal((4, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    gather_ints = _Returning(lambda v: torch.tensor(v[None]).to(torch.int64))
+    with pytest.raises(TypeError, match=r"^process_group: allgather returned Tensor of dtype int64"):
+        fastbn.forward(x, running_mean=rm, running_var=rv, process_group=gather_ints)
+    assert rm.tobytes() == np.zeros(3).tobytes() and rv.tobytes() == np.ones(3).tobytes()
+
+    class SumsInts(_Returning):
+        def allreduce_sum(self, vector):
+            return torch.tensor(vector).long()
+
+    _, saved = fastbn.forward(x, process_group=SumsInts(lambda v: v[None]))
+    with pytest.raises(TypeError, match=r"^process_group: allreduce_sum returned Tensor of dtype int64"):
+        fastbn.backward(np.ones_like(x), x, None, saved)
 
 
 def test_one_value_in_the_global_batch_is_an_error_on_every_process():
