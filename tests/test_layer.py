@@ -419,6 +419,13 @@ def test_a_count_of_none_is_not_counted_and_the_momentum_used_as_torch():
     assert bn.num_batches_tracked is None
     assert_close(bn.running_mean, 0.1 * mean)
     assert_close(bn.running_var, 0.9 + 0.1 * unbiased)
+    torch = pytest.importorskip("torch")  # the behaviour copied: torch's module with the count set to None
+    theirs = torch.nn.BatchNorm1d(3)
+    theirs.num_batches_tracked = None
+    theirs(torch.from_numpy(x))
+    assert theirs.num_batches_tracked is None
+    np.testing.assert_allclose(bn.running_mean, theirs.running_mean.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(bn.running_var, theirs.running_var.numpy(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(

@@ -53,15 +53,12 @@ from numba import prange
 
 from fastbn.backends.cpu.jit import exact, kernel
 from fastbn.backends.cpu.loops import cast_to, load
+from fastbn.backends.cpu.reductions import _DOWN, _UP  # the unweighted rescue's scale factors
 
 # Rows per task of the ROWS statistics: a fixed count (never the thread
 # count), so that the partial sums, and the result, do not depend on how
 # many threads run.
 _ELEMENTS_PER_TASK = 1 << 16
-
-
-_DOWN = 2.0**-600
-_UP = 2.0**600
 
 
 @exact
