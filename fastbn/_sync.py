@@ -126,6 +126,12 @@ def adapt(process_group: Any) -> Collectives:
         return _MPICollectives(process_group)
     if kind == "torch":
         return _TorchCollectives(process_group)
+    if isinstance(process_group, type):
+        # A class has the methods too (so passes the protocol check), but calling
+        # them unbound would fail later, inside the collective, with no name.
+        raise TypeError(
+            f"process_group: expected an instance, got the class {process_group.__name__} (call it to make one)"
+        )
     if isinstance(process_group, Collectives):
         return process_group
     raise TypeError(
@@ -154,14 +160,19 @@ def _floats(returned: Any, collective: str, expected: str) -> np.ndarray:
     return array.astype(np.float64, copy=False)
 
 
-def _checked_rows(returned: Any, channels: int) -> np.ndarray:
+def _checked_rows(returned: Any, channels: int, sent: np.ndarray | None = None) -> np.ndarray:
     """What ``allgather`` returned, as float64 rows ``[count, mean..., var...]``; else an error naming it.
 
     Checked before anything uses it (so before the running statistics are
     touched): a collective that returns something else (another shape, no
     rows, integers that truncated the float64 values sent, a count that is not
     a non-negative whole number, a negative variance) would otherwise give
-    NaN or silently wrong statistics.
+    NaN or silently wrong statistics.  Where ``sent`` (this process's own
+    row) is given, one of the rows must be it, bit for bit, as any all-gather
+    returns it: a result without it (all counts zero while this process has
+    data, say) would normalise this process's data with statistics that do
+    not include it, or leave its output unwritten.  The counts must also sum
+    to at most 2^53, where float64 still holds every whole number exactly.
     """
     width = 1 + 2 * channels
     rows = _floats(returned, "allgather", f"a (processes, {width}) array of float64")
@@ -172,12 +183,22 @@ def _checked_rows(returned: Any, channels: int) -> np.ndarray:
         raise ValueError(
             f"process_group: allgather returned element counts {counts.tolist()}, expected non-negative whole numbers"
         )
+    if counts.sum() > 2.0**53:
+        raise ValueError(
+            f"process_group: allgather returned element counts summing to {counts.sum():.6g}, more than 2^53 "
+            "(float64 no longer holds such counts exactly)"
+        )
     if (rows[:, 1 + channels :] < 0).any():
         raise ValueError("process_group: allgather returned a negative variance")
+    if sent is not None and not (rows.view(np.uint64) == sent.astype(np.float64).view(np.uint64)).all(axis=1).any():
+        raise ValueError(
+            f"process_group: allgather returned rows none of which is the one this process sent (its count "
+            f"{sent[0]:.0f}, counts returned {counts.tolist()}): every process's own row must be among them"
+        )
     return rows
 
 
-def merge_moments(gathered: Any, channels: int) -> tuple[int, np.ndarray, np.ndarray]:
+def merge_moments(gathered: Any, channels: int, sent: np.ndarray | None = None) -> tuple[int, np.ndarray, np.ndarray]:
     """Merge all-gathered per-process ``[count, mean..., var...]`` rows with Chan's formula.
 
     Parameters
@@ -188,6 +209,8 @@ def merge_moments(gathered: Any, channels: int) -> tuple[int, np.ndarray, np.nda
         variances.
     channels : int
         C.
+    sent : numpy.ndarray, optional
+        This process's own row, which must be among ``gathered`` bit for bit.
 
     Returns
     -------
@@ -210,7 +233,7 @@ def merge_moments(gathered: Any, channels: int) -> tuple[int, np.ndarray, np.nda
     every process gets identical bits.  Each merge rounds each term once:
     relative error at most 4 u (u = 2^-53) per process.
     """
-    gathered = _checked_rows(gathered, channels)
+    gathered = _checked_rows(gathered, channels, sent)
     count = 0.0
     mean = np.zeros(channels)
     var = np.zeros(channels)
@@ -254,7 +277,7 @@ def forward(
     count = x.size // channels if channels else 0
     mean64, var64 = pieces.local_moments(x, axis)
     vector = np.concatenate(([float(count)], mean64, var64))
-    total, mean64, var64 = merge_moments(collectives.allgather(vector), channels)
+    total, mean64, var64 = merge_moments(collectives.allgather(vector), channels, vector)
     # Checked on the global count, which every process sees alike, so all
     # processes raise together and none is left waiting in a collective.
     if total == 0:

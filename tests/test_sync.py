@@ -131,8 +131,27 @@ class _Returning:
         (lambda v: np.round(v[None]).astype(int).tolist(), TypeError, "list of dtype int64"),
         (lambda v: v[None].astype(np.complex128), TypeError, "dtype complex128"),
         (lambda v: np.concatenate((v[:1], v[1:4], -np.abs(v[4:]) - 1))[None], ValueError, "negative variance"),
+        # Rows without this process's own: all-zero counts (the output was left unwritten, no error),
+        # another process's row only, this one's altered in its last bit, or counts beyond 2^53.
+        (lambda v: np.zeros((2, v.size)), ValueError, "none of which is the one this process sent"),
+        (lambda v: np.concatenate(([5.0], v[1:]))[None], ValueError, "none of which is the one"),
+        (lambda v: np.concatenate((v[:1], np.nextafter(v[1:], np.inf)))[None], ValueError, "none of which is the one"),
+        (lambda v: np.stack((v, np.concatenate(([2.0**60], v[1:])))), ValueError, "more than 2.53"),
     ],
-    ids=["nan", "str", "negative-count", "no-rows", "int64", "int-list", "complex", "negative-var"],
+    ids=[
+        "nan",
+        "str",
+        "negative-count",
+        "no-rows",
+        "int64",
+        "int-list",
+        "complex",
+        "negative-var",
+        "zero-counts",
+        "other-row",
+        "altered-row",
+        "huge-count",
+    ],
 )
 def test_what_allgather_returns_is_checked_before_any_update(answer, error, message):
     """A collective that returns the wrong thing is an error naming process_group, the state untouched."""
@@ -143,6 +162,14 @@ def test_what_allgather_returns_is_checked_before_any_update(answer, error, mess
     assert rm.tobytes() == np.zeros(3).tobytes() and rv.tobytes() == np.ones(3).tobytes()
     y, _ = fastbn.forward(x, process_group=_Returning(lambda v: v[None]))  # the honest one-process group
     np.testing.assert_allclose(y, fastbn.forward(x)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_collectives_class_instead_of_an_instance_is_refused_by_name():
+    """The class has the protocol's methods, so it passed the isinstance check and failed unbound, unnamed."""
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(TypeError, match=r"^process_group: expected an instance, got the class _Returning"):
+        fastbn.forward(np.ones((4, 3)), running_mean=rm, running_var=rv, process_group=_Returning)
+    assert rm.tobytes() == np.zeros(3).tobytes() and rv.tobytes() == np.ones(3).tobytes()
 
 
 def test_integer_results_from_a_torch_group_or_allreduce_are_refused_by_name():
