@@ -17,15 +17,74 @@ import numpy as np
 
 import fastbn
 from fastbn._jax_backward import _backward, _BackwardStatic, _host
-from fastbn._options import check_eps
+from fastbn._options import check_eps, check_momentum
 from fastbn._validate import (
     check_axis,
     check_channels,
+    check_variance,
     check_x,
     stats_dtype,
 )
 
 _FLOAT_NAMES = "float16, bfloat16, float32 or float64"
+
+# The smallest normal float64.  XLA runs host callbacks with subnormals flushed
+# to zero, so a subnormal eps would reach fastbn as 0.0, inside the callback.
+_TINY = float(np.finfo(np.float64).tiny)
+
+
+def _static_scalar(value: Any, name: str) -> Any:
+    """A static option (eps, momentum) as given, or the Python number a concrete 0-d array holds.
+
+    NumPy and JAX scalars are accepted where Flax accepts them.  A traced one
+    cannot be: the value is fixed when the host call is traced.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name}: expected a Python float, got a traced value (it is fixed when the call is traced)")
+    if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and value.dtype.kind in "fiu":
+        return value.item()
+    return value
+
+
+def check_static_eps(eps: Any) -> float:
+    """``eps`` as a positive, normal float, checked at trace time (XLA's callback flushes a subnormal one to 0)."""
+    eps = check_eps(_static_scalar(eps, "eps"))
+    if eps < _TINY:
+        raise ValueError(
+            f"eps: expected a positive float of at least {_TINY:.6g} (XLA's host callbacks flush subnormals to "
+            f"zero), got {eps}"
+        )
+    return eps
+
+
+def check_static_momentum(momentum: Any) -> float:
+    """``momentum`` as a float in [0, 1]; a concrete NumPy or JAX scalar is taken as its value."""
+    return check_momentum(_static_scalar(momentum, "momentum"))
+
+
+def biased_variance(unbiased: Any, x: Any, axes: tuple[int, ...], count: int) -> Any:
+    """The biased batch variance from fastbn's unbiased one, ``var * (n - 1) / n`` (Flax's and Keras's statistic).
+
+    Where the unbiased one overflowed the statistics dtype while the biased
+    one, ``(n - 1) / n`` of it, need not (float32 data near 1.8e19 and a
+    small n), it is computed again by :func:`moments` over ``axes``;
+    ``lax.cond`` runs that only then (under ``vmap`` both branches run).
+    """
+    return jax.lax.cond(
+        jnp.isinf(unbiased).any(),
+        lambda: moments(x, axes=axes)[1].astype(unbiased.dtype),
+        lambda: unbiased * ((count - 1) / count),
+    )
+
+
+def check_concrete_variance(value: Any, name: str) -> None:
+    """Refuse negative variances where their values are known when called (outside ``jax.jit``).
+
+    Under ``jit`` they are only known inside the host callback, where the
+    same ValueError surfaces wrapped in XLA's runtime error.
+    """
+    if value is not None and not isinstance(value, jax.core.Tracer):
+        check_variance(np.asarray(value), name)
 
 
 def _check_float(value: Any, name: str) -> np.dtype[Any]:
@@ -389,8 +448,11 @@ def normalize(
     Raises
     ------
     TypeError, ValueError
-        At trace time, naming the argument.  A negative traced ``var`` is
-        refused only by the kernel, at run time.
+        When called, naming the argument; a negative ``var`` too, where it
+        is concrete.  A negative traced ``var`` (under ``jax.jit``) is refused
+        only by the kernel, at run time: the ValueError then reaches the
+        caller inside XLA's ``JaxRuntimeError``.  ``eps`` must be a normal
+        float (XLA's callbacks flush subnormals to zero).
 
     Examples
     --------
@@ -403,7 +465,8 @@ def normalize(
     """
     x = check_x(jnp.asarray(x))
     _check_float(x, "x")
-    eps = check_eps(eps)
+    eps = check_static_eps(eps)
+    check_concrete_variance(var, "var")
     given = [("mean", jnp.asarray(mean)), ("var", jnp.asarray(var))]
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None:

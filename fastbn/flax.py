@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import dtypes, initializers
 
-from fastbn._jax_stats import _flat, _to3
+from fastbn._jax_stats import _flat, _to3, biased_variance, check_static_momentum
 from fastbn._validate import stats_dtype
 from fastbn.conventions import FRAMEWORKS
 from fastbn.jax import batch_norm, merge_moments, moments, normalize
@@ -194,10 +194,9 @@ class BatchNorm(nn.Module):
         x = jnp.asarray(x)
         if x.dtype not in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):
             raise TypeError(f"x: expected dtype float16, bfloat16, float32 or float64, got {x.dtype}")
-        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)):
-            raise TypeError(f"momentum: expected a float in [0, 1], got {type(self.momentum).__name__}")
-        if not 0.0 <= float(self.momentum) <= 1.0:
-            raise ValueError(f"momentum: expected a float in [0, 1] (Flax's decay), got {self.momentum}")
+        # Flax's decay, used only in the jax.numpy update below: NumPy and JAX scalars, and (as in
+        # Flax) a traced one, which cannot be range-checked.
+        momentum = self.momentum if isinstance(self.momentum, jax.core.Tracer) else check_static_momentum(self.momentum)
         if not self.force_float32_reductions:
             raise ValueError("force_float32_reductions: only True is supported (statistics are float32 or wider)")
         shape = tuple(x.shape)
@@ -205,6 +204,9 @@ class BatchNorm(nn.Module):
         feature_shape = tuple(shape[i] for i in features)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), feature_shape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), feature_shape)
+        for name, stat in (("mean", ra_mean), ("var", ra_var)):
+            if (got := tuple(jnp.shape(stat.value))) != feature_shape:
+                raise ValueError(f"batch_stats['{name}']: expected the feature shape {feature_shape}, got {got}")
         scale = self.param("scale", self.scale_init, feature_shape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, feature_shape, self.param_dtype) if self.use_bias else None
         args = [x] + [p for p in (scale, bias) if p is not None]
@@ -239,13 +241,17 @@ class BatchNorm(nn.Module):
                     x3, weight3, bias3, running_mean=zeros, running_var=zeros, momentum=1.0, eps=self.epsilon, axis=1
                 )
                 assert running is not None
-                n = flat.shape3[0] * flat.shape3[2]
-                mean, var = running[0], running[1] * ((n - 1) / n)
+                mean, var = running[0], biased_variance(running[1], x3, (0, 2), flat.shape3[0] * flat.shape3[2])
             else:
                 mean, var = self._statistics(x3, mask, flat, shape, sync, sdtype)
                 y3 = normalize(x3, mean, var, weight3, bias3, eps=self.epsilon, axis=1)
             if not self.is_initializing():
-                m = self.momentum
+                # Flax's statistics dtype (the input's, or ``dtype``, and at least float32), so
+                # batch_stats keep Flax's dtypes: float32 for a float32 input even with float64
+                # parameters (a lax.scan carry must not change dtype).
+                flax_dtype = jnp.promote_types(x.dtype if self.dtype is None else self.dtype, jnp.float32)
+                mean, var = mean.astype(flax_dtype), var.astype(flax_dtype)
+                m = momentum
                 ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(feature_shape)
                 ra_var.value = m * ra_var.value + (1 - m) * var.reshape(feature_shape)
         return _restore(y3, flat, shape).astype(out_dtype)

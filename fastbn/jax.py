@@ -40,8 +40,15 @@ from jax.custom_derivatives import SymbolicZero
 
 import fastbn
 from fastbn._jax_backward import _backward, _BackwardStatic, _host, _per_channel
-from fastbn._jax_stats import merge_moments, moments, normalize
-from fastbn._options import check_eps, check_flag, check_momentum
+from fastbn._jax_stats import (
+    check_concrete_variance,
+    check_static_eps,
+    check_static_momentum,
+    merge_moments,
+    moments,
+    normalize,
+)
+from fastbn._options import check_flag
 from fastbn._validate import (
     check_axis,
     check_channel_vector,
@@ -294,7 +301,13 @@ def batch_norm(
         When tracing, before anything runs: for the same invalid arguments
         as :func:`fastbn.forward` (including a channel with one value in
         training), and for a non-bool ``training`` or a traced ``momentum``,
-        ``eps`` or ``axis``, which must be Python values.
+        ``eps`` or ``axis``, which must be Python values (or concrete NumPy
+        or JAX scalars); ``eps`` must be a normal float (XLA's callbacks flush
+        subnormals to zero).  Checks of values rather than shapes (a negative
+        ``running_var`` in eval) run here on concrete arrays; under
+        ``jax.jit`` the values are known only inside the callback, so the
+        same ValueError reaches the caller inside XLA's
+        ``JaxRuntimeError``, when the call runs.
 
     Notes
     -----
@@ -326,14 +339,16 @@ def batch_norm(
     x = check_x(x)
     axis = check_axis(axis, x.ndim)
     training = check_flag(training, "training")
-    momentum = check_momentum(momentum)
-    eps = check_eps(eps)
+    momentum = check_static_momentum(momentum)
+    eps = check_static_eps(eps)
     channels, count = check_channels(x, axis)
     dtype = stats_dtype(x.dtype)
     for name, value in (("weight", weight), ("bias", bias)):
         if value is not None:
             check_channel_vector(value, name, channels, dtype)
     has_running = check_running(running_mean, running_var, channels, dtype)
+    if not training:  # eval normalises with running_var: known here unless traced
+        check_concrete_variance(running_var, "running_var")
     if training and count == 1:
         raise ValueError(f"x: Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     static = _Static(training, momentum, eps, axis, count, has_running, bias is not None)

@@ -549,6 +549,7 @@ def _jax_train(x: Any, gamma: Any, beta: Any, eps: float, channel: int, stats: s
     import jax.numpy as jnp
 
     import fastbn.jax
+    from fastbn._jax_stats import biased_variance
 
     zeros = jnp.zeros((x.shape[channel],), stats)
     # momentum=1 from zeros: the returned "running" statistics are this batch's mean and unbiased variance.
@@ -557,7 +558,8 @@ def _jax_train(x: Any, gamma: Any, beta: Any, eps: float, channel: int, stats: s
     )
     assert running is not None
     mean, unbiased = running
-    return y, mean, _biased(unbiased, _count(x, channel))
+    axes = tuple(i for i in range(x.ndim) if i != channel)
+    return y, mean, biased_variance(unbiased, x, axes, _count(x, channel))
 
 
 def _jax_infer(x: Any, gamma: Any, beta: Any, mean: Any, var: Any, eps: float, channel: int) -> Any:
@@ -579,6 +581,10 @@ def _torch_train(x: Any, gamma: Any, beta: Any, eps: float, channel: int, stats:
     mean = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
     unbiased = torch.zeros_like(mean)
     y = fastbn.torch.batch_norm(x, mean, unbiased, gamma, beta, training=True, momentum=1.0, eps=eps)
+    if unbiased.device.type == "cpu" and bool(torch.isinf(unbiased).any()):
+        # The unbiased variance overflowed where the biased one, (n - 1) / n of it, may not: computed
+        # again (checked on the CPU only: on a GPU the check would synchronise every step).
+        return y, mean, fastbn.torch.moments(x.detach(), 1)[1]
     return y, mean, _biased(unbiased, _count(x, 1))
 
 
@@ -624,6 +630,8 @@ def _tf_batch_norm(
         y, saved = fastbn.forward(x, gamma, beta, training=training, eps=eps, axis=channel, **extra)
         if training and w is None:  # an empty batch (found only now, in a graph) leaves them 0
             var = _biased(var.astype(np.float64), x.size // channels).astype(np_stats) if x.size else var
+            if np.isinf(var).any():  # the unbiased variance overflowed where the biased one may not
+                var = fastbn.moments(x, axis=channel)[1].astype(np_stats)
         elif training:
             # The forward keeps the mean and 1 / sqrt(var + eps): the exact variance takes one more pass.
             mean, var = fastbn.moments(x, axis=channel, weights=w)

@@ -30,6 +30,7 @@ CHECKS = [
     "center_scale_off",
     "float16_and_mixed_precision",
     "float64",
+    "biased_variance_near_the_float32_limit",
     "training_none_and_trainable_false",
     "weights_interchange",
     "config_and_saving",
@@ -321,6 +322,16 @@ def float64():
     close(y_ours, y_ref, "float64 train against Keras", rtol=1e-6, atol=1e-6)
     close(ours.moving_variance, ref.moving_variance, "float64 moving_variance", rtol=1e-6, atol=1e-6)
     close(ours(x), ref(x), "float64 inference", rtol=1e-6, atol=1e-6)
+
+
+def biased_variance_near_the_float32_limit():
+    """n = 2, values +-1.5e19: the biased variance 2.25e38 is finite, the unbiased one (fastbn's, twice it) is not."""
+    import numpy as np
+
+    _, ours = pair(15, (2, 2), momentum=0.0)
+    x = np.array([[1.5e19, 1.0], [-1.5e19, 2.0]], "float32")
+    ours(x, training=True)
+    close(ours.moving_variance, np.array([2.25e38, 0.25]), "moving_variance", rtol=2e-7, atol=0)
 
 
 def training_none_and_trainable_false():

@@ -378,3 +378,77 @@ def test_axis_name_under_pmap_on_three_cpu_devices():
     errors = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(errors) == {"x", "scale", "bias", "mean", "var"}
     assert max(errors.values()) < 2e-5, errors
+
+
+DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=lambda d: d.__name__)
+def test_batch_stats_keep_flax_dtypes_and_a_scan_carry_holds(x_dtype):
+    """batch_stats take Flax's statistics dtype (the input's or ``dtype``, at least float32), not the output's:
+    float32 input with float64 parameters turned them float64, which breaks a lax.scan carry."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(7).normal(1.0, 2.0, (8, 3))).astype(x_dtype)
+        for param_dtype in (jnp.float32, jnp.float64):
+            for dtype in (None, jnp.float16, jnp.float32, jnp.float64):
+                kwargs = dict(use_running_average=False, param_dtype=param_dtype, dtype=dtype, use_fast_variance=False)
+                variables = nn.BatchNorm(**kwargs).init(jax.random.key(0), x)
+                y, stats = BatchNorm(**kwargs).apply(variables, x, mutable=["batch_stats"])
+                y_ref, stats_ref = nn.BatchNorm(**kwargs).apply(variables, x, mutable=["batch_stats"])
+                what = f"param_dtype={param_dtype.__name__}, dtype={getattr(dtype, '__name__', None)}"
+                assert y.dtype == y_ref.dtype, what
+                for name in ("mean", "var"):
+                    got, expected = stats["batch_stats"][name], stats_ref["batch_stats"][name]
+                    assert got.dtype == expected.dtype, f"{what}: batch_stats[{name!r}]"
+        module = BatchNorm(use_running_average=False, param_dtype=jnp.float64)
+        variables = module.init(jax.random.key(0), x)
+
+        def step(stats, xs):
+            _, updates = module.apply({**variables, "batch_stats": stats}, xs, mutable=["batch_stats"])
+            return updates["batch_stats"], None
+
+        if x_dtype != jnp.float64:  # float64 input: Flax's own batch_stats turn float64 after one step too
+            final, _ = jax.lax.scan(step, variables["batch_stats"], jnp.stack([x, x + 1]))
+            assert final["mean"].dtype == final["var"].dtype == jnp.float32
+
+
+def test_numpy_jax_and_traced_scalar_options_are_taken_as_flax_takes_them():
+    x = jnp.asarray(np.random.default_rng(8).normal(0.0, 2.0, (6, 4)).astype(np.float32))
+    variables = nn.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
+    for momentum, epsilon in [(np.float32(0.8), np.float32(1e-3)), (jnp.float32(0.8), jnp.float32(1e-3))]:
+        kwargs = dict(use_running_average=False, momentum=momentum, epsilon=epsilon, use_fast_variance=False)
+        y, stats = BatchNorm(**kwargs).apply(variables, x, mutable=["batch_stats"])
+        y_ref, stats_ref = nn.BatchNorm(**kwargs).apply(variables, x, mutable=["batch_stats"])
+        assert_trees_close((y, stats), (y_ref, stats_ref), f"momentum {type(momentum).__name__}")
+
+    @jax.jit
+    def traced(m):  # momentum is only used in the jax.numpy update, so a traced one works, as in Flax
+        return BatchNorm(use_running_average=False, momentum=m).apply(variables, x, mutable=["batch_stats"])[1]
+
+    expected = nn.BatchNorm(use_running_average=False, momentum=0.8).apply(variables, x, mutable=["batch_stats"])[1]
+    assert_trees_close(traced(0.8), expected, "traced momentum")
+
+
+def test_batch_stats_of_the_wrong_shape_are_named():
+    x = jnp.ones((4, 3))
+    variables = nn.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
+    bad = {**variables, "batch_stats": {"mean": jnp.zeros(4), "var": jnp.ones(3)}}
+    for use_running_average in (False, True):
+        with pytest.raises(ValueError, match=r"^batch_stats\['mean'\]: expected the feature shape \(3,\), got \(4,\)"):
+            BatchNorm(use_running_average=use_running_average).apply(bad, x, mutable=["batch_stats"])
+
+
+def test_a_biased_variance_within_range_is_finite_where_the_unbiased_one_overflows():
+    """float32, n = 2: the biased variance 2.25e38 is finite; the unbiased one (twice it) is not."""
+    x = jnp.asarray(np.array([[1.5e19, 1.0], [-1.5e19, 2.0]], np.float32))
+    variables = nn.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
+    module = BatchNorm(use_running_average=False, momentum=0.0)
+
+    def run(variables, x):
+        return module.apply(variables, x, mutable=["batch_stats"])
+
+    for call in (run, jax.jit(run)):
+        y, stats = call(variables, x)
+        np.testing.assert_allclose(np.asarray(stats["batch_stats"]["var"]), [2.25e38, 0.25], rtol=2e-7)
+        second = 0.5 / np.sqrt(0.25 + 1e-5)  # eps is negligible beside 2.25e38, not beside 0.25
+        np.testing.assert_allclose(np.asarray(y), [[1.0, -second], [-1.0, second]], rtol=1e-6)

@@ -576,3 +576,42 @@ def test_merge_moments_is_exact_for_uneven_parts_and_differentiable():
         offsets = np.cumsum((0, *sizes))
         for g, lo, hi in zip(got, offsets[:-1], offsets[1:]):
             np.testing.assert_allclose(np.asarray(g), np.asarray(want[lo:hi]), rtol=1e-11, atol=1e-12)
+
+
+# --- static options and values known when called ---------------------------------------------------
+
+
+def test_static_options_take_numpy_and_jax_scalars_and_refuse_traced_or_subnormal_ones():
+    """eps and momentum are fixed when the host call is traced: concrete NumPy/JAX scalars are their values; a
+    traced one is a TypeError, and a subnormal eps (which XLA's callbacks flush to 0.0, an error inside XLA) a
+    ValueError, both naming the argument before anything runs."""
+    x, weight, _, rm, rv = make_inputs((8, 3), np.float32, 1, seed=2)
+    eps = float(np.float32(1e-3))
+    y_ref, run_ref = batch_norm(x, weight, running_mean=rm, running_var=rv, eps=eps, momentum=0.25)
+    for scalar in (np.float32, jnp.float32):
+        y, run = batch_norm(x, weight, running_mean=rm, running_var=rv, eps=scalar(1e-3), momentum=scalar(0.25))
+        assert np.array_equal(y, y_ref) and all(np.array_equal(a, b) for a, b in zip(run, run_ref))
+    np.testing.assert_array_equal(normalize(x, rm, rv, eps=jnp.float32(1e-3)), normalize(x, rm, rv, eps=eps))
+    with pytest.raises(TypeError, match=r"^eps: expected a Python float, got a traced value"):
+        jax.jit(lambda x, e: batch_norm(x, eps=e))(x, 1e-3)
+    with pytest.raises(TypeError, match=r"^eps: expected a Python float, got a traced value"):
+        jax.jit(lambda x, e: normalize(x, rm, rv, eps=e))(x, 1e-3)
+    for call in (lambda: batch_norm(x, eps=1e-310), lambda: jax.jit(lambda x: normalize(x, rm, rv, eps=5e-324))(x)):
+        with pytest.raises(ValueError, match=r"^eps: expected a positive float of at least 2.2250\de-308"):
+            call()
+    batch_norm(x, eps=float(np.finfo(np.float64).tiny))  # the smallest normal one is fine
+
+
+def test_negative_variances_are_a_value_error_when_concrete_and_inside_xlas_error_when_traced():
+    x, _, _, rm, _ = make_inputs((8, 3), np.float32, 1, seed=3)
+    bad = jnp.asarray([1.0, -1.0, 1.0], jnp.float32)
+    with pytest.raises(ValueError, match=r"^running_var: expected non-negative variances, got -1.0 for channel 1"):
+        batch_norm(x, running_mean=rm, running_var=bad, training=False)
+    with pytest.raises(ValueError, match=r"^var: expected non-negative variances, got -1.0 for channel 1"):
+        normalize(x, rm, bad)
+    # Training only writes running_var (no read): a negative one is not this call's concern, as in torch.
+    batch_norm(x, running_mean=rm, running_var=bad, training=True)
+    # Under jit the values exist only in the callback: the same message, inside XLA's runtime error.
+    with pytest.raises(Exception, match=r"running_var: expected non-negative variances") as caught:
+        jax.block_until_ready(jax.jit(lambda v: batch_norm(x, running_mean=rm, running_var=v, training=False))(bad))
+    assert type(caught.value).__name__ == "JaxRuntimeError"
