@@ -10,7 +10,7 @@ first use (the CUDA one only when a GPU array or ``backend="cuda"`` asks).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from fastbn import backends
@@ -25,7 +25,7 @@ def backend_for(obj: Any) -> backends.Backend:
 
 
 def prepare(
-    backend: str | None, arrays: Sequence[tuple[str, Any]]
+    backend: str | None, arrays: Sequence[tuple[str, Any]], read_only: Collection[str] = ()
 ) -> tuple[backends.Backend, Callable[[Any], Any], list[Any]]:
     """Choose the backend and convert the call's arrays for it.
 
@@ -36,6 +36,10 @@ def prepare(
     arrays : sequence of (str, object)
         The call's array arguments by name, the input first; None entries are
         optional arguments not given.
+    read_only : collection of str, optional
+        Names of running statistics that this call only reads (``fold``), so
+        that a list or other convertible object is taken for them as for any
+        input instead of refused as an update that would be lost.
 
     Returns
     -------
@@ -71,7 +75,7 @@ def prepare(
                 "pass GPU arrays for every argument"
             )
     ops = backends.load(target).for_call(arrays)
-    return ops, ops.restorer(first), [ops.to_backend(obj, name) for name, obj in arrays]
+    return ops, ops.restorer(first), [ops.to_backend(obj, name, read_only=name in read_only) for name, obj in arrays]
 
 
 def _check_not_tracked(obj: Any, name: str) -> None:

@@ -304,6 +304,7 @@ def fold(
             ("weight", weight),
             ("bias", bias),
         ],
+        read_only=("running_mean", "running_var"),  # only read: a list is taken as for any input
     )
     layer_weight = check_x(layer_weight, "layer_weight")
     sequence_conversion(

@@ -617,3 +617,29 @@ def test_fold_accepts_the_good_arguments_and_their_near_misses(dtype):
         args = change(good_fold_args(dtype))
         folded_weight, folded_bias = fastbn.fold(**args)
         assert folded_weight.shape == args["layer_weight"].shape and folded_bias.shape == (C,)
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "array-like"])
+def test_fold_reads_running_statistics_given_as_sequences_as_any_input(kind):
+    """fold only reads the running statistics: a list is taken, as weight and bias are (it was refused as an
+    update that would be lost, which fold makes none of)."""
+
+    class ArrayLike:
+        def __init__(self, values):
+            self.values = values
+
+        def __array__(self, dtype=None, copy=None):
+            return np.asarray(self.values, dtype=dtype)
+
+    convert = {"list": list, "tuple": tuple, "array-like": ArrayLike}[kind]
+    args = good_fold_args(np.float64)
+    expected = fastbn.fold(**args)
+    got = fastbn.fold(
+        **{
+            **args,
+            "running_mean": convert(args["running_mean"].tolist()),
+            "running_var": convert(args["running_var"].tolist()),
+        }
+    )
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)

@@ -145,8 +145,17 @@ def _copy_cache(warm, destination, remove=()):
 READ_ONLY_MID_RUN = (
     """
 import ctypes
+import logging
 from fastbn.backends.cpu import elementwise, numerics
 cache = os.environ["NUMBA_CACHE_DIR"]
+
+class Lines(logging.Handler):
+    lines = []
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+logging.getLogger("fastbn.compile").addHandler(Lines())
+logging.getLogger("fastbn.compile").setLevel(logging.INFO)
 
 def listing():
     return sorted(os.path.relpath(os.path.join(d, f), cache) for d, _, fs in os.walk(cache) for f in fs)
@@ -174,6 +183,7 @@ with warnings.catch_warnings(record=True) as caught:
     except PermissionError:
         pass
     warned_before = len(cache_warnings(caught))
+    del Lines.lines[:]
     y, rm, rv = train(x)  # its kernels were removed from the cache: compiled, and cannot be saved
     again = train(x)
     after = listing()
@@ -181,7 +191,7 @@ x64 = x.astype(np.float64)
 ref0 = (x64 - mean.astype(np.float64)[:, None, None]) / np.sqrt(var.astype(np.float64)[:, None, None] + 1e-5)
 report(warned_before=warned_before, messages=cache_warnings(caught), digest=digest(y, rm, rv),
        digest_again=digest(*again), normalize_ok=bool(np.allclose(y0, ref0, atol=1e-5)),
-       before=before, after=after,
+       before=before, after=after, log=Lines.lines,
        caches={k.py_func.__name__: type(k._cache).__name__
                for k in (numerics.forward_coefficients, numerics.update_running, elementwise.normalize_slab)},
        compiled={k.py_func.__name__: len(k.stats.cache_misses)
@@ -214,6 +224,9 @@ def test_a_cache_directory_made_read_only_mid_run_warns_once_and_kernels_run_unc
         "NullCache" if out["compiled"]["forward_coefficients"] else "_FallbackCache"
     ), out
     assert out["caches"]["normalize_slab"] == "_FallbackCache", out  # saved before the fault
+    # The log tells what happened: update_running's save failed, and caching is off for it.
+    failed = [line for line in out["log"] if line.startswith("saving CPU kernel numerics.update_running")]
+    assert len(failed) == 1 and "failed (PermissionError" in failed[0], out["log"]
 
 
 # ---------------------------------------------------- cache: corrupt files ---

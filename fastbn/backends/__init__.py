@@ -105,8 +105,12 @@ class Backend(Protocol):
         (:mod:`fastbn.backends.cuda.context`).
         """
 
-    def to_backend(self, obj: Any, name: str) -> Any:
-        """``obj`` as this backend's array, without a copy (None stays None); errors name ``name``."""
+    def to_backend(self, obj: Any, name: str, *, read_only: bool = False) -> Any:
+        """``obj`` as this backend's array, without a copy (None stays None); errors name ``name``.
+
+        ``read_only``: the call only reads ``obj``, even if it is a running
+        statistic, so a converted copy loses nothing.
+        """
 
     def restorer(self, like: Any) -> Callable[[Any], Any]:
         """A function turning this backend's results into the kind of array ``like`` is."""

@@ -309,7 +309,8 @@ class _CompileLog(numba.core.event.Listener):  # type: ignore[misc]  # Numba is 
             )
             return
         path = _cache_path(dispatcher)
-        where = f"; caching it in {path}" if path else "; not cached on disk"
+        # Numba saves the kernel after this event: whether that worked is logged by the save.
+        where = f"; saving it to the disk cache in {path}" if path else "; not cached on disk"
         log.info(
             "compiled CPU kernel %s (%s) in %.2f s%s",
             _name(dispatcher),
@@ -390,6 +391,12 @@ class _FallbackCache:
             self._cache.save_overload(sig, data)
         except Exception as exc:  # any cache fault: run uncached
             self._give_up(exc)
+            log.info(
+                "saving CPU kernel %s to the disk cache failed (%s: %s); caching is off for this kernel, this process",
+                _name(self._dispatcher),
+                type(exc).__name__,
+                exc,
+            )
 
 
 def _backend_sources_hash() -> bytes:

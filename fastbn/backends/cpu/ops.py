@@ -221,8 +221,8 @@ class CpuBackend(Backend):
     def for_call(self, arrays: Sequence[tuple[str, Any]]) -> CpuBackend:
         return self
 
-    def to_backend(self, obj: Any, name: str) -> Any:
-        return views.to_host(obj, name)
+    def to_backend(self, obj: Any, name: str, *, read_only: bool = False) -> Any:
+        return views.to_host(obj, name, read_only=read_only)
 
     def restorer(self, like: Any) -> Callable[[Any], Any]:
         return views.restorer(like)

@@ -67,23 +67,24 @@ _UPDATED_IN_PLACE = ("running_mean", "running_var")
 _DLPACK_CPU = 1
 
 
-def _torch_to_numpy(tensor: Any, name: str) -> npt.NDArray[Any]:
+def _torch_to_numpy(tensor: Any, name: str, updated: bool | None = None) -> npt.NDArray[Any]:
     torch = sys.modules["torch"]
     if tensor.device.type != "cpu":
         raise ValueError(
             f"{name}: is a torch tensor on device '{tensor.device}'; fastbn takes CPU tensors "
             "(and CUDA tensors, on its CUDA backend)"
         )
-    if name in _UPDATED_IN_PLACE and tensor.numel() > 1 and 0 in tensor.stride():
+    updated = name in _UPDATED_IN_PLACE if updated is None else updated
+    if updated and tensor.numel() > 1 and 0 in tensor.stride():
         # An expanded tensor repeats one element: writing each channel into it
         # would leave the last channel's value everywhere.
         raise ValueError(f"{name}: must not be an expanded (stride 0) tensor, it is updated in place")
-    if tensor.is_neg() and name not in _UPDATED_IN_PLACE:
+    if tensor.is_neg() and not updated:
         # A lazily negated view (torch._neg_view, some conj paths) has no
         # NumPy view of its values; an input that is only read is resolved
         # to a copy, while running statistics must stay the caller's memory.
         tensor = tensor.detach().resolve_neg()
-    if name not in _UPDATED_IN_PLACE and tensor.layout == torch.strided and torch._C._is_cow_tensor(tensor):
+    if not updated and tensor.layout == torch.strided and torch._C._is_cow_tensor(tensor):
         return cow_view(tensor)  # after resolve_neg above: a negated view's raw memory is not its values
     try:
         # detach() shares memory and drops requires_grad, which numpy() refuses;
@@ -181,7 +182,7 @@ def _from_dlpack(obj: Any) -> npt.NDArray[Any] | None:
         return None
 
 
-def to_host(obj: Any, name: str) -> npt.NDArray[Any] | None:
+def to_host(obj: Any, name: str, *, read_only: bool = False) -> npt.NDArray[Any] | None:
     """Return ``obj`` as a NumPy array (``None`` stays ``None``).
 
     Parameters
@@ -191,6 +192,11 @@ def to_host(obj: Any, name: str) -> npt.NDArray[Any] | None:
         object exposing ``__dlpack__`` or ``__array__``, or a nested sequence.
     name : str
         The argument's name, for error messages.
+    read_only : bool, default False
+        The call only reads ``obj``, even if it is a running statistic
+        (``fold``): it may then be converted (a list, an ``__array__`` object)
+        as any other input; otherwise running statistics must be memory that
+        fastbn can update.
 
     Returns
     -------
@@ -209,6 +215,7 @@ def to_host(obj: Any, name: str) -> npt.NDArray[Any] | None:
     """
     if obj is None:
         return None
+    updated = name in _UPDATED_IN_PLACE and not read_only
     if isinstance(obj, np.ndarray):
         if isinstance(obj, np.ma.MaskedArray):
             raise TypeError(
@@ -219,9 +226,9 @@ def to_host(obj: Any, name: str) -> npt.NDArray[Any] | None:
         return obj if type(obj) is np.ndarray else obj.view(np.ndarray)
     kind = framework_of(obj)
     if kind == "torch":
-        return _torch_to_numpy(obj, name)
+        return _torch_to_numpy(obj, name, updated)
     if kind == "jax":
-        if name in _UPDATED_IN_PLACE:
+        if updated:
             raise ValueError(
                 f"{name}: is a JAX array, which is immutable, but running statistics are updated in "
                 "place; pass NumPy arrays, or use fastbn.jax.batch_norm, which returns new ones"
@@ -233,7 +240,7 @@ def to_host(obj: Any, name: str) -> npt.NDArray[Any] | None:
         array = _from_dlpack(obj)
         if array is not None:
             return array
-    if name in _UPDATED_IN_PLACE:
+    if updated:
         # np.asarray may copy a list, a tuple or an __array__ object: the update would go into the copy.
         raise TypeError(
             f"{name}: expected a NumPy array or a CPU torch tensor, which fastbn updates in place, "

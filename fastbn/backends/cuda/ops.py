@@ -132,8 +132,11 @@ class CudaBackend(Backend):
         """
         return context.Bound(self, context.for_call(arrays))
 
-    def to_backend(self, obj: Any, name: str) -> Any:
-        """``obj`` as a numba device array, without a copy (see :func:`fastbn.backends.cuda.views.to_device`)."""
+    def to_backend(self, obj: Any, name: str, *, read_only: bool = False) -> Any:
+        """``obj`` as a numba device array, without a copy (see :func:`fastbn.backends.cuda.views.to_device`).
+
+        ``read_only`` changes nothing here: a device array is never a copy.
+        """
         return views.to_device(obj, name)
 
     def restorer(self, like: Any) -> Callable[[Any], Any]:
