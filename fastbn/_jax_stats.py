@@ -48,13 +48,13 @@ def _static_scalar(value: Any, name: str) -> Any:
 
 def check_static_eps(eps: Any) -> float:
     """``eps`` as a positive, normal float, checked at trace time (XLA's callback flushes a subnormal one to 0)."""
-    eps = check_eps(_static_scalar(eps, "eps"))
-    if eps < _TINY:
+    value: float = check_eps(_static_scalar(eps, "eps"))
+    if value < _TINY:
         raise ValueError(
             f"eps: expected a positive float of at least {_TINY:.6g} (XLA's host callbacks flush subnormals to "
-            f"zero), got {eps}"
+            f"zero), got {value}"
         )
-    return eps
+    return value
 
 
 def check_static_momentum(momentum: Any) -> float:

@@ -16,6 +16,7 @@ __all__ = ["array", "is_cow", "read_only_stat", "small_backward"]
 
 _TYPES = (torch.Tensor, torch.nn.Parameter)
 _functorch = torch._C._functorch
+# What the lanes take: torch.from_numpy cannot return bfloat16 (NumPy has no such dtype of its own).
 _DTYPES = (torch.float32, torch.float64, torch.float16)
 _is_cow_tensor: Callable[[torch.Tensor], bool] = torch._C._is_cow_tensor  # type: ignore[attr-defined]  # not in stubs
 
@@ -36,20 +37,31 @@ def array(tensor: torch.Tensor | None, written: bool = False) -> Any:
 
     ``written``: the lane writes into it (running statistics in training),
     so a copy-on-write tensor is given its own memory first, as torch does.
+
+    The checks are the fewest that make ``numpy()`` a view of the tensor's
+    own memory (it runs for every tensor of every small call).  ``numpy()``
+    itself refuses a neg or conj view, another device, a sparse or
+    storage-less tensor, and a wrapper that escaped a vmap; with
+    ``force=True`` (a tensor that requires grad, only read) it would
+    resolve or copy those instead, so the device and the neg bit are
+    checked first, and functorch's wrappers, which have no storage of their
+    own, are refused.
     """
     if tensor is None:
         return None
     if type(tensor) not in _TYPES or not tensor.is_cpu or tensor.dtype not in _DTYPES or tensor.is_neg():
         return False
     if _functorch.is_functorch_wrapped_tensor(tensor) or _functorch.is_legacy_batchedtensor(tensor):
-        return False  # vmap, grad, jvp transforms: the general path's operators handle them
+        # A wrapper that escaped its transform, or a legacy batched gradient (gradcheck's batched-grad
+        # check): no storage of its own. The general path's operators handle them.
+        return False
     if not written and tensor.layout is _STRIDED and _is_cow_tensor(tensor):  # is_cow, inlined: every small call
         return views.cow_view(tensor)  # read without copying a copy-on-write tensor's memory
     try:
-        # force=True detaches in C++ (cheaper than .detach() here); neg and conj views were refused above and
-        # the tensor is on the CPU, so it is a view of the tensor's own memory, never a copy.
+        # force=True detaches in C++ (cheaper than .detach() here); a neg view and another device were
+        # refused above, so it is a view of the tensor's own memory, never a copy.
         return tensor.numpy(force=True) if tensor.requires_grad else tensor.numpy()
-    except (RuntimeError, TypeError):  # no storage (a wrapper subclass, a functional tensor), conj/neg views
+    except (RuntimeError, TypeError):  # no storage (a wrapper subclass, a functional tensor), conj views
         return False
 
 

@@ -28,6 +28,9 @@ from fastbn.torch._arrays import array as _array
 __all__ = ["batch_norm"]
 
 
+_transforms_active = torch._C._are_functorch_transforms_active
+
+
 def _no_dual_level() -> bool:
     """Whether no forward-mode AD level is open (then no tensor carries a tangent)."""
     return getattr(fwAD, "_current_level", 0) == -1
@@ -43,28 +46,39 @@ def batch_norm(
     momentum: Any,
     eps: Any,
 ) -> torch.Tensor | None:
-    """The output of a small plain call, its running statistics updated in place; None if it is not one."""
-    if type(momentum) is not float or type(eps) is not float or type(training) is not bool or not _no_dual_level():
+    """The output of a small plain call, its running statistics updated in place; None if it is not one.
+
+    Each step is one of the fewest Python operations that decide it: this
+    runs on every call of a small layer, where torch's own batch norm takes
+    a few tens of microseconds in all.
+    """
+    if type(momentum) is not float or type(eps) is not float or type(training) is not bool:
         return None
-    if running_mean is None and not training:
-        return None  # torch refuses it: the general path raises
-    if not isinstance(input, torch.Tensor) or input.is_meta:
-        return None  # not a tensor: the general path names input
+    if input is None or (running_mean is None and not training):
+        return None  # torch refuses them: the general path raises
+    if not _no_dual_level() or _transforms_active():
+        return None  # jvp, vmap, grad transforms: the general path's operators handle them
+    # A non-tensor input (the general path names it), a meta or GPU one: False, as anything not plain.
     arrays = [_array(t) for t in (input, weight, bias)] + [_array(t, training) for t in (running_mean, running_var)]
-    if any(a is False for a in arrays):
-        return None
-    for buffer in (running_mean, running_var):
-        if buffer is not None and buffer.requires_grad and torch.is_grad_enabled():
-            return None  # torch refuses it
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    if grad:
-        try:
-            # The options travel as one argument: Function.apply inspects each argument it is given.
-            output: torch.Tensor = _SmallBatchNorm.apply(  # type: ignore[no-untyped-call]
-                input, weight, bias, (arrays, training, momentum, eps)
-            )
-        except _NotSmall:
+    for view in arrays:
+        if view is False:  # (``False in arrays`` would compare arrays elementwise)
             return None
+    grad_enabled = torch.is_grad_enabled()
+    for buffer in (running_mean, running_var):
+        if buffer is not None and buffer.requires_grad and grad_enabled:
+            return None  # torch refuses it
+    if grad_enabled and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        # The options travel as one argument (Function.apply inspects each argument it is given); the
+        # C-level apply, as Function.apply itself calls it once no functorch transform is active.
+        output: torch.Tensor | None = _apply(  # type: ignore[no-untyped-call]  # torch's C apply is unannotated
+            input, weight, bias, (arrays, training, momentum, eps)
+        )
+        if output is None:
+            return None  # the kernels' lane refused it; nothing has run
     else:
         small = _api._small().forward(*arrays, training, momentum, eps, 1)
         if small is None:
@@ -77,41 +91,40 @@ def batch_norm(
     return output
 
 
-class _NotSmall(Exception):
-    """Raised from :meth:`_SmallBatchNorm.forward` when the kernels' lane refuses the call (nothing has run)."""
-
-
 class _SmallBatchNorm(torch.autograd.Function):
     """The lane's differentiable form: forward and first backward on :mod:`fastbn.backends.cpu.small`.
 
     It saves only ``input`` and ``weight`` as tensors (so that torch checks
-    they were not modified in place before backward) and keeps the NumPy
-    views and statistics beside them.  A backward the lane does not take (a
-    double backward, a gradient that is not a plain CPU tensor, eval mode)
-    goes the general way (:func:`fastbn.torch._ops.gradients`), given the
-    context the general path's Function would have made.
+    they were not modified in place before backward) and keeps the small
+    forward's plan (its NumPy views and statistics) beside them, so the
+    backward repeats none of its checks.  A backward the lane does not take
+    (a double backward, a gradient that is not a plain CPU tensor) goes the
+    general way (:func:`fastbn.torch._ops.gradients`), given the context
+    the general path's Function would have made.  If the kernels' lane
+    refuses the call, forward returns None and nothing has run: the caller
+    then takes the general path (the None never reaches a graph).
     """
 
     @staticmethod
     def forward(ctx: Any, input: Any, weight: Any, bias: Any, options: Any) -> Any:
         arrays, training, momentum, eps = options
-        small = _api._small().forward(*arrays, training, momentum, eps, 1)
+        small = _api._small().forward_planned(*arrays, training, momentum, eps, 1)
         if small is None:
-            raise _NotSmall
-        y, (mean, invstd, batch_stats, *_) = small
+            return None
+        y, (mean, invstd, batch_stats, *_), plan = small
         ctx.save_for_backward(input, weight)
-        ctx.small = (arrays[0], arrays[1], mean, invstd, batch_stats, eps)
+        ctx.small = (plan, mean, invstd, batch_stats, eps)
         return torch.from_numpy(y)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Any) -> Any:
         input, weight = ctx.saved_tensors  # torch's check that neither was modified in place
-        x, w, mean, invstd, batch_stats, _eps = ctx.small
+        plan = ctx.small[0]
         small = None
-        if batch_stats and grad_y is not None and not grad_y.requires_grad:
+        if plan is not None and grad_y is not None and not grad_y.requires_grad:
             dy = _array(grad_y)
             if dy is not False:
-                small = _api._small().backward(dy, x, w, mean, invstd, x.shape, 1, 1)
+                small = _api._small().backward_planned(dy, plan)
         if small is None:
             general = _GeneralContext(ctx, input, weight)
             dx, dweight, dbias, _ = _ops.gradients(general, grad_y, residual_index=4)
@@ -125,11 +138,16 @@ class _SmallBatchNorm(torch.autograd.Function):
         )
 
 
+# Function.apply without its Python layer (which binds default arguments and unwraps functorch's dead
+# wrappers, none of which applies here: the lane is left whenever a functorch transform is active).
+_apply = super(torch.autograd.Function, _SmallBatchNorm).apply
+
+
 class _GeneralContext:
     """What :func:`fastbn.torch._ops.gradients` reads from a context, made from :class:`_SmallBatchNorm`'s."""
 
     def __init__(self, ctx: Any, input: torch.Tensor, weight: torch.Tensor | None) -> None:
-        _x, _w, mean, invstd, batch_stats, eps = ctx.small
+        _plan, mean, invstd, batch_stats, eps = ctx.small
         saved_mean, saved_invstd = torch.from_numpy(mean), torch.from_numpy(invstd)
         empty = saved_mean.new_empty(0)
         self.saved_tensors = (input, weight, saved_mean, saved_invstd, empty, empty, None)

@@ -37,7 +37,7 @@ from fastbn.backends.cpu import elementwise, fused, reductions
 from fastbn.backends.cpu.jit import exact, kernel, serial_twin
 from fastbn.backends.cpu.numerics import backward_coefficients, forward_coefficients, update_running
 
-__all__ = ["ENV_VAR", "backward", "forward"]
+__all__ = ["ENV_VAR", "Plan", "backward", "backward_planned", "forward", "forward_planned"]
 
 #: Set to "0" to send every call through the full path.
 ENV_VAR = "FASTBN_SMALL_CALLS"
@@ -268,12 +268,28 @@ def _writable(a: _Array) -> _Array:
 
 
 def _kernel_view(a: _Array, shape: tuple[int, ...], as_int: Any, readonly: bool) -> _Array:
-    view = a.reshape(shape)
+    """``a`` as the kernels see it: of the kernel shape, integers for half types, read-only where only read.
+
+    A 2-D (rows) array keeps its shape (no reshape); the flag is set on a
+    view, never on the caller's array.
+    """
+    if a.ndim == 2:  # rows: the kernel shape already
+        if as_int is None and not readonly:
+            return a
+        view: _Array = a.view()
+    else:
+        view = a.reshape(shape)
     if as_int is not None:
         view = view.view(as_int)
     if readonly:
         view.flags.writeable = False  # one compiled kernel for NumPy, torch and JAX callers (views.readonly)
     return view
+
+
+#: What :func:`backward_planned` needs of a small training forward: ``(rows, kernel shape, integer view of
+#: the half types or None, x's read-only kernel view, x's shape and dtype, the weight (ones if None), mean,
+#: invstd)``.
+Plan = tuple[bool, tuple[int, ...], Any, _Array, tuple[int, ...], np.dtype[Any], _Array, _Array, _Array]
 
 
 def forward(
@@ -292,6 +308,26 @@ def forward(
     Returns ``(y, (mean, invstd, batch_stats, count, shape, axis))``, the
     fields of the :class:`fastbn.Saved` the full path would return.
     """
+    done = forward_planned(x, weight, bias, running_mean, running_var, training, momentum, eps, axis)
+    return None if done is None else (done[0], done[1])
+
+
+def forward_planned(
+    x: Any,
+    weight: Any,
+    bias: Any,
+    running_mean: Any,
+    running_var: Any,
+    training: Any,
+    momentum: Any,
+    eps: Any,
+    axis: Any,
+) -> tuple[_Array, tuple[_Array, _Array, bool, int, tuple[int, ...], int], Plan | None] | None:
+    """:func:`forward`, and the :data:`Plan` of its backward (None in eval), for :func:`backward_planned`.
+
+    fastbn.torch's lane keeps the plan in its autograd context, so its
+    backward repeats none of these checks and views.
+    """
     if type(x) is not np.ndarray or type(training) is not bool or type(eps) is not float:
         return None
     if type(momentum) is not float or not (0.0 <= momentum <= 1.0 and 0.0 < eps < math.inf):
@@ -309,8 +345,14 @@ def forward(
     batch_stats = training or not has_running
     if batch_stats and count < 2:
         return None
-    for vector in (weight, bias, running_mean, running_var):
-        if vector is not None and not _vector(vector, dtype, channels):
+    vector_shape = (channels,)
+    for vector in (weight, bias, running_mean, running_var):  # _vector, inlined: every small call
+        if vector is not None and (
+            type(vector) is not np.ndarray
+            or vector.dtype != dtype
+            or vector.shape != vector_shape
+            or not vector.flags.c_contiguous
+        ):
             return None
     if training and has_running and not (running_mean.flags.writeable and running_var.flags.writeable):
         return None  # the full path names the argument
@@ -345,7 +387,8 @@ def forward(
         )
     if not ok:
         return None
-    return y, (mean, invstd, batch_stats, count, x.shape, axis + len(x.shape) if axis < 0 else axis)
+    plan = (rows, shape, as_int, x_view, x.shape, x.dtype, weight, mean, invstd) if batch_stats else None
+    return y, (mean, invstd, batch_stats, count, x.shape, axis + len(x.shape) if axis < 0 else axis), plan
 
 
 def backward(
@@ -387,6 +430,35 @@ def backward(
         _kernel_view(x, shape, as_int, True),
         _writable(mean),
         _writable(invstd),
+        weight,
+        _kernel_view(dx, shape, as_int, False),
+        dweight,
+        dbias,
+    )
+    return dx, dweight, dbias
+
+
+def backward_planned(dy: Any, plan: Plan) -> tuple[_Array, _Array, _Array] | None:
+    """The training backward of the forward that made ``plan``, for a gradient ``dy``; None if not plain.
+
+    ``dy`` must be a NumPy array of x's shape and dtype (copied if not
+    C-contiguous); everything else was checked by the forward.
+    """
+    rows, shape, as_int, x_view, x_shape, x_dtype, weight, mean, invstd = plan
+    if type(dy) is not np.ndarray or dy.dtype != x_dtype or dy.shape != x_shape:
+        return None
+    if not dy.flags.c_contiguous:
+        dy = np.ascontiguousarray(dy)  # as small as x; an expanded gradient (of a sum) has zero strides
+    channels = mean.shape[0]
+    dx = np.empty(x_shape, x_dtype)
+    dweight = np.empty(channels, mean.dtype)
+    dbias = np.empty(channels, mean.dtype)
+    train = backward_train_rows if rows else backward_train_slab
+    train(
+        _kernel_view(dy, shape, as_int, True),
+        x_view,
+        mean,
+        invstd,
         weight,
         _kernel_view(dx, shape, as_int, False),
         dweight,
