@@ -155,10 +155,16 @@ def test_weighted_statistics_whose_sums_overflow_are_finite_where_the_true_ones_
     mask_shape = [1] * len(shape)
     mask_shape[0] = shape[0]
     full = np.ones(mask_shape, bool)
-    y, saved = fastbn.forward(x, axis=axis, mask=full)
-    y0, saved0 = fastbn.forward(x, axis=axis)
+    channels = shape[axis]
+    running = [np.zeros(channels), np.ones(channels)]
+    y, saved = fastbn.forward(x, axis=axis, mask=full, running_mean=running[0], running_var=running[1], momentum=1.0)
+    running0 = [np.zeros(channels), np.ones(channels)]
+    y0, saved0 = fastbn.forward(x, axis=axis, running_mean=running0[0], running_var=running0[1], momentum=1.0)
     np.testing.assert_allclose(saved.invstd, saved0.invstd, rtol=1e-12)
     np.testing.assert_allclose(y, y0, rtol=1e-10, atol=1e-10)
+    # The running variance takes var * (W / (W - 1)): var * W overflowed where the result is finite.
+    assert np.isfinite(running[1]).all() and np.isfinite(running0[1]).all(), (running, running0)
+    np.testing.assert_allclose(running, running0, rtol=1e-12)
 
 
 # ---------------------------------------------------- forward and backward ---

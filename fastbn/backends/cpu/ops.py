@@ -453,7 +453,8 @@ class CpuBackend(Backend):
         y = _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu, residual)
         if update:
             learn = wsum > 1
-            unbiased = var64 * np.where(learn, wsum, 2.0) / np.where(learn, wsum - 1.0, 1.0)
+            # var * (W / (W - 1)), the correction first: var * W overflows where the result need not.
+            unbiased = var64 * (np.where(learn, wsum, 2.0) / np.where(learn, wsum - 1.0, 1.0))
             m = float(momentum)
             new_mean = (1.0 - m) * running_mean.astype(np.float64) + m * mean64
             new_var = (1.0 - m) * running_var.astype(np.float64) + m * unbiased
