@@ -324,7 +324,7 @@ def forward(
         (("weight", weight), ("bias", bias), ("x", x), ("residual", residual), ("weights", weights), ("mask", mask)),
         updated=opts.training,
     )
-    batch_stats, groups = _options.resolve(opts, tuple(x.shape), axis, has_running)
+    batch_stats, groups = _options.resolve(opts, tuple(x.shape), axis, has_running, dtype)
     if has_running and (not batch_stats or opts.renorm is not None):
         check_variance(running_var, "running_var")  # read: eval normalises with it, renorm scales by it
     if opts.collectives is not None and ops.sync is None:

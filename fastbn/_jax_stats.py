@@ -17,7 +17,7 @@ import numpy as np
 
 import fastbn
 from fastbn._jax_backward import _backward, _BackwardStatic, _host
-from fastbn._options import check_eps, check_momentum
+from fastbn._options import check_eps, check_eps_range, check_momentum
 from fastbn._validate import (
     check_axis,
     check_channels,
@@ -474,6 +474,7 @@ def normalize(
     axis = _channel_axis_of(given, x.ndim) if axis is None else check_axis(axis, x.ndim)
     _, count = check_channels(x, axis)
     dtype = stats_dtype(x.dtype)
+    check_eps_range(eps, np.dtype(dtype))  # as fastbn.normalize, at trace time: not in the callback
     vectors = {name: _as_channel_vector(value, name, tuple(x.shape), axis, dtype) for name, value in given}
     static = _NormalizeStatic(eps, axis, count)
     y: jax.Array = _normalize(static, x, vectors["mean"], vectors["var"], vectors.get("weight"), vectors.get("bias"))

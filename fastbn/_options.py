@@ -235,12 +235,34 @@ def options(
     )
 
 
-def resolve(opts: Options, shape: tuple[int, ...], axis: int, has_running: bool) -> tuple[bool, int]:
+#: The smallest eps for batch statistics in float32: 1 / sqrt(eps) of a constant channel (variance 0) must be a
+#: float32 number, or invstd is inf and y = 0 * inf NaN where it is 0.  (1 / float32-max)^2, rounded up.
+MIN_EPS_FLOAT32 = 8.7e-78
+
+
+def check_eps_range(eps: float, stats: np.dtype[Any]) -> None:
+    """Refuse an eps whose ``1 / sqrt(eps)`` the statistics dtype cannot hold (a variance of 0 may meet it).
+
+    Only float32 has such an eps (below :data:`MIN_EPS_FLOAT32`); float64's
+    1 / sqrt(5e-324) is 4.5e161.
+    """
+    if stats == np.float32 and eps < MIN_EPS_FLOAT32:
+        raise ValueError(
+            f"eps: expected at least {MIN_EPS_FLOAT32:g} with float32 statistics, so that a constant channel's "
+            f"1 / sqrt(eps) is a float32 number (else its output is NaN), got {eps:g}"
+        )
+
+
+def resolve(
+    opts: Options, shape: tuple[int, ...], axis: int, has_running: bool, stats: np.dtype[Any] | None = None
+) -> tuple[bool, int]:
     """Check that the options go together on input of ``shape``; return ``(batch_stats, groups)``.
 
     ``batch_stats`` is whether batch statistics are used (training, or no
     running statistics); ``groups`` the number of ghost batches (1 without
-    them, and whenever the running statistics are used).
+    them, and whenever the running statistics are used).  ``stats``, the
+    statistics dtype: with float32 statistics, batch statistics need an
+    eps of at least :data:`MIN_EPS_FLOAT32`.
 
     Raises
     ------
@@ -257,6 +279,8 @@ def resolve(opts: Options, shape: tuple[int, ...], axis: int, has_running: bool)
             "eps: expected a positive float where batch statistics are used (training, or no running "
             "statistics), got 0.0; zero is allowed only when normalising with running statistics"
         )
+    if batch_stats and stats is not None:
+        check_eps_range(opts.eps, stats)
     if opts.collectives is None and opts.training and count // groups == 1:
         where = "" if groups == 1 else f" (in each ghost batch of {vbs})"
         raise ValueError(f"x: Expected more than 1 value per channel when training{where}, got input size {shape}")

@@ -210,6 +210,7 @@ def normalize(
     eps = _options.check_eps(eps)
     channels, count = check_channels(x, axis, allow_empty=True)
     dtype = stats_dtype(x.dtype)
+    _options.check_eps_range(eps, dtype)  # a zero var (moments of a constant channel) must not give NaN
     params = {"mean": mean, "var": var, "weight": weight, "bias": bias}
     for name, value in params.items():
         if value is None and name in ("mean", "var"):

@@ -2171,19 +2171,24 @@ def test_normalize_rounds_parameters_beyond_the_stats_dtype_without_a_warning():
     np.testing.assert_array_equal(y, np.full_like(x, np.inf))  # (x + inf) / sqrt(1 + eps) * inf
 
 
-@pytest.mark.parametrize("case", ["tiny eps", "huge weight"])
+@pytest.mark.parametrize("case", ["smallest eps", "huge weight"])
 def test_float32_scale_overflow_gives_what_pytorch_gives(case):
-    """invstd * weight beyond float32 (eps 1e-300 on a constant channel, or a weight of 3e38): 0 * inf is
-    NaN, in PyTorch as here (torch.nn.functional.batch_norm on the same float32 tensors)."""
+    """A weight of 3e38 on a constant channel: invstd * weight beyond float32, and 0 * inf is NaN, in PyTorch
+    as here (torch.nn.functional.batch_norm on the same float32 tensors).  An eps whose 1 / sqrt float32
+    cannot hold is refused (test_numerics); from the smallest one accepted, the channel is the bias."""
     torch = pytest.importorskip("torch")
     x = np.ones((4, 3), np.float32)
     w = np.full(3, 3e38 if case == "huge weight" else 1.0, np.float32)
     b = np.full(3, 0.5, np.float32)
-    eps = 1e-300 if case == "tiny eps" else 1e-5
+    eps = 8.7e-78 if case == "smallest eps" else 1e-5
     y, _ = _no_runtime_warning(lambda: fastbn.forward(x, w, b, eps=eps))
     expected = torch.nn.functional.batch_norm(
         torch.from_numpy(x), None, None, torch.from_numpy(w), torch.from_numpy(b), training=True, eps=eps
     ).numpy()
+    if case == "smallest eps":
+        # The channel is its bias, exactly; PyTorch's is 0 (eps rounded to float32 is 0 there).
+        np.testing.assert_array_equal(y, np.broadcast_to(b, x.shape))
+        return
     np.testing.assert_array_equal(y, expected)
 
 
@@ -2195,7 +2200,7 @@ def test_fix_host_arithmetic_does_not_warn(case):
         "eval eps=0 zero variance": lambda: fastbn.forward(
             x, running_mean=z.copy(), running_var=z.copy(), training=False, eps=0.0
         ),
-        "normalize tiny eps": lambda: fastbn.normalize(x, z, z, eps=1e-300),
+        "normalize tiny eps": lambda: fastbn.normalize(x, z, z, eps=8.7e-78),
         "fold tiny eps": lambda: fastbn.fold(np.ones((3, 2), np.float32), None, z, z, None, None, eps=1e-300),
     }
     _no_runtime_warning(calls[case])

@@ -599,7 +599,7 @@ def test_static_options_take_numpy_and_jax_scalars_and_refuse_traced_or_subnorma
     for call in (lambda: batch_norm(x, eps=1e-310), lambda: jax.jit(lambda x: normalize(x, rm, rv, eps=5e-324))(x)):
         with pytest.raises(ValueError, match=r"^eps: expected a positive float of at least 2.2250\de-308"):
             call()
-    batch_norm(x, eps=float(np.finfo(np.float64).tiny))  # the smallest normal one is fine
+    batch_norm(x, running_mean=rm, running_var=rv, training=False, eps=float(np.finfo(np.float64).tiny))  # fine in eval
 
 
 def test_negative_variances_are_a_value_error_when_concrete_and_inside_xlas_error_when_traced():
@@ -615,3 +615,13 @@ def test_negative_variances_are_a_value_error_when_concrete_and_inside_xlas_erro
     with pytest.raises(Exception, match=r"running_var: expected non-negative variances") as caught:
         jax.block_until_ready(jax.jit(lambda v: batch_norm(x, running_mean=rm, running_var=v, training=False))(bad))
     assert type(caught.value).__name__ == "JaxRuntimeError"
+
+
+def test_an_eps_whose_inverse_root_float32_cannot_hold_is_refused_when_traced():
+    x = jnp.ones((4, 3), jnp.float32)
+    for call in (
+        lambda: jax.jit(lambda x: batch_norm(x, eps=1e-80))(x),
+        lambda: jax.jit(lambda x: normalize(x, jnp.zeros(3), jnp.zeros(3), eps=1e-80))(x),
+    ):
+        with pytest.raises(ValueError, match=r"^eps: expected at least 8.7e-78 with float32 statistics"):
+            call()

@@ -462,3 +462,32 @@ def _bfloat16():
     import ml_dtypes
 
     return ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape, axis", [((6, 3), 1), ((4, 3, 5), 1), ((64, 3, 40), 1)])
+def test_a_constant_channel_with_the_smallest_eps_gives_zero_not_nan(dtype, shape, axis):
+    """1 / sqrt(eps) of a constant channel (variance 0) must be a number of the statistics dtype: with float32
+    statistics an eps below fastbn._options.MIN_EPS_FLOAT32 gave invstd = inf and y = 0 * inf = NaN (in forward,
+    normalize, the layer and backward), where y is 0.  Such an eps is refused by name (torch returns the NaN);
+    from that bound up, and for float64 any positive eps, the channel is 0 and its gradients finite."""
+    from fastbn._options import MIN_EPS_FLOAT32
+
+    x = np.random.default_rng(5).standard_normal(shape).astype(dtype)
+    index = [slice(None)] * x.ndim
+    index[axis] = 0
+    x[tuple(index)] = 3.0
+    if dtype != np.float64:
+        for call in (
+            lambda: fastbn.forward(x, axis=axis, eps=1e-80),
+            lambda: fastbn.normalize(x, *fastbn.moments(x, axis), axis=axis, eps=1e-80),
+            lambda: fastbn.BatchNorm(shape[axis], axis=axis, eps=1e-80)(x),
+        ):
+            with pytest.raises(ValueError, match=r"^eps: expected at least 8.7e-78 with float32 statistics"):
+                call()
+    eps = MIN_EPS_FLOAT32 if dtype != np.float64 else 5e-324
+    y, saved = fastbn.forward(x, axis=axis, eps=eps)
+    assert np.isfinite(saved.invstd).all() and (y[tuple(index)] == 0).all()
+    assert (fastbn.normalize(x, *fastbn.moments(x, axis), axis=axis, eps=eps)[tuple(index)] == 0).all()
+    dx, dweight, dbias = fastbn.backward(np.ones_like(x), x, np.ones(shape[axis], saved.mean.dtype), saved)
+    assert np.isfinite(dx.astype(np.float64)).all() and np.isfinite(dweight).all() and np.isfinite(dbias).all()

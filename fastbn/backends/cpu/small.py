@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fastbn._options import MIN_EPS_FLOAT32  # a smaller eps (any dtype) takes the full path, which decides
 from fastbn._validate import is_bfloat16
 from fastbn.backends.cpu import elementwise, fused, reductions
 from fastbn.backends.cpu.jit import exact, kernel, serial_twin
@@ -330,7 +331,7 @@ def forward_planned(
     """
     if type(x) is not np.ndarray or type(training) is not bool or type(eps) is not float:
         return None
-    if type(momentum) is not float or not (0.0 <= momentum <= 1.0 and 0.0 < eps < math.inf):
+    if type(momentum) is not float or not (0.0 <= momentum <= 1.0 and MIN_EPS_FLOAT32 <= eps < math.inf):
         return None
     kind = _kind(x.dtype)
     layout = None if kind is None else _layout(x, axis)
