@@ -281,6 +281,8 @@ def forward(
             ("weights", weights),
             ("mask", mask),
         ],
+        # Eval only reads them: an expanded tensor or a list is taken as any input (torch takes the former).
+        read_only=("running_mean", "running_var") if training is False else (),
     )
     x = check_x(x)
     sequence_conversion(

@@ -491,3 +491,29 @@ def test_a_constant_channel_with_the_smallest_eps_gives_zero_not_nan(dtype, shap
     assert (fastbn.normalize(x, *fastbn.moments(x, axis), axis=axis, eps=eps)[tuple(index)] == 0).all()
     dx, dweight, dbias = fastbn.backward(np.ones_like(x), x, np.ones(shape[axis], saved.mean.dtype), saved)
     assert np.isfinite(dx.astype(np.float64)).all() and np.isfinite(dweight).all() and np.isfinite(dbias).all()
+
+
+@pytest.mark.parametrize("path", ["small", "full", "mask", "layer", "torch"])
+def test_a_running_variance_update_whose_unbiased_variance_alone_overflows_is_finite(path):
+    """Two values of +-1e154: the biased variance 1e308 is finite, the unbiased one (2e308) is not, but the
+    update 0.9 * 1 + 0.1 * 2e308 = 2e307 is: (momentum * var) * correction there (torch gives inf)."""
+    shape = (2, 2) if path != "full" else (2, 300_000)  # the latter beyond the small lane
+    x = np.zeros(shape)
+    x[:, 0] = [1e154, -1e154]
+    x[:, 1] = [1.0, 2.0]
+    rm, rv = np.zeros(shape[1]), np.ones(shape[1])
+    if path in ("small", "full"):
+        fastbn.forward(x, running_mean=rm, running_var=rv, momentum=0.1)
+    elif path == "mask":
+        fastbn.forward(x, running_mean=rm, running_var=rv, momentum=0.1, mask=np.ones((2, 1), bool))
+    elif path == "layer":
+        layer = fastbn.BatchNorm(shape[1], dtype=np.float64)
+        layer(x)
+        rv = layer.running_var
+    else:
+        torch = pytest.importorskip("torch")
+        ft = pytest.importorskip("fastbn.torch")
+        trv = torch.from_numpy(rv)
+        ft.batch_norm(torch.from_numpy(x), torch.from_numpy(rm), trv, training=True, momentum=0.1)
+        rv = trv.numpy()
+    np.testing.assert_allclose(rv[:2], [2e307, 0.9 + 0.1 * 0.5], rtol=1e-15)

@@ -42,6 +42,25 @@ def test_running_statistics_that_would_be_copied_are_refused(make, which):
     assert np.array_equal(kept, before)
 
 
+@pytest.mark.parametrize("make", [ArrayLike, "expanded tensor"])
+def test_eval_only_reads_the_running_statistics_so_any_array_form_is_taken(make):
+    """Eval writes nothing: an __array__ object (or a list) or, as torch takes it, an expanded tensor is read as any
+    input; the expanded tensor was refused as "updated in place" by fastbn.torch and fastbn.forward."""
+    x = _batch()
+    expected, _ = fastbn.forward(x, running_mean=np.zeros(C, np.float32), running_var=np.ones(C, np.float32),
+                                 training=False)  # fmt: skip
+    if make == "expanded tensor":
+        torch = pytest.importorskip("torch")
+        ft = pytest.importorskip("fastbn.torch")
+        rm, rv = torch.zeros(1).expand(C), torch.ones(1).expand(C)
+        y = fastbn.forward(x, running_mean=rm, running_var=rv, training=False)[0]
+        xt = torch.from_numpy(x)
+        torch.testing.assert_close(ft.batch_norm(xt, rm, rv), torch.nn.functional.batch_norm(xt, rm, rv))
+    else:
+        y = fastbn.forward(x, running_mean=make([0.0] * C), running_var=make([1.0] * C), training=False)[0]
+    np.testing.assert_array_equal(y, expected)
+
+
 def test_zero_stride_running_statistics_are_refused():
     base = np.zeros(1, np.float32)
     broadcast = np.lib.stride_tricks.as_strided(base, shape=(C,), strides=(0,))

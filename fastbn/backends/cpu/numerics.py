@@ -158,9 +158,19 @@ def _moved(running, batch, momentum):
 
 
 @exact
-def _unbiased(var, correction):
-    """``var * correction``, rounded once and never reassociated (see :func:`_moved`)."""
-    return var * correction
+def _moved_var(running, var, correction, momentum):
+    """``(1 - momentum) * running + momentum * (var * correction)``, finite wherever the true value is.
+
+    The unbiased variance ``var * correction`` is rounded once and never
+    reassociated (see :func:`_moved`).  Where it alone overflows (a biased
+    variance within a factor n / (n - 1) of the float64 limit: two values of
+    +-1e154), ``(momentum * var) * correction`` is taken instead: the true
+    update may well be finite (a momentum of 0.1 leaves 2e307).
+    """
+    unbiased = var * correction
+    if np.isinf(unbiased) and not np.isinf(var):
+        return (1.0 - momentum) * running + (momentum * var) * correction
+    return (1.0 - momentum) * running + momentum * unbiased
 
 
 @kernel(parallel=False)
@@ -174,6 +184,4 @@ def update_running(running_mean, running_var, mean, var, momentum, count):
     correction = count / (count - 1.0)
     for c in range(running_mean.shape[0]):
         running_mean[c] = cast_to(running_mean, _moved(np.float64(running_mean[c]), mean[c], momentum))
-        running_var[c] = cast_to(
-            running_var, _moved(np.float64(running_var[c]), _unbiased(var[c], correction), momentum)
-        )
+        running_var[c] = cast_to(running_var, _moved_var(np.float64(running_var[c]), var[c], correction, momentum))

@@ -453,11 +453,15 @@ class CpuBackend(Backend):
         y = _normalize_with(x, axis, dtype, mean, invstd, weight, bias, relu, residual)
         if update:
             learn = wsum > 1
-            # var * (W / (W - 1)), the correction first: var * W overflows where the result need not.
-            unbiased = var64 * (np.where(learn, wsum, 2.0) / np.where(learn, wsum - 1.0, 1.0))
-            m = float(momentum)
+            # var * (W / (W - 1)), the correction first: var * W overflows where the result need not; and
+            # where var * correction alone overflows, (m * var) * correction (as numerics._moved_var).
+            correction = np.where(learn, wsum, 2.0) / np.where(learn, wsum - 1.0, 1.0)
+            with np.errstate(over="ignore"):
+                unbiased = var64 * correction
+                m = float(momentum)
+                step = np.where(np.isinf(unbiased) & np.isfinite(var64), (m * var64) * correction, m * unbiased)
             new_mean = (1.0 - m) * running_mean.astype(np.float64) + m * mean64
-            new_var = (1.0 - m) * running_var.astype(np.float64) + m * unbiased
+            new_var = (1.0 - m) * running_var.astype(np.float64) + step
             running_mean[learn] = new_mean[learn].astype(running_mean.dtype)
             running_var[learn] = new_var[learn].astype(running_var.dtype)
         return y, mean, invstd, wsum
