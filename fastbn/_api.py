@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fastbn import _dispatch, _options, _sync, _weights
-from fastbn._saved import check_saved_fields
+from fastbn._saved import check_saved_fields, check_saved_weights
 from fastbn._typing import ArrayT, BackendName, OptionalArray, Plan, SupportsArray
 from fastbn._validate import (
     check_axis,
@@ -523,6 +523,7 @@ def backward(
         and type(saved.count) is int
         and saved.count >= 0
         and type(saved.shape) is tuple
+        and all(type(size) is int for size in saved.shape)  # (8, 3.0) == (8, 3): the full path refuses it
         and type(saved.axis) is int
         and y is None
         and backend in (None, "cpu")
@@ -584,11 +585,17 @@ def backward(
                 f"saved.weights: expected dtype {dtype}, as fastbn.forward keeps them, got {saved.weights.dtype}"
             )
         check_channel_vector(saved.weight_sum, "saved.weight_sum", channels, np.dtype(np.float64))
+        check_saved_weights(saved.weights, np.asarray(saved.weight_sum), axis)
     elif saved.batch_stats and saved.weight_sum is not None:
         # forward keeps both or neither: the weights without their sum would silently give the unweighted
         # gradient of a weighted forward.
         raise TypeError("saved.weights: None, but saved.weight_sum is set; fastbn.forward keeps both or neither")
 
+    if synced and saved.count < count:
+        raise ValueError(
+            f"saved.count: {saved.count} elements per channel over all processes, fewer than this process's own "
+            f"{count}; fastbn.forward keeps the global count"
+        )
     if count == 0 and not synced:
         # An empty batch: nothing flows back; the parameter gradients are sums over no elements.
         dweight, dbias = (ops.from_host(np.zeros(channels, dtype)) for _ in range(2))  # two arrays

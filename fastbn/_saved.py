@@ -52,3 +52,19 @@ def check_saved_fields(saved: Any) -> None:
         ):
             if given:
                 raise bad("process_group", f"None together with saved.{field} (forward does not combine them)")
+
+
+def check_saved_weights(weights: np.ndarray, weight_sum: np.ndarray, axis: int) -> None:
+    """``saved.weights`` and ``saved.weight_sum`` hold what forward kept: finite non-negative weights, and their sums.
+
+    forward refuses other weights; a tampered pair would give NaN or
+    silently wrong gradients.  The sums are compared in float64 with a
+    relative tolerance of 1e-9 (forward's own sum may add in another order:
+    at most n u of relative error, far below it for any n that fits memory).
+    """
+    if weights.size and not (np.isfinite(weights).all() and (weights >= 0).all()):
+        raise ValueError("saved.weights: expected finite non-negative weights, as fastbn.forward keeps them")
+    axes = tuple(i for i in range(weights.ndim) if i != axis)
+    total = weights.sum(axis=axes, dtype=np.float64)
+    if not np.allclose(weight_sum, total, rtol=1e-9, atol=0.0):
+        raise ValueError("saved.weight_sum: is not the per-channel sum of saved.weights that fastbn.forward kept")

@@ -275,3 +275,49 @@ def test_a_tampered_saved_is_refused(field, value, message):
     _, saved = fastbn.forward(x)
     with pytest.raises(TypeError, match=message):
         fastbn.backward(np.ones_like(x), x, None, saved._replace(**{field: value}))
+
+
+def test_a_tampered_saved_is_refused_alike_on_the_small_and_full_paths():
+    """(8, 3.0) == (8, 3) in Python: the small lane took a shape the full path refuses."""
+    x = _batch()
+    _, saved = fastbn.forward(x)
+    tampered = saved._replace(shape=(x.shape[0], float(x.shape[1])))
+    with pytest.raises(TypeError, match=r"^saved.shape: expected a tuple of sizes"):
+        fastbn.backward(np.ones_like(x), x, None, tampered)
+
+
+class _OneProcess:
+    """A process group of one: allgather returns the row sent, allreduce_sum its argument."""
+
+    def allgather(self, vector):
+        return np.asarray(vector)[None]
+
+    def allreduce_sum(self, vector):
+        return vector
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_a_synchronised_saved_counting_fewer_elements_than_this_process_holds_is_refused(count):
+    x = _batch()
+    _, saved = fastbn.forward(x, process_group=_OneProcess())
+    assert saved.count == x.size // C  # the global count, which is this one process's
+    with pytest.raises(ValueError, match=rf"^saved.count: {count} elements per channel over all processes, fewer"):
+        fastbn.backward(np.ones_like(x), x, None, saved._replace(count=count))
+
+
+@pytest.mark.parametrize("change", ["negative", "nan", "sum zero", "sum off"])
+def test_saved_weights_and_their_sums_must_be_what_forward_kept(change):
+    """forward refuses negative or NaN weights; kept in a Saved (tampered), they gave NaN or wrong gradients."""
+    x = _batch()
+    weights = np.random.default_rng(2).uniform(0.5, 1.0, x.shape).astype(np.float32)
+    _, saved = fastbn.forward(x, weights=weights)
+    fastbn.backward(np.ones_like(x), x, None, saved)  # as kept: fine
+    tampered = {
+        "negative": dict(weights=-saved.weights),
+        "nan": dict(weights=np.full_like(saved.weights, np.nan)),
+        "sum zero": dict(weight_sum=np.zeros_like(saved.weight_sum)),
+        "sum off": dict(weight_sum=saved.weight_sum * (1 + 1e-6)),
+    }[change]
+    field = "weights" if "weights" in tampered else "weight_sum"
+    with pytest.raises(ValueError, match=rf"^saved.{field}: "):
+        fastbn.backward(np.ones_like(x), x, None, saved._replace(**tampered))
