@@ -46,10 +46,13 @@ def _static_scalar(value: Any, name: str) -> Any:
     return value
 
 
-def check_static_eps(eps: Any) -> float:
-    """``eps`` as a positive, normal float, checked at trace time (XLA's callback flushes a subnormal one to 0)."""
-    value: float = check_eps(_static_scalar(eps, "eps"))
-    if value < _TINY:
+def check_static_eps(eps: Any, *, allow_zero: bool = False) -> float:
+    """``eps`` as a positive, normal float (or 0 where ``allow_zero``), checked at trace time.
+
+    XLA's callback flushes a subnormal eps to 0, so one is refused here.
+    """
+    value: float = check_eps(_static_scalar(eps, "eps"), allow_zero=allow_zero)
+    if 0 < value < _TINY:
         raise ValueError(
             f"eps: expected a positive float of at least {_TINY:.6g} (XLA's host callbacks flush subnormals to "
             f"zero), got {value}"
@@ -277,6 +280,8 @@ def moments(
     else:
         reduce = _check_axes(axes, ndim)
     kept = tuple(i for i in range(ndim) if i not in reduce)
+    if channel_axis is None and len(kept) == 1:
+        channel_axis = kept[0]  # one kept axis is a channel axis, as fastbn.moments takes it (the mask's form)
     sdtype = stats_dtype(dtype)
     if weights is not None and mask is not None:
         raise ValueError("weights, mask: give one of the two (a mask is weights of 0 and 1)")

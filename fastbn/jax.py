@@ -340,7 +340,7 @@ def batch_norm(
     axis = check_axis(axis, x.ndim)
     training = check_flag(training, "training")
     momentum = check_static_momentum(momentum)
-    eps = check_static_eps(eps)
+    eps = check_static_eps(eps, allow_zero=True)  # 0 only where the running statistics normalise (below)
     channels, count = check_channels(x, axis)
     dtype = stats_dtype(x.dtype)
     for name, value in (("weight", weight), ("bias", bias)):
@@ -348,6 +348,11 @@ def batch_norm(
             check_channel_vector(value, name, channels, dtype)
     has_running = check_running(running_mean, running_var, channels, dtype)
     if training or not has_running:
+        if eps == 0:
+            raise ValueError(
+                "eps: expected a positive float where batch statistics are used (training, or no running "
+                "statistics), got 0.0; zero is allowed only when normalising with running statistics"
+            )
         check_eps_range(eps, np.dtype(dtype))  # as fastbn.forward, at trace time: not in the callback
     if not training:  # eval normalises with running_var: known here unless traced
         check_concrete_variance(running_var, "running_var")

@@ -14,6 +14,7 @@ jax = pytest.importorskip("jax")
 
 import jax.numpy as jnp  # noqa: E402
 
+import fastbn  # noqa: E402
 from fastbn.jax import batch_norm  # noqa: E402
 
 # float64: the formulas are exact, only summation order differs.  float32: a few ulps of
@@ -625,3 +626,19 @@ def test_an_eps_whose_inverse_root_float32_cannot_hold_is_refused_when_traced():
     ):
         with pytest.raises(ValueError, match=r"^eps: expected at least 8.7e-78 with float32 statistics"):
             call()
+
+
+def test_moments_mask_and_eval_eps_are_taken_as_the_numpy_api_takes_them():
+    """A (N,) mask with axes=[0] on (N, C) input (one kept axis: its channel axis), and eps=0 in eval with
+    running statistics, as fastbn.moments and fastbn.forward (and torch) take them."""
+    x = np.random.default_rng(9).standard_normal((6, 3)).astype(np.float32)
+    mask = np.array([True] * 4 + [False] * 2)
+    for got, want in zip(
+        moments(jnp.asarray(x), axes=[0], mask=jnp.asarray(mask)), fastbn.moments(x, axes=[0], mask=mask)
+    ):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    rm, rv = jnp.zeros(3), jnp.full(3, 4.0)
+    y, _ = batch_norm(jnp.asarray(x), running_mean=rm, running_var=rv, training=False, eps=0.0)
+    np.testing.assert_allclose(np.asarray(y), x / 2, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"^eps: expected a positive float where batch statistics are used"):
+        batch_norm(jnp.asarray(x), eps=0.0)
