@@ -433,26 +433,41 @@ def write_only_refusal(args):
     return (ERROR, ()) if updates_running(args) else (OK, ())
 
 
+def read_only_conversion(ok_in_eval):
+    """The rule of a running statistic that eval may convert (it only reads it) but training may not: refused
+    in training (the update would be lost), and in eval ``OK`` if ``ok_in_eval`` (else refused by name: a
+    float64 list beside float32 statistics)."""
+
+    def rule(args):
+        return (ERROR, ()) if updates_running(args) or not ok_in_eval else (OK, ())
+
+    return rule
+
+
 def running_variants(rm, rv, which):
     """Variants of one running statistic of forward, which fastbn updates in place in training.
 
     Only the caller's own writable memory is acceptable there: anything NumPy would convert into a
     copy, read-only memory, a zero stride, or memory shared with the other statistic is refused.  In
-    eval, where they are only read, read-only memory and a zero stride are taken.
+    eval, where they are only read, read-only memory, a zero stride, an expanded tensor and anything
+    converted as an input (a list of the right dtype, an ``__array__`` object) are taken.
     """
     value = rm if which == "running_mean" else rv
     other = "running_var" if which == "running_mean" else "running_mean"
     out = [Variant("negative_stride", negative_stride(value), OK), Variant("noncontiguous", noncontiguous(value), OK)]
     if torch is not None:
         out.append(Variant("torch", to_torch(value), OK))
-        # refused in eval too: the tensor is converted before forward knows whether it will write it
-        out.append(Variant("torch_expanded", to_torch(value[:1]).expand(value.shape[0]), ERROR))
+        expanded = to_torch(value[:1]).expand(value.shape[0])
+        one = value.shape[0] == 1  # an expansion over one channel has stride 0 and overwrites nothing
+        out.append(Variant("torch_expanded", expanded, OK, rule=None if one else write_only_refusal))
         out.append(Variant("torch_requires_grad", to_torch(value).requires_grad_(True), ERROR))
     out.append(Variant("readonly", readonly(value), rule=write_only_refusal))
     one = value.shape[0] == 1  # a zero stride over one channel overwrites nothing
     out.append(Variant("zero_stride", zero_stride(value), OK, rule=None if one else write_only_refusal))
+    float64 = value.dtype == np.float64  # a list converts to float64
     for label, make in (("list", list), ("tuple", tuple), ("array_like", ArrayLike)):
-        out.append(Variant(label, make(value.tolist()) if label != "array_like" else ArrayLike(value), ERROR))
+        converted = make(value.tolist()) if label != "array_like" else ArrayLike(value)
+        out.append(Variant(label, converted, ERROR, rule=read_only_conversion(float64 or label == "array_like")))
     out.append(Variant("memoryview", memoryview(np.array(value)), EITHER))  # writable memory: taken or refused
     out.append(Variant("masked", masked(value), ERROR))
     out.append(Variant("matrix", matrix(value), ERROR))

@@ -400,12 +400,20 @@ def verify_empty_forward(saved, args, before):
             assert host(args[name]).tobytes() == before[name].tobytes(), f"{name} changed by an empty batch"
 
 
+def _values(value):
+    """A copy of what a running statistic holds (eval may read a list or an __array__ object), or None."""
+    if isinstance(value, np.ndarray) or is_torch(value):
+        return np.array(host(value))
+    try:
+        array = np.array(value)
+    except (TypeError, ValueError):
+        return None
+    return array if array.dtype.kind == "f" else None
+
+
 def check_forward(args, expect, names, what):
-    before = {
-        k: np.array(host(args[k]))
-        for k in ("running_mean", "running_var")
-        if isinstance(args.get(k), np.ndarray) or is_torch(args.get(k))
-    }
+    before = {k: _values(args.get(k)) for k in ("running_mean", "running_var") if args.get(k) is not None}
+    before = {k: v for k, v in before.items() if v is not None}
     updated = ("running_mean", "running_var") if args.get("training", True) is not False else ()
     run_check(call_forward(args), args, expect, names, what, lambda r: verify_forward(r, args, before), updated)
 
