@@ -38,7 +38,7 @@ from fastbn.backends.cpu import elementwise, fused, reductions
 from fastbn.backends.cpu.jit import exact, kernel, serial_twin
 from fastbn.backends.cpu.numerics import backward_coefficients, forward_coefficients, update_running
 
-__all__ = ["ENV_VAR", "Plan", "backward", "backward_planned", "forward", "forward_planned"]
+__all__ = ["ENV_VAR", "Plan", "backward", "backward_planned", "forward"]
 
 #: Set to "0" to send every call through the full path.
 ENV_VAR = "FASTBN_SMALL_CALLS"
@@ -303,31 +303,14 @@ def forward(
     momentum: Any,
     eps: Any,
     axis: Any,
-) -> tuple[_Array, tuple[_Array, _Array, bool, int, tuple[int, ...], int]] | None:
+) -> tuple[_Array, tuple[_Array, _Array, bool, int, tuple[int, ...], int], Plan | None] | None:
     """:func:`fastbn.forward` without fused options, if the call is a small plain one; None otherwise.
 
-    Returns ``(y, (mean, invstd, batch_stats, count, shape, axis))``, the
-    fields of the :class:`fastbn.Saved` the full path would return.
-    """
-    done = forward_planned(x, weight, bias, running_mean, running_var, training, momentum, eps, axis)
-    return None if done is None else (done[0], done[1])
-
-
-def forward_planned(
-    x: Any,
-    weight: Any,
-    bias: Any,
-    running_mean: Any,
-    running_var: Any,
-    training: Any,
-    momentum: Any,
-    eps: Any,
-    axis: Any,
-) -> tuple[_Array, tuple[_Array, _Array, bool, int, tuple[int, ...], int], Plan | None] | None:
-    """:func:`forward`, and the :data:`Plan` of its backward (None in eval), for :func:`backward_planned`.
-
-    fastbn.torch's lane keeps the plan in its autograd context, so its
-    backward repeats none of these checks and views.
+    Returns ``(y, (mean, invstd, batch_stats, count, shape, axis), plan)``:
+    the fields of the :class:`fastbn.Saved` the full path would return, and
+    the :data:`Plan` of the backward (None in eval), for
+    :func:`backward_planned`: fastbn.torch's lane keeps it in its autograd
+    context, so its backward repeats none of these checks and views.
     """
     if type(x) is not np.ndarray or type(training) is not bool or type(eps) is not float:
         return None
