@@ -483,6 +483,33 @@ def test_compiled_cnn_trains_like_torch(memory_format):
         torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), **tol)
 
 
+def test_compile_dynamic_takes_symbolic_float_options_and_modules_as_torch():
+    """Under dynamic=True, momentum and eps given as arguments (or read from a module) are symbolic floats;
+    math.isfinite on them broke the graph (fatal with fullgraph), where torch's own compile."""
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda x, rm, rv, m, eps: fbt.batch_norm(x, rm, rv, None, None, True, m, eps),
+        backend="eager",
+        fullgraph=True,
+        dynamic=True,
+    )
+    x = randn(4, 3, dtype=torch.float32)
+    for momentum in (0.1, 0.2, 0.3):
+        ours, theirs = running(3, torch.float32), running(3, torch.float32)
+        compiled(x, *ours, momentum, 1e-3)
+        torch.nn.functional.batch_norm(x, *theirs, None, None, True, momentum, 1e-3)
+        torch.testing.assert_close(ours, theirs, **F32)
+    for momentum in (0.1, None):
+        torch._dynamo.reset()
+        ours, theirs = fbt.BatchNorm2d(3, momentum=momentum), nn.BatchNorm2d(3, momentum=momentum)
+        step = torch.compile(ours, backend="eager", fullgraph=True, dynamic=True)
+        for seed in range(3):
+            x = randn(2, 3, 4, 4, dtype=torch.float32, seed=seed)
+            torch.testing.assert_close(step(x), theirs(x), **F32)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), **F32)
+
+
 def test_compile_backends_dynamic_shapes_and_export():
     rm, rv = running(3, torch.float32)
 

@@ -72,9 +72,11 @@ def _check_scalars(training: bool, momentum: object, eps: object) -> None:
         raise BatchNormTypeError(
             f"training: batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}"
         )
-    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or not math.isfinite(momentum):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument or module
+    # attribute is a symbolic float, which math.isfinite breaks the graph on.  NaN fails both.
+    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or not -math.inf < momentum < math.inf:
         raise BatchNormTypeError(f"momentum: expected a finite float, got {momentum!r}")
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(eps):
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not -math.inf < eps < math.inf:
         raise BatchNormTypeError(f"eps: expected a finite float, got {eps!r}")
     if training and eps <= 0:
         raise BatchNormError(f"eps: batch_norm eps must be positive during training, but got {eps}")
