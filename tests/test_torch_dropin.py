@@ -436,6 +436,27 @@ def test_revert_gives_torch_modules_sharing_state():
     assert type(ghost[0]) is fbt.BatchNorm2d
 
 
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (lambda: fbt.BatchNormReLU2d(4), "a fused ReLU"),
+        (lambda: fbt.BatchNormAddReLU2d(4), "a fused ReLU"),
+        (lambda: fbt.BatchNorm2d(4, virtual_batch_size=2), "ghost batches or renorm"),
+        (lambda: fbt.BatchNorm2d(4, renorm=(3.0, 5.0)), "ghost batches or renorm"),
+    ],
+)
+def test_convert_sync_batchnorm_refuses_what_a_synchronised_batch_norm_would_drop(make, what):
+    """SyncBatchNorm is a plain batch norm: replacing a fused or ghost/renorm module silently dropped its ReLU
+    (negative outputs), its ghost batches or renorm, or changed its forward's arguments (the residual)."""
+    model = nn.Sequential(fbt.BatchNorm2d(4), make(), nn.TransformerEncoderLayer(8, 2))  # a transformer's
+    with pytest.raises(ValueError, match=f"^module: 1 uses {what}.*nothing was converted"):  # activation is not
+        fbt.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(model[0]) is fbt.BatchNorm2d  # nothing was replaced
+    plain = nn.Sequential(nn.BatchNorm2d(4), fbt.BatchNorm2d(4), nn.TransformerEncoderLayer(8, 2))
+    converted = fbt.SyncBatchNorm.convert_sync_batchnorm(plain)
+    assert type(converted[0]) is type(converted[1]) is fbt.SyncBatchNorm
+
+
 # --------------------------------------------------------- compile, export ---
 def _small_cnn(block):
     torch.manual_seed(0)

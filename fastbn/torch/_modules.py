@@ -635,13 +635,36 @@ class SyncBatchNorm(_FastbnForward, torch.nn.SyncBatchNorm):
         torch.nn.Module
             ``module`` with batch norms replaced (or the replacement itself);
             each replacement shares the original's parameters and buffers.
+
+        Raises
+        ------
+        ValueError
+            If one of fastbn's modules fuses a ReLU or a residual add, or uses
+            ghost batches or renorm: a synchronised batch norm does neither,
+            and replacing it would silently drop them (or, for the residual,
+            change its forward's arguments).  Raised before anything is
+            replaced.
         """
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
-            new = _replace(module, cls)
-            new.process_group = process_group
-            return new
-        for name, child in list(module.named_children()):
-            new_child = cls.convert_sync_batchnorm(child, process_group)
-            if new_child is not child:
-                setattr(module, name, new_child)
-        return module
+        for name, sub in module.named_modules(remove_duplicate=True):
+            fused = isinstance(sub, _FastbnForward) and sub.activation is not None  # (not a transformer's)
+            options = isinstance(sub, _Options) and (sub.virtual_batch_size is not None or sub.renorm is not None)
+            if fused or options:
+                what = "a fused ReLU (or residual add)" if fused else "ghost batches or renorm"
+                raise ValueError(
+                    f"module: {name or type(sub).__name__} uses {what}, which SyncBatchNorm does not do (the "
+                    "synchronised batch norm is a plain one); nothing was converted"
+                )
+        return _to_sync(module, cls, process_group)
+
+
+def _to_sync(module: torch.nn.Module, cls: Any, process_group: Any) -> torch.nn.Module:
+    """:meth:`SyncBatchNorm.convert_sync_batchnorm` once its checks passed: the replacement, recursively."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+        new = _replace(module, cls)
+        new.process_group = process_group
+        return new
+    for name, child in list(module.named_children()):
+        new_child = _to_sync(child, cls, process_group)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
