@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -74,9 +75,13 @@ def _check_scalars(training: bool, momentum: object, eps: object) -> None:
         )
     # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument or module
     # attribute is a symbolic float, which math.isfinite breaks the graph on.  NaN fails both.
-    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or not -math.inf < momentum < math.inf:
+    if (
+        not isinstance(momentum, numbers.Real)
+        or isinstance(momentum, bool)
+        or not -math.inf < cast(float, momentum) < math.inf
+    ):
         raise BatchNormTypeError(f"momentum: expected a finite float, got {momentum!r}")
-    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not -math.inf < eps < math.inf:
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not -math.inf < cast(float, eps) < math.inf:
         raise BatchNormTypeError(f"eps: expected a finite float, got {eps!r}")
     if training and eps <= 0:
         raise BatchNormError(f"eps: batch_norm eps must be positive during training, but got {eps}")

@@ -657,7 +657,7 @@ class SyncBatchNorm(_FastbnForward, torch.nn.SyncBatchNorm):
         return _to_sync(module, cls, process_group)
 
 
-def _to_sync(module: torch.nn.Module, cls: Any, process_group: Any) -> torch.nn.Module:
+def _to_sync(module: torch.nn.Module, cls: type[SyncBatchNorm], process_group: Any) -> torch.nn.Module:
     """:meth:`SyncBatchNorm.convert_sync_batchnorm` once its checks passed: the replacement, recursively."""
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
         new = _replace(module, cls)
