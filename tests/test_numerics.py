@@ -517,3 +517,16 @@ def test_a_running_variance_update_whose_unbiased_variance_alone_overflows_is_fi
         ft.batch_norm(torch.from_numpy(x), torch.from_numpy(rm), trv, training=True, momentum=0.1)
         rv = trv.numpy()
     np.testing.assert_allclose(rv[:2], [2e307, 0.9 + 0.1 * 0.5], rtol=1e-15)
+
+
+def test_a_folded_bias_whose_difference_alone_overflows_is_finite():
+    """fold's bias s * (c - mean): c = 1e308 and mean = -1e308 overflow c - mean, though s * (c - mean) with
+    s = 1e-150 is 2e158; each is scaled first there (the other channels as before), without a warning."""
+    import warnings
+
+    layer_weight = np.ones((2, 3))
+    c, mean, var = np.array([1e308, 1.0]), np.array([-1e308, 0.0]), np.array([1e300, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, folded_bias = fastbn.fold(layer_weight, c, mean, var, None, None, eps=1e-5)
+    np.testing.assert_allclose(folded_bias, [2e158, 1.0 / np.sqrt(1.0 + 1e-5)], rtol=1e-15)

@@ -541,7 +541,13 @@ class CpuBackend(Backend):
             layer_weight.dtype, order="K"
         )
         c = np.zeros(channels) if layer_bias is None else layer_bias.astype(np.float64)
-        folded_bias = scale * (c - running_mean.astype(np.float64))
+        mean = running_mean.astype(np.float64)
+        folded_bias = scale * (c - mean)
+        # c - mean overflows float64 where both are near its limit (and of opposite signs) while the scaled
+        # difference need not: there, each is scaled first (a rounding more, on those channels only).
+        redo = np.isinf(folded_bias) & np.isfinite(c) & np.isfinite(mean) & np.isfinite(scale)
+        if redo.any():
+            folded_bias = np.where(redo, scale * c - scale * mean, folded_bias)
         if bias is not None:
             folded_bias = folded_bias + bias.astype(np.float64)
         return folded_weight, folded_bias.astype(layer_weight.dtype)
