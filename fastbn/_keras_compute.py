@@ -7,6 +7,7 @@ framework when first called (the layer's backend is the only one needed).
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,8 @@ def _biased(unbiased: Any, count: int) -> Any:
 
 
 def _count(x: Any, channel: int) -> int:
-    return int(np.prod([d for i, d in enumerate(x.shape) if i != channel]))
+    sizes = [d for i, d in enumerate(x.shape) if i != channel]
+    return math.prod(sizes)  # (math, not NumPy: symbolic sizes under torch.compile)
 
 
 def _jax_train(x: Any, gamma: Any, beta: Any, eps: float, channel: int, stats: str) -> tuple[Any, Any, Any]:
@@ -62,9 +64,11 @@ def _torch_train(x: Any, gamma: Any, beta: Any, eps: float, channel: int, stats:
     mean = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
     unbiased = torch.zeros_like(mean)
     y = fastbn.torch.batch_norm(x, mean, unbiased, gamma, beta, training=True, momentum=1.0, eps=eps)
-    if unbiased.device.type == "cpu" and bool(torch.isinf(unbiased).any()):
+    eager = unbiased.device.type == "cpu" and not torch.compiler.is_compiling()
+    if eager and bool(torch.isinf(unbiased).any()):
         # The unbiased variance overflowed where the biased one, (n - 1) / n of it, may not: computed
-        # again (checked on the CPU only: on a GPU the check would synchronise every step).
+        # again.  Checked in eager CPU calls only: on a GPU the check would synchronise every step, and
+        # under torch.compile (Keras's jit_compile) it would break the graph at every layer.
         return y, mean, fastbn.torch.moments(x.detach(), 1)[1]
     return y, mean, _biased(unbiased, _count(x, 1))
 

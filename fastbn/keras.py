@@ -355,7 +355,7 @@ class BatchNormalization(keras.layers.Layer):  # type: ignore[misc]  # keras is 
         beta = None if self.beta is None else ops.cast(ops.reshape(self.beta, (-1,)), stats)
         x, channel, restore = _channels_at(x, axes, backend)
         sizes = [d for i, d in enumerate(x.shape) if i != channel]
-        count = int(np.prod(sizes)) if all(d is not None for d in sizes) else None
+        count = math.prod(sizes) if all(d is not None for d in sizes) else None  # (math: symbolic sizes too)
         if count == 0:  # an empty batch: an empty output, moving statistics untouched (Keras's become NaN)
             return ops.cast(ops.zeros_like(inputs), self.compute_dtype)
         if training and mask is None and count == 1:

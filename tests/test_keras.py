@@ -122,3 +122,27 @@ def test_every_check_is_a_test():
     helpers = {"np_", "close", "raises", "pair", "value_and_grads", "adapter_has_masks", "main"}
     assert defined - helpers == set(_worker.CHECKS) | set(_worker.UNSUPPORTED_BACKEND_CHECKS)
     assert WARM_AFTER in _worker.CHECKS  # the fixture waits for it
+
+
+COMPILED_STEP = r"""
+import os
+os.environ["KERAS_BACKEND"] = "torch"
+import numpy as np, torch, keras
+from fastbn.keras import BatchNormalization
+
+layer = BatchNormalization()
+x = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 5, 3)).astype(np.float32))
+layer.build(x.shape)
+explained = torch._dynamo.explain(lambda t: layer(t, training=True))(x)
+breaks = [str(reason) for reason in explained.break_reasons if "fastbn" in str(reason)]
+print("BREAKS", len(breaks), breaks[:1])
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_a_training_call_on_the_torch_backend_compiles_without_a_graph_break_in_fastbn():
+    """Keras's jit_compile on the torch backend is torch.compile: a Python bool of a tensor (the overflow check)
+    and NumPy's product of symbolic sizes broke the graph at every layer in training."""
+    out = subprocess.run([sys.executable, "-c", COMPILED_STEP], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "BREAKS 0 []" in out.stdout, out.stdout[-3000:]

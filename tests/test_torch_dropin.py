@@ -564,3 +564,16 @@ def test_compile_backends_dynamic_shapes_and_export():
         expected = model(x)
         model.load_state_dict(state)
         torch.testing.assert_close(exported.module()(x), expected, **F32)
+
+
+def test_renorm_without_running_statistics_is_refused_by_the_modules_as_by_batch_norm():
+    """track_running_stats=False (or buffers set to None later) with renorm trained as plain batch norm,
+    silently; batch_norm itself refuses the combination by name."""
+    with pytest.raises(ValueError, match=r"^renorm: batch renormalization needs running statistics"):
+        fbt.BatchNorm2d(3, track_running_stats=False, renorm=(2.0, 1.0))
+    module = fbt.BatchNorm2d(3, renorm=(2.0, 1.0))
+    module.running_mean = module.running_var = None
+    with pytest.raises(ValueError, match=r"^renorm: batch renormalization needs running statistics"):
+        module(randn(2, 3, 4, 4, dtype=torch.float32))
+    module.eval()
+    module(randn(2, 3, 4, 4, dtype=torch.float32))  # eval: batch statistics, no renorm to apply

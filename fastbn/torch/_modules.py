@@ -223,8 +223,17 @@ class _FastbnForward(_TorchBatchNorm):
             activation=self.activation,
             residual=residual,
             virtual_batch_size=self.virtual_batch_size,
-            renorm=self.renorm if running_mean is not None else None,
+            renorm=self._renorm(running_mean, batch_stats),
         )
+
+    def _renorm(self, running_mean: torch.Tensor | None, batch_stats: bool) -> tuple[float, float] | None:
+        """The renorm to pass: None in eval and without the option; refused in training without running statistics."""
+        renorm = self.renorm
+        if renorm is None or not (batch_stats and self.training):
+            return None if running_mean is None else renorm
+        if running_mean is None:  # the buffers were set to None after construction
+            raise ValueError("renorm: batch renormalization needs running statistics, and running_mean is None")
+        return renorm
 
     def _sync_group(self, batch_stats: bool) -> Any:
         """The process group to synchronise statistics over, or None."""
@@ -246,6 +255,10 @@ class _Options(_FastbnForward):
         super().__init__(*args, **kwargs)
         _, self.virtual_batch_size, rmax, dmax = _fused_options(None, virtual_batch_size, renorm)
         self.renorm = None if rmax is None or dmax is None else (rmax, dmax)
+        if self.renorm is not None and not self.track_running_stats:
+            # Batch renormalization corrects the batch statistics towards the running ones: without them
+            # training would silently be plain batch norm (fastbn.torch.batch_norm refuses it likewise).
+            raise ValueError("renorm: batch renormalization needs running statistics (track_running_stats=True)")
 
     def extra_repr(self) -> str:
         text: str = super().extra_repr()  # type: ignore[no-untyped-call]  # unannotated in torch
