@@ -253,6 +253,17 @@ def check_eps_range(eps: float, stats: np.dtype[Any]) -> None:
         )
 
 
+def check_batch_eps(eps: float, stats: np.dtype[Any] | None) -> None:
+    """The eps of a call that normalises with batch statistics: positive, and (``stats``) in range."""
+    if eps == 0:
+        raise ValueError(
+            "eps: expected a positive float where batch statistics are used (training, or no running "
+            "statistics), got 0.0; zero is allowed only when normalising with running statistics"
+        )
+    if stats is not None:
+        check_eps_range(eps, stats)
+
+
 def resolve(
     opts: Options, shape: tuple[int, ...], axis: int, has_running: bool, stats: np.dtype[Any] | None = None
 ) -> tuple[bool, int]:
@@ -274,13 +285,8 @@ def resolve(
     batch_stats = opts.training or not has_running
     groups = opts.groups if batch_stats else 1  # ghost batches only change batch statistics
     count = math.prod(shape) // shape[axis]
-    if batch_stats and opts.eps == 0:
-        raise ValueError(
-            "eps: expected a positive float where batch statistics are used (training, or no running "
-            "statistics), got 0.0; zero is allowed only when normalising with running statistics"
-        )
-    if batch_stats and stats is not None:
-        check_eps_range(opts.eps, stats)
+    if batch_stats:
+        check_batch_eps(opts.eps, stats)
     if opts.collectives is None and opts.training and count // groups == 1:
         where = "" if groups == 1 else f" (in each ghost batch of {vbs})"
         raise ValueError(f"x: Expected more than 1 value per channel when training{where}, got input size {shape}")

@@ -48,7 +48,7 @@ from fastbn._jax_stats import (
     moments,
     normalize,
 )
-from fastbn._options import check_eps_range, check_flag
+from fastbn._options import check_batch_eps, check_flag
 from fastbn._validate import (
     check_axis,
     check_channel_vector,
@@ -348,12 +348,7 @@ def batch_norm(
             check_channel_vector(value, name, channels, dtype)
     has_running = check_running(running_mean, running_var, channels, dtype)
     if training or not has_running:
-        if eps == 0:
-            raise ValueError(
-                "eps: expected a positive float where batch statistics are used (training, or no running "
-                "statistics), got 0.0; zero is allowed only when normalising with running statistics"
-            )
-        check_eps_range(eps, np.dtype(dtype))  # as fastbn.forward, at trace time: not in the callback
+        check_batch_eps(eps, np.dtype(dtype))  # as fastbn.forward, at trace time: not in the callback
     if not training:  # eval normalises with running_var: known here unless traced
         check_concrete_variance(running_var, "running_var")
     if training and count == 1:
