@@ -530,3 +530,52 @@ def test_a_folded_bias_whose_difference_alone_overflows_is_finite():
         warnings.simplefilter("error")
         _, folded_bias = fastbn.fold(layer_weight, c, mean, var, None, None, eps=1e-5)
     np.testing.assert_allclose(folded_bias, [2e158, 1.0 / np.sqrt(1.0 + 1e-5)], rtol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "shape, axis, plan",
+    [
+        ((5, 3), 1, None),  # the small lane, ROWS
+        ((5, 3, 4, 4), 1, None),  # the small lane, SLAB
+        ((5, 4, 4, 3), -1, {}),  # the full path, ROWS
+        ((8, 3, 6, 7), 1, {"strategy": "fused"}),
+        ((8, 3, 6, 7), 1, {"strategy": "streamed", "nontemporal": True}),
+    ],
+)
+def test_values_near_the_float32_limit_normalise_to_finite_outputs(name, shape, axis, plan):
+    """x of +-3e38 (float32's and bfloat16's limit is 3.4e38): x - mean reaches 4.8e38, beyond float32, though
+    every output is finite (-2 and 0.5 here); the elementwise passes compute in float64 and round once.  The
+    same for eval with a running mean of the opposite sign, and for the gradients."""
+    dtype = _bfloat16() if name == "bfloat16" else np.dtype(name)
+    rng = np.random.default_rng(7)
+    x = np.full(shape, 3e38).astype(dtype)
+    index = [slice(None)] * len(shape)
+    index[0] = 0
+    x[tuple(index)] = -3e38
+    C = shape[axis]
+    weight, bias = np.linspace(0.5, 2.0, C).astype(np.float32), np.linspace(-1.0, 1.0, C).astype(np.float32)
+    tol = 2.0**-7 if name == "bfloat16" else 1e-6
+
+    y, saved = fastbn.forward(x, weight, bias, axis=axis, _plan=plan)
+    o = oracle_forward(x, weight, bias, axis=axis)
+    assert np.isfinite(np.asarray(y, np.float64)).all()
+    np.testing.assert_allclose(np.asarray(y, np.float64), o.y, rtol=tol, atol=tol)
+
+    rm, rv = np.full(C, -3e38, np.float32), np.full(C, 3e38, np.float32)
+    eval_plan = None if plan is None else {}  # (eval has no fused plan)
+    y_eval, _ = fastbn.forward(
+        x, weight, bias, running_mean=rm, running_var=rv, training=False, axis=axis, _plan=eval_plan
+    )
+    o_eval = oracle_forward(x, weight, bias, running_mean=rm, running_var=rv, training=False, axis=axis)
+    assert np.isfinite(np.asarray(y_eval, np.float64)).all()  # 6e38 / sqrt(3e38) = 3.5e19
+    np.testing.assert_allclose(np.asarray(y_eval, np.float64), o_eval.y, rtol=tol)
+
+    dy = (rng.standard_normal(shape) * 1e30).astype(dtype)  # dweight ~ 1e31: finite
+    dx, dweight, dbias = fastbn.backward(dy, x, weight, saved, axis=axis, _plan=plan)
+    e_dx, e_dweight, e_dbias = oracle_backward(dy, x, weight, o.mean, o.invstd, True, axis)
+    assert np.isfinite(np.asarray(dx, np.float64)).all() and np.isfinite(dweight).all()
+    scale = float(np.max(np.abs(np.asarray(dy, np.float64)))) * float(np.max(o.invstd)) * 2.0
+    np.testing.assert_allclose(np.asarray(dx, np.float64), e_dx, rtol=0, atol=4 * tol * scale)
+    np.testing.assert_allclose(dweight, e_dweight, rtol=4 * tol, atol=0)
+    np.testing.assert_allclose(dbias, e_dbias, rtol=4 * tol, atol=0)

@@ -19,7 +19,7 @@ from fastbn.backends.cpu.jit import kernel
 from fastbn.backends.cpu.loops import scratch_for
 from fastbn.backends.cpu.numerics import add_piece, channel_backward_coefficients, channel_forward_coefficients
 from fastbn.backends.cpu.plan import STREAM_CHUNK
-from fastbn.backends.cpu.reductions import piece_grad_sums, slab_group_stats, slab_piece, slab_pieces
+from fastbn.backends.cpu.reductions import piece_grad_sums, rescue_grad_slab, slab_group_stats, slab_piece, slab_pieces
 
 
 @kernel
@@ -95,6 +95,9 @@ def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, nt, sum
                 piece_dy[j], piece_dotp[j] = piece_grad_sums(dy, m, x, c0 + j, n0, n1, i0, i1, np.float64(mean[c0 + j]))
             add_piece(sum_dy, piece_dy)
             add_piece(dotp, piece_dotp)
+        for j in range(w):
+            if not (np.isfinite(sum_dy[j]) and np.isfinite(dotp[j])):
+                sum_dy[j], dotp[j] = rescue_grad_slab(dy, m, x, c0 + j, np.float64(mean[c0 + j]))
         mean_dy = np.empty_like(weight[c0:c1])
         k = np.empty_like(weight[c0:c1])
         scale = np.empty_like(weight[c0:c1])

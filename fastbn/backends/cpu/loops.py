@@ -114,6 +114,24 @@ def _load_impl(value):
     return lambda value: value
 
 
+def wide(array, value):
+    """``value``, an element loaded from ``array``, in the precision the elementwise formulas run in.
+
+    float64 for float32 and bfloat16 (int16 bits) arrays, whose values reach 3.4e38: in float32,
+    ``x - mean`` of 3e38 and -3e38 overflows to inf where the normalised value is finite, so the
+    whole formula runs in float64 and is rounded once, to the output dtype.  float16 (uint16 bits)
+    stays in float32: its values are below 65504, so nothing overflows there before the output
+    itself would; float64 stays float64.
+    """
+
+
+@overload(wide, inline="always")
+def _wide_impl(array, value):
+    if array.dtype in (types.float32, types.int16):
+        return lambda array, value: np.float64(value)
+    return lambda array, value: value
+
+
 def cast_to(array, value):
     """Convert ``value`` to the element type stored in ``array`` (or to the type of the number ``array``)."""
 
@@ -405,7 +423,7 @@ def _shifted_moments_impl(wide, total):
 def run_affine(v, z, out, mean, scale, shift, floor):
     # y = act((x - mean) * scale + shift + z): z (residual) optional, act = max(., floor).
     for i in range(v.shape[0]):
-        out[i] = cast_to(out, clamp_below(plus((load(v[i]) - mean) * scale + shift, z, i), floor))
+        out[i] = cast_to(out, clamp_below(plus((wide(v, load(v[i])) - mean) * scale + shift, z, i), floor))
 
 
 @reduction
@@ -460,8 +478,8 @@ def run_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
     # dres: the residual's gradient (the masked dy), written in the same pass, or None.
     for i in range(v.shape[0]):
         gi = gradient(g, m, i)
-        centred = load(v[i]) - mean
-        out[i] = cast_to(out, (gi - mean_dy - centred_times_k(centred, k)) * scale)
+        centred = wide(v, load(v[i])) - mean
+        out[i] = cast_to(out, (wide(g, gi) - mean_dy - centred_times_k(centred, k)) * scale)
         store(dres, i, gi)
 
 
@@ -538,7 +556,7 @@ def cols_grad_sums2(ga, ma, a, gb, mb, b, mean, sum_dy, dotp):
 @elementwise
 def cols_affine(v, z, out, mean, scale, shift, floor):
     for j in range(v.shape[0]):
-        out[j] = cast_to(out, clamp_below(plus((load(v[j]) - mean[j]) * scale[j] + shift[j], z, j), floor))
+        out[j] = cast_to(out, clamp_below(plus((wide(v, load(v[j])) - mean[j]) * scale[j] + shift[j], z, j), floor))
 
 
 # A block of rows in one call: a call per row of C elements costs more than the row's
@@ -554,7 +572,9 @@ def rows_affine(x, z, y, r0, r1, mean, scale, shift, floor):
         zr = part(z, r0 + r)
         out = y[r0 + r]
         for j in range(v.shape[0]):
-            out[j] = cast_to(out, clamp_below(plus((load(v[j]) - mean[j]) * scale[j] + shift[j], zr, j), floor))
+            out[j] = cast_to(
+                out, clamp_below(plus((wide(v, load(v[j])) - mean[j]) * scale[j] + shift[j], zr, j), floor)
+            )
 
 
 @elementwise
@@ -568,8 +588,8 @@ def rows_dx(dy, m, x, dx, dres, r0, r1, mean, mean_dy, k, scale):
         dr = part(dres, r0 + r)
         for j in range(v.shape[0]):
             gj = gradient(g, mr, j)
-            centred = load(v[j]) - mean[j]
-            out[j] = cast_to(out, (gj - mean_dy[j] - centred_times_k(centred, k[j])) * scale[j])
+            centred = wide(v, load(v[j])) - mean[j]
+            out[j] = cast_to(out, (wide(g, gj) - mean_dy[j] - centred_times_k(centred, k[j])) * scale[j])
             store(dr, j, gj)
 
 
@@ -585,6 +605,6 @@ def cols_grad_sums(g, m, v, mean, sum_dy, dotp):
 def cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
     for j in range(v.shape[0]):
         gj = gradient(g, m, j)
-        centred = load(v[j]) - mean[j]
-        out[j] = cast_to(out, (gj - mean_dy[j] - centred_times_k(centred, k[j])) * scale[j])
+        centred = wide(v, load(v[j])) - mean[j]
+        out[j] = cast_to(out, (wide(g, gj) - mean_dy[j] - centred_times_k(centred, k[j])) * scale[j])
         store(dres, j, gj)

@@ -30,6 +30,7 @@ from fastbn.backends.cpu.loops import (
     cols_sum2,
     cols_sum_sq_dev,
     cols_sum_sq_dev2,
+    gradient,
     load,
     narrow,
     part,
@@ -144,6 +145,10 @@ def slab_piece(p, N, L, runs, per_row):
 # overflow, and the results scaled back overflow only where the true ones
 # do.  That path is taken only for such channels (NaN and Inf input among
 # them, where it gives torch's mean: +inf for a channel holding +inf).
+# Likewise the gradient sums: a channel whose sum(g) or sum((x - mean) g)
+# comes out non-finite is summed again in float64 without blocks
+# (rescue_grad_slab / rescue_grad_rows); the half types' float32 blocks
+# overflow for bfloat16 values near 3.4e38, the float64 sums cannot.
 
 _DOWN = 2.0**-600
 _UP = 2.0**600
@@ -192,6 +197,40 @@ def rescue_rows(x, c, pivot):
         d = (np.float64(load(x[r, c])) * _DOWN - k) - mean
         m2 += d * d
     return pivot + mean * _UP, (m2 / M) * _UP * _UP
+
+
+@exact
+def rescue_grad_slab(dy, m, x, c, mean):
+    """``(sum(g), sum((x - mean) g))`` of channel c of (N, C, L) views, in float64 without fast-math.
+
+    For channels whose ordinary sums came out non-finite: the half types sum in float32 blocks, where
+    bfloat16's values near 3.4e38 overflow (x - mean alone reaches 6.8e38) though the float64 sums are
+    finite.  float64 sums of float32-range values cannot overflow (2^53 terms of at most 2.4e77).
+    """
+    N, _, L = x.shape
+    sum_dy = 0.0
+    dotp = 0.0
+    for n in range(N):
+        g = dy[n, c]
+        mask = part(m, (n, c))
+        v = x[n, c]
+        for i in range(L):
+            gi = np.float64(gradient(g, mask, i))
+            sum_dy += gi
+            dotp += (np.float64(load(v[i])) - mean) * gi
+    return sum_dy, dotp
+
+
+@exact
+def rescue_grad_rows(dy, m, x, c, mean):
+    """:func:`rescue_grad_slab` for channel c of (M, C) views."""
+    sum_dy = 0.0
+    dotp = 0.0
+    for r in range(x.shape[0]):
+        gi = np.float64(gradient(dy[r], part(m, r), c))
+        sum_dy += gi
+        dotp += (np.float64(load(x[r, c])) - mean) * gi
+    return sum_dy, dotp
 
 
 @inline
@@ -325,6 +364,9 @@ def backward_reduce_slab(dy, m, x, mean, sum_dy_out, dotp_out):
     for p in range(npieces):
         add_piece(sum_dy, piece_dy[p])
         add_piece(dotp, piece_dotp[p])
+    for c in range(C):
+        if not (np.isfinite(sum_dy[c]) and np.isfinite(dotp[c])):
+            sum_dy[c], dotp[c] = rescue_grad_slab(dy, m, x, c, np.float64(mean[c]))
     sum_dy_out[:] = sum_dy
     dotp_out[:] = dotp
 
@@ -465,5 +507,8 @@ def backward_reduce_rows(dy, m, x, mean, sum_dy_out, dotp_out):
         for k in range(nchunks):
             sum_dy += partial_sum_dy[k, c]
             dotp += partial_dotp[k, c]
+        dotp = dotp if correction[c] == 0.0 else dotp + correction[c] * sum_dy  # (0 * inf would be NaN)
+        if not (np.isfinite(sum_dy) and np.isfinite(dotp)):
+            sum_dy, dotp = rescue_grad_rows(dy, m, x, c, np.float64(mean[c]))
         sum_dy_out[c] = sum_dy
-        dotp_out[c] = dotp if correction[c] == 0.0 else dotp + correction[c] * sum_dy  # (0 * inf would be NaN)
+        dotp_out[c] = dotp
