@@ -15,6 +15,7 @@ import jax.typing
 import numpy as np
 
 import fastbn
+from fastbn._fpenv import ieee_subnormals
 
 
 def _host(array: Any) -> Any:
@@ -31,6 +32,7 @@ class _BackwardStatic(NamedTuple):
     count: int  # type: ignore[assignment]  # elements per channel (shadows tuple.count)
 
 
+@ieee_subnormals  # XLA calls back with subnormals flushed to zero (fastbn._fpenv)
 def _backward_on_host(static: _BackwardStatic, dy: Any, x: Any, weight: Any, mean: Any, invstd: Any) -> tuple[Any, ...]:
     dy, x, weight = _host(dy), _host(x), _host(weight)
     saved = fastbn.Saved(_host(mean), _host(invstd), static.batch_stats, static.count, x.shape, static.axis)

@@ -16,6 +16,7 @@ import jax.typing
 import numpy as np
 
 import fastbn
+from fastbn._fpenv import ieee_subnormals
 from fastbn._jax_backward import _backward, _BackwardStatic, _host
 from fastbn._options import check_eps, check_eps_range, check_momentum
 from fastbn._validate import (
@@ -148,6 +149,7 @@ class _MomentsStatic(NamedTuple):
     weighted: bool
 
 
+@ieee_subnormals  # XLA calls back with subnormals flushed to zero (fastbn._fpenv)
 def _moments_on_host(static: _MomentsStatic, x: Any, w: Any) -> tuple[Any, Any]:
     x = _host(x)
     if not static.weighted:
@@ -333,6 +335,7 @@ class _NormalizeStatic(NamedTuple):
     count: int  # type: ignore[assignment]  # elements per channel (shadows tuple.count)
 
 
+@ieee_subnormals  # XLA calls back with subnormals flushed to zero (fastbn._fpenv)
 def _normalize_on_host(static: _NormalizeStatic, x: Any, mean: Any, var: Any, weight: Any, bias: Any) -> Any:
     x = _host(x)
     return fastbn.normalize(x, _host(mean), _host(var), _host(weight), _host(bias), eps=static.eps, axis=static.axis)

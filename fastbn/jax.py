@@ -39,6 +39,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 import fastbn
+from fastbn._fpenv import ieee_subnormals
 from fastbn._jax_backward import _backward, _BackwardStatic, _host, _per_channel
 from fastbn._jax_stats import (
     check_concrete_variance,
@@ -81,6 +82,7 @@ class _Static(NamedTuple):
         return self.training and self.has_running
 
 
+@ieee_subnormals  # XLA calls back with subnormals flushed to zero (fastbn._fpenv)
 def _forward_on_host(
     static: _Static, x: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any
 ) -> tuple[Any, ...]:

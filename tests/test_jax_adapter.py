@@ -642,3 +642,32 @@ def test_moments_mask_and_eval_eps_are_taken_as_the_numpy_api_takes_them():
     np.testing.assert_allclose(np.asarray(y), x / 2, rtol=1e-6)
     with pytest.raises(ValueError, match=r"^eps: expected a positive float where batch statistics are used"):
         batch_norm(jnp.asarray(x), eps=0.0)
+
+
+def test_callbacks_keep_subnormals_that_xla_flushes():
+    """XLA calls back with subnormals flushed to zero: a float32 channel of +-3e38 has an invstd of 4e-39, a
+    subnormal, which became 0 (outputs 0 and NaN where they are -2 and 0.5).  fastbn's callbacks run in the
+    default environment, and give fastbn.forward's outputs, eagerly and under jax.jit, and the gradients too."""
+    x = np.full((5, 3), 3e38, np.float32)
+    x[0] = -3e38
+    want, saved = fastbn.forward(x)
+    assert 0 < saved.invstd[0] < np.finfo(np.float32).tiny  # subnormal
+    for run in (batch_norm, jax.jit(batch_norm)):
+        y, _ = run(jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(y), want)
+    mean, var = moments(jnp.asarray(x))
+    np.testing.assert_array_equal(
+        np.asarray(normalize(jnp.asarray(x), mean, var)), fastbn.normalize(x, *fastbn.moments(x))
+    )
+    dy = np.ones_like(x)
+    grad = jax.grad(lambda a: (batch_norm(a)[0] * jnp.asarray(dy)).sum())(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(grad), fastbn.backward(dy, x, None, saved)[0])
+    # the premise (XLA's callbacks flush), and the caller's environment restored after fastbn's part of one
+    from fastbn._fpenv import ieee_subnormals
+
+    def callback(inside):
+        inner = ieee_subnormals(lambda: np.float32(1e-38) * np.float32(0.01))()
+        return np.array([inner, np.float32(1e-38) * np.float32(0.01)], np.float32)
+
+    inner, after = jax.pure_callback(callback, jax.ShapeDtypeStruct((2,), jnp.float32), jnp.float32(0))
+    assert float(inner) == np.float32(1e-40) and float(after) == 0.0
