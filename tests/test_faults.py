@@ -262,6 +262,12 @@ CORRUPTIONS = {
     "data bit flipped in object code": (lambda index, data: _flip(data, "code"), 1),
     # Numba itself takes an index entry naming a missing file for a miss: compiled and saved, silently
     "data file missing": (lambda index, data: data.unlink(), 0),
+    # an intact file in another entry's place (files swapped or renumbered): its checksum holds, the key it
+    # was saved under does not (before the key was checked, another signature's code was called: TypeError)
+    "data file of another kernel": (
+        lambda index, data: shutil.copyfile(min(data.parent.glob("numerics.forward_coefficients-*.nbc")), data),
+        1,
+    ),
 }
 
 

@@ -420,6 +420,8 @@ def _stamp_with_backend_sources(dispatcher: Any) -> None:
 class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):  # type: ignore[misc]  # Numba is not followed: Any
     """Numba's index and data files, each payload preceded by its SHA-256 and checked on every load.
 
+    A data file also holds the index key it was saved under, checked on load.
+
     Numba unpickles a data file and links the machine code inside it as it
     is: a flipped bit there (a bad disk, a copy cut short and patched up)
     crashed the process in 5 of 30 random flips tried (SIGSEGV or SIGABRT)
@@ -444,7 +446,7 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):  # type: ignore
     """
 
     _DIGEST = hashlib.sha256().digest_size
-    VERSION_TAG = "+fastbn-sha256"
+    VERSION_TAG = "+fastbn-sha256-keyed"
     LOCK_NAME = "fastbn.lock"
     miss_reason: str | None = None
     _index_state: str | None = None
@@ -470,8 +472,11 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):  # type: ignore
                 os.close(fd)  # releases the lock
 
     def save(self, key: Any, data: Any) -> None:
+        # The data file holds its own index key beside the code: checked on load, so that an intact file in
+        # another entry's place (files swapped or renumbered by a copy) is a fault, not another signature's
+        # machine code called with this one's arguments.
         with self._locked(exclusive=True):
-            super().save(key, data)
+            super().save(key, (key, data))
 
     def flush(self) -> None:
         with self._locked(exclusive=True):
@@ -487,10 +492,13 @@ class _VerifiedCacheFile(numba.core.caching.IndexDataCacheFile):  # type: ignore
                 self.miss_reason = self._why_missing(key, overloads)
                 return None
             try:
-                return self._load_data(data_name)
+                stored = self._load_data(data_name)
             except OSError:  # Numba's "index names a missing file": a miss
                 self.miss_reason = "the cache index names a data file that is missing"
                 return None
+            if not (isinstance(stored, tuple) and len(stored) == 2 and stored[0] == key):
+                raise ValueError(f"{self._data_path(data_name)} holds another cache entry than its index names")
+            return stored[1]
 
     def _why_missing(self, key: Any, overloads: dict[Any, Any]) -> str:
         if self._index_state == "stale":
