@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fastbn import _dispatch, _options, _sync, _weights
-from fastbn._saved import check_saved_fields, check_saved_weights
+from fastbn._saved import check_saved_fields, check_saved_invstd, check_saved_weights
 from fastbn._typing import ArrayT, BackendName, OptionalArray, Plan, SupportsArray
 from fastbn._validate import (
     check_axis,
@@ -266,7 +266,7 @@ def forward(
         and _plan is None
     ):
         small = _small().forward(x, weight, bias, running_mean, running_var, training, momentum, eps, axis)
-        if small is not None:  # a small plain call, computed as below would compute it (see fastbn.backends.cpu.small)
+        if small is not None:  # a plain call, computed as below would compute it (see fastbn.backends.cpu.small)
             return small[0], Saved(*small[1])
     given = x
     ops, restore, (x, weight, bias, running_mean, running_var, residual, weights, mask) = _dispatch.prepare(
@@ -562,6 +562,7 @@ def backward(
     rows = None if groups == 1 else groups  # one row of statistics per ghost batch
     for name in ("mean", "invstd"):
         check_channel_vector(getattr(saved, name), f"saved.{name}", channels, dtype, rows=rows)
+    check_saved_invstd(saved.invstd)
     if saved.r is not None:
         check_channel_vector(saved.r, "saved.r", channels, dtype)
         check_channel_vector(saved.d, "saved.d", channels, dtype)

@@ -54,6 +54,17 @@ def check_saved_fields(saved: Any) -> None:
                 raise bad("process_group", f"None together with saved.{field} (forward does not combine them)")
 
 
+def check_saved_invstd(invstd: Any) -> None:
+    """``saved.invstd`` is not negative: forward's ``1 / sqrt(var + eps)`` never is.
+
+    NaN (a channel with NaN or Inf input) and inf (eval with ``eps=0`` on a zero variance) are what
+    forward returns there, and pass; a negative value would silently flip the signs of dx and dweight.
+    Host arrays only: a device array's values stay on the device (checking them would synchronise it).
+    """
+    if isinstance(invstd, np.ndarray) and invstd.size and bool(np.any(invstd < 0)):
+        raise ValueError("saved.invstd: has negative values; fastbn.forward's invstd, 1 / sqrt(var + eps), never has")
+
+
 def check_saved_weights(weights: np.ndarray, weight_sum: np.ndarray, axis: int) -> None:
     """``saved.weights`` and ``saved.weight_sum`` hold what forward kept: finite non-negative weights, and their sums.
 

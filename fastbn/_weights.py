@@ -116,7 +116,23 @@ def check_weights(weights: Any, mask: Any, shape: tuple[int, ...], axis: int | N
                 f"(and the weights) are computed in; rescale the weights (the statistics do not depend on "
                 f"their scale), e.g. weights / weights.max()"
             )
+        # The kernels sum the weights (and weights times values) in float64: a total beyond its range makes
+        # a channel's sum inf (a mean of NaN or 0, a NaN running variance).  Every channel's sum is at most
+        # the total, and its rounded partial sums at most the total times 1 + n u, so a total within a
+        # quarter of float64's range keeps them all finite.
+        with np.errstate(over="ignore"):
+            total = float(np.sum(converted, dtype=np.float64))
+        if not total <= _MAX_TOTAL_WEIGHT:
+            shown = "more than 1.8e308" if total == np.inf else f"{total:g}"
+            raise ValueError(
+                f"weights: sum to {shown}, beyond the {_MAX_TOTAL_WEIGHT:.3g} the statistics' float64 sums hold; "
+                "rescale the weights (the statistics do not depend on their scale), e.g. weights / weights.max()"
+            )
     return converted
+
+
+#: The largest total of the weights :func:`check_weights` admits: a quarter of float64's range.
+_MAX_TOTAL_WEIGHT = float(np.finfo(np.float64).max) / 4
 
 
 def channel_parameter(value: Any, name: str, shape: tuple[int, ...], axis: int, dtype: np.dtype) -> Any:

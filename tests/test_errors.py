@@ -359,6 +359,13 @@ BACKWARD_ERRORS = [
         "saved",
         _set(saved=lambda a: a["saved"]._replace(invstd=np.resize(a["saved"].invstd, C + 1))),
     ),
+    # forward's invstd, 1 / sqrt(var + eps), is never negative: a negative one would flip dx's and dweight's signs
+    (
+        "saved-invstd-negative",
+        ValueError,
+        "saved.invstd",
+        _set(saved=lambda a: a["saved"]._replace(invstd=-a["saved"].invstd)),
+    ),
     ("relu-without-y", ValueError, "y", _set(saved=lambda a: a["saved"]._replace(activation="relu"))),
     (
         "relu-y-shape",

@@ -269,6 +269,11 @@ def test_torch_unsupported_tensors_are_clear_errors():
         fastbn.forward(torch.empty(4, 3, device="meta"))
     with pytest.raises(ValueError, match=r"^running_var: must not be an expanded"):
         fastbn.forward(x, running_mean=torch.zeros(3), running_var=torch.ones(1).expand(3))
+    rm, rv = torch.zeros(3).to_sparse(), torch.ones(3)
+    for kwargs, name in ((dict(running_mean=rm, running_var=rv), "running_mean"), (dict(weight=rm), "weight")):
+        with pytest.raises(TypeError, match=rf"^{name}: a torch tensor of layout torch.sparse_coo; fastbn takes dense"):
+            fastbn.forward(x, **kwargs)
+    assert rv.tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(TypeError, match=r"^x: expected dtype float16, bfloat16, float32 or float64, got int64"):
         fastbn.forward(torch.ones(4, 3, dtype=torch.int64))
 

@@ -393,3 +393,19 @@ def test_running_statistics_that_alias_the_weights_are_refused():
     with pytest.raises(ValueError, match=r"^running_mean: shares memory with weights"):
         fastbn.forward(x, weights=w, running_mean=w[0], running_var=np.ones(3, np.float32))
     assert (w == 1).all()
+
+
+def test_weights_whose_total_overflows_the_float64_sums_are_refused_before_anything_runs():
+    """Finite weights whose sum passes float64's range (2 x 1e308) gave a wrong mean and a NaN running variance;
+    they are refused, naming weights, with the running statistics untouched.  Weights of the same ratios at a
+    scale that fits give the exact statistics."""
+    x = np.array([[1.0], [2.0], [3.0], [4.0]])
+    rm, rv = np.zeros(1), np.ones(1)
+    for w in (np.array([[1e308], [1e308], [0.0], [0.0]]), np.full((4, 1), 5e307)):
+        with pytest.raises(ValueError, match=r"^weights: sum to .*rescale the weights"):
+            fastbn.moments(x, weights=w)
+        with pytest.raises(ValueError, match=r"^weights: sum to "):
+            fastbn.forward(x, running_mean=rm, running_var=rv, weights=w)
+        assert rm.tolist() == [0.0] and rv.tolist() == [1.0]
+    mean, var = fastbn.moments(x, weights=np.array([[1e307], [1e307], [0.0], [0.0]]))
+    assert mean.tolist() == [1.5] and var.tolist() == [0.25]

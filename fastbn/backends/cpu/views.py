@@ -74,6 +74,9 @@ def _torch_to_numpy(tensor: Any, name: str, updated: bool | None = None) -> npt.
             f"{name}: is a torch tensor on device '{tensor.device}'; fastbn takes CPU tensors "
             "(and CUDA tensors, on its CUDA backend)"
         )
+    if tensor.layout != torch.strided:
+        # Sparse and other layouts have no strided memory to view (nor to update in place).
+        raise TypeError(f"{name}: a torch tensor of layout {tensor.layout}; fastbn takes dense (torch.strided) tensors")
     updated = name in _UPDATED_IN_PLACE if updated is None else updated
     if updated and tensor.numel() > 1 and 0 in tensor.stride():
         # An expanded tensor repeats one element: writing each channel into it
