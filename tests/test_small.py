@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fastbn
+from fastbn import _dispatch
 from fastbn.backends.cpu import passes, small
 
 SHAPES = [((32, 64), 1), ((8, 16, 14, 14), 1), ((4, 6, 5, 3), -1), ((7, 1, 5), 1), ((9, 3), 1), ((2, 3, 2, 2, 4), 1)]
@@ -163,7 +164,7 @@ def test_what_the_small_path_refuses_the_full_path_decides(name, change):
         np.testing.assert_allclose(np.asarray(y), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
 
 
-def test_inputs_at_the_size_limit_take_the_full_path(monkeypatch, launches):
+def test_inputs_at_the_size_limit_run_the_parallel_kernels(monkeypatch, launches):
     x = np.ones((16, 4), np.float32)
     monkeypatch.setattr(small, "_limit", lambda: x.nbytes)
     fastbn.forward(x)
@@ -172,6 +173,50 @@ def test_inputs_at_the_size_limit_take_the_full_path(monkeypatch, launches):
     monkeypatch.setattr(small, "_limit", lambda: x.nbytes + 1)
     fastbn.forward(x)
     assert launches == []
+
+
+def _above_the_limit(inner, itemsize):
+    """The outer size that makes an input of ``inner`` elements per sample 1.2 times the serial limit."""
+    return -(-(small._limit() * 6 // 5) // (inner * itemsize))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NC"])
+@pytest.mark.parametrize("name", ["float32", "float16"])
+def test_large_plain_calls_skip_the_full_paths_checks_and_match_it_bit_for_bit(layout, name, launches, monkeypatch):
+    """Above the serial limit a plain call still takes the lane (its checks, then the full path's own passes
+    with the plan the full path would choose, on the threading layer): bit for bit the full path's results."""
+    dtype = np.dtype(name)
+    inner, C = {"NCHW": (8 * 32 * 32, 8), "NHWC": (16 * 16 * 8, 8), "NC": (64, 64)}[layout]
+    n = _above_the_limit(inner, dtype.itemsize)
+    shape, axis = {"NCHW": ((n, 8, 32, 32), 1), "NHWC": ((n, 16, 16, 8), -1), "NC": ((n, 64), 1)}[layout]
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight, bias = rng.random(C).astype(np.float32) + 0.5, rng.standard_normal(C).astype(np.float32)
+    eval_rm, eval_rv = rng.standard_normal(C).astype(np.float32), rng.random(C).astype(np.float32)
+
+    def run(plan):
+        rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+        y, saved = fastbn.forward(x, weight, bias, running_mean=rm, running_var=rv, axis=axis, _plan=plan)
+        grads = fastbn.backward(dy, x, weight, saved, axis=axis, _plan=plan)
+        y_eval, saved_eval = fastbn.forward(
+            x, weight, bias, running_mean=eval_rm, running_var=eval_rv, training=False, axis=axis, _plan=plan
+        )
+        return [y, saved.mean, saved.invstd, rm, rv, *grads, y_eval, saved_eval.mean, saved_eval.invstd]
+
+    full = run({})  # a plan override that changes nothing: the full path
+    full_launches = list(launches)
+    launches.clear()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a large plain call took the full path")
+
+    monkeypatch.setattr(_dispatch, "prepare", refuse)
+    lane = run(None)
+    assert launches == full_launches  # the same kernels, with the same plans
+    for got, want in zip(lane, full):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
 def test_backward_refuses_what_it_does_not_cover(launches):

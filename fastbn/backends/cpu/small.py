@@ -1,10 +1,10 @@
-"""Small calls: one kernel launch on the calling thread, after as few Python operations as possible.
+"""Plain calls: the fewest Python operations before the kernels, on the calling thread when small.
 
-Below :func:`fastbn.backends.cpu.plan.serial_bytes` (a core's share of
-cache), the full path of :func:`fastbn.forward` and :func:`fastbn.backward`
-costs far more than its kernels: tens of Python-level checks and
-conversions, a plan, four or five launches on the threading layer.  A
-(32, 64) float32 batch is 8 KB, a microsecond of arithmetic.
+The full path of :func:`fastbn.forward` and :func:`fastbn.backward` spends
+tens of Python-level checks and conversions, a plan, four or five launches
+on the threading layer around its kernels: on a (32, 64) float32 batch (8 KB,
+a microsecond of arithmetic) far more than the kernels, and on a few-MB one
+still a large part of a call whose kernel is one pass over cached memory.
 
 So :func:`fastbn.forward` and :func:`fastbn.backward` first offer the call
 to :func:`forward` and :func:`backward` here.  They accept only the plainest
@@ -12,14 +12,24 @@ case (C-contiguous NumPy arrays of the kernel dtypes, the statistics arrays
 in the statistics dtype, shape ``(C,)`` and contiguous, no fused option, a
 momentum in [0, 1], a positive eps) and return None for anything else, and
 for anything that would be an error: the full path then takes the call,
-with its checks and its messages.  What they accept, they compute with one
-kernel of this module, which checks what only the data can tell (that no
-running statistic overlaps another argument, that eval's running variance is
-non-negative) before it writes anything, and then calls the serial twins of
-the full path's own kernels (:func:`fastbn.backends.cpu.jit.serial_twin`):
-the result is the full path's, bit for bit.  ``tests/test_small.py``
-compares the two on every accepted case and checks that each refused case
-reaches the full path.
+with its checks and its messages.  What they accept, they check for what
+only the data can tell (that no running statistic overlaps another
+argument, that eval's running variance is non-negative, that a saved invstd
+is not negative) before anything is written, and compute:
+
+* below :func:`fastbn.backends.cpu.plan.serial_bytes` (a core's share of
+  cache), with one kernel of this module, which calls the serial twins of
+  the full path's own kernels (:func:`fastbn.backends.cpu.jit.serial_twin`)
+  on this thread, without the parallel runtime's start-up cost;
+* at or above it, with the full path's own passes
+  (:mod:`fastbn.backends.cpu.passes`) on the threading layer, under the plan
+  the full path would choose, into an output from the pool.
+
+Above the limit the result is the full path's bit for bit (the same
+kernels); below it, the same code compiled into another kernel, within the
+ulps the README states.  ``tests/test_small.py`` compares the two on every
+accepted case, small and large, and checks that each refused case reaches
+the full path.
 """
 
 from __future__ import annotations
@@ -32,9 +42,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fastbn._layout import ROWS, SLAB
 from fastbn._options import MIN_EPS_FLOAT32  # a smaller eps (any dtype) takes the full path, which decides
 from fastbn._validate import is_bfloat16
-from fastbn.backends.cpu import elementwise, fused, reductions
+from fastbn.backends.cpu import alloc, elementwise, fused, passes, reductions
+from fastbn.backends.cpu import plan as cpu_plan
 from fastbn.backends.cpu.jit import exact, kernel, serial_twin
 from fastbn.backends.cpu.numerics import backward_coefficients, forward_coefficients, update_running
 
@@ -72,6 +84,15 @@ def _aliased(running_mean, running_var, weight, bias, x):
         if _overlaps(running, weight) or _overlaps(running, bias) or _overlaps(running, x):
             return True
     return _overlaps(running_mean, running_var)
+
+
+@exact
+def _any_negative(a):
+    """Whether an element of ``a`` is below zero (a tampered ``saved.invstd``: the full path names it)."""
+    for i in range(a.shape[0]):  # noqa: SIM110  (compiled by Numba: a loop, not any() of a generator)
+        if a[i] < 0:
+            return True
+    return False
 
 
 @exact
@@ -198,6 +219,59 @@ def backward_train_slab(dy, x, mean, invstd, weight, dx, dweight_out, dbias_out)
     _finish_backward(sum_dy, dotp, invstd, dweight_out, dbias_out)
 
 
+# ------------------------------------------------- the parallel kernels ---
+# At or above the limit, a plain call runs the full path's own passes (fastbn.backends.cpu.passes) with the
+# plan the full path would choose, and the same per-channel arithmetic as the serial kernels above.
+
+
+def _train_parallel(
+    rows: bool,
+    x: _Array,
+    weight: _Array,
+    bias: _Array,
+    eps: float,
+    running_mean: _Array | None,
+    running_var: _Array | None,
+    momentum: float,
+    y: _Array,
+    mean_out: _Array,
+    invstd_out: _Array,
+    fresh: bool,
+) -> bool:
+    """Training forward of a kernel view on the threading layer; False (nothing written) if aliased."""
+    if _aliased(running_mean, running_var, weight, bias, x):
+        return False
+    chosen = cpu_plan.choose("forward_train", ROWS if rows else SLAB, x.shape, x.itemsize, out_fresh=fresh)
+    mean, var, invstd, _r, _d = passes.forward_train_into(chosen, x, weight, bias, eps, y)
+    count = float(x.size // x.shape[1])
+    _finish_forward(mean, var, invstd, running_mean, running_var, momentum, count, mean_out, invstd_out)
+    return True
+
+
+def _eval_parallel(
+    rows: bool,
+    x: _Array,
+    weight: _Array,
+    bias: _Array,
+    eps: float,
+    running_mean: _Array,
+    running_var: _Array,
+    y: _Array,
+    mean_out: _Array,
+    invstd_out: _Array,
+    fresh: bool,
+) -> bool:
+    """Eval forward of a kernel view on the threading layer; as :func:`forward_eval_rows`."""
+    scale = np.empty_like(weight)
+    if _aliased(running_mean, running_var, weight, bias, x):
+        return False
+    if not _eval_coefficients(running_mean, running_var, eps, weight, mean_out, invstd_out, scale):
+        return False
+    chosen = cpu_plan.choose("normalize", ROWS if rows else SLAB, x.shape, x.itemsize, out_fresh=fresh)
+    passes.normalize_into(chosen, x, mean_out, scale, bias, y)
+    return True
+
+
 # -------------------------------------------------------- the Python side ---
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
@@ -225,8 +299,8 @@ def _limit() -> int:
     The small kernels never launch on the layer, but fastbn chooses it (and
     reports one that other code started first) before its first kernel
     runs, whichever path that kernel is on.  ``FASTBN_SMALL_CALLS=0`` in the
-    environment turns the small path off (every call takes the full path:
-    to time it, or to test its machinery on small inputs).
+    environment turns this lane off, small and large calls alike (0 here:
+    every call takes the full path, to time it or to test its machinery).
     """
     from fastbn.backends.cpu.passes import _serial_limit
     from fastbn.backends.cpu.threads import configure
@@ -236,7 +310,7 @@ def _limit() -> int:
 
 
 def _layout(x: _Array, axis: Any) -> tuple[bool, tuple[int, ...], int, int] | None:
-    """``(rows, kernel shape, channels, count)`` of a C-contiguous ``x``, or None if not a small plain case.
+    """``(rows, kernel shape, channels, count)`` of a C-contiguous ``x``, or None if not a plain case.
 
     For a C-contiguous array, :func:`fastbn._layout.pattern` says ROWS
     exactly when nothing of extent > 1 follows the channel axis or the
@@ -244,7 +318,7 @@ def _layout(x: _Array, axis: Any) -> tuple[bool, tuple[int, ...], int, int] | No
     """
     shape = x.shape
     ndim = len(shape)
-    if type(axis) is not int or ndim < 2 or not x.flags.c_contiguous or not 0 < x.nbytes < _limit():
+    if type(axis) is not int or ndim < 2 or not x.flags.c_contiguous or x.size == 0 or not _limit():
         return None
     if axis < 0:
         axis += ndim
@@ -304,7 +378,7 @@ def forward(
     eps: Any,
     axis: Any,
 ) -> tuple[_Array, tuple[_Array, _Array, bool, int, tuple[int, ...], int], Plan | None] | None:
-    """:func:`fastbn.forward` without fused options, if the call is a small plain one; None otherwise.
+    """:func:`fastbn.forward` without fused options, if the call is a plain one; None otherwise.
 
     Returns ``(y, (mean, invstd, batch_stats, count, shape, axis), plan)``:
     the fields of the :class:`fastbn.Saved` the full path would return, and
@@ -340,35 +414,29 @@ def forward(
             return None
     if training and has_running and not (running_mean.flags.writeable and running_var.flags.writeable):
         return None  # the full path names the argument
+    serial = x.nbytes < _limit()
     x_view = _kernel_view(x, shape, as_int, True)
-    y = np.empty(x.shape, x.dtype)
+    y, fresh = (np.empty(x.shape, x.dtype), False) if serial else alloc.allocate(x.shape, x.dtype)
     y_view = _kernel_view(y, shape, as_int, False)
     mean = np.empty(channels, dtype)
     invstd = np.empty(channels, dtype)
     weight = np.ones(channels, dtype) if weight is None else _writable(weight)
     bias = np.zeros(channels, dtype) if bias is None else _writable(bias)
-    floor = _FLOOR[dtype]
     if batch_stats:
-        train = forward_train_rows if rows else forward_train_slab
         update = training and has_running
-        ok = train(
-            x_view,
-            weight,
-            bias,
-            eps,
-            floor,
-            running_mean if update else None,
-            running_var if update else None,
-            momentum,
-            y_view,
-            mean,
-            invstd,
-        )
+        rm, rv = (running_mean, running_var) if update else (None, None)
+        if serial:
+            train = forward_train_rows if rows else forward_train_slab
+            ok = train(x_view, weight, bias, eps, _FLOOR[dtype], rm, rv, momentum, y_view, mean, invstd)
+        else:
+            ok = _train_parallel(rows, x_view, weight, bias, eps, rm, rv, momentum, y_view, mean, invstd, fresh)
     else:
-        infer = forward_eval_rows if rows else forward_eval_slab
-        ok = infer(
-            x_view, weight, bias, eps, floor, _writable(running_mean), _writable(running_var), y_view, mean, invstd
-        )
+        rm, rv = _writable(running_mean), _writable(running_var)
+        if serial:
+            infer = forward_eval_rows if rows else forward_eval_slab
+            ok = infer(x_view, weight, bias, eps, _FLOOR[dtype], rm, rv, y_view, mean, invstd)
+        else:
+            ok = _eval_parallel(rows, x_view, weight, bias, eps, rm, rv, y_view, mean, invstd, fresh)
     if not ok:
         return None
     plan = (rows, shape, as_int, x_view, x.shape, x.dtype, weight, mean, invstd) if batch_stats else None
@@ -385,7 +453,7 @@ def backward(
     saved_axis: Any,
     axis: Any,
 ) -> tuple[_Array, _Array, _Array] | None:
-    """:func:`fastbn.backward` of a plain training-mode :class:`fastbn.Saved`, if small; None otherwise."""
+    """:func:`fastbn.backward` of a plain training-mode :class:`fastbn.Saved`; None otherwise."""
     if type(x) is not np.ndarray or type(dy) is not np.ndarray or dy.dtype != x.dtype or x.shape != dy.shape:
         return None
     kind = _kind(x.dtype)
@@ -400,26 +468,11 @@ def backward(
     for vector in (weight, mean, invstd):
         if vector is not None and not _vector(vector, dtype, channels):
             return None
-    if mean is None or invstd is None:
+    if mean is None or invstd is None or _any_negative(invstd):
         return None
-    if not dy.flags.c_contiguous:
-        dy = np.ascontiguousarray(dy)  # as small as x; an expanded gradient (of a sum) has zero strides
-    dx = np.empty(x.shape, x.dtype)
-    dweight = np.empty(channels, dtype)
-    dbias = np.empty(channels, dtype)
     weight = np.ones(channels, dtype) if weight is None else _writable(weight)
-    train = backward_train_rows if rows else backward_train_slab
-    train(
-        _kernel_view(dy, shape, as_int, True),
-        _kernel_view(x, shape, as_int, True),
-        _writable(mean),
-        _writable(invstd),
-        weight,
-        _kernel_view(dx, shape, as_int, False),
-        dweight,
-        dbias,
-    )
-    return dx, dweight, dbias
+    x_view = _kernel_view(x, shape, as_int, True)
+    return _backward(dy, rows, shape, as_int, x_view, x.shape, x.dtype, weight, _writable(mean), _writable(invstd))
 
 
 def backward_planned(dy: Any, plan: Plan) -> tuple[_Array, _Array, _Array] | None:
@@ -431,21 +484,36 @@ def backward_planned(dy: Any, plan: Plan) -> tuple[_Array, _Array, _Array] | Non
     rows, shape, as_int, x_view, x_shape, x_dtype, weight, mean, invstd = plan
     if type(dy) is not np.ndarray or dy.dtype != x_dtype or dy.shape != x_shape:
         return None
+    return _backward(dy, rows, shape, as_int, x_view, x_shape, x_dtype, weight, mean, invstd)
+
+
+def _backward(
+    dy: _Array,
+    rows: bool,
+    shape: tuple[int, ...],
+    as_int: Any,
+    x_view: _Array,
+    x_shape: tuple[int, ...],
+    x_dtype: np.dtype[Any],
+    weight: _Array,
+    mean: _Array,
+    invstd: _Array,
+) -> tuple[_Array, _Array, _Array]:
+    """``(dx, dweight, dbias)`` of a checked plain training call: serially below the limit, else in parallel."""
+    serial = x_view.nbytes < _limit()
     if not dy.flags.c_contiguous:
-        dy = np.ascontiguousarray(dy)  # as small as x; an expanded gradient (of a sum) has zero strides
+        dy = np.ascontiguousarray(dy)  # an expanded gradient (of a sum) has zero strides: one copy, as the full path
     channels = mean.shape[0]
-    dx = np.empty(x_shape, x_dtype)
+    dx, fresh = (np.empty(x_shape, x_dtype), False) if serial else alloc.allocate(x_shape, x_dtype)
     dweight = np.empty(channels, mean.dtype)
     dbias = np.empty(channels, mean.dtype)
-    train = backward_train_rows if rows else backward_train_slab
-    train(
-        _kernel_view(dy, shape, as_int, True),
-        x_view,
-        mean,
-        invstd,
-        weight,
-        _kernel_view(dx, shape, as_int, False),
-        dweight,
-        dbias,
-    )
+    dy_view = _kernel_view(dy, shape, as_int, True)
+    dx_view = _kernel_view(dx, shape, as_int, False)
+    if serial:
+        train = backward_train_rows if rows else backward_train_slab
+        train(dy_view, x_view, mean, invstd, weight, dx_view, dweight, dbias)
+    else:
+        chosen = cpu_plan.choose("backward_train", ROWS if rows else SLAB, shape, x_view.itemsize, out_fresh=fresh)
+        sum_dy, dotp = passes.backward_train_into(chosen, dy_view, x_view, mean, invstd, weight, dx_view)
+        _finish_backward(sum_dy, dotp, invstd, dweight, dbias)
     return dx, dweight, dbias
