@@ -180,18 +180,25 @@ def _above_the_limit(inner, itemsize):
     return -(-(small._limit() * 6 // 5) // (inner * itemsize))
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NC"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NC", "channels_last"])
 @pytest.mark.parametrize("name", ["float32", "float16"])
 def test_large_plain_calls_skip_the_full_paths_checks_and_match_it_bit_for_bit(layout, name, launches, monkeypatch):
     """Above the serial limit a plain call still takes the lane (its checks, then the full path's own passes
     with the plan the full path would choose, on the threading layer): bit for bit the full path's results."""
     dtype = np.dtype(name)
-    inner, C = {"NCHW": (8 * 32 * 32, 8), "NHWC": (16 * 16 * 8, 8), "NC": (64, 64)}[layout]
+    inner, C = {"NCHW": (8 * 32 * 32, 8), "NHWC": (16 * 16 * 8, 8), "NC": (64, 64), "channels_last": (2048, 8)}[layout]
     n = _above_the_limit(inner, dtype.itemsize)
-    shape, axis = {"NCHW": ((n, 8, 32, 32), 1), "NHWC": ((n, 16, 16, 8), -1), "NC": ((n, 64), 1)}[layout]
+    shape, axis = {
+        "NCHW": ((n, 8, 32, 32), 1),
+        "NHWC": ((n, 16, 16, 8), -1),
+        "NC": ((n, 64), 1),
+        "channels_last": ((n, 16, 16, 8), -1),  # moved to NCHW order below: torch's channels_last
+    }[layout]
     rng = np.random.default_rng(5)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
+    if layout == "channels_last":
+        x, dy, axis = np.moveaxis(x, -1, 1), np.moveaxis(dy, -1, 1), 1
     weight, bias = rng.random(C).astype(np.float32) + 0.5, rng.standard_normal(C).astype(np.float32)
     eval_rm, eval_rv = rng.standard_normal(C).astype(np.float32), rng.random(C).astype(np.float32)
 
@@ -215,8 +222,9 @@ def test_large_plain_calls_skip_the_full_paths_checks_and_match_it_bit_for_bit(l
     lane = run(None)
     assert launches == full_launches  # the same kernels, with the same plans
     for got, want in zip(lane, full):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+        assert got.dtype == want.dtype and got.shape == want.shape and got.strides == want.strides
+        got, want = (np.ascontiguousarray(a).view(np.uint8) for a in (got, want))  # the bits
+        np.testing.assert_array_equal(got, want)
 
 
 def test_backward_refuses_what_it_does_not_cover(launches):
@@ -274,3 +282,29 @@ def test_torch_lane_matches_torch_and_keeps_its_checks(launches):
     assert torch.autograd.gradgradcheck(lambda t: ft.batch_norm(t, None, None, training=True), (part,))
     with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
         ft.batch_norm(x, None, None, training=False)
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_small_channels_last_calls_take_the_lane_in_rows_order(name, launches):
+    """An array that is C-contiguous once its channel axis is last (a channels-last torch tensor in NCHW order)
+    is a plain call: outputs in the same memory order as the full path's, within the serial lane's ulps."""
+    dtype = _dtype(name)
+    stats = np.float64 if dtype == np.float64 else np.float32
+    rng = np.random.default_rng(8)
+    x = np.moveaxis((rng.standard_normal((4, 5, 6, 3)) * 3 + 1).astype(dtype), -1, 1)
+    dy = np.moveaxis(rng.standard_normal((4, 5, 6, 3)).astype(dtype), -1, 1)
+    assert not x.flags.c_contiguous
+    weight = rng.standard_normal(3).astype(stats)
+    results = []
+    for plan in (None, {}):
+        rm, rv = np.zeros(3, stats), np.ones(3, stats)
+        y, saved = fastbn.forward(x, weight, None, running_mean=rm, running_var=rv, _plan=plan)
+        results.append((y, rm, rv, *fastbn.backward(dy, x, weight, saved, _plan=plan)))
+        if plan is None:
+            assert launches == [], "a small channels-last call ran the parallel kernels"
+    half = dtype.itemsize == 2
+    for got, want in zip(*results):
+        assert got.strides == want.strides and got.dtype == want.dtype
+        kind = np.dtype(stats) if got.ndim == 1 else dtype
+        limit = 8.0 if kind == np.float64 or (half and kind == stats) else 2.0 if half else 1.0
+        assert _ulps(got, want, kind) <= limit

@@ -309,16 +309,21 @@ def _limit() -> int:
     return 0 if os.environ.get(ENV_VAR, "1").strip() == "0" else _serial_limit()
 
 
-def _layout(x: _Array, axis: Any) -> tuple[bool, tuple[int, ...], int, int] | None:
-    """``(rows, kernel shape, channels, count)`` of a C-contiguous ``x``, or None if not a plain case.
+def _layout(x: _Array, axis: Any) -> tuple[bool, tuple[int, ...], int, int, int | None] | None:
+    """``(rows, kernel shape, channels, count, moved)`` of a plain ``x``, or None if not a plain case.
 
     For a C-contiguous array, :func:`fastbn._layout.pattern` says ROWS
     exactly when nothing of extent > 1 follows the channel axis or the
-    channel axis has extent 1, and SLAB otherwise.
+    channel axis has extent 1, and SLAB otherwise; ``moved`` is then None.
+    An array that is C-contiguous once its channel axis is moved last (a
+    channels-last torch tensor seen in NCHW order) is ROWS too, with
+    ``moved`` its channel axis: the kernels see it, and write its outputs,
+    in that order (:func:`_in_rows_order`), as the full path's
+    ``views.channel_view`` and ``views.empty_like_layout`` do.
     """
     shape = x.shape
     ndim = len(shape)
-    if type(axis) is not int or ndim < 2 or not x.flags.c_contiguous or x.size == 0 or not _limit():
+    if type(axis) is not int or ndim < 2 or x.size == 0 or not _limit():
         return None
     if axis < 0:
         axis += ndim
@@ -326,10 +331,27 @@ def _layout(x: _Array, axis: Any) -> tuple[bool, tuple[int, ...], int, int] | No
         return None
     channels = shape[axis]
     count = x.size // channels
+    if not x.flags.c_contiguous:
+        if axis == ndim - 1 or not np.moveaxis(x, axis, -1).flags.c_contiguous:
+            return None
+        return True, (count, channels), channels, count, axis
     inner = math.prod(shape[axis + 1 :])
     if inner == 1 or channels == 1:
-        return True, (count, channels), channels, count
-    return False, (count // inner, channels, inner), channels, count
+        return True, (count, channels), channels, count, None
+    return False, (count // inner, channels, inner), channels, count, None
+
+
+def _in_rows_order(a: _Array, moved: int | None) -> _Array:
+    """``a`` with its channel axis ``moved`` last (a view), or ``a`` itself when ``moved`` is None."""
+    return a if moved is None else np.moveaxis(a, moved, -1)
+
+
+def _output(
+    shape: tuple[int, ...], dtype: np.dtype[Any], moved: int | None, serial: bool
+) -> tuple[_Array, _Array, bool]:
+    """``(output as the caller gets it, the same in rows order, fresh)``: from the heap if serial, else the pool."""
+    out, fresh = (np.empty(shape, dtype), False) if serial else alloc.allocate(shape, dtype)
+    return (out if moved is None else np.moveaxis(out, -1, moved)), out, fresh
 
 
 def _vector(a: Any, dtype: np.dtype[Any], channels: int) -> bool:
@@ -363,8 +385,8 @@ def _kernel_view(a: _Array, shape: tuple[int, ...], as_int: Any, readonly: bool)
 
 #: What :func:`backward_planned` needs of a small training forward: ``(rows, kernel shape, integer view of
 #: the half types or None, x's read-only kernel view, x's shape and dtype, the weight (ones if None), mean,
-#: invstd)``.
-Plan = tuple[bool, tuple[int, ...], Any, _Array, tuple[int, ...], np.dtype[Any], _Array, _Array, _Array]
+#: invstd, the channel axis of a channels-last x or None)``.
+Plan = tuple[bool, tuple[int, ...], Any, _Array, tuple[int, ...], np.dtype[Any], _Array, _Array, _Array, int | None]
 
 
 def forward(
@@ -395,7 +417,7 @@ def forward(
     if layout is None:
         return None
     assert kind is not None
-    rows, shape, channels, count = layout
+    rows, shape, channels, count, moved = layout
     dtype, as_int = kind
     has_running = running_mean is not None
     if has_running != (running_var is not None):
@@ -415,9 +437,10 @@ def forward(
     if training and has_running and not (running_mean.flags.writeable and running_var.flags.writeable):
         return None  # the full path names the argument
     serial = x.nbytes < _limit()
-    x_view = _kernel_view(x, shape, as_int, True)
-    y, fresh = (np.empty(x.shape, x.dtype), False) if serial else alloc.allocate(x.shape, x.dtype)
-    y_view = _kernel_view(y, shape, as_int, False)
+    source = _in_rows_order(x, moved)
+    x_view = _kernel_view(source, shape, as_int, True)
+    y, y_rows, fresh = _output(source.shape, x.dtype, moved, serial)
+    y_view = _kernel_view(y_rows, shape, as_int, False)
     mean = np.empty(channels, dtype)
     invstd = np.empty(channels, dtype)
     weight = np.ones(channels, dtype) if weight is None else _writable(weight)
@@ -439,7 +462,7 @@ def forward(
             ok = _eval_parallel(rows, x_view, weight, bias, eps, rm, rv, y_view, mean, invstd, fresh)
     if not ok:
         return None
-    plan = (rows, shape, as_int, x_view, x.shape, x.dtype, weight, mean, invstd) if batch_stats else None
+    plan = (rows, shape, as_int, x_view, x.shape, x.dtype, weight, mean, invstd, moved) if batch_stats else None
     return y, (mean, invstd, batch_stats, count, x.shape, axis + len(x.shape) if axis < 0 else axis), plan
 
 
@@ -461,7 +484,7 @@ def backward(
     if layout is None or x.shape != saved_shape:
         return None
     assert kind is not None
-    rows, shape, channels, _count = layout
+    rows, shape, channels, _count, moved = layout
     if (axis + x.ndim if axis < 0 else axis) != saved_axis:
         return None
     dtype, as_int = kind
@@ -471,8 +494,8 @@ def backward(
     if mean is None or invstd is None or _any_negative(invstd):
         return None
     weight = np.ones(channels, dtype) if weight is None else _writable(weight)
-    x_view = _kernel_view(x, shape, as_int, True)
-    return _backward(dy, rows, shape, as_int, x_view, x.shape, x.dtype, weight, _writable(mean), _writable(invstd))
+    x_view = _kernel_view(_in_rows_order(x, moved), shape, as_int, True)
+    return _backward(dy, rows, shape, as_int, x_view, x.dtype, weight, _writable(mean), _writable(invstd), moved)
 
 
 def backward_planned(dy: Any, plan: Plan) -> tuple[_Array, _Array, _Array] | None:
@@ -481,10 +504,10 @@ def backward_planned(dy: Any, plan: Plan) -> tuple[_Array, _Array, _Array] | Non
     ``dy`` must be a NumPy array of x's shape and dtype (copied if not
     C-contiguous); everything else was checked by the forward.
     """
-    rows, shape, as_int, x_view, x_shape, x_dtype, weight, mean, invstd = plan
+    rows, shape, as_int, x_view, x_shape, x_dtype, weight, mean, invstd, moved = plan
     if type(dy) is not np.ndarray or dy.dtype != x_dtype or dy.shape != x_shape:
         return None
-    return _backward(dy, rows, shape, as_int, x_view, x_shape, x_dtype, weight, mean, invstd)
+    return _backward(dy, rows, shape, as_int, x_view, x_dtype, weight, mean, invstd, moved)
 
 
 def _backward(
@@ -493,22 +516,26 @@ def _backward(
     shape: tuple[int, ...],
     as_int: Any,
     x_view: _Array,
-    x_shape: tuple[int, ...],
     x_dtype: np.dtype[Any],
     weight: _Array,
     mean: _Array,
     invstd: _Array,
+    moved: int | None,
 ) -> tuple[_Array, _Array, _Array]:
-    """``(dx, dweight, dbias)`` of a checked plain training call: serially below the limit, else in parallel."""
+    """``(dx, dweight, dbias)`` of a checked plain training call: serially below the limit, else in parallel.
+
+    dy is read, and dx written, in x's order (rows order for a channels-last x, ``moved``).
+    """
     serial = x_view.nbytes < _limit()
+    dy = _in_rows_order(dy, moved)
     if not dy.flags.c_contiguous:
         dy = np.ascontiguousarray(dy)  # an expanded gradient (of a sum) has zero strides: one copy, as the full path
     channels = mean.shape[0]
-    dx, fresh = (np.empty(x_shape, x_dtype), False) if serial else alloc.allocate(x_shape, x_dtype)
+    dx, dx_rows, fresh = _output(dy.shape, x_dtype, moved, serial)
     dweight = np.empty(channels, mean.dtype)
     dbias = np.empty(channels, mean.dtype)
     dy_view = _kernel_view(dy, shape, as_int, True)
-    dx_view = _kernel_view(dx, shape, as_int, False)
+    dx_view = _kernel_view(dx_rows, shape, as_int, False)
     if serial:
         train = backward_train_rows if rows else backward_train_slab
         train(dy_view, x_view, mean, invstd, weight, dx_view, dweight, dbias)
