@@ -304,8 +304,7 @@ def batch_norm(
         as :func:`fastbn.forward` (including a channel with one value in
         training), and for a non-bool ``training`` or a traced ``momentum``,
         ``eps`` or ``axis``, which must be Python values (or concrete NumPy
-        or JAX scalars); ``eps`` must be a normal float (XLA's callbacks flush
-        subnormals to zero).  Checks of values rather than shapes (a negative
+        or JAX scalars).  Checks of values rather than shapes (a negative
         ``running_var`` in eval) run here on concrete arrays; under
         ``jax.jit`` the values are known only inside the callback, so the
         same ValueError reaches the caller inside XLA's

@@ -465,6 +465,8 @@ def _error_cases():
 
             yield pytest.param(call, exc, argument, id=f"forward-{case_id}-{dtype_id}")
         for case_id, exc, argument, change in errors.BACKWARD_ERRORS:
+            if case_id == "saved-invstd-negative":  # read on the host only, as the variances above
+                continue
 
             def call(change=change, dtype=dtype):
                 args = change(errors._forward_for_backward(dtype))
