@@ -114,22 +114,32 @@ def _load_impl(value):
     return lambda value: value
 
 
-def wide(array, value):
-    """``value``, an element loaded from ``array``, in the precision the elementwise formulas run in.
+def halving(value):
+    """``(h, 1 / h)`` of the type of ``value`` (a channel's mean): ``(0.5, 2)`` when ``|value|`` is at least half
+    an ulp of the type's largest number (2^103 for float32, 2^970 for float64), else ``(1, 1)``.
 
-    float64 for float32 and bfloat16 (int16 bits) arrays, whose values reach 3.4e38: in float32,
-    ``x - mean`` of 3e38 and -3e38 overflows to inf where the normalised value is finite, so the
-    whole formula runs in float64 and is rounded once, to the output dtype.  float16 (uint16 bits)
-    stays in float32: its values are below 65504, so nothing overflows there before the output
-    itself would; float64 stays float64.
+    The elementwise formulas compute ``x - mean`` as ``x * h - mean * h`` and scale the product back by
+    ``1 / h``.  ``x - mean`` can overflow, for finite x, only if ``|mean|`` reaches that bound (|x| is at most
+    the largest number, and a smaller excess rounds down to it): x of +-3e38 has a float32 mean of 1.8e38 and
+    a difference of 4.8e38, where the normalised output is -2.  Halving is exact (but for subnormal x, whose
+    lost bit is far below the halved channel's other terms), so the result is bit for bit the unhalved
+    formula's wherever that one does not overflow; with h = 1 the formula is the plain one, bit for bit.
+    Compiled as selects: no branch in the vector loops.
     """
 
 
-@overload(wide, inline="always")
-def _wide_impl(array, value):
-    if array.dtype in (types.float32, types.int16):
-        return lambda array, value: np.float64(value)
-    return lambda array, value: value
+@overload(halving, inline="always")
+def _halving_impl(value):
+    if value == types.float32:
+        bound, half, one, two = np.float32(2.0**103), np.float32(0.5), np.float32(1.0), np.float32(2.0)
+    else:
+        bound, half, one, two = np.float64(2.0**970), np.float64(0.5), np.float64(1.0), np.float64(2.0)
+
+    def impl(value):
+        huge = abs(value) >= bound
+        return _select(huge, half, one), _select(huge, two, one)
+
+    return impl
 
 
 def cast_to(array, value):
@@ -261,6 +271,21 @@ def centred_times_k(centred, k):
     """``(x - mean) * k`` of dx, 0 where k is 0 (eval, or no spread): dx = g * scale is then finite
     wherever g is, though x or the mean is NaN or Inf (as PyTorch's eval backward, which never reads x)."""
     return _select(k == 0, k, centred * k)
+
+
+@elementwise
+def affine_value(x, mean, scale):
+    """``(x - mean) * scale`` of one element, through :func:`halving` so that ``x - mean`` cannot overflow."""
+    h, back = halving(mean)
+    return ((x * h - mean * h) * scale) * back
+
+
+@elementwise
+def dx_value(g, x, mean, mean_dy, k, scale):
+    """``(g - mean_dy - (x - mean) * k) * scale`` of one element, halved as :func:`affine_value` where the mean
+    or the mean gradient is that large (``g - mean_dy`` overflows as ``x - mean`` does)."""
+    h, back = halving(max(abs(mean), abs(mean_dy)))
+    return ((g * h - mean_dy * h - centred_times_k(x * h - mean * h, k)) * scale) * back
 
 
 @inline
@@ -422,8 +447,10 @@ def _shifted_moments_impl(wide, total):
 @elementwise
 def run_affine(v, z, out, mean, scale, shift, floor):
     # y = act((x - mean) * scale + shift + z): z (residual) optional, act = max(., floor).
+    h, back = halving(mean)
+    mean_h = mean * h
     for i in range(v.shape[0]):
-        out[i] = cast_to(out, clamp_below(plus((wide(v, load(v[i])) - mean) * scale + shift, z, i), floor))
+        out[i] = cast_to(out, clamp_below(plus(((load(v[i]) * h - mean_h) * scale) * back + shift, z, i), floor))
 
 
 @reduction
@@ -478,8 +505,7 @@ def run_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
     # dres: the residual's gradient (the masked dy), written in the same pass, or None.
     for i in range(v.shape[0]):
         gi = gradient(g, m, i)
-        centred = wide(v, load(v[i])) - mean
-        out[i] = cast_to(out, (wide(g, gi) - mean_dy - centred_times_k(centred, k)) * scale)
+        out[i] = cast_to(out, dx_value(gi, load(v[i]), mean, mean_dy, k, scale))
         store(dres, i, gi)
 
 
@@ -556,7 +582,7 @@ def cols_grad_sums2(ga, ma, a, gb, mb, b, mean, sum_dy, dotp):
 @elementwise
 def cols_affine(v, z, out, mean, scale, shift, floor):
     for j in range(v.shape[0]):
-        out[j] = cast_to(out, clamp_below(plus((wide(v, load(v[j])) - mean[j]) * scale[j] + shift[j], z, j), floor))
+        out[j] = cast_to(out, clamp_below(plus(affine_value(load(v[j]), mean[j], scale[j]) + shift[j], z, j), floor))
 
 
 # A block of rows in one call: a call per row of C elements costs more than the row's
@@ -573,7 +599,7 @@ def rows_affine(x, z, y, r0, r1, mean, scale, shift, floor):
         out = y[r0 + r]
         for j in range(v.shape[0]):
             out[j] = cast_to(
-                out, clamp_below(plus((wide(v, load(v[j])) - mean[j]) * scale[j] + shift[j], zr, j), floor)
+                out, clamp_below(plus(affine_value(load(v[j]), mean[j], scale[j]) + shift[j], zr, j), floor)
             )
 
 
@@ -588,8 +614,7 @@ def rows_dx(dy, m, x, dx, dres, r0, r1, mean, mean_dy, k, scale):
         dr = part(dres, r0 + r)
         for j in range(v.shape[0]):
             gj = gradient(g, mr, j)
-            centred = wide(v, load(v[j])) - mean[j]
-            out[j] = cast_to(out, (wide(g, gj) - mean_dy[j] - centred_times_k(centred, k[j])) * scale[j])
+            out[j] = cast_to(out, dx_value(gj, load(v[j]), mean[j], mean_dy[j], k[j], scale[j]))
             store(dr, j, gj)
 
 
@@ -605,6 +630,5 @@ def cols_grad_sums(g, m, v, mean, sum_dy, dotp):
 def cols_dx(g, m, v, out, dres, mean, mean_dy, k, scale):
     for j in range(v.shape[0]):
         gj = gradient(g, m, j)
-        centred = wide(v, load(v[j])) - mean[j]
-        out[j] = cast_to(out, (wide(g, gj) - mean_dy[j] - centred_times_k(centred, k[j])) * scale[j])
+        out[j] = cast_to(out, dx_value(gj, load(v[j]), mean[j], mean_dy[j], k[j], scale[j]))
         store(dres, j, gj)
