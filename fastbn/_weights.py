@@ -116,6 +116,15 @@ def check_weights(weights: Any, mask: Any, shape: tuple[int, ...], axis: int | N
                 f"(and the weights) are computed in; rescale the weights (the statistics do not depend on "
                 f"their scale), e.g. weights / weights.max()"
             )
+        # The kernels multiply the weights by the values in float64: a positive weight below float64's
+        # smallest normal number (2.2e-308) loses its significand in those products, silently (equal weights
+        # of 5e-324 gave statistics far from the unweighted ones).  Only float64 weights can be that small.
+        if converted.dtype == np.float64 and bool(np.any((converted > 0) & (converted < _SMALLEST_WEIGHT))):
+            raise ValueError(
+                f"weights: positive weights below {_SMALLEST_WEIGHT:.3g} (float64's smallest normal number) lose "
+                "precision in the statistics' products; rescale the weights (the statistics do not depend on "
+                "their scale), e.g. weights / weights.max()"
+            )
         # The kernels sum the weights (and weights times values) in float64: a total beyond its range makes
         # a channel's sum inf (a mean of NaN or 0, a NaN running variance).  Every channel's sum is at most
         # the total, and its rounded partial sums at most the total times 1 + n u, so a total within a
@@ -131,6 +140,8 @@ def check_weights(weights: Any, mask: Any, shape: tuple[int, ...], axis: int | N
     return converted
 
 
+#: The smallest positive weight :func:`check_weights` admits: float64's smallest normal number.
+_SMALLEST_WEIGHT = float(np.finfo(np.float64).tiny)
 #: The largest total of the weights :func:`check_weights` admits: a quarter of float64's range.
 _MAX_TOTAL_WEIGHT = float(np.finfo(np.float64).max) / 4
 

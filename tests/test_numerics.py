@@ -579,3 +579,22 @@ def test_values_near_the_float32_limit_normalise_to_finite_outputs(name, shape, 
     np.testing.assert_allclose(np.asarray(dx, np.float64), e_dx, rtol=0, atol=4 * tol * scale)
     np.testing.assert_allclose(dweight, e_dweight, rtol=4 * tol, atol=0)
     np.testing.assert_allclose(dbias, e_dbias, rtol=4 * tol, atol=0)
+
+
+@pytest.mark.parametrize("shape, axis", [((16, 3, 5), 1), ((16, 5, 3), -1)])
+@pytest.mark.parametrize("spread", [3e18, 1e19, 5e19, 1e21])
+def test_bfloat16_channels_whose_float32_blocks_overflow_are_rescued_without_underflow(shape, axis, spread):
+    """bfloat16 values spread by 1e18 to 1e21: their squared deviations overflow the float32 blocks, and the
+    float64 rescue scaled every value by 2^-600, whose squares (1e-324) underflowed: variance 0 and outputs of
+    1e21.  The rescue scales by the channel's own magnitude: invstd and outputs as the float64 oracle's."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(shape) * spread + spread).astype(_bfloat16())
+    o = oracle_forward(x, axis=axis)
+    y, saved = fastbn.forward(x, axis=axis)
+    np.testing.assert_allclose(saved.invstd, o.invstd, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y, np.float64), o.y, rtol=0, atol=2.0**-6)  # half a bfloat16 ulp at 2..4
+    _mean, var = fastbn.moments(x, axis=axis)
+    _e_mean, e_var = oracle_moments(x, axis)
+    fits = e_var <= np.finfo(np.float32).max  # a variance beyond float32's range is inf in float32
+    np.testing.assert_allclose(var[fits], e_var[fits], rtol=1e-5)
+    assert np.isinf(var[~fits]).all()

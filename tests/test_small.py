@@ -104,6 +104,12 @@ def _plain(shape=(16, 4), dtype=np.float32):
     return dict(x=x, weight=np.ones(c, np.float32), bias=np.zeros(c, np.float32), rm=np.zeros(c), rv=np.ones(c))
 
 
+def _read_only_view(a):
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def _refused_cases():
     """(name, change to a plain call's arguments) that the small path must leave to the full path."""
     return [
@@ -115,6 +121,9 @@ def _refused_cases():
         ("running_mean is weight", lambda a: a.update(rm=a["weight"])),
         ("running_var inside x", lambda a: a.update(rv=a["x"][0])),
         ("running_var read-only", lambda a: (a["rv"].setflags(write=False), None)[1]),
+        # a read-only parameter is copied before the kernels' overlap check: its overlap is checked first
+        ("running_mean is a read-only weight", lambda a: a.update(weight=_read_only_view(a["rm"]))),
+        ("running_var is a read-only bias", lambda a: a.update(bias=_read_only_view(a["rv"]))),
         ("one value per channel", lambda a: a.update(x=a["x"][:1])),
         ("momentum out of range", lambda a: a.update(momentum=1.5)),
         ("momentum an int", lambda a: a.update(momentum=0)),

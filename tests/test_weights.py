@@ -409,3 +409,20 @@ def test_weights_whose_total_overflows_the_float64_sums_are_refused_before_anyth
         assert rm.tolist() == [0.0] and rv.tolist() == [1.0]
     mean, var = fastbn.moments(x, weights=np.array([[1e307], [1e307], [0.0], [0.0]]))
     assert mean.tolist() == [1.5] and var.tolist() == [0.25]
+
+
+def test_subnormal_float64_weights_are_refused_before_anything_runs():
+    """float64 weights below the smallest normal number lose their significand in the kernels' products (equal
+    weights of 5e-324 gave statistics far from the unweighted ones): refused, naming weights; float32 weights
+    of 1e-45 (normal once widened to float64) give the unweighted statistics."""
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    for tiny in (1e-310, 5e-324):
+        with pytest.raises(ValueError, match=r"^weights: positive weights below 2.23e-308"):
+            fastbn.forward(x, running_mean=rm, running_var=rv, weights=np.full((4, 1), tiny))
+    assert rm.tolist() == [0.0] * 3 and rv.tolist() == [1.0] * 3
+    x32 = x.astype(np.float32)
+    mean, var = fastbn.moments(x32, weights=np.full((4, 1), 1e-45, np.float32))
+    want_mean, want_var = fastbn.moments(x32)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(var, want_var, rtol=1e-6)

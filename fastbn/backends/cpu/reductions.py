@@ -17,6 +17,8 @@ results are bit-for-bit reproducible across runs and thread counts.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import prange
 
@@ -141,7 +143,7 @@ def slab_piece(p, N, L, runs, per_row):
 # are finite (deviations beyond 1e154 squared; values near 1.8e308 summed),
 # and an Inf among finite values makes Chan's merge compute inf - inf.  Any
 # channel whose mean or variance comes out non-finite is therefore computed
-# again by rescue_slab / rescue_rows, on d * 2^-600: no sum of those can
+# again by rescue_slab / rescue_rows, on d * 2^-e (rescue_scale): no sum of those can
 # overflow, and the results scaled back overflow only where the true ones
 # do.  That path is taken only for such channels (NaN and Inf input among
 # them, where it gives torch's mean: +inf for a channel holding +inf).
@@ -154,6 +156,22 @@ _DOWN = 2.0**-600
 _UP = 2.0**600
 
 
+@exact
+def rescue_scale(largest):
+    """``(2^-e, 2^e)`` with ``2^e`` just above ``largest`` (a channel's largest ``|x|``), ``e`` within +-1000.
+
+    The rescue sums values scaled by ``2^-e``: each is then at most 1 in magnitude, so neither the sums nor
+    the squared deviations can overflow, and a channel of moderate values (bfloat16's 1e19s, whose float32
+    blocks overflowed) is not scaled into underflow, as a fixed 2^-600 scaled its squares (1e-324: variance
+    0).  Powers of two scale exactly.  A channel without a finite non-zero value keeps 2^-600 (its
+    statistics are NaN or Inf whatever the scale).
+    """
+    if largest > 0.0 and np.isfinite(largest):
+        e = max(-1000, min(1000, math.frexp(largest)[1]))
+        return math.ldexp(1.0, -e), math.ldexp(1.0, e)
+    return _DOWN, _UP
+
+
 @inline
 def channel_pivot(value):
     """The pivot K of a channel whose first element is ``value``: the value in float64, or 0 if not finite."""
@@ -163,40 +181,49 @@ def channel_pivot(value):
 
 @exact
 def rescue_slab(x, c, pivot):
-    """Mean and biased variance of channel c of an (N, C, L) view, scaled by 2^-600 so no sum overflows.
+    """Mean and biased variance of channel c of an (N, C, L) view, scaled (:func:`rescue_scale`) so no sum overflows.
 
     For channels whose ordinary statistics came out non-finite (see "error
     bound"); two passes over the channel, in float64, without fast-math.
     """
     N, _, L = x.shape
-    k = pivot * _DOWN
+    largest = 0.0
+    for n in range(N):
+        for i in range(L):
+            largest = max(largest, abs(np.float64(load(x[n, c, i]))))
+    down, up = rescue_scale(largest)
+    k = pivot * down
     total = 0.0
     for n in range(N):
         for i in range(L):
-            total += np.float64(load(x[n, c, i])) * _DOWN - k
+            total += np.float64(load(x[n, c, i])) * down - k
     mean = total / (N * L)
     m2 = 0.0
     for n in range(N):
         for i in range(L):
-            d = (np.float64(load(x[n, c, i])) * _DOWN - k) - mean
+            d = (np.float64(load(x[n, c, i])) * down - k) - mean
             m2 += d * d
-    return pivot + mean * _UP, (m2 / (N * L)) * _UP * _UP
+    return pivot + mean * up, (m2 / (N * L)) * up * up
 
 
 @exact
 def rescue_rows(x, c, pivot):
     """:func:`rescue_slab` for channel c of an (M, C) view."""
     M = x.shape[0]
-    k = pivot * _DOWN
+    largest = 0.0
+    for r in range(M):
+        largest = max(largest, abs(np.float64(load(x[r, c]))))
+    down, up = rescue_scale(largest)
+    k = pivot * down
     total = 0.0
     for r in range(M):
-        total += np.float64(load(x[r, c])) * _DOWN - k
+        total += np.float64(load(x[r, c])) * down - k
     mean = total / M
     m2 = 0.0
     for r in range(M):
-        d = (np.float64(load(x[r, c])) * _DOWN - k) - mean
+        d = (np.float64(load(x[r, c])) * down - k) - mean
         m2 += d * d
-    return pivot + mean * _UP, (m2 / M) * _UP * _UP
+    return pivot + mean * up, (m2 / M) * up * up
 
 
 @exact

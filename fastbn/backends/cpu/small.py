@@ -434,8 +434,19 @@ def forward(
             or not vector.flags.c_contiguous
         ):
             return None
-    if training and has_running and not (running_mean.flags.writeable and running_var.flags.writeable):
-        return None  # the full path names the argument
+    if training and has_running:
+        if not (running_mean.flags.writeable and running_var.flags.writeable):
+            return None  # the full path names the argument
+        for param in (weight, bias):
+            # A read-only parameter is copied (_writable) before the kernels check for overlaps, so its
+            # overlap with a running statistic (which the update would overwrite) is checked here, on the
+            # caller's memory; the full path then names it.
+            if (
+                param is not None
+                and not param.flags.writeable
+                and (np.may_share_memory(param, running_mean) or np.may_share_memory(param, running_var))
+            ):
+                return None
     serial = x.nbytes < _limit()
     source = _in_rows_order(x, moved)
     x_view = _kernel_view(source, shape, as_int, True)

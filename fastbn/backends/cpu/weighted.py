@@ -53,7 +53,7 @@ from numba import prange
 
 from fastbn.backends.cpu.jit import exact, kernel
 from fastbn.backends.cpu.loops import cast_to, load
-from fastbn.backends.cpu.reductions import _DOWN, _UP  # the unweighted rescue's scale factors
+from fastbn.backends.cpu.reductions import rescue_scale  # the unweighted rescue's scale
 
 # Rows per task of the ROWS statistics: a fixed count (never the thread
 # count), so that the partial sums, and the result, do not depend on how
@@ -63,7 +63,7 @@ _ELEMENTS_PER_TASK = 1 << 16
 
 @exact
 def _rescaled_moments(values, weights, pivot):
-    """Weighted mean and biased variance of 1-D ``values``, summed on ``(v - pivot) * 2^-600`` and
+    """Weighted mean and biased variance of 1-D ``values``, summed on ``(v - pivot) * 2^-e`` (:func:`rescue_scale`) and
     ``weights / max(weights)``, so that no sum can overflow (see the module docstring); ``(0, 0)``
     where every weight is 0, as the kernels give for ``W == 0``."""
     top = 0.0
@@ -71,19 +71,23 @@ def _rescaled_moments(values, weights, pivot):
         top = max(top, np.float64(weights[i]))
     if top == 0.0:
         return 0.0, 0.0
-    k = pivot * _DOWN
+    largest = 0.0
+    for i in range(values.shape[0]):
+        largest = max(largest, abs(np.float64(load(values[i]))))
+    down, up = rescue_scale(largest)
+    k = pivot * down
     total = 0.0
     s1 = 0.0
     for i in range(values.shape[0]):
         wi = np.float64(weights[i]) / top
         total += wi
-        s1 += wi * (np.float64(load(values[i])) * _DOWN - k)
+        s1 += wi * (np.float64(load(values[i])) * down - k)
     mean = s1 / total
     s2 = 0.0
     for i in range(values.shape[0]):
-        d = (np.float64(load(values[i])) * _DOWN - k) - mean
+        d = (np.float64(load(values[i])) * down - k) - mean
         s2 += (np.float64(weights[i]) / top) * (d * d)
-    return pivot + mean * _UP, (s2 / total) * _UP * _UP
+    return pivot + mean * up, (s2 / total) * up * up
 
 
 @exact
