@@ -502,11 +502,14 @@ def backward(
     for vector in (weight, mean, invstd):
         if vector is not None and not _vector(vector, dtype, channels):
             return None
-    if mean is None or invstd is None or _any_negative(invstd):
+    if mean is None or invstd is None:
+        return None
+    invstd = _writable(invstd)  # before the check too: a read-only array would compile it again
+    if _any_negative(invstd):
         return None
     weight = np.ones(channels, dtype) if weight is None else _writable(weight)
     x_view = _kernel_view(_in_rows_order(x, moved), shape, as_int, True)
-    return _backward(dy, rows, shape, as_int, x_view, x.dtype, weight, _writable(mean), _writable(invstd), moved)
+    return _backward(dy, rows, shape, as_int, x_view, x.dtype, weight, _writable(mean), invstd, moved)
 
 
 def backward_planned(dy: Any, plan: Plan) -> tuple[_Array, _Array, _Array] | None:
