@@ -458,6 +458,79 @@ def test_half_statistics_within_the_derived_bound(shape, axis, half, offset):
     assert (np.abs(var.astype(np.float64) - e_var) <= 1e-5 * e_var).all()
 
 
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((64, 8, 32, 32), 1), ((3, 4, 5000), 1), ((16, 4, 50), 1), ((24, 3, 7), 1), ((2, 3, 4099), 1)],
+    ids=["NCHW-whole-blocks", "NCL-long-runs", "partial-blocks", "short-runs", "one-past-a-piece"],
+)
+@pytest.mark.parametrize("offset", [0.0, 1e4, -3e5])
+def test_float32_lane_statistics_within_the_derived_bound(shape, axis, offset):
+    """The float32-lane bound of float32 SLAB statistics, derived in fastbn/backends/cpu/reductions.py
+    ("error bound", float32): |var - exact| <= (26 u + 16 u^2 (|mean| + 8 R) / sd + (3 P + 2) u64) var
+    + 2^-149 and |mean - exact| <= 8 u sd + 2 u64 |mean|, u = 2^-24, R the distance from the pivot (the
+    channel's first element) to the farthest element, plus the rounding of the float32 results (u of
+    each).  Means of 1e4 and 3e5 times the spread, one channel 64 times narrower and one whose pivot is an
+    outlier 40 spreads away; runs that fill whole blocks of 128, leave partial blocks and tails, or have
+    no whole vector at all.  And the issue's bar: the variance within 1e-5 of the exact one."""
+    rng = np.random.default_rng(7)
+    x64 = offset + rng.standard_normal(shape)
+    x64[:, 0] = offset + (x64[:, 0] - offset) / 64
+    x64[0, 1, 0] = offset + 40.0  # channel 1's pivot is an outlier
+    x = x64.astype(np.float32)
+    mean, var = fastbn.moments(x, axis=axis)
+    assert mean.dtype == np.float32 and var.dtype == np.float32
+    by_channel = np.moveaxis(x.astype(np.float64), axis, 0).reshape(x.shape[axis], -1)
+    e_mean = by_channel.mean(axis=1)
+    e_var = ((by_channel - e_mean[:, None]) ** 2).mean(axis=1)
+    sd = np.sqrt(e_var)
+    u, u64 = 2.0**-24, 2.0**-53
+    n = by_channel.shape[1]
+    R = np.abs(by_channel - by_channel[:, :1]).max(axis=1)
+    var_bound = (26 * u + 16 * u**2 * (np.abs(e_mean) + 8 * R) / sd + (3 * n + 2) * u64) * e_var + 2.0**-149
+    var_bound += u * e_var  # the float32 result's rounding
+    mean_bound = 8 * u * sd + 2 * u64 * np.abs(e_mean) + u * np.abs(e_mean)
+    assert (np.abs(var.astype(np.float64) - e_var) <= var_bound).all()
+    assert (np.abs(mean.astype(np.float64) - e_mean) <= mean_bound).all()
+    assert (np.abs(var.astype(np.float64) - e_var) <= 1e-5 * e_var).all()
+
+
+def test_float32_lane_sums_are_in_the_fixed_order():
+    """lanes.lane_sums_sq's order, replayed in NumPy float32: 16 lanes, trees of 8 terms per block of 128,
+    the partial block's vectors added one by one, float64 lane totals summed in a fixed tree.  The same
+    bits, so no compiler flag reorders the sums (their bound assumes this order)."""
+    from numba import njit
+
+    from fastbn.backends.cpu.lanes import lane_sums_sq
+
+    lanes = njit(lambda v, c: lane_sums_sq(v, c))
+    f32 = np.float32
+    for n in (0, 15, 16, 128, 300, 1030):
+        v = np.random.default_rng(n).standard_normal(n).astype(f32) * f32(100) + f32(3)
+        centre = f32(2.5)
+        d = (v[: n // 16 * 16] - centre).reshape(-1, 16)  # float32, one row per vector
+        blocks = len(d) // 8
+        wide = np.zeros((2, 16))
+        for b in range(blocks):
+            for k, terms in enumerate((d[8 * b : 8 * b + 8], d[8 * b : 8 * b + 8] * d[8 * b : 8 * b + 8])):
+                t = list(terms)
+                while len(t) > 1:
+                    t = [t[i] + t[i + 1] for i in range(0, len(t), 2)]
+                wide[k] += t[0].astype(np.float64)
+        partial = np.zeros((2, 16), f32)
+        for row in d[8 * blocks :]:
+            partial[0] += row
+            partial[1] += row * row
+        wide += partial.astype(np.float64)
+        want = []
+        for k in range(2):
+            lanes8 = wide[k, :8] + wide[k, 8:]
+            t = list(lanes8)
+            while len(t) > 1:
+                t = [t[i] + t[i + 1] for i in range(0, len(t), 2)]
+            want.append(t[0])
+        assert lanes(v, centre) == tuple(want), n
+
+
 def _bfloat16():
     import ml_dtypes
 

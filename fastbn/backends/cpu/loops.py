@@ -24,6 +24,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from fastbn.backends.cpu.jit import elementwise, inline, reduction
+from fastbn.backends.cpu.lanes import WIDTH, lane_sum, lane_sums_sq
 from fastbn.backends.cpu.nontemporal import stream_copy
 from fastbn.backends.cpu.plan import BLOCK_ELEMENTS, LANE_BLOCK
 
@@ -411,6 +412,30 @@ def _run_shifted_sum_impl(v, wide, pivot):
     if wide.dtype == types.float32:
         return lambda v, wide, pivot: run_sum_narrow(v, wide, np.float32(pivot))
     return lambda v, wide, pivot: run_sum_widen(v, wide, pivot)
+
+
+@inline
+def run_lane_sum(v, centre):
+    """``sum(x - centre)`` of a float32 run: :func:`lanes.lane_sum` on its whole vectors, the rest in float64."""
+    n = v.shape[0]
+    total = lane_sum(v, centre)
+    c = np.float64(centre)
+    for i in range(n - n % WIDTH, n):
+        total += np.float64(v[i]) - c
+    return total
+
+
+@inline
+def run_lane_sums_sq(v, centre):
+    """``(sum(d), sum(d^2))``, ``d = x - centre``, of a float32 run: :func:`lanes.lane_sums_sq`, the rest in float64."""
+    n = v.shape[0]
+    dev, sq = lane_sums_sq(v, centre)
+    c = np.float64(centre)
+    for i in range(n - n % WIDTH, n):
+        d = np.float64(v[i]) - c
+        dev += d
+        sq += d * d
+    return dev, sq
 
 
 def shifted_moments(wide, total):

@@ -6,7 +6,8 @@ runs of ``L`` contiguous elements (NCHW, NCL, NCDHW), or ``ROWS`` ``(M, C)``,
 channels contiguous (NHWC, ``(N, C)``).
 
 Every reduction accumulates in float64 (the statistics of float16 and
-bfloat16 input in float32 blocks, see "error bound"), over pieces (SLAB) or
+bfloat16 input in float32 blocks, and of float32 SLAB input in float32
+vector lanes of fixed order, see "error bound"), over pieces (SLAB) or
 blocks of rows (ROWS) that stay in cache between their two passes, merged
 with Chan's formula (:mod:`fastbn.backends.cpu.numerics`); the statistics are computed on
 x minus a per-channel pivot, and channels that overflow are computed again,
@@ -20,7 +21,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from fastbn.backends.cpu.jit import exact, inline, kernel
 from fastbn.backends.cpu.loops import (
@@ -38,6 +40,8 @@ from fastbn.backends.cpu.loops import (
     part,
     row_block,
     run_gradient_sums,
+    run_lane_sum,
+    run_lane_sums_sq,
     run_shifted_sum,
     shifted_moments,
     stats_row_block,
@@ -127,8 +131,40 @@ def slab_piece(p, N, L, runs, per_row):
 # 256 the first term is 4.6e-5 of the variance at worst, far above what
 # random rounding gives (about sqrt(B) u, 1e-6); it costs a float16 or
 # bfloat16 output at most 2.3e-5 of its value, a twentieth of a float16 ulp
-# (2^-11).  float32 input keeps float64 accumulation: its variance must be
-# within 1e-5, which this bound does not guarantee.
+# (2^-11).
+#
+# float32 input (SLAB) sums in float32 vector lanes whose order the code
+# fixes (fastbn.backends.cpu.lanes: each term passes through at most 7
+# float32 additions, 3 in whole blocks, then float64 ones), so its bound does
+# not grow with a block's length.  Per piece of s elements: pass 1 sums t =
+# fl32(x - K) (K the pivot, a float32 value), within 8 u R of the exact sum
+# per element (7 u for the lanes, u for rounding t), so its mean m is within
+# 8 u R of the mean of x - K; c = fl32(K + m) is then within delta <= u |mean|
+# + 8 u R of the piece's mean.  Pass 2 sums d = fl32(x - c) (exact where x
+# is within a factor of 2 of c, by Sterbenz's lemma; else within u |x - c|)
+# and fl32(d^2): with e = x - c, sum(e) = s delta and M2 = sum(e^2) - s
+# delta^2, the sums are
+#
+#     |Q - sum(e^2)| <= 10 u sum(e^2) = 10 u (M2 + s delta^2)
+#     |D - s delta|  <= 8 u sum|e| <= 8 u s (sd_p + |delta|)    (Cauchy-Schwarz)
+#
+# and M2 = Q - D^2 / s (the corrected two-pass algorithm) is within
+# s (10 u var_p + 16 u |delta| sd_p + 26 u delta^2), mean c + D / s within
+# 8 u (sd_p + |delta|).  Chan's merge (float64) adds, through the pieces'
+# mean errors, at most 16 u var (Cauchy-Schwarz, as for the half types).
+# Hence, with R at most the channel's range,
+#
+#     |var_computed - var| <= (26 u + 16 u^2 (|mean| + 8 R) / sd + (3 P + 2) u64) var + 2^-149
+#     |mean_computed - mean| <= 8 u sd + 2 u64 |mean|
+#
+# (u = 2^-24; the last term: float32 squares below 2^-126 are rounded to
+# the subnormal grid).  26 u is 1.5e-6: a float32 channel whose mean is 1e4
+# times its standard deviation (the 16 u^2 term is then 6e-10) keeps its
+# variance within 1e-5 with a margin of 6, and no sum's error depends on the
+# order LLVM chooses.  The mean's error is a few ulps of the standard
+# deviation, as torch's float32 sums are; rounding the mean to float32 adds
+# half an ulp of it.  The ROWS layout (NHWC, (N, C)) accumulates float32 in
+# float64 as before.
 #
 # The gradient sums sum(g) and sum((x - mean) g) of the half types take the
 # same float32 blocks (loops.run_grad_sums_narrow, cols_grad_sums): each
@@ -260,19 +296,64 @@ def rescue_grad_rows(dy, m, x, c, mean):
     return sum_dy, dotp
 
 
-@inline
 def piece_stats(x, c, n0, n1, i0, i1, pivot, scratch):
+    """Mean (of x - pivot) and M2 of one piece of channel c: float32 lanes for float32 input, else as below."""
+
+
+@overload(piece_stats, inline="always")
+def _piece_stats_impl(x, c, n0, n1, i0, i1, pivot, scratch):
+    if x.dtype == types.float32:
+        return lambda x, c, n0, n1, i0, i1, pivot, scratch: piece_stats_lanes(x, c, n0, n1, i0, i1, pivot)
+    return lambda x, c, n0, n1, i0, i1, pivot, scratch: piece_stats_wide(x, c, n0, n1, i0, i1, pivot, scratch)
+
+
+def piece_scratch(x, size):
+    """The shifted piece :func:`piece_stats_wide` keeps between its passes; nothing for float32 (lanes)."""
+
+
+@overload(piece_scratch, inline="always")
+def _piece_scratch_impl(x, size):
+    if x.dtype == types.float32:
+        return lambda x, size: np.empty(0, np.float64)
+    return lambda x, size: stats_scratch(x, size)
+
+
+@inline
+def piece_stats_wide(x, c, n0, n1, i0, i1, pivot, scratch):
     # Two passes (mean, then squared deviations) of x - pivot: never
     # E[x^2] - E[x]^2, which cancels when |mean| >> std.  The first pass
     # keeps the piece shifted in ``scratch`` (L1; float64, or float32 for
     # the half types), so the second converts nothing and DRAM sees x once.
-    # float32 and float64 input accumulate in float64; float16 and bfloat16
-    # in float32 blocks (see "error bound").
+    # float64 input accumulates in float64; float16 and bfloat16 in float32
+    # blocks (see "error bound").
     width = i1 - i0
     total = 0.0
     for n in range(n1 - n0):
         total += run_shifted_sum(x[n0 + n, c, i0:i1], scratch[n * width : (n + 1) * width], pivot)
     return shifted_moments(scratch[: (n1 - n0) * width], total)
+
+
+@inline
+def piece_stats_lanes(x, c, n0, n1, i0, i1, pivot):
+    # float32 input (see "error bound", float32): pass 1 sums x - K in float32 lanes (K the pivot, a
+    # float32 value); pass 2 sums d = x - c and d^2 around c = fl32(K + m), m pass 1's mean, and
+    # returns the corrected two-pass mean c + sum(d) / s and M2 = sum(d^2) - sum(d)^2 / s.  The piece
+    # (at most MAX_PIECE elements) is still in L1 or L2 for pass 2: DRAM sees x once.
+    k = np.float32(pivot)
+    total = 0.0
+    for n in range(n1 - n0):
+        total += run_lane_sum(x[n0 + n, c, i0:i1], k)
+    size = (n1 - n0) * (i1 - i0)
+    centre = np.float32(pivot + total / size)
+    dev = 0.0
+    sq = 0.0
+    for n in range(n1 - n0):
+        run_dev, run_sq = run_lane_sums_sq(x[n0 + n, c, i0:i1], centre)
+        dev += run_dev
+        sq += run_sq
+    m2 = sq - dev * dev / size
+    # >= dev^2 / s exactly; rounding may undercut it by a few ulps (NaN stays NaN)
+    return (np.float64(centre) - pivot) + dev / size, 0.0 if m2 < 0.0 else m2
 
 
 @inline
@@ -304,7 +385,7 @@ def slab_group_stats(x, c0, c1):
     pivot = np.empty(c1 - c0)
     for j in range(c1 - c0):
         pivot[j] = channel_pivot(x[0, c0 + j, 0])
-    scratch = stats_scratch(x, piece_capacity(L))
+    scratch = piece_scratch(x, piece_capacity(L))
     count = 0
     for p in range(npieces):
         n0, n1, i0, i1 = slab_piece(p, N, L, runs, per_row)
@@ -352,7 +433,7 @@ def stats_slab_streamed(x, mean_out, var_out):
         pivot[c] = channel_pivot(x[0, c, 0])
     for p in prange(npieces):
         n0, n1, i0, i1 = slab_piece(p, N, L, runs, per_row)
-        scratch = stats_scratch(x, piece_capacity(L))
+        scratch = piece_scratch(x, piece_capacity(L))
         for c in range(C):
             piece_mean[p, c], piece_m2[p, c] = piece_stats(x, c, n0, n1, i0, i1, pivot[c], scratch)
     mean = np.zeros(C)

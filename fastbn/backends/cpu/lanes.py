@@ -1,0 +1,155 @@
+"""Sums over explicit float32 vector lanes, in an order fixed by the code rather than by the compiler.
+
+The statistics of float32 input are memory-bound only if they are computed
+in float32 vector lanes: widening every element to float64 costs a
+conversion, and the float64 vectors hold half as many elements, which on a
+CPU that runs 512-bit vectors as two 256-bit halves (AMD's Zen 4) made the
+statistics two to three times slower than reading the tensor.  Summing in
+float32 is accurate only over short stretches, and a loop compiled with
+'reassoc' may sum its elements in any order, so an error bound for such a
+loop has to assume the worst order over the whole block it sums.
+
+These intrinsics fix the order instead, by emitting the loop themselves:
+
+* the run is read in vectors of ``WIDTH`` = 16 float32 lanes; lane j of a
+  vector holds element 16 k + j;
+* ``BLOCK`` = 8 consecutive vectors form a block: each lane's 8 terms are
+  added as a balanced tree ``((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 +
+  t7))``, three float32 additions deep;
+* each block's 16 lane sums are widened to float64 and added to 16 float64
+  lane accumulators; the vectors after the last whole block are added one by
+  one into float32 lanes (at most 7 terms a lane), widened and added the
+  same way;
+* the 16 float64 lanes are added in a fixed tree at the end; the caller adds
+  the last ``len % 16`` elements in float64.
+
+No instruction carries a fast-math flag, so LLVM keeps this order (and
+rounds every operation as written) whatever it inlines or vectorises; the
+results are the same bits on every x86-64 CPU, with AVX-512, AVX2 or SSE
+(the 512-bit vectors are split into narrower ones), and on any other.
+
+Error of a sum S of terms t_i (each rounded once to float32 before it is
+summed, as in t_i = fl(x_i - c)): a term passes through at most 3 float32
+additions in its block's tree, or at most 7 in the last partial block, then
+float64 additions (at most len / 128 + 4 of them, u64 = 2^-53 each), so
+
+    |S_computed - sum(t_i)| <= (7 u + (len / 128 + 4) u64) sum |t_i|,  u = 2^-24,
+
+to first order, and 3 u in place of 7 u for the elements in whole blocks.
+The callers' bounds (``fastbn.backends.cpu.reductions``, "error bound") are
+built on this one.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+#: float32 lanes per vector (64 bytes: one AVX-512 register, two AVX2 ones).
+WIDTH = 16
+#: Vectors per block: each lane's terms of a block are summed as a tree of depth 3.
+BLOCK = 8
+
+_F32 = ir.FloatType()
+_F64 = ir.DoubleType()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_V32 = ir.VectorType(_F32, WIDTH)
+_V64 = ir.VectorType(_F64, WIDTH // 2)
+
+
+def _mask(values: range) -> ir.Constant:
+    return ir.Constant(ir.VectorType(_I32, len(values)), list(values))
+
+
+def _tree(builder: ir.IRBuilder, terms: list[ir.Value]) -> ir.Value:
+    """Balanced pairwise sum of ``terms`` (a power of two of them), in a fixed order."""
+    while len(terms) > 1:
+        terms = [builder.fadd(terms[i], terms[i + 1]) for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _lane_sums(context, builder, array_type, array, centre, squares):
+    """Emit the loop: ``[sum(x - centre)]`` or ``[sum(x - centre), sum((x - centre)^2)]`` over whole vectors."""
+    data = context.make_array(array_type)(context, builder, array)
+    n = cgutils.unpack_tuple(builder, data.shape, 1)[0]
+    splat = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(_V32, ir.Undefined), centre, ir.Constant(_I32, 0)),
+        ir.Constant(_V32, ir.Undefined),
+        ir.Constant(ir.VectorType(_I32, WIDTH), [0] * WIDTH),
+    )
+    outputs = 2 if squares else 1
+    # per output, the float64 accumulators of lanes 0..7 and 8..15
+    zeros = ir.Constant(_V64, [0.0] * (WIDTH // 2))
+    wide = [[cgutils.alloca_once_value(builder, zeros) for _ in range(2)] for _ in range(outputs)]
+
+    def deviations(vector_index):
+        first = builder.gep(data.data, [builder.mul(vector_index, ir.Constant(_I64, WIDTH))])
+        pointer = builder.bitcast(first, _V32.as_pointer())
+        return builder.fsub(builder.load(pointer, align=4), splat)
+
+    def widen_into(sums):
+        for total, (low, high) in zip(sums, wide):
+            for half, slot in ((range(0, WIDTH // 2), low), (range(WIDTH // 2, WIDTH), high)):
+                part = builder.fpext(builder.shuffle_vector(total, total, _mask(half)), _V64)
+                builder.store(builder.fadd(builder.load(slot), part), slot)
+
+    vectors = builder.lshr(n, ir.Constant(_I64, 4))
+    blocks = builder.lshr(vectors, ir.Constant(_I64, 3))
+    with cgutils.for_range(builder, blocks) as loop:
+        first = builder.mul(loop.index, ir.Constant(_I64, BLOCK))
+        terms = [deviations(builder.add(first, ir.Constant(_I64, k))) for k in range(BLOCK)]
+        sums = [_tree(builder, terms)]
+        if squares:
+            sums.append(_tree(builder, [builder.fmul(t, t) for t in terms]))
+        widen_into(sums)
+
+    partial = [cgutils.alloca_once_value(builder, ir.Constant(_V32, [0.0] * WIDTH)) for _ in range(outputs)]
+    done = builder.mul(blocks, ir.Constant(_I64, BLOCK))
+    with cgutils.for_range(builder, builder.sub(vectors, done)) as loop:
+        term = deviations(builder.add(done, loop.index))
+        builder.store(builder.fadd(builder.load(partial[0]), term), partial[0])
+        if squares:
+            builder.store(builder.fadd(builder.load(partial[1]), builder.fmul(term, term)), partial[1])
+    widen_into([builder.load(slot) for slot in partial])
+
+    results = []
+    for low, high in wide:
+        lanes = builder.fadd(builder.load(low), builder.load(high))
+        each = [builder.extract_element(lanes, ir.Constant(_I32, j)) for j in range(WIDTH // 2)]
+        results.append(_tree(builder, each))
+    return results
+
+
+def _check(v, centre) -> None:
+    if not (isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C" and v.dtype == types.float32):
+        raise TypeError(f"lane sums take a 1-D C-contiguous float32 array, got {v}")
+    if centre != types.float32:
+        raise TypeError(f"lane sums take a float32 centre, got {centre}")
+
+
+@intrinsic
+def lane_sum(typingctx, v, centre):
+    """``sum(fl32(v[i] - centre))`` over ``v[:len(v) // 16 * 16]``, in float64, in the module's fixed order."""
+    _check(v, centre)
+    sig = types.float64(v, centre)
+
+    def codegen(context, builder, signature, args):
+        return _lane_sums(context, builder, signature.args[0], args[0], args[1], squares=False)[0]
+
+    return sig, codegen
+
+
+@intrinsic
+def lane_sums_sq(typingctx, v, centre):
+    """``(sum(d), sum(fl32(d * d)))`` with ``d = fl32(v[i] - centre)`` over ``v[:len(v) // 16 * 16]``, in float64."""
+    _check(v, centre)
+    sig = types.UniTuple(types.float64, 2)(v, centre)
+
+    def codegen(context, builder, signature, args):
+        total, squares = _lane_sums(context, builder, signature.args[0], args[0], args[1], squares=True)
+        return context.make_tuple(builder, signature.return_type, [total, squares])
+
+    return sig, codegen
