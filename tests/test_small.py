@@ -320,3 +320,48 @@ def test_small_channels_last_calls_take_the_lane_in_rows_order(name, launches):
         kind = np.dtype(stats) if got.ndim == 1 else dtype
         limit = 8.0 if kind == np.float64 or (half and kind == stats) else 2.0 if half else 1.0
         assert _ulps(got, want, kind) <= limit
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous_format", "channels_last"])
+def test_torch_lane_takes_bfloat16_tensors_as_int16_views(memory_format, monkeypatch):
+    """bfloat16 tensors (float32 parameters and statistics, torch's mixed precision) take fastbn.torch's lane,
+    viewed through int16 without a copy, and come back as bfloat16 tensors in the input's memory format: the
+    same bits as the general path's (forced by patching the lane away), and torch's values within its
+    rounding."""
+    torch = pytest.importorskip("torch")
+    import fastbn.torch as ft
+    from fastbn.torch import _small
+
+    fmt = getattr(torch, memory_format)
+    rng = np.random.default_rng(4)
+    x0 = torch.from_numpy(rng.standard_normal((4, 6, 5, 3)).astype(np.float32) * 3 + 1).bfloat16()
+    x0 = x0.contiguous(memory_format=fmt)
+    w0, b0 = torch.rand(6), torch.rand(6)
+    g = torch.from_numpy(rng.standard_normal((4, 6, 5, 3)).astype(np.float32)).bfloat16()
+    took = []
+    lane = _small.batch_norm
+
+    def watched(*args):
+        result = lane(*args)
+        took.append(result is not None)
+        return result
+
+    results = {}
+    for name in ("lane", "general", "torch"):
+        monkeypatch.setattr(_small, "batch_norm", watched if name == "lane" else lambda *args: None)
+        fn = torch.nn.functional.batch_norm if name == "torch" else ft.batch_norm
+        x = x0.clone(memory_format=torch.preserve_format).requires_grad_()
+        w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+        rm, rv = torch.zeros(6), torch.ones(6)
+        y = fn(x, rm, rv, w, b, training=True)
+        (y.float() * g.float()).sum().backward()
+        y_eval = fn(x.detach(), rm, rv, w, b, training=False)
+        results[name] = (y.detach(), x.grad, w.grad, b.grad, rm, rv, y_eval)
+        assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
+        assert x.grad.dtype == torch.bfloat16 and x.grad.is_contiguous(memory_format=fmt)
+    assert took == [True, True], "the lane refused a plain bfloat16 call"
+    for got, want in zip(results["lane"], results["general"]):
+        assert got.dtype == want.dtype and got.stride() == want.stride()
+        assert torch.equal(got, want)
+    for got, want in zip(results["lane"], results["torch"]):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=2e-2)

@@ -24,6 +24,7 @@ import torch.autograd.forward_ad as fwAD
 from fastbn import _api
 from fastbn.torch import _ops
 from fastbn.torch._arrays import array as _array
+from fastbn.torch._arrays import tensor as _tensor
 
 __all__ = ["batch_norm"]
 
@@ -83,7 +84,7 @@ def batch_norm(
         small = _api._small().forward(*arrays, training, momentum, eps, 1)
         if small is None:
             return None
-        output = torch.from_numpy(small[0])
+        output = _tensor(small[0])
     if training and running_mean is not None and running_var is not None:
         for buffer in (running_mean, running_var):
             if not buffer.is_inference():
@@ -114,7 +115,7 @@ class _SmallBatchNorm(torch.autograd.Function):
         y, (mean, invstd, batch_stats, *_), plan = small
         ctx.save_for_backward(input, weight)
         ctx.small = (plan, mean, invstd, batch_stats, eps)
-        return torch.from_numpy(y)
+        return _tensor(y)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Any) -> Any:
@@ -131,9 +132,9 @@ class _SmallBatchNorm(torch.autograd.Function):
             return dx, dweight, dbias, None
         need = ctx.needs_input_grad
         return (
-            torch.from_numpy(small[0]) if need[0] else None,
-            torch.from_numpy(small[1]) if need[1] and weight is not None else None,
-            torch.from_numpy(small[2]) if need[2] else None,
+            _tensor(small[0]) if need[0] else None,
+            _tensor(small[1]) if need[1] and weight is not None else None,
+            _tensor(small[2]) if need[2] else None,
             None,
         )
 
@@ -148,7 +149,7 @@ class _GeneralContext:
 
     def __init__(self, ctx: Any, input: torch.Tensor, weight: torch.Tensor | None) -> None:
         _plan, mean, invstd, batch_stats, eps = ctx.small
-        saved_mean, saved_invstd = torch.from_numpy(mean), torch.from_numpy(invstd)
+        saved_mean, saved_invstd = _tensor(mean), _tensor(invstd)
         empty = saved_mean.new_empty(0)
         self.saved_tensors = (input, weight, saved_mean, saved_invstd, empty, empty, None)
         self.options = (batch_stats, False, None, eps)

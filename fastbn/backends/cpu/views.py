@@ -95,7 +95,7 @@ def _torch_to_numpy(tensor: Any, name: str, updated: bool | None = None) -> npt.
         if tensor.dtype == torch.bfloat16:
             # numpy() refuses bfloat16 (NumPy has no such dtype): reinterpret the
             # same 16 bits as int16, then as ml_dtypes' bfloat16, still a view.
-            return cast(npt.NDArray[Any], tensor.detach().view(torch.int16).numpy().view(_bfloat16()))
+            return cast(npt.NDArray[Any], tensor.detach().view(torch.int16).numpy().view(bfloat16()))
         return cast(npt.NDArray[Any], tensor.detach().numpy())
     except (RuntimeError, TypeError) as exc:  # sparse, quantized, conj/neg views
         raise TypeError(f"{name}: this torch tensor cannot be viewed as a NumPy array ({exc})") from None
@@ -151,9 +151,9 @@ def cow_view(tensor: Any) -> npt.NDArray[Any]:
         return readonly(_torch_to_numpy(tensor.detach().resolve_neg(), "tensor"))
     if tensor.numel() == 0:  # no address to view (0); nothing to copy either
         empty = np.empty(tuple(tensor.shape), np.dtype(typestr))
-        return readonly(empty.view(_bfloat16()) if tensor.dtype == torch.bfloat16 else empty)
+        return readonly(empty.view(bfloat16()) if tensor.dtype == torch.bfloat16 else empty)
     view = np.asarray(_ConstBuffer(tensor, typestr))
-    return cast(npt.NDArray[Any], view.view(_bfloat16()) if tensor.dtype == torch.bfloat16 else view)
+    return cast(npt.NDArray[Any], view.view(bfloat16()) if tensor.dtype == torch.bfloat16 else view)
 
 
 def _jax_to_numpy(array: Any, name: str) -> npt.NDArray[Any]:
@@ -255,7 +255,7 @@ def to_host(obj: Any, name: str, *, read_only: bool = False) -> npt.NDArray[Any]
         raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
 
 
-def _to_torch(array: npt.NDArray[Any]) -> Any:
+def to_torch(array: npt.NDArray[Any]) -> Any:
     # from_numpy shares memory with the fresh result and keeps its strides,
     # so channels_last input gives a channels_last tensor.
     torch = sys.modules["torch"]
@@ -307,14 +307,14 @@ def restorer(like: Any) -> Callable[[npt.NDArray[Any]], Any]:
         return _identity
     kind = framework_of(like)
     if kind == "torch":
-        return _to_torch
+        return to_torch
     if kind == "jax":
         return _jax_restorer(like)
     return _identity
 
 
 # ------------------------------------------------------------ kernel views ---
-def _bfloat16() -> np.dtype[Any]:
+def bfloat16() -> np.dtype[Any]:
     """ml_dtypes' bfloat16 dtype, imported on first use (``import fastbn`` does not import ml_dtypes)."""
     import ml_dtypes
 
