@@ -71,24 +71,36 @@ def _tree(builder: ir.IRBuilder, terms: list[ir.Value]) -> ir.Value:
     return terms[0]
 
 
-def _lane_sums(context, builder, array_type, array, centre, squares):
-    """Emit the loop: ``[sum(x - centre)]`` or ``[sum(x - centre), sum((x - centre)^2)]`` over whole vectors."""
-    data = context.make_array(array_type)(context, builder, array)
-    n = cgutils.unpack_tuple(builder, data.shape, 1)[0]
-    splat = builder.shuffle_vector(
-        builder.insert_element(ir.Constant(_V32, ir.Undefined), centre, ir.Constant(_I32, 0)),
+def _splat(builder, value):
+    """A vector of ``WIDTH`` copies of the float32 ``value``."""
+    return builder.shuffle_vector(
+        builder.insert_element(ir.Constant(_V32, ir.Undefined), value, ir.Constant(_I32, 0)),
         ir.Constant(_V32, ir.Undefined),
         ir.Constant(ir.VectorType(_I32, WIDTH), [0] * WIDTH),
     )
-    outputs = 2 if squares else 1
+
+
+class _Run:
+    """A 1-D C-contiguous float32 argument of an intrinsic: its length and vector ``k`` (elements 16 k ...)."""
+
+    def __init__(self, context, builder, array_type, array):
+        self.builder = builder
+        self.data = context.make_array(array_type)(context, builder, array)
+        self.length = cgutils.unpack_tuple(builder, self.data.shape, 1)[0]
+
+    def vector(self, index):
+        first = self.builder.gep(self.data.data, [self.builder.mul(index, ir.Constant(_I64, WIDTH))])
+        return self.builder.load(self.builder.bitcast(first, _V32.as_pointer()), align=4)
+
+
+def _lane_sums(builder, length, terms_of, outputs):
+    """Emit the loop of the module's order over ``length // 16`` vectors; returns ``outputs`` float64 sums.
+
+    ``terms_of(k)`` emits the ``outputs`` float32 term vectors of vector ``k``.
+    """
     # per output, the float64 accumulators of lanes 0..7 and 8..15
     zeros = ir.Constant(_V64, [0.0] * (WIDTH // 2))
     wide = [[cgutils.alloca_once_value(builder, zeros) for _ in range(2)] for _ in range(outputs)]
-
-    def deviations(vector_index):
-        first = builder.gep(data.data, [builder.mul(vector_index, ir.Constant(_I64, WIDTH))])
-        pointer = builder.bitcast(first, _V32.as_pointer())
-        return builder.fsub(builder.load(pointer, align=4), splat)
 
     def widen_into(sums):
         for total, (low, high) in zip(sums, wide):
@@ -96,23 +108,18 @@ def _lane_sums(context, builder, array_type, array, centre, squares):
                 part = builder.fpext(builder.shuffle_vector(total, total, _mask(half)), _V64)
                 builder.store(builder.fadd(builder.load(slot), part), slot)
 
-    vectors = builder.lshr(n, ir.Constant(_I64, 4))
+    vectors = builder.lshr(length, ir.Constant(_I64, 4))
     blocks = builder.lshr(vectors, ir.Constant(_I64, 3))
     with cgutils.for_range(builder, blocks) as loop:
         first = builder.mul(loop.index, ir.Constant(_I64, BLOCK))
-        terms = [deviations(builder.add(first, ir.Constant(_I64, k))) for k in range(BLOCK)]
-        sums = [_tree(builder, terms)]
-        if squares:
-            sums.append(_tree(builder, [builder.fmul(t, t) for t in terms]))
-        widen_into(sums)
+        terms = [terms_of(builder.add(first, ir.Constant(_I64, k))) for k in range(BLOCK)]
+        widen_into([_tree(builder, [t[j] for t in terms]) for j in range(outputs)])
 
     partial = [cgutils.alloca_once_value(builder, ir.Constant(_V32, [0.0] * WIDTH)) for _ in range(outputs)]
     done = builder.mul(blocks, ir.Constant(_I64, BLOCK))
     with cgutils.for_range(builder, builder.sub(vectors, done)) as loop:
-        term = deviations(builder.add(done, loop.index))
-        builder.store(builder.fadd(builder.load(partial[0]), term), partial[0])
-        if squares:
-            builder.store(builder.fadd(builder.load(partial[1]), builder.fmul(term, term)), partial[1])
+        for slot, term in zip(partial, terms_of(builder.add(done, loop.index))):
+            builder.store(builder.fadd(builder.load(slot), term), slot)
     widen_into([builder.load(slot) for slot in partial])
 
     results = []
@@ -137,7 +144,9 @@ def lane_sum(typingctx, v, centre):
     sig = types.float64(v, centre)
 
     def codegen(context, builder, signature, args):
-        return _lane_sums(context, builder, signature.args[0], args[0], args[1], squares=False)[0]
+        run = _Run(context, builder, signature.args[0], args[0])
+        c = _splat(builder, args[1])
+        return _lane_sums(builder, run.length, lambda k: [builder.fsub(run.vector(k), c)], 1)[0]
 
     return sig, codegen
 
@@ -149,7 +158,50 @@ def lane_sums_sq(typingctx, v, centre):
     sig = types.UniTuple(types.float64, 2)(v, centre)
 
     def codegen(context, builder, signature, args):
-        total, squares = _lane_sums(context, builder, signature.args[0], args[0], args[1], squares=True)
-        return context.make_tuple(builder, signature.return_type, [total, squares])
+        run = _Run(context, builder, signature.args[0], args[0])
+        c = _splat(builder, args[1])
+
+        def terms(k):
+            d = builder.fsub(run.vector(k), c)
+            return [d, builder.fmul(d, d)]
+
+        sums = _lane_sums(builder, run.length, terms, 2)
+        return context.make_tuple(builder, signature.return_type, sums)
+
+    return sig, codegen
+
+
+@intrinsic
+def lane_grad_sums(typingctx, g, mask, v, centre):
+    """``(sum(gm), sum(fl32(fl32(v[i] - centre) * gm)))`` over the first ``len(v) // 16 * 16`` elements, float64.
+
+    ``gm`` is ``g[i]`` where ``mask[i] > 0`` (the ReLU's output; NaN passes nothing), else 0; ``g[i]``
+    when ``mask`` is None.  ``g`` and ``mask`` at least as long as ``v``.
+    """
+    _check(v, centre)
+    _check(g, centre)
+    if not isinstance(mask, types.NoneType):
+        _check(mask, centre)
+    sig = types.UniTuple(types.float64, 2)(g, mask, v, centre)
+
+    def codegen(context, builder, signature, args):
+        gs = _Run(context, builder, signature.args[0], args[0])
+        ms = (
+            None
+            if isinstance(signature.args[1], types.NoneType)
+            else _Run(context, builder, signature.args[1], args[1])
+        )
+        xs = _Run(context, builder, signature.args[2], args[2])
+        c = _splat(builder, args[3])
+        zero = ir.Constant(_V32, [0.0] * WIDTH)
+
+        def terms(k):
+            gk = gs.vector(k)
+            if ms is not None:
+                gk = builder.select(builder.fcmp_ordered(">", ms.vector(k), zero), gk, zero)
+            return [gk, builder.fmul(builder.fsub(xs.vector(k), c), gk)]
+
+        sums = _lane_sums(builder, xs.length, terms, 2)
+        return context.make_tuple(builder, signature.return_type, sums)
 
     return sig, codegen

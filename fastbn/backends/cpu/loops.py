@@ -24,7 +24,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from fastbn.backends.cpu.jit import elementwise, inline, reduction
-from fastbn.backends.cpu.lanes import WIDTH, lane_sum, lane_sums_sq
+from fastbn.backends.cpu.lanes import WIDTH, lane_grad_sums, lane_sum, lane_sums_sq
 from fastbn.backends.cpu.nontemporal import stream_copy
 from fastbn.backends.cpu.plan import BLOCK_ELEMENTS, LANE_BLOCK
 
@@ -389,6 +389,16 @@ def _narrow_impl(array):
     return lambda array: flag
 
 
+def single(array):
+    """True when ``array`` holds float32: its statistics use float32 lanes (:mod:`fastbn.backends.cpu.lanes`)."""
+
+
+@overload(single, inline="always")
+def _single_impl(array):
+    flag = array.dtype == types.float32
+    return lambda array: flag
+
+
 def stats_scratch(x, size):
     """A buffer for ``size`` shifted elements of ``x``: float32 for float16 and bfloat16, else float64."""
 
@@ -514,14 +524,33 @@ def run_grad_sums_narrow(g, m, v, mean):
     return sum_dy, dotp if shift == 0.0 else dotp + shift * sum_dy  # (0 * inf would be NaN)
 
 
+@inline
+def run_grad_sums_lanes(g, m, v, mean):
+    # run_grad_sums of a float32 run: float32 lanes (lanes.lane_grad_sums) around the float32 mean m32,
+    # the last len % 16 elements in float64, then corrected to the mean as run_grad_sums_narrow does.
+    m32 = np.float32(mean)
+    sum_dy, dotp = lane_grad_sums(g, m, v, m32)
+    n = v.shape[0]
+    c = np.float64(m32)
+    for i in range(n - n % WIDTH, n):
+        gi = np.float64(gradient(g, m, i))
+        sum_dy += gi
+        dotp += (np.float64(v[i]) - c) * gi
+    shift = c - mean
+    return sum_dy, dotp if shift == 0.0 else dotp + shift * sum_dy  # (0 * inf would be NaN)
+
+
 def run_gradient_sums(g, m, v, mean):
-    """``(sum(g), sum((x - mean) * g))`` of a run: :func:`run_grad_sums`, or its float32-block twin (half types)."""
+    """``(sum(g), sum((x - mean) * g))`` of a run: float64 sums (float64 input), float32 lanes (float32), or
+    float32 blocks (half types)."""
 
 
 @overload(run_gradient_sums, inline="always")
 def _run_gradient_sums_impl(g, m, v, mean):
     if v.dtype in (types.uint16, types.int16):
         return lambda g, m, v, mean: run_grad_sums_narrow(g, m, v, mean)
+    if v.dtype == types.float32:
+        return lambda g, m, v, mean: run_grad_sums_lanes(g, m, v, mean)
     return lambda g, m, v, mean: run_grad_sums(g, m, v, mean)
 
 
@@ -582,6 +611,27 @@ def cols_dev_sums2(a, b, pivot, mean, m2, dev):
     for j in range(a.shape[0]):
         da = (load(a[j]) - pivot[j]) - mean[j]
         db = (load(b[j]) - pivot[j]) - mean[j]
+        m2[j] += da * da + db * db
+        dev[j] += da + db
+
+
+# float32 ROWS (reductions.rows_block_lanes), pass 2: float32 sums of d = x - c and d^2 around each
+# channel's centre c (a float32 near its mean), rows in pairs.
+
+
+@inline
+def cols_centred_sums(v, centre, m2, dev):
+    for j in range(v.shape[0]):
+        d = v[j] - centre[j]
+        m2[j] += d * d
+        dev[j] += d
+
+
+@inline
+def cols_centred_sums2(a, b, centre, m2, dev):
+    for j in range(a.shape[0]):
+        da = a[j] - centre[j]
+        db = b[j] - centre[j]
         m2[j] += da * da + db * db
         dev[j] += da + db
 

@@ -26,6 +26,8 @@ from numba.extending import overload
 
 from fastbn.backends.cpu.jit import exact, inline, kernel
 from fastbn.backends.cpu.loops import (
+    cols_centred_sums,
+    cols_centred_sums2,
     cols_dev_sums,
     cols_dev_sums2,
     cols_grad_sums,
@@ -44,6 +46,7 @@ from fastbn.backends.cpu.loops import (
     run_lane_sums_sq,
     run_shifted_sum,
     shifted_moments,
+    single,
     stats_row_block,
     stats_scratch,
 )
@@ -163,8 +166,17 @@ def slab_piece(p, N, L, runs, per_row):
 # variance within 1e-5 with a margin of 6, and no sum's error depends on the
 # order LLVM chooses.  The mean's error is a few ulps of the standard
 # deviation, as torch's float32 sums are; rounding the mean to float32 adds
-# half an ulp of it.  The ROWS layout (NHWC, (N, C)) accumulates float32 in
-# float64 as before.
+# half an ulp of it.
+#
+# float32 input in the ROWS layout (NHWC, (N, C)) takes the same two passes
+# per block of rows (c per channel), its float32 sums over sub-blocks of
+# SUB_ROWS = 16 rows added in float64 (rows_block_lanes): a channel's rows
+# are added in order, in pairs, so a term passes through at most 8 float32
+# additions (9 u in pass 1 with the rounding of x - K; 11 u for d^2, 9 u for
+# d in pass 2), and the same argument gives
+#
+#     |var_computed - var| <= (29 u + 18 u^2 (|mean| + 9 R) / sd + (3 P + 2) u64) var + 2^-149
+#     |mean_computed - mean| <= 9 u sd + 2 u64 |mean|
 #
 # The gradient sums sum(g) and sum((x - mean) g) of the half types take the
 # same float32 blocks (loops.run_grad_sums_narrow, cols_grad_sums): each
@@ -172,8 +184,13 @@ def slab_piece(p, N, L, runs, per_row):
 # is within (B + 1) u of the sum of its terms' magnitudes, so to first order
 # |sum_g - exact| <= B u sum|g| and |dotp - exact| <= (B + 1) u sum|x - m32||g|
 # (m32 the mean rounded to float32; the term (m32 - mean) sum_g, added in
-# float64, makes the result the sum around the mean itself).  float32 and
-# float64 input accumulate them in float64 (u64 = 2^-53 in place of u).
+# float64, makes the result the sum around the mean itself).  float32 SLAB
+# input sums them in the float32 lanes (loops.run_grad_sums_lanes), around
+# m32 too: each term of sum(g) passes through at most 7 float32 additions,
+# each of sum((x - m32) g) through the rounding of x - m32 and of the
+# product as well, so |sum_g - exact| <= 7 u sum|g| and |dotp - exact| <=
+# 9 u sum|x - m32||g|, plus u64 terms.  float64 input, and float32 in the
+# ROWS layout, accumulate them in float64 (u64 = 2^-53 in place of u).
 #
 # Overflow: sum(d) or M2 may overflow float64 where the mean and variance
 # are finite (deviations beyond 1e154 squared; values near 1.8e308 summed),
@@ -187,6 +204,10 @@ def slab_piece(p, N, L, runs, per_row):
 # comes out non-finite is summed again in float64 without blocks
 # (rescue_grad_slab / rescue_grad_rows); the half types' float32 blocks
 # overflow for bfloat16 values near 3.4e38, the float64 sums cannot.
+
+#: Rows per float32 sub-block of the ROWS statistics: a channel's float32 sum of them passes each term
+#: through at most 8 additions (rows are added in pairs), so its bound does not grow with the block.
+SUB_ROWS = 16
 
 _DOWN = 2.0**-600
 _UP = 2.0**600
@@ -480,15 +501,60 @@ def backward_reduce_slab(dy, m, x, mean, sum_dy_out, dotp_out):
 
 
 # --------------------------------------------------- ROWS, streamed plan ---
+@inline
+def rows_block_lanes(x, r0, r1, pivot, block_mean, block_m2):
+    # Rows r0..r1-1 of a float32 (M, C) view (see "error bound", float32 ROWS): block_mean (of x - pivot)
+    # and block_m2, float64, from float32 sums over sub-blocks of SUB_ROWS rows added in float64.  Pass 1
+    # sums x - K (K = pivot, a float32 value); pass 2 sums d = x - c and d^2 around c = fl32(K + m).
+    C = x.shape[1]
+    size = r1 - r0
+    k32 = np.empty(C, np.float32)
+    for j in range(C):
+        k32[j] = np.float32(pivot[j])
+    acc = np.empty(C, np.float32)
+    acc2 = np.empty(C, np.float32)
+    dev = np.zeros(C)
+    sq = np.zeros(C)
+    for s0 in range(r0, r1, SUB_ROWS):
+        s1 = min(r1, s0 + SUB_ROWS)
+        acc[:] = 0.0
+        for r in range((s1 - s0) // 2):
+            cols_sum2(x[s0 + 2 * r], x[s0 + 2 * r + 1], k32, acc)
+        if (s1 - s0) % 2:
+            cols_sum(x[s1 - 1], k32, acc)
+        for j in range(C):
+            dev[j] += np.float64(acc[j])
+    centre = k32  # reused: the pivots are not needed again
+    for j in range(C):
+        centre[j] = np.float32(pivot[j] + dev[j] / size)
+    dev[:] = 0.0
+    for s0 in range(r0, r1, SUB_ROWS):
+        s1 = min(r1, s0 + SUB_ROWS)
+        acc[:] = 0.0
+        acc2[:] = 0.0
+        for r in range((s1 - s0) // 2):
+            cols_centred_sums2(x[s0 + 2 * r], x[s0 + 2 * r + 1], centre, acc2, acc)
+        if (s1 - s0) % 2:
+            cols_centred_sums(x[s1 - 1], centre, acc2, acc)
+        for j in range(C):
+            dev[j] += np.float64(acc[j])
+            sq[j] += np.float64(acc2[j])
+    for j in range(C):
+        block_mean[j] = (np.float64(centre[j]) - pivot[j]) + dev[j] / size
+        m2 = sq[j] - dev[j] * dev[j] / size
+        block_m2[j] = 0.0 if m2 < 0.0 else m2  # as in piece_stats_lanes
+
+
 @kernel
 def stats_rows(x, mean_out, var_out):
     """Per-channel mean and biased variance of an (M, C) view, streamed plan.
 
     Each block of rows gets an exact two-pass (mean, M2) while it sits in
     cache; blocks are merged with Chan's formula, first within a chunk, then
-    across chunks.  float32 and float64 input accumulate in float64;
-    float16 and bfloat16 in float32, over blocks of at most LANE_BLOCK rows,
-    with the corrected second pass (see "error bound").
+    across chunks.  float64 input accumulates in float64; float32 in
+    float32 over sub-blocks of SUB_ROWS rows, added in float64; float16 and
+    bfloat16 in float32, over blocks of at most LANE_BLOCK rows, with the
+    corrected second pass (see "error bound").
     """
     M, C = x.shape
     rows, nblocks = stats_row_block(M, C, x)
@@ -512,6 +578,11 @@ def stats_rows(x, mean_out, var_out):
             r0 = b * rows
             r1 = min(M, r0 + rows)
             size = r1 - r0
+            if single(x):
+                rows_block_lanes(x, r0, r1, pivot, wide_mean, wide_m2)
+                merge_piece(count, chunk_mean[k], chunk_m2[k], size, wide_mean, wide_m2)
+                count += size
+                continue
             block_mean[:] = 0.0
             for r in range(size // 2):
                 cols_sum2(x[r0 + 2 * r], x[r0 + 2 * r + 1], lane_pivot, block_mean)

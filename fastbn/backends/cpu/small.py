@@ -315,6 +315,8 @@ def _layout(x: _Array, axis: Any) -> tuple[bool, tuple[int, ...], int, int, int 
     For a C-contiguous array, :func:`fastbn._layout.pattern` says ROWS
     exactly when nothing of extent > 1 follows the channel axis or the
     channel axis has extent 1, and SLAB otherwise; ``moved`` is then None.
+    One channel is one SLAB run ``(1, 1, count)``, as the full path's plan
+    views it, so that both sum its elements in the same order.
     An array that is C-contiguous once its channel axis is moved last (a
     channels-last torch tensor seen in NCHW order) is ROWS too, with
     ``moved`` its channel axis: the kernels see it, and write its outputs,
@@ -335,8 +337,10 @@ def _layout(x: _Array, axis: Any) -> tuple[bool, tuple[int, ...], int, int, int 
         if axis == ndim - 1 or not np.moveaxis(x, axis, -1).flags.c_contiguous:
             return None
         return True, (count, channels), channels, count, axis
+    if channels == 1:  # one contiguous run, which the full path's plan streams as a SLAB: the same sums
+        return False, (1, 1, count), channels, count, None
     inner = math.prod(shape[axis + 1 :])
-    if inner == 1 or channels == 1:
+    if inner == 1:
         return True, (count, channels), channels, count, None
     return False, (count // inner, channels, inner), channels, count, None
 
@@ -367,10 +371,10 @@ def _writable(a: _Array) -> _Array:
 def _kernel_view(a: _Array, shape: tuple[int, ...], as_int: Any, readonly: bool) -> _Array:
     """``a`` as the kernels see it: of the kernel shape, integers for half types, read-only where only read.
 
-    A 2-D (rows) array keeps its shape (no reshape); the flag is set on a
-    view, never on the caller's array.
+    An array of the kernel shape already (a 2-D rows array) is not
+    reshaped; the flag is set on a view, never on the caller's array.
     """
-    if a.ndim == 2:  # rows: the kernel shape already
+    if a.shape == shape:  # the kernel shape already
         if as_int is None and not readonly:
             return a
         view: _Array = a.view()
