@@ -519,6 +519,32 @@ def test_float32_lane_statistics_within_the_derived_bound(shape, axis, offset):
     assert (np.abs(var.astype(np.float64) - e_var) <= 1e-5 * e_var).all()
 
 
+@pytest.mark.parametrize("shape", [(16, 4, 50), (8, 3, 1000), (24, 3, 7), (64, 8, 16, 16)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_float32_lane_gradient_sums_within_the_derived_bound(shape, relu):
+    """The float32-lane bound of the SLAB gradient sums, derived in fastbn/backends/cpu/reductions.py ("error
+    bound", gradient sums): |sum_g - exact| <= 7 u sum|g| and |dotp - exact| <= 9 u sum|x - m32||g| (u =
+    2^-24, m32 the saved float32 mean), read through dbias = sum_g and dweight = dotp * invstd, plus their
+    float32 rounding; with and without the ReLU's mask, on a mean of 100 times the spread."""
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal(shape) + 100.0).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, saved = fastbn.forward(x, activation="relu" if relu else None)
+    _dx, dweight, dbias = fastbn.backward(dy, x, None, saved, y=y if relu else None)
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    g = dy.astype(np.float64) * (y > 0) if relu else dy.astype(np.float64)
+    centred = x.astype(np.float64) - np.asarray(saved.mean, np.float64).reshape((1, -1) + (1,) * (x.ndim - 2))
+    invstd = np.asarray(saved.invstd, np.float64)
+    u, u64 = 2.0**-24, 2.0**-53
+    n = x.size // x.shape[1]
+    e_dbias = g.sum(axis=axes)
+    e_dotp = (centred * g).sum(axis=axes)
+    dbias_bound = (7 * u + (n / 128 + 4) * u64) * np.abs(g).sum(axis=axes) + u * np.abs(e_dbias)
+    dotp_bound = (9 * u + (n / 128 + 4) * u64) * np.abs(centred * g).sum(axis=axes)
+    assert (np.abs(dbias - e_dbias) <= dbias_bound).all()
+    assert (np.abs(dweight - e_dotp * invstd) <= dotp_bound * invstd + 2 * u * np.abs(e_dotp * invstd)).all()
+
+
 def test_float32_lane_sums_are_in_the_fixed_order():
     """lanes.lane_sums_sq's order, replayed in NumPy float32: 16 lanes, trees of 8 terms per block of 128,
     the partial block's vectors added one by one, float64 lane totals summed in a fixed tree.  The same
