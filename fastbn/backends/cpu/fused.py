@@ -19,7 +19,8 @@ from fastbn.backends.cpu.jit import kernel
 from fastbn.backends.cpu.loops import scratch_for
 from fastbn.backends.cpu.numerics import add_piece, channel_backward_coefficients, channel_forward_coefficients
 from fastbn.backends.cpu.plan import STREAM_CHUNK
-from fastbn.backends.cpu.reductions import piece_grad_sums, rescue_grad_slab, slab_group_stats, slab_piece, slab_pieces
+from fastbn.backends.cpu.reductions import piece_grad_sums, slab_group_stats, slab_piece, slab_pieces
+from fastbn.backends.cpu.rescue import rescue_grad_slab
 
 
 @kernel

@@ -42,10 +42,14 @@ built on this one.
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+
+from fastbn.backends.cpu.jit import inline
+from fastbn.backends.cpu.loops import gradient, run_grad_sums, run_grad_sums_narrow
 
 #: float32 lanes per vector (64 bytes: one AVX-512 register, two AVX2 ones).
 WIDTH = 16
@@ -205,3 +209,62 @@ def lane_grad_sums(typingctx, g, mask, v, centre):
         return context.make_tuple(builder, signature.return_type, sums)
 
     return sig, codegen
+
+
+# ------------------------------------------------------- runs of a kernel ---
+# The per-run helpers of the reductions (fastbn.backends.cpu.reductions) on the intrinsics: the whole
+# vectors in lanes, the last len % 16 elements in float64.
+
+
+@inline
+def run_lane_sum(v, centre):
+    """``sum(x - centre)`` of a float32 run: :func:`lane_sum` on its whole vectors, the rest in float64."""
+    n = v.shape[0]
+    total = lane_sum(v, centre)
+    c = np.float64(centre)
+    for i in range(n - n % WIDTH, n):
+        total += np.float64(v[i]) - c
+    return total
+
+
+@inline
+def run_lane_sums_sq(v, centre):
+    """``(sum(d), sum(d^2))``, ``d = x - centre``, of a float32 run: :func:`lane_sums_sq`, the rest in float64."""
+    n = v.shape[0]
+    dev, sq = lane_sums_sq(v, centre)
+    c = np.float64(centre)
+    for i in range(n - n % WIDTH, n):
+        d = np.float64(v[i]) - c
+        dev += d
+        sq += d * d
+    return dev, sq
+
+
+@inline
+def run_grad_sums_lanes(g, m, v, mean):
+    # run_grad_sums of a float32 run: float32 lanes (lane_grad_sums) around the float32 mean m32,
+    # the last len % 16 elements in float64, then corrected to the mean as run_grad_sums_narrow does.
+    m32 = np.float32(mean)
+    sum_dy, dotp = lane_grad_sums(g, m, v, m32)
+    n = v.shape[0]
+    c = np.float64(m32)
+    for i in range(n - n % WIDTH, n):
+        gi = np.float64(gradient(g, m, i))
+        sum_dy += gi
+        dotp += (np.float64(v[i]) - c) * gi
+    shift = c - mean
+    return sum_dy, dotp if shift == 0.0 else dotp + shift * sum_dy  # (0 * inf would be NaN)
+
+
+def run_gradient_sums(g, m, v, mean):
+    """``(sum(g), sum((x - mean) * g))`` of a run: float64 sums (float64 input), float32 lanes (float32), or
+    float32 blocks (half types)."""
+
+
+@overload(run_gradient_sums, inline="always")
+def _run_gradient_sums_impl(g, m, v, mean):
+    if v.dtype in (types.uint16, types.int16):
+        return lambda g, m, v, mean: run_grad_sums_narrow(g, m, v, mean)
+    if v.dtype == types.float32:
+        return lambda g, m, v, mean: run_grad_sums_lanes(g, m, v, mean)
+    return lambda g, m, v, mean: run_grad_sums(g, m, v, mean)

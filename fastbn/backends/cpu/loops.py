@@ -24,7 +24,6 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from fastbn.backends.cpu.jit import elementwise, inline, reduction
-from fastbn.backends.cpu.lanes import WIDTH, lane_grad_sums, lane_sum, lane_sums_sq
 from fastbn.backends.cpu.nontemporal import stream_copy
 from fastbn.backends.cpu.plan import BLOCK_ELEMENTS, LANE_BLOCK
 
@@ -424,30 +423,6 @@ def _run_shifted_sum_impl(v, wide, pivot):
     return lambda v, wide, pivot: run_sum_widen(v, wide, pivot)
 
 
-@inline
-def run_lane_sum(v, centre):
-    """``sum(x - centre)`` of a float32 run: :func:`lanes.lane_sum` on its whole vectors, the rest in float64."""
-    n = v.shape[0]
-    total = lane_sum(v, centre)
-    c = np.float64(centre)
-    for i in range(n - n % WIDTH, n):
-        total += np.float64(v[i]) - c
-    return total
-
-
-@inline
-def run_lane_sums_sq(v, centre):
-    """``(sum(d), sum(d^2))``, ``d = x - centre``, of a float32 run: :func:`lanes.lane_sums_sq`, the rest in float64."""
-    n = v.shape[0]
-    dev, sq = lane_sums_sq(v, centre)
-    c = np.float64(centre)
-    for i in range(n - n % WIDTH, n):
-        d = np.float64(v[i]) - c
-        dev += d
-        sq += d * d
-    return dev, sq
-
-
 def shifted_moments(wide, total):
     """Mean and M2 of the shifted values in ``wide`` whose sum is ``total`` (second pass).
 
@@ -522,36 +497,6 @@ def run_grad_sums_narrow(g, m, v, mean):
         dotp += np.float64(block_dotp)
     shift = np.float64(m32) - mean
     return sum_dy, dotp if shift == 0.0 else dotp + shift * sum_dy  # (0 * inf would be NaN)
-
-
-@inline
-def run_grad_sums_lanes(g, m, v, mean):
-    # run_grad_sums of a float32 run: float32 lanes (lanes.lane_grad_sums) around the float32 mean m32,
-    # the last len % 16 elements in float64, then corrected to the mean as run_grad_sums_narrow does.
-    m32 = np.float32(mean)
-    sum_dy, dotp = lane_grad_sums(g, m, v, m32)
-    n = v.shape[0]
-    c = np.float64(m32)
-    for i in range(n - n % WIDTH, n):
-        gi = np.float64(gradient(g, m, i))
-        sum_dy += gi
-        dotp += (np.float64(v[i]) - c) * gi
-    shift = c - mean
-    return sum_dy, dotp if shift == 0.0 else dotp + shift * sum_dy  # (0 * inf would be NaN)
-
-
-def run_gradient_sums(g, m, v, mean):
-    """``(sum(g), sum((x - mean) * g))`` of a run: float64 sums (float64 input), float32 lanes (float32), or
-    float32 blocks (half types)."""
-
-
-@overload(run_gradient_sums, inline="always")
-def _run_gradient_sums_impl(g, m, v, mean):
-    if v.dtype in (types.uint16, types.int16):
-        return lambda g, m, v, mean: run_grad_sums_narrow(g, m, v, mean)
-    if v.dtype == types.float32:
-        return lambda g, m, v, mean: run_grad_sums_lanes(g, m, v, mean)
-    return lambda g, m, v, mean: run_grad_sums(g, m, v, mean)
 
 
 @elementwise

@@ -5,26 +5,26 @@ shapes (:mod:`fastbn._layout`): ``SLAB`` ``(N, C, L)``, each channel ``N``
 runs of ``L`` contiguous elements (NCHW, NCL, NCDHW), or ``ROWS`` ``(M, C)``,
 channels contiguous (NHWC, ``(N, C)``).
 
-Every reduction accumulates in float64 (the statistics of float16 and
-bfloat16 input in float32 blocks, and of float32 SLAB input in float32
-vector lanes of fixed order, see "error bound"), over pieces (SLAB) or
+float64 input accumulates in float64; float32 input in float32 vector
+lanes of fixed order, added in float64 (its ROWS gradient sums in float64);
+float16 and bfloat16 input in float32 blocks, added in float64 (see "error
+bound").  The sums run over pieces (SLAB) or
 blocks of rows (ROWS) that stay in cache between their two passes, merged
-with Chan's formula (:mod:`fastbn.backends.cpu.numerics`); the statistics are computed on
-x minus a per-channel pivot, and channels that overflow are computed again,
-scaled ("error bound" below).  Partitions and reduction
+with Chan's formula (:mod:`fastbn.backends.cpu.numerics`); the statistics
+are computed on x minus a per-channel pivot, and channels that overflow are
+computed again, scaled ("error bound" below).  Partitions and reduction
 orders depend only on the shape and dtype, never on the thread count, so
 results are bit-for-bit reproducible across runs and thread counts.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from fastbn.backends.cpu.jit import exact, inline, kernel
+from fastbn.backends.cpu.jit import inline, kernel
+from fastbn.backends.cpu.lanes import run_gradient_sums, run_lane_sum, run_lane_sums_sq
 from fastbn.backends.cpu.loops import (
     cols_centred_sums,
     cols_centred_sums2,
@@ -36,14 +36,10 @@ from fastbn.backends.cpu.loops import (
     cols_sum2,
     cols_sum_sq_dev,
     cols_sum_sq_dev2,
-    gradient,
     load,
     narrow,
     part,
     row_block,
-    run_gradient_sums,
-    run_lane_sum,
-    run_lane_sums_sq,
     run_shifted_sum,
     shifted_moments,
     single,
@@ -53,6 +49,7 @@ from fastbn.backends.cpu.loops import (
 from fastbn.backends.cpu.numerics import add_piece, merge_piece
 from fastbn.backends.cpu.plan import LANE_BLOCK, MAX_CHUNKS
 from fastbn.backends.cpu.plan import slab_pieces as _plain_slab_pieces
+from fastbn.backends.cpu.rescue import rescue_grad_rows, rescue_grad_slab, rescue_rows, rescue_slab
 
 # ------------------------------------------------------------ SLAB pieces ---
 # Every SLAB reduction is defined on the same fixed pieces, so that the fused
@@ -185,7 +182,7 @@ def slab_piece(p, N, L, runs, per_row):
 # |sum_g - exact| <= B u sum|g| and |dotp - exact| <= (B + 1) u sum|x - m32||g|
 # (m32 the mean rounded to float32; the term (m32 - mean) sum_g, added in
 # float64, makes the result the sum around the mean itself).  float32 SLAB
-# input sums them in the float32 lanes (loops.run_grad_sums_lanes), around
+# input sums them in the float32 lanes (lanes.run_grad_sums_lanes), around
 # m32 too: each term of sum(g) passes through at most 7 float32 additions,
 # each of sum((x - m32) g) through the rounding of x - m32 and of the
 # product as well, so |sum_g - exact| <= 7 u sum|g| and |dotp - exact| <=
@@ -196,7 +193,7 @@ def slab_piece(p, N, L, runs, per_row):
 # are finite (deviations beyond 1e154 squared; values near 1.8e308 summed),
 # and an Inf among finite values makes Chan's merge compute inf - inf.  Any
 # channel whose mean or variance comes out non-finite is therefore computed
-# again by rescue_slab / rescue_rows, on d * 2^-e (rescue_scale): no sum of those can
+# again by rescue_slab / rescue_rows (fastbn.backends.cpu.rescue), on d * 2^-e (rescue_scale): no sum of those can
 # overflow, and the results scaled back overflow only where the true ones
 # do.  That path is taken only for such channels (NaN and Inf input among
 # them, where it gives torch's mean: +inf for a channel holding +inf).
@@ -209,112 +206,12 @@ def slab_piece(p, N, L, runs, per_row):
 #: through at most 8 additions (rows are added in pairs), so its bound does not grow with the block.
 SUB_ROWS = 16
 
-_DOWN = 2.0**-600
-_UP = 2.0**600
-
-
-@exact
-def rescue_scale(largest):
-    """``(2^-e, 2^e)`` with ``2^e`` just above ``largest`` (a channel's largest ``|x|``), ``e`` within +-1000.
-
-    The rescue sums values scaled by ``2^-e``: each is then at most 1 in magnitude, so neither the sums nor
-    the squared deviations can overflow, and a channel of moderate values (bfloat16's 1e19s, whose float32
-    blocks overflowed) is not scaled into underflow, as a fixed 2^-600 scaled its squares (1e-324: variance
-    0).  Powers of two scale exactly.  A channel without a finite non-zero value keeps 2^-600 (its
-    statistics are NaN or Inf whatever the scale).
-    """
-    if largest > 0.0 and np.isfinite(largest):
-        e = max(-1000, min(1000, math.frexp(largest)[1]))
-        return math.ldexp(1.0, -e), math.ldexp(1.0, e)
-    return _DOWN, _UP
-
 
 @inline
 def channel_pivot(value):
     """The pivot K of a channel whose first element is ``value``: the value in float64, or 0 if not finite."""
     v = np.float64(load(value))
     return v if np.isfinite(v) else 0.0
-
-
-@exact
-def rescue_slab(x, c, pivot):
-    """Mean and biased variance of channel c of an (N, C, L) view, scaled (:func:`rescue_scale`) so no sum overflows.
-
-    For channels whose ordinary statistics came out non-finite (see "error
-    bound"); two passes over the channel, in float64, without fast-math.
-    """
-    N, _, L = x.shape
-    largest = 0.0
-    for n in range(N):
-        for i in range(L):
-            largest = max(largest, abs(np.float64(load(x[n, c, i]))))
-    down, up = rescue_scale(largest)
-    k = pivot * down
-    total = 0.0
-    for n in range(N):
-        for i in range(L):
-            total += np.float64(load(x[n, c, i])) * down - k
-    mean = total / (N * L)
-    m2 = 0.0
-    for n in range(N):
-        for i in range(L):
-            d = (np.float64(load(x[n, c, i])) * down - k) - mean
-            m2 += d * d
-    return pivot + mean * up, (m2 / (N * L)) * up * up
-
-
-@exact
-def rescue_rows(x, c, pivot):
-    """:func:`rescue_slab` for channel c of an (M, C) view."""
-    M = x.shape[0]
-    largest = 0.0
-    for r in range(M):
-        largest = max(largest, abs(np.float64(load(x[r, c]))))
-    down, up = rescue_scale(largest)
-    k = pivot * down
-    total = 0.0
-    for r in range(M):
-        total += np.float64(load(x[r, c])) * down - k
-    mean = total / M
-    m2 = 0.0
-    for r in range(M):
-        d = (np.float64(load(x[r, c])) * down - k) - mean
-        m2 += d * d
-    return pivot + mean * up, (m2 / M) * up * up
-
-
-@exact
-def rescue_grad_slab(dy, m, x, c, mean):
-    """``(sum(g), sum((x - mean) g))`` of channel c of (N, C, L) views, in float64 without fast-math.
-
-    For channels whose ordinary sums came out non-finite: the half types sum in float32 blocks, where
-    bfloat16's values near 3.4e38 overflow (x - mean alone reaches 6.8e38) though the float64 sums are
-    finite.  float64 sums of float32-range values cannot overflow (2^53 terms of at most 2.4e77).
-    """
-    N, _, L = x.shape
-    sum_dy = 0.0
-    dotp = 0.0
-    for n in range(N):
-        g = dy[n, c]
-        mask = part(m, (n, c))
-        v = x[n, c]
-        for i in range(L):
-            gi = np.float64(gradient(g, mask, i))
-            sum_dy += gi
-            dotp += (np.float64(load(v[i])) - mean) * gi
-    return sum_dy, dotp
-
-
-@exact
-def rescue_grad_rows(dy, m, x, c, mean):
-    """:func:`rescue_grad_slab` for channel c of (M, C) views."""
-    sum_dy = 0.0
-    dotp = 0.0
-    for r in range(x.shape[0]):
-        gi = np.float64(gradient(dy[r], part(m, r), c))
-        sum_dy += gi
-        dotp += (np.float64(load(x[r, c])) - mean) * gi
-    return sum_dy, dotp
 
 
 def piece_stats(x, c, n0, n1, i0, i1, pivot, scratch):
@@ -502,19 +399,30 @@ def backward_reduce_slab(dy, m, x, mean, sum_dy_out, dotp_out):
 
 # --------------------------------------------------- ROWS, streamed plan ---
 @inline
-def rows_block_lanes(x, r0, r1, pivot, block_mean, block_m2):
+def lane_scratch(x, size):
+    """``rows_block_lanes``' scratch for float32 input (three float32 and two float64 arrays), else empty ones."""
+    n = size if single(x) else 0
+    return (
+        np.empty(n, np.float32),
+        np.empty(n, np.float32),
+        np.empty(n, np.float32),
+        np.empty(n, np.float64),
+        np.empty(n, np.float64),
+    )
+
+
+@inline
+def rows_block_lanes(x, r0, r1, pivot, k32, acc, acc2, dev, sq, block_mean, block_m2):
     # Rows r0..r1-1 of a float32 (M, C) view (see "error bound", float32 ROWS): block_mean (of x - pivot)
     # and block_m2, float64, from float32 sums over sub-blocks of SUB_ROWS rows added in float64.  Pass 1
     # sums x - K (K = pivot, a float32 value); pass 2 sums d = x - c and d^2 around c = fl32(K + m).
+    # k32, acc, acc2 (float32) and dev, sq (float64) are the caller's scratch of C elements, reused per block.
     C = x.shape[1]
     size = r1 - r0
-    k32 = np.empty(C, np.float32)
     for j in range(C):
         k32[j] = np.float32(pivot[j])
-    acc = np.empty(C, np.float32)
-    acc2 = np.empty(C, np.float32)
-    dev = np.zeros(C)
-    sq = np.zeros(C)
+    dev[:] = 0.0
+    sq[:] = 0.0
     for s0 in range(r0, r1, SUB_ROWS):
         s1 = min(r1, s0 + SUB_ROWS)
         acc[:] = 0.0
@@ -573,13 +481,15 @@ def stats_rows(x, mean_out, var_out):
         block_dev = stats_scratch(x, C)
         wide_mean = np.empty(C)
         wide_m2 = np.empty(C)
+        lanes = lane_scratch(x, C)  # float32 ROWS: rows_block_lanes' scratch, once per chunk
         count = 0
         for b in range(k * nblocks // nchunks, (k + 1) * nblocks // nchunks):
             r0 = b * rows
             r1 = min(M, r0 + rows)
             size = r1 - r0
             if single(x):
-                rows_block_lanes(x, r0, r1, pivot, wide_mean, wide_m2)
+                k32, acc, acc2, dev, sq = lanes
+                rows_block_lanes(x, r0, r1, pivot, k32, acc, acc2, dev, sq, wide_mean, wide_m2)
                 merge_piece(count, chunk_mean[k], chunk_m2[k], size, wide_mean, wide_m2)
                 count += size
                 continue

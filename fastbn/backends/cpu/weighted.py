@@ -53,7 +53,7 @@ from numba import prange
 
 from fastbn.backends.cpu.jit import exact, kernel
 from fastbn.backends.cpu.loops import cast_to, load
-from fastbn.backends.cpu.reductions import rescue_scale  # the unweighted rescue's scale
+from fastbn.backends.cpu.rescue import rescue_scale  # the unweighted rescue's scale
 
 # Rows per task of the ROWS statistics: a fixed count (never the thread
 # count), so that the partial sums, and the result, do not depend on how
