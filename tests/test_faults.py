@@ -343,10 +343,11 @@ small = batch(SMALL)  # made before any limit: the point is that a smaller call 
 small_reference = digest(*train(small))
 soft, hard = resource.getrlimit(resource.RLIMIT_AS)
 out = {}
-# output recycled from the pool; 1.5 MiB, less than the first 2 MiB array of scratch (the float32 lanes' kernels
-# map up to 1 MiB more before that allocation fails than the float64 ones did, which a 1 MiB margin left no room
-# for the smaller call below)
-cases = {"scratch": (lambda: None, 3 << 19),
+# The output is recycled from the pool; the margin is just under the first array of scratch (2 MiB and a
+# page: it cannot be mapped).  Raising the MemoryError, the interpreter itself may then map a new 1 MiB
+# arena of small objects (CPython 3.10+), which stays: the smaller call below has the rest, 992 KiB, for
+# its output and its digest's copy (2 x 260 KiB).
+cases = {"scratch": (lambda: None, (2 << 20) - (32 << 10)),
          "output": (fastbn.empty_cache, 64 << 20)}  # far less than the 256 MiB output
 for case, (prepare, margin) in cases.items():
     prepare()
