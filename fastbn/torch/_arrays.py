@@ -12,12 +12,11 @@ import torch
 from fastbn import _api
 from fastbn.backends.cpu import views
 
-__all__ = ["array", "is_cow", "read_only_stat", "small_backward", "tensor"]
+__all__ = ["array", "is_cow", "read_only_stat", "small_backward"]
 
 _TYPES = (torch.Tensor, torch.nn.Parameter)
 _functorch = torch._C._functorch
-# What the lanes take.  numpy() refuses bfloat16 (NumPy has no such dtype of its own): its bits are
-# viewed as int16 and then as ml_dtypes' bfloat16, and results go back the same way (:func:`tensor`).
+# What the lanes take: bfloat16 through views.bfloat16_numpy, and back through views.to_torch.
 _BFLOAT16 = torch.bfloat16
 _DTYPES = (torch.float32, torch.float64, torch.float16, _BFLOAT16)
 _is_cow_tensor: Callable[[torch.Tensor], bool] = torch._C._is_cow_tensor  # type: ignore[attr-defined]  # not in stubs
@@ -61,18 +60,12 @@ def array(tensor: torch.Tensor | None, written: bool = False) -> Any:
         return views.cow_view(tensor)  # read without copying a copy-on-write tensor's memory
     try:
         if tensor.dtype is _BFLOAT16:  # the same 16 bits, still a view of the tensor's memory
-            return tensor.detach().view(torch.int16).numpy().view(views.bfloat16())
+            return views.bfloat16_numpy(tensor)
         # force=True detaches in C++ (cheaper than .detach() here); a neg view and another device were
         # refused above, so it is a view of the tensor's own memory, never a copy.
         return tensor.numpy(force=True) if tensor.requires_grad else tensor.numpy()
     except (RuntimeError, TypeError):  # no storage (a wrapper subclass, a functional tensor), conj views
         return False
-
-
-def tensor(array: Any) -> torch.Tensor:
-    """A lane's result as a tensor sharing its memory and strides (bfloat16 through an int16 view)."""
-    result: torch.Tensor = views.to_torch(array)
-    return result
 
 
 def small_backward(
@@ -94,7 +87,7 @@ def small_backward(
     small = _api._small().backward(dy, x, *arrays[2:], x.shape, 1, 1)
     if small is None:
         return None
-    dx, dweight, dbias = (tensor(g) for g in small)
+    dx, dweight, dbias = (views.to_torch(g) for g in small)
     return dx, dweight, dbias, input.new_empty(0)
 
 

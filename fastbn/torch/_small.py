@@ -22,9 +22,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from fastbn import _api
+from fastbn.backends.cpu.views import to_torch as _tensor
 from fastbn.torch import _ops
 from fastbn.torch._arrays import array as _array
-from fastbn.torch._arrays import tensor as _tensor
 
 __all__ = ["batch_norm"]
 

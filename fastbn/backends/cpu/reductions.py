@@ -475,10 +475,11 @@ def stats_rows(x, mean_out, var_out):
     for c in range(C):
         pivot[c] = channel_pivot(x[0, c])
         lane_pivot[c] = pivot[c]
+    blocks = 0 if single(x) else C  # the block arrays of the other dtypes (float32 has its lanes' scratch)
     for k in prange(nchunks):
-        block_mean = stats_scratch(x, C)
-        block_m2 = stats_scratch(x, C)
-        block_dev = stats_scratch(x, C)
+        block_mean = stats_scratch(x, blocks)
+        block_m2 = stats_scratch(x, blocks)
+        block_dev = stats_scratch(x, blocks)
         wide_mean = np.empty(C)
         wide_m2 = np.empty(C)
         lanes = lane_scratch(x, C)  # float32 ROWS: rows_block_lanes' scratch, once per chunk

@@ -93,9 +93,7 @@ def _torch_to_numpy(tensor: Any, name: str, updated: bool | None = None) -> npt.
         # detach() shares memory and drops requires_grad, which numpy() refuses;
         # numpy() keeps the tensor's strides (channels_last included).
         if tensor.dtype == torch.bfloat16:
-            # numpy() refuses bfloat16 (NumPy has no such dtype): reinterpret the
-            # same 16 bits as int16, then as ml_dtypes' bfloat16, still a view.
-            return cast(npt.NDArray[Any], tensor.detach().view(torch.int16).numpy().view(bfloat16()))
+            return bfloat16_numpy(tensor)
         return cast(npt.NDArray[Any], tensor.detach().numpy())
     except (RuntimeError, TypeError) as exc:  # sparse, quantized, conj/neg views
         raise TypeError(f"{name}: this torch tensor cannot be viewed as a NumPy array ({exc})") from None
@@ -253,6 +251,16 @@ def to_host(obj: Any, name: str, *, read_only: bool = False) -> npt.NDArray[Any]
         return np.asarray(obj)
     except Exception as exc:
         raise TypeError(f"{name}: cannot be read as an array ({exc})") from None
+
+
+def bfloat16_numpy(tensor: Any) -> npt.NDArray[Any]:
+    """A NumPy view of a bfloat16 CPU tensor's memory, as ml_dtypes' bfloat16 (:func:`to_torch` the way back).
+
+    ``numpy()`` refuses bfloat16 (NumPy has no such dtype of its own): the
+    same 16 bits are viewed as int16, then as ml_dtypes' bfloat16, with no copy.
+    """
+    torch = sys.modules["torch"]
+    return cast(npt.NDArray[Any], tensor.detach().view(torch.int16).numpy().view(bfloat16()))
 
 
 def to_torch(array: npt.NDArray[Any]) -> Any:
