@@ -379,8 +379,8 @@ def test_the_synchronised_merge_cannot_overflow_where_the_variance_is_finite():
 
 @pytest.mark.parametrize(
     "shape, axis",
-    [((64, 8, 32, 32), 1), ((64, 32, 32, 8), -1), ((3, 4, 5000), 1)],
-    ids=["NCHW", "NHWC", "NCL-long-runs"],
+    [((64, 8, 32, 32), 1), ((64, 32, 32, 8), -1), ((3, 4, 5000), 1), ((37, 3000), 1)],
+    ids=["NCHW", "NHWC", "NCL-long-runs", "NC-wide-rows"],
 )
 def test_float64_statistics_within_the_derived_bound(shape, axis):
     """The bound derived in fastbn/backends/cpu/reductions.py ("error bound"), checked against
@@ -413,8 +413,8 @@ def test_float64_statistics_within_the_derived_bound(shape, axis):
 
 @pytest.mark.parametrize(
     "shape, axis",
-    [((64, 8, 32, 32), 1), ((64, 32, 32, 8), -1), ((16384, 8), 1), ((3, 4, 5000), 1), ((24, 3, 7), 1)],
-    ids=["NCHW", "NHWC", "NC", "NCL-long-runs", "short-runs"],
+    [((64, 8, 32, 32), 1), ((64, 32, 32, 8), -1), ((16384, 8), 1), ((3, 4, 5000), 1), ((24, 3, 7), 1), ((37, 3000), 1)],
+    ids=["NCHW", "NHWC", "NC", "NCL-long-runs", "short-runs", "NC-wide-rows"],
 )
 @pytest.mark.parametrize("half", ["float16", "bfloat16"])
 @pytest.mark.parametrize("offset", [0.0, 100.0, -3000.0])
@@ -469,6 +469,7 @@ def test_half_statistics_within_the_derived_bound(shape, axis, half, offset):
         ((64, 32, 32, 8), -1),
         ((16385, 3), 1),
         ((37, 5), 1),
+        ((37, 3000), 1),
     ],
     ids=[
         "NCHW-whole-blocks",
@@ -479,6 +480,7 @@ def test_half_statistics_within_the_derived_bound(shape, axis, half, offset):
         "NHWC",
         "NC-blocks-of-rows",
         "NC-odd-rows",
+        "NC-wide-rows",  # blocks of MIN_STATS_ROWS rows, the last one partial
     ],
 )
 @pytest.mark.parametrize("offset", [0.0, 1e4, -3e5])
@@ -519,7 +521,9 @@ def test_float32_lane_statistics_within_the_derived_bound(shape, axis, offset):
     assert (np.abs(var.astype(np.float64) - e_var) <= 1e-5 * e_var).all()
 
 
-@pytest.mark.parametrize("shape", [(16, 4, 50), (8, 3, 1000), (24, 3, 7), (64, 8, 16, 16)])
+# (37, 3000): ROWS, whose float32 gradient sums are float64 ones (far inside the bound), in chunks of at
+# least MIN_STATS_ROWS rows.
+@pytest.mark.parametrize("shape", [(16, 4, 50), (8, 3, 1000), (24, 3, 7), (64, 8, 16, 16), (37, 3000)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_float32_lane_gradient_sums_within_the_derived_bound(shape, relu):
     """The float32-lane bound of the SLAB gradient sums, derived in fastbn/backends/cpu/reductions.py ("error

@@ -118,7 +118,8 @@ def constants(facts: Machine) -> list[str]:
         f"  pieces of {cpu_plan.MIN_PIECE}..{cpu_plan.MAX_PIECE} elements ({_size(cpu_plan.MAX_PIECE * 4)} of float32"
         f"{', within the L1d' if facts.l1d_bytes >= cpu_plan.MAX_PIECE * 4 else ', larger than the L1d'})",
         f"  row blocks of {cpu_plan.BLOCK_ELEMENTS} elements ({_size(cpu_plan.BLOCK_ELEMENTS * 4)} of float32"
-        f"{', within the L2' if facts.l2_bytes >= cpu_plan.BLOCK_ELEMENTS * 4 else ', larger than the L2'}); "
+        f"{', within the L2' if facts.l2_bytes >= cpu_plan.BLOCK_ELEMENTS * 4 else ', larger than the L2'}), "
+        f"at least {cpu_plan.MIN_STATS_ROWS} rows for the statistics; "
         f"at most {cpu_plan.MAX_CHUNKS} chunks of partial sums",
         "Measured, set by no cache size:",
         f"  runs of {_size(cpu_plan.RUN_BYTES)} for the prefetchers; fusing from runs of "

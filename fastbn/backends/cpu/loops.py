@@ -25,7 +25,7 @@ from numba.extending import intrinsic, overload
 
 from fastbn.backends.cpu.jit import elementwise, inline, reduction
 from fastbn.backends.cpu.nontemporal import stream_copy
-from fastbn.backends.cpu.plan import BLOCK_ELEMENTS, LANE_BLOCK
+from fastbn.backends.cpu.plan import BLOCK_ELEMENTS, LANE_BLOCK, MIN_STATS_ROWS
 
 
 # ---------------------------------------------------------------- float16 ---
@@ -303,8 +303,13 @@ def row_block(M, C):
 
 @inline
 def stats_row_block(M, C, x):
-    """:func:`row_block` of the statistics: blocks of at most LANE_BLOCK rows for the half types."""
-    rows = max(1, BLOCK_ELEMENTS // C)
+    """:func:`row_block` of the reductions (statistics, gradient sums): at least MIN_STATS_ROWS rows, at most
+    LANE_BLOCK for the half types.
+
+    Each block pays a few passes over its C channels (pivots, centres, a merge, a chunk's partial sums)
+    besides its rows: with too few rows (2 of 8192 channels) those passes cost more than the rows themselves.
+    """
+    rows = max(MIN_STATS_ROWS, BLOCK_ELEMENTS // C)
     if narrow(x):
         rows = min(rows, LANE_BLOCK)
     return rows, (M + rows - 1) // rows
@@ -520,13 +525,6 @@ def cols_sum(v, pivot, total):
         total[j] += cast_to(total, load(v[j])) - pivot[j]
 
 
-@inline
-def cols_sum_sq_dev(v, pivot, mean, m2):
-    for j in range(v.shape[0]):
-        d = (np.float64(load(v[j])) - pivot[j]) - mean[j]
-        m2[j] += d * d
-
-
 # Two rows at a time: one load and store of each float64 accumulator per
 # two elements instead of one (the accumulators live in L1, and loading and
 # storing them bounds the one-row loops; measured 20% faster).
@@ -538,36 +536,29 @@ def cols_sum2(a, b, pivot, total):
         total[j] += (cast_to(total, load(a[j])) - pivot[j]) + (cast_to(total, load(b[j])) - pivot[j])
 
 
-# The half types' second pass over a block: float32 sums of squared deviations
-# from the block's float32 mean and of the deviations themselves (the
-# corrected two-pass algorithm; see shifted_moments).
+@elementwise
+def centred_block_moments(centre, pivot, dev, m2, size, mean_out, m2_out):
+    """A block's mean (relative to the pivot) and M2 from its sums of d = x - centre and d^2 (the corrected
+    two-pass), compiled without reassociation: ``(centre - pivot) + dev / size`` reordered as ``centre +
+    (dev / size - pivot)`` would round at x's own magnitude, an error of the block's mean that Chan's merge
+    multiplies by the distance between blocks' means (4e-9 of the variance, measured, at a mean of 1e8
+    spreads)."""
+    for c in range(centre.shape[0]):
+        d = np.float64(dev[c])  # float64 throughout: the half types' centres, pivots and sums are float32
+        mean_out[c] = (np.float64(centre[c]) - np.float64(pivot[c])) + d / size
+        value = np.float64(m2[c]) - d * d / size
+        m2_out[c] = 0.0 if value < 0.0 else value
 
 
-@inline
-def cols_dev_sums(v, pivot, mean, m2, dev):
-    for j in range(v.shape[0]):
-        d = (load(v[j]) - pivot[j]) - mean[j]
-        m2[j] += d * d
-        dev[j] += d
-
-
-@inline
-def cols_dev_sums2(a, b, pivot, mean, m2, dev):
-    for j in range(a.shape[0]):
-        da = (load(a[j]) - pivot[j]) - mean[j]
-        db = (load(b[j]) - pivot[j]) - mean[j]
-        m2[j] += da * da + db * db
-        dev[j] += da + db
-
-
-# float32 ROWS (reductions.rows_block_lanes), pass 2: float32 sums of d = x - c and d^2 around each
-# channel's centre c (a float32 near its mean), rows in pairs.
+# The ROWS statistics' pass 2 (reductions.rows_block_lanes, and stats_rows for the other dtypes): sums
+# of d = x - c and d^2 around each channel's centre c (near its mean), rows in pairs; each deviation is
+# one subtraction, which no reassociation can round at x's own magnitude.
 
 
 @inline
 def cols_centred_sums(v, centre, m2, dev):
     for j in range(v.shape[0]):
-        d = v[j] - centre[j]
+        d = load(v[j]) - centre[j]
         m2[j] += d * d
         dev[j] += d
 
@@ -575,18 +566,10 @@ def cols_centred_sums(v, centre, m2, dev):
 @inline
 def cols_centred_sums2(a, b, centre, m2, dev):
     for j in range(a.shape[0]):
-        da = a[j] - centre[j]
-        db = b[j] - centre[j]
+        da = load(a[j]) - centre[j]
+        db = load(b[j]) - centre[j]
         m2[j] += da * da + db * db
         dev[j] += da + db
-
-
-@inline
-def cols_sum_sq_dev2(a, b, pivot, mean, m2):
-    for j in range(a.shape[0]):
-        da = (np.float64(load(a[j])) - pivot[j]) - mean[j]
-        db = (np.float64(load(b[j])) - pivot[j]) - mean[j]
-        m2[j] += da * da + db * db
 
 
 @inline
