@@ -726,3 +726,30 @@ def test_bfloat16_channels_whose_float32_blocks_overflow_are_rescued_without_und
     fits = e_var <= np.finfo(np.float32).max  # a variance beyond float32's range is inf in float32
     np.testing.assert_allclose(var[fits], e_var[fits], rtol=1e-5)
     assert np.isinf(var[~fits]).all()
+
+
+@pytest.mark.parametrize("shape", [(37, 3000), (4096, 64)], ids=["NC-wide-rows", "NC"])
+@pytest.mark.parametrize("dtype, offset", [("float64", 1e8), ("float32", 1e4), ("float16", 3000.0)])
+def test_rows_gradient_sums_within_their_bound_at_large_means(shape, dtype, offset):
+    """The ROWS gradient sums sum(g) and sum((x - mean) g), read through dbias and dweight, at a mean far
+    above the spread: float64 and float32 accumulate in float64 (n u64 of the terms' magnitudes), the half
+    types in float32 blocks of LANE_BLOCK rows ((B + 1) u, "error bound" in reductions.py), plus the
+    result's rounding.  (Under fast-math reassociation, x * g - mean * g would cancel at x's magnitude.)"""
+    from fastbn.backends.cpu.plan import LANE_BLOCK
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) + offset).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    _y, saved = fastbn.forward(x)
+    _dx, dweight, dbias = fastbn.backward(dy, x, None, saved)
+    g = dy.astype(np.float64)
+    centred = x.astype(np.float64) - np.asarray(saved.mean, np.float64)
+    invstd = np.asarray(saved.invstd, np.float64)
+    n, u64 = shape[0], 2.0**-53
+    u_sum = (LANE_BLOCK + 1) * 2.0**-24 if dtype == "float16" else 0.0
+    u_out = 2.0**-53 if dtype == "float64" else 2.0**-24
+    e_dbias, e_dweight = g.sum(axis=0), (centred * g).sum(axis=0) * invstd
+    dbias_bound = (u_sum + (n + 4) * u64) * np.abs(g).sum(axis=0) + u_out * np.abs(e_dbias)
+    dweight_bound = (u_sum + (n + 4) * u64 + u_out) * np.abs(centred * g).sum(axis=0) * invstd
+    assert (np.abs(dbias.astype(np.float64) - e_dbias) <= dbias_bound).all()
+    assert (np.abs(dweight.astype(np.float64) - e_dweight) <= dweight_bound + u_out * np.abs(e_dweight)).all()
