@@ -59,8 +59,9 @@ MAX_PIECE = 4096
 # ROWS blocks of about this many elements (64 KiB of float32) stay in L2
 # between the two passes of their statistics.
 BLOCK_ELEMENTS = 16384
-# The statistics' ROWS blocks have at least this many rows, however wide the rows: each block's
-# per-channel passes (pivots, centres, its merge) are then a sixteenth of its rows' work at most.
+# The ROWS reductions' blocks (statistics, gradient sums) have at least this many rows, however wide
+# the rows: each block's per-channel passes (pivots, centres, merges, partial sums) are then a
+# sixteenth of its rows' work at most.
 # (16 rows of 8192 float32 channels are 512 KiB; a wider block may spill from L2 between its passes.)
 MIN_STATS_ROWS = 16
 # At most this many chunks of ROWS partial sums: a fixed number keeps the

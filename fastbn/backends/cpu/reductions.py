@@ -447,10 +447,7 @@ def rows_block_lanes(x, r0, r1, pivot, k32, acc, acc2, dev, sq, block_mean, bloc
         for j in range(C):
             dev[j] += np.float64(acc[j])
             sq[j] += np.float64(acc2[j])
-    for j in range(C):
-        block_mean[j] = (np.float64(centre[j]) - pivot[j]) + dev[j] / size
-        m2 = sq[j] - dev[j] * dev[j] / size
-        block_m2[j] = 0.0 if m2 < 0.0 else m2  # as in piece_stats_lanes
+    centred_block_moments(centre, pivot, dev, sq, size, block_mean, block_m2)
 
 
 @kernel
