@@ -95,6 +95,49 @@ def test_default_threading_layer_is_tbb_when_tbb_is_installed():
     assert out.stdout.strip() == "tbb"
 
 
+def test_borrowed_views_read_and_write_the_callers_arrays():
+    """jit.borrowed gives back its value (an array without its reference count, None and scalars as they
+    are), and kept keeps a kernel's own allocation alive for borrowed views of it: a prange kernel that
+    writes through borrowed views of its arguments and reads a borrowed scratch gets the plain answer on
+    every element, including a whole-array store after the loop (which Numba's dead-code elimination
+    dropped before it knew the copy aliases the argument)."""
+    import numba
+    import numpy as np
+    from numba import prange
+
+    from fastbn.backends.cpu.jit import borrowed, kept
+
+    @numba.njit(parallel=True)
+    def scaled_row_sums(x, nothing, factor, out, total):
+        x = borrowed(x)
+        nothing = borrowed(nothing)
+        factor = borrowed(factor)
+        out = borrowed(out)
+        total = borrowed(total)
+        for r in prange(x.shape[0]):
+            owner = np.empty(x.shape[1])
+            scratch = borrowed(owner)
+            for i in range(x.shape[1]):
+                scratch[i] = x[r, i] * factor
+            out[r] = scratch[1:].sum() + scratch[0] + (0.0 if nothing is None else 1.0)
+            x[r, 0] = -1.0
+            kept(owner)
+        sums = np.zeros(2)
+        sums[0] = out.sum()
+        sums[1] = factor
+        total[:] = sums
+        return factor
+
+    x = np.arange(64 * 37, dtype=np.float64).reshape(64, 37)
+    want = x.sum(axis=1) * 3.0
+    out = np.zeros(64)
+    total = np.zeros(2)
+    assert scaled_row_sums(x, None, 3.0, out, total) == 3.0
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(total, [want.sum(), 3.0])
+    assert (x[:, 0] == -1.0).all() and x[0, 1] == 1.0
+
+
 def test_concurrent_threads_match_sequential():
     namespace = {}
     exec(WORKLOAD, namespace)

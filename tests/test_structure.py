@@ -116,3 +116,87 @@ def test_kernel_cache_is_keyed_on_every_backend_source():
     from fastbn.backends.cpu import jit, reductions
 
     assert reductions.stats_rows._cache._cache_file._source_stamp == jit._backend_sources_hash()
+
+
+def _decorated_kernels():
+    """(path, FunctionDef) of every function of the CPU backend decorated ``@kernel`` or ``@kernel(...)``."""
+    for path in sorted((PACKAGE / "backends" / "cpu").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and any(
+                (isinstance(d, ast.Name) and d.id == "kernel")
+                or (isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == "kernel")
+                for d in node.decorator_list
+            ):
+                yield path, node
+
+
+def _handed_on(func):
+    """The parameters of ``func`` that a prange body subscripts or passes to a call, in parameter order."""
+    used = set()
+    for loop in ast.walk(func):
+        if (
+            isinstance(loop, ast.For)
+            and isinstance(loop.iter, ast.Call)
+            and getattr(loop.iter.func, "id", "") == "prange"
+        ):
+            for node in ast.walk(loop):
+                if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+                    used.add(node.value.id)
+                elif isinstance(node, ast.Call):
+                    used.update(a.id for a in node.args if isinstance(a, ast.Name))
+    return [a.arg for a in func.args.args if a.arg in used]
+
+
+def test_every_kernel_borrows_what_its_prange_bodies_use_first():
+    """jit.borrowed's rule: a kernel's first statements (after its docstring) rebind, one per line and in
+    parameter order, each parameter that a prange body views or hands on, to its borrowed copy, so that
+    no view in the parallel loops updates a reference count the threads share."""
+    kernels = [(path, func, _handed_on(func)) for path, func in _decorated_kernels()]
+    assert sum(bool(names) for _, _, names in kernels) >= 15, kernels
+    for path, func, names in kernels:
+        body = func.body[1:] if isinstance(func.body[0], ast.Expr) else func.body
+        lead = []
+        for stmt in body:
+            call = stmt.value if isinstance(stmt, ast.Assign) else None
+            if not (isinstance(call, ast.Call) and getattr(call.func, "id", "") == "borrowed"):
+                break
+            assert [t.id for t in stmt.targets] == [a.id for a in call.args], f"{path.name}:{func.name}"
+            lead.append(call.args[0].id)
+        assert lead == names, f"{path.name}:{func.name}"
+
+
+def test_a_borrowed_allocation_is_kept_alive_past_its_views():
+    """Anywhere in the CPU backend, ``borrowed`` of a name that is not a parameter of the enclosing
+    function (an array the function allocated) is followed, in the same block, by ``kept`` of it: without
+    the owner's later use, Numba could free the buffer while the borrowed views still read it."""
+    checked = 0
+    for path in sorted((PACKAGE / "backends" / "cpu").glob("*.py")):
+        for func in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(func, ast.FunctionDef):
+                continue
+            params = {a.arg for a in func.args.args}
+            for block in ast.walk(func):
+                stmts = getattr(block, "body", None)
+                if not isinstance(stmts, list):
+                    continue
+                for i, stmt in enumerate(stmts):
+                    if not isinstance(stmt, (ast.Assign, ast.Expr)):
+                        continue  # a compound statement's calls are checked in its own block
+                    for call in ast.walk(stmt):
+                        if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "borrowed"):
+                            continue
+                        for arg in call.args:
+                            assert isinstance(arg, ast.Name), f"{path.name}:{func.name}"
+                            if arg.id in params:
+                                continue
+                            later = [
+                                c
+                                for s in stmts[i + 1 :]
+                                for c in ast.walk(s)
+                                if isinstance(c, ast.Call)
+                                and getattr(c.func, "id", None) == "kept"
+                                and [a.id for a in c.args if isinstance(a, ast.Name)] == [arg.id]
+                            ]
+                            assert later, f"{path.name}:{func.name}: borrowed({arg.id}) is never kept"
+                            checked += 1
+    assert checked >= 1  # the streamed SLAB statistics borrow their per-piece scratch

@@ -18,7 +18,7 @@ from __future__ import annotations
 from numba import prange, types
 from numba.extending import overload
 
-from fastbn.backends.cpu.jit import elementwise, kernel
+from fastbn.backends.cpu.jit import borrowed, elementwise, kernel
 from fastbn.backends.cpu.loops import (
     cols_affine,
     cols_dx,
@@ -228,6 +228,14 @@ def normalize_slab(x, z, mean, scale, shift, floor, y, group, nt):
 
     A task is one outer row of ``group`` channels (see ``run_group``).
     """
+    x = borrowed(x)
+    z = borrowed(z)
+    mean = borrowed(mean)
+    scale = borrowed(scale)
+    shift = borrowed(shift)
+    floor = borrowed(floor)
+    y = borrowed(y)
+    nt = borrowed(nt)
     N, C, _ = x.shape
     tasks = (C + group - 1) // group
     for t in prange(N * tasks):
@@ -243,6 +251,16 @@ def backward_elementwise_slab(dy, m, x, dres, mean, mean_dy, k, scale, dx, group
     ``g`` is dy masked by the ReLU output ``m`` (or dy if None); ``dres = g``
     unless None.  Tasks as in :func:`normalize_slab`.
     """
+    dy = borrowed(dy)
+    m = borrowed(m)
+    x = borrowed(x)
+    dres = borrowed(dres)
+    mean = borrowed(mean)
+    mean_dy = borrowed(mean_dy)
+    k = borrowed(k)
+    scale = borrowed(scale)
+    dx = borrowed(dx)
+    nt = borrowed(nt)
     N, C, _ = x.shape
     tasks = (C + group - 1) // group
     for t in prange(N * tasks):
@@ -270,6 +288,14 @@ def backward_elementwise_slab(dy, m, x, dres, mean, mean_dy, k, scale, dx, group
 @kernel
 def normalize_rows(x, z, mean, scale, shift, floor, y, nt):
     """y = max((x - mean) * scale + shift + z, floor) per channel of an (M, C) view; z may be None."""
+    x = borrowed(x)
+    z = borrowed(z)
+    mean = borrowed(mean)
+    scale = borrowed(scale)
+    shift = borrowed(shift)
+    floor = borrowed(floor)
+    y = borrowed(y)
+    nt = borrowed(nt)
     M, C = x.shape
     rows, nblocks = row_block(M, C)
     for b in prange(nblocks):
@@ -282,6 +308,16 @@ def normalize_rows(x, z, mean, scale, shift, floor, y, nt):
 @kernel
 def backward_elementwise_rows(dy, m, x, dres, mean, mean_dy, k, scale, dx, nt):
     """dx = (g - mean_dy - (x - mean) * k) * scale per channel of (M, C) views; g, dres as in the SLAB kernel."""
+    dy = borrowed(dy)
+    m = borrowed(m)
+    x = borrowed(x)
+    dres = borrowed(dres)
+    mean = borrowed(mean)
+    mean_dy = borrowed(mean_dy)
+    k = borrowed(k)
+    scale = borrowed(scale)
+    dx = borrowed(dx)
+    nt = borrowed(nt)
     M, C = x.shape
     rows, nblocks = row_block(M, C)
     for b in prange(nblocks):

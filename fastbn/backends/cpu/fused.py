@@ -15,7 +15,7 @@ import numpy as np
 from numba import prange
 
 from fastbn.backends.cpu.elementwise import emit_affine, emit_dx
-from fastbn.backends.cpu.jit import kernel
+from fastbn.backends.cpu.jit import borrowed, kernel
 from fastbn.backends.cpu.loops import scratch_for
 from fastbn.backends.cpu.numerics import add_piece, channel_backward_coefficients, channel_forward_coefficients
 from fastbn.backends.cpu.plan import STREAM_CHUNK
@@ -51,6 +51,24 @@ def forward_train_slab(
     may be None; ``floor`` is 0 for the ReLU, -inf for none; ``nt`` selects
     non-temporal stores (see "output spans").
     """
+    x = borrowed(x)
+    z = borrowed(z)
+    weight = borrowed(weight)
+    bias = borrowed(bias)
+    eps = borrowed(eps)
+    floor = borrowed(floor)
+    ren_mean = borrowed(ren_mean)
+    ren_var = borrowed(ren_var)
+    renorm = borrowed(renorm)
+    rmax = borrowed(rmax)
+    dmax = borrowed(dmax)
+    y = borrowed(y)
+    nt = borrowed(nt)
+    mean_out = borrowed(mean_out)
+    var_out = borrowed(var_out)
+    invstd_out = borrowed(invstd_out)
+    r_out = borrowed(r_out)
+    d_out = borrowed(d_out)
     N, C, _ = x.shape
     for t in prange((C + group - 1) // group):
         c0 = t * group
@@ -79,6 +97,17 @@ def backward_train_slab(dy, m, x, dres, group, mean, invstd, weight, dx, nt, sum
     ``dres``, the residual's gradient (the masked dy), is written alongside
     dx, or is None.  ``nt`` as in :func:`forward_train_slab`.
     """
+    dy = borrowed(dy)
+    m = borrowed(m)
+    x = borrowed(x)
+    dres = borrowed(dres)
+    mean = borrowed(mean)
+    invstd = borrowed(invstd)
+    weight = borrowed(weight)
+    dx = borrowed(dx)
+    nt = borrowed(nt)
+    sum_dy_out = borrowed(sum_dy_out)
+    dotp_out = borrowed(dotp_out)
     N, C, L = x.shape
     runs, per_row, npieces = slab_pieces(N, L)
     count = N * L

@@ -2,7 +2,8 @@
 
 Imported by the CPU kernel modules, which are imported on the first kernel
 call, so ``import fastbn`` neither imports Numba nor compiles anything.
-Every fast-math flag the CPU backend uses is set here.
+Every fast-math flag the CPU backend uses is set here, and the rule that a
+kernel works on borrowed copies of its arguments (:func:`borrowed`).
 
 Compilation is announced on the ``fastbn.compile`` logger (silent unless the
 application configures logging): an INFO line when a kernel is about to be
@@ -36,7 +37,9 @@ from typing import Any, overload
 import numba
 import numba.core.caching
 import numba.core.event
+import numba.core.ir_utils
 from numba.core import types as nbtypes
+from numba.extending import intrinsic
 
 from fastbn.backends import sources_hash
 
@@ -599,3 +602,64 @@ def exact(func: Callable[..., Any]) -> Any:
     and the overflow rescue (folding ``(v * 2^600) * 2^600`` into ``v * inf``).
     """
     return numba.njit(fastmath=False)(func)
+
+
+# ------------------------------------------------------- borrowed views ---
+# Every Numba array carries a pointer to its buffer's reference count (its
+# meminfo), and every view of it (x[n, c], x[n, c, i0:i1]) increments and
+# decrements that count with locked instructions, inside a prange body too.
+# A kernel's threads share its arguments, so each view bounced the count's
+# cache line between the cores: on a (256, 256, 14, 14) float16 input the
+# counts' updates took 7% of eval forward, and 28% of the statistics, which
+# also sliced a scratch array of their own per run (perf, on the Xeon).  A
+# kernel's arguments are owned by its caller for the whole call, so a kernel
+# rebinds each argument its prange bodies use to a borrowed copy, with no
+# meminfo, whose views update nothing (NRT_incref and NRT_decref skip a null
+# meminfo).  An array the kernel allocates may be borrowed the same way only
+# while the kernel holds the owner, which :func:`kept` marks.
+# (tests/test_structure.py checks both rules.)
+@intrinsic
+def borrowed(typingctx, value):
+    """``value`` itself, but an array without its reference count (see above); anything else unchanged.
+
+    Only for an array the caller keeps alive until the last use of the
+    borrowed copy and its views.
+    """
+    sig = value(value)
+
+    def codegen(context, builder, signature, args):
+        if not isinstance(value, nbtypes.Array):
+            context.nrt.incref(builder, value, args[0])  # returned as a new reference, as Numba expects
+            return args[0]
+        view = context.make_array(value)(context, builder, value=args[0])
+        view.meminfo = context.get_constant_null(nbtypes.MemInfoPointer(value.dtype))
+        view.parent = context.get_constant_null(nbtypes.pyobject)
+        return view._getvalue()
+
+    return sig, codegen
+
+
+def _borrowed_aliases(lhs: str, args: Sequence[Any], alias_map: dict[str, set[str]], arg_aliases: set[str]) -> None:
+    # Numba's alias analysis (numba.core.ir_utils.find_potential_aliases) must know that the copy is
+    # the same memory: otherwise its dead-code elimination drops stores through the copy into an
+    # output argument, whose result it takes for a local array nobody reads.
+    rhs = args[0].name
+    if rhs in arg_aliases:
+        arg_aliases.add(lhs)
+    else:
+        alias_map.setdefault(rhs, set()).add(lhs)
+        alias_map.setdefault(lhs, set()).add(rhs)
+
+
+numba.core.ir_utils.alias_func_extensions[("borrowed", __name__)] = _borrowed_aliases
+
+
+@intrinsic
+def kept(typingctx, array):
+    """Nothing: a use of ``array`` that keeps it alive until here, for :func:`borrowed` copies of it."""
+    sig = nbtypes.none(array)
+
+    def codegen(context, builder, signature, args):
+        return context.get_dummy_value()
+
+    return sig, codegen

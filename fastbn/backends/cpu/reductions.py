@@ -23,7 +23,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from fastbn.backends.cpu.jit import inline, kernel
+from fastbn.backends.cpu.jit import borrowed, inline, kept, kernel
 from fastbn.backends.cpu.lanes import run_gradient_sums, run_lane_sum, run_lane_sums_sq
 from fastbn.backends.cpu.loops import (
     centred_block_moments,
@@ -323,6 +323,9 @@ def slab_group_stats(x, c0, c1):
 @kernel
 def stats_slab(x, group, mean_out, var_out):
     """Per-channel mean and biased variance of an (N, C, L) view, fused plan."""
+    x = borrowed(x)
+    mean_out = borrowed(mean_out)
+    var_out = borrowed(var_out)
     C = x.shape[1]
     for t in prange((C + group - 1) // group):
         c0 = t * group
@@ -342,6 +345,7 @@ def stats_slab(x, group, mean_out, var_out):
 @kernel
 def stats_slab_streamed(x, mean_out, var_out):
     """Per-channel mean and biased variance of an (N, C, L) view, streamed plan."""
+    x = borrowed(x)
     N, C, L = x.shape
     runs, per_row, npieces = slab_pieces(N, L)
     piece_mean = np.empty((npieces, C))
@@ -351,9 +355,11 @@ def stats_slab_streamed(x, mean_out, var_out):
         pivot[c] = channel_pivot(x[0, c, 0])
     for p in prange(npieces):
         n0, n1, i0, i1 = slab_piece(p, N, L, runs, per_row)
-        scratch = piece_scratch(x, piece_capacity(L))
+        owner = piece_scratch(x, piece_capacity(L))
+        scratch = borrowed(owner)
         for c in range(C):
             piece_mean[p, c], piece_m2[p, c] = piece_stats(x, c, n0, n1, i0, i1, pivot[c], scratch)
+        kept(owner)
     mean = np.zeros(C)
     m2 = np.zeros(C)
     count = 0
@@ -377,6 +383,10 @@ def backward_reduce_slab(dy, m, x, mean, sum_dy_out, dotp_out):
 
     ``g`` is dy, masked where the ReLU output ``m`` is not > 0 unless ``m`` is None.
     """
+    dy = borrowed(dy)
+    m = borrowed(m)
+    x = borrowed(x)
+    mean = borrowed(mean)
     N, C, L = x.shape
     runs, per_row, npieces = slab_pieces(N, L)
     piece_dy = np.empty((npieces, C))
@@ -461,6 +471,7 @@ def stats_rows(x, mean_out, var_out):
     bfloat16 in float32, over blocks of at most LANE_BLOCK rows, with the
     corrected second pass (see "error bound").
     """
+    x = borrowed(x)
     M, C = x.shape
     rows, nblocks = stats_row_block(M, C, x)
     nchunks = min(nblocks, MAX_CHUNKS)
@@ -534,6 +545,12 @@ def stats_rows(x, mean_out, var_out):
 @kernel
 def backward_reduce_rows(dy, m, x, mean, sum_dy_out, dotp_out):
     """Per-channel sum(g) and sum((x - mean) * g) of (M, C) views, in float64; g is dy masked by m (or dy)."""
+    dy = borrowed(dy)
+    m = borrowed(m)
+    x = borrowed(x)
+    mean = borrowed(mean)
+    sum_dy_out = borrowed(sum_dy_out)
+    dotp_out = borrowed(dotp_out)
     M, C = x.shape
     rows, nblocks = stats_row_block(M, C, x)  # chunks of at least MIN_STATS_ROWS rows, as the statistics'
     nchunks = min(nblocks, MAX_CHUNKS)

@@ -51,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from fastbn.backends.cpu.jit import exact, kernel
+from fastbn.backends.cpu.jit import borrowed, exact, kernel
 from fastbn.backends.cpu.loops import cast_to, load
 from fastbn.backends.cpu.rescue import rescue_scale  # the unweighted rescue's scale
 
@@ -117,6 +117,8 @@ def rows_per_task(channels: int) -> int:
 @kernel
 def weighted_stats_rows(x, w, rows):
     """``(W, mean, var)`` per channel of a ``(M, C)`` view, float64; see the module's docstring."""
+    x = borrowed(x)
+    w = borrowed(w)
     M, C = x.shape
     tasks = (M + rows - 1) // rows
     pivot = np.zeros(C)
@@ -160,6 +162,8 @@ def weighted_stats_rows(x, w, rows):
 @kernel
 def weighted_stats_slab(x, w):
     """``(W, mean, var)`` per channel of a ``(N, C, L)`` view, float64; one task per channel."""
+    x = borrowed(x)
+    w = borrowed(w)
     N, C, L = x.shape
     total = np.zeros(C)
     mean = np.zeros(C)
@@ -193,6 +197,14 @@ def weighted_stats_slab(x, w):
 @kernel
 def weighted_dx_rows(dy, x, w, mean, a, b, scale, dx):
     """``dx = scale (dy - w (a + (x - mean) b))`` over a ``(M, C)`` view, per-channel float64 coefficients."""
+    dy = borrowed(dy)
+    x = borrowed(x)
+    w = borrowed(w)
+    mean = borrowed(mean)
+    a = borrowed(a)
+    b = borrowed(b)
+    scale = borrowed(scale)
+    dx = borrowed(dx)
     M, C = x.shape
     for r in prange(M):
         for c in range(C):
@@ -205,6 +217,14 @@ def weighted_dx_rows(dy, x, w, mean, a, b, scale, dx):
 @kernel
 def weighted_dx_slab(dy, x, w, mean, a, b, scale, dx):
     """As :func:`weighted_dx_rows`, over a ``(N, C, L)`` view."""
+    dy = borrowed(dy)
+    x = borrowed(x)
+    w = borrowed(w)
+    mean = borrowed(mean)
+    a = borrowed(a)
+    b = borrowed(b)
+    scale = borrowed(scale)
+    dx = borrowed(dx)
     N, C, L = x.shape
     for n in prange(N):
         for c in range(C):
