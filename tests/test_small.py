@@ -322,8 +322,8 @@ def test_small_channels_last_calls_take_the_lane_in_rows_order(name, launches):
 def test_torch_lane_takes_bfloat16_tensors_as_int16_views(memory_format, monkeypatch):
     """bfloat16 tensors (float32 parameters and statistics, torch's mixed precision) take fastbn.torch's lane,
     viewed through int16 without a copy, and come back as bfloat16 tensors in the input's memory format: the
-    same bits as the general path's (forced by patching the lane away), and torch's values within its
-    rounding."""
+    general path's values (forced by patching the lane away) within the half types' reordering bound, and
+    torch's within its rounding."""
     torch = pytest.importorskip("torch")
     import fastbn.torch as ft
     from fastbn.torch import _small
@@ -356,8 +356,17 @@ def test_torch_lane_takes_bfloat16_tensors_as_int16_views(memory_format, monkeyp
         assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=fmt)
         assert x.grad.dtype == torch.bfloat16 and x.grad.is_contiguous(memory_format=fmt)
     assert took == [True, True], "the lane refused a plain bfloat16 call"
+    # The lane runs the serial copies of the general path's kernels: for the half types, their float32
+    # block sums may be vectorised differently (as test_small_calls_take_one_kernel_and_match_the_full_path
+    # allows), so the float32 results are held to a few float32 ulps and the bfloat16 ones to two of theirs.
+    # (Measured: one fresh-clone CI run got running means a float32 ulp apart; before the kernels borrowed
+    # their arguments, float16 lanes and full paths differed so on 24 of 296 random SLAB shapes.)
+    bfloat16 = _dtype("bfloat16")
     for got, want in zip(results["lane"], results["general"]):
         assert got.dtype == want.dtype and got.stride() == want.stride()
-        assert torch.equal(got, want)
+        if got.dtype == torch.bfloat16:
+            assert _ulps(got.detach().float().numpy(), want.detach().float().numpy(), bfloat16) <= 2.0, (got, want)
+        else:
+            assert _ulps(got.detach().numpy(), want.detach().numpy(), np.dtype(np.float32)) <= 8.0, (got, want)
     for got, want in zip(results["lane"], results["torch"]):
         torch.testing.assert_close(got.float(), want.float(), rtol=2.0**-7, atol=2e-2)

@@ -618,8 +618,8 @@ def exact(func: Callable[..., Any]) -> Any:
 # meminfo).  An array the kernel allocates may be borrowed the same way only
 # while the kernel holds the owner, which :func:`kept` marks.
 # (tests/test_structure.py checks both rules.)
-@intrinsic
-def borrowed(typingctx, value):
+@intrinsic  # type: ignore[untyped-decorator]  # numba.extending.intrinsic is unannotated
+def borrowed(typingctx: Any, value: Any) -> Any:
     """``value`` itself, but an array without its reference count (see above); anything else unchanged.
 
     Only for an array the caller keeps alive until the last use of the
@@ -627,7 +627,7 @@ def borrowed(typingctx, value):
     """
     sig = value(value)
 
-    def codegen(context, builder, signature, args):
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         if not isinstance(value, nbtypes.Array):
             context.nrt.incref(builder, value, args[0])  # returned as a new reference, as Numba expects
             return args[0]
@@ -654,12 +654,12 @@ def _borrowed_aliases(lhs: str, args: Sequence[Any], alias_map: dict[str, set[st
 numba.core.ir_utils.alias_func_extensions[("borrowed", __name__)] = _borrowed_aliases
 
 
-@intrinsic
-def kept(typingctx, array):
+@intrinsic  # type: ignore[untyped-decorator]  # numba.extending.intrinsic is unannotated
+def kept(typingctx: Any, array: Any) -> Any:
     """Nothing: a use of ``array`` that keeps it alive until here, for :func:`borrowed` copies of it."""
     sig = nbtypes.none(array)
 
-    def codegen(context, builder, signature, args):
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         return context.get_dummy_value()
 
     return sig, codegen

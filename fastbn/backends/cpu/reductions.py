@@ -15,6 +15,19 @@ are computed on x minus a per-channel pivot, and channels that overflow are
 computed again, scaled ("error bound" below).  Partitions and reduction
 orders depend only on the shape and dtype, never on the thread count, so
 results are bit-for-bit reproducible across runs and thread counts.
+
+One exception, measured: the half types' float32 block sums are loops that
+LLVM vectorises with reassociation, and how it vectorises one depends on
+where it inlines it, which can differ between kernels and between two
+compilations of a kernel (in one process a freshly compiled fused kernel
+and the cached streamed one gave running means a float32 ulp apart on
+(7, 6, 15) float16, and agreed once both came from the cache).  For float16
+and bfloat16 input the plans, and the small calls' serial kernels, agree
+within the error bound below, not always bit for bit.  float32's sums
+have a fixed order (lanes) and cannot differ so; float64's reassociated
+float64 loops could in principle, and tests/test_fused.py checks its plans
+bit for bit.  Summing the half types in fixed-order lanes as float32 does
+would close it.
 """
 
 from __future__ import annotations
