@@ -16,12 +16,15 @@ computed again, scaled ("error bound" below).  Partitions and reduction
 orders depend only on the shape and dtype, never on the thread count, so
 results are bit-for-bit reproducible across runs and thread counts.
 
-One exception, measured: the half types' float32 block sums are loops that
-LLVM vectorises with reassociation, and how it vectorises one depends on
-where it inlines it, which can differ between kernels and between two
-compilations of a kernel (in one process a freshly compiled fused kernel
-and the cached streamed one gave running means a float32 ulp apart on
-(7, 6, 15) float16, and agreed once both came from the cache).  For float16
+One exception, observed: the half types' float32 block sums are loops that
+LLVM vectorises with reassociation, and how it vectorises one can depend on
+where it inlines it, which differs between kernels and, it seems, between
+compilations of a kernel.  Before the kernels borrowed their arguments, 24
+of 296 random short-run float16 SLAB shapes got running means a float32 ulp
+apart between the small calls' kernels and the plans; after it, none of
+them did, yet a comparison of the two plans on six such shapes failed once,
+in a process that compiled some of its kernels, and passed when rerun, as
+one CI run's bfloat16 small-call test did (not reproduced since).  For float16
 and bfloat16 input the plans, and the small calls' serial kernels, agree
 within the error bound below, not always bit for bit.  float32's sums
 have a fixed order (lanes) and cannot differ so; float64's reassociated
